@@ -1,0 +1,49 @@
+"""A drafter backed by any `CausalLM` (a small model, the target's first layers, a distilled draft).
+
+Its KV cache holds the tokens it has been fed. Before drafting it truncates the cache to the
+longest prefix shared with the new context (everything after the first rejected draft token is
+dropped), feeds the missing committed tokens, then samples γ tokens autoregressively through
+`logits_to_probs` with the same `SamplingParams` as the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from speculant.drafters.base import Draft, common_prefix_length
+from speculant.models.base import CausalLM
+from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+
+
+class ModelDrafter:
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.fed: list[int] = []  # tokens whose K/V sit in the model's cache, position-aligned
+        self.known_good = 0  # self.fed[:known_good] is known to match the committed context
+
+    def reset(self) -> None:
+        self.model.truncate(0)
+        self.fed, self.known_good = [], 0
+
+    def propose(self, context: list[int], gamma: int, params: SamplingParams, generator) -> Draft:
+        # Keep the cache up to the last position that still matches, but always re-feed the
+        # final context token: its logits give the first draft distribution.
+        keep = min(common_prefix_length(self.fed, context, self.known_good), len(context) - 1)
+        self.model.truncate(keep)
+        self.fed = list(context)
+        self.known_good = len(context)
+        device = self.model.device
+        logits = self.model.forward(torch.tensor(context[keep:], device=device), keep)[-1]
+        tokens, probs = [], []
+        for i in range(gamma):
+            step_probs = logits_to_probs(logits, params)  # [vocab]
+            token = sample_from(step_probs, torch.rand((), generator=generator, device=device))
+            tokens.append(token)
+            probs.append(step_probs)
+            if i + 1 < gamma:  # the last draft token is never fed: its logits are not needed
+                logits = self.model.forward(token.view(1), len(self.fed))[-1]
+                self.fed.append(int(token))
+        if not tokens:
+            return Draft(torch.empty(0, dtype=torch.int64, device=device), None)
+        return Draft(torch.stack(tokens), torch.stack(probs))

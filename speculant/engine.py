@@ -1,0 +1,233 @@
+"""The speculative decoding loop.
+
+    prefill the target with prompt[:-1]
+    repeat:
+        draft γ tokens                       (drafter.propose, its own cache)
+        one target forward over the γ+1 positions [last committed, x_1..x_γ]
+        accept a prefix, draw one more token  (acceptance.verify)
+        truncate the target cache to the committed length (rejected positions are just forgotten)
+        commit, honouring stop tokens and max_new_tokens
+
+`generate` is a generator: it yields a `Step` as soon as the step's tokens are fixed, so
+streaming is free. A drafter that proposes nothing (`none`, or an n-gram miss) makes the step a
+plain decoding step, so plain decoding is the same loop with γ = 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, NamedTuple, Protocol, Sequence
+
+import torch
+
+from speculant.acceptance import verify
+from speculant.analysis import expected_speedup
+from speculant.drafters.base import Draft, Drafter
+from speculant.models.base import CausalLM, ContextOverflowError
+from speculant.sampling import SamplingParams, logits_to_probs
+
+
+class GammaPolicy(Protocol):
+    """Chooses γ before each step and learns from what the step did (see speculant.adaptive)."""
+
+    def choose(self) -> int: ...
+
+    def observe(self, drafted: int, accepted: int, rejected: bool, draft_time: float, target_time: float) -> None: ...
+
+
+@dataclass
+class GenerationStats:
+    """Counters of one request. `alpha` estimates the paper's α as accepted ÷ tested draft tokens
+    (tokens after the first rejection of a step are never tested, so counting them would bias α
+    down); `accepted_per_drafted` is accepted ÷ all drafted tokens."""
+
+    gamma: int | str
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_calls: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rejections: int = 0
+    drafted_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
+    gamma_history: list[int] = field(default_factory=list)
+    prefill_time: float = 0.0
+    draft_time: float = 0.0
+    target_time: float = 0.0  # target forwards + acceptance, prefill excluded
+    decode_time: float = 0.0  # wall time of the decoding loop, prefill excluded
+    finish_reason: str = ""  # "stop", "length" (max_new_tokens) or "context" (model full)
+
+    @property
+    def alpha(self) -> float:
+        tested = self.accepted + self.rejections
+        return self.accepted / tested if tested else 0.0
+
+    @property
+    def accepted_per_drafted(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tau(self) -> float:
+        """Tokens per target call."""
+        return self.new_tokens / self.target_calls if self.target_calls else 0.0
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    @property
+    def cost_ratio(self) -> float:
+        """c: time of one draft token ÷ time of one target call, as measured."""
+        if not self.drafted or not self.target_calls or not self.target_time:
+            return 0.0
+        return (self.draft_time / self.drafted) / (self.target_time / self.target_calls)
+
+    @property
+    def mean_gamma(self) -> float:
+        return sum(self.gamma_history) / len(self.gamma_history) if self.gamma_history else 0.0
+
+    @property
+    def predicted_speedup(self) -> float:
+        """Thm 3.8 evaluated at the measured α, c and the mean γ used."""
+        gamma = round(self.mean_gamma)
+        if gamma == 0:
+            return 1.0
+        return expected_speedup(min(self.alpha, 1.0), gamma, self.cost_ratio)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_time + self.decode_time
+        return self.new_tokens / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for name in ("alpha", "accepted_per_drafted", "tau", "acceptance_by_position", "cost_ratio",
+                     "mean_gamma", "predicted_speedup", "tokens_per_s"):
+            out[name] = getattr(self, name)
+        return out
+
+
+class Step(NamedTuple):
+    tokens: list[int]  # tokens fixed by this step (after stop / max-new-tokens trimming)
+    num_drafted: int
+    num_accepted: int
+    stats: GenerationStats  # the running totals (the same object every step)
+
+
+def _check_request(prompt: Sequence[int], max_new_tokens: int, vocab_size: int, max_seq_len: int) -> None:
+    if len(prompt) == 0:
+        raise ValueError("the prompt must hold at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range 0..{vocab_size - 1}: {bad[:5]}")
+    if len(prompt) >= max_seq_len:
+        raise ContextOverflowError(
+            f"prompt of {len(prompt)} tokens does not fit the model's context of {max_seq_len} tokens "
+            "(at least one position must stay free to generate)"
+        )
+
+
+def _timed(device: torch.device, fn, *args):
+    """Run fn(*args) and return (result, seconds); waits for the device so times are honest."""
+    start = time.perf_counter()
+    result = fn(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def generate(
+    target: CausalLM,
+    drafter: Drafter,
+    prompt: Sequence[int],
+    *,
+    gamma: int | GammaPolicy = 4,
+    params: SamplingParams = SamplingParams(),
+    max_new_tokens: int = 64,
+    stop_ids: Sequence[int] = (),
+    generator: torch.Generator | None = None,
+) -> Iterator[Step]:
+    """Speculative decoding of `prompt` (token ids). Yields one `Step` per target call."""
+    policy = gamma if not isinstance(gamma, int) else None
+    if policy is None and gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    _check_request(prompt, max_new_tokens, target.vocab_size, target.max_seq_len)
+    stats = GenerationStats(gamma=gamma if policy is None else "auto", prompt_tokens=len(prompt))
+    device = target.device
+    stop = set(int(t) for t in stop_ids)
+    context = [int(t) for t in prompt]
+
+    start = time.perf_counter()
+    target.truncate(0)
+    drafter.reset()
+    if len(context) > 1:
+        target.forward(torch.tensor(context[:-1], device=device), 0)
+    stats.prefill_time = time.perf_counter() - start
+
+    start = time.perf_counter()
+    while stats.new_tokens < max_new_tokens:
+        if len(context) >= target.max_seq_len:
+            stats.finish_reason = "context"
+            break
+        # Never draft past what may still be emitted (max_new_tokens) or stored (the context).
+        room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context))
+        step_gamma = min(policy.choose() if policy else gamma, room)
+        draft, draft_time = _timed(device, _propose, drafter, context, step_gamma, params, generator)
+        num_drafted = draft.tokens.shape[0]
+
+        def target_step():
+            inputs = torch.cat([torch.tensor(context[-1:], device=device), draft.tokens.to(device)])
+            logits = target.forward(inputs, len(context) - 1)  # [γ'+1, vocab]
+            target_probs = logits_to_probs(logits, params)
+            uniforms = torch.rand(num_drafted + 1, generator=generator, device=device)
+            verdict = verify(draft.tokens.to(device), draft.probs, target_probs, uniforms[:-1], uniforms[-1])
+            return int(verdict.num_accepted), int(verdict.next_token)  # the step's one sync
+
+        (num_accepted, next_token), target_time = _timed(device, target_step)
+        target.truncate(len(context) + num_accepted)  # cache: committed context + accepted drafts
+
+        stats.target_calls += 1
+        stats.drafted += num_drafted
+        stats.accepted += num_accepted
+        stats.rejections += int(num_accepted < num_drafted)
+        stats.draft_time += draft_time
+        stats.target_time += target_time
+        stats.gamma_history.append(num_drafted)
+        _count_positions(stats, num_drafted, num_accepted)
+        if policy:
+            policy.observe(num_drafted, num_accepted, num_accepted < num_drafted, draft_time, target_time)
+
+        emitted = []
+        for token in draft.tokens[:num_accepted].tolist() + [next_token]:
+            emitted.append(token)
+            if token in stop:
+                stats.finish_reason = "stop"
+                break
+            if stats.new_tokens + len(emitted) == max_new_tokens:
+                break
+        context.extend(emitted)
+        stats.new_tokens += len(emitted)
+        stats.decode_time = time.perf_counter() - start
+        yield Step(emitted, num_drafted, num_accepted, stats)
+        if stats.finish_reason:
+            return
+    stats.finish_reason = stats.finish_reason or "length"
+    stats.decode_time = time.perf_counter() - start
+
+
+def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:
+    if gamma <= 0:
+        return Draft(torch.empty(0, dtype=torch.int64), None)
+    return drafter.propose(context, gamma, params, generator)
+
+
+def _count_positions(stats: GenerationStats, num_drafted: int, num_accepted: int) -> None:
+    while len(stats.drafted_by_position) < num_drafted:
+        stats.drafted_by_position.append(0)
+        stats.accepted_by_position.append(0)
+    for i in range(num_drafted):
+        stats.drafted_by_position[i] += 1
+        stats.accepted_by_position[i] += int(i < num_accepted)

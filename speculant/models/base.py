@@ -1,0 +1,44 @@
+"""The model protocol: what the engine and the drafters need from a language model.
+
+A model owns a position-indexed KV cache. `forward(tokens, start_pos)` writes positions
+start_pos .. start_pos+T-1 and returns their logits; `truncate(length)` forgets every position
+>= length. With a static cache, truncation only moves an integer: rejected draft tokens are
+overwritten by the next write and hidden by the causal mask, so rollback is free.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    vocab_size: int
+    max_seq_len: int  # positions the cache can hold
+    device: torch.device
+
+    @property
+    def length(self) -> int:
+        """Number of positions currently in the cache."""
+        ...
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens [T] int64 at positions start_pos.. (start_pos <= length) -> logits [T, vocab]."""
+        ...
+
+    def truncate(self, length: int) -> None:
+        """Drop cached positions >= length (length <= self.length)."""
+        ...
+
+
+class ContextOverflowError(ValueError):
+    """A sequence would not fit in the model's context."""
+
+
+def check_fits(model: CausalLM, end_pos: int) -> None:
+    if end_pos > model.max_seq_len:
+        raise ContextOverflowError(
+            f"sequence of {end_pos} tokens exceeds the model's context of {model.max_seq_len} tokens"
+        )

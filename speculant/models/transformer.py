@@ -1,0 +1,269 @@
+"""A lean decoder-only transformer for the Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2 with
+q/k/v bias) and Gemma 3 (local/global sliding-window layers, q/k norms, (1 + w) RMSNorm, embedding
+scale, pre- and post-norms), with a static, position-indexed KV cache.
+
+Shapes: T = tokens in this call, S = cache capacity (max_seq_len), H = query heads,
+KV = key/value heads, D = head_dim, E = hidden size.
+
+Weights (`TransformerWeights`) and state (`LeanModel`: a KV cache + how many layers to run) are
+separate, so the self-drafter `layers:N` is just a second `LeanModel` over the same weights with a
+cache of its own: no extra weight memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speculant.models.base import check_fits
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    arch: str  # "llama" or "gemma3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 8192
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False  # Qwen2: bias on q, k, v
+    # Gemma 3 only
+    rope_local_theta: float = 10000.0
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = field(default_factory=tuple)  # "sliding_attention"/"full_attention"
+    query_pre_attn_scalar: float | None = None
+    rope_scaling_factor: float = 1.0  # linear scaling of the global layers (Gemma 3 >= 4B)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "gemma3"):
+            raise ValueError(f"unknown architecture {self.arch!r}; the lean model knows llama, gemma3")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+
+    def is_sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, unit_offset: bool) -> None:
+        super().__init__()
+        # Gemma stores w and scales by (1 + w); Llama stores the scale itself.
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:  # Gemma: scale in float32, then cast
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)  # Llama: cast, then scale
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        gemma = cfg.arch == "gemma3"
+        e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(e, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(e, kv * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(e, kv * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, e, bias=False)
+        self.gate_proj = nn.Linear(e, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(e, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, e, bias=False)
+        self.input_layernorm = RMSNorm(e, cfg.rms_norm_eps, gemma)
+        self.post_attention_layernorm = RMSNorm(e, cfg.rms_norm_eps, gemma)
+        if gemma:
+            self.pre_feedforward_layernorm = RMSNorm(e, cfg.rms_norm_eps, True)
+            self.post_feedforward_layernorm = RMSNorm(e, cfg.rms_norm_eps, True)
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, True)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, True)
+
+
+class TransformerWeights(nn.Module):
+    """The parameters, named as in Hugging Face checkpoints (minus the `model.` prefix)."""
+
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.arch == "gemma3")
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+
+def rope_tables(theta: float, head_dim: int, length: int, scaling: float, device) -> torch.Tensor:
+    """cos/sin for positions 0..length-1: [2, length, D] float32 (Hugging Face rotate_half layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device) / scaling, inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # [length, D]
+    return torch.stack([angles.cos(), angles.sin()])
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos, sin [T, 1, D] float32."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class LeanModel:
+    """`CausalLM` over `TransformerWeights`, running the first `num_layers` layers (all by default).
+
+    The KV cache is [layers, S, KV, D] for keys and values, allocated once. forward() writes the
+    new positions in place; truncate() only moves `length`.
+    """
+
+    def __init__(
+        self,
+        weights: TransformerWeights,
+        max_seq_len: int | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        cfg = weights.cfg
+        self.weights = weights
+        self.cfg = cfg
+        self.vocab_size = cfg.vocab_size
+        self.num_layers = cfg.num_layers if num_layers is None else num_layers
+        if not 1 <= self.num_layers <= cfg.num_layers:
+            raise ValueError(f"num_layers must be in 1..{cfg.num_layers}, got {self.num_layers}")
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        param = weights.embed_tokens.weight
+        self.device, self.dtype = param.device, param.dtype
+        shape = (self.num_layers, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.rope_global = rope_tables(cfg.rope_theta, cfg.head_dim, self.max_seq_len, cfg.rope_scaling_factor, self.device)
+        self.rope_local = rope_tables(cfg.rope_local_theta, cfg.head_dim, self.max_seq_len, 1.0, self.device)
+        if cfg.arch == "gemma3":
+            self.attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+            # Gemma multiplies embeddings by sqrt(E), rounded to the model's dtype as HF does.
+            self.embed_scale = torch.tensor(cfg.hidden_size**0.5, dtype=self.dtype).item()
+        else:
+            self.attn_scale = cfg.head_dim**-0.5
+            self.embed_scale = 1.0
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate to {length}: cache holds {self._length}")
+        self._length = length
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] (float32)."""
+        if start_pos > self._length:
+            raise ValueError(f"gap in the cache: start_pos {start_pos} > length {self._length}")
+        end = start_pos + tokens.shape[0]
+        check_fits(self, end)
+        positions = torch.arange(start_pos, end, device=self.device)
+        hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end)
+        self._length = end
+        return self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, E] after the final norm -> logits [T, vocab] float32."""
+        return F.linear(hidden, self.weights.head_weight()).float()
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Run the layers over tokens [T] at positions [T]; attend to cache positions < kv_len.
+
+        Writes K/V at `positions` in place. Returns the final-normed hidden states [T, E].
+        """
+        cfg, w = self.cfg, self.weights
+        x = w.embed_tokens(tokens)  # [T, E]
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        key_pos = torch.arange(kv_len, device=self.device)
+        causal = key_pos[None, :] <= positions[:, None]  # [T, kv_len]
+        sliding = causal
+        if cfg.sliding_window:
+            sliding = causal & (positions[:, None] - key_pos[None, :] < cfg.sliding_window)
+        for i in range(self.num_layers):
+            layer = w.layers[i]
+            local = cfg.is_sliding(i)
+            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, T, 1, D]
+            x = x + self._attention(layer, i, x, positions, rope, sliding if local else causal, kv_len)
+            x = x + self._mlp(layer, x)
+        return w.norm(x)
+
+    def _attention(self, layer: Block, i: int, x, positions, rope, mask, kv_len: int) -> torch.Tensor:
+        cfg = self.cfg
+        t = x.shape[0]
+        h = layer.input_layernorm(x)
+        q = layer.q_proj(h).view(t, cfg.num_heads, cfg.head_dim)
+        k = layer.k_proj(h).view(t, cfg.num_kv_heads, cfg.head_dim)
+        v = layer.v_proj(h).view(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.arch == "gemma3":
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+        self.k_cache[i].index_copy_(0, positions, k)
+        self.v_cache[i].index_copy_(0, positions, v)
+        keys = self.k_cache[i, :kv_len]  # [kv_len, KV, D]
+        values = self.v_cache[i, :kv_len]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        if groups > 1:
+            keys = keys.repeat_interleave(groups, dim=1)
+            values = values.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),  # [H, T|kv_len, D]
+            attn_mask=mask, scale=self.attn_scale,
+        )  # [H, T, D]
+        out = layer.o_proj(out.transpose(0, 1).reshape(t, cfg.num_heads * cfg.head_dim))
+        if cfg.arch == "gemma3":
+            out = layer.post_attention_layernorm(out)
+        return out
+
+    def _mlp(self, layer: Block, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.arch == "gemma3":
+            h = layer.pre_feedforward_layernorm(x)
+            out = layer.down_proj(F.gelu(layer.gate_proj(h), approximate="tanh") * layer.up_proj(h))
+            return layer.post_feedforward_layernorm(out)
+        h = layer.post_attention_layernorm(x)
+        return layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 64, **overrides) -> TransformerConfig:
+    """A few-kilobyte config for unit tests."""
+    base = dict(
+        arch=arch, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=3,
+        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512, rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+    )
+    if arch == "gemma3":
+        base.update(sliding_window=4, layer_types=("sliding_attention", "sliding_attention", "full_attention"),
+                    query_pre_attn_scalar=8.0)
+    base.update(overrides)
+    return TransformerConfig(**base)
+
+
+def random_weights(cfg: TransformerConfig, seed: int = 0, scale: float = 1.0, dtype=torch.float32) -> TransformerWeights:
+    """Deterministic random weights (for tests and for benchmarks of shape, not quality)."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = TransformerWeights(cfg)
+    with torch.no_grad():
+        for name, param in weights.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1 + (0.0 if cfg.arch == "gemma3" else 1.0))
+            else:
+                fan_in = param.shape[-1] if param.dim() > 1 else 1
+                param.copy_(torch.randn(param.shape, generator=generator) * scale / math.sqrt(fan_in))
+    return weights.to(dtype).eval().requires_grad_(False)
