@@ -33,7 +33,7 @@ class GammaPolicy(Protocol):
 
     def choose(self) -> int: ...
 
-    def observe(self, drafted: int, accepted: int, rejected: bool, draft_time: float, target_time: float) -> None: ...
+    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float) -> None: ...
 
 
 @dataclass
@@ -51,7 +51,7 @@ class GenerationStats:
     rejections: int = 0
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    gamma_history: list[int] = field(default_factory=list)
+    gamma_history: list[int] = field(default_factory=list)  # γ chosen at each step
     prefill_time: float = 0.0
     draft_time: float = 0.0
     target_time: float = 0.0  # target forwards + acceptance, prefill excluded
@@ -85,11 +85,12 @@ class GenerationStats:
 
     @property
     def mean_gamma(self) -> float:
-        return sum(self.gamma_history) / len(self.gamma_history) if self.gamma_history else 0.0
+        """Mean draft length actually proposed per step (a drafter may propose fewer than γ)."""
+        return self.drafted / self.target_calls if self.target_calls else 0.0
 
     @property
     def predicted_speedup(self) -> float:
-        """Thm 3.8 evaluated at the measured α, c and the mean γ used."""
+        """Thm 3.8 evaluated at the measured α, c and the mean draft length."""
         gamma = round(self.mean_gamma)
         if gamma == 0:
             return 1.0
@@ -99,6 +100,22 @@ class GenerationStats:
     def tokens_per_s(self) -> float:
         total = self.prefill_time + self.decode_time
         return self.new_tokens / total if total else 0.0
+
+    def record(self, gamma: int, step: "StepResult") -> None:
+        """Add one speculative step to the counters (tokens are counted by the caller)."""
+        self.target_calls += 1
+        self.drafted += step.num_drafted
+        self.accepted += step.num_accepted
+        self.rejections += int(step.num_accepted < step.num_drafted)
+        self.draft_time += step.draft_time
+        self.target_time += step.target_time
+        self.gamma_history.append(gamma)
+        while len(self.drafted_by_position) < step.num_drafted:
+            self.drafted_by_position.append(0)
+            self.accepted_by_position.append(0)
+        for i in range(step.num_drafted):
+            self.drafted_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < step.num_accepted)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -175,33 +192,13 @@ def generate(
         # Never draft past what may still be emitted (max_new_tokens) or stored (the context).
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context))
         step_gamma = min(policy.choose() if policy else gamma, room)
-        draft, draft_time = _timed(device, _propose, drafter, context, step_gamma, params, generator)
-        num_drafted = draft.tokens.shape[0]
-
-        def target_step():
-            inputs = torch.cat([torch.tensor(context[-1:], device=device), draft.tokens.to(device)])
-            logits = target.forward(inputs, len(context) - 1)  # [γ'+1, vocab]
-            target_probs = logits_to_probs(logits, params)
-            uniforms = torch.rand(num_drafted + 1, generator=generator, device=device)
-            verdict = verify(draft.tokens.to(device), draft.probs, target_probs, uniforms[:-1], uniforms[-1])
-            return int(verdict.num_accepted), int(verdict.next_token)  # the step's one sync
-
-        (num_accepted, next_token), target_time = _timed(device, target_step)
-        target.truncate(len(context) + num_accepted)  # cache: committed context + accepted drafts
-
-        stats.target_calls += 1
-        stats.drafted += num_drafted
-        stats.accepted += num_accepted
-        stats.rejections += int(num_accepted < num_drafted)
-        stats.draft_time += draft_time
-        stats.target_time += target_time
-        stats.gamma_history.append(num_drafted)
-        _count_positions(stats, num_drafted, num_accepted)
+        step = speculative_step(target, drafter, context, step_gamma, params, generator)
+        stats.record(step_gamma, step)
         if policy:
-            policy.observe(num_drafted, num_accepted, num_accepted < num_drafted, draft_time, target_time)
+            policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time)
 
         emitted = []
-        for token in draft.tokens[:num_accepted].tolist() + [next_token]:
+        for token in step.tokens:
             emitted.append(token)
             if token in stop:
                 stats.finish_reason = "stop"
@@ -211,11 +208,50 @@ def generate(
         context.extend(emitted)
         stats.new_tokens += len(emitted)
         stats.decode_time = time.perf_counter() - start
-        yield Step(emitted, num_drafted, num_accepted, stats)
+        yield Step(emitted, step.num_drafted, step.num_accepted, stats)
         if stats.finish_reason:
             return
     stats.finish_reason = stats.finish_reason or "length"
     stats.decode_time = time.perf_counter() - start
+
+
+class StepResult(NamedTuple):
+    tokens: list[int]  # accepted drafts + the recovered/bonus token: 1..γ'+1 tokens
+    num_drafted: int
+    num_accepted: int
+    target_probs: torch.Tensor  # [γ'+1, vocab]: the target's law at each position of the step
+    draft_time: float
+    target_time: float
+
+
+def speculative_step(
+    target: CausalLM,
+    drafter: Drafter,
+    context: list[int],
+    gamma: int,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> StepResult:
+    """One draft -> verify -> accept -> truncate step. The target's cache must hold context[:-1];
+    on return it holds context + the accepted drafts (the new token is fed by the next step)."""
+    device = target.device
+    draft, draft_time = _timed(device, _propose, drafter, context, gamma, params, generator)
+    num_drafted = draft.tokens.shape[0]
+
+    def verify_draft():
+        draft_tokens = draft.tokens.to(device)
+        inputs = torch.cat([torch.tensor(context[-1:], device=device), draft_tokens])
+        logits = target.forward(inputs, len(context) - 1)  # [γ'+1, vocab]
+        target_probs = logits_to_probs(logits, params)
+        uniforms = torch.rand(num_drafted + 1, generator=generator, device=device)
+        verdict = verify(draft_tokens, draft.probs, target_probs, uniforms[:-1], uniforms[-1])
+        # the step's one host synchronisation: how many were accepted, and the next token
+        return target_probs, int(verdict.num_accepted), int(verdict.next_token)
+
+    (target_probs, num_accepted, next_token), target_time = _timed(device, verify_draft)
+    target.truncate(len(context) + num_accepted)  # rejected positions are simply forgotten
+    tokens = draft.tokens[:num_accepted].tolist() + [next_token]
+    return StepResult(tokens, num_drafted, num_accepted, target_probs, draft_time, target_time)
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:
@@ -223,11 +259,3 @@ def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator
         return Draft(torch.empty(0, dtype=torch.int64), None)
     return drafter.propose(context, gamma, params, generator)
 
-
-def _count_positions(stats: GenerationStats, num_drafted: int, num_accepted: int) -> None:
-    while len(stats.drafted_by_position) < num_drafted:
-        stats.drafted_by_position.append(0)
-        stats.accepted_by_position.append(0)
-    for i in range(num_drafted):
-        stats.drafted_by_position[i] += 1
-        stats.accepted_by_position[i] += int(i < num_accepted)
