@@ -166,8 +166,12 @@ def generate(
     max_new_tokens: int = 64,
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
+    stepper=None,
 ) -> Iterator[Step]:
-    """Speculative decoding of `prompt` (token ids). Yields one `Step` per target call."""
+    """Speculative decoding of `prompt` (token ids). Yields one `Step` per target call.
+
+    `stepper` (speculant.fused.FusedStepper) replaces `speculative_step` with whole-step CUDA
+    graphs; it owns the caches of `target` and of the drafter's model."""
     policy = gamma if not isinstance(gamma, int) else None
     if policy is None and gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
@@ -178,10 +182,15 @@ def generate(
     context = [int(t) for t in prompt]
 
     start = time.perf_counter()
-    target.truncate(0)
-    drafter.reset()
-    if len(context) > 1:
-        target.forward(torch.tensor(context[:-1], device=device), 0)
+    if stepper is not None:
+        stepper.begin(context, params)
+    else:
+        target.truncate(0)
+        drafter.reset()
+        if len(context) > 1:
+            target.forward(torch.tensor(context[:-1], device=device), 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     stats.prefill_time = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -192,7 +201,10 @@ def generate(
         # Never draft past what may still be emitted (max_new_tokens) or stored (the context).
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context))
         step_gamma = min(policy.choose() if policy else gamma, room)
-        step = speculative_step(target, drafter, context, step_gamma, params, generator)
+        if stepper is not None:
+            step = stepper.step(context, step_gamma, generator)
+        else:
+            step = speculative_step(target, drafter, context, step_gamma, params, generator)
         stats.record(step_gamma, step)
         if policy:
             policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time)

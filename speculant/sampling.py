@@ -67,8 +67,8 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     """
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if params.greedy:  # scatter, not one_hot: one_hot checks its input on the host (a CUDA sync)
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_k and params.top_k < probs.shape[-1]:
         kth_largest = probs.topk(params.top_k, dim=-1).values[..., -1:]  # [..., 1]

@@ -42,7 +42,11 @@ class TransformerConfig:
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = field(default_factory=tuple)  # "sliding_attention"/"full_attention"
     query_pre_attn_scalar: float | None = None
-    rope_scaling_factor: float = 1.0  # linear scaling of the global layers (Gemma 3 >= 4B)
+    # Scaling of the global layers' rope (all layers of a Llama): the frequencies are divided by
+    # rope_scaling_factor ("linear": Gemma 3 >= 4B), or, when rope_llama3 = (low_freq_factor,
+    # high_freq_factor, original_max_position_embeddings) is set, scaled per frequency as Llama 3.1+ does.
+    rope_scaling_factor: float = 1.0
+    rope_llama3: tuple[float, float, int] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "gemma3"):
@@ -106,10 +110,32 @@ class TransformerWeights(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
 
-def rope_tables(theta: float, head_dim: int, length: int, scaling: float, device) -> torch.Tensor:
-    """cos/sin for positions 0..length-1: [2, length, D] float32 (Hugging Face rotate_half layout)."""
+def rope_inv_freq(
+    theta: float, head_dim: int, scaling: float = 1.0, llama3: tuple[float, float, int] | None = None, device=None
+) -> torch.Tensor:
+    """Rotary frequencies [D/2] float32, computed as Hugging Face does (so float32 rounding agrees)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device) / scaling, inv_freq)
+    if llama3 is None:
+        return inv_freq / scaling if scaling != 1.0 else inv_freq
+    # Llama 3.1: long wavelengths are slowed by `scaling`, short ones kept, the band between blended.
+    low_freq_factor, high_freq_factor, original_context = llama3
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling, inv_freq)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(
+    theta: float, head_dim: int, length: int, scaling: float = 1.0, device=None,
+    llama3: tuple[float, float, int] | None = None,
+) -> torch.Tensor:
+    """cos/sin for positions 0..length-1: [2, length, D] float32 (Hugging Face rotate_half layout)."""
+    inv_freq = rope_inv_freq(theta, head_dim, scaling, llama3, device)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # [length, D]
     return torch.stack([angles.cos(), angles.sin()])
 
@@ -147,7 +173,9 @@ class LeanModel:
         shape = (self.num_layers, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.rope_global = rope_tables(cfg.rope_theta, cfg.head_dim, self.max_seq_len, cfg.rope_scaling_factor, self.device)
+        self.rope_global = rope_tables(
+            cfg.rope_theta, cfg.head_dim, self.max_seq_len, cfg.rope_scaling_factor, self.device, cfg.rope_llama3
+        )
         self.rope_local = rope_tables(cfg.rope_local_theta, cfg.head_dim, self.max_seq_len, 1.0, self.device)
         if cfg.arch == "gemma3":
             self.attn_scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5

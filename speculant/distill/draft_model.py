@@ -1,0 +1,344 @@
+"""A distilled draft: a few decoder layers over the TARGET'S embedding, with a truncated-vocabulary head.
+
+    target embedding (shared, frozen)   tokens [T] -> [T, E]   (not stored in the draft's files)
+    num_layers llama blocks             [T, E] -> [T, E]       (the draft's own weights)
+    final RMSNorm                       [T, E]
+    head over K kept token ids          [T, E] -> [T, K]       ("shared": rows of the target's own
+                                                                output head, frozen, zero storage;
+                                                                "own": a trained K x E matrix)
+    + a learned bias [K]
+    scatter into the full vocabulary    [T, K] -> [T, V], -inf outside the kept ids
+
+`forward` returns logits over the FULL target vocabulary, so the draft is an ordinary `CausalLM`:
+`logits_to_probs` turns the -inf entries into probability 0 for every sampling transform, and q
+stays exactly the law the draft samples from, so speculative sampling stays exact; a token outside
+the kept ids is simply never proposed.
+
+Serving runs through `LeanModel` (static, position-indexed KV cache, rollback by `truncate`).
+Training runs through `batched_hidden_states`: the cached path writes one shared cache in place and
+takes one sequence, which autograd and batching do not like; both compute the same function, and
+tests/test_distill.py pins that they agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from speculant.models.transformer import (
+    Block,
+    LeanModel,
+    RMSNorm,
+    TransformerConfig,
+    TransformerWeights,
+    apply_rope,
+    rope_tables,
+)
+
+FORMAT = "speculant-draft"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+class DistillError(ValueError):
+    """A distillation request that cannot be carried out; the message says why and what to do."""
+
+
+class TargetMismatchError(DistillError):
+    """A draft was loaded for a target other than the one it was distilled from."""
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """Sizes of a distilled draft. The attention and MLP shapes default to the target's own."""
+
+    vocab_size: int  # the target's full vocabulary
+    hidden_size: int  # the target's hidden size (the embedding is shared)
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_kept: int  # K: size of the truncated output vocabulary
+    head: str = "shared"  # "shared": target's output rows for the kept ids; "own": a trained matrix
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    embed_scale: float = 1.0  # Gemma targets scale embeddings by sqrt(E)
+
+    def __post_init__(self) -> None:
+        if self.head not in ("shared", "own"):
+            raise ValueError(f"head must be 'shared' or 'own', got {self.head!r}")
+        if self.num_layers < 1:
+            raise ValueError(f"a draft needs at least one layer, got {self.num_layers}")
+        if not 1 <= self.num_kept <= self.vocab_size:
+            raise ValueError(f"num_kept must be in 1..{self.vocab_size}, got {self.num_kept}")
+
+    def transformer_config(self) -> TransformerConfig:
+        return TransformerConfig(
+            arch="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_layers=self.num_layers, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings, rope_theta=self.rope_theta,
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=True,
+        )
+
+    @staticmethod
+    def for_target(target_cfg: TransformerConfig, num_layers: int = 2, num_kept: int = 8192,
+                   head: str = "shared", intermediate_size: int | None = None) -> "DraftConfig":
+        """A draft shaped like one layer of `target_cfg` (so target layers can initialise it)."""
+        gemma = target_cfg.arch == "gemma3"
+        return DraftConfig(
+            vocab_size=target_cfg.vocab_size, hidden_size=target_cfg.hidden_size,
+            intermediate_size=intermediate_size or target_cfg.intermediate_size, num_layers=num_layers,
+            num_heads=target_cfg.num_heads, num_kv_heads=target_cfg.num_kv_heads, head_dim=target_cfg.head_dim,
+            num_kept=min(num_kept, target_cfg.vocab_size), head=head, rope_theta=target_cfg.rope_theta,
+            rms_norm_eps=target_cfg.rms_norm_eps, max_position_embeddings=target_cfg.max_position_embeddings,
+            embed_scale=float(target_cfg.hidden_size**0.5) if gemma else 1.0,
+        )
+
+
+class DraftWeights(nn.Module):
+    """The draft's own parameters, plus references (not registered, not saved) to the target's
+    embedding and output head. Duck-types `TransformerWeights` for `LeanModel`."""
+
+    def __init__(self, cfg: DraftConfig, target_embedding: nn.Embedding, kept_ids: torch.Tensor,
+                 shared_head_rows: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if kept_ids.shape != (cfg.num_kept,):
+            raise ValueError(f"kept_ids must have shape [{cfg.num_kept}], got {tuple(kept_ids.shape)}")
+        if target_embedding.weight.shape != (cfg.vocab_size, cfg.hidden_size):
+            raise ValueError(f"target embedding {tuple(target_embedding.weight.shape)} does not match the draft's "
+                             f"vocabulary {cfg.vocab_size} x hidden size {cfg.hidden_size}")
+        self.draft_cfg = cfg
+        self.cfg = cfg.transformer_config()
+        self._shared = (target_embedding,)  # a tuple: nn.Module does not register it
+        self.layers = nn.ModuleList(Block(self.cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
+        self.head_bias = nn.Parameter(torch.zeros(cfg.num_kept))
+        self.head = nn.Linear(cfg.hidden_size, cfg.num_kept, bias=False) if cfg.head == "own" else None
+        self.register_buffer("kept_ids", kept_ids.to(torch.int64).clone())
+        if (cfg.head == "shared") != (shared_head_rows is not None):
+            raise ValueError("shared_head_rows [K, E] is needed exactly when head == 'shared'")
+        rows = shared_head_rows.detach() if shared_head_rows is not None else torch.empty(0)
+        self.register_buffer("shared_head_rows", rows, persistent=False)  # [K, E] (frozen) or empty
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self._shared[0]
+
+    def head_weight(self) -> torch.Tensor:
+        """[K, E]: the kept rows of the output head."""
+        return self.head.weight if self.head is not None else self.shared_head_rows
+
+    def kept_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., E] after the final norm -> logits over the kept ids [..., K], float32."""
+        weight = self.head_weight()
+        return (F.linear(hidden, weight.to(hidden.dtype)).float() + self.head_bias.float())
+
+    def own_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of what the draft stores (everything in its state dict)."""
+        total = 0
+        for name, tensor in self.state_dict().items():
+            size = torch.empty((), dtype=dtype).element_size() if dtype and tensor.is_floating_point() \
+                else tensor.element_size()
+            total += tensor.numel() * size
+        return total
+
+    def init_from_target(self, target: TransformerWeights) -> None:
+        """Copy the target's first layers and final norm (the `layers:N` self-draft as a start)."""
+        if target.cfg.arch != "llama":
+            raise ValueError("only llama-family targets can initialise a draft with their layers")
+        with torch.no_grad():
+            for mine, theirs in zip(self.layers, target.layers):
+                for (name, p_mine), (_, p_theirs) in zip(mine.named_parameters(), theirs.named_parameters()):
+                    if p_mine.shape != p_theirs.shape:
+                        raise ValueError(f"layer shapes differ at {name}: {tuple(p_mine.shape)} vs "
+                                         f"{tuple(p_theirs.shape)}")
+                    p_mine.copy_(p_theirs)
+            self.norm.weight.copy_(target.norm.weight)
+
+
+def init_random(weights: DraftWeights, seed: int, scale: float = 1.0) -> None:
+    """Deterministic small random init (norms at 1, linear weights ~ N(0, scale^2 / fan_in))."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in weights.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            elif name == "head_bias":
+                param.zero_()
+            else:
+                std = scale / param.shape[-1] ** 0.5
+                param.copy_((torch.randn(param.shape, generator=generator) * std).to(param.dtype))
+
+
+class DistilledDraft(LeanModel):
+    """`CausalLM` over `DraftWeights`: the lean model's cache and layers, a truncated head.
+
+    forward(tokens [T], start_pos) -> logits [T, V] float32, -inf outside the kept ids.
+    """
+
+    def __init__(self, weights: DraftWeights, max_seq_len: int | None = None) -> None:
+        super().__init__(weights, max_seq_len=max_seq_len)  # type: ignore[arg-type]
+        self.embed_scale = weights.draft_cfg.embed_scale
+        self.draft_weights = weights
+
+    @property
+    def kept_ids(self) -> torch.Tensor:
+        return self.draft_weights.kept_ids
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        kept = self.draft_weights.kept_logits(hidden)  # [T, K]
+        full = torch.full((hidden.shape[0], self.vocab_size), float("-inf"), device=hidden.device)
+        return full.index_copy_(1, self.kept_ids, kept)  # [T, V]
+
+    def train_kept_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Batched, cache-free, differentiable: tokens [B, T] -> kept logits [B, T, K] float32."""
+        w = self.draft_weights
+        x = w.embed_tokens(tokens.to(self.device))
+        if self.embed_scale != 1.0:
+            x = x * self.embed_scale
+        hidden = batched_hidden_states(w.layers, w.norm, w.cfg, x, self.rope_global)
+        return w.kept_logits(hidden)
+
+
+def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: torch.Tensor,
+                          rope: torch.Tensor) -> torch.Tensor:
+    """Llama blocks over a batch from position 0, no cache: x [B, T, E] -> final-normed [B, T, E].
+
+    The same arithmetic as `LeanModel.hidden_states` (llama branch), batched and autograd-safe.
+    rope is the model's [2, S, D] table (S >= T).
+    """
+    if cfg.arch != "llama" or cfg.sliding_window:
+        raise ValueError("batched_hidden_states handles llama-family layers without sliding windows")
+    b, t, _ = x.shape
+    h_, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cos, sin = rope[0, :t, None, :], rope[1, :t, None, :]  # [T, 1, D]
+    groups = h_ // kv
+    for layer in layers:
+        h = layer.input_layernorm(x)
+        q = apply_rope(layer.q_proj(h).view(b, t, h_, d), cos, sin)
+        k = apply_rope(layer.k_proj(h).view(b, t, kv, d), cos, sin)
+        v = layer.v_proj(h).view(b, t, kv, d)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5)  # [B, H, T, D]
+        x = x + layer.o_proj(out.transpose(1, 2).reshape(b, t, h_ * d))
+        h = layer.post_attention_layernorm(x)
+        x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+    return norm(x)
+
+
+def build_draft(cfg: DraftConfig, target_weights: TransformerWeights, kept_ids: torch.Tensor,
+                max_seq_len: int | None = None) -> DistilledDraft:
+    """A draft over `target_weights`' embedding and head, on the target's device and dtype."""
+    param = target_weights.embed_tokens.weight
+    head = target_weights.head_weight()
+    rows = head.detach()[kept_ids.to(head.device)] if cfg.head == "shared" else None
+    weights = DraftWeights(cfg, target_weights.embed_tokens, kept_ids, rows)
+    return DistilledDraft(weights.to(device=param.device, dtype=param.dtype), max_seq_len=max_seq_len)
+
+
+# ---- the output folder ------------------------------------------------------------------------
+
+
+def save_draft(out_dir: str | Path, weights: DraftWeights, *, target_name: str, target_hash: str,
+               dtype: torch.dtype = torch.bfloat16, metadata: dict | None = None) -> Path:
+    """Write model.safetensors (the draft's own weights in `dtype`, kept ids as int64; no embedding)
+    and config.json. Files are written to a temporary name and renamed, so a crash leaves the old pair."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
+               for name, t in weights.state_dict().items()}
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "target_name": target_name,
+        "target_hash": target_hash,
+        "architecture": asdict(weights.draft_cfg),
+        "dtype": str(dtype).removeprefix("torch."),
+        "weight_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "training": metadata or {},
+    }
+    _atomic(out_dir / WEIGHTS_FILE, lambda path: save_file(tensors, str(path), metadata={"format": FORMAT}))
+    _atomic(out_dir / CONFIG_FILE, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def is_draft_folder(path: str | Path) -> bool:
+    """True if `path` is a folder written by `save_draft`."""
+    config_path = Path(path) / CONFIG_FILE
+    try:
+        return config_path.is_file() and json.loads(config_path.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def read_draft_config(path: str | Path) -> dict:
+    path = Path(path)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise DistillError(f"{path} is not a distilled draft: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    config = json.loads(config_path.read_text())
+    if config.get("format") != FORMAT:
+        raise DistillError(f"{config_path} has format {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_draft(path: str | Path, target, max_seq_len: int | None = None) -> DistilledDraft:
+    """Load a draft folder for `target`: a LoadedModel (speculant.models.loading) or a pair
+    (TransformerWeights, source_hash). Refuses a target whose source hash differs from the one the
+    draft was distilled from. The target's embedding is shared (same tensor, no copy); the draft's
+    weights take the target's device and dtype; its cache holds `max_seq_len` positions (default:
+    the loaded target's)."""
+    if isinstance(target, tuple):
+        target_weights, target_hash = target
+    else:
+        target_weights, target_hash = target.weights, target.source_hash
+        if max_seq_len is None and getattr(target, "model", None) is not None:
+            max_seq_len = target.model.max_seq_len
+    if target_weights is None:
+        raise TargetMismatchError("a distilled draft needs a lean target (its embedding is shared); "
+                                  "this target runs through transformers")
+    config = read_draft_config(path)
+    if config["target_hash"] != target_hash:
+        raise TargetMismatchError(
+            f"the draft in {path} was distilled from {config['target_name']!r} (sha256 {config['target_hash'][:12]}…), "
+            f"not from this target (sha256 {str(target_hash)[:12]}…): distill a draft for this target "
+            "with `speculant distill`"
+        )
+    cfg = DraftConfig(**config["architecture"])
+    tcfg = target_weights.cfg
+    if (cfg.vocab_size, cfg.hidden_size) != (tcfg.vocab_size, tcfg.hidden_size):
+        raise TargetMismatchError(f"the draft in {path} expects vocabulary {cfg.vocab_size} and hidden size "
+                                  f"{cfg.hidden_size}; the target has {tcfg.vocab_size} and {tcfg.hidden_size}")
+    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+    draft = build_draft(cfg, target_weights, tensors["kept_ids"], max_seq_len=max_seq_len)
+    param = target_weights.embed_tokens.weight
+    draft.draft_weights.load_state_dict({k: v.to(param.device) for k, v in tensors.items()})
+    return draft
+
+
+def serving_copy(weights: DraftWeights, dtype: torch.dtype, max_seq_len: int | None = None) -> DistilledDraft:
+    """A `DistilledDraft` over a copy of `weights` cast to `dtype` (the target's), for evaluation
+    while the trained weights stay in float32. The target's embedding stays shared."""
+    embedding = weights.embed_tokens
+    copied = copy.deepcopy(weights, {id(embedding): embedding})
+    return DistilledDraft(copied.to(dtype=dtype), max_seq_len=max_seq_len)
