@@ -1,0 +1,239 @@
+"""GPU speed (issue 6): our plain and speculative decoding on CUDA — generic eager loop vs fused
+CUDA-graph steps — against transformers' eager `generate`, on the same weights, in one run.
+
+    python benchmarks/gpu_speed.py --target /root/w/smollm2.gguf --humaneval .gpu/HumanEval.jsonl.gz \
+        --draft speculant/embedded/smollm2-135m-draft --out $OUT
+
+Prints a table, then one JSON line; writes gpu_speed.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+import torch
+
+from speculant.adaptive import AdaptiveGamma
+from speculant.api import NoDrafter
+from speculant.engine import generate
+from speculant.fused import FusedStepper
+from speculant.drafters.ngram import NgramDrafter
+from speculant.models.loading import load_model
+from speculant.models.transformer import LeanModel
+from speculant.sampling import SamplingParams
+
+
+def code_prompts(path: str, n: int, tokenizer) -> list[list[int]]:
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    return [tokenizer.encode(r["prompt"], add_special_tokens=True) for r in rows[-n:]]
+
+
+def chat_prompts(n: int, tokenizer) -> list[list[int]]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)[::max(1, len(topics) // n)][:n]
+    texts = [f"Explain the Python topic '{name}' briefly, with an example." for name in names]
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
+            for t in texts]
+
+
+def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, max_new, eos) -> dict:
+    outputs, tokens, seconds = [], 0, 0.0
+    alpha_num = alpha_den = calls = 0
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator(device="cuda").manual_seed(i)
+        out, stats = [], None
+        for step in generate(target, drafter or NoDrafter(), prompt, gamma=gamma, params=params,
+                             max_new_tokens=max_new, stop_ids=eos, generator=generator, stepper=stepper):
+            out += step.tokens
+            stats = step.stats
+        outputs.append(out)
+        tokens += stats.new_tokens
+        seconds += stats.prefill_time + stats.decode_time
+        alpha_num += stats.accepted
+        alpha_den += stats.accepted + stats.rejections
+        calls += stats.target_calls
+    return {"tokens_per_s": tokens / seconds, "alpha": alpha_num / alpha_den if alpha_den else None,
+            "tau": tokens / calls, "new_tokens": tokens, "outputs": outputs}
+
+
+def run_hf(folder, prompts, *, max_new, sample: bool, prompt_lookup: int | None = None) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    kwargs = dict(max_new_tokens=max_new, min_new_tokens=max_new, do_sample=sample, pad_token_id=0)
+    if prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+    tokens, seconds, outputs = 0, 0.0, []
+    with torch.inference_mode():
+        model.generate(torch.tensor([prompts[0]], device="cuda"), **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        for prompt in prompts:
+            ids = torch.tensor([prompt], device="cuda")
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = model.generate(ids, **kwargs)
+            torch.cuda.synchronize()
+            seconds += time.perf_counter() - start
+            tokens += out.shape[1] - ids.shape[1]
+            outputs.append(out[0, ids.shape[1]:].tolist())
+    del model
+    torch.cuda.empty_cache()
+    return {"tokens_per_s": tokens / seconds, "new_tokens": tokens, "outputs": outputs}
+
+
+def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: int = 50) -> dict:
+    """Where the time of one fused speculative step goes: graph replay (GPU) vs host overhead,
+    and the draft and verify forwards timed alone as graphs of their own."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    stepper.begin(context, stepper.params)
+    stepper.step(context, gamma, generator)  # capture
+    key = ("model", gamma) if stepper.draft_model is not None else ("verify", gamma)
+    runner = stepper.graphs[key]
+    start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start_evt.record()
+    for _ in range(reps):
+        runner.graph.replay()
+    end_evt.record()
+    torch.cuda.synchronize()
+    replay_ms = start_evt.elapsed_time(end_evt) / reps
+    wall = time.perf_counter()
+    for _ in range(reps):
+        stepper.step(context, gamma, generator)
+    step_ms = (time.perf_counter() - wall) / reps * 1000
+    out = {"gamma": gamma, "graph_replay_ms": replay_ms, "step_wall_ms": step_ms,
+           "host_overhead_ms": step_ms - replay_ms}
+    # forwards alone
+    for name, model, t in (("target_forward_ms", stepper.target, gamma + 1),
+                           ("draft_forward_ms", stepper.draft_model, 1)):
+        if model is None:
+            continue
+        fn = stepper.target_fn if model is stepper.target else stepper.draft_fn
+        tokens = torch.zeros(t, dtype=torch.int64, device="cuda")
+        positions = torch.arange(t, device="cuda") + len(context)
+        graph = torch.cuda.CUDAGraph()
+        saved = stepper._save_caches()
+        with torch.inference_mode():
+            fn(tokens, positions)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, pool=stepper.pool):
+                fn(tokens, positions)
+        start_evt.record()
+        for _ in range(reps):
+            graph.replay()
+        end_evt.record()
+        torch.cuda.synchronize()
+        stepper._restore_caches(saved)
+        out[name] = start_evt.elapsed_time(end_evt) / reps
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--humaneval", required=True)
+    ap.add_argument("--draft", default=None, help="distilled draft folder")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out/gpu"))
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 64
+    t0 = time.perf_counter()
+    loaded = load_model(args.target, device="cuda", dtype=torch.bfloat16, max_seq_len=1024)
+    target, tok = loaded.model, loaded.tokenizer
+    eos = sorted(tok.eos_ids)
+    print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {torch.cuda.get_device_name()}", flush=True)
+    tasks = {"code": (code_prompts(args.humaneval, args.prompts, tok), SamplingParams(temperature=0)),
+             "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
+    compile_flag = not args.no_compile
+    drafts: dict[str, LeanModel | None] = {"layers:%d" % args.layers: LeanModel(loaded.weights, 1024, args.layers)}
+    if args.draft:
+        from speculant.distill.draft_model import load_draft
+
+        drafts["distilled"] = load_draft(args.draft, loaded, max_seq_len=1024)
+    results: list[dict] = []
+
+    def record(task, method, gamma, res, capture=None):
+        row = {"task": task, "method": method, "gamma": gamma, **{k: v for k, v in res.items() if k != "outputs"}}
+        if capture is not None:
+            row["capture_s"] = capture
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        return res
+
+    steppers: dict[str, FusedStepper] = {}
+
+    def stepper_for(name):
+        if name not in steppers:
+            if name == "plain":
+                steppers[name] = FusedStepper(target, None, compile=compile_flag)
+            elif name == "ngram":
+                steppers[name] = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
+            else:
+                steppers[name] = FusedStepper(target, drafts[name], compile=compile_flag)
+        return steppers[name]
+
+    for task, (prompts, params) in tasks.items():
+        mx = args.max_new_tokens
+        # baselines
+        if not args.skip_hf:
+            hf = record(task, "hf_eager", 0, run_hf(loaded.source_folder, prompts[:2], max_new=64,
+                                                     sample=not params.greedy))
+            if task == "code":
+                record(task, "hf_prompt_lookup", 10, run_hf(loaded.source_folder, prompts[:2], max_new=64,
+                                                            sample=False, prompt_lookup=10))
+        record(task, "ours_eager_plain", 0, run_ours(target, prompts[:2], params=params, max_new=64, eos=eos))
+        st = stepper_for("plain")
+        cap = time.perf_counter()
+        run_ours(target, prompts[:1], stepper=st, params=params, max_new=8, eos=eos)  # warm-up + capture
+        cap = time.perf_counter() - cap
+        plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
+                                                             max_new=mx, eos=eos), cap)
+        for name, gammas in (("ngram", (4, 8)), *((d, (3, 5, 7)) for d in drafts)):
+            for gamma in gammas:
+                st = stepper_for(name)
+                cap = time.perf_counter()
+                run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=16, eos=eos)
+                cap = time.perf_counter() - cap
+                res = run_ours(target, prompts, stepper=st, gamma=gamma, params=params, max_new=mx, eos=eos)
+                res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
+                if params.greedy:
+                    res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
+                record(task, name, gamma, res, cap)
+            if name != "ngram":
+                st = stepper_for(name)
+                policy = AdaptiveGamma(max_gamma=8)
+                run_ours(target, prompts[:1], stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
+                res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
+                res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
+                record(task, name, "auto", res)
+    prof = {}
+    for name in drafts:
+        st = stepper_for(name)
+        prof[name] = profile_step(st, tasks["code"][0][0], 5)
+        print("profile", name, json.dumps(prof[name]), flush=True)
+    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compile": compile_flag,
+               "results": results, "profile": prof, "command": " ".join(sys.argv)}
+    with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
+    for r in results:
+        alpha = f"{r['alpha']:.2f}" if r.get("alpha") is not None else "-"
+        tau = f"{r['tau']:.2f}" if "tau" in r else "-"
+        print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['tokens_per_s']:>9.1f} {alpha:>6} {tau:>5} "
+              f"{r.get('speedup_vs_plain', 0):>8.2f}")
+    print(json.dumps({"device": summary["device"], "rows": len(results)}))
+
+
+if __name__ == "__main__":
+    main()
