@@ -1,0 +1,176 @@
+"""Hierarchical drafting (a draft for the draft) and adaptive γ keep the target's law exactly."""
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from speculant.adaptive import AdaptiveGamma
+from speculant.drafters.base import Draft
+from speculant.drafters.hierarchical import SpeculativeDrafter
+from speculant.drafters.model import ModelDrafter
+from speculant.drafters.ngram import NgramDrafter
+from speculant.engine import generate
+from speculant.models.markov import MarkovModel
+from speculant.models.transformer import LeanModel, random_weights, tiny_config
+from speculant.reference import reference_generate
+from speculant.sampling import SamplingParams, logits_to_probs
+
+VOCAB = 4
+PROMPT = [0, 1]
+SIGNIFICANCE = 1e-4
+
+
+def _tables():
+    gen = torch.Generator().manual_seed(11)
+    target = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64) * 1.5
+    middle = target + torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64) * 1.2
+    small = torch.randn(VOCAB, VOCAB, generator=gen, dtype=torch.float64) * 1.5  # unrelated
+    return target, middle, small
+
+
+def _exact_law(table, params, length=3):
+    """P(first `length` tokens) of the Markov target after PROMPT: [VOCAB ** length]."""
+    probs = logits_to_probs(table, params)  # [V, V]: row = current token
+    law = []
+    for seq in itertools.product(range(VOCAB), repeat=length):
+        prob, prev = 1.0, PROMPT[-1]
+        for token in seq:
+            prob *= float(probs[prev, token])
+            prev = token
+        law.append(prob)
+    return torch.tensor(law)
+
+
+def _sample_law(make_drafter, target_table, params, runs, gamma, length=3):
+    target = MarkovModel(target_table)
+    drafter = make_drafter()
+    generator = torch.Generator().manual_seed(1234)
+    counts = torch.zeros(VOCAB**length)
+    for _ in range(runs):
+        out = []
+        for step in generate(target, drafter, PROMPT, gamma=gamma() if callable(gamma) else gamma, params=params,
+                             max_new_tokens=length, generator=generator):
+            out += step.tokens
+        index = 0
+        for token in out:
+            index = index * VOCAB + token
+        counts[index] += 1
+    return counts
+
+
+def _three_levels(middle_table, small_table, inner_gamma=2):
+    return lambda: SpeculativeDrafter(MarkovModel(middle_table), ModelDrafter(MarkovModel(small_table)), inner_gamma)
+
+
+def _pvalue(counts, law):
+    keep = law > 0
+    assert counts[~keep].sum() == 0, "a token sequence of probability 0 was emitted"
+    return chisquare(counts[keep].numpy(), (law[keep] * counts.sum()).numpy()).pvalue
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.8)],
+                         ids=["t1", "top_p"])
+def test_three_level_hierarchy_emits_the_target_law(params):
+    """target <- middle <- small, 3000 runs of 3 tokens (64 cells) against the exact law."""
+    target, middle, small = _tables()
+    counts = _sample_law(_three_levels(middle, small), target, params, runs=3000, gamma=3)
+    assert _pvalue(counts, _exact_law(target, params)) > SIGNIFICANCE
+
+
+def test_three_level_hierarchy_with_adaptive_gamma_emits_the_target_law():
+    target, middle, small = _tables()
+    params = SamplingParams(temperature=1.0)
+    policy = AdaptiveGamma(max_gamma=4, initial_gamma=2)  # shared across runs: a prior that moves
+    counts = _sample_law(_three_levels(middle, small), target, params, runs=3000, gamma=lambda: policy)
+    assert _pvalue(counts, _exact_law(target, params)) > SIGNIFICANCE
+    assert len(set(policy.history)) > 1, "the policy never changed γ, so the test proves little"
+
+
+class ReportsInnerLaw(SpeculativeDrafter):
+    """Negative control: passes up the SMALL model's law instead of the middle's (a plausible bug)."""
+
+    def __init__(self, middle, small, inner_gamma):
+        super().__init__(MarkovModel(middle), ModelDrafter(MarkovModel(small)), inner_gamma)
+        self.small_table = small
+
+    def propose(self, context, gamma, params, generator):
+        draft = super().propose(context, gamma, params, generator)
+        previous = torch.tensor([context[-1]] + draft.tokens.tolist()[:-1])
+        return Draft(draft.tokens, logits_to_probs(self.small_table[previous], params).to(draft.probs.dtype))
+
+
+def test_hierarchy_reporting_the_inner_law_is_caught():
+    """Power: the wrong q changes the acceptance of every draft token; with 3000 runs the
+    statistic lands far beyond the 1e-4 critical value (p-values ~1e-30 observed)."""
+    target, middle, small = _tables()
+    params = SamplingParams(temperature=1.0)
+    counts = _sample_law(lambda: ReportsInnerLaw(middle, small, 2), target, params, runs=3000, gamma=3)
+    assert _pvalue(counts, _exact_law(target, params)) < SIGNIFICANCE
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("gamma", [1, 4, "auto"])
+def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma):
+    weights = random_weights(tiny_config(), seed=0, scale=3.0)
+    target = LeanModel(weights)
+    inner = NgramDrafter()
+    if depth == 3:
+        inner = SpeculativeDrafter(LeanModel(weights, num_layers=1), inner, 2)
+    drafter = SpeculativeDrafter(LeanModel(weights, num_layers=2), inner, 3)
+    prompt = [1, 2, 3, 4, 5, 1, 2]
+    greedy = SamplingParams(temperature=0)
+    expected = reference_generate(target, prompt, params=greedy, max_new_tokens=50)
+    policy = AdaptiveGamma() if gamma == "auto" else gamma
+    out = []
+    for step in generate(target, drafter, prompt, gamma=policy, params=greedy, max_new_tokens=50):
+        out += step.tokens
+    assert out == expected
+    assert drafter.stats.target_calls > 0 and 0 <= drafter.stats.alpha <= 1
+
+
+class _Perfect:
+    """A drafter that is always right (it asks an oracle), at no cost."""
+
+    def __init__(self, continuation):
+        self.continuation = continuation
+
+    def reset(self):
+        pass
+
+    def propose(self, context, gamma, params, generator):
+        done = len(context) - len(PROMPT)
+        return Draft(torch.tensor(self.continuation[done : done + gamma]), None)
+
+
+def test_adaptive_gamma_grows_when_drafts_are_always_right():
+    policy = AdaptiveGamma(max_gamma=8, initial_gamma=2)
+    for _ in range(40):
+        gamma = policy.choose()
+        policy.observe(gamma, gamma, draft_time=1e-5 * gamma, target_time=1e-3)
+    assert policy.history[-1] == 8
+
+
+def test_adaptive_gamma_switches_off_when_drafts_always_fail_and_probes_again():
+    policy = AdaptiveGamma(max_gamma=8, initial_gamma=4, probe_every=4)
+    for _ in range(200):
+        gamma = policy.choose()
+        policy.observe(gamma, 0, draft_time=5e-4 * gamma, target_time=1e-3 + 1e-4 * gamma)
+    tail = policy.history[50:]
+    assert tail.count(0) > 0.9 * len(tail), "speculation should be off almost always"
+    assert any(g > 0 for g in tail), "it must probe now and then"
+
+
+def test_adaptive_gamma_prefers_short_drafts_when_verification_grows_with_gamma():
+    """On a CPU the target's cost grows with the positions verified; the policy must see that."""
+    policy = AdaptiveGamma(max_gamma=12, initial_gamma=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        gamma = policy.choose()
+        accepted = 0
+        while accepted < gamma and torch.rand((), generator=gen) < 0.6:
+            accepted += 1
+        policy.observe(gamma, accepted, draft_time=1e-4 * gamma, target_time=1e-3 * (1 + gamma))
+    # α = 0.6 and verification costing (1+γ) ms: long drafts are a loss; best γ is 1 or 0
+    assert max(policy.history[100:]) <= 2
