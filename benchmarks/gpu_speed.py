@@ -187,10 +187,10 @@ def main() -> None:
         mx = args.max_new_tokens
         # baselines
         if not args.skip_hf:
-            hf = record(task, "hf_eager", 0, run_hf(loaded.source_folder, prompts[:2], max_new=64,
+            hf = record(task, "hf_eager", 0, run_hf(loaded.folder, prompts[:2], max_new=64,
                                                      sample=not params.greedy))
             if task == "code":
-                record(task, "hf_prompt_lookup", 10, run_hf(loaded.source_folder, prompts[:2], max_new=64,
+                record(task, "hf_prompt_lookup", 10, run_hf(loaded.folder, prompts[:2], max_new=64,
                                                             sample=False, prompt_lookup=10))
         record(task, "ours_eager_plain", 0, run_ours(target, prompts[:2], params=params, max_new=64, eos=eos))
         st = stepper_for("plain")

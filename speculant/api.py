@@ -66,7 +66,7 @@ class Speculant:
     """A target, a chain of drafters and a γ policy, ready to generate."""
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
-                 inner_gamma: int = 4) -> None:
+                 inner_gamma: int = 4, fused: bool | None = None) -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.draft_specs = list(drafts)
@@ -79,6 +79,11 @@ class Speculant:
             self.gamma = gamma
         if isinstance(self.drafter, NoDrafter):
             self.gamma = 0
+        # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
+        if fused is None:
+            fused = target.model.device.type == "cuda"
+        self.stepper = _fused_stepper(target.model, self.drafter) if fused else None
+        self.plain_stepper = _fused_stepper(target.model, NoDrafter()) if fused else None
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
@@ -101,8 +106,9 @@ class Speculant:
         stops = self.tokenizer.eos_ids if stop_ids is None else stop_ids
         drafter = NoDrafter() if plain else self.drafter
         gamma = 0 if plain else self.gamma
+        stepper = self.plain_stepper if plain else self.stepper
         return ids, generate(self.target.model, drafter, ids, gamma=gamma, params=params,
-                             max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator)
+                             max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator, stepper=stepper)
 
     def stream(self, prompt: str | Sequence[int], **options) -> Iterator[str]:
         """Yield text pieces as tokens are fixed."""
@@ -134,6 +140,21 @@ class Speculant:
             if isinstance(drafter, SpeculativeDrafter)
         ]
         return out
+
+
+def _fused_stepper(target: CausalLM, drafter: Drafter):
+    """A FusedStepper for a lean target and a one-level drafter it can fuse; else None."""
+    from speculant.fused import FusedStepper
+
+    if not isinstance(target, LeanModel):
+        return None
+    if isinstance(drafter, NoDrafter):
+        return FusedStepper(target, None)
+    if isinstance(drafter, NgramDrafter):
+        return FusedStepper(target, None, ngram=drafter)
+    if isinstance(drafter, ModelDrafter) and isinstance(drafter.model, LeanModel):
+        return FusedStepper(target, drafter.model)
+    return None
 
 
 def _level_stats(drafter: SpeculativeDrafter) -> dict:
@@ -221,7 +242,7 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
 
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = 2048,
-         inner_gamma: int = 4) -> Speculant:
+         inner_gamma: int = 4, fused: bool | None = None) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -229,4 +250,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
     loaded = load_model(target, device=device, dtype=DTYPES[dtype], max_seq_len=max_seq_len)
     drafts = [draft] if isinstance(draft, str) else list(draft)
-    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma)
+    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused)

@@ -32,13 +32,21 @@ from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 
 
-def static_forward(model: LeanModel) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """tokens [T], positions [T] (device tensors) -> logits [T, vocab]; attends over the whole cache."""
+def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """tokens [T], positions [T] (device tensors) -> logits [T, vocab]; attends over the whole cache.
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return model.logits(model.hidden_states(tokens, positions, kv_len=model.max_seq_len))
+    Compiled once per model (torch.compile fuses the elementwise ops: fewer kernels per graph) and
+    memoised on the model, so every stepper over the same model shares the compiled code."""
+    cached = getattr(model, "_static_forward", {})
+    if compile not in cached:
 
-    return forward
+        def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return model.logits(model.hidden_states(tokens, positions, kv_len=model.max_seq_len))
+
+        # dynamic=None: the first shape compiles static, the next one once for all lengths >= 2
+        cached[compile] = torch.compile(forward) if compile else forward
+        model._static_forward = cached
+    return cached[compile]
 
 
 class FusedStepper:
@@ -55,12 +63,10 @@ class FusedStepper:
         self.ngram = ngram
         self.device = target.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.target_fn = static_forward(target)
-        self.draft_fn = static_forward(draft_model) if draft_model is not None else None
-        if compile:
-            self.target_fn = torch.compile(self.target_fn, dynamic=False)
-            if self.draft_fn is not None:
-                self.draft_fn = torch.compile(self.draft_fn, dynamic=False)
+        if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.target_fn = static_forward(target, compile)
+        self.draft_fn = static_forward(draft_model, compile) if draft_model is not None else None
         self.graphs: dict = {}
         self.params: SamplingParams | None = None
         self.capture_time = 0.0
