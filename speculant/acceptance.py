@@ -43,7 +43,7 @@ def point_mass(tokens: torch.Tensor, vocab_size: int, dtype: torch.dtype) -> tor
     """The law of a deterministic drafter: one-hot rows. tokens [γ] -> [γ, vocab_size].
     Built by scatter: one_hot validates its input on the host, a device sync on CUDA."""
     rows = torch.zeros(tokens.shape[0], vocab_size, dtype=dtype, device=tokens.device)
-    return rows.scatter_(-1, tokens[:, None], 1.0)
+    return rows.scatter(-1, tokens[:, None], 1.0)
 
 
 def acceptance_probs(

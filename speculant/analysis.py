@@ -40,6 +40,8 @@ def expected_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
 
 def operation_increase(alpha: float, gamma: int, op_ratio: float) -> float:
     """Factor of extra arithmetic (Thm 3.11): (1 − α)(γĉ + γ + 1) / (1 − α^(γ+1))."""
+    if op_ratio < 0:
+        raise ValueError(f"operation ratio ĉ must be >= 0, got {op_ratio}")
     return (gamma * op_ratio + gamma + 1.0) / expected_tokens_per_call(alpha, gamma)
 
 

@@ -198,8 +198,9 @@ def generate(
         if len(context) >= target.max_seq_len:
             stats.finish_reason = "context"
             break
-        # Never draft past what may still be emitted (max_new_tokens) or stored (the context).
-        room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context))
+        # Never draft past what may still be emitted (max_new_tokens) or stored (the context): a step
+        # emits up to γ+1 tokens, and the sequence holds at most max_seq_len (as in reference.py).
+        room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context) - 1)
         step_gamma = min(policy.choose() if policy else gamma, room)
         if stepper is not None:
             step = stepper.step(context, step_gamma, generator)

@@ -1,0 +1,207 @@
+"""Drafters: the n-gram lookup and the model drafter (its probabilities and its cache rollback)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from speculant.drafters.base import common_prefix_length
+from speculant.drafters.model import ModelDrafter
+from speculant.drafters.ngram import NgramDrafter
+from speculant.models.transformer import LeanModel, random_weights, tiny_config
+from speculant.sampling import SamplingParams, logits_to_probs
+
+
+def ngram(context, gamma=4, max_ngram=3, min_ngram=1) -> list[int]:
+    draft = NgramDrafter(max_ngram=max_ngram, min_ngram=min_ngram).propose(context, gamma, None, None)
+    assert draft.probs is None  # deterministic: the verifier uses point masses
+    assert draft.tokens.dtype == torch.int64
+    return draft.tokens.tolist()
+
+
+# ---------------------------------------------------------------- n-gram lookup
+
+
+def test_ngram_prefers_the_longest_suffix_match():
+    # suffix [1, 2, 3] occurs at 0 (followed by 9, 9, 7); the 1-gram [3] occurs later, at 6
+    # (followed by 4): the 3-gram wins
+    context = [1, 2, 3, 9, 9, 7, 3, 4, 1, 2, 3]
+    assert ngram(context, gamma=3) == [9, 9, 7]
+
+
+def test_ngram_falls_back_to_shorter_suffixes():
+    # no earlier [6, 2, 3]; [2, 3] occurs at 1
+    assert ngram([5, 2, 3, 8, 6, 2, 3], gamma=3) == [8, 6, 2]
+    # no earlier [0, 8, 9] or [8, 9]; [9] occurs at 1
+    assert ngram([4, 9, 5, 0, 8, 9], gamma=2) == [5, 0]
+
+
+def test_ngram_uses_the_latest_earlier_occurrence():
+    assert ngram([1, 5, 1, 6, 1, 7, 1], gamma=2) == [7, 1]
+    assert ngram([2, 3, 0, 2, 3, 1, 2, 3], gamma=1) == [1]
+
+
+def test_ngram_respects_gamma_and_a_short_continuation():
+    context = [7, 1, 2, 3, 4, 5, 6, 7]
+    assert ngram(context, gamma=1) == [1]
+    assert ngram(context, gamma=3) == [1, 2, 3]
+    assert ngram(context, gamma=10) == [1, 2, 3, 4, 5, 6, 7]
+    assert ngram([4, 5, 4], gamma=5) == [5, 4]  # continuation may run into the suffix itself
+    assert ngram(context, gamma=0) == []
+
+
+def test_ngram_proposes_nothing_without_a_match():
+    assert ngram([1, 2, 3]) == []
+    assert ngram([7]) == []
+
+
+def test_ngram_min_ngram_excludes_shorter_matches():
+    context = [5, 9, 1, 2, 9]  # only the 1-gram [9] matches
+    assert ngram(context, gamma=2, min_ngram=1) == [1, 2]
+    assert ngram(context, gamma=2, min_ngram=2) == []
+    # max_ngram limits how long a suffix is tried: with max 1, the latest [3] wins over [1, 2, 3]
+    assert ngram([1, 2, 3, 9, 9, 7, 3, 4, 1, 2, 3], gamma=1, max_ngram=1) == [4]
+
+
+def test_ngram_rejects_bad_sizes():
+    with pytest.raises(ValueError):
+        NgramDrafter(max_ngram=2, min_ngram=3)
+    with pytest.raises(ValueError):
+        NgramDrafter(max_ngram=3, min_ngram=0)
+
+
+def test_ngram_is_deterministic_and_stateless():
+    drafter = NgramDrafter()
+    context = [1, 2, 3, 1, 2]
+    first = drafter.propose(context, 3, None, None).tokens.tolist()
+    drafter.reset()
+    assert drafter.propose(context, 3, None, None).tokens.tolist() == first == [3, 1, 2]
+
+
+def test_common_prefix_length():
+    assert common_prefix_length([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_length([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2, 3, 4], [1, 2, 3, 5], start=2) == 3
+
+
+# ---------------------------------------------------------------- model drafter
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return random_weights(tiny_config("llama"), seed=1, scale=4.0)
+
+
+def fresh_logits(weights, tokens: list[int]) -> tuple[LeanModel, torch.Tensor]:
+    model = LeanModel(weights, max_seq_len=64)
+    return model, model.forward(torch.tensor(tokens), 0)
+
+
+def assert_cache_matches_fresh(drafter: ModelDrafter, weights) -> None:
+    """The draft model's cache holds exactly `drafter.fed`, as a fresh model fed those tokens."""
+    model = drafter.model
+    assert model.length == len(drafter.fed)
+    fresh, _ = fresh_logits(weights, drafter.fed)
+    length = model.length
+    torch.testing.assert_close(model.k_cache[:, :length], fresh.k_cache[:, :length], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.v_cache[:, :length], fresh.v_cache[:, :length], atol=1e-4, rtol=1e-4)
+
+
+def test_model_drafter_reports_the_law_it_sampled_each_token_from(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    params = SamplingParams(temperature=0.9, top_k=20)
+    context = [3, 1, 4, 1, 5, 9, 2, 6]
+    draft = drafter.propose(context, 4, params, torch.Generator().manual_seed(0))
+    assert draft.tokens.shape == (4,) and draft.probs.shape == (4, 64)
+    _, logits = fresh_logits(weights, context + draft.tokens.tolist())
+    expected = logits_to_probs(logits[len(context) - 1 : len(context) + 3], params)
+    torch.testing.assert_close(draft.probs, expected, atol=1e-4, rtol=1e-4)
+    # every drafted token had positive probability under the law reported for it
+    assert (draft.probs.gather(-1, draft.tokens[:, None]) > 0).all()
+
+
+def test_model_drafter_is_reproducible_from_the_generator(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    context, params = [3, 1, 4, 1, 5], SamplingParams()
+    a = drafter.propose(context, 5, params, torch.Generator().manual_seed(7)).tokens.tolist()
+    drafter.reset()
+    b = drafter.propose(context, 5, params, torch.Generator().manual_seed(7)).tokens.tolist()
+    assert a == b
+
+
+def test_model_drafter_greedy_draft_is_the_argmax_chain(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    context = [10, 20, 30]
+    draft = drafter.propose(context, 4, SamplingParams(temperature=0), None)
+    tokens = list(context)
+    for _ in range(4):
+        _, logits = fresh_logits(weights, tokens)
+        tokens.append(int(logits[-1].argmax()))
+    assert draft.tokens.tolist() == tokens[3:]
+    assert torch.equal(draft.probs, torch.nn.functional.one_hot(draft.tokens, 64).float())
+
+
+def test_model_drafter_with_gamma_zero_proposes_nothing(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    draft = drafter.propose([1, 2, 3], 0, SamplingParams(), None)
+    assert draft.tokens.numel() == 0
+
+
+def test_model_drafter_rolls_its_cache_back_after_a_rejection(weights):
+    """Draft, reject the second token, commit a different one: the draft model's cache and its next
+    draft equal those of a fresh model fed only the committed context (and the new drafts)."""
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    params = SamplingParams(temperature=1.0)
+    generator = torch.Generator().manual_seed(3)
+    context = [5, 6, 7, 8, 9]
+    draft = drafter.propose(context, 4, params, generator).tokens.tolist()
+    assert_cache_matches_fresh(drafter, weights)
+    # the verifier accepted draft[0], rejected draft[1] and recovered another token
+    recovered = (draft[1] + 1) % 64
+    context = context + [draft[0], recovered]
+    new_draft = drafter.propose(context, 3, params, generator)
+    assert drafter.fed[: len(context)] == context
+    assert_cache_matches_fresh(drafter, weights)
+    _, logits = fresh_logits(weights, context + new_draft.tokens.tolist())
+    expected = logits_to_probs(logits[len(context) - 1 : len(context) + 2], params)
+    torch.testing.assert_close(new_draft.probs, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_model_drafter_rolls_back_a_rejection_it_did_not_see(weights):
+    """Steps that draft nothing (γ = 0, e.g. chosen by an adaptive policy) never call the drafter:
+    its first draft token was rejected and two more tokens were committed since. The stale
+    position is no longer the context's last token, so only a true common-prefix rollback works."""
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    params = SamplingParams()
+    generator = torch.Generator().manual_seed(5)
+    context = [5, 6, 7, 8, 9]
+    draft = drafter.propose(context, 4, params, generator).tokens.tolist()
+    context = context + [(draft[0] + 1) % 64, 11, 12]
+    new_draft = drafter.propose(context, 2, params, generator)
+    assert_cache_matches_fresh(drafter, weights)
+    _, logits = fresh_logits(weights, context + new_draft.tokens.tolist())
+    expected = logits_to_probs(logits[len(context) - 1 : len(context) + 1], params)
+    torch.testing.assert_close(new_draft.probs, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_model_drafter_after_full_acceptance_and_bonus(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    params = SamplingParams()
+    generator = torch.Generator().manual_seed(4)
+    context = [1, 2, 3]
+    for _ in range(5):  # every draft accepted, plus a bonus token the drafter never saw
+        draft = drafter.propose(context, 3, params, generator).tokens.tolist()
+        context = context + draft + [int(torch.randint(64, (), generator=generator))]
+        assert_cache_matches_fresh(drafter, weights)
+    drafter.propose(context, 2, params, generator)
+    assert_cache_matches_fresh(drafter, weights)
+
+
+def test_model_drafter_reset_empties_the_cache(weights):
+    drafter = ModelDrafter(LeanModel(weights, max_seq_len=64))
+    drafter.propose([1, 2, 3, 4], 3, SamplingParams(), None)
+    drafter.reset()
+    assert drafter.model.length == 0 and drafter.fed == []
+    drafter.propose([9, 8], 2, SamplingParams(), None)
+    assert_cache_matches_fresh(drafter, weights)
