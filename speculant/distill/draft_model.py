@@ -40,7 +40,6 @@ from speculant.models.transformer import (
     TransformerConfig,
     TransformerWeights,
     apply_rope,
-    rope_tables,
 )
 
 FORMAT = "speculant-draft"
@@ -94,7 +93,7 @@ class DraftConfig:
 
     @staticmethod
     def for_target(target_cfg: TransformerConfig, num_layers: int = 2, num_kept: int = 8192,
-                   head: str = "shared", intermediate_size: int | None = None) -> "DraftConfig":
+                   head: str = "shared", intermediate_size: int | None = None) -> DraftConfig:
         """A draft shaped like one layer of `target_cfg` (so target layers can initialise it)."""
         gemma = target_cfg.arch == "gemma3"
         return DraftConfig(
@@ -148,7 +147,7 @@ class DraftWeights(nn.Module):
     def own_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of what the draft stores (everything in its state dict)."""
         total = 0
-        for name, tensor in self.state_dict().items():
+        for tensor in self.state_dict().values():
             size = torch.empty((), dtype=dtype).element_size() if dtype and tensor.is_floating_point() \
                 else tensor.element_size()
             total += tensor.numel() * size
@@ -160,7 +159,8 @@ class DraftWeights(nn.Module):
             raise ValueError("only llama-family targets can initialise a draft with their layers")
         with torch.no_grad():
             for mine, theirs in zip(self.layers, target.layers):
-                for (name, p_mine), (_, p_theirs) in zip(mine.named_parameters(), theirs.named_parameters()):
+                for name, p_mine in mine.named_parameters():  # a target's q/k/v biases (Qwen2) are left out
+                    p_theirs = theirs.get_parameter(name)
                     if p_mine.shape != p_theirs.shape:
                         raise ValueError(f"layer shapes differ at {name}: {tuple(p_mine.shape)} vs "
                                          f"{tuple(p_theirs.shape)}")
@@ -205,7 +205,8 @@ class DistilledDraft(LeanModel):
     def train_kept_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Batched, cache-free, differentiable: tokens [B, T] -> kept logits [B, T, K] float32."""
         w = self.draft_weights
-        x = w.embed_tokens(tokens.to(self.device))
+        # The residual stream in the draft's own dtype (float32 master weights while training).
+        x = w.embed_tokens(tokens.to(self.device)).to(w.head_bias.dtype)
         if self.embed_scale != 1.0:
             x = x * self.embed_scale
         hidden = batched_hidden_states(w.layers, w.norm, w.cfg, x, self.rope_global)
@@ -213,11 +214,12 @@ class DistilledDraft(LeanModel):
 
 
 def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: torch.Tensor,
-                          rope: torch.Tensor) -> torch.Tensor:
+                          rope: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Llama blocks over a batch from position 0, no cache: x [B, T, E] -> final-normed [B, T, E].
 
     The same arithmetic as `LeanModel.hidden_states` (llama branch), batched and autograd-safe.
-    rope is the model's [2, S, D] table (S >= T).
+    rope is the model's [2, S, D] table (S >= T). key_valid [B, T] (optional) masks out left
+    padding: RoPE is relative, so a left-padded row computes what the unpadded row does.
     """
     if cfg.arch != "llama" or cfg.sliding_window:
         raise ValueError("batched_hidden_states handles llama-family layers without sliding windows")
@@ -225,6 +227,11 @@ def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: to
     h_, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     cos, sin = rope[0, :t, None, :], rope[1, :t, None, :]  # [T, 1, D]
     groups = h_ // kv
+    mask = None
+    if key_valid is not None:
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        itself = torch.eye(t, dtype=torch.bool, device=x.device)  # pad rows attend to themselves: no NaN
+        mask = (causal & (key_valid[:, None, :] | itself))[:, None]  # [B, 1, T, T]
     for layer in layers:
         h = layer.input_layernorm(x)
         q = apply_rope(layer.q_proj(h).view(b, t, h_, d), cos, sin)
@@ -233,7 +240,8 @@ def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: to
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d**-0.5)  # [B, H, T, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=d**-0.5)  # [B, H, T, D]
         x = x + layer.o_proj(out.transpose(1, 2).reshape(b, t, h_ * d))
         h = layer.post_attention_layernorm(x)
         x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))

@@ -1,0 +1,319 @@
+"""Distillation: a tiny draft learns a tiny target, round-trips through its folder, stays exact."""
+
+import json
+
+import pytest
+import torch
+
+from speculant.distill import train as train_module
+from speculant.distill.data import (
+    CorpusTooSmallError,
+    Document,
+    TokenCorpus,
+    build_corpus,
+    chat_sequences,
+    humaneval_fingerprints,
+    is_heldout,
+    load_corpus,
+    save_corpus,
+)
+from speculant.distill.draft_model import (
+    DraftConfig,
+    TargetMismatchError,
+    build_draft,
+    init_random,
+    is_draft_folder,
+    load_draft,
+)
+from speculant.distill.train import (
+    CheckpointMismatchError,
+    DistillOptions,
+    OutputDirError,
+    add_distill_arguments,
+    distill_loss,
+    heldout_alpha,
+    target_logits_batch,
+    train_draft,
+)
+from speculant.drafters.model import ModelDrafter
+from speculant.engine import generate
+from speculant.models.transformer import LeanModel, random_weights, tiny_config
+from speculant.reference import reference_generate
+from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+
+VOCAB = 64
+KEPT = 48  # the draft's truncated vocabulary: 16 ids are never proposed
+SEQ_LEN = 32
+TARGET_HASH = "tiny-target-sha256"
+
+
+def _target(seed: int = 1) -> LeanModel:
+    # scale 3: peaked distributions, i.e. a target with structure a small draft can learn
+    return LeanModel(random_weights(tiny_config(vocab_size=VOCAB, num_layers=2), seed=seed, scale=3.0), max_seq_len=128)
+
+
+def _own_samples(target: LeanModel, num: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Sequences sampled from the target itself at temperature 1: [num, length]."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(0, VOCAB, (num, 1), generator=gen)
+    while seqs.shape[1] < length:
+        probs = logits_to_probs(target_logits_batch(target, seqs)[:, -1], SamplingParams())
+        seqs = torch.cat([seqs, sample_from(probs, torch.rand(num, generator=gen))[:, None]], 1)
+    return seqs
+
+
+def _options(**overrides) -> DistillOptions:
+    base = {"steps": 150, "batch_size": 8, "seq_len": SEQ_LEN, "lr": 1e-2, "num_layers": 1, "num_kept": KEPT, "save_dtype": "float32",
+                "eval_sequences": 16, "engine_prompts": 2, "engine_new_tokens": 16, "checkpoint_every": 1000, "progress": False}
+    base.update(overrides)
+    return DistillOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    target = _target()
+    seqs = _own_samples(target, 416, SEQ_LEN)
+    corpus = TokenCorpus(seqs[:400], seqs[400:], {"given": True})
+    out = tmp_path_factory.mktemp("draft")
+    metadata = train_draft(target, corpus, out, _options(), target_name="tiny", target_hash=TARGET_HASH)
+    return target, corpus, out, metadata
+
+
+def test_training_raises_heldout_alpha_at_both_temperatures(tiny_run):
+    _, _, _, m = tiny_run
+    assert m["alpha_t0"] > m["alpha_t0_before"] + 0.1, m
+    assert m["alpha_t1"] > m["alpha_t1_before"] + 0.08, m
+    assert m["alpha_t1"] <= m["kept_mass_t1"] + 1e-6  # α over K can never beat the target's mass on K
+    assert m["loss_history"][-1] < m["loss_history"][0]
+
+
+def test_folder_round_trips_with_identical_logits_and_shared_embedding(tiny_run):
+    target, corpus, out, m = tiny_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["format"] == "speculant-draft" and config["target_hash"] == TARGET_HASH
+    for key in ("steps", "seed", "wall_time_s", "final_loss", "alpha_t0", "alpha_t1", "device", "data"):
+        assert key in config["training"]
+    assert config["architecture"]["num_layers"] == 1 and config["architecture"]["num_kept"] == KEPT
+    assert is_draft_folder(out) and not is_draft_folder(out / "checkpoint")
+
+    first = load_draft(out, (target.weights, TARGET_HASH))
+    second = load_draft(out, (target.weights, TARGET_HASH))
+    assert first.draft_weights.embed_tokens.weight.data_ptr() == target.weights.embed_tokens.weight.data_ptr()
+    tokens = corpus.heldout[0]
+    assert torch.equal(first.forward(tokens, 0), second.forward(tokens, 0))
+    # the served draft is what was evaluated: same α as recorded
+    assert heldout_alpha(target, first, corpus.heldout[:16])["alpha_t1"] == pytest.approx(m["alpha_t1"], abs=1e-6)
+    # the embedding is not stored in the draft's files
+    from safetensors.torch import load_file
+
+    stored = load_file(str(out / "model.safetensors"))
+    assert not any("embed" in name for name in stored) and stored["kept_ids"].shape == (KEPT,)
+
+
+def test_loading_for_another_target_is_refused(tiny_run):
+    target, _, out, _ = tiny_run
+    with pytest.raises(TargetMismatchError, match="distilled from 'tiny'"):
+        load_draft(out, (target.weights, "some-other-sha256"))
+    other = LeanModel(random_weights(tiny_config(vocab_size=80), seed=5))
+    with pytest.raises(TargetMismatchError, match="vocabulary"):
+        load_draft(out, (other.weights, TARGET_HASH))
+
+
+def test_engine_with_distilled_draft_is_plain_greedy_token_for_token(tiny_run):
+    target, corpus, out, _ = tiny_run
+    draft = load_draft(out, (target.weights, TARGET_HASH))
+    for prompt in (corpus.heldout[0, :8].tolist(), corpus.heldout[3, :5].tolist()):
+        expected = reference_generate(target, prompt, params=SamplingParams(temperature=0), max_new_tokens=40)
+        steps = list(generate(target, ModelDrafter(draft), prompt, gamma=4, params=SamplingParams(temperature=0),
+                              max_new_tokens=40))
+        assert [t for s in steps for t in s.tokens] == expected
+        assert steps[-1].stats.alpha > 0
+
+
+def test_draft_logits_are_minus_inf_outside_kept_ids_and_every_transform_gives_them_zero():
+    target = _target()
+    kept = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(0))[:KEPT]
+    draft = build_draft(DraftConfig.for_target(target.cfg, num_layers=1, num_kept=KEPT), target.weights, kept)
+    init_random(draft.draft_weights, seed=3)
+    logits = draft.forward(torch.arange(10), 0)  # [10, V]
+    outside = torch.ones(VOCAB, dtype=torch.bool)
+    outside[kept] = False
+    assert torch.isneginf(logits[:, outside]).all() and torch.isfinite(logits[:, ~outside]).all()
+    for params in (SamplingParams(), SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=60),
+                   SamplingParams(top_k=5), SamplingParams(top_p=0.9), SamplingParams(min_p=0.2),
+                   SamplingParams(temperature=1.3, top_k=50, top_p=0.95, min_p=0.05)):
+        probs = logits_to_probs(logits, params)
+        assert not probs.isnan().any()
+        assert torch.allclose(probs.sum(-1), torch.ones(10))
+        assert (probs[:, outside] == 0).all()
+
+
+def test_batched_training_forward_matches_the_cached_serving_forward():
+    target = _target()
+    draft = build_draft(DraftConfig.for_target(target.cfg, num_layers=2, num_kept=KEPT), target.weights,
+                        torch.arange(KEPT) * 1 + 16)
+    init_random(draft.draft_weights, seed=4)
+    tokens = torch.randint(0, VOCAB, (3, 20), generator=torch.Generator().manual_seed(1))
+    batched = draft.train_kept_logits(tokens)  # [3, 20, K]
+    for row, expected in zip(tokens, batched):
+        draft.truncate(0)
+        served = draft.forward(row, 0)[:, draft.kept_ids]
+        assert torch.allclose(served, expected, atol=1e-4)
+    target_batched = target_logits_batch(target, tokens)
+    target.truncate(0)
+    assert torch.allclose(target.forward(tokens[1], 0), target_batched[1], atol=1e-4)
+
+
+def test_draft_made_of_the_targets_first_layer_over_all_ids_is_the_layers_self_draft():
+    target = _target()
+    draft = build_draft(DraftConfig.for_target(target.cfg, num_layers=1, num_kept=VOCAB), target.weights,
+                        torch.arange(VOCAB))
+    draft.draft_weights.init_from_target(target.weights)
+    tokens = torch.arange(12) % VOCAB
+    assert torch.equal(draft.forward(tokens, 0), LeanModel(target.weights, num_layers=1).forward(tokens, 0))
+
+
+def test_loss_is_zero_exactly_at_the_renormalised_target_and_finite_with_mass_outside():
+    gen = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(5, 10, generator=gen, dtype=torch.float64) * 2
+    kept = torch.tensor([1, 2, 5, 7])
+    for temperature in (1.0, 0.6):
+        matched = target_logits[:, kept]  # q = p restricted to K, renormalised
+        loss, alpha, mass = distill_loss(matched, target_logits, kept, temperature)
+        assert abs(float(loss)) < 1e-6 and float(mass) < 1
+        assert float(alpha) == pytest.approx(float(mass))  # the best α over K is the target's mass on K
+        worse, _, _ = distill_loss(torch.zeros(5, 4, dtype=torch.float64), target_logits, kept, temperature)
+        assert torch.isfinite(worse) and float(worse) > 1e-3
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    target = _target()
+    seqs = _own_samples(target, 40, 16)
+    corpus = TokenCorpus(seqs[:32], seqs[32:], {})
+    opts = _options(steps=12, batch_size=4, seq_len=16, checkpoint_every=4, engine_prompts=0, eval_sequences=4)
+    train_draft(target, corpus, tmp_path / "straight", opts, target_name="tiny", target_hash=TARGET_HASH)
+
+    calls = {"n": 0}
+    real_loss = train_module.distill_loss
+
+    def crash_at_step_7(*args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "distill_loss", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_draft(target, corpus, tmp_path / "resumed", opts, target_name="tiny", target_hash=TARGET_HASH)
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    calls["n"] = 100  # count the steps the resumed run takes
+
+    def count(*args):
+        calls["n"] += 1
+        return real_loss(*args)
+
+    monkeypatch.setattr(train_module, "distill_loss", count)
+    meta = train_draft(target, corpus, tmp_path / "resumed", opts, target_name="tiny", target_hash=TARGET_HASH)
+    assert meta["steps"] == 12 and calls["n"] == 100 + 8  # from the checkpoint at step 4
+    a = load_draft(tmp_path / "straight", (target.weights, TARGET_HASH))
+    b = load_draft(tmp_path / "resumed", (target.weights, TARGET_HASH))
+    for (name, x), (_, y) in zip(a.draft_weights.state_dict().items(), b.draft_weights.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
+
+    with pytest.raises(CheckpointMismatchError, match="num_layers"):
+        train_draft(target, corpus, tmp_path / "resumed", _options(**{**vars_of(opts), "num_layers": 2}),
+                    target_name="tiny", target_hash=TARGET_HASH)
+    with pytest.raises(CheckpointMismatchError, match="another target"):
+        train_draft(target, corpus, tmp_path / "resumed", opts, target_name="tiny", target_hash="other")
+
+
+def vars_of(opts: DistillOptions) -> dict:
+    return {k: getattr(opts, k) for k in opts.__dataclass_fields__}
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    target = _target()
+    seqs = _own_samples(target, 6, 16)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="cannot write"):
+        train_draft(target, TokenCorpus(seqs[:4], seqs[4:], {}), blocker / "out", _options(seq_len=16),
+                    target_name="tiny", target_hash=TARGET_HASH)
+    with pytest.raises(CorpusTooSmallError, match="batch"):
+        train_draft(target, TokenCorpus(seqs[:4], seqs[4:], {}), tmp_path / "out", _options(seq_len=16),
+                    target_name="tiny", target_hash=TARGET_HASH)
+    docs = [Document(f"doc{i}", text="x = 1\n") for i in range(5)]
+    with pytest.raises(CorpusTooSmallError, match="corpus too small"):
+        build_corpus(lambda text: list(text.encode()), documents=docs, seq_len=512, train_tokens=10_000,
+                     heldout_tokens=512, separator_id=0, progress=False)
+    with pytest.raises(ValueError, match="temperature"):
+        DistillOptions(temperature=0)
+
+
+def test_corpus_keeps_humaneval_out_splits_by_document_and_round_trips(tmp_path):
+    prompt = 'def has_close_elements(numbers: List[float], threshold: float) -> bool:\n    """ Check if in given list'
+    fingerprints = humaneval_fingerprints([prompt])
+    assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in fingerprints
+    docs = [Document(f"pkg/mod{i}.py", text=f"def f{i}(x):\n    return x + {i}\n" * 40) for i in range(200)]
+    docs.append(Document("pkg/leak.py", text="import math\n\n" + prompt + "\n" + "pass\n" * 500))
+    docs.append(Document("pkg/tasks.py", text='task = "HumanEval/12"\n' + "pass\n" * 500))
+    humaneval_file = tmp_path / "HumanEval.jsonl"
+    humaneval_file.write_text(json.dumps({"task_id": "HumanEval/0", "prompt": prompt}) + "\n")
+    seen = []
+
+    def encode(text):
+        seen.append(text)
+        return list(text.encode())
+
+    corpus = build_corpus(encode, documents=docs, seq_len=64, train_tokens=10**6, heldout_tokens=2000,
+                          separator_id=0, heldout_fraction=0.1, humaneval_file=humaneval_file, progress=False)
+    assert corpus.meta["excluded_humaneval"] == 2 and corpus.meta["humaneval_prompts_checked"]
+    assert not any("has_close_elements" in t or "HumanEval" in t for t in seen)
+    assert corpus.heldout.shape[0] >= 1 and corpus.train.shape[1] == 64
+    heldout_names = {d.name for d in docs if is_heldout(d.name, 0.1)}
+    assert 0 < len(heldout_names) < len(docs) / 4
+    save_corpus(tmp_path / "c.safetensors", corpus)
+    again = load_corpus(tmp_path / "c.safetensors")
+    assert torch.equal(again.train, corpus.train) and again.meta == corpus.meta
+
+
+def test_cli_flags_match_the_documented_defaults():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_distill_arguments(parser)
+    args = parser.parse_args(["--out", "x"])
+    defaults = DistillOptions()
+    options = train_module.options_from_args(args)
+    assert options == {k: getattr(defaults, k) for k in options}
+    assert (defaults.num_layers, defaults.num_kept, defaults.head, defaults.temperature) == (2, 8192, "shared", 1.0)
+    assert args.target == "smollm2-135m"
+
+
+def test_batched_chat_answers_equal_one_at_a_time_answers():
+    target = _target()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (3, 7, 5, 1, 6)]
+    free = chat_sequences(target, prompts, max_new_tokens=12, temperature=0.0, stop_ids=[], progress=False)
+    stop = {free[0][len(prompts[0]) + 3], free[2][len(prompts[2]) + 6]}  # answers that stop early
+    kwargs = {"max_new_tokens": 12, "temperature": 0.0, "stop_ids": stop, "progress": False}
+    one_by_one = chat_sequences(target, prompts, batch_size=1, **kwargs)
+    batched = chat_sequences(target, prompts, batch_size=4, **kwargs)
+    assert batched == one_by_one
+    lengths = [len(seq) - len(prompt) for prompt, seq in zip(prompts, batched)]
+    assert min(lengths) < 12 and lengths[0] <= 4
+    for prompt, seq, full in zip(prompts, batched, free):
+        answer = seq[len(prompt):]
+        assert seq == full[: len(seq)]  # the same answer, cut at the first stop id
+        assert all(t not in stop for t in answer[:-1])
+        assert len(answer) == 12 or answer[-1] in stop
+
+
+def test_time_limit_stops_the_run_and_ends_the_schedule(tmp_path):
+    target = _target()
+    seqs = _own_samples(target, 36, 16)
+    opts = _options(steps=500, batch_size=4, seq_len=16, time_limit=1e-6, engine_prompts=0, eval_sequences=4)
+    meta = train_draft(target, TokenCorpus(seqs[:32], seqs[32:], {}), tmp_path, opts, target_name="tiny",
+                       target_hash=TARGET_HASH)
+    assert meta["steps"] == 1  # the first step used the time up
+    assert opts.lr_at(opts.warmup, elapsed=1.0) == pytest.approx(opts.lr * opts.min_lr_ratio)
