@@ -47,7 +47,7 @@ def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, ma
     outputs, tokens, seconds = [], 0, 0.0
     alpha_num = alpha_den = calls = 0
     for i, prompt in enumerate(prompts):
-        generator = torch.Generator(device="cuda").manual_seed(i)
+        generator = torch.Generator(device=target.device).manual_seed(i)
         out, stats = [], None
         for step in generate(target, drafter or NoDrafter(), prompt, gamma=gamma, params=params,
                              max_new_tokens=max_new, stop_ids=eos, generator=generator, stepper=stepper):
@@ -142,21 +142,28 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out/gpu"))
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=0, help="also bench layers:N (0 = skip; costs a compile)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gammas", default="3,5,7")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
+    cuda = args.device == "cuda"
     t0 = time.perf_counter()
-    loaded = load_model(args.target, device="cuda", dtype=torch.bfloat16, max_seq_len=1024)
+    loaded = load_model(args.target, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
+                        max_seq_len=1024)
     target, tok = loaded.model, loaded.tokenizer
     eos = sorted(tok.eos_ids)
-    print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {torch.cuda.get_device_name()}", flush=True)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {device_name}", flush=True)
     tasks = {"code": (code_prompts(args.humaneval, args.prompts, tok), SamplingParams(temperature=0)),
              "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
     compile_flag = not args.no_compile
-    drafts: dict[str, LeanModel | None] = {"layers:%d" % args.layers: LeanModel(loaded.weights, 1024, args.layers)}
+    drafts: dict[str, LeanModel] = {}
+    if args.layers:
+        drafts["layers:%d" % args.layers] = LeanModel(loaded.weights, 1024, args.layers)
     if args.draft:
         from speculant.distill.draft_model import load_draft
 
@@ -186,7 +193,7 @@ def main() -> None:
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
         # baselines
-        if not args.skip_hf:
+        if not args.skip_hf and cuda:
             hf = record(task, "hf_eager", 0, run_hf(loaded.folder, prompts[:2], max_new=64,
                                                      sample=not params.greedy))
             if task == "code":
@@ -199,7 +206,8 @@ def main() -> None:
         cap = time.perf_counter() - cap
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
-        for name, gammas in (("ngram", (4, 8)), *((d, (3, 5, 7)) for d in drafts)):
+        gammas_model = tuple(int(g) for g in args.gammas.split(","))
+        for name, gammas in (("ngram", (4, 8)), *((d, gammas_model) for d in drafts)):
             for gamma in gammas:
                 st = stepper_for(name)
                 cap = time.perf_counter()
@@ -218,11 +226,11 @@ def main() -> None:
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                 record(task, name, "auto", res)
     prof = {}
-    for name in drafts:
+    for name in drafts if cuda else ():
         st = stepper_for(name)
         prof[name] = profile_step(st, tasks["code"][0][0], 5)
         print("profile", name, json.dumps(prof[name]), flush=True)
-    summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "compile": compile_flag,
+    summary = {"device": device_name, "torch": torch.__version__, "compile": compile_flag,
                "results": results, "profile": prof, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
         json.dump(summary, f, indent=1)
