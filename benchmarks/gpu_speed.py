@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="also bench layers:N (0 = skip; costs a compile)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gammas", default="3,5,7")
+    ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
@@ -160,6 +161,7 @@ def main() -> None:
     print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {device_name}", flush=True)
     tasks = {"code": (code_prompts(args.humaneval, args.prompts, tok), SamplingParams(temperature=0)),
              "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
+    tasks = {name: tasks[name] for name in args.tasks.split(",")}
     compile_flag = not args.no_compile
     drafts: dict[str, LeanModel] = {}
     if args.layers:

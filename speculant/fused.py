@@ -76,7 +76,10 @@ class FusedStepper:
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         """Prefill target (prompt[:-1]) and draft (prompt[:-2]) caches; capture graphs if needed."""
         if params != self.params:
-            self.graphs.clear()  # sampling params are baked into the graphs
+            # sampling params are baked into the graphs: recapture, in a fresh memory pool (a pool
+            # whose graphs were freed cannot take a new capture)
+            self.graphs.clear()
+            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
             self.params = params
         self.target.truncate(0)
         if len(prompt) > 1:
