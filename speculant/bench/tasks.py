@@ -18,9 +18,9 @@ from __future__ import annotations
 import gzip
 import json
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 TASKS = ("code", "docs", "chat", "adversarial")
 
@@ -177,9 +177,16 @@ def build_prompts(tasks: Sequence[str], count: int, encode: Encode, vocab_size: 
             except FileNotFoundError as error:
                 notes.append(f"code task skipped: {error}")
         elif task == "docs":
-            prompts += docs_prompts(count, encode)
+            try:
+                prompts += docs_prompts(count, encode)
+            except ImportError as error:  # a Python built without pydoc_data
+                notes.append(f"docs task skipped: {error}")
         elif task == "chat":
-            prompts += chat_prompts(count, encode, chat_path)
+            try:
+                prompts += chat_prompts(count, encode, chat_path)
+            except ImportError as error:
+                notes.append(f"chat task skipped: {error} (pass --chat-prompts FILE)")
+                continue
             if not chat_path:
                 notes.append(
                     "chat prompts are built from the real titles of Python's documentation topics "
