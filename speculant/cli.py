@@ -98,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_generate(args) -> int:
     import speculant.api as api
 
+    # Check the cheap things before loading anything.
+    api.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    if args.max_new_tokens < 0:
+        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     spec = api.load(target=args.target, draft=args.draft or ["default"], gamma=args.gamma,
                     device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    api.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
-    if args.max_new_tokens < 0:
-        raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
 
     if args.json:
         result = spec.generate(args.prompt, **options)
@@ -153,7 +154,15 @@ def _public_stats(stats: dict) -> dict:
 def cmd_models() -> int:
     from speculant.models.loading import list_models
 
+    from speculant.api import EMBEDDED_DRAFTS
+
     rows = list_models()
+    for folder in sorted(EMBEDDED_DRAFTS.glob("*/config.json")):
+        config = json.loads(folder.read_text())
+        weights = folder.parent / "model.safetensors"
+        rows.append({"name": folder.parent.name, "vocab_size": config["architecture"]["vocab_size"],
+                     "cached": True, "location": f"{folder.parent} (draft for {config['target_name']}, "
+                     f"{weights.stat().st_size / 1e6:.1f} MB)"})
     print(f"{'name':<24} {'params':>10} {'vocab':>8} {'cached':>7}  location")
     for row in rows:
         params = f"{row.get('num_params', 0) / 1e6:.1f}M" if row.get("num_params") else "?"

@@ -1,0 +1,115 @@
+"""The `speculant` CLI and Python API on the real embedded SmolLM2-135M (float32, CPU)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import speculant.api as api
+from speculant.cli import main
+
+PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n\ndef normalize(x):"]
+SCHEMA = {"text", "token_ids", "stats"}
+STATS = {"alpha", "tau", "target_calls", "new_tokens", "tokens_per_s", "gamma"}
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *args):
+    code, out, err = run_cli(capsys, "generate", "--json", *args)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("draft", ["ngram", "layers:8", "default"])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_speculative_greedy_output_equals_plain_greedy_on_real_prompts(capsys, draft, prompt):
+    result = run_json(capsys, "--draft", draft, "--compare", "--max-new-tokens", "24", prompt)
+    assert SCHEMA <= result.keys() and STATS <= result["stats"].keys()
+    assert {"plain", "speedup", "identical"} <= result.keys()
+    assert {"token_ids", "tokens_per_s"} <= result["plain"].keys()
+    assert result["identical"] is True
+    assert result["token_ids"] == result["plain"]["token_ids"]
+    assert result["stats"]["new_tokens"] == len(result["token_ids"]) <= 24
+    assert result["stats"]["target_calls"] <= result["stats"]["new_tokens"]
+
+
+def test_hierarchical_drafts_and_auto_gamma_keep_greedy_output_and_report_each_level(capsys):
+    result = run_json(capsys, "--draft", "default", "--draft", "ngram", "--gamma", "auto", "--compare",
+                      "--max-new-tokens", "24", PROMPTS[0])
+    assert result["identical"] is True
+    assert result["stats"]["gamma"] == "auto"
+    [level] = result["stats"]["levels"]
+    assert 0.0 <= level["alpha"] <= 1.0 and level["tau"] >= 1.0
+    assert len(result["stats"]["gamma_history"]) == result["stats"]["target_calls"]
+
+
+def test_sampling_with_a_seed_is_reproducible_and_seeds_differ(capsys):
+    args = ["--draft", "ngram", "--temperature", "1.0", "--top-p", "0.9", "--max-new-tokens", "16"]
+    first = run_json(capsys, *args, "--seed", "1", PROMPTS[1])
+    again = run_json(capsys, *args, "--seed", "1", PROMPTS[1])
+    other = run_json(capsys, *args, "--seed", "2", PROMPTS[1])
+    assert first["token_ids"] == again["token_ids"]
+    assert first["token_ids"] != other["token_ids"]
+
+
+def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr(capsys):
+    code, out, err = run_cli(capsys, "generate", "--draft", "ngram", "--chat", "--max-new-tokens", "12",
+                             "Say hello.")
+    assert code == 0
+    assert out.strip()
+    [line] = [l for l in err.splitlines() if l.startswith("[speculant]")]
+    assert "alpha=" in line and "tau=" in line and "tok/s=" in line
+
+
+def test_models_lists_the_embedded_models(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    assert "smollm2-135m" in out and "gemma3-270m" in out and "smollm2-135m-draft" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-k", "-3"], "top_k must be an integer >= 0"),
+    (["--min-p", "1.0"], "min_p must be in [0, 1)"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+    (["--draft", "layers:99"], "layers:99 must be between 1 and 29"),
+    (["--draft", "ngram", "--draft", "ngram"], "can only be the last --draft"),
+    (["--draft", "ngram:x"], "bad n-gram spec"),
+    (["--max-seq-len", "8"], "does not fit the model's context of 8 tokens"),
+])
+def test_bad_input_gets_a_clear_message_and_a_nonzero_exit(capsys, args, message):
+    code, _, err = run_cli(capsys, "generate", *args, "def fibonacci(n): return a long prompt of tokens")
+    assert code != 0
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_a_draft_with_another_vocabulary_is_refused_by_the_cli(capsys):
+    code, _, err = run_cli(capsys, "generate", "--draft", "gemma3-270m", "x")
+    assert code == 2 and "does not share the vocabulary" in err and "smollm2-135m" in err
+
+
+def test_bad_input_from_a_real_process_exits_nonzero_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "speculant.cli", "generate", "--gamma", "0", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "gamma must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "speculant.cli", "generate", "--top-p", "0", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "top_p" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_python_api_generate_and_stream_agree():
+    spec = api.load(target="smollm2-135m", draft="ngram", gamma=4)
+    result = spec.generate(PROMPTS[0], max_new_tokens=20, temperature=0)
+    assert result.text == "".join(spec.stream(PROMPTS[0], max_new_tokens=20, temperature=0))
+    assert result.token_ids and 0.0 <= result.stats["alpha"] <= 1.0 and result.stats["tau"] >= 1.0
+    plain = spec.generate(PROMPTS[0], max_new_tokens=20, temperature=0, plain=True)
+    assert plain.token_ids == result.token_ids
