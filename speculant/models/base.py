@@ -42,3 +42,28 @@ def check_fits(model: CausalLM, end_pos: int) -> None:
         raise ContextOverflowError(
             f"sequence of {end_pos} tokens exceeds the model's context of {model.max_seq_len} tokens"
         )
+
+
+class PositionalCache:
+    """The bookkeeping every position-indexed cache shares: how many positions are valid, free
+    truncation, and the checks before a write at start_pos."""
+
+    _length = 0
+    max_seq_len: int
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot truncate to {length}: cache holds {self._length}")
+        self._length = length
+
+    def _write_range(self, start_pos: int, num_tokens: int) -> int:
+        """Check a write of num_tokens at start_pos (no gap, fits the context); return its end."""
+        if start_pos > self._length:
+            raise ValueError(f"gap in the cache: start_pos {start_pos} > length {self._length}")
+        end = start_pos + num_tokens
+        check_fits(self, end)
+        return end

@@ -21,10 +21,10 @@ import os
 
 import torch
 
-from speculant.models.base import check_fits
+from speculant.models.base import PositionalCache
 
 
-class HFCausalLM:
+class HFCausalLM(PositionalCache):
     def __init__(self, model, max_seq_len: int | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         param = next(model.parameters())
@@ -57,22 +57,10 @@ class HFCausalLM:
         model = AutoModelForCausalLM.from_pretrained(str(folder), **dtype_kwargs(dtype), **kwargs)
         return cls(model.to(device), max_seq_len=max_seq_len)
 
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot truncate to {length}: cache holds {self._length}")
-        self._length = length
-
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] float32."""
-        if start_pos > self._length:
-            raise ValueError(f"gap in the cache: start_pos {start_pos} > length {self._length}")
-        end = start_pos + tokens.shape[0]
-        check_fits(self, end)
+        end = self._write_range(start_pos, tokens.shape[0])
         self._crop(start_pos)
         logits = self._run(tokens.to(self.device), start_pos)
         self._length = end

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speculant.models.base import check_fits
+from speculant.models.base import PositionalCache
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class LeanModel:
+class LeanModel(PositionalCache):
     """`CausalLM` over `TransformerWeights`, running the first `num_layers` layers (all by default).
 
     The KV cache is [layers, S, KV, D] for keys and values, allocated once. forward() writes the
@@ -214,22 +214,10 @@ class LeanModel:
                 layer.fuse_projections()
         self._length = 0
 
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot truncate to {length}: cache holds {self._length}")
-        self._length = length
-
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         """tokens [T] at positions start_pos.. -> logits [T, vocab] (float32)."""
-        if start_pos > self._length:
-            raise ValueError(f"gap in the cache: start_pos {start_pos} > length {self._length}")
-        end = start_pos + tokens.shape[0]
-        check_fits(self, end)
+        end = self._write_range(start_pos, tokens.shape[0])
         positions = torch.arange(start_pos, end, device=self.device)
         hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end)
         self._length = end
