@@ -108,8 +108,8 @@ def _acceptance(plt, cells, tasks):
     axes[0, 0].set_ylabel("accepted / drafted")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     for ax in axes[0][1:]:
-        h, l = ax.get_legend_handles_labels()
-        for handle, label in zip(h, l):
+        more_handles, more_labels = ax.get_legend_handles_labels()
+        for handle, label in zip(more_handles, more_labels):
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)

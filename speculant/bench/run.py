@@ -655,7 +655,8 @@ class Bench:
                     if not same:
                         mismatches += 1
                         entry["first_difference"] = next(
-                            (i for i, (a, b) in enumerate(zip(plain_ids, ids)) if a != b), min(len(plain_ids), len(ids)))
+                            (i for i, (a, b) in enumerate(zip(plain_ids, ids)) if a != b),
+                            min(len(plain_ids), len(ids)))
                 else:
                     mismatches = None
             entry["token_ids"] = ids
