@@ -196,8 +196,11 @@ class LlamaCppPeer:
         return new, time.perf_counter() - start
 
 
-def param_bytes(module) -> int:
-    seen, total = set(), 0
+def param_bytes(module, seen: set | None = None) -> int:
+    """Bytes of a module's parameters and buffers, each storage counted once; pass one `seen`
+    set across modules to count tensors they share (a draft over the target's embedding) once."""
+    seen = set() if seen is None else seen
+    total = 0
     for tensor in list(module.parameters()) + list(module.buffers()):
         key = (tensor.data_ptr(), tensor.nbytes)
         if key not in seen:

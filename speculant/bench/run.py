@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from speculant.bench.peers import param_bytes
 from speculant.bench.tasks import TASKS, TaskPrompt, build_prompts, default_humaneval_path
 
 QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,ngram,layers:8", "gammas": "4",
@@ -240,22 +241,13 @@ def memory_of(spec, max_positions: int) -> dict:
     seen: set = set()
     params = kv_alloc = kv_used = 0
 
-    def add_module(module) -> int:
-        total = 0
-        for tensor in list(module.parameters()) + list(module.buffers()):
-            key = (tensor.data_ptr(), tensor.nbytes)
-            if key not in seen:
-                seen.add(key)
-                total += tensor.nbytes
-        return total
-
     weights = getattr(spec.target, "weights", None)
     if isinstance(weights, torch.nn.Module):
-        params += add_module(weights)
+        params += param_bytes(weights, seen)
     for model in _models_of(spec):
         for name, value in vars(model).items():
             if isinstance(value, torch.nn.Module):
-                params += add_module(value)
+                params += param_bytes(value, seen)
             elif isinstance(value, torch.Tensor) and "cache" in name:
                 key = (value.data_ptr(), value.nbytes)
                 if key in seen:
