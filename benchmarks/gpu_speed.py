@@ -93,7 +93,10 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: in
     generator = torch.Generator(device="cuda").manual_seed(0)
     stepper.begin(context, stepper.params)
     stepper.step(context, gamma, generator)  # capture
-    key = ("model", gamma) if stepper.draft_model is not None else ("verify", gamma)
+    if stepper.features:
+        key = ("features", gamma, min(gamma + 1, len(context) - 1))
+    else:
+        key = ("model", gamma) if stepper.draft_model is not None else ("verify", gamma)
     runner = stepper.graphs[key]
     start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -111,19 +114,23 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: in
            "host_overhead_ms": step_ms - replay_ms}
     # forwards alone
     for name, model, t in (("target_forward_ms", stepper.target, gamma + 1),
+                           ("target_forward_1_ms", stepper.target, 1),
                            ("draft_forward_ms", stepper.draft_model, 1)):
         if model is None:
             continue
         fn = stepper.target_fn if model is stepper.target else stepper.draft_fn
         tokens = torch.zeros(t, dtype=torch.int64, device="cuda")
         positions = torch.arange(t, device="cuda") + len(context)
+        args = (tokens, positions)
+        if model is stepper.draft_model and stepper.features:
+            args = (tokens, torch.zeros(t, model.cfg.hidden_size, dtype=model.dtype, device="cuda"), positions)
         graph = torch.cuda.CUDAGraph()
         saved = stepper._save_caches()
         with torch.inference_mode():
-            fn(tokens, positions)
+            fn(*args)
             torch.cuda.synchronize()
             with torch.cuda.graph(graph, pool=stepper.pool):
-                fn(tokens, positions)
+                fn(*args)
         start_evt.record()
         for _ in range(reps):
             graph.replay()
@@ -131,6 +138,8 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: in
         torch.cuda.synchronize()
         stepper._restore_caches(saved)
         out[name] = start_evt.elapsed_time(end_evt) / reps
+    if "draft_forward_ms" in out:
+        out["cost_ratio"] = out["draft_forward_ms"] / out["target_forward_1_ms"]
     return out
 
 
@@ -138,7 +147,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", required=True)
     ap.add_argument("--humaneval", required=True)
-    ap.add_argument("--draft", default=None, help="distilled draft folder")
+    ap.add_argument("--draft", action="append", default=[], metavar="NAME=PATH",
+                    help="a distilled draft folder to bench under NAME (repeatable)")
+    ap.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out/gpu"))
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -151,6 +162,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
+    LeanModel.attention = args.attention
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
     loaded = load_model(args.target, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
@@ -166,10 +178,14 @@ def main() -> None:
     drafts: dict[str, LeanModel] = {}
     if args.layers:
         drafts["layers:%d" % args.layers] = LeanModel(loaded.weights, 1024, args.layers)
-    if args.draft:
+    for spec in args.draft:
         from speculant.distill.draft_model import load_draft
 
-        drafts["distilled"] = load_draft(args.draft, loaded, max_seq_len=1024)
+        name, _, path = spec.rpartition("=")
+        drafts[name or "distilled"] = load_draft(path, loaded, max_seq_len=1024)
+    if any(getattr(d, "draft_weights", None) is not None and d.draft_weights.draft_cfg.inputs == "features"
+           for d in drafts.values()):
+        target.keep_features()  # before the first compile: one compiled target forward for every stepper
     results: list[dict] = []
 
     def record(task, method, gamma, res, capture=None):
@@ -232,7 +248,7 @@ def main() -> None:
         st = stepper_for(name)
         prof[name] = profile_step(st, next(iter(tasks.values()))[0][0], 5)
         print("profile", name, json.dumps(prof[name]), flush=True)
-    summary = {"device": device_name, "torch": torch.__version__, "compile": compile_flag,
+    summary = {"device": device_name, "torch": torch.__version__, "compile": compile_flag, "attention": args.attention,
                "results": results, "profile": prof, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
         json.dump(summary, f, indent=1)

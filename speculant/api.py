@@ -23,7 +23,9 @@ from typing import Iterator, Sequence
 import torch
 
 from speculant.adaptive import AdaptiveGamma
+from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import Drafter
+from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -152,7 +154,7 @@ def _fused_stepper(target: CausalLM, drafter: Drafter):
         return FusedStepper(target, None)
     if isinstance(drafter, NgramDrafter):
         return FusedStepper(target, None, ngram=drafter)
-    if isinstance(drafter, ModelDrafter) and isinstance(drafter.model, LeanModel):
+    if isinstance(drafter, (ModelDrafter, FeatureDrafter)) and isinstance(drafter.model, LeanModel):
         return FusedStepper(target, drafter.model)
     return None
 
@@ -182,8 +184,12 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int) ->
         if model is not None and isinstance(model, LoadedModel):
             above = model
     # Build bottom-up: the last level is a plain drafter, each level above wraps the one below.
+    for depth, (spec, model) in enumerate(models):
+        if isinstance(model, FeatureDraft) and (depth > 0 or len(models) > 1):
+            raise ValueError(f"draft '{spec}' reads the target's features: it drafts for the target directly "
+                             "and takes no drafter below it (use it as the only --draft)")
     spec, model = models[-1]
-    drafter = _leaf_drafter(spec, model)
+    drafter = _leaf_drafter(spec, model, target)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
         drafter = SpeculativeDrafter(_causal_lm(model), drafter, inner_gamma)
@@ -195,11 +201,13 @@ def _causal_lm(model) -> CausalLM:
     return model.model if isinstance(model, LoadedModel) else model
 
 
-def _leaf_drafter(spec: str, model) -> Drafter:
+def _leaf_drafter(spec: str, model, target: LoadedModel) -> Drafter:
     if spec == "none":
         return NoDrafter()
     if model is None:
         return _ngram(spec)
+    if isinstance(model, FeatureDraft):
+        return FeatureDrafter(model, target.model)
     return ModelDrafter(_causal_lm(model))
 
 

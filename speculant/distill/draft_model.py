@@ -73,8 +73,13 @@ class DraftConfig:
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 8192
     embed_scale: float = 1.0  # Gemma targets scale embeddings by sqrt(E)
+    # "tokens": the draft reads tokens only. "features": it also reads the target's final hidden
+    # state at the previous position (EAGLE-style; see FeatureDraft).
+    inputs: str = "tokens"
 
     def __post_init__(self) -> None:
+        if self.inputs not in ("tokens", "features"):
+            raise ValueError(f"inputs must be 'tokens' or 'features', got {self.inputs!r}")
         if self.head not in ("shared", "own"):
             raise ValueError(f"head must be 'shared' or 'own', got {self.head!r}")
         if self.num_layers < 1:
@@ -93,7 +98,7 @@ class DraftConfig:
 
     @staticmethod
     def for_target(target_cfg: TransformerConfig, num_layers: int = 2, num_kept: int = 8192,
-                   head: str = "shared", intermediate_size: int | None = None) -> DraftConfig:
+                   head: str = "shared", intermediate_size: int | None = None, inputs: str = "tokens") -> DraftConfig:
         """A draft shaped like one layer of `target_cfg` (so target layers can initialise it)."""
         gemma = target_cfg.arch == "gemma3"
         return DraftConfig(
@@ -102,7 +107,7 @@ class DraftConfig:
             num_heads=target_cfg.num_heads, num_kv_heads=target_cfg.num_kv_heads, head_dim=target_cfg.head_dim,
             num_kept=min(num_kept, target_cfg.vocab_size), head=head, rope_theta=target_cfg.rope_theta,
             rms_norm_eps=target_cfg.rms_norm_eps, max_position_embeddings=target_cfg.max_position_embeddings,
-            embed_scale=float(target_cfg.hidden_size**0.5) if gemma else 1.0,
+            embed_scale=float(target_cfg.hidden_size**0.5) if gemma else 1.0, inputs=inputs,
         )
 
 
@@ -125,6 +130,11 @@ class DraftWeights(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
         self.head_bias = nn.Parameter(torch.zeros(cfg.num_kept))
         self.head = nn.Linear(cfg.hidden_size, cfg.num_kept, bias=False) if cfg.head == "own" else None
+        if cfg.inputs == "features":
+            # [embedding of x_{i+1} | target feature f_i], each RMS-normalised, mixed down to E
+            self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
+            self.feature_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
+            self.fuse_in = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
         self.register_buffer("kept_ids", kept_ids.to(torch.int64).clone())
         if (cfg.head == "shared") != (shared_head_rows is not None):
             raise ValueError("shared_head_rows [K, E] is needed exactly when head == 'shared'")
@@ -143,6 +153,11 @@ class DraftWeights(nn.Module):
         """hidden [..., E] after the final norm -> logits over the kept ids [..., K], float32."""
         weight = self.head_weight()
         return (F.linear(hidden, weight.to(hidden.dtype)).float() + self.head_bias.float())
+
+    def feature_inputs(self, embedded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """embedded [..., E] (token embeddings), features [..., E] (target features) -> [..., E]."""
+        both = torch.cat([self.embed_norm(embedded), self.feature_norm(features.to(embedded.dtype))], -1)
+        return self.fuse_in(both)
 
     def own_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of what the draft stores (everything in its state dict)."""
@@ -175,7 +190,7 @@ def init_random(weights: DraftWeights, seed: int, scale: float = 1.0) -> None:
         for name, param in weights.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
-            elif name == "head_bias":
+            elif name in ("head_bias", "fuse_in.bias"):
                 param.zero_()
             else:
                 std = scale / param.shape[-1] ** 0.5
@@ -211,6 +226,54 @@ class DistilledDraft(LeanModel):
             x = x * self.embed_scale
         hidden = batched_hidden_states(w.layers, w.norm, w.cfg, x, self.rope_global)
         return w.kept_logits(hidden)
+
+
+class FeatureDraft(DistilledDraft):
+    """An EAGLE-style draft (Li et al., 2024): at draft position i it reads the token x_{i+1} AND the
+    target's final-normed hidden state ("feature") f_i at position i, and predicts both the next
+    feature f_{i+1} (its own final-normed hidden state) and the distribution of x_{i+2}:
+
+        [T] tokens, [T, E] features -> fuse_in(norm(embed) | norm(feature)) -> layers -> norm
+        -> hidden [T, E] (the predicted features) -> truncated head -> logits [T, V]
+
+    While drafting past the committed text the true feature is not known yet, so the draft feeds
+    its own predicted feature back (speculant.drafters.features). The target's features come for
+    free from its verification pass (LeanModel.keep_features). q is still exactly the law the
+    draft samples from, so speculative sampling stays exact.
+    """
+
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        raise TypeError("a feature draft needs the target's features: use forward_features (or "
+                        "speculant.drafters.features.FeatureDrafter)")
+
+    @torch.inference_mode()
+    def forward_features(self, tokens: torch.Tensor, features: torch.Tensor,
+                         start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T], features [T, E] at positions start_pos.. -> (logits [T, V], hidden [T, E])."""
+        end = self._write_range(start_pos, tokens.shape[0])
+        positions = torch.arange(start_pos, end, device=self.device)
+        hidden = self.feature_hidden(tokens.to(self.device), features.to(self.device), positions, kv_len=end)
+        self._length = end
+        return self.logits(hidden), hidden
+
+    def feature_hidden(self, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
+                       kv_len: int) -> torch.Tensor:
+        """The cached path (serving and the fused step): writes K/V at positions, returns [T, E]."""
+        inputs = self.draft_weights.feature_inputs(self.embed(tokens), features)
+        return self.hidden_states(tokens, positions, kv_len, inputs=inputs)
+
+    def train_feature_outputs(self, tokens: torch.Tensor,
+                              features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched, cache-free, differentiable: tokens [B, T], features [B, T, E] ->
+        (kept logits [B, T, K] float32, predicted features [B, T, E])."""
+        w = self.draft_weights
+        dtype = w.head_bias.dtype
+        embedded = w.embed_tokens(tokens.to(self.device)).to(dtype)
+        if self.embed_scale != 1.0:
+            embedded = embedded * self.embed_scale
+        x = w.feature_inputs(embedded, features.to(dtype))
+        hidden = batched_hidden_states(w.layers, w.norm, w.cfg, x, self.rope_global)
+        return w.kept_logits(hidden), hidden
 
 
 def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: torch.Tensor,
@@ -255,7 +318,12 @@ def build_draft(cfg: DraftConfig, target_weights: TransformerWeights, kept_ids: 
     head = target_weights.head_weight()
     rows = head.detach()[kept_ids.to(head.device)] if cfg.head == "shared" else None
     weights = DraftWeights(cfg, target_weights.embed_tokens, kept_ids, rows)
-    return DistilledDraft(weights.to(device=param.device, dtype=param.dtype), max_seq_len=max_seq_len)
+    weights = weights.to(device=param.device, dtype=param.dtype).requires_grad_(False)  # frozen: q|k|v fused
+    return draft_class(cfg)(weights, max_seq_len=max_seq_len)
+
+
+def draft_class(cfg: DraftConfig) -> type[DistilledDraft]:
+    return FeatureDraft if cfg.inputs == "features" else DistilledDraft
 
 
 # ---- the output folder ------------------------------------------------------------------------
@@ -349,4 +417,4 @@ def serving_copy(weights: DraftWeights, dtype: torch.dtype, max_seq_len: int | N
     while the trained weights stay in float32. The target's embedding stays shared."""
     embedding = weights.embed_tokens
     copied = copy.deepcopy(weights, {id(embedding): embedding})
-    return DistilledDraft(copied.to(dtype=dtype), max_seq_len=max_seq_len)
+    return draft_class(weights.draft_cfg)(copied.to(dtype=dtype), max_seq_len=max_seq_len)

@@ -53,7 +53,8 @@ from speculant.distill.data import (
     save_corpus,
 )
 from speculant.distill.draft_model import (
-    DistilledDraft,
+    FeatureDraft,
+    draft_class,
     DistillError,
     DraftConfig,
     DraftWeights,
@@ -93,6 +94,8 @@ class DistillOptions:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     num_layers: int = 2
+    inputs: str = "tokens"  # "features": an EAGLE-style draft that also reads the target's features
+    feature_weight: float = 1.0  # weight of the feature regression (smooth L1) for feature drafts
     num_kept: int = 8192  # K
     head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
     init: str = "auto"  # "target": copy the target's first layers; "random"; "auto": target if it can
@@ -131,6 +134,8 @@ class DistillOptions:
             (self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}"),
             (self.head in ("shared", "own"), f"head must be shared or own, got {self.head!r}"),
             (self.init in ("auto", "target", "random"), f"init must be auto, target or random, got {self.init!r}"),
+            (self.inputs in ("tokens", "features"), f"inputs must be tokens or features, got {self.inputs!r}"),
+            (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
             (self.save_dtype in DTYPES, f"save dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"),
             (self.target_dtype in ("auto", *DTYPES), f"target dtype must be auto or one of {', '.join(DTYPES)}"),
             (self.num_layers >= 1, f"a draft needs at least one layer, got {self.num_layers}"),
@@ -199,17 +204,46 @@ def distill_loss(draft_kept_logits: torch.Tensor, target_logits: torch.Tensor, k
 
 
 def target_logits_batch(target: LeanModel, tokens: torch.Tensor) -> torch.Tensor:
-    """The target's logits for tokens [B, T] from position 0: [B, T, V]. Batched for llama-family
-    targets; one sequence at a time through the cached path otherwise (Gemma's sliding windows)."""
+    """The target's logits for tokens [B, T] from position 0: [B, T, V]."""
+    return target_outputs_batch(target, tokens)[0]
+
+
+def target_outputs_batch(target: LeanModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits [B, T, V] and features (final-normed hidden states) [B, T, E] for tokens
+    [B, T] from position 0. Batched for llama-family targets; one sequence at a time through the
+    cached path otherwise (Gemma's sliding windows)."""
     w = target.weights
     with torch.no_grad():
         if w.cfg.arch == "llama" and not w.cfg.sliding_window:
             x = w.embed_tokens(tokens)
             hidden = batched_hidden_states(w.layers[: target.num_layers], w.norm, w.cfg, x, target.rope_global)
-            return F.linear(hidden, w.head_weight())
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        return torch.stack([target.logits(target.hidden_states(row, positions, kv_len=tokens.shape[1]))
-                            for row in tokens])
+        else:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            hidden = torch.stack([target.hidden_states(row, positions, kv_len=tokens.shape[1]) for row in tokens])
+        return F.linear(hidden, w.head_weight()), hidden
+
+
+def feature_draft_losses(trainer: FeatureDraft, tokens: torch.Tensor, target_logits: torch.Tensor,
+                         target_features: torch.Tensor, kept_ids: torch.Tensor, temperature: float,
+                         feature_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The feature draft's objective on tokens [B, T] with the target's logits [B, T, V] and features
+    [B, T, E]. Draft position i reads (x_{i+1}, f_i) and is scored against the target at i+1.
+
+    Two passes: the first reads the target's true features (the first draft token of a step); the
+    second reads the draft's own predictions from the first pass (f̂_i at position i, as every later
+    draft token does), so the draft learns to continue from its own features. Each pass adds the
+    distillation loss and `feature_weight` x smooth-L1 between predicted and true features.
+    Returns (loss, α of pass 1, α of pass 2), the α's detached."""
+    inputs = tokens[:, 1:]
+    true_next = target_features[:, 1:].float()
+    scored = target_logits[:, 1:].flatten(0, 1)
+    logits1, predicted1 = trainer.train_feature_outputs(inputs, target_features[:, :-1])
+    loss1, alpha1, _ = distill_loss(logits1.flatten(0, 1), scored, kept_ids, temperature)
+    own = torch.cat([target_features[:, :1].to(predicted1.dtype), predicted1[:, :-1].detach()], 1)
+    logits2, predicted2 = trainer.train_feature_outputs(inputs, own)
+    loss2, alpha2, _ = distill_loss(logits2.flatten(0, 1), scored, kept_ids, temperature)
+    regression = F.smooth_l1_loss(predicted1.float(), true_next) + F.smooth_l1_loss(predicted2.float(), true_next)
+    return loss1 + loss2 + feature_weight * regression, alpha1, alpha2
 
 
 @torch.no_grad()
@@ -218,23 +252,40 @@ def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[f
     cached forward (what serving runs) through `logits_to_probs`; plus the target's mass on the
     kept ids at temperature 1 (the ceiling of α at T=1 for any draft over those ids)."""
     sums = {t: 0.0 for t in temperatures}
+    sums2 = {t: 0.0 for t in temperatures}
     mass, count = 0.0, 0
     kept = draft.kept_ids
+    features = isinstance(draft, FeatureDraft)
+    if features:
+        target.keep_features()
     for row in heldout:
         row = row.to(target.device)
         target.truncate(0)
         draft.truncate(0)
         p_logits = target.forward(row, 0)  # [L, V]
-        q_logits = draft.forward(row, 0)
+        if features:
+            # draft position i reads (x_{i+1}, f_i) and predicts x_{i+2}: scored against the
+            # target's law at i+1. Pass 2 reads the draft's own predicted features instead.
+            true = target.features[: row.shape[0] - 1]
+            q_logits, predicted = draft.forward_features(row[1:], true, 0)
+            draft.truncate(0)
+            q2_logits, _ = draft.forward_features(row[1:], torch.cat([true[:1], predicted[:-1]]), 0)
+            p_logits = p_logits[1:]
+        else:
+            q_logits = draft.forward(row, 0)
         for t in temperatures:
             params = SamplingParams(temperature=t)
             p, q = logits_to_probs(p_logits, params), logits_to_probs(q_logits, params)
             sums[t] += float(torch.minimum(p, q).sum(-1).sum())
+            if features:
+                sums2[t] += float(torch.minimum(p, logits_to_probs(q2_logits, params)).sum(-1).sum())
         mass += float(torch.softmax(p_logits.float(), -1)[:, kept].sum())
-        count += row.shape[0]
+        count += p_logits.shape[0]
     target.truncate(0)
     draft.truncate(0)
     out = {f"alpha_t{t:g}": sums[t] / count for t in temperatures}
+    if features:  # α of a draft token that follows another draft token (own features)
+        out.update({f"alpha2_t{t:g}": sums2[t] / count for t in temperatures})
     out["kept_mass_t1"] = mass / count
     return out
 
@@ -242,8 +293,12 @@ def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[f
 def engine_alpha(target, draft, prompts: Sequence[Sequence[int]], *, gamma: int, max_new_tokens: int,
                  temperatures: Sequence[float] = (0.0, 1.0), seed: int = 0) -> dict:
     """Run the engine with the draft on `prompts`: measured α (accepted ÷ tested) and c per temperature."""
+    from speculant.drafters.features import FeatureDrafter
     from speculant.drafters.model import ModelDrafter
     from speculant.engine import generate
+
+    def drafter():
+        return FeatureDrafter(draft, target) if isinstance(draft, FeatureDraft) else ModelDrafter(draft)
 
     out = {}
     for t in temperatures:
@@ -253,7 +308,7 @@ def engine_alpha(target, draft, prompts: Sequence[Sequence[int]], *, gamma: int,
         generator = torch.Generator(device=target.device).manual_seed(seed)
         for prompt in prompts:
             stats = None
-            for step in generate(target, ModelDrafter(draft), list(prompt), gamma=gamma,
+            for step in generate(target, drafter(), list(prompt), gamma=gamma,
                                  params=SamplingParams(temperature=t), max_new_tokens=max_new_tokens,
                                  generator=generator):
                 stats = step.stats
@@ -274,15 +329,22 @@ def measure_cost_ratio(target, draft, context: torch.Tensor, repeats: int = 20) 
     """c = time of one draft forward of one token ÷ one target forward of one token, after a
     prefill of `context` [P] (median of `repeats`)."""
     def one_token_time(model) -> float:
+        if isinstance(model, FeatureDraft):  # the cost does not depend on the feature values
+            zeros = torch.zeros(len(context), model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+
+            def forward(tokens, start):
+                return model.forward_features(tokens, zeros[: len(tokens)], start)
+        else:
+            forward = model.forward
         model.truncate(0)
-        model.forward(context.to(model.device), 0)
+        forward(context.to(model.device), 0)
         times = []
         token = context[-1:].to(model.device)
         for _ in range(repeats + 3):
             model.truncate(len(context))
             _sync(model.device)
             start = time.perf_counter()
-            model.forward(token, len(context))
+            forward(token, len(context))
             _sync(model.device)
             times.append(time.perf_counter() - start)
         model.truncate(0)
@@ -369,14 +431,14 @@ def train_draft(
         kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
 
     cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
-                                 intermediate_size=opts.intermediate_size or None)
+                                 intermediate_size=opts.intermediate_size or None, inputs=opts.inputs)
     head = tw.head_weight()
     rows = head.detach()[kept.to(head.device)].float() if cfg.head == "shared" else None
     weights = DraftWeights(cfg, tw.embed_tokens, kept, rows)
     init = opts.init
     if init == "auto":
         can_copy = tw.cfg.arch == "llama" and cfg.intermediate_size == tw.cfg.intermediate_size \
-            and cfg.num_layers <= tw.cfg.num_layers
+            and cfg.num_layers <= tw.cfg.num_layers and cfg.inputs == "tokens"
         init = "target" if can_copy else "random"
     init_random(weights, opts.seed)
     if init == "target":
@@ -384,7 +446,7 @@ def train_draft(
     weights = weights.to(device=device, dtype=torch.float32)
     if resumed:
         weights.load_state_dict({k: v.to(device) for k, v in draft_tensors.items()})
-    trainer = DistilledDraft(weights, max_seq_len=corpus.seq_len)  # float32 master weights
+    trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
     params = [p for p in weights.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95),
                                   **({"fused": True} if device.type == "cuda" else {}))
@@ -415,10 +477,16 @@ def train_draft(
             tokens = corpus.train[batch_indices(state.step, opts.batch_size, corpus.train.shape[0], opts.seed)]
             tokens = tokens.to(device, non_blocking=True)
             with autocast:
-                t_logits = target_logits_batch(target, tokens)  # [B, T, V]
-                d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
-            loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept_dev, opts.temperature)
-            del t_logits
+                t_logits, t_features = target_outputs_batch(target, tokens)  # [B, T, V], [B, T, E]
+                if cfg.inputs == "features":
+                    loss, alpha, _ = feature_draft_losses(trainer, tokens, t_logits, t_features, kept_dev,
+                                                          opts.temperature, opts.feature_weight)
+                else:
+                    d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
+            if cfg.inputs == "tokens":
+                loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept_dev,
+                                              opts.temperature)
+            del t_logits, t_features
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip > 0:
@@ -474,6 +542,7 @@ def train_draft(
         "loss_history": state.losses[-200:],
         "alpha_t0": after["alpha_t0"],
         "alpha_t1": after["alpha_t1"],
+        **{k: v for k, v in after.items() if k.startswith("alpha2_")},
         "kept_mass_t1": after["kept_mass_t1"],
         "alpha_t0_before": state.before["alpha_t0"],
         "alpha_t1_before": state.before["alpha_t1"],
@@ -671,6 +740,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
     parser.add_argument("--layers", dest="num_layers", type=int, default=d.num_layers, help="draft decoder layers")
+    parser.add_argument("--inputs", choices=["tokens", "features"], default=d.inputs,
+                        help="features: the draft also reads the target's last hidden state (EAGLE-style)")
+    parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                        help="weight of the feature regression loss (feature drafts)")
     parser.add_argument("--vocab", dest="num_kept", type=int, default=d.num_kept,
                         help="K: the draft's output vocabulary, the K most frequent tokens of the training text")
     parser.add_argument("--head", choices=["shared", "own"], default=d.head,
@@ -726,6 +799,9 @@ def distill_from_args(args: argparse.Namespace) -> int:
             ("target mass on kept ids", f"{metadata['kept_mass_t1']:.3f}"),
             ("cost ratio c", f"{metadata['cost_ratio']:.3f}"),
             ("draft bytes", f"{metadata['draft_bytes']:,} ({100 * metadata['draft_to_target_bytes']:.1f}% of target)")]
+    for key in ("alpha2_t0", "alpha2_t1"):
+        if key in metadata:
+            rows.append((f"held-out α after a draft, T={key[-1]}", f"{metadata[key]:.3f}"))
     for key in ("chat_alpha_t0", "chat_alpha_t1"):
         if key in metadata:
             rows.append((f"held-out chat α, T={key[-1]}", f"{metadata[key + '_before']:.3f} -> {metadata[key]:.3f}"))

@@ -179,6 +179,11 @@ class LeanModel(PositionalCache):
     new positions in place; truncate() only moves `length`.
     """
 
+    # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops (on a GPU the
+    # GEMMs split the static cache's keys over many blocks; which is faster is measured in
+    # benchmarks/gpu_kernels.py). Both compute the same function.
+    attention = "sdpa"
+
     def __init__(
         self,
         weights: TransformerWeights,
@@ -209,6 +214,7 @@ class LeanModel(PositionalCache):
         else:
             self.attn_scale = cfg.head_dim**-0.5
             self.embed_scale = 1.0
+        self.features: torch.Tensor | None = None  # see keep_features
         if not any(p.requires_grad for p in weights.parameters()):
             for layer in weights.layers:
                 layer.fuse_projections()
@@ -220,63 +226,94 @@ class LeanModel(PositionalCache):
         end = self._write_range(start_pos, tokens.shape[0])
         positions = torch.arange(start_pos, end, device=self.device)
         hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end)
+        self.record_features(hidden, positions)
         self._length = end
         return self.logits(hidden)
+
+    def keep_features(self) -> None:
+        """From now on every forward also stores its final-normed hidden states ("features") in
+        `self.features` [S, E], position-indexed like the KV cache: a feature-reading draft
+        (speculant.drafters.features) reads them for the committed positions."""
+        if self.features is None:
+            self.features = torch.zeros(self.max_seq_len, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+
+    def record_features(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        if self.features is not None:
+            self.features.index_copy_(0, positions, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, E] after the final norm -> logits [T, vocab] float32."""
         return F.linear(hidden, self.weights.head_weight()).float()
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                      inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Run the layers over tokens [T] at positions [T]; attend to cache positions < kv_len.
 
-        Writes K/V at `positions` in place. Returns the final-normed hidden states [T, E].
+        `inputs` [T, E] replaces the token embeddings when given (a draft that reads the target's
+        features builds its own input). Writes K/V at `positions` in place. Returns the
+        final-normed hidden states [T, E].
         """
         cfg, w = self.cfg, self.weights
-        x = w.embed_tokens(tokens)  # [T, E]
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
+        x = self.embed(tokens) if inputs is None else inputs  # [T, E]
+        # Additive masks [G·T, kv_len] in the model's dtype, built once per call for all layers
+        # (a boolean mask would be converted inside every attention call: more kernels per layer).
+        # Rows are repeated per query group: see _attention's grouped layout.
         key_pos = torch.arange(kv_len, device=self.device)
         causal = key_pos[None, :] <= positions[:, None]  # [T, kv_len]
-        sliding = causal
+        groups = cfg.num_heads // cfg.num_kv_heads
+        masks = {False: self._additive(causal, groups)}
         if cfg.sliding_window:
             sliding = causal & (positions[:, None] - key_pos[None, :] < cfg.sliding_window)
+            masks[True] = self._additive(sliding, groups)
         for i in range(self.num_layers):
             layer = w.layers[i]
             local = cfg.is_sliding(i)
             rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, T, 1, D]
-            x = x + self._attention(layer, i, x, positions, rope, sliding if local else causal, kv_len)
+            x = x + self._attention(layer, i, x, positions, rope, masks[local], kv_len)
             x = x + self._mlp(layer, x)
         return w.norm(x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> [T, E] (scaled by sqrt(E) for Gemma)."""
+        x = self.weights.embed_tokens(tokens)
+        return x * self.embed_scale if self.embed_scale != 1.0 else x
+
+    def _additive(self, allowed: torch.Tensor, groups: int) -> torch.Tensor:
+        """bool [T, S] -> 0 / -inf [groups·T, S] in the model's dtype."""
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
+        mask = mask.masked_fill(~allowed, float("-inf"))
+        return mask.repeat(groups, 1) if groups > 1 else mask
 
     def _attention(self, layer: Block, i: int, x, positions, rope, mask, kv_len: int) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
+        kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         h = layer.input_layernorm(x)
         if layer.qkv is not None:
-            q, k, v = F.linear(h, *layer.qkv).split(
-                [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim], -1)
+            q, k, v = F.linear(h, *layer.qkv).split([cfg.num_heads * d, kv * d, kv * d], -1)
         else:
             q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
-        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        q = q.reshape(t, cfg.num_heads, d)
+        k = k.reshape(t, kv, d)
+        v = v.reshape(t, kv, d)
         if cfg.arch == "gemma3":
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
         self.k_cache[i].index_copy_(0, positions, k)
         self.v_cache[i].index_copy_(0, positions, v)
-        keys = self.k_cache[i, :kv_len]  # [kv_len, KV, D]
-        values = self.v_cache[i, :kv_len]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        if groups > 1:
-            keys = keys.repeat_interleave(groups, dim=1)
-            values = values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),  # [H, T|kv_len, D]
-            attn_mask=mask, scale=self.attn_scale,
-        )  # [H, T, D]
-        out = layer.o_proj(out.transpose(0, 1).reshape(t, cfg.num_heads * cfg.head_dim))
+        keys = self.k_cache[i, :kv_len].transpose(0, 1)  # [KV, kv_len, D], a view
+        values = self.v_cache[i, :kv_len].transpose(0, 1)
+        # Grouped-query attention without copying the cache per query head: query head
+        # j·groups + g reads key/value head j (Hugging Face's repeat_interleave order), so the
+        # queries are laid out as [KV, groups·T, D] and each KV head serves its group in one call.
+        q = q.view(t, kv, groups, d).permute(1, 2, 0, 3).reshape(kv, groups * t, d)
+        if self.attention == "matmul":  # two GEMMs and a softmax: parallel over the keys on a GPU
+            scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.attn_scale + mask.float()
+            out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
+        out = out.view(kv, groups, t, d).permute(2, 0, 1, 3).reshape(t, cfg.num_heads * d)  # [T, H·D]
+        out = layer.o_proj(out)
         if cfg.arch == "gemma3":
             out = layer.post_attention_layernorm(out)
         return out

@@ -1,0 +1,102 @@
+"""Where a target forward's time goes on the GPU, per attention variant (random weights, SmolLM2-135M
+shapes, bfloat16): the forward over T positions is compiled as the fused step compiles it, captured
+as one CUDA graph and replayed; a profiler pass over the compiled (not captured) forward lists the
+kernels it launches.
+
+    python benchmarks/gpu_kernels.py --layers 6 --out $OUT
+
+Fewer layers than the real 30 keep compilation short; the per-layer figures scale.
+"""
+
+import argparse
+import json
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+
+from speculant.fused import static_forward
+from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
+
+SMOLLM2 = dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9,
+               num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
+
+
+def replay_ms(fn, tokens, positions, repeats=200):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(2):
+            fn(tokens, positions)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        fn(tokens, positions)
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def kernel_profile(fn, tokens, positions):
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn(tokens, positions)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn(tokens, positions)
+            torch.cuda.synchronize()
+    counts, times = Counter(), defaultdict(float)
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            name = event.name[:80]
+            counts[name] += 1
+            times[name] += event.device_time if hasattr(event, "device_time") else event.cuda_time
+    return counts, times
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--variants", default="sdpa,matmul")
+    parser.add_argument("--positions", default="1,6")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    cfg = TransformerConfig(num_layers=args.layers, **SMOLLM2)
+    weights = random_weights(cfg, seed=0, dtype=torch.bfloat16).cuda()
+    rows = []
+    for variant in args.variants.split(","):
+        model = LeanModel(weights, max_seq_len=args.max_seq_len)
+        model.attention = variant
+        fn = static_forward(model, compile=True)
+        for t in map(int, args.positions.split(",")):
+            tokens = torch.arange(1, t + 1, device="cuda")
+            positions = torch.arange(100, 100 + t, device="cuda")
+            start = time.perf_counter()
+            ms = replay_ms(fn, tokens, positions)
+            compile_s = time.perf_counter() - start
+            counts, times = kernel_profile(fn, tokens, positions)
+            kernels = sum(counts.values())
+            top = sorted(times, key=times.get, reverse=True)[:12]
+            row = {"variant": variant, "positions": t, "layers": args.layers, "graph_ms": round(ms, 4),
+                   "ms_per_layer_upper": round(ms / args.layers, 4), "kernels": kernels,
+                   "kernels_per_layer": round(kernels / args.layers, 2), "compile_and_capture_s": round(compile_s, 1),
+                   "top_kernels": [(name, counts[name], round(times[name], 1)) for name in top]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "gpu_kernels.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
