@@ -149,7 +149,9 @@ def main() -> None:
     ap.add_argument("--humaneval", required=True)
     ap.add_argument("--draft", action="append", default=[], metavar="NAME=PATH",
                     help="a distilled draft folder to bench under NAME (repeatable)")
-    ap.add_argument("--attention", choices=["sdpa", "matmul"], default="sdpa")
+    ap.add_argument("--attention", choices=["auto", "sdpa", "matmul"], default="auto",
+                    help="auto: the lean model's per-device choice (matmul on CUDA)")
+    ap.add_argument("--plain-chunk", type=int, default=4, help="plain tokens per graph replay")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out/gpu"))
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -162,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 64
-    LeanModel.attention = args.attention
+    LeanModel.attention = None if args.attention == "auto" else args.attention
     cuda = args.device == "cuda"
     t0 = time.perf_counter()
     loaded = load_model(args.target, device=args.device, dtype=torch.bfloat16 if cuda else torch.float32,
@@ -201,7 +203,7 @@ def main() -> None:
     def stepper_for(name):
         if name not in steppers:
             if name == "plain":
-                steppers[name] = FusedStepper(target, None, compile=compile_flag)
+                steppers[name] = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
             elif name == "ngram":
                 steppers[name] = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:

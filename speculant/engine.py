@@ -103,13 +103,13 @@ class GenerationStats:
 
     def record(self, gamma: int, step: "StepResult") -> None:
         """Add one speculative step to the counters (tokens are counted by the caller)."""
-        self.target_calls += 1
+        self.target_calls += step.target_calls
         self.drafted += step.num_drafted
         self.accepted += step.num_accepted
         self.rejections += int(step.num_accepted < step.num_drafted)
         self.draft_time += step.draft_time
         self.target_time += step.target_time
-        self.gamma_history.append(gamma)
+        self.gamma_history.extend([gamma] * step.target_calls)
         while len(self.drafted_by_position) < step.num_drafted:
             self.drafted_by_position.append(0)
             self.accepted_by_position.append(0)
@@ -203,7 +203,9 @@ def generate(
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context) - 1)
         step_gamma = min(policy.choose() if policy else gamma, room)
         if stepper is not None:
-            step = stepper.step(context, step_gamma, generator)
+            # plain decoding may run several target calls per step (one graph replay for a chunk)
+            plain_tokens = room + 1 if policy is None and gamma == 0 else 1
+            step = stepper.step(context, step_gamma, generator, plain_tokens=plain_tokens)
         else:
             step = speculative_step(target, drafter, context, step_gamma, params, generator)
         stats.record(step_gamma, step)
@@ -235,6 +237,7 @@ class StepResult(NamedTuple):
     target_probs: torch.Tensor  # [γ'+1, vocab]: the target's law at each position of the step
     draft_time: float
     target_time: float
+    target_calls: int = 1  # a fused plain step may decode several tokens, one target call each
 
 
 def speculative_step(

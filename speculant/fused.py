@@ -7,12 +7,15 @@ the generic loop (one Python call per op) is launch-bound. Here each step is ONE
     -> one target forward over the γ+1 positions -> logits_to_probs -> acceptance.verify
     -> out = [num_accepted, next_token, x_1..x_γ]
 
-and ONE device->host read of `out` (the step's only synchronisation). The KV caches are written in
-place at positions held in device tensors; attention spans the whole static cache under a mask
-built from those positions, so every step of a given γ has the same shapes and replays the same
-graph. The functions are the same `logits_to_probs`, `sample_from` and `verify` as the generic
-path: exactness carries over, and on the CPU the same bodies run eagerly (that is how the tests
-check them).
+and ONE device->host read of `out` (the step's only synchronisation); the host writes one int64
+buffer (tokens and positions) and draws the uniforms straight into theirs. The KV caches are
+written in place at positions held in device tensors; attention spans the whole static cache
+under a mask built from those positions, so every step of a given γ has the same shapes and
+replays the same graph. Plain decoding runs up to `plain_chunk` tokens per replay, each sampled
+token fed back on the device. The functions are the same `logits_to_probs`, `sample_from` and
+`verify` as the generic path (compiled with the model forwards, so that they fuse into few
+kernels): exactness carries over, and on the CPU the same bodies run eagerly (that is how the
+tests check them). The prompt is prefilled through the compiled forward as well.
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
@@ -21,6 +24,7 @@ reused across requests. `capture_time` reports what capture (and compilation) co
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -76,12 +80,19 @@ class FusedStepper:
     """
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
-                 ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None) -> None:
+                 ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
+                 plain_chunk: int = 4) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
         self.device = target.device
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        # Plain decoding (γ = 0 asked for) runs up to `plain_chunk` tokens per graph replay: the
+        # host work of a step (input copies, random numbers, launch, the read-back) is paid once
+        # per chunk. Tokens after a stop token are computed and dropped by the engine.
+        if plain_chunk < 1:
+            raise ValueError(f"plain_chunk must be >= 1, got {plain_chunk}")
+        self.plain_chunk = plain_chunk
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
@@ -91,6 +102,10 @@ class FusedStepper:
         else:
             self.draft_fn = static_forward(draft_model, compile) if draft_model is not None else None
         self.target_fn = static_forward(target, compile)
+        # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
+        # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
+        self.compile_sampling = compile
+        self.samplers: dict = {}
         self.graphs: dict = {}
         self.params: SamplingParams | None = None
         self.capture_time = 0.0
@@ -99,70 +114,98 @@ class FusedStepper:
     # ---- request lifecycle (called by the engine) --------------------------------------------
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         """Prefill the target (prompt[:-1]) and the draft (what its first step's window does not
-        re-read); graphs are captured on first use."""
+        re-read), through the compiled forwards (fewer launches than eager); graphs are captured
+        on first use."""
         if params != self.params:
             # sampling params are baked into the graphs: recapture, in a fresh memory pool (a pool
             # whose graphs were freed cannot take a new capture)
             self.graphs.clear()
+            self.samplers.clear()
             self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
             self.params = params
         self.target.truncate(0)
         if len(prompt) > 1:
-            self.target.forward(torch.tensor(prompt[:-1], device=self.device), 0)
+            self._prefill(self.target_fn, prompt[:-1], 0)
+            self.target._length = len(prompt) - 1
         if self.draft_model is not None:
             self.draft_model.truncate(0)
             self.draft_valid = 0
             self._catch_up_draft(prompt, len(prompt) - 1 if self.features else len(prompt) - 2)
 
+    def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None) -> None:
+        """fn over tokens at positions start.. (writes the caches in place), outside any graph."""
+        ids = torch.tensor(tokens, device=self.device)
+        positions = torch.arange(start, start + len(tokens), device=self.device)
+        if len(tokens) > 1:  # one compiled graph for every length >= 2, not one per prompt length
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(positions, 0)
+        with torch.inference_mode():
+            fn(ids, positions) if features is None else fn(ids, features, positions)
+
     def _catch_up_draft(self, context: list[int], upto: int) -> None:
-        """Make draft positions < upto valid, eagerly, if steps without drafting (γ = 0) left a gap
-        the next graph's window does not cover. A token draft holds x_i at position i; a feature
-        draft reads (x_{i+1}, f_i) at position i."""
+        """Make draft positions < upto valid (after the prompt, or when steps without drafting,
+        γ = 0, left a gap the next graph's window does not cover). A token draft holds x_i at
+        position i; a feature draft reads (x_{i+1}, f_i) at position i."""
         start = self.draft_valid
         if upto <= start:
             return
         if self.features:
-            self.draft_model.forward_features(torch.tensor(context[start + 1 : upto + 1], device=self.device),
-                                              self.target.features[start:upto], start)
+            features = self.target.features[start:upto]
+            if upto - start > 1:
+                torch._dynamo.mark_dynamic(features, 0)
+            self._prefill(self.draft_fn, context[start + 1 : upto + 1], start, features)
         else:
-            self.draft_model.forward(torch.tensor(context[start:upto], device=self.device), start)
+            self._prefill(self.draft_fn, context[start:upto], start)
         self.draft_valid = upto
+        self.draft_model._length = max(self.draft_model._length, upto)
 
-    def step(self, context: list[int], gamma: int, generator: torch.Generator | None) -> StepResult:
+    def step(self, context: list[int], gamma: int, generator: torch.Generator | None,
+             plain_tokens: int = 1) -> StepResult:
+        """One step. `plain_tokens`: how many tokens a plain step (γ = 0) may produce (the engine
+        allows more than one only for plain decoding, within max_new_tokens and the context)."""
         start = time.perf_counter()
         n = len(context) - 1
+        target_calls = 1
         if self.features and gamma > 0 and n >= 1:
             # re-read the last min(γ+1, n) draft positions with true features: every position the
             # previous step fed with predicted features lies in that window
             window = min(gamma + 1, n)
             self._catch_up_draft(context, n - window)
             key = ("features", gamma, window)
-            runner = self.graphs.get(key) or self._prepare(key, self._feature_step_body(gamma, window),
-                                                           {"window": window, "starts": 2, "uniforms": 2 * gamma + 1})
-            runner.inputs["window"].copy_(torch.tensor(context[n - window + 1:]), non_blocking=True)
-            runner.inputs["starts"].copy_(torch.tensor([n - window, n]), non_blocking=True)
+            runner = self.graphs.get(key) or self._prepare(key, lambda: self._feature_step_body(gamma, window),
+                                                           window + 2, 2 * gamma + 1)
+            ints = context[n - window + 1:] + [n - window, n]
             drafted = gamma
-        elif self.draft_model is not None and not self.features and gamma > 0 and len(context) >= 2:
+        elif self.draft_model is not None and not self.features and gamma > 0 and n >= 1:
             self._catch_up_draft(context, n - 1)
             key = ("model", gamma)
-            runner = self.graphs.get(key) or self._prepare(key, self._model_step_body(gamma),
-                                                           {"last2": 2, "starts": 2, "uniforms": 2 * gamma + 1})
-            runner.inputs["last2"].copy_(torch.tensor(context[-2:]), non_blocking=True)
-            runner.inputs["starts"].copy_(torch.tensor([len(context) - 2, len(context) - 1]), non_blocking=True)
+            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma), 4, 2 * gamma + 1)
+            ints = context[-2:] + [n - 1, n]
             drafted = gamma
         else:
             draft = self.ngram.propose(context, gamma, None, None).tokens.tolist() if (self.ngram and gamma) else []
             drafted = len(draft)
-            key = ("verify", drafted)
-            runner = self.graphs.get(key) or self._prepare(key, self._verify_body(drafted),
-                                                           {"tokens": drafted + 1, "starts": 1, "uniforms": drafted + 1})
-            runner.inputs["tokens"].copy_(torch.tensor(context[-1:] + draft), non_blocking=True)
-            runner.inputs["starts"].copy_(torch.tensor([len(context) - 1]), non_blocking=True)
-        uniforms = runner.inputs["uniforms"]
-        uniforms.copy_(torch.rand(uniforms.shape, generator=generator, device=self.device))
+            if drafted == 0 and gamma == 0 and self.plain_chunk > 1 and plain_tokens >= self.plain_chunk:
+                # whole chunks only (the tail of a request goes one token at a time): two graphs
+                target_calls = self.plain_chunk
+                key = ("plain", target_calls)
+                runner = self.graphs.get(key) or self._prepare(key, lambda: self._plain_body(target_calls), 2,
+                                                               target_calls)
+            else:
+                key = ("verify", drafted)
+                runner = self.graphs.get(key) or self._prepare(key, lambda: self._verify_body(drafted), drafted + 2,
+                                                               drafted + 1)
+            ints = context[-1:] + draft + [n]
+        runner.ints.copy_(torch.tensor(ints), non_blocking=True)
+        torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         out = runner.run().tolist()  # the step's one synchronisation
-        num_accepted, next_token, draft_tokens = out[0], out[1], out[2:]
-        self.target._length = len(context) + num_accepted  # cache: context + accepted drafts
+        if key[0] == "plain":
+            num_accepted, tokens = 0, out
+            self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
+        else:
+            num_accepted, next_token, draft_tokens = out[0], out[1], out[2:]
+            tokens = draft_tokens[:num_accepted] + [next_token]
+            self.target._length = len(context) + num_accepted  # cache: context + accepted drafts
         if self.draft_model is not None:
             if drafted and self.features:  # true features for positions < n; later ones are redone
                 self.draft_valid = n
@@ -170,80 +213,126 @@ class FusedStepper:
                 self.draft_valid = n + 1 + min(num_accepted, drafted - 1)
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
         elapsed = time.perf_counter() - start
-        tokens = draft_tokens[:num_accepted] + [next_token]
         # time is not split between draft and target inside one graph; it is reported as target time
-        return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed)
+        return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed, target_calls)
 
-    # ---- graph bodies --------------------------------------------------------------------------
+    # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
+    def _sampling(self):
+        """(sample, finish) for the current params, compiled if asked:
+        sample(logits [V], u []) -> (probs [V], token []): the transform and one draw;
+        finish(target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] | None, uniforms [γ+1])
+        -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule."""
+        if self.compile_sampling not in self.samplers:
+            params = self.params
+
+            def sample(logits, uniform):
+                probs = logits_to_probs(logits, params)
+                return probs, sample_from(probs, uniform)
+
+            def finish(target_logits, draft_tokens, draft_probs, uniforms):
+                gamma = draft_tokens.shape[0]
+                verdict = verify(draft_tokens, draft_probs, logits_to_probs(target_logits, params),
+                                 uniforms[:gamma], uniforms[gamma])
+                return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
+
+            if self.compile_sampling:
+                sample, finish = torch.compile(sample), torch.compile(finish)
+            self.samplers[self.compile_sampling] = (sample, finish)
+        return self.samplers[self.compile_sampling]
+
     def _model_step_body(self, gamma: int):
-        params, draft_fn, target_fn = self.params, self.draft_fn, self.target_fn
+        draft_fn, target_fn = self.draft_fn, self.target_fn
+        sample, finish = self._sampling()
         offsets = torch.arange(gamma + 1, device=self.device)
 
-        def body(last2, starts, uniforms):
-            # draft: feed the last two committed tokens (re-feeding one is harmless), then γ-1 drafts
+        def body(ints, uniforms):
+            # ints = [x_{n-1}, x_n, n-1, n]. The draft re-reads x_{n-1} (harmless) and x_n, then γ-1 drafts
+            last2, starts = ints[:2], ints[2:]
             logits = draft_fn(last2, starts[0] + offsets[:2])[-1]
             tokens, probs = [], []
             for i in range(gamma):
-                step_probs = logits_to_probs(logits, params)
-                token = sample_from(step_probs, uniforms[i])
+                step_probs, token = sample(logits, uniforms[i])
                 tokens.append(token)
                 probs.append(step_probs)
                 if i + 1 < gamma:
                     logits = draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
             draft_tokens = torch.stack(tokens)  # [γ]
             target_in = torch.cat([last2[1:], draft_tokens])  # [γ+1]
-            target_probs = logits_to_probs(target_fn(target_in, starts[1] + offsets), params)
-            verdict = verify(draft_tokens, torch.stack(probs), target_probs,
-                             uniforms[gamma : 2 * gamma], uniforms[2 * gamma])
-            return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
+            return finish(target_fn(target_in, starts[1] + offsets), draft_tokens, torch.stack(probs), uniforms[gamma:])
 
         return body
 
     def _feature_step_body(self, gamma: int, window: int):
-        params, draft_fn, target_fn, features = self.params, self.draft_fn, self.target_fn, self.target.features
+        draft_fn, target_fn, features = self.draft_fn, self.target_fn, self.target.features
+        sample, finish = self._sampling()
         offsets = torch.arange(max(gamma, window) + 1, device=self.device)
 
-        def body(window, starts, uniforms):
-            # window [W] = x_{n-W+1..n}: draft positions n-W..n-1 read them with the true f_{n-W..n-1}
-            positions = starts[0] + offsets[: window.shape[0]]
-            logits, predicted = draft_fn(window, features.index_select(0, positions), positions)
+        def body(ints, uniforms):
+            # ints = [x_{n-W+1..n}, n-W, n]: draft positions n-W..n-1 re-read them with the true
+            # features f_{n-W..n-1}
+            window_tokens, starts = ints[:window], ints[window:]
+            positions = starts[0] + offsets[:window]
+            logits, predicted = draft_fn(window_tokens, features.index_select(0, positions), positions)
             logits, feature = logits[-1], predicted[-1:]
             tokens, probs = [], []
             for i in range(gamma):
-                step_probs = logits_to_probs(logits, params)
-                token = sample_from(step_probs, uniforms[i])
+                step_probs, token = sample(logits, uniforms[i])
                 tokens.append(token)
                 probs.append(step_probs)
                 if i + 1 < gamma:  # draft position n+i reads (x̂_{n+i+1}, f̂_{n+i})
                     logits, feature = draft_fn(token.view(1), feature, starts[1] + offsets[i : i + 1])
                     logits = logits[-1]
             draft_tokens = torch.stack(tokens)  # [γ]
-            target_in = torch.cat([window[-1:], draft_tokens])  # [x_n, x̂_1..x̂_γ] at n..n+γ
-            target_probs = logits_to_probs(target_fn(target_in, starts[1] + offsets[: gamma + 1]), params)
-            verdict = verify(draft_tokens, torch.stack(probs), target_probs,
-                             uniforms[gamma : 2 * gamma], uniforms[2 * gamma])
-            return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
+            target_in = torch.cat([window_tokens[-1:], draft_tokens])  # [x_n, x̂_1..x̂_γ] at n..n+γ
+            target_logits = target_fn(target_in, starts[1] + offsets[: gamma + 1])
+            return finish(target_logits, draft_tokens, torch.stack(probs), uniforms[gamma:])
 
         return body
 
     def _verify_body(self, drafted: int):
-        params, target_fn = self.params, self.target_fn
+        target_fn = self.target_fn
+        _, finish = self._sampling()
         offsets = torch.arange(drafted + 1, device=self.device)
 
-        def body(tokens, starts, uniforms):
-            target_probs = logits_to_probs(target_fn(tokens, starts[0] + offsets), params)
-            verdict = verify(tokens[1:], None, target_probs, uniforms[:drafted], uniforms[drafted])
-            return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), tokens[1:]])
+        def body(ints, uniforms):
+            # ints = [x_n, d_1..d_γ', n]: the target verifies a deterministic draft (or none)
+            tokens, start = ints[: drafted + 1], ints[drafted + 1]
+            return finish(target_fn(tokens, start + offsets), tokens[1:], None, uniforms)
 
         return body
 
-    def _prepare(self, key, body, sizes: dict) -> "_Runner":
+    def _plain_body(self, count: int):
+        target_fn = self.target_fn
+        sample, _ = self._sampling()
+
+        def body(ints, uniforms):
+            # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device
+            token, position = ints[:1], ints[1:]
+            out = []
+            for i in range(count):
+                token = sample(target_fn(token, position + i)[0], uniforms[i])[1].view(1)
+                out.append(token)
+            return torch.cat(out)
+
+        return body
+
+    def _prepare(self, key, make_body, num_ints: int, num_uniforms: int) -> "_Runner":
         start = time.perf_counter()
-        inputs = {
-            name: torch.zeros(size, dtype=torch.float32 if name == "uniforms" else torch.int64, device=self.device)
-            for name, size in sizes.items()
-        }
-        runner = _Runner(body, inputs, self.use_graphs, self.pool, self._save_caches, self._restore_caches)
+        ints = torch.zeros(num_ints, dtype=torch.int64, device=self.device)
+        uniforms = torch.zeros(num_uniforms, dtype=torch.float32, device=self.device)
+        try:
+            runner = _Runner(make_body(), ints, uniforms, self.use_graphs, self.pool, self._save_caches,
+                             self._restore_caches)
+        except Exception as error:  # noqa: BLE001 - a compiler failure: fall back to eager sampling
+            if not self.compile_sampling:
+                raise
+            warnings.warn(f"compiling the sampling step failed ({type(error).__name__}: {error}); "
+                          "it runs eagerly inside the graph instead")
+            self.compile_sampling = False
+            if self.use_graphs:
+                self.pool = torch.cuda.graph_pool_handle()  # a failed capture may leave the pool unusable
+            runner = _Runner(make_body(), ints, uniforms, self.use_graphs, self.pool, self._save_caches,
+                             self._restore_caches)
         self.graphs[key] = runner
         self.capture_time += time.perf_counter() - start
         return runner
@@ -266,27 +355,34 @@ class FusedStepper:
 
 
 class _Runner:
-    """A body with static input buffers; on CUDA captured once as a graph and replayed."""
+    """A body over two static input buffers (ints, uniforms); on CUDA captured once as a graph
+    and replayed."""
 
-    def __init__(self, body, inputs: dict, use_graphs: bool, pool, save, restore) -> None:
-        self.body, self.inputs = body, inputs
+    def __init__(self, body, ints: torch.Tensor, uniforms: torch.Tensor, use_graphs: bool, pool, save,
+                 restore) -> None:
+        self.body, self.ints, self.uniforms = body, ints, uniforms
         self.graph = None
-        if use_graphs:
-            saved = save()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                for _ in range(2):  # warm-up: compile, autotune, allocate outside the capture
-                    body(**inputs)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
-                self.output = body(**inputs)
+        saved = save()
+        try:
+            if use_graphs:
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    for _ in range(2):  # warm-up: compile, autotune, allocate outside the capture
+                        body(ints, uniforms)
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+                    self.output = body(ints, uniforms)
+            else:
+                with torch.inference_mode():  # compile now, not inside the first timed step
+                    body(ints, uniforms)
+        finally:
             restore(saved)
 
     def run(self) -> torch.Tensor:
         if self.graph is None:
             with torch.inference_mode():
-                return self.body(**self.inputs)
+                return self.body(self.ints, self.uniforms)
         self.graph.replay()
         return self.output

@@ -40,7 +40,7 @@ def test_speculative_greedy_output_equals_plain_greedy_on_real_prompts(capsys, d
 
 
 def test_hierarchical_drafts_and_auto_gamma_keep_greedy_output_and_report_each_level(capsys):
-    result = run_json(capsys, "--draft", "default", "--draft", "ngram", "--gamma", "auto", "--compare",
+    result = run_json(capsys, "--draft", "layers:8", "--draft", "ngram", "--gamma", "auto", "--compare",
                       "--max-new-tokens", "24", PROMPTS[0])
     assert result["identical"] is True
     assert result["stats"]["gamma"] == "auto"
@@ -83,6 +83,7 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "layers:99"], "layers:99 must be between 1 and 29"),
     (["--draft", "ngram", "--draft", "ngram"], "can only be the last --draft"),
     (["--draft", "ngram:x"], "bad n-gram spec"),
+    (["--draft", "default", "--draft", "ngram"], "reads the target's features"),
     (["--max-seq-len", "8"], "does not fit the model's context of 8 tokens"),
 ])
 def test_bad_input_gets_a_clear_message_and_a_nonzero_exit(capsys, args, message):

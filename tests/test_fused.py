@@ -80,3 +80,65 @@ def test_fused_first_token_law_matches_the_target_law():
                               generator=generator, stepper=stepper)).tokens[0]
         counts[first] += 1
     assert chisquare(counts.numpy(), (exact * n).numpy()).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("max_new", [1, 3, 4, 9])
+def test_chunked_plain_decoding_honours_stop_tokens_and_max_new_tokens(device, max_new):
+    """Plain decoding runs up to 4 target calls per graph replay; what comes after a stop token or
+    past max_new_tokens is dropped, and stats count every target call."""
+    weights, target = _models(device)
+    prompt = [5, 9, 2, 7]
+    full = reference_generate(target, prompt, params=GREEDY, max_new_tokens=12)
+    stop = full[5]  # a stop token in the middle of the second chunk
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=max_new, stop_ids=[stop])
+    stepper = FusedStepper(target, None, compile=False, plain_chunk=4)
+    generator = torch.Generator(device=target.device).manual_seed(0)
+    steps = list(generate(target, None, prompt, gamma=0, params=GREEDY, max_new_tokens=max_new, stop_ids=[stop],
+                          generator=generator, stepper=stepper))
+    assert [t for s in steps for t in s.tokens] == expected
+    stats = steps[-1].stats
+    assert stats.target_calls >= stats.new_tokens and len(stats.gamma_history) == stats.target_calls
+    # whole chunks of 4 target calls while at least 4 tokens may come, then one at a time;
+    # the step with the stop token emits up to it
+    sizes, calls = [], 0
+    while calls < len(expected):
+        chunk = 4 if max_new - calls >= 4 else 1
+        sizes.append(min(chunk, len(expected) - calls))
+        calls += chunk
+    assert [len(s.tokens) for s in steps] == sizes and stats.target_calls == calls
+
+
+def test_chunked_plain_sampling_follows_the_target_law_over_two_tokens():
+    """Chi-square of 4000 (t1, t2) pairs, both from one chunk (t1 is fed back on the device),
+    against the exact two-token law of the target (vocab 8: 64 cells)."""
+    weights = random_weights(tiny_config(vocab_size=8), seed=3, scale=2.0)
+    target = LeanModel(weights, max_seq_len=16)
+    prompt = [1, 2, 3]
+    target.truncate(0)
+    first = torch.softmax(target.forward(torch.tensor(prompt), 0)[-1].double(), -1)  # [8]
+    law = torch.zeros(8, 8, dtype=torch.float64)
+    for t1 in range(8):
+        target.truncate(0)
+        law[t1] = first[t1] * torch.softmax(target.forward(torch.tensor(prompt + [t1]), 0)[-1].double(), -1)
+    stepper = FusedStepper(target, None, compile=False, plain_chunk=2)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(64)
+    n = 4000
+    for _ in range(n):
+        [step] = list(generate(target, None, prompt, gamma=0, params=SamplingParams(), max_new_tokens=2,
+                               generator=generator, stepper=stepper))
+        counts[step.tokens[0] * 8 + step.tokens[1]] += 1
+    def pvalue(candidate_law):
+        expected = (candidate_law.flatten() * n).numpy()
+        keep = expected >= 5  # pool cells expected to hold fewer than 5 draws
+        observed = counts.numpy()
+        return chisquare(list(observed[keep]) + [observed[~keep].sum()],
+                         list(expected[keep]) + [expected[~keep].sum()]).pvalue
+
+    assert pvalue(law) > 1e-4
+    # Negative control: the law a chunk would have if it did not feed t1 back (t2 drawn after the
+    # prompt's last token again). The same draws must reject it.
+    target.truncate(0)
+    stale = torch.softmax(target.forward(torch.tensor(prompt + [prompt[-1]]), 0)[-1].double(), -1)
+    assert pvalue(first[:, None] * stale[None, :]) < 1e-4

@@ -175,6 +175,11 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
                    else f"the target has {num_layers} layers ({bad[0]} needs fewer)")
             (notes.append if not given else _raise)(f"method {method} skipped: {why}")
             continue
+        if "distilled" in parts and len(parts) > 1 and distilled is not None and _reads_features(distilled):
+            (notes.append if not given else _raise)(
+                f"method {method} skipped: the distilled draft reads the target's features (EAGLE-style), "
+                "so it drafts for the target directly and takes no drafter below it")
+            continue
         drafts = [distilled if p == "distilled" else p for p in parts]
         for gamma in ([_gamma_value(pinned)] if pinned else gammas):
             groups.append({"method": name, "drafts": drafts, "gamma": gamma})
@@ -183,6 +188,12 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
             if num_layers is not None and _layers_ok(method, num_layers):
                 groups.append({"method": method, "drafts": [method], "gamma": "auto"})
     return groups
+
+
+def _reads_features(folder: str) -> bool:
+    from speculant.distill.draft_model import read_draft_config
+
+    return read_draft_config(folder)["architecture"].get("inputs", "tokens") == "features"
 
 
 def _raise(message: str):
