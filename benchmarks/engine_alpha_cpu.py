@@ -1,0 +1,59 @@
+"""Engine α of the default (embedded) draft on more prompts than the GPU run: HumanEval at T = 0 and
+chat at T = 1, float32 on the CPU, per γ. α = accepted ÷ tested draft tokens over all steps.
+
+    python benchmarks/engine_alpha_cpu.py --prompts 16 --max-new-tokens 64 --gammas 3,4 --out bench-out/alpha
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import speculant
+from speculant.bench.tasks import chat_prompts, code_prompts
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--gammas", default="3,4")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for gamma in map(int, args.gammas.split(",")):
+        spec = speculant.load("smollm2-135m", "default", gamma=gamma)
+
+        def encode(text, chat):
+            return spec.encode(text, chat)
+
+        for task, prompts, temperature in (("code", code_prompts(args.prompts, encode), 0.0),
+                                           ("chat", chat_prompts(args.prompts, encode), 1.0)):
+            accepted = tested = tokens = calls = 0
+            by_position = None
+            for i, prompt in enumerate(prompts):
+                out = spec.generate(list(prompt.token_ids), max_new_tokens=args.max_new_tokens,
+                                    temperature=temperature, seed=i)
+                s = out.stats
+                accepted += s["accepted"]
+                tested += s["accepted"] + s["rejections"]
+                tokens += s["new_tokens"]
+                calls += s["target_calls"]
+                pos = [(a, d) for a, d in zip(s["accepted_by_position"], s["drafted_by_position"])]
+                by_position = pos if by_position is None else [(a + a2, d + d2) for (a, d), (a2, d2) in zip(by_position, pos)]
+            row = {"task": task, "temperature": temperature, "gamma": gamma, "prompts": len(prompts),
+                   "alpha": accepted / tested, "tested": tested, "tau": tokens / calls,
+                   "acceptance_by_position": [round(a / d, 3) if d else None for a, d in by_position or []]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "engine_alpha_cpu.json").write_text(json.dumps({"command": "python benchmarks/engine_alpha_cpu.py "
+                                                                           f"--prompts {args.prompts} --max-new-tokens {args.max_new_tokens} --gammas {args.gammas}",
+                                                                           "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
