@@ -249,16 +249,13 @@ class FusedStepper:
             # ints = [x_{n-1}, x_n, n-1, n]. The draft re-reads x_{n-1} (harmless) and x_n, then γ-1 drafts
             last2, starts = ints[:2], ints[2:]
             logits = draft_fn(last2, starts[0] + offsets[:2])[-1]
-            tokens, probs = [], []
-            for i in range(gamma):
-                step_probs, token = sample(logits, uniforms[i])
-                tokens.append(token)
-                probs.append(step_probs)
-                if i + 1 < gamma:
-                    logits = draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
-            draft_tokens = torch.stack(tokens)  # [γ]
+
+            def feed(token, i):
+                return draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
+
+            draft_tokens, draft_probs = _sample_chain(sample, logits, uniforms[:gamma], feed)
             target_in = torch.cat([last2[1:], draft_tokens])  # [γ+1]
-            return finish(target_fn(target_in, starts[1] + offsets), draft_tokens, torch.stack(probs), uniforms[gamma:])
+            return finish(target_fn(target_in, starts[1] + offsets), draft_tokens, draft_probs, uniforms[gamma:])
 
         return body
 
@@ -273,19 +270,17 @@ class FusedStepper:
             window_tokens, starts = ints[:window], ints[window:]
             positions = starts[0] + offsets[:window]
             logits, predicted = draft_fn(window_tokens, features.index_select(0, positions), positions)
-            logits, feature = logits[-1], predicted[-1:]
-            tokens, probs = [], []
-            for i in range(gamma):
-                step_probs, token = sample(logits, uniforms[i])
-                tokens.append(token)
-                probs.append(step_probs)
-                if i + 1 < gamma:  # draft position n+i reads (x̂_{n+i+1}, f̂_{n+i})
-                    logits, feature = draft_fn(token.view(1), feature, starts[1] + offsets[i : i + 1])
-                    logits = logits[-1]
-            draft_tokens = torch.stack(tokens)  # [γ]
+            feature = predicted[-1:]
+
+            def feed(token, i):  # draft position n+i reads (x̂_{n+i+1}, f̂_{n+i})
+                nonlocal feature
+                logits, feature = draft_fn(token.view(1), feature, starts[1] + offsets[i : i + 1])
+                return logits[-1]
+
+            draft_tokens, draft_probs = _sample_chain(sample, logits[-1], uniforms[:gamma], feed)
             target_in = torch.cat([window_tokens[-1:], draft_tokens])  # [x_n, x̂_1..x̂_γ] at n..n+γ
             target_logits = target_fn(target_in, starts[1] + offsets[: gamma + 1])
-            return finish(target_logits, draft_tokens, torch.stack(probs), uniforms[gamma:])
+            return finish(target_logits, draft_tokens, draft_probs, uniforms[gamma:])
 
         return body
 
@@ -352,6 +347,19 @@ class FusedStepper:
             if features is not None:
                 model.features.copy_(features)
             model._length = length
+
+
+def _sample_chain(sample, logits, uniforms, feed):
+    """γ = len(uniforms) draft tokens inside a graph body: sample(logits, u) -> (probs, token);
+    feed(token, i) -> the logits after draft token i. Returns tokens [γ] and their laws [γ, V]."""
+    tokens, probs = [], []
+    for i in range(uniforms.shape[0]):
+        step_probs, token = sample(logits, uniforms[i])
+        tokens.append(token)
+        probs.append(step_probs)
+        if i + 1 < uniforms.shape[0]:
+            logits = feed(token, i)
+    return torch.stack(tokens), torch.stack(probs)
 
 
 class _Runner:

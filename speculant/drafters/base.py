@@ -7,11 +7,11 @@ context it is shown next: the engine never tells it what was rejected.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
-from speculant.sampling import SamplingParams
+from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 
 
 class Draft(NamedTuple):
@@ -42,3 +42,21 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, generator,
+                 feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Draft:
+    """Draw γ tokens autoregressively from a draft model: logits [vocab] give the first law;
+    feed(token [], i) feeds draft token i and returns the logits after it (never called for the
+    last token: its logits are not needed). Returns the tokens and the law each was drawn from."""
+    tokens, probs = [], []
+    for i in range(gamma):
+        step_probs = logits_to_probs(logits, params)  # [vocab]
+        token = sample_from(step_probs, torch.rand((), generator=generator, device=logits.device))
+        tokens.append(token)
+        probs.append(step_probs)
+        if i + 1 < gamma:
+            logits = feed(token, i)
+    if not tokens:
+        return Draft(torch.empty(0, dtype=torch.int64, device=logits.device), None)
+    return Draft(torch.stack(tokens), torch.stack(probs))

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 
 from speculant.distill.draft_model import FeatureDraft
-from speculant.drafters.base import Draft, common_prefix_length
+from speculant.drafters.base import Draft, common_prefix_length, sample_draft
 from speculant.models.transformer import LeanModel
-from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+from speculant.sampling import SamplingParams
 
 
 class FeatureDrafter:
@@ -54,16 +54,14 @@ class FeatureDrafter:
         self.model.truncate(keep)
         tokens = torch.tensor(shifted[keep:n], device=device)
         logits, hidden = self.model.forward_features(tokens, self.target.features[keep:n], keep)
-        logits, feature = logits[-1], hidden[-1:]
         self.fed, self.true_len = shifted[:n], n
-        drafts, probs = [], []
-        for i in range(gamma):
-            step_probs = logits_to_probs(logits, params)  # [vocab]
-            token = sample_from(step_probs, torch.rand((), generator=generator, device=device))
-            drafts.append(token)
-            probs.append(step_probs)
-            if i + 1 < gamma:  # the last draft token is never fed: its logits are not needed
-                logits, feature = self.model.forward_features(token.view(1), feature, n + i)
-                logits = logits[-1]
-                self.fed.append(int(token))
-        return Draft(torch.stack(drafts), torch.stack(probs))
+        feature = hidden[-1:]  # f̂_n: read with the first draft token
+
+        def feed(token: torch.Tensor, i: int) -> torch.Tensor:
+            # draft position n+i reads (x̂_{n+i+1}, f̂_{n+i}) and predicts f̂_{n+i+1}
+            nonlocal feature
+            logits, feature = self.model.forward_features(token.view(1), feature, n + i)
+            self.fed.append(int(token))
+            return logits[-1]
+
+        return sample_draft(logits[-1], gamma, params, generator, feed)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, common_prefix_length
+from speculant.drafters.base import Draft, common_prefix_length, sample_draft
 from speculant.models.base import CausalLM
-from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+from speculant.sampling import SamplingParams
 
 
 class ModelDrafter:
@@ -35,15 +35,10 @@ class ModelDrafter:
         self.known_good = len(context)
         device = self.model.device
         logits = self.model.forward(torch.tensor(context[keep:], device=device), keep)[-1]
-        tokens, probs = [], []
-        for i in range(gamma):
-            step_probs = logits_to_probs(logits, params)  # [vocab]
-            token = sample_from(step_probs, torch.rand((), generator=generator, device=device))
-            tokens.append(token)
-            probs.append(step_probs)
-            if i + 1 < gamma:  # the last draft token is never fed: its logits are not needed
-                logits = self.model.forward(token.view(1), len(self.fed))[-1]
-                self.fed.append(int(token))
-        if not tokens:
-            return Draft(torch.empty(0, dtype=torch.int64, device=device), None)
-        return Draft(torch.stack(tokens), torch.stack(probs))
+
+        def feed(token: torch.Tensor, i: int) -> torch.Tensor:
+            logits = self.model.forward(token.view(1), len(self.fed))[-1]
+            self.fed.append(int(token))
+            return logits
+
+        return sample_draft(logits, gamma, params, generator, feed)
