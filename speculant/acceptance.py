@@ -101,3 +101,88 @@ def verify(
     next_probs = torch.cat([residual_probs(target_probs[:gamma], draft_probs), target_probs[gamma:]])
     next_token = sample_from(next_probs.index_select(0, num_accepted.view(1))[0], sample_uniform)
     return Verdict(num_accepted, next_token)
+
+
+# ---- several candidates per position ------------------------------------------------------------
+#
+# A drafter may propose k candidates at each of γ depths: column 0 is the chain it continues
+# (x_1..x_γ, each drawn from its law as above), columns 1..k-1 are alternatives at the same depth,
+# leaves of the tree (the draft is not run on them). The target scores the whole tree in one forward
+# pass, the nodes laid out by `candidate_tree`. At each depth the candidates are tried in order by
+# recursive rejection sampling: candidate j was drawn from q_j given candidates 0..j-1 (the draft's law
+# with the earlier ones removed and renormalised, for draws without replacement; a point mass for a
+# deterministic choice); it is kept with probability min(1, r_j(c_j) / q_j(c_j)) where r_0 = p, and
+# after a rejection r_{j+1} = norm(max(0, r_j − q_j)). Each round is one step of the rule above
+# applied to the law still owed (r_j), so the token emitted at a depth follows p exactly whatever the
+# candidates are, as long as q_j is the law candidate j was really drawn from given the ones before.
+# If no candidate is kept, the token comes from r_k. A kept chain token moves on to the next depth; a
+# kept alternative ends the step, followed by a bonus token drawn from the target at that node.
+
+
+def candidate_tree(gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of the 1 + γ·k nodes the target scores: node 0 is the last committed token, nodes
+    1..γ the chain (node d at depth d), then the alternatives depth by depth (depth d, column j >= 1
+    at node 1 + γ + (d-1)(k-1) + (j-1)), each a child of chain node d-1.
+
+    Returns depths [N] int64 (the position offset of each node) and ancestors [N, N] bool (row i:
+    the nodes node i attends to, itself included)."""
+    n = 1 + gamma * k
+    parents = list(range(-1, gamma)) + [d for d in range(gamma) for _ in range(k - 1)]
+    depths, ancestors = [0] * n, torch.zeros(n, n, dtype=torch.bool)
+    for node in range(n):
+        ancestors[node, node] = True
+        if parents[node] >= 0:
+            depths[node] = depths[parents[node]] + 1
+            ancestors[node] |= ancestors[parents[node]]
+    return torch.tensor(depths), ancestors
+
+
+class CandidateVerdict(NamedTuple):
+    num_accepted: torch.Tensor  # [] int64, 0..γ: chain tokens kept
+    alternative: torch.Tensor  # [] int64: column j >= 1 kept at depth num_accepted + 1, or 0 if none
+    next_token: torch.Tensor  # [] int64: recovered token, or bonus after a kept alternative / the chain
+
+
+def verify_candidates(
+    candidates: torch.Tensor,  # [γ, k] int64; column 0 is the chain
+    candidate_probs: torch.Tensor | None,  # [γ, k, vocab]: law of candidate j given 0..j-1; None = point masses
+    target_probs: torch.Tensor,  # [1 + γ·k, vocab] at the nodes of candidate_tree(γ, k)
+    accept_uniforms: torch.Tensor,  # [γ, k] in [0, 1)
+    sample_uniforms: torch.Tensor,  # [γ + 1] in [0, 1): the draw after the step's last kept token
+) -> CandidateVerdict:
+    """Keep a prefix of the chain, maybe one alternative, and draw one more token. With k = 1 this is
+    `verify` (same decisions for the same uniforms). A candidate whose own law gives it probability 0
+    (draws without replacement past the end of a small support) is never kept.
+
+    All depths are processed at once (their uniforms are independent), then the first depth whose
+    chain token was not kept decides the step: no host synchronisation."""
+    gamma, k = candidates.shape
+    vocab = target_probs.shape[-1]
+    owed = target_probs[:gamma]  # [γ, vocab]: r_0 at depth d is p at chain node d-1
+    kept = torch.full((gamma,), k, dtype=torch.int64, device=candidates.device)  # first kept column, k = none
+    for j in range(k):
+        tokens = candidates[:, j]  # [γ]
+        if candidate_probs is None:
+            law = point_mass(tokens, vocab, target_probs.dtype)
+        else:
+            law = candidate_probs[:, j]  # [γ, vocab]
+        r_x = owed.gather(-1, tokens[:, None]).squeeze(-1)
+        q_x = law.gather(-1, tokens[:, None]).squeeze(-1)
+        open_ = kept == k
+        keep = open_ & (accept_uniforms[:, j] * q_x < r_x) & ((q_x > 0) | (j == 0))
+        kept = torch.where(keep, j, kept)
+        owed = torch.where((open_ & ~keep)[:, None], residual_probs(owed, law), owed)
+    num_accepted = (kept == 0).to(torch.int64).cumprod(0).sum()
+
+    # the law of the token after the step's last kept one: bonus at the kept alternative's node,
+    # r_k where nothing was kept, the target after the whole chain
+    depth = num_accepted.clamp(max=gamma - 1).view(1) if gamma else num_accepted.view(1)
+    column = kept.index_select(0, depth)[0] if gamma else num_accepted
+    chain_done = num_accepted == gamma
+    has_alternative = ~chain_done & (column < k) & (column > 0)
+    node = torch.where(has_alternative, 1 + gamma + depth[0] * (k - 1) + column - 1, gamma)
+    owed_row = owed.index_select(0, depth)[0] if gamma else target_probs[0]
+    next_probs = torch.where(chain_done | has_alternative, target_probs.index_select(0, node.view(1))[0], owed_row)
+    next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0])
+    alternative = torch.where(has_alternative, column, 0)
+    return CandidateVerdict(num_accepted, alternative, next_token)

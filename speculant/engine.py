@@ -21,10 +21,11 @@ from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from speculant.acceptance import verify
+from speculant.acceptance import candidate_tree, verify, verify_candidates
 from speculant.analysis import expected_speedup
 from speculant.drafters.base import Draft, Drafter
 from speculant.models.base import CausalLM, ContextOverflowError
+from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams, logits_to_probs
 
 
@@ -253,6 +254,11 @@ def speculative_step(
     device = target.device
     draft, draft_time = _timed(device, _propose, drafter, context, gamma, params, generator)
     num_drafted = draft.tokens.shape[0]
+    if draft.alternatives is not None and num_drafted:
+        # a tree of γ·k candidates, if the target can take one and its cache has the slots
+        k = 1 + draft.alternatives.shape[1]
+        if isinstance(target, LeanModel) and len(context) + num_drafted * k <= target.max_seq_len:
+            return _candidate_step(target, draft, context, params, generator, draft_time)
 
     def verify_draft():
         draft_tokens = draft.tokens.to(device)
@@ -268,6 +274,37 @@ def speculative_step(
     target.truncate(len(context) + num_accepted)  # rejected positions are simply forgotten
     tokens = draft.tokens[:num_accepted].tolist() + [next_token]
     return StepResult(tokens, num_drafted, num_accepted, target_probs, draft_time, target_time)
+
+
+def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params: SamplingParams,
+                    generator: torch.Generator | None, draft_time: float) -> StepResult:
+    """speculative_step for a draft with k candidates per position: the target scores the tree of
+    acceptance.candidate_tree in one forward; a kept alternative's cache slot moves to its position."""
+    device = target.device
+    gamma, k = draft.alternatives.shape[0], 1 + draft.alternatives.shape[1]
+    candidates = torch.cat([draft.tokens[:, None], draft.alternatives], 1).to(device)  # [γ, k]
+    laws = None if draft.alternative_probs is None else torch.cat([draft.probs[:, None], draft.alternative_probs], 1)
+    start = len(context) - 1  # the root (the last committed token) sits at slot and position `start`
+
+    def verify_tree():
+        _, ancestors = candidate_tree(gamma, k)
+        inputs = torch.cat([torch.tensor(context[-1:], device=device), candidates[:, 0], candidates[:, 1:].reshape(-1)])
+        target_probs = logits_to_probs(target.forward(inputs, start, ancestors), params)  # [1 + γk, vocab]
+        accept_uniforms = torch.rand(gamma, k, generator=generator, device=device)
+        sample_uniforms = torch.rand(gamma + 1, generator=generator, device=device)
+        verdict = verify_candidates(candidates, laws, target_probs, accept_uniforms, sample_uniforms)
+        return target_probs, [int(x) for x in verdict]  # the step's one synchronisation
+
+    (target_probs, (num_accepted, alternative, next_token)), target_time = _timed(device, verify_tree)
+    tokens = candidates[:num_accepted, 0].tolist()
+    path = list(range(num_accepted + 1))  # the nodes whose law gave each emitted token
+    if alternative:
+        node = 1 + gamma + num_accepted * (k - 1) + alternative - 1
+        target.move_slot(start + node, start + num_accepted + 1)
+        tokens.append(int(candidates[num_accepted, alternative]))
+        path.append(node)
+    target.truncate(len(context) + len(tokens))
+    return StepResult(tokens + [next_token], gamma, len(tokens), target_probs[path], draft_time, target_time)
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:

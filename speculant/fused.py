@@ -29,8 +29,9 @@ from typing import Callable
 
 import torch
 
-from speculant.acceptance import verify
+from speculant.acceptance import candidate_tree, verify, verify_candidates
 from speculant.distill.draft_model import FeatureDraft
+from speculant.drafters.base import draw_alternatives
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import StepResult
 from speculant.models.transformer import LeanModel
@@ -38,7 +39,8 @@ from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 
 
 def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """tokens [T], positions [T] (device tensors) -> logits [T, vocab]; attends over the whole cache.
+    """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab]; attends
+    over the whole cache.
 
     Compiled once per model (torch.compile fuses the elementwise ops: fewer kernels per graph) and
     memoised on the model, so every stepper over the same model shares the compiled code."""
@@ -46,9 +48,11 @@ def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, t
     key = (compile, model.features is not None)  # a target that keeps features writes them too
     if key not in cached:
 
-        def forward(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-            hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len)
-            model.record_features(hidden, positions)
+        def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
+            # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
+            hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len, ancestors=ancestors)
+            slots = positions if ancestors is None else positions[0] + torch.arange(tokens.shape[0], device=tokens.device)
+            model.record_features(hidden, slots)
             return model.logits(hidden)
 
         # dynamic=None: the first shape compiles static, the next one once for all lengths >= 2
@@ -81,7 +85,7 @@ class FusedStepper:
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4) -> None:
+                 plain_chunk: int = 4, candidates: int = 1) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -93,6 +97,13 @@ class FusedStepper:
         if plain_chunk < 1:
             raise ValueError(f"plain_chunk must be >= 1, got {plain_chunk}")
         self.plain_chunk = plain_chunk
+        # k candidates per draft position (acceptance.verify_candidates): a draft model's chain plus
+        # k-1 alternatives, scored as one tree by the target
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if candidates > 1 and draft_model is None:
+            raise ValueError("several candidates per position need a draft model")
+        self.candidates = candidates
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
@@ -102,6 +113,8 @@ class FusedStepper:
         else:
             self.draft_fn = static_forward(draft_model, compile) if draft_model is not None else None
         self.target_fn = static_forward(target, compile)
+        self.offsets = torch.arange(target.max_seq_len, device=self.device)  # position offsets, read by bodies
+        self.trees: dict = {}
         # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
         self.compile_sampling = compile
@@ -166,20 +179,23 @@ class FusedStepper:
         start = time.perf_counter()
         n = len(context) - 1
         target_calls = 1
+        # k candidates per position while the tree's 1 + γk slots fit in the cache, else a chain
+        k = self.candidates if n + 1 + gamma * self.candidates <= self.target.max_seq_len else 1
         if self.features and gamma > 0 and n >= 1:
             # re-read the last min(γ+1, n) draft positions with true features: every position the
             # previous step fed with predicted features lies in that window
             window = min(gamma + 1, n)
             self._catch_up_draft(context, n - window)
-            key = ("features", gamma, window)
-            runner = self.graphs.get(key) or self._prepare(key, lambda: self._feature_step_body(gamma, window),
-                                                           window + 2, 2 * gamma + 1)
+            key = ("features", gamma, window, k)
+            runner = self.graphs.get(key) or self._prepare(
+                key, lambda: self._feature_step_body(gamma, window, k), window + 2, self._draft_uniforms(gamma, k))
             ints = context[n - window + 1:] + [n - window, n]
             drafted = gamma
         elif self.draft_model is not None and not self.features and gamma > 0 and n >= 1:
             self._catch_up_draft(context, n - 1)
-            key = ("model", gamma)
-            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma), 4, 2 * gamma + 1)
+            key = ("model", gamma, k)
+            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma, k), 4,
+                                                           self._draft_uniforms(gamma, k))
             ints = context[-2:] + [n - 1, n]
             drafted = gamma
         else:
@@ -199,29 +215,50 @@ class FusedStepper:
         runner.ints.copy_(torch.tensor(ints), non_blocking=True)
         torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         out = runner.run().tolist()  # the step's one synchronisation
+        chain_accepted = 0  # draft tokens of the chain kept (a kept alternative comes after them)
         if key[0] == "plain":
             num_accepted, tokens = 0, out
             self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
+        elif key[-1] > 1 and key[0] in ("features", "model"):
+            # out = [chain kept, alternative column or 0, next token, candidates [γ, k] row by row]
+            chain_accepted, alternative, next_token, candidates = out[0], out[1], out[2], out[3:]
+            tokens = candidates[0 : chain_accepted * k : k]
+            if alternative:  # the kept node's cache slot moves to its position
+                self.target.move_slot(n + 1 + gamma + chain_accepted * (k - 1) + alternative - 1, n + chain_accepted + 1)
+                tokens.append(candidates[chain_accepted * k + alternative])
+            num_accepted = len(tokens)
+            tokens.append(next_token)
+            self.target._length = len(context) + num_accepted
         else:
             num_accepted, next_token, draft_tokens = out[0], out[1], out[2:]
+            chain_accepted = num_accepted
             tokens = draft_tokens[:num_accepted] + [next_token]
             self.target._length = len(context) + num_accepted  # cache: context + accepted drafts
         if self.draft_model is not None:
             if drafted and self.features:  # true features for positions < n; later ones are redone
                 self.draft_valid = n
-            elif drafted:  # x_i at i up to n, then the accepted drafts fed while drafting
-                self.draft_valid = n + 1 + min(num_accepted, drafted - 1)
+            elif drafted:  # x_i at i up to n, then the kept chain drafts fed while drafting
+                self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
         elapsed = time.perf_counter() - start
         # time is not split between draft and target inside one graph; it is reported as target time
         return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed, target_calls)
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
+    def _draft_uniforms(self, gamma: int, k: int) -> int:
+        """Uniforms of a drafting step: γ draws, the noise of the alternatives (γ·V when they are
+        sampled), the acceptance tests (γ·k) and the draws after them (γ + 1)."""
+        noise = gamma * self.target.vocab_size if k > 1 and not self.params.greedy else 0
+        return gamma + noise + gamma * k + gamma + 1
+
     def _sampling(self):
-        """(sample, finish) for the current params, compiled if asked:
+        """The sampling steps for the current params, compiled if asked:
         sample(logits [V], u []) -> (probs [V], token []): the transform and one draw;
+        alternatives(logits [V], probs [V], token [], count, noise [V]) -> drafters.base.draw_alternatives;
         finish(target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] | None, uniforms [γ+1])
-        -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule."""
+        -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule;
+        finish_candidates(target_logits [1+γk, V], candidates [γ, k], laws [γ, k, V] | None,
+        uniforms [γk + γ + 1]) -> [chain kept, alternative, next_token, candidates row by row]."""
         if self.compile_sampling not in self.samplers:
             params = self.params
 
@@ -229,21 +266,60 @@ class FusedStepper:
                 probs = logits_to_probs(logits, params)
                 return probs, sample_from(probs, uniform)
 
+            def alternatives(logits, probs, token, count, noise):
+                return draw_alternatives(logits, probs, token, count, params.greedy, noise)
+
             def finish(target_logits, draft_tokens, draft_probs, uniforms):
                 gamma = draft_tokens.shape[0]
                 verdict = verify(draft_tokens, draft_probs, logits_to_probs(target_logits, params),
                                  uniforms[:gamma], uniforms[gamma])
                 return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
 
+            def finish_candidates(target_logits, candidates, laws, uniforms):
+                gamma, k = candidates.shape
+                verdict = verify_candidates(candidates, laws, logits_to_probs(target_logits, params),
+                                            uniforms[: gamma * k].view(gamma, k), uniforms[gamma * k:])
+                return torch.cat([torch.stack(list(verdict)), candidates.reshape(-1)])
+
+            functions = (sample, alternatives, finish, finish_candidates)
             if self.compile_sampling:
-                sample, finish = torch.compile(sample), torch.compile(finish)
-            self.samplers[self.compile_sampling] = (sample, finish)
+                functions = tuple(torch.compile(f) for f in functions)
+            self.samplers[self.compile_sampling] = functions
         return self.samplers[self.compile_sampling]
 
-    def _model_step_body(self, gamma: int):
-        draft_fn, target_fn = self.draft_fn, self.target_fn
-        sample, finish = self._sampling()
-        offsets = torch.arange(gamma + 1, device=self.device)
+    def _draft_and_verify(self, gamma: int, k: int, logits, uniforms, feed, root, start):
+        """The part shared by the model and feature bodies: draw the chain (and alternatives) from
+        the draft's logits [V] and `feed`, score it with the target from the root token [1] at
+        position `start` [], and apply the rule."""
+        sample, alternatives, finish, finish_candidates = self._sampling()
+        draws, rest = uniforms[:gamma], uniforms[gamma:]
+        if k == 1:
+            draft_tokens, draft_probs, _, _ = _sample_chain(sample, logits, draws, feed)
+            target_logits = self.target_fn(torch.cat([root, draft_tokens]), start + self.offsets[: gamma + 1])
+            return finish(target_logits, draft_tokens, draft_probs, rest)
+        vocab = self.target.vocab_size
+        noise = None
+        if not self.params.greedy:
+            noise, rest = rest[: gamma * vocab].view(gamma, vocab), rest[gamma * vocab:]
+
+        def others(logits, probs, token, i):
+            return alternatives(logits, probs, token, k - 1, None if noise is None else noise[i])
+
+        _, _, candidates, laws = _sample_chain(sample, logits, draws, feed, others)
+        depths, ancestors = self.tree(gamma, k)
+        target_in = torch.cat([root, candidates[:, 0], candidates[:, 1:].reshape(-1)])  # [1 + γk]
+        target_logits = self.target_fn(target_in, start + depths, ancestors)
+        return finish_candidates(target_logits, candidates, laws, rest)
+
+    def tree(self, gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """acceptance.candidate_tree on the device, made once per (γ, k): graphs read it in place."""
+        if (gamma, k) not in self.trees:
+            self.trees[gamma, k] = tuple(t.to(self.device) for t in candidate_tree(gamma, k))
+        return self.trees[gamma, k]
+
+    def _model_step_body(self, gamma: int, k: int):
+        draft_fn = self.draft_fn
+        offsets = self.offsets
 
         def body(ints, uniforms):
             # ints = [x_{n-1}, x_n, n-1, n]. The draft re-reads x_{n-1} (harmless) and x_n, then γ-1 drafts
@@ -253,16 +329,12 @@ class FusedStepper:
             def feed(token, i):
                 return draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
 
-            draft_tokens, draft_probs = _sample_chain(sample, logits, uniforms[:gamma], feed)
-            target_in = torch.cat([last2[1:], draft_tokens])  # [γ+1]
-            return finish(target_fn(target_in, starts[1] + offsets), draft_tokens, draft_probs, uniforms[gamma:])
+            return self._draft_and_verify(gamma, k, logits, uniforms, feed, last2[1:], starts[1])
 
         return body
 
-    def _feature_step_body(self, gamma: int, window: int):
-        draft_fn, target_fn, features = self.draft_fn, self.target_fn, self.target.features
-        sample, finish = self._sampling()
-        offsets = torch.arange(max(gamma, window) + 1, device=self.device)
+    def _feature_step_body(self, gamma: int, window: int, k: int):
+        draft_fn, features, offsets = self.draft_fn, self.target.features, self.offsets
 
         def body(ints, uniforms):
             # ints = [x_{n-W+1..n}, n-W, n]: draft positions n-W..n-1 re-read them with the true
@@ -277,28 +349,25 @@ class FusedStepper:
                 logits, feature = draft_fn(token.view(1), feature, starts[1] + offsets[i : i + 1])
                 return logits[-1]
 
-            draft_tokens, draft_probs = _sample_chain(sample, logits[-1], uniforms[:gamma], feed)
-            target_in = torch.cat([window_tokens[-1:], draft_tokens])  # [x_n, x̂_1..x̂_γ] at n..n+γ
-            target_logits = target_fn(target_in, starts[1] + offsets[: gamma + 1])
-            return finish(target_logits, draft_tokens, draft_probs, uniforms[gamma:])
+            # the target reads [x_n, drafts] from position n
+            return self._draft_and_verify(gamma, k, logits[-1], uniforms, feed, window_tokens[-1:], starts[1])
 
         return body
 
     def _verify_body(self, drafted: int):
-        target_fn = self.target_fn
-        _, finish = self._sampling()
-        offsets = torch.arange(drafted + 1, device=self.device)
+        target_fn, offsets = self.target_fn, self.offsets
+        _, _, finish, _ = self._sampling()
 
         def body(ints, uniforms):
             # ints = [x_n, d_1..d_γ', n]: the target verifies a deterministic draft (or none)
             tokens, start = ints[: drafted + 1], ints[drafted + 1]
-            return finish(target_fn(tokens, start + offsets), tokens[1:], None, uniforms)
+            return finish(target_fn(tokens, start + offsets[: drafted + 1]), tokens[1:], None, uniforms)
 
         return body
 
     def _plain_body(self, count: int):
         target_fn = self.target_fn
-        sample, _ = self._sampling()
+        sample = self._sampling()[0]
 
         def body(ints, uniforms):
             # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device
@@ -349,17 +418,28 @@ class FusedStepper:
             model._length = length
 
 
-def _sample_chain(sample, logits, uniforms, feed):
+def _sample_chain(sample, logits, uniforms, feed, others=None):
     """γ = len(uniforms) draft tokens inside a graph body: sample(logits, u) -> (probs, token);
-    feed(token, i) -> the logits after draft token i. Returns tokens [γ] and their laws [γ, V]."""
-    tokens, probs = [], []
+    feed(token, i) -> the logits after draft token i; others(logits, probs, token, i) -> the
+    alternatives at position i and their laws (or None). Returns tokens [γ] and their laws [γ, V],
+    then with `others` the candidates [γ, k] (column 0 the tokens) and their laws [γ, k, V] (None
+    for point masses), else None, None."""
+    tokens, probs, candidates, laws = [], [], [], []
     for i in range(uniforms.shape[0]):
         step_probs, token = sample(logits, uniforms[i])
         tokens.append(token)
         probs.append(step_probs)
+        if others is not None:
+            alternatives, alternative_laws = others(logits, step_probs, token, i)
+            candidates.append(torch.cat([token.view(1), alternatives]))
+            if alternative_laws is not None:
+                laws.append(torch.cat([step_probs[None], alternative_laws]))
         if i + 1 < uniforms.shape[0]:
             logits = feed(token, i)
-    return torch.stack(tokens), torch.stack(probs)
+    tokens, probs = torch.stack(tokens), torch.stack(probs)
+    if others is None:
+        return tokens, probs, None, None
+    return tokens, probs, torch.stack(candidates), torch.stack(laws) if laws else None
 
 
 class _Runner:

@@ -95,4 +95,4 @@ def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     cumulative = probs.cumsum(-1)  # [..., vocab]
     threshold = (uniform * cumulative[..., -1]).unsqueeze(-1)  # [..., 1]
     token = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)
-    return token.clamp_(max=probs.shape[-1] - 1)
+    return token.clamp(max=probs.shape[-1] - 1)

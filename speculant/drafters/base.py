@@ -17,6 +17,10 @@ from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 class Draft(NamedTuple):
     tokens: torch.Tensor  # [γ'] int64, 0 <= γ' <= γ
     probs: torch.Tensor | None  # [γ', vocab]: the law each token was drawn from; None = point masses
+    # k-1 further candidates at each position (see acceptance.verify_candidates), or None:
+    alternatives: torch.Tensor | None = None  # [γ', k-1] int64
+    # [γ', k-1, vocab]: the law of alternative j given the token and alternatives < j; None = point masses
+    alternative_probs: torch.Tensor | None = None
 
 
 class Drafter(Protocol):
@@ -44,19 +48,48 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
     return i
 
 
+def draw_alternatives(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, count: int, greedy: bool,
+                      noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`count` more candidates beside the token `chosen` [] at one draft position (logits, probs [V]).
+
+    Greedy: the draft's next most likely tokens, a deterministic choice (laws None: point masses).
+    Sampling: drawn without replacement from probs with `chosen` removed (Gumbel-top-k, noise [V]
+    uniforms in [0, 1)); row j of the laws [count, V] is probs without `chosen` and candidates < j,
+    renormalised: the law candidate j was drawn from given the ones before it (all zero once the
+    support is used up; such a candidate has probability 0 and is never kept)."""
+    if greedy:
+        return logits.scatter(-1, chosen.view(1), float("-inf")).topk(count).indices, None
+    scores = probs.log().scatter(-1, chosen.view(1), float("-inf")) - torch.log(-torch.log(noise))
+    tokens = scores.topk(count).indices  # [count], in the order of a sequential draw
+    earlier = torch.ones(count, count, dtype=torch.bool, device=probs.device).tril(-1)
+    removed = torch.where(earlier, tokens[None, :], chosen)  # [count, count]: row j removes tokens < j
+    rows = probs.scatter(-1, chosen.view(1), 0.0).expand(count, -1).scatter(-1, removed, 0.0)
+    mass = rows.sum(-1, keepdim=True)
+    return tokens, rows / torch.where(mass > 0, mass, 1.0)
+
+
 def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, generator,
-                 feed: Callable[[torch.Tensor, int], torch.Tensor]) -> Draft:
+                 feed: Callable[[torch.Tensor, int], torch.Tensor], candidates: int = 1) -> Draft:
     """Draw γ tokens autoregressively from a draft model: logits [vocab] give the first law;
     feed(token [], i) feeds draft token i and returns the logits after it (never called for the
-    last token: its logits are not needed). Returns the tokens and the law each was drawn from."""
-    tokens, probs = [], []
+    last token: its logits are not needed). Returns the tokens and the law each was drawn from,
+    and with `candidates` k > 1 also k-1 alternatives per position (draw_alternatives)."""
+    tokens, probs, alternatives, alternative_probs = [], [], [], []
     for i in range(gamma):
         step_probs = logits_to_probs(logits, params)  # [vocab]
         token = sample_from(step_probs, torch.rand((), generator=generator, device=logits.device))
         tokens.append(token)
         probs.append(step_probs)
+        if candidates > 1:
+            noise = torch.rand(logits.shape[-1], generator=generator, device=logits.device)
+            others, laws = draw_alternatives(logits, step_probs, token, candidates - 1, params.greedy, noise)
+            alternatives.append(others)
+            alternative_probs.append(laws)
         if i + 1 < gamma:
             logits = feed(token, i)
     if not tokens:
         return Draft(torch.empty(0, dtype=torch.int64, device=logits.device), None)
-    return Draft(torch.stack(tokens), torch.stack(probs))
+    if candidates == 1:
+        return Draft(torch.stack(tokens), torch.stack(probs))
+    return Draft(torch.stack(tokens), torch.stack(probs), torch.stack(alternatives),
+                 None if params.greedy else torch.stack(alternative_probs))

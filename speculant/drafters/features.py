@@ -26,9 +26,12 @@ from speculant.sampling import SamplingParams
 
 
 class FeatureDrafter:
-    def __init__(self, draft: FeatureDraft, target: LeanModel) -> None:
+    def __init__(self, draft: FeatureDraft, target: LeanModel, candidates: int = 1) -> None:
         if not isinstance(target, LeanModel):
             raise TypeError("a feature draft reads the target's features: it needs a lean target")
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        self.candidates = candidates  # per position: 1 = a chain, k > 1 = k-1 alternatives too
         target.keep_features()
         self.model = draft
         self.target = target
@@ -64,4 +67,4 @@ class FeatureDrafter:
             self.fed.append(int(token))
             return logits[-1]
 
-        return sample_draft(logits[-1], gamma, params, generator, feed)
+        return sample_draft(logits[-1], gamma, params, generator, feed, self.candidates)

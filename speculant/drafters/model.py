@@ -16,8 +16,11 @@ from speculant.sampling import SamplingParams
 
 
 class ModelDrafter:
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, candidates: int = 1) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.model = model
+        self.candidates = candidates  # per position: 1 = a chain, k > 1 = k-1 alternatives too
         self.vocab_size = model.vocab_size
         self.fed: list[int] = []  # tokens whose K/V sit in the model's cache, position-aligned
         self.known_good = 0  # self.fed[:known_good] is known to match the committed context
@@ -41,4 +44,4 @@ class ModelDrafter:
             self.fed.append(int(token))
             return logits
 
-        return sample_draft(logits, gamma, params, generator, feed)
+        return sample_draft(logits, gamma, params, generator, feed, self.candidates)

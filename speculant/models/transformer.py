@@ -223,14 +223,31 @@ class LeanModel(PositionalCache):
         self._length = 0
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """tokens [T] at positions start_pos.. -> logits [T, vocab] (float32)."""
+    def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] (float32).
+
+        With `ancestors` [T, T] bool the tokens form a tree (token 0 its root, see
+        acceptance.candidate_tree): token t sits in cache slot start_pos + t, at position
+        start_pos + its depth, and attends to the cache before start_pos and to its row's tokens.
+        Keep a path with `move_slot`, then `truncate`."""
         end = self._write_range(start_pos, tokens.shape[0])
-        positions = torch.arange(start_pos, end, device=self.device)
-        hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end)
-        self.record_features(hidden, positions)
+        slots = torch.arange(start_pos, end, device=self.device)
+        positions = slots
+        if ancestors is not None:
+            ancestors = ancestors.to(self.device)
+            positions = start_pos + ancestors.sum(-1) - 1  # depth of each node
+        hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end, ancestors=ancestors)
+        self.record_features(hidden, slots)
         self._length = end
         return self.logits(hidden)
+
+    def move_slot(self, source: int | torch.Tensor, dest: int | torch.Tensor) -> None:
+        """Copy cache slot `source` (keys and values of every layer, and the feature) to `dest`: a
+        kept tree node moves to the slot of its position."""
+        self.k_cache[:, dest] = self.k_cache[:, source]
+        self.v_cache[:, dest] = self.v_cache[:, source]
+        if self.features is not None:
+            self.features[dest] = self.features[source]
 
     def keep_features(self) -> None:
         """From now on every forward also stores its final-normed hidden states ("features") in
@@ -248,12 +265,13 @@ class LeanModel(PositionalCache):
         return F.linear(hidden, self.weights.head_weight()).float()
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                      inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the layers over tokens [T] at positions [T]; attend to cache positions < kv_len.
+                      inputs: torch.Tensor | None = None, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the layers over tokens [T] at positions [T]; attend to cache slots < kv_len.
 
         `inputs` [T, E] replaces the token embeddings when given (a draft that reads the target's
-        features builds its own input). Writes K/V at `positions` in place. Returns the
-        final-normed hidden states [T, E].
+        features builds its own input). Writes K/V in place, at `positions` (slot = position), or
+        for a tree (`ancestors` [T, T] bool, see forward) at slots positions[0] + 0..T-1. Returns
+        the final-normed hidden states [T, E].
         """
         cfg, w = self.cfg, self.weights
         x = self.embed(tokens) if inputs is None else inputs  # [T, E]
@@ -261,17 +279,25 @@ class LeanModel(PositionalCache):
         # (a boolean mask would be converted inside every attention call: more kernels per layer).
         # Rows are repeated per query group: see _attention's grouped layout.
         key_pos = torch.arange(kv_len, device=self.device)
-        causal = key_pos[None, :] <= positions[:, None]  # [T, kv_len]
+        if ancestors is None:
+            slots = positions
+            allowed = key_pos[None, :] <= positions[:, None]  # [T, kv_len]: causal
+        else:
+            t = tokens.shape[0] if inputs is None else inputs.shape[0]
+            slots = positions[0] + torch.arange(t, device=self.device)
+            tree_index = key_pos - positions[0]  # [kv_len]: which tree node a slot holds, if any
+            in_tree = (tree_index >= 0) & (tree_index < t)
+            allowed = (tree_index < 0)[None, :] | (in_tree[None, :] & ancestors[:, tree_index.clamp(0, t - 1)])
         groups = cfg.num_heads // cfg.num_kv_heads
-        masks = {False: self._additive(causal, groups)}
+        masks = {False: self._additive(allowed, groups)}
         if cfg.sliding_window:
-            sliding = causal & (positions[:, None] - key_pos[None, :] < cfg.sliding_window)
+            sliding = allowed & (positions[:, None] - key_pos[None, :] < cfg.sliding_window)
             masks[True] = self._additive(sliding, groups)
         for i in range(self.num_layers):
             layer = w.layers[i]
             local = cfg.is_sliding(i)
             rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, T, 1, D]
-            x = x + self._attention(layer, i, x, positions, rope, masks[local], kv_len)
+            x = x + self._attention(layer, i, x, slots, rope, masks[local], kv_len)
             x = x + self._mlp(layer, x)
         return w.norm(x)
 
@@ -286,7 +312,7 @@ class LeanModel(PositionalCache):
         mask = mask.masked_fill(~allowed, float("-inf"))
         return mask.repeat(groups, 1) if groups > 1 else mask
 
-    def _attention(self, layer: Block, i: int, x, positions, rope, mask, kv_len: int) -> torch.Tensor:
+    def _attention(self, layer: Block, i: int, x, slots, rope, mask, kv_len: int) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
         kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -301,8 +327,8 @@ class LeanModel(PositionalCache):
         if cfg.arch == "gemma3":
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
-        self.k_cache[i].index_copy_(0, positions, k)
-        self.v_cache[i].index_copy_(0, positions, v)
+        self.k_cache[i].index_copy_(0, slots, k)
+        self.v_cache[i].index_copy_(0, slots, v)
         keys = self.k_cache[i, :kv_len].transpose(0, 1)  # [KV, kv_len, D], a view
         values = self.v_cache[i, :kv_len].transpose(0, 1)
         # Grouped-query attention without copying the cache per query head: query head
