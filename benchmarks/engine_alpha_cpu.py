@@ -1,7 +1,9 @@
 """Engine α of the default (embedded) draft on more prompts than the GPU run: HumanEval at T = 0 and
-chat at T = 1, float32 on the CPU, per γ. α = accepted ÷ tested draft tokens over all steps.
+chat at T = 1, float32 on the CPU, per γ and per number of candidates per position (k). α =
+accepted ÷ tested draft tokens over all steps (with k > 1, a depth counts as accepted when any of
+its candidates is kept).
 
-    python benchmarks/engine_alpha_cpu.py --prompts 16 --max-new-tokens 64 --gammas 3,4 --out bench-out/alpha
+    python benchmarks/engine_alpha_cpu.py --prompts 16 --max-new-tokens 64 --gammas 3,4 --candidates 1,2,4 --out bench-out/alpha
 """
 
 import argparse
@@ -19,12 +21,13 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gammas", default="3,4")
+    ap.add_argument("--candidates", default="1")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for gamma in map(int, args.gammas.split(",")):
-        spec = speculant.load("smollm2-135m", "default", gamma=gamma)
+    for gamma, k in [(g, k) for g in map(int, args.gammas.split(",")) for k in map(int, args.candidates.split(","))]:
+        spec = speculant.load("smollm2-135m", "default", gamma=gamma, candidates=k)
 
         def encode(text, chat):
             return spec.encode(text, chat)
@@ -43,7 +46,7 @@ def main():
                 calls += s["target_calls"]
                 pos = [(a, d) for a, d in zip(s["accepted_by_position"], s["drafted_by_position"])]
                 by_position = pos if by_position is None else [(a + a2, d + d2) for (a, d), (a2, d2) in zip(by_position, pos)]
-            row = {"task": task, "temperature": temperature, "gamma": gamma, "prompts": len(prompts),
+            row = {"task": task, "temperature": temperature, "gamma": gamma, "candidates": k, "prompts": len(prompts),
                    "alpha": accepted / tested, "tested": tested, "tau": tokens / calls,
                    "acceptance_by_position": [round(a / d, 3) if d else None for a, d in by_position or []]}
             rows.append(row)
@@ -51,7 +54,8 @@ def main():
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "engine_alpha_cpu.json").write_text(json.dumps({"command": "python benchmarks/engine_alpha_cpu.py "
-                                                                           f"--prompts {args.prompts} --max-new-tokens {args.max_new_tokens} --gammas {args.gammas}",
+                                                                           f"--prompts {args.prompts} --max-new-tokens {args.max_new_tokens} --gammas {args.gammas} "
+                                                                           f"--candidates {args.candidates}",
                                                                            "rows": rows}, indent=1))
 
 

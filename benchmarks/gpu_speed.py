@@ -93,10 +93,11 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: in
     generator = torch.Generator(device="cuda").manual_seed(0)
     stepper.begin(context, stepper.params)
     stepper.step(context, gamma, generator)  # capture
+    k = stepper.candidates
     if stepper.features:
-        key = ("features", gamma, min(gamma + 1, len(context) - 1))
+        key = ("features", gamma, min(gamma + 1, len(context) - 1), k)
     else:
-        key = ("model", gamma) if stepper.draft_model is not None else ("verify", gamma)
+        key = ("model", gamma, k) if stepper.draft_model is not None else ("verify", gamma)
     runner = stepper.graphs[key]
     start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -113,7 +114,7 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, reps: in
     out = {"gamma": gamma, "graph_replay_ms": replay_ms, "step_wall_ms": step_ms,
            "host_overhead_ms": step_ms - replay_ms}
     # forwards alone
-    for name, model, t in (("target_forward_ms", stepper.target, gamma + 1),
+    for name, model, t in (("target_forward_ms", stepper.target, gamma * k + 1),
                            ("target_forward_1_ms", stepper.target, 1),
                            ("draft_forward_ms", stepper.draft_model, 1)):
         if model is None:
@@ -158,6 +159,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="also bench layers:N (0 = skip; costs a compile)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gammas", default="3,5,7")
+    ap.add_argument("--candidates", default="1", help="candidates per draft position to bench, e.g. 1,2,4")
+    ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
+    ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
     ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
@@ -190,8 +194,9 @@ def main() -> None:
         target.keep_features()  # before the first compile: one compiled target forward for every stepper
     results: list[dict] = []
 
-    def record(task, method, gamma, res, capture=None):
-        row = {"task": task, "method": method, "gamma": gamma, **{k: v for k, v in res.items() if k != "outputs"}}
+    def record(task, method, gamma, res, capture=None, candidates=1):
+        row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates,
+               **{k: v for k, v in res.items() if k != "outputs"}}
         if capture is not None:
             row["capture_s"] = capture
         results.append(row)
@@ -200,15 +205,16 @@ def main() -> None:
 
     steppers: dict[str, FusedStepper] = {}
 
-    def stepper_for(name):
-        if name not in steppers:
+    def stepper_for(name, k=1):
+        if (name, k) not in steppers:
             if name == "plain":
-                steppers[name] = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
+                stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
             elif name == "ngram":
-                steppers[name] = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
+                stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:
-                steppers[name] = FusedStepper(target, drafts[name], compile=compile_flag)
-        return steppers[name]
+                stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k)
+            steppers[name, k] = stepper
+        return steppers[name, k]
 
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
@@ -227,9 +233,12 @@ def main() -> None:
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
-        for name, gammas in (("ngram", (4, 8)), *((d, gammas_model) for d in drafts)):
+        ks = tuple(int(k) for k in args.candidates.split(","))
+        configs = [("ngram", 1, (4, 8))] if args.ngram else []
+        configs += [(d, k, gammas_model) for d in drafts for k in ks]
+        for name, k, gammas in configs:
             for gamma in gammas:
-                st = stepper_for(name)
+                st = stepper_for(name, k)
                 cap = time.perf_counter()
                 run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=16, eos=eos)
                 cap = time.perf_counter() - cap
@@ -237,8 +246,8 @@ def main() -> None:
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                 if params.greedy:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
-                record(task, name, gamma, res, cap)
-            if name != "ngram":
+                record(task, name, gamma, res, cap, k)
+            if name != "ngram" and k == 1 and args.auto:
                 st = stepper_for(name)
                 policy = AdaptiveGamma(max_gamma=8)
                 run_ours(target, prompts[:1], stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
@@ -247,19 +256,20 @@ def main() -> None:
                 record(task, name, "auto", res)
     prof = {}
     for name in drafts if cuda else ():
-        st = stepper_for(name)
-        prof[name] = profile_step(st, next(iter(tasks.values()))[0][0], 5)
-        print("profile", name, json.dumps(prof[name]), flush=True)
+        for k in sorted({1, max(ks)}):
+            st = stepper_for(name, k)
+            prof[f"{name} k={k}"] = profile_step(st, next(iter(tasks.values()))[0][0], gammas_model[-1])
+            print("profile", name, k, json.dumps(prof[f"{name} k={k}"]), flush=True)
     summary = {"device": device_name, "torch": torch.__version__, "compile": compile_flag, "attention": args.attention,
                "results": results, "profile": prof, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
+    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'k':>2} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
     for r in results:
         alpha = f"{r['alpha']:.2f}" if r.get("alpha") is not None else "-"
         tau = f"{r['tau']:.2f}" if "tau" in r else "-"
-        print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['tokens_per_s']:>9.1f} {alpha:>6} {tau:>5} "
-              f"{r.get('speedup_vs_plain', 0):>8.2f}")
+        print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['candidates']:>2} {r['tokens_per_s']:>9.1f} "
+              f"{alpha:>6} {tau:>5} {r.get('speedup_vs_plain', 0):>8.2f}")
     print(json.dumps({"device": summary["device"], "rows": len(results)}))
 
 

@@ -68,11 +68,11 @@ class Speculant:
     """A target, a chain of drafters and a γ policy, ready to generate."""
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
-                 inner_gamma: int = 4, fused: bool | None = None) -> None:
+                 inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1) -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.draft_specs = list(drafts)
-        self.drafter, self.levels = _build_chain(target, self.draft_specs, inner_gamma)
+        self.drafter, self.levels = _build_chain(target, self.draft_specs, inner_gamma, candidates)
         if gamma == "auto":
             self.gamma: int | AdaptiveGamma = AdaptiveGamma()  # kept across requests: the pair's prior
         else:
@@ -84,7 +84,7 @@ class Speculant:
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
             fused = target.model.device.type == "cuda"
-        self.stepper = _fused_stepper(target.model, self.drafter) if fused else None
+        self.stepper = _fused_stepper(target.model, self.drafter, candidates) if fused else None
         self.plain_stepper = _fused_stepper(target.model, NoDrafter()) if fused else None
 
     # ---- requests ----------------------------------------------------------------------------
@@ -144,7 +144,7 @@ class Speculant:
         return out
 
 
-def _fused_stepper(target: CausalLM, drafter: Drafter):
+def _fused_stepper(target: CausalLM, drafter: Drafter, candidates: int = 1):
     """A FusedStepper for a lean target and a one-level drafter it can fuse; else None."""
     from speculant.fused import FusedStepper
 
@@ -155,7 +155,7 @@ def _fused_stepper(target: CausalLM, drafter: Drafter):
     if isinstance(drafter, NgramDrafter):
         return FusedStepper(target, None, ngram=drafter)
     if isinstance(drafter, (ModelDrafter, FeatureDrafter)) and isinstance(drafter.model, LeanModel):
-        return FusedStepper(target, drafter.model)
+        return FusedStepper(target, drafter.model, candidates=candidates)
     return None
 
 
@@ -165,10 +165,14 @@ def _level_stats(drafter: SpeculativeDrafter) -> dict:
             "accepted": s.accepted}
 
 
-def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int) -> tuple[Drafter, list]:
-    """Turn draft specs into one drafter. specs[0] drafts for the target, specs[i] for specs[i-1]."""
+def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
+                 candidates: int = 1) -> tuple[Drafter, list]:
+    """Turn draft specs into one drafter. specs[0] drafts for the target, specs[i] for specs[i-1].
+    `candidates` k > 1: the drafter proposes k candidates per position (one draft model only)."""
     if not specs:
         specs = ["none"]
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
+        raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
     if len(specs) > 1 and any(s == "none" for s in specs):
         raise ValueError("'none' cannot be combined with other drafters")
     # Resolve each level's model (None for n-gram / none), top-down: layers:N needs the level above.
@@ -188,8 +192,11 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int) ->
         if isinstance(model, FeatureDraft) and (depth > 0 or len(models) > 1):
             raise ValueError(f"draft '{spec}' reads the target's features: it drafts for the target directly "
                              "and takes no drafter below it (use it as the only --draft)")
+    if candidates > 1 and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
+        raise ValueError("several candidates per position need one draft model as the only --draft (a distilled "
+                         "draft, a model or layers:N) and a lean target; n-gram, none and chains propose one")
     spec, model = models[-1]
-    drafter = _leaf_drafter(spec, model, target)
+    drafter = _leaf_drafter(spec, model, target, candidates)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
         drafter = SpeculativeDrafter(_causal_lm(model), drafter, inner_gamma)
@@ -201,14 +208,14 @@ def _causal_lm(model) -> CausalLM:
     return model.model if isinstance(model, LoadedModel) else model
 
 
-def _leaf_drafter(spec: str, model, target: LoadedModel) -> Drafter:
+def _leaf_drafter(spec: str, model, target: LoadedModel, candidates: int = 1) -> Drafter:
     if spec == "none":
         return NoDrafter()
     if model is None:
         return _ngram(spec)
     if isinstance(model, FeatureDraft):
-        return FeatureDrafter(model, target.model)
-    return ModelDrafter(_causal_lm(model))
+        return FeatureDrafter(model, target.model, candidates)
+    return ModelDrafter(_causal_lm(model), candidates)
 
 
 def _ngram(spec: str) -> NgramDrafter:
@@ -250,7 +257,7 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
 
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = 2048,
-         inner_gamma: int = 4, fused: bool | None = None) -> Speculant:
+         inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -258,4 +265,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
     loaded = load_model(target, device=device, dtype=DTYPES[dtype], max_seq_len=max_seq_len)
     drafts = [draft] if isinstance(draft, str) else list(draft)
-    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused)
+    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates)

@@ -29,6 +29,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="none | ngram[:MAX[:MIN]] | layers:N | NAME|PATH | default; repeat for a "
                              "hierarchy (each further drafter drafts for the one before)")
     parser.add_argument("--gamma", type=_gamma, default=4, help="draft length, or 'auto' (default 4)")
+    parser.add_argument("--candidates", type=int, default=1, metavar="K",
+                        help="candidates per draft position, scored as one tree (default 1: a chain); "
+                             "for one draft model and a lean target")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache capacity (tokens)")
@@ -103,7 +106,7 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     spec = api.load(target=args.target, draft=args.draft or ["default"], gamma=args.gamma,
-                    device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len)
+                    device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates)
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
 

@@ -21,6 +21,7 @@ from speculant.sampling import SamplingParams, sample_from
 from test_features import (PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue)
 
 GREEDY = SamplingParams(temperature=0)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on CUDA the fused steps run as graphs
 
 
 def test_candidate_tree_lays_out_the_chain_then_the_alternatives_depth_by_depth():
@@ -194,7 +195,7 @@ NUM_RUNS = 1500
 
 
 def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int):
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=target.device).manual_seed(0)
     stepper = FusedStepper(target, drafter.model, compile=False, candidates=candidates) if fused else None
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
     for i in range(NUM_RUNS):
@@ -204,24 +205,30 @@ def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int):
     return out
 
 
-@pytest.mark.parametrize("params, fused", [(SamplingParams(), False), (SamplingParams(top_p=0.8), True)],
-                         ids=["plain", "fused-top_p"])
-def test_a_feature_draft_with_three_candidates_follows_the_exact_target_law(params, fused, gof):
+@pytest.mark.parametrize("params, fused, device", [
+    (SamplingParams(), False, "cpu"),
+    *((SamplingParams(top_p=0.8), True, device) for device in DEVICES),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_feature_draft_with_three_candidates_follows_the_exact_target_law(params, fused, device, gof):
     """1500 seeded runs of 6 tokens, γ = 3, k = 3: the exact law of the tiny transformer target."""
-    target, draft = feature_pair(5, seed=3)
+    target, draft = feature_pair(5, seed=3, device=device)
     tokens = engine_runs(target, FeatureDrafter(draft, target, candidates=3), 3, params, fused, 3)
-    pvalue, fits = window_pvalue(gof, tokens, exact_law(target, params, gof))
+    law = exact_law(feature_pair(5, seed=3)[0], params, gof)  # enumerated on the CPU
+    pvalue, fits = window_pvalue(gof, tokens, law)
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["features", "model"])
-def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind):
+def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, device):
     if kind == "features":
-        target, draft = feature_pair(8, seed=5, kept=6)
+        target, draft = feature_pair(8, seed=5, kept=6, device=device)
         make = lambda: FeatureDrafter(draft, target, candidates=3)  # noqa: E731
     else:
-        target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0), max_seq_len=96)
-        draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0), max_seq_len=96)
+        target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0).to(device),
+                           max_seq_len=96)
+        draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
+                          max_seq_len=96)
         make = lambda: ModelDrafter(draft, candidates=3)  # noqa: E731
     for prompt in ([7], [1, 2, 3, 4, 5, 6, 7]):
         expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)

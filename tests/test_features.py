@@ -25,10 +25,10 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def feature_pair(vocab: int, seed: int = 0, target_scale: float = 2.0, draft_scale: float = 1.0,
-                 kept: int | None = None, max_seq_len: int = 96):
+                 kept: int | None = None, max_seq_len: int = 96, device: str = "cpu"):
     """A tiny llama target and a random one-layer feature draft over its embedding."""
-    target = LeanModel(random_weights(tiny_config(vocab_size=vocab, num_layers=2), seed=seed, scale=target_scale),
-                       max_seq_len=max_seq_len)
+    weights = random_weights(tiny_config(vocab_size=vocab, num_layers=2), seed=seed, scale=target_scale)
+    target = LeanModel(weights.to(device), max_seq_len=max_seq_len)
     cfg = DraftConfig.for_target(target.cfg, num_layers=1, num_kept=kept or vocab, inputs="features")
     kept_ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[: cfg.num_kept]
     draft = build_draft(cfg, target.weights, kept_ids, max_seq_len=max_seq_len)
