@@ -254,7 +254,8 @@ class FusedStepper:
     def _sampling(self):
         """The sampling steps for the current params, compiled if asked:
         sample(logits [V], u []) -> (probs [V], token []): the transform and one draw;
-        alternatives(logits [V], probs [V], token [], count, noise [V]) -> drafters.base.draw_alternatives;
+        alternatives(logits [γ, V], probs [γ, V], tokens [γ], count, noise [γ, V] | None) ->
+        drafters.base.draw_alternatives;
         finish(target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] | None, uniforms [γ+1])
         -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule;
         finish_candidates(target_logits [1+γk, V], candidates [γ, k], laws [γ, k, V] | None,
@@ -293,19 +294,17 @@ class FusedStepper:
         position `start` [], and apply the rule."""
         sample, alternatives, finish, finish_candidates = self._sampling()
         draws, rest = uniforms[:gamma], uniforms[gamma:]
+        draft_tokens, draft_probs, draft_logits = _sample_chain(sample, logits, draws, feed)
         if k == 1:
-            draft_tokens, draft_probs, _, _ = _sample_chain(sample, logits, draws, feed)
             target_logits = self.target_fn(torch.cat([root, draft_tokens]), start + self.offsets[: gamma + 1])
             return finish(target_logits, draft_tokens, draft_probs, rest)
         vocab = self.target.vocab_size
         noise = None
         if not self.params.greedy:
             noise, rest = rest[: gamma * vocab].view(gamma, vocab), rest[gamma * vocab:]
-
-        def others(logits, probs, token, i):
-            return alternatives(logits, probs, token, k - 1, None if noise is None else noise[i])
-
-        _, _, candidates, laws = _sample_chain(sample, logits, draws, feed, others)
+        others, others_laws = alternatives(draft_logits, draft_probs, draft_tokens, k - 1, noise)  # all depths at once
+        candidates = torch.cat([draft_tokens[:, None], others], 1)  # [γ, k]
+        laws = None if others_laws is None else torch.cat([draft_probs[:, None], others_laws], 1)
         depths, ancestors = self.tree(gamma, k)
         target_in = torch.cat([root, candidates[:, 0], candidates[:, 1:].reshape(-1)])  # [1 + γk]
         target_logits = self.target_fn(target_in, start + depths, ancestors)
@@ -418,28 +417,19 @@ class FusedStepper:
             model._length = length
 
 
-def _sample_chain(sample, logits, uniforms, feed, others=None):
+def _sample_chain(sample, logits, uniforms, feed):
     """γ = len(uniforms) draft tokens inside a graph body: sample(logits, u) -> (probs, token);
-    feed(token, i) -> the logits after draft token i; others(logits, probs, token, i) -> the
-    alternatives at position i and their laws (or None). Returns tokens [γ] and their laws [γ, V],
-    then with `others` the candidates [γ, k] (column 0 the tokens) and their laws [γ, k, V] (None
-    for point masses), else None, None."""
-    tokens, probs, candidates, laws = [], [], [], []
+    feed(token, i) -> the logits after draft token i. Returns tokens [γ], their laws [γ, V] and the
+    logits they were drawn from [γ, V]."""
+    tokens, probs, all_logits = [], [], []
     for i in range(uniforms.shape[0]):
         step_probs, token = sample(logits, uniforms[i])
         tokens.append(token)
         probs.append(step_probs)
-        if others is not None:
-            alternatives, alternative_laws = others(logits, step_probs, token, i)
-            candidates.append(torch.cat([token.view(1), alternatives]))
-            if alternative_laws is not None:
-                laws.append(torch.cat([step_probs[None], alternative_laws]))
+        all_logits.append(logits)
         if i + 1 < uniforms.shape[0]:
             logits = feed(token, i)
-    tokens, probs = torch.stack(tokens), torch.stack(probs)
-    if others is None:
-        return tokens, probs, None, None
-    return tokens, probs, torch.stack(candidates), torch.stack(laws) if laws else None
+    return torch.stack(tokens), torch.stack(probs), torch.stack(all_logits)
 
 
 class _Runner:

@@ -50,20 +50,24 @@ def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
 
 def draw_alternatives(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, count: int, greedy: bool,
                       noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`count` more candidates beside the token `chosen` [] at one draft position (logits, probs [V]).
+    """`count` more candidates beside the token `chosen` [...] at draft positions with logits and
+    probs [..., V] (batched over the leading dims: all positions of a draft in one call).
 
     Greedy: the draft's next most likely tokens, a deterministic choice (laws None: point masses).
-    Sampling: drawn without replacement from probs with `chosen` removed (Gumbel-top-k, noise [V]
-    uniforms in [0, 1)); row j of the laws [count, V] is probs without `chosen` and candidates < j,
-    renormalised: the law candidate j was drawn from given the ones before it (all zero once the
-    support is used up; such a candidate has probability 0 and is never kept)."""
+    Sampling: drawn without replacement from probs with `chosen` removed (Gumbel-top-k, noise
+    [..., V] uniforms in [0, 1)); row j of the laws [..., count, V] is probs without `chosen` and
+    candidates < j, renormalised: the law candidate j was drawn from given the ones before it (all
+    zero once the support is used up; such a candidate has probability 0 and is never kept).
+    Returns the tokens [..., count] and the laws."""
+    chosen = chosen[..., None]  # [..., 1]
     if greedy:
-        return logits.scatter(-1, chosen.view(1), float("-inf")).topk(count).indices, None
-    scores = probs.log().scatter(-1, chosen.view(1), float("-inf")) - torch.log(-torch.log(noise))
-    tokens = scores.topk(count).indices  # [count], in the order of a sequential draw
+        return logits.scatter(-1, chosen, float("-inf")).topk(count).indices, None
+    scores = probs.log().scatter(-1, chosen, float("-inf")) - torch.log(-torch.log(noise))
+    tokens = scores.topk(count).indices  # [..., count], in the order of a sequential draw
     earlier = torch.ones(count, count, dtype=torch.bool, device=probs.device).tril(-1)
-    removed = torch.where(earlier, tokens[None, :], chosen)  # [count, count]: row j removes tokens < j
-    rows = probs.scatter(-1, chosen.view(1), 0.0).expand(count, -1).scatter(-1, removed, 0.0)
+    removed = torch.where(earlier, tokens[..., None, :], chosen[..., None])  # [..., count, count]: row j drops tokens < j
+    remaining = probs.scatter(-1, chosen, 0.0)[..., None, :]  # [..., 1, V]
+    rows = remaining.expand(*removed.shape[:-1], -1).scatter(-1, removed, 0.0)  # [..., count, V]
     mass = rows.sum(-1, keepdim=True)
     return tokens, rows / torch.where(mass > 0, mass, 1.0)
 
@@ -74,22 +78,21 @@ def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, gener
     feed(token [], i) feeds draft token i and returns the logits after it (never called for the
     last token: its logits are not needed). Returns the tokens and the law each was drawn from,
     and with `candidates` k > 1 also k-1 alternatives per position (draw_alternatives)."""
-    tokens, probs, alternatives, alternative_probs = [], [], [], []
+    tokens, probs, all_logits = [], [], []
     for i in range(gamma):
         step_probs = logits_to_probs(logits, params)  # [vocab]
         token = sample_from(step_probs, torch.rand((), generator=generator, device=logits.device))
         tokens.append(token)
         probs.append(step_probs)
-        if candidates > 1:
-            noise = torch.rand(logits.shape[-1], generator=generator, device=logits.device)
-            others, laws = draw_alternatives(logits, step_probs, token, candidates - 1, params.greedy, noise)
-            alternatives.append(others)
-            alternative_probs.append(laws)
+        all_logits.append(logits)
         if i + 1 < gamma:
             logits = feed(token, i)
     if not tokens:
         return Draft(torch.empty(0, dtype=torch.int64, device=logits.device), None)
+    tokens, probs = torch.stack(tokens), torch.stack(probs)
     if candidates == 1:
-        return Draft(torch.stack(tokens), torch.stack(probs))
-    return Draft(torch.stack(tokens), torch.stack(probs), torch.stack(alternatives),
-                 None if params.greedy else torch.stack(alternative_probs))
+        return Draft(tokens, probs)
+    # the alternatives do not feed the chain: all positions in one batched draw
+    noise = torch.rand(gamma, logits.shape[-1], generator=generator, device=logits.device)
+    alternatives, laws = draw_alternatives(torch.stack(all_logits), probs, tokens, candidates - 1, params.greedy, noise)
+    return Draft(tokens, probs, alternatives, laws)
