@@ -39,6 +39,15 @@ def test_speculative_greedy_output_equals_plain_greedy_on_real_prompts(capsys, d
     assert result["stats"]["target_calls"] <= result["stats"]["new_tokens"]
 
 
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_candidates_keep_greedy_output_of_the_real_model_and_raise_tau(capsys, prompt):
+    chain = run_json(capsys, "--compare", "--max-new-tokens", "32", prompt)
+    tree = run_json(capsys, "--candidates", "4", "--compare", "--max-new-tokens", "32", prompt)
+    assert tree["identical"] is True and tree["token_ids"] == chain["token_ids"]
+    # greedy and deterministic: on these prompts the alternatives only add kept tokens
+    assert tree["stats"]["tau"] >= chain["stats"]["tau"]
+
+
 def test_hierarchical_drafts_and_auto_gamma_keep_greedy_output_and_report_each_level(capsys):
     result = run_json(capsys, "--draft", "layers:8", "--draft", "ngram", "--gamma", "auto", "--compare",
                       "--max-new-tokens", "24", PROMPTS[0])
@@ -84,6 +93,8 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "ngram", "--draft", "ngram"], "can only be the last --draft"),
     (["--draft", "ngram:x"], "bad n-gram spec"),
     (["--draft", "default", "--draft", "ngram"], "reads the target's features"),
+    (["--candidates", "0"], "candidates must be an integer >= 1"),
+    (["--draft", "ngram", "--candidates", "3"], "several candidates per position need one draft model"),
     (["--max-seq-len", "8"], "does not fit the model's context of 8 tokens"),
 ])
 def test_bad_input_gets_a_clear_message_and_a_nonzero_exit(capsys, args, message):
