@@ -195,6 +195,8 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
     if candidates > 1 and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
         raise ValueError("several candidates per position need one draft model as the only --draft (a distilled "
                          "draft, a model or layers:N) and a lean target; n-gram, none and chains propose one")
+    if candidates > target.model.vocab_size:
+        raise ValueError(f"candidates must be at most the vocabulary size ({target.model.vocab_size}), got {candidates}")
     spec, model = models[-1]
     drafter = _leaf_drafter(spec, model, target, candidates)
     levels = [(spec, drafter)]

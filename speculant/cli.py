@@ -150,7 +150,8 @@ def cmd_generate(args) -> int:
 def _public_stats(stats: dict) -> dict:
     keys = ("alpha", "tau", "target_calls", "new_tokens", "tokens_per_s", "gamma", "accepted_per_drafted",
             "drafted", "accepted", "acceptance_by_position", "cost_ratio", "predicted_speedup", "draft_time",
-            "target_time", "prefill_time", "decode_time", "finish_reason", "mean_gamma", "gamma_history", "levels")
+            "target_time", "prefill_time", "decode_time", "finish_reason", "mean_gamma", "gamma_history", "levels",
+            "alternatives_kept")
     return {k: stats[k] for k in keys if k in stats}
 
 

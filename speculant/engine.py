@@ -50,6 +50,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     rejections: int = 0
+    alternatives_kept: int = 0  # steps whose last kept draft token was an alternative (--candidates)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     gamma_history: list[int] = field(default_factory=list)  # γ chosen at each step
@@ -108,6 +109,7 @@ class GenerationStats:
         self.drafted += step.num_drafted
         self.accepted += step.num_accepted
         self.rejections += int(step.num_accepted < step.num_drafted)
+        self.alternatives_kept += int(step.kept_alternative)
         self.draft_time += step.draft_time
         self.target_time += step.target_time
         self.gamma_history.extend([gamma] * step.target_calls)
@@ -239,6 +241,7 @@ class StepResult(NamedTuple):
     draft_time: float
     target_time: float
     target_calls: int = 1  # a fused plain step may decode several tokens, one target call each
+    kept_alternative: bool = False  # the last kept draft token was an alternative, not the chain's
 
 
 def speculative_step(
@@ -304,7 +307,8 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
         tokens.append(int(candidates[num_accepted, alternative]))
         path.append(node)
     target.truncate(len(context) + len(tokens))
-    return StepResult(tokens + [next_token], gamma, len(tokens), target_probs[path], draft_time, target_time)
+    return StepResult(tokens + [next_token], gamma, len(tokens), target_probs[path], draft_time, target_time,
+                      kept_alternative=bool(alternative))
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:

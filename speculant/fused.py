@@ -215,7 +215,7 @@ class FusedStepper:
         runner.ints.copy_(torch.tensor(ints), non_blocking=True)
         torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         out = runner.run().tolist()  # the step's one synchronisation
-        chain_accepted = 0  # draft tokens of the chain kept (a kept alternative comes after them)
+        chain_accepted, alternative = 0, 0  # chain tokens kept; the kept alternative's column (0: none)
         if key[0] == "plain":
             num_accepted, tokens = 0, out
             self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
@@ -242,13 +242,15 @@ class FusedStepper:
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
         elapsed = time.perf_counter() - start
         # time is not split between draft and target inside one graph; it is reported as target time
-        return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed, target_calls)
+        return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative))
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
     def _draft_uniforms(self, gamma: int, k: int) -> int:
-        """Uniforms of a drafting step: γ draws, the noise of the alternatives (γ·V when they are
-        sampled), the acceptance tests (γ·k) and the draws after them (γ + 1)."""
-        noise = gamma * self.target.vocab_size if k > 1 and not self.params.greedy else 0
+        """Uniforms of a drafting step: γ draws, then for a chain γ tests and one draw; with
+        alternatives the noise that draws them (γ·V, when sampling), γ·k tests and γ + 1 draws."""
+        if k == 1:
+            return 2 * gamma + 1
+        noise = 0 if self.params.greedy else gamma * self.target.vocab_size
         return gamma + noise + gamma * k + gamma + 1
 
     def _sampling(self):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_features import PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue
 
 from speculant.acceptance import candidate_tree, verify, verify_candidates
 from speculant.drafters.base import draw_alternatives
@@ -17,8 +18,6 @@ from speculant.fused import FusedStepper
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, sample_from
-
-from test_features import (PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue)
 
 GREEDY = SamplingParams(temperature=0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on CUDA the fused steps run as graphs
@@ -43,7 +42,7 @@ def test_a_tree_forward_gives_each_node_the_logits_of_its_own_path_and_a_kept_pa
     context = [3, 1, 4, 1, 5, 9, 2, 6]
     gamma, k = 3, 3
     candidates = torch.randint(0, 32, (gamma, k), generator=torch.Generator().manual_seed(0))
-    depths, ancestors = candidate_tree(gamma, k)
+    _, ancestors = candidate_tree(gamma, k)
     nodes = torch.cat([torch.tensor(context[-1:]), candidates[:, 0], candidates[:, 1:].reshape(-1)])
     model.forward(torch.tensor(context[:-1]), 0)
     tree_logits = model.forward(nodes, len(context) - 1, ancestors)
@@ -83,51 +82,60 @@ def test_one_candidate_per_position_is_the_chain_rule_draw_for_draw():
             int(chain.num_accepted), int(chain.next_token), 0)
 
 
-# A two-depth, three-candidate toy: the target's law at a node depends on the node's token (a
-# Markov chain), so the emitted pair (t1, t2) must follow root(t1) * markov[t1](t2).
-V, GAMMA, K, DRAWS = 6, 2, 3, 60_000
+# A three-depth, four-candidate toy: the target's law at a node depends only on the node's token (a
+# Markov chain), so every emitted token must follow markov[previous token] (the first: root) — the
+# chain's tokens, a kept alternative at any depth, the bonus after it, the recovered token.
+V, GAMMA, K, DRAWS = 6, 3, 4, 60_000
 
 
-def _toy(seed: int, sparse: bool):
+def _toy(seed: int, variant: str):
     gen = torch.Generator().manual_seed(seed)
-    root = torch.softmax(torch.randn(V, generator=gen, dtype=torch.float64) * 1.5, -1)
-    markov = torch.softmax(torch.randn(V, V, generator=gen, dtype=torch.float64) * 1.5, -1)
-    draft_root = torch.softmax(torch.randn(V, generator=gen, dtype=torch.float64) * 1.5, -1)
-    draft_markov = torch.softmax(torch.randn(V, V, generator=gen, dtype=torch.float64) * 1.5, -1)
-    if sparse:  # the draft's first law has 2 tokens of support, fewer than K: candidates run out
-        draft_root = torch.tensor([0.0, 0.7, 0.0, 0.3, 0.0, 0.0], dtype=torch.float64)
+
+    def laws(*shape):
+        return torch.softmax(torch.randn(*shape, generator=gen, dtype=torch.float64) * 1.5, -1)
+
+    def top(law, k):  # keep the k most likely tokens
+        kth = law.topk(k, -1).values[..., -1:]
+        law = torch.where(law >= kth, law, 0.0)
+        return law / law.sum(-1, keepdim=True)
+
+    root, markov = laws(V), laws(V, V)
+    draft_root, draft_markov = 0.6 * root + 0.4 * laws(V), 0.6 * markov + 0.4 * laws(V, V)  # a draft like the target
+    if variant == "sparse-draft":  # 2 tokens of support, fewer than K: the alternatives run out
+        draft_root, draft_markov = top(draft_root, 2), top(draft_markov, 2)
+    if variant == "sparse-target":
+        root, markov = top(root, 3), top(markov, 3)
     return root, markov, draft_root, draft_markov
 
 
-def _emitted_pairs(mode: str, seed: int = 0, sparse: bool = False) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """DRAWS independent steps of the toy (vmapped); returns t1 and t2 (-1 where the step emitted one token).
+def _emitted(mode: str, variant: str = "dense", seed: int = 0):
+    """DRAWS independent steps of the toy (vmapped); returns each step's emitted tokens and how many
+    steps kept an alternative.
 
     mode: "sampled" (alternatives without replacement, honest laws), "deterministic" (the draft's
     most likely tokens, point masses: exact for any choice made before the uniforms are read), and
     the broken samplers "stale-laws" (every alternative reported with the draft's full law, the
     earlier candidates not removed) and "uniform-laws" (alternatives reported as uniform draws)."""
-    root, markov, draft_root, draft_markov = toy = _toy(seed, sparse)
+    root, markov, draft_root, draft_markov = toy = _toy(seed, variant)
 
     def one_step(chain_u, noise, accept_u, sample_u):
         candidates, laws, draft_law = [], [], draft_root
         for depth in range(GAMMA):
             token = sample_from(draft_law, chain_u[depth])
-            if mode == "deterministic":
-                others, others_laws = draw_alternatives(draft_law.log(), draft_law, token, K - 1, True, noise[depth])
-            else:
-                others, others_laws = draw_alternatives(draft_law.log(), draft_law, token, K - 1, False, noise[depth])
-                if mode == "stale-laws":
-                    others_laws = draft_law.expand(K - 1, V)
-                elif mode == "uniform-laws":
-                    others_laws = torch.full((K - 1, V), 1.0 / V, dtype=draft_law.dtype)
+            others, others_laws = draw_alternatives(draft_law.log(), draft_law, token, K - 1, mode == "deterministic",
+                                                    noise[depth])
+            if mode == "stale-laws":
+                others_laws = draft_law.expand(K - 1, V)
+            elif mode == "uniform-laws":
+                others_laws = torch.full((K - 1, V), 1.0 / V, dtype=draft_law.dtype)
             candidates.append(torch.cat([token.view(1), others]))
-            laws.append(torch.cat([draft_law[None], others_laws]) if others_laws is not None else None)
+            if others_laws is not None:
+                laws.append(torch.cat([draft_law[None], others_laws]))
             draft_law = draft_markov.index_select(0, token.view(1))[0]
         candidates = torch.stack(candidates)  # [γ, k]
-        laws = None if mode == "deterministic" else torch.stack(laws)
         nodes = torch.cat([candidates[:, 0], candidates[:, 1:].reshape(-1)])
         target_probs = torch.cat([root[None], markov.index_select(0, nodes)])  # [1 + γk, V]
-        verdict = verify_candidates(candidates, laws, target_probs, accept_u, sample_u)
+        verdict = verify_candidates(candidates, torch.stack(laws) if laws else None, target_probs, accept_u, sample_u)
         return torch.stack(list(verdict)), candidates
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -136,41 +144,39 @@ def _emitted_pairs(mode: str, seed: int = 0, sparse: bool = False) -> tuple[np.n
         torch.rand(DRAWS, GAMMA, V, generator=gen, dtype=torch.float64),
         torch.rand(DRAWS, GAMMA, K, generator=gen, dtype=torch.float64),
         torch.rand(DRAWS, GAMMA + 1, generator=gen, dtype=torch.float64))
-    kept, alternative, next_token = verdicts.T
-    rows = torch.arange(DRAWS)
-    # t1: the first chain token if kept, else the alternative kept at depth 1, else the recovered token
-    t1 = torch.where(kept > 0, candidates[:, 0, 0],
-                     torch.where(alternative > 0, candidates[rows, 0, alternative], next_token))
-    # t2: the second chain token, the alternative kept at depth 2, or the token after depth 1's kept one
-    second = torch.where(alternative > 0, candidates[rows, 1, alternative], candidates[:, 1, 0])
-    t2 = torch.where(kept >= 2, candidates[:, 1, 0],
-                     torch.where(kept == 1, torch.where(alternative > 0, second, next_token),
-                                 torch.where(alternative > 0, next_token, -1)))
-    return t1.numpy(), t2.numpy(), toy
+    sequences = []
+    for (kept, alternative, next_token), step in zip(verdicts.tolist(), candidates.tolist()):
+        tokens = [row[0] for row in step[:kept]] + ([step[kept][alternative]] if alternative else [])
+        sequences.append(tokens + [next_token])
+    return sequences, int((verdicts[:, 1] > 0).sum()), toy
 
 
-def _pair_pvalue(gof, t1, t2, toy) -> float:
+def _law_pvalue(gof, sequences, toy) -> float:
+    """Chi-square of the first tokens against root, and of every later token against markov[the token
+    before it] (pooled over positions); Bonferroni over the fits."""
     root, markov = toy[0].numpy(), toy[1].numpy()
-    fits = [gof.chi_square(t1, root)]
-    for token in range(V):
-        following = t2[(t1 == token) & (t2 >= 0)]
-        if following.size:
-            fits.append(gof.chi_square(following, markov[token]))
-    return min(1.0, len(fits) * min(f.pvalue for f in fits))  # Bonferroni over the fits
+    fits = [gof.chi_square(np.array([s[0] for s in sequences]), root)]
+    following = {a: [] for a in range(V)}
+    for s in sequences:
+        for before, token in zip(s, s[1:]):
+            following[before].append(token)
+    fits += [gof.chi_square(np.array(tokens), markov[a]) for a, tokens in following.items() if len(tokens) > 50]
+    return min(1.0, len(fits) * min(f.pvalue for f in fits))
 
 
-@pytest.mark.parametrize("mode, sparse", [("sampled", False), ("deterministic", False), ("sampled", True)],
-                         ids=["sampled", "deterministic", "used-up-support"])
-def test_the_candidate_rule_emits_the_targets_law(mode, sparse, gof):
-    t1, t2, toy = _emitted_pairs(mode, sparse=sparse)
-    assert (t2 >= 0).mean() > 0.15  # second tokens come from every path: chain, alternative, bonus
-    assert _pair_pvalue(gof, t1, t2, toy) >= gof.SIGNIFICANCE
+@pytest.mark.parametrize("mode, variant", [("sampled", "dense"), ("deterministic", "dense"),
+                                           ("sampled", "sparse-draft"), ("sampled", "sparse-target")])
+def test_the_candidate_rule_emits_the_targets_law(mode, variant, gof):
+    sequences, alternatives_kept, toy = _emitted(mode, variant)
+    assert alternatives_kept > DRAWS // 20  # the alternatives are really kept, and their bonuses drawn
+    assert sum(len(s) == GAMMA + 1 for s in sequences) > DRAWS // 20  # and whole chains too
+    assert _law_pvalue(gof, sequences, toy) >= gof.SIGNIFICANCE
 
 
 @pytest.mark.parametrize("mode", ["stale-laws", "uniform-laws"])
 def test_a_candidate_sampler_that_misreports_its_laws_is_caught(mode, gof):
-    t1, t2, toy = _emitted_pairs(mode)
-    assert _pair_pvalue(gof, t1, t2, toy) < gof.SIGNIFICANCE
+    sequences, _, toy = _emitted(mode)
+    assert _law_pvalue(gof, sequences, toy) < gof.SIGNIFICANCE
 
 
 def test_alternatives_are_distinct_and_follow_sequential_draws_without_replacement(gof):
@@ -198,11 +204,13 @@ def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int):
     generator = torch.Generator(device=target.device).manual_seed(0)
     stepper = FusedStepper(target, drafter.model, compile=False, candidates=candidates) if fused else None
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
+    alternatives_kept = 0
     for i in range(NUM_RUNS):
         steps = list(generate(target, drafter, PROMPT, gamma=gamma, params=params, max_new_tokens=6,
                               generator=generator, stepper=stepper))
         out[i] = [t for s in steps for t in s.tokens]
-    return out
+        alternatives_kept += steps[-1].stats.alternatives_kept
+    return out, alternatives_kept
 
 
 @pytest.mark.parametrize("params, fused, device", [
@@ -212,7 +220,8 @@ def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int):
 def test_a_feature_draft_with_three_candidates_follows_the_exact_target_law(params, fused, device, gof):
     """1500 seeded runs of 6 tokens, γ = 3, k = 3: the exact law of the tiny transformer target."""
     target, draft = feature_pair(5, seed=3, device=device)
-    tokens = engine_runs(target, FeatureDrafter(draft, target, candidates=3), 3, params, fused, 3)
+    tokens, alternatives_kept = engine_runs(target, FeatureDrafter(draft, target, candidates=3), 3, params, fused, 3)
+    assert alternatives_kept > NUM_RUNS // 10  # the sampled alternatives are kept, not only the chain
     law = exact_law(feature_pair(5, seed=3)[0], params, gof)  # enumerated on the CPU
     pvalue, fits = window_pvalue(gof, tokens, law)
     assert pvalue >= gof.SIGNIFICANCE, fits
@@ -223,13 +232,13 @@ def test_a_feature_draft_with_three_candidates_follows_the_exact_target_law(para
 def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, device):
     if kind == "features":
         target, draft = feature_pair(8, seed=5, kept=6, device=device)
-        make = lambda: FeatureDrafter(draft, target, candidates=3)  # noqa: E731
+        make = lambda: FeatureDrafter(draft, target, candidates=3)
     else:
         target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0).to(device),
                            max_seq_len=96)
         draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
                           max_seq_len=96)
-        make = lambda: ModelDrafter(draft, candidates=3)  # noqa: E731
+        make = lambda: ModelDrafter(draft, candidates=3)
     for prompt in ([7], [1, 2, 3, 4, 5, 6, 7]):
         expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
         accepted = {}
@@ -254,5 +263,42 @@ def test_candidates_raise_greedy_acceptance_and_fall_back_to_a_chain_at_the_end_
             steps = list(generate(target, ModelDrafter(draft, candidates=k), prompt, gamma=4, params=GREEDY,
                                   max_new_tokens=44, stepper=stepper))
             assert [t for s in steps for t in s.tokens] == expected
-            tau[k] = steps[-1].stats.tau
-    assert tau[3] > tau[1]
+            tau[k, fused] = steps[-1].stats.tau
+            if k == 3:  # near the end the 1 + 4·3 tree slots no longer fit: those steps verify a chain
+                assert any(len(s.tokens) > 1 for s in steps[-3:]) or steps[-1].stats.alternatives_kept > 0
+    assert tau[3, False] > tau[1, False] and tau[3, True] > tau[1, True]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+@pytest.mark.parametrize("kind", ["features", "gemma3-model"])
+def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_prefill(kind, fused):
+    """Kept alternatives move their K/V (and feature) slot to their position: after each step the
+    target's cache holds exactly what a fresh prefill of the committed text gives."""
+    if kind == "features":
+        target, draft = feature_pair(8, seed=5, kept=6)
+        drafter = FeatureDrafter(draft, target, candidates=3)
+    else:  # sliding-window layers (window 4) under the tree mask
+        target = LeanModel(random_weights(tiny_config("gemma3", vocab_size=8), seed=1), max_seq_len=96)
+        draft = LeanModel(random_weights(tiny_config("gemma3", vocab_size=8, num_layers=1), seed=11), max_seq_len=96)
+        drafter = ModelDrafter(draft, candidates=3)
+    fresh = LeanModel(target.weights, max_seq_len=96)
+    if target.features is not None:
+        fresh.keep_features()
+    stepper = FusedStepper(target, draft, compile=False, candidates=3) if fused else None
+    context = [1, 2, 3, 4, 5, 6, 7, 0, 1]
+    steps = generate(target, drafter, context, gamma=FixedSchedule([3, 4, 2, 0, 3, 1]), params=SamplingParams(),
+                     max_new_tokens=60, generator=torch.Generator().manual_seed(0), stepper=stepper)
+    context = list(context)
+    for step in steps:
+        context += step.tokens
+        if step.stats.finish_reason:
+            break
+        length = len(context) - 1  # the last token is fed by the next step
+        assert target.length == length
+        fresh.truncate(0)
+        fresh.forward(torch.tensor(context[:-1]), 0)
+        torch.testing.assert_close(target.k_cache[:, :length], fresh.k_cache[:, :length], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(target.v_cache[:, :length], fresh.v_cache[:, :length], atol=1e-4, rtol=1e-4)
+        if target.features is not None:
+            torch.testing.assert_close(target.features[:length], fresh.features[:length], atol=1e-4, rtol=1e-4)
+    assert step.stats.alternatives_kept > 0

@@ -62,6 +62,9 @@ def draw_alternatives(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.T
     chosen = chosen[..., None]  # [..., 1]
     if greedy:
         return logits.scatter(-1, chosen, float("-inf")).topk(count).indices, None
+    # Gumbel noise; a uniform of exactly 0 would give -inf and tie a token of positive mass with
+    # the impossible ones, so the uniforms are kept above 0
+    noise = noise.clamp_min(torch.finfo(noise.dtype).tiny)
     scores = probs.log().scatter(-1, chosen, float("-inf")) - torch.log(-torch.log(noise))
     tokens = scores.topk(count).indices  # [..., count], in the order of a sequential draw
     earlier = torch.ones(count, count, dtype=torch.bool, device=probs.device).tril(-1)
@@ -93,6 +96,6 @@ def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, gener
     if candidates == 1:
         return Draft(tokens, probs)
     # the alternatives do not feed the chain: all positions in one batched draw
-    noise = torch.rand(gamma, logits.shape[-1], generator=generator, device=logits.device)
+    noise = None if params.greedy else torch.rand(gamma, logits.shape[-1], generator=generator, device=logits.device)
     alternatives, laws = draw_alternatives(torch.stack(all_logits), probs, tokens, candidates - 1, params.greedy, noise)
     return Draft(tokens, probs, alternatives, laws)
