@@ -249,6 +249,7 @@ def main() -> None:
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                 if params.greedy:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
+                res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
                 record(task, name, gamma, res, cap, k)
             if name != "ngram" and k == 1 and args.auto:
                 st = stepper_for(name)

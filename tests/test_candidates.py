@@ -227,6 +227,16 @@ def test_a_feature_draft_with_three_candidates_follows_the_exact_target_law(para
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+def test_a_token_draft_with_three_candidates_follows_the_exact_target_law(fused, gof):
+    target = feature_pair(5, seed=3)[0]
+    draft = LeanModel(random_weights(tiny_config(vocab_size=5, num_layers=1), seed=9), max_seq_len=96)
+    tokens, alternatives_kept = engine_runs(target, ModelDrafter(draft, candidates=3), 3, SamplingParams(), fused, 3)
+    assert alternatives_kept > NUM_RUNS // 10
+    pvalue, fits = window_pvalue(gof, tokens, exact_law(target, SamplingParams(), gof))
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["features", "model"])
 def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, device):
