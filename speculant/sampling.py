@@ -95,8 +95,10 @@ def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     # Under torch.compile the cumulative sum over a large vocabulary becomes a "split scan" kernel,
     # and inductor 2.11 fails when it fuses a reduction (the greedy argmax, a residual's mass) into
     # it ("NYI TritonSplitDimKernel reductions", seen on the lent H200). A graph break here keeps
-    # the draw in a graph of its own; eagerly it does nothing, and inside a CUDA graph it costs nothing.
-    torch._dynamo.graph_break()
+    # the draw in a graph of its own; inside a CUDA graph it costs nothing. Only while compiling:
+    # called eagerly, graph_break() costs ~1 ms.
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()
     cumulative = probs.cumsum(-1)  # [..., vocab]
     threshold = (uniform * cumulative[..., -1]).unsqueeze(-1)  # [..., 1]
     token = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)
