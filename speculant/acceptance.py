@@ -137,6 +137,18 @@ def candidate_tree(gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(depths), ancestors
 
 
+def alternative_node(gamma: int, k: int, kept, column):
+    """The node (in candidate_tree(γ, k)) of the alternative in `column` >= 1 at the depth after
+    `kept` chain tokens. Ints or tensors."""
+    return 1 + gamma + kept * (k - 1) + column - 1
+
+
+def tree_tokens(root: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The target's input for candidate_tree: root [1] (the last committed token) and candidates
+    [γ, k] -> [1 + γ·k], the chain first, then the alternatives depth by depth."""
+    return torch.cat([root, candidates[:, 0], candidates[:, 1:].reshape(-1)])
+
+
 class CandidateVerdict(NamedTuple):
     num_accepted: torch.Tensor  # [] int64, 0..γ: chain tokens kept
     alternative: torch.Tensor  # [] int64: column j >= 1 kept at depth num_accepted + 1, or 0 if none
@@ -180,7 +192,7 @@ def verify_candidates(
     column = kept.index_select(0, depth)[0] if gamma else num_accepted
     chain_done = num_accepted == gamma
     has_alternative = ~chain_done & (column < k) & (column > 0)
-    node = torch.where(has_alternative, 1 + gamma + depth[0] * (k - 1) + column - 1, gamma)
+    node = torch.where(has_alternative, alternative_node(gamma, k, depth[0], column), gamma)
     owed_row = owed.index_select(0, depth)[0] if gamma else target_probs[0]
     next_probs = torch.where(chain_done | has_alternative, target_probs.index_select(0, node.view(1))[0], owed_row)
     next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0])

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from speculant.acceptance import candidate_tree, verify, verify_candidates
+from speculant.acceptance import alternative_node, candidate_tree, tree_tokens, verify, verify_candidates
 from speculant.analysis import expected_speedup
 from speculant.drafters.base import Draft, Drafter
 from speculant.models.base import CausalLM, ContextOverflowError
@@ -291,7 +291,7 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
 
     def verify_tree():
         _, ancestors = candidate_tree(gamma, k)
-        inputs = torch.cat([torch.tensor(context[-1:], device=device), candidates[:, 0], candidates[:, 1:].reshape(-1)])
+        inputs = tree_tokens(torch.tensor(context[-1:], device=device), candidates)
         target_probs = logits_to_probs(target.forward(inputs, start, ancestors), params)  # [1 + γk, vocab]
         accept_uniforms = torch.rand(gamma, k, generator=generator, device=device)
         sample_uniforms = torch.rand(gamma + 1, generator=generator, device=device)
@@ -302,7 +302,7 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
     tokens = candidates[:num_accepted, 0].tolist()
     path = list(range(num_accepted + 1))  # the nodes whose law gave each emitted token
     if alternative:
-        node = 1 + gamma + num_accepted * (k - 1) + alternative - 1
+        node = alternative_node(gamma, k, num_accepted, alternative)
         target.move_slot(start + node, start + num_accepted + 1)
         tokens.append(int(candidates[num_accepted, alternative]))
         path.append(node)

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from speculant.acceptance import candidate_tree, verify, verify_candidates
+from speculant.acceptance import alternative_node, candidate_tree, tree_tokens, verify, verify_candidates
 from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.ngram import NgramDrafter
@@ -224,7 +224,7 @@ class FusedStepper:
             chain_accepted, alternative, next_token, candidates = out[0], out[1], out[2], out[3:]
             tokens = candidates[0 : chain_accepted * k : k]
             if alternative:  # the kept node's cache slot moves to its position
-                self.target.move_slot(n + 1 + gamma + chain_accepted * (k - 1) + alternative - 1, n + chain_accepted + 1)
+                self.target.move_slot(n + alternative_node(gamma, k, chain_accepted, alternative), n + chain_accepted + 1)
                 tokens.append(candidates[chain_accepted * k + alternative])
             num_accepted = len(tokens)
             tokens.append(next_token)
@@ -308,8 +308,7 @@ class FusedStepper:
         candidates = torch.cat([draft_tokens[:, None], others], 1)  # [γ, k]
         laws = None if others_laws is None else torch.cat([draft_probs[:, None], others_laws], 1)
         depths, ancestors = self.tree(gamma, k)
-        target_in = torch.cat([root, candidates[:, 0], candidates[:, 1:].reshape(-1)])  # [1 + γk]
-        target_logits = self.target_fn(target_in, start + depths, ancestors)
+        target_logits = self.target_fn(tree_tokens(root, candidates), start + depths, ancestors)
         return finish_candidates(target_logits, candidates, laws, rest)
 
     def tree(self, gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
