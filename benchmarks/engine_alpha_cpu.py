@@ -1,9 +1,11 @@
 """Engine α of the default (embedded) draft on more prompts than the GPU run: HumanEval at T = 0 and
 chat at T = 1, float32 on the CPU, per γ and per number of candidates per position (k). α =
 accepted ÷ tested draft tokens over all steps (with k > 1, a depth counts as accepted when any of
-its candidates is kept).
+its candidates is kept), and with a prompt-lookup branch of G tokens beside the draft (--lookup;
+a depth then counts as accepted when either branch keeps a token there).
 
     python benchmarks/engine_alpha_cpu.py --prompts 16 --max-new-tokens 64 --gammas 3,4 --candidates 1,2,4 --out bench-out/alpha
+    python benchmarks/engine_alpha_cpu.py --gammas 3 --candidates 4 --lookup 0,8 --tasks code
 """
 
 import argparse
@@ -22,20 +24,26 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gammas", default="3,4")
     ap.add_argument("--candidates", default="1")
+    ap.add_argument("--lookup", default="0", help="lookup branch sizes G (0: none)")
+    ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for gamma, k in [(g, k) for g in map(int, args.gammas.split(",")) for k in map(int, args.candidates.split(","))]:
-        spec = speculant.load("smollm2-135m", "default", gamma=gamma, candidates=k)
+    grid = [(g, k, lookup) for g in map(int, args.gammas.split(",")) for k in map(int, args.candidates.split(","))
+            for lookup in map(int, args.lookup.split(","))]
+    for gamma, k, lookup in grid:
+        spec = speculant.load("smollm2-135m", "default", gamma=gamma, candidates=k, lookup=lookup)
 
         def encode(text, chat):
             return spec.encode(text, chat)
 
         for task, prompts, temperature in (("code", code_prompts(args.prompts, encode), 0.0),
                                            ("chat", chat_prompts(args.prompts, encode), 1.0)):
-            accepted = tested = tokens = calls = 0
-            by_position = None
+            if task not in args.tasks.split(","):
+                continue
+            accepted = tested = tokens = calls = from_lookup = 0
+            by_position = []
             for i, prompt in enumerate(prompts):
                 out = spec.generate(list(prompt.token_ids), max_new_tokens=args.max_new_tokens,
                                     temperature=temperature, seed=i)
@@ -44,18 +52,22 @@ def main():
                 tested += s["accepted"] + s["rejections"]
                 tokens += s["new_tokens"]
                 calls += s["target_calls"]
-                pos = [(a, d) for a, d in zip(s["accepted_by_position"], s["drafted_by_position"])]
-                by_position = pos if by_position is None else [(a + a2, d + d2) for (a, d), (a2, d2) in zip(by_position, pos)]
-            row = {"task": task, "temperature": temperature, "gamma": gamma, "candidates": k, "prompts": len(prompts),
-                   "alpha": accepted / tested, "tested": tested, "tau": tokens / calls,
-                   "acceptance_by_position": [round(a / d, 3) if d else None for a, d in by_position or []]}
+                from_lookup += s["lookup_tokens"]
+                for i, (a, d) in enumerate(zip(s["accepted_by_position"], s["drafted_by_position"])):
+                    if i == len(by_position):
+                        by_position.append((0, 0))
+                    by_position[i] = (by_position[i][0] + a, by_position[i][1] + d)
+            row = {"task": task, "temperature": temperature, "gamma": gamma, "candidates": k, "lookup": lookup,
+                   "prompts": len(prompts), "alpha": accepted / tested, "tested": tested, "tau": tokens / calls,
+                   "tokens_from_lookup": from_lookup, "new_tokens": tokens,
+                   "acceptance_by_position": [round(a / d, 3) if d else None for a, d in by_position]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "engine_alpha_cpu.json").write_text(json.dumps({"command": "python benchmarks/engine_alpha_cpu.py "
                                                                            f"--prompts {args.prompts} --max-new-tokens {args.max_new_tokens} --gammas {args.gammas} "
-                                                                           f"--candidates {args.candidates}",
+                                                                           f"--candidates {args.candidates} --lookup {args.lookup} --tasks {args.tasks}",
                                                                            "rows": rows}, indent=1))
 
 

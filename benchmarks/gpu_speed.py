@@ -93,11 +93,11 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, params: 
     generator = torch.Generator(device="cuda").manual_seed(0)
     stepper.begin(context, params)
     stepper.step(context, gamma, generator)  # capture
-    k = stepper.candidates
+    k, size = stepper.candidates, stepper.lookup
     if stepper.features:
-        key = ("features", gamma, min(gamma + 1, len(context) - 1), k)
+        key = ("features", gamma, min(max(gamma, size) + 1, len(context) - 1), k, size)
     else:
-        key = ("model", gamma, k) if stepper.draft_model is not None else ("verify", gamma)
+        key = ("model", gamma, k, size) if stepper.draft_model is not None else ("verify", gamma)
     runner = stepper.graphs[key]
     start_evt, end_evt = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
@@ -114,7 +114,7 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, params: 
     out = {"gamma": gamma, "graph_replay_ms": replay_ms, "step_wall_ms": step_ms,
            "host_overhead_ms": step_ms - replay_ms}
     # forwards alone
-    for name, model, t in (("target_forward_ms", stepper.target, gamma * k + 1),
+    for name, model, t in (("target_forward_ms", stepper.target, gamma * k + 1 + size),
                            ("target_forward_1_ms", stepper.target, 1),
                            ("draft_forward_ms", stepper.draft_model, 1)):
         if model is None:
@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--gammas", default="3,5,7")
     ap.add_argument("--candidates", default="1", help="candidates per draft position to bench, e.g. 1,2,4")
+    ap.add_argument("--lookup", default="0", help="lookup branch sizes beside the draft models, e.g. 0,8")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
     ap.add_argument("--tasks", default="code,chat")
@@ -194,8 +195,8 @@ def main() -> None:
         target.keep_features()  # before the first compile: one compiled target forward for every stepper
     results: list[dict] = []
 
-    def record(task, method, gamma, res, capture=None, candidates=1):
-        row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates,
+    def record(task, method, gamma, res, capture=None, candidates=1, lookup=0):
+        row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates, "lookup": lookup,
                **{k: v for k, v in res.items() if k != "outputs"}}
         if capture is not None:
             row["capture_s"] = capture
@@ -205,16 +206,16 @@ def main() -> None:
 
     steppers: dict[str, FusedStepper] = {}
 
-    def stepper_for(name, k=1):
-        if (name, k) not in steppers:
+    def stepper_for(name, k=1, lookup=0):
+        if (name, k, lookup) not in steppers:
             if name == "plain":
                 stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
             elif name == "ngram":
                 stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:
-                stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k)
-            steppers[name, k] = stepper
-        return steppers[name, k]
+                stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k, lookup=lookup)
+            steppers[name, k, lookup] = stepper
+        return steppers[name, k, lookup]
 
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
@@ -235,11 +236,12 @@ def main() -> None:
                                                              max_new=mx, eos=eos), cap)
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
         ks = tuple(int(k) for k in args.candidates.split(","))
-        configs = [("ngram", 1, (4, 8))] if args.ngram else []
-        configs += [(d, k, gammas_model) for d in drafts for k in ks]
-        for name, k, gammas in configs:
+        lookups = tuple(int(g) for g in args.lookup.split(","))
+        configs = [("ngram", 1, 0, (4, 8))] if args.ngram else []
+        configs += [(d, k, g, gammas_model) for d in drafts for k in ks for g in lookups]
+        for name, k, lookup, gammas in configs:
             for gamma in gammas:
-                st = stepper_for(name, k)
+                st = stepper_for(name, k, lookup)
                 cap = time.perf_counter()
                 run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=16, eos=eos)
                 cap = time.perf_counter() - cap
@@ -250,8 +252,8 @@ def main() -> None:
                 if params.greedy:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
-                record(task, name, gamma, res, cap, k)
-            if name != "ngram" and k == 1 and args.auto:
+                record(task, name, gamma, res, cap, k, lookup)
+            if name != "ngram" and k == 1 and not lookup and args.auto:
                 st = stepper_for(name)
                 policy = AdaptiveGamma(max_gamma=8)
                 run_ours(target, prompts[:1], stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
@@ -260,20 +262,21 @@ def main() -> None:
                 record(task, name, "auto", res)
     prof = {}
     for name in drafts if cuda else ():
-        for k in sorted({1, max(ks)}):
-            st = stepper_for(name, k)
+        for k, lookup in sorted({(1, 0), (max(ks), 0), (max(ks), max(lookups))}):
+            st = stepper_for(name, k, lookup)
             first_prompts, first_params = next(iter(tasks.values()))
-            prof[f"{name} k={k}"] = profile_step(st, first_prompts[0], gammas_model[-1], first_params)
-            print("profile", name, k, json.dumps(prof[f"{name} k={k}"]), flush=True)
+            label = f"{name} k={k} lookup={lookup}"
+            prof[label] = profile_step(st, first_prompts[0], gammas_model[-1], first_params)
+            print("profile", label, json.dumps(prof[label]), flush=True)
     summary = {"device": device_name, "torch": torch.__version__, "compile": compile_flag, "attention": args.attention,
                "results": results, "profile": prof, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'k':>2} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
+    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'k':>2} {'G':>2} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
     for r in results:
         alpha = f"{r['alpha']:.2f}" if r.get("alpha") is not None else "-"
         tau = f"{r['tau']:.2f}" if "tau" in r else "-"
-        print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['candidates']:>2} {r['tokens_per_s']:>9.1f} "
+        print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['candidates']:>2} {r['lookup']:>2} {r['tokens_per_s']:>9.1f} "
               f"{alpha:>6} {tau:>5} {r.get('speedup_vs_plain', 0):>8.2f}")
     print(json.dumps({"device": summary["device"], "rows": len(results)}))
 

@@ -117,17 +117,29 @@ def verify(
 # candidates are, as long as q_j is the law candidate j was really drawn from given the ones before.
 # If no candidate is kept, the token comes from r_k. A kept chain token moves on to the next depth; a
 # kept alternative ends the step, followed by a bonus token drawn from the target at that node.
+#
+# A lookup branch: a deterministic continuation n_1..n_L (prompt lookup), scored in the same forward
+# as a branch of its own from the root. It is grafted where it leaves the chain: with n_1..n_g equal to
+# the chain's first g tokens (g <= γ), n_{g+1} is one more candidate at depth g+1, tried right after
+# the chain token there (a point mass: kept with probability r(n_{g+1})), and depth γ+1 — after the
+# whole chain — has it as its only candidate. Once n_{g+1} is kept, n_{g+2}.. are tried as a chain
+# (`verify` with point masses) against the target's laws at the branch's own nodes, and the step ends
+# with their recovered or bonus token. Whether a depth gets the lookup candidate depends only on the
+# path to it, never on the draws at that depth, so the rule stays exact; and with greedy decoding it
+# emits the longest path of the tree that greedy decoding would take.
 
 
-def candidate_tree(gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Layout of the 1 + γ·k nodes the target scores: node 0 is the last committed token, nodes
-    1..γ the chain (node d at depth d), then the alternatives depth by depth (depth d, column j >= 1
-    at node 1 + γ + (d-1)(k-1) + (j-1)), each a child of chain node d-1.
+def candidate_tree(gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layout of the 1 + γ·k (+ lookup) nodes the target scores: node 0 is the last committed token,
+    nodes 1..γ the chain (node d at depth d), then the alternatives depth by depth (depth d, column
+    j >= 1 at node 1 + γ + (d-1)(k-1) + (j-1)), each a child of chain node d-1, then the lookup
+    branch (its token i at node γ·k + i, depth i, a chain of its own from the root).
 
     Returns depths [N] int64 (the position offset of each node) and ancestors [N, N] bool (row i:
     the nodes node i attends to, itself included)."""
-    n = 1 + gamma * k
-    parents = list(range(-1, gamma)) + [d for d in range(gamma) for _ in range(k - 1)]
+    n = 1 + gamma * k + lookup
+    parents = (list(range(-1, gamma)) + [d for d in range(gamma) for _ in range(k - 1)]
+               + [0] + list(range(1 + gamma * k, gamma * k + lookup)))[:n]
     depths, ancestors = [0] * n, torch.zeros(n, n, dtype=torch.bool)
     for node in range(n):
         ancestors[node, node] = True
@@ -143,58 +155,105 @@ def alternative_node(gamma: int, k: int, kept, column):
     return 1 + gamma + kept * (k - 1) + column - 1
 
 
-def tree_tokens(root: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """The target's input for candidate_tree: root [1] (the last committed token) and candidates
-    [γ, k] -> [1 + γ·k], the chain first, then the alternatives depth by depth."""
-    return torch.cat([root, candidates[:, 0], candidates[:, 1:].reshape(-1)])
+def lookup_node(gamma: int, k: int, index):
+    """The node (in candidate_tree(γ, k, lookup)) of the lookup branch's token n_{index+1}."""
+    return 1 + gamma * k + index
+
+
+def tree_tokens(root: torch.Tensor, candidates: torch.Tensor, lookup: torch.Tensor | None = None) -> torch.Tensor:
+    """The target's input for candidate_tree: root [1] (the last committed token), candidates
+    [γ, k] (and the lookup branch [L]) -> [1 + γ·k (+ L)], the chain first, then the alternatives
+    depth by depth, then the lookup branch."""
+    parts = [root, candidates[:, 0], candidates[:, 1:].reshape(-1)]
+    return torch.cat(parts if lookup is None else parts + [lookup])
 
 
 class CandidateVerdict(NamedTuple):
     num_accepted: torch.Tensor  # [] int64, 0..γ: chain tokens kept
     alternative: torch.Tensor  # [] int64: column j >= 1 kept at depth num_accepted + 1, or 0 if none
-    next_token: torch.Tensor  # [] int64: recovered token, or bonus after a kept alternative / the chain
+    next_token: torch.Tensor  # [] int64: recovered token, or bonus after the last kept token
+    lookup_kept: torch.Tensor  # [] int64: lookup tokens kept after the chain's num_accepted (0 if none)
 
 
 def verify_candidates(
     candidates: torch.Tensor,  # [γ, k] int64; column 0 is the chain
     candidate_probs: torch.Tensor | None,  # [γ, k, vocab]: law of candidate j given 0..j-1; None = point masses
-    target_probs: torch.Tensor,  # [1 + γ·k, vocab] at the nodes of candidate_tree(γ, k)
+    target_probs: torch.Tensor,  # [1 + γ·k (+ G), vocab] at the nodes of candidate_tree(γ, k, G)
     accept_uniforms: torch.Tensor,  # [γ, k] in [0, 1)
     sample_uniforms: torch.Tensor,  # [γ + 1] in [0, 1): the draw after the step's last kept token
+    lookup: torch.Tensor | None = None,  # [G] int64: the lookup branch, its first `lookup_length` valid
+    lookup_length: torch.Tensor | int = 0,  # [] int64 or int, 0..G
+    lookup_uniforms: torch.Tensor | None = None,  # [G] in [0, 1)
 ) -> CandidateVerdict:
-    """Keep a prefix of the chain, maybe one alternative, and draw one more token. With k = 1 this is
-    `verify` (same decisions for the same uniforms). A candidate whose own law gives it probability 0
-    (draws without replacement past the end of a small support) is never kept.
+    """Keep a prefix of the chain, then maybe one alternative or a run of the lookup branch, and draw
+    one more token. With k = 1 and no lookup this is `verify` (same decisions for the same uniforms).
+    A candidate whose own law gives it probability 0 (draws without replacement past the end of a
+    small support) is never kept.
 
     All depths are processed at once (their uniforms are independent), then the first depth whose
     chain token was not kept decides the step: no host synchronisation."""
     gamma, k = candidates.shape
     vocab = target_probs.shape[-1]
-    owed = target_probs[:gamma]  # [γ, vocab]: r_0 at depth d is p at chain node d-1
-    kept = torch.full((gamma,), k, dtype=torch.int64, device=candidates.device)  # first kept column, k = none
+    device = candidates.device
+    depth_index = torch.arange(gamma + 1, device=device)
+    # owed[d]: the law still owed at depth d+1, r_0 = p at chain node d; row γ follows the whole chain
+    owed = target_probs[: gamma + 1]  # [γ+1, vocab]
+    # first kept column per depth: k = none, -1 = the lookup candidate
+    kept = torch.full((gamma + 1,), k, dtype=torch.int64, device=device)
+    if lookup is not None:
+        size = lookup.shape[0]
+        shared = min(gamma, size)
+        agree = (lookup[:shared] == candidates[:shared, 0]) & (depth_index[:shared] < lookup_length)
+        graft = agree.to(torch.int64).cumprod(0).sum()  # g: the lookup's first g tokens are the chain's
+        lookup_index = torch.arange(size, device=device)
+        first = lookup.index_select(0, graft.clamp(max=size - 1).view(1))  # [1]: n_{g+1}
+        tries_lookup = (depth_index == graft) & (graft < lookup_length)  # [γ+1]: depth g+1 only
     for j in range(k):
         tokens = candidates[:, j]  # [γ]
         if candidate_probs is None:
             law = point_mass(tokens, vocab, target_probs.dtype)
         else:
             law = candidate_probs[:, j]  # [γ, vocab]
-        r_x = owed.gather(-1, tokens[:, None]).squeeze(-1)
+        r_x = owed[:gamma].gather(-1, tokens[:, None]).squeeze(-1)
         q_x = law.gather(-1, tokens[:, None]).squeeze(-1)
-        open_ = kept == k
+        open_ = kept[:gamma] == k
         keep = open_ & (accept_uniforms[:, j] * q_x < r_x) & ((q_x > 0) | (j == 0))
-        kept = torch.where(keep, j, kept)
-        owed = torch.where((open_ & ~keep)[:, None], residual_probs(owed, law), owed)
-    num_accepted = (kept == 0).to(torch.int64).cumprod(0).sum()
+        kept = torch.cat([torch.where(keep, j, kept[:gamma]), kept[gamma:]])
+        owed = torch.cat([torch.where((open_ & ~keep)[:, None], residual_probs(owed[:gamma], law), owed[:gamma]),
+                          owed[gamma:]])
+        if j == 0 and lookup is not None:  # the lookup candidate, right after the chain token
+            open_ = kept == k
+            r_x = owed.gather(-1, first.expand(gamma + 1)[:, None]).squeeze(-1)
+            u = lookup_uniforms.index_select(0, graft.clamp(max=size - 1).view(1))
+            keep = tries_lookup & open_ & (u < r_x)
+            kept = torch.where(keep, -1, kept)
+            rejected = tries_lookup & open_ & ~keep
+            owed = torch.where(rejected[:, None], residual_probs(owed, point_mass(first, vocab, owed.dtype)), owed)
+    num_accepted = (kept[:gamma] == 0).to(torch.int64).cumprod(0).sum()
 
-    # the law of the token after the step's last kept one: bonus at the kept alternative's node,
-    # r_k where nothing was kept, the target after the whole chain
-    depth = num_accepted.clamp(max=gamma - 1).view(1) if gamma else num_accepted.view(1)
-    column = kept.index_select(0, depth)[0] if gamma else num_accepted
-    chain_done = num_accepted == gamma
-    has_alternative = ~chain_done & (column < k) & (column > 0)
-    node = torch.where(has_alternative, alternative_node(gamma, k, depth[0], column), gamma)
-    owed_row = owed.index_select(0, depth)[0] if gamma else target_probs[0]
-    next_probs = torch.where(chain_done | has_alternative, target_probs.index_select(0, node.view(1))[0], owed_row)
+    # the law of the token after the step's last kept one: bonus at the kept alternative's node, what
+    # is still owed after the chain's num_accepted tokens (the target itself after the whole chain)
+    column = kept.index_select(0, num_accepted.view(1))[0]
+    has_alternative = (column > 0) & (column < k)
+    node = alternative_node(gamma, k, num_accepted, column.clamp(min=1)).clamp(max=gamma * k)  # in range if unused
+    next_probs = torch.where(has_alternative, target_probs.index_select(0, node.view(1))[0],
+                             owed.index_select(0, num_accepted.view(1))[0])
+    lookup_kept = torch.zeros((), dtype=torch.int64, device=device)
+    if lookup is not None:
+        # after n_{g+1}: n_{g+2}.. against the target at the branch's nodes, as a deterministic chain
+        in_lookup = column == -1
+        # [G, vocab]: row i the target's law before n_{i+1}, at the branch's node of n_i (the root for i = 0)
+        before = target_probs.index_select(0, torch.where(lookup_index > 0, lookup_node(gamma, k, lookup_index - 1), 0))
+        p_x = before.gather(-1, lookup[:, None]).squeeze(-1)
+        later = (lookup_index > graft) & (lookup_index < lookup_length)
+        run = torch.where(lookup_index <= graft, True, later & (lookup_uniforms < p_x))
+        lookup_kept = torch.where(in_lookup, run.to(torch.int64).cumprod(0).sum() - graft, 0)
+        stop = (graft + lookup_kept).clamp(max=size - 1).view(1)  # the first lookup token not kept
+        rejected_law = residual_probs(before.index_select(0, stop)[0], point_mass(lookup.index_select(0, stop), vocab,
+                                                                                 before.dtype)[0])
+        bonus = target_probs.index_select(0, lookup_node(gamma, k, graft + lookup_kept - 1).view(1))[0]
+        lookup_law = torch.where(graft + lookup_kept == lookup_length, bonus, rejected_law)
+        next_probs = torch.where(in_lookup, lookup_law, next_probs)
     next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0])
     alternative = torch.where(has_alternative, column, 0)
-    return CandidateVerdict(num_accepted, alternative, next_token)
+    return CandidateVerdict(num_accepted, alternative, next_token, lookup_kept)

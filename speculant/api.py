@@ -27,6 +27,7 @@ from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import Drafter
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
+from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import GenerationStats, generate
@@ -68,11 +69,11 @@ class Speculant:
     """A target, a chain of drafters and a γ policy, ready to generate."""
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
-                 inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1) -> None:
+                 inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0) -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.draft_specs = list(drafts)
-        self.drafter, self.levels = _build_chain(target, self.draft_specs, inner_gamma, candidates)
+        self.drafter, self.levels = _build_chain(target, self.draft_specs, inner_gamma, candidates, lookup)
         if gamma == "auto":
             self.gamma: int | AdaptiveGamma = AdaptiveGamma()  # kept across requests: the pair's prior
         else:
@@ -84,7 +85,7 @@ class Speculant:
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
             fused = target.model.device.type == "cuda"
-        self.stepper = _fused_stepper(target.model, self.drafter, candidates) if fused else None
+        self.stepper = _fused_stepper(target.model, self.drafter, candidates, lookup) if fused else None
         self.plain_stepper = _fused_stepper(target.model, NoDrafter()) if fused else None
 
     # ---- requests ----------------------------------------------------------------------------
@@ -144,7 +145,7 @@ class Speculant:
         return out
 
 
-def _fused_stepper(target: CausalLM, drafter: Drafter, candidates: int = 1):
+def _fused_stepper(target: CausalLM, drafter: Drafter, candidates: int = 1, lookup: int = 0):
     """A FusedStepper for a lean target and a one-level drafter it can fuse; else None."""
     from speculant.fused import FusedStepper
 
@@ -154,8 +155,12 @@ def _fused_stepper(target: CausalLM, drafter: Drafter, candidates: int = 1):
         return FusedStepper(target, None)
     if isinstance(drafter, NgramDrafter):
         return FusedStepper(target, None, ngram=drafter)
+    if isinstance(drafter, LookupDrafter):
+        ngram, drafter = drafter.ngram, drafter.inner
+    else:
+        ngram, lookup = None, 0
     if isinstance(drafter, (ModelDrafter, FeatureDrafter)) and isinstance(drafter.model, LeanModel):
-        return FusedStepper(target, drafter.model, candidates=candidates)
+        return FusedStepper(target, drafter.model, candidates=candidates, lookup=lookup, ngram=ngram)
     return None
 
 
@@ -166,9 +171,10 @@ def _level_stats(drafter: SpeculativeDrafter) -> dict:
 
 
 def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
-                 candidates: int = 1) -> tuple[Drafter, list]:
+                 candidates: int = 1, lookup: int = 0) -> tuple[Drafter, list]:
     """Turn draft specs into one drafter. specs[0] drafts for the target, specs[i] for specs[i-1].
-    `candidates` k > 1: the drafter proposes k candidates per position (one draft model only)."""
+    `candidates` k > 1: the drafter proposes k candidates per position (one draft model only).
+    `lookup` G > 0: a prompt-lookup branch of up to G tokens beside it (drafters.lookup)."""
     if not specs:
         specs = ["none"]
     if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
@@ -195,10 +201,17 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
     if candidates > 1 and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
         raise ValueError("several candidates per position need one draft model as the only --draft (a distilled "
                          "draft, a model or layers:N) and a lean target; n-gram, none and chains propose one")
+    if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
+        raise ValueError(f"lookup must be an integer >= 0, got {lookup!r}")
+    if lookup and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
+        raise ValueError("a lookup branch goes beside one draft model as the only --draft (a distilled draft, a "
+                         "model or layers:N) and a lean target; for prompt lookup alone use --draft ngram")
     if candidates > target.model.vocab_size:
         raise ValueError(f"candidates must be at most the vocabulary size ({target.model.vocab_size}), got {candidates}")
     spec, model = models[-1]
     drafter = _leaf_drafter(spec, model, target, candidates)
+    if lookup:
+        drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
         drafter = SpeculativeDrafter(_causal_lm(model), drafter, inner_gamma)
@@ -259,7 +272,7 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
 
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = 2048,
-         inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1) -> Speculant:
+         inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -267,4 +280,5 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         raise ValueError("device 'cuda' asked for, but torch sees no CUDA device here")
     loaded = load_model(target, device=device, dtype=DTYPES[dtype], max_seq_len=max_seq_len)
     drafts = [draft] if isinstance(draft, str) else list(draft)
-    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates)
+    return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates,
+                     lookup=lookup)

@@ -32,6 +32,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=1, metavar="K",
                         help="candidates per draft position, scored as one tree (default 1: a chain); "
                              "for one draft model and a lean target")
+    parser.add_argument("--lookup", type=int, default=0, metavar="G",
+                        help="also verify a prompt-lookup continuation of up to G tokens beside the draft "
+                             "model's, in the same target forward (default 0: none); pays on text that repeats, "
+                             "such as code")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache capacity (tokens)")
@@ -106,7 +110,8 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 0:
         raise CliError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     spec = api.load(target=args.target, draft=args.draft or ["default"], gamma=args.gamma,
-                    device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates)
+                    device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
+                    lookup=args.lookup)
     options = dict(chat=args.chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
 
@@ -151,7 +156,7 @@ def _public_stats(stats: dict) -> dict:
     keys = ("alpha", "tau", "target_calls", "new_tokens", "tokens_per_s", "gamma", "accepted_per_drafted",
             "drafted", "accepted", "acceptance_by_position", "cost_ratio", "predicted_speedup", "draft_time",
             "target_time", "prefill_time", "decode_time", "finish_reason", "mean_gamma", "gamma_history", "levels",
-            "alternatives_kept")
+            "alternatives_kept", "lookup_tokens")
     return {k: stats[k] for k in keys if k in stats}
 
 

@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from speculant.acceptance import alternative_node, candidate_tree, tree_tokens, verify, verify_candidates
+from speculant.acceptance import alternative_node, candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
 from speculant.analysis import expected_speedup
 from speculant.drafters.base import Draft, Drafter
 from speculant.models.base import CausalLM, ContextOverflowError
@@ -51,6 +51,7 @@ class GenerationStats:
     accepted: int = 0
     rejections: int = 0
     alternatives_kept: int = 0  # steps whose last kept draft token was an alternative (--candidates)
+    lookup_tokens: int = 0  # draft tokens kept from the lookup branch (--lookup)
     drafted_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
     gamma_history: list[int] = field(default_factory=list)  # γ chosen at each step
@@ -110,6 +111,7 @@ class GenerationStats:
         self.accepted += step.num_accepted
         self.rejections += int(step.num_accepted < step.num_drafted)
         self.alternatives_kept += int(step.kept_alternative)
+        self.lookup_tokens += step.lookup_kept
         self.draft_time += step.draft_time
         self.target_time += step.target_time
         self.gamma_history.extend([gamma] * step.target_calls)
@@ -242,6 +244,7 @@ class StepResult(NamedTuple):
     target_time: float
     target_calls: int = 1  # a fused plain step may decode several tokens, one target call each
     kept_alternative: bool = False  # the last kept draft token was an alternative, not the chain's
+    lookup_kept: int = 0  # draft tokens kept from the lookup branch (speculant.drafters.lookup)
 
 
 def speculative_step(
@@ -257,10 +260,11 @@ def speculative_step(
     device = target.device
     draft, draft_time = _timed(device, _propose, drafter, context, gamma, params, generator)
     num_drafted = draft.tokens.shape[0]
-    if draft.alternatives is not None and num_drafted:
-        # a tree of γ·k candidates, if the target can take one and its cache has the slots
-        k = 1 + draft.alternatives.shape[1]
-        if isinstance(target, LeanModel) and len(context) + num_drafted * k <= target.max_seq_len:
+    if (draft.alternatives is not None or draft.lookup is not None) and num_drafted:
+        # a tree of γ·k candidates (and the lookup branch), if the target can take one and its cache has the slots
+        k = 1 if draft.alternatives is None else 1 + draft.alternatives.shape[1]
+        lookup = 0 if draft.lookup is None else draft.lookup.shape[0]
+        if isinstance(target, LeanModel) and len(context) + num_drafted * k + lookup <= target.max_seq_len:
             return _candidate_step(target, draft, context, params, generator, draft_time)
 
     def verify_draft():
@@ -281,24 +285,34 @@ def speculative_step(
 
 def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params: SamplingParams,
                     generator: torch.Generator | None, draft_time: float) -> StepResult:
-    """speculative_step for a draft with k candidates per position: the target scores the tree of
-    acceptance.candidate_tree in one forward; a kept alternative's cache slot moves to its position."""
+    """speculative_step for a draft with k candidates per position and/or a lookup branch: the target
+    scores the tree of acceptance.candidate_tree in one forward; kept nodes off the chain move their
+    cache slots to their positions."""
     device = target.device
-    gamma, k = draft.alternatives.shape[0], 1 + draft.alternatives.shape[1]
-    candidates = torch.cat([draft.tokens[:, None], draft.alternatives], 1).to(device)  # [γ, k]
-    laws = None if draft.alternative_probs is None else torch.cat([draft.probs[:, None], draft.alternative_probs], 1)
+    gamma = draft.tokens.shape[0]
+    columns = [draft.tokens[:, None]] + ([] if draft.alternatives is None else [draft.alternatives])
+    candidates = torch.cat(columns, 1).to(device)  # [γ, k]
+    k = candidates.shape[1]
+    if draft.alternatives is None:
+        laws = None if draft.probs is None else draft.probs[:, None]
+    else:
+        laws = None if draft.alternative_probs is None else torch.cat([draft.probs[:, None], draft.alternative_probs], 1)
+    lookup = None if draft.lookup is None else draft.lookup.to(device)  # [L]
+    size = 0 if lookup is None else lookup.shape[0]
     start = len(context) - 1  # the root (the last committed token) sits at slot and position `start`
 
     def verify_tree():
-        _, ancestors = candidate_tree(gamma, k)
-        inputs = tree_tokens(torch.tensor(context[-1:], device=device), candidates)
-        target_probs = logits_to_probs(target.forward(inputs, start, ancestors), params)  # [1 + γk, vocab]
+        _, ancestors = candidate_tree(gamma, k, size)
+        inputs = tree_tokens(torch.tensor(context[-1:], device=device), candidates, lookup)
+        target_probs = logits_to_probs(target.forward(inputs, start, ancestors), params)  # [1 + γk + L, vocab]
         accept_uniforms = torch.rand(gamma, k, generator=generator, device=device)
         sample_uniforms = torch.rand(gamma + 1, generator=generator, device=device)
-        verdict = verify_candidates(candidates, laws, target_probs, accept_uniforms, sample_uniforms)
+        lookup_uniforms = None if lookup is None else torch.rand(size, generator=generator, device=device)
+        verdict = verify_candidates(candidates, laws, target_probs, accept_uniforms, sample_uniforms, lookup, size,
+                                    lookup_uniforms)
         return target_probs, [int(x) for x in verdict]  # the step's one synchronisation
 
-    (target_probs, (num_accepted, alternative, next_token)), target_time = _timed(device, verify_tree)
+    (target_probs, (num_accepted, alternative, next_token, lookup_kept)), target_time = _timed(device, verify_tree)
     tokens = candidates[:num_accepted, 0].tolist()
     path = list(range(num_accepted + 1))  # the nodes whose law gave each emitted token
     if alternative:
@@ -306,9 +320,16 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
         target.move_slot(start + node, start + num_accepted + 1)
         tokens.append(int(candidates[num_accepted, alternative]))
         path.append(node)
+    if lookup_kept:  # the lookup run after the chain's num_accepted tokens: one block of slots
+        nodes = lookup_node(gamma, k, torch.arange(num_accepted, num_accepted + lookup_kept))
+        target.move_slot(start + nodes.to(device), start + torch.arange(num_accepted + 1, num_accepted + 1 + lookup_kept,
+                                                                        device=device))
+        tokens += lookup[num_accepted:num_accepted + lookup_kept].tolist()
+        path += nodes.tolist()
     target.truncate(len(context) + len(tokens))
-    return StepResult(tokens + [next_token], gamma, len(tokens), target_probs[path], draft_time, target_time,
-                      kept_alternative=bool(alternative))
+    # a step is as deep as its longer branch; α then counts the depths that kept a token
+    return StepResult(tokens + [next_token], max(gamma, size), len(tokens), target_probs[path], draft_time,
+                      target_time, kept_alternative=bool(alternative), lookup_kept=lookup_kept)
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:

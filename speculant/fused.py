@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from speculant.acceptance import alternative_node, candidate_tree, tree_tokens, verify, verify_candidates
+from speculant.acceptance import alternative_node, candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
 from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.ngram import NgramDrafter
@@ -85,7 +85,7 @@ class FusedStepper:
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4, candidates: int = 1) -> None:
+                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -104,6 +104,14 @@ class FusedStepper:
         if candidates > 1 and draft_model is None:
             raise ValueError("several candidates per position need a draft model")
         self.candidates = candidates
+        # a lookup branch of up to `lookup` prompt-lookup tokens beside the draft model's (drafters.lookup)
+        if lookup < 0:
+            raise ValueError(f"lookup must be >= 0, got {lookup}")
+        if lookup and draft_model is None:
+            raise ValueError("a lookup branch goes beside a draft model")
+        self.lookup = lookup
+        if lookup and ngram is None:
+            self.ngram = NgramDrafter()
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
@@ -179,24 +187,33 @@ class FusedStepper:
         start = time.perf_counter()
         n = len(context) - 1
         target_calls = 1
-        # k candidates per position while the tree's 1 + γk slots fit in the cache, else a chain
-        k = self.candidates if n + 1 + gamma * self.candidates <= self.target.max_seq_len else 1
+        # k candidates per position and the lookup branch while the tree's 1 + γk + G slots fit in the
+        # cache, else a chain
+        k, size = self.candidates, self.lookup
+        if n + 1 + gamma * k + size > self.target.max_seq_len:
+            k, size = 1, 0
+        lookup = []
+        if size and gamma > 0 and n >= 1:  # padded to G tokens: the graph's shapes stay static
+            lookup = self.ngram.propose(context, size, None, None).tokens.tolist()
+            lookup = lookup + [0] * (size - len(lookup)) + [len(lookup)]
         if self.features and gamma > 0 and n >= 1:
-            # re-read the last min(γ+1, n) draft positions with true features: every position the
-            # previous step fed with predicted features lies in that window
-            window = min(gamma + 1, n)
+            # re-read the last min(γ+1, n) draft positions with true features (min(max(γ, G)+1, n)
+            # with a lookup branch, whose steps emit up to G+1 tokens): every position the previous
+            # step fed with predicted features lies in that window
+            window = min(max(gamma, size) + 1, n)
             self._catch_up_draft(context, n - window)
-            key = ("features", gamma, window, k)
+            key = ("features", gamma, window, k, size)
             runner = self.graphs.get(key) or self._prepare(
-                key, lambda: self._feature_step_body(gamma, window, k), window + 2, self._draft_uniforms(gamma, k))
-            ints = context[n - window + 1:] + [n - window, n]
+                key, lambda: self._feature_step_body(gamma, window, k, size), window + 2 + len(lookup),
+                self._draft_uniforms(gamma, k, size))
+            ints = context[n - window + 1:] + [n - window, n] + lookup
             drafted = gamma
         elif self.draft_model is not None and not self.features and gamma > 0 and n >= 1:
             self._catch_up_draft(context, n - 1)
-            key = ("model", gamma, k)
-            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma, k), 4,
-                                                           self._draft_uniforms(gamma, k))
-            ints = context[-2:] + [n - 1, n]
+            key = ("model", gamma, k, size)
+            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma, k, size),
+                                                           4 + len(lookup), self._draft_uniforms(gamma, k, size))
+            ints = context[-2:] + [n - 1, n] + lookup
             drafted = gamma
         else:
             draft = self.ngram.propose(context, gamma, None, None).tokens.tolist() if (self.ngram and gamma) else []
@@ -216,16 +233,19 @@ class FusedStepper:
         torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         out = runner.run().tolist()  # the step's one synchronisation
         chain_accepted, alternative = 0, 0  # chain tokens kept; the kept alternative's column (0: none)
+        lookup_kept = 0
         if key[0] == "plain":
             num_accepted, tokens = 0, out
             self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
-        elif key[-1] > 1 and key[0] in ("features", "model"):
-            # out = [chain kept, alternative column or 0, next token, candidates [γ, k] row by row]
-            chain_accepted, alternative, next_token, candidates = out[0], out[1], out[2], out[3:]
+        elif key[0] in ("features", "model") and (k > 1 or size):
+            # out = [chain kept, alternative column or 0, next token, lookup tokens kept, candidates [γ, k]
+            # row by row]; kept lookup tokens were moved to their slots inside the graph
+            chain_accepted, alternative, next_token, lookup_kept, candidates = out[0], out[1], out[2], out[3], out[4:]
             tokens = candidates[0 : chain_accepted * k : k]
             if alternative:  # the kept node's cache slot moves to its position
                 self.target.move_slot(n + alternative_node(gamma, k, chain_accepted, alternative), n + chain_accepted + 1)
                 tokens.append(candidates[chain_accepted * k + alternative])
+            tokens += lookup[chain_accepted : chain_accepted + lookup_kept]
             num_accepted = len(tokens)
             tokens.append(next_token)
             self.target._length = len(context) + num_accepted
@@ -242,16 +262,18 @@ class FusedStepper:
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
         elapsed = time.perf_counter() - start
         # time is not split between draft and target inside one graph; it is reported as target time
-        return StepResult(tokens, drafted, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative))
+        depth = max(drafted, size if lookup else 0)  # a step is as deep as its longer branch, as in the engine
+        return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
-    def _draft_uniforms(self, gamma: int, k: int) -> int:
-        """Uniforms of a drafting step: γ draws, then for a chain γ tests and one draw; with
-        alternatives the noise that draws them (γ·V, when sampling), γ·k tests and γ + 1 draws."""
-        if k == 1:
+    def _draft_uniforms(self, gamma: int, k: int, lookup: int = 0) -> int:
+        """Uniforms of a drafting step: γ draws, then for a chain γ tests and one draw; for a tree
+        the noise that draws the alternatives (γ·V, when sampling with k > 1), γ·k tests, γ + 1
+        draws and the lookup branch's tests."""
+        if k == 1 and not lookup:
             return 2 * gamma + 1
-        noise = 0 if self.params.greedy else gamma * self.target.vocab_size
-        return gamma + noise + gamma * k + gamma + 1
+        noise = 0 if self.params.greedy or k == 1 else gamma * self.target.vocab_size
+        return gamma + noise + gamma * k + gamma + 1 + lookup
 
     def _sampling(self):
         """The sampling steps for the current params, compiled if asked:
@@ -260,8 +282,9 @@ class FusedStepper:
         drafters.base.draw_alternatives;
         finish(target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] | None, uniforms [γ+1])
         -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule;
-        finish_candidates(target_logits [1+γk, V], candidates [γ, k], laws [γ, k, V] | None,
-        uniforms [γk + γ + 1]) -> [chain kept, alternative, next_token, candidates row by row]."""
+        finish_candidates(target_logits [1+γk+G, V], candidates [γ, k], laws [γ, k, V] | None,
+        uniforms [γk + γ + 1 + G], lookup [G] | None, lookup_length []) -> [chain kept, alternative,
+        next_token, lookup kept, candidates row by row]."""
         if self.compile_sampling not in self.samplers:
             params = self.params
 
@@ -278,10 +301,12 @@ class FusedStepper:
                                  uniforms[:gamma], uniforms[gamma])
                 return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
 
-            def finish_candidates(target_logits, candidates, laws, uniforms):
+            def finish_candidates(target_logits, candidates, laws, uniforms, lookup, lookup_length):
                 gamma, k = candidates.shape
+                draws = uniforms[gamma * k: gamma * k + gamma + 1]
                 verdict = verify_candidates(candidates, laws, logits_to_probs(target_logits, params),
-                                            uniforms[: gamma * k].view(gamma, k), uniforms[gamma * k:])
+                                            uniforms[: gamma * k].view(gamma, k), draws, lookup, lookup_length,
+                                            uniforms[gamma * k + gamma + 1:])
                 return torch.cat([torch.stack(list(verdict)), candidates.reshape(-1)])
 
             functions = (sample, alternatives, finish, finish_candidates)
@@ -290,56 +315,66 @@ class FusedStepper:
             self.samplers[self.compile_sampling] = functions
         return self.samplers[self.compile_sampling]
 
-    def _draft_and_verify(self, gamma: int, k: int, logits, uniforms, feed, root, start):
+    def _draft_and_verify(self, gamma: int, k: int, size: int, logits, uniforms, feed, root, start, lookup):
         """The part shared by the model and feature bodies: draw the chain (and alternatives) from
-        the draft's logits [V] and `feed`, score it with the target from the root token [1] at
-        position `start` [], and apply the rule."""
+        the draft's logits [V] and `feed`, score it (and the lookup branch: lookup [G + 1], its G
+        tokens padded and its length) with the target from the root token [1] at position `start`
+        [], apply the rule, and move kept lookup tokens' cache slots to their positions."""
         sample, alternatives, finish, finish_candidates = self._sampling()
         draws, rest = uniforms[:gamma], uniforms[gamma:]
         draft_tokens, draft_probs, draft_logits = _sample_chain(sample, logits, draws, feed)
-        if k == 1:
+        if k == 1 and not size:
             target_logits = self.target_fn(torch.cat([root, draft_tokens]), start + self.offsets[: gamma + 1])
             return finish(target_logits, draft_tokens, draft_probs, rest)
-        vocab = self.target.vocab_size
-        noise = None
-        if not self.params.greedy:
-            noise, rest = rest[: gamma * vocab].view(gamma, vocab), rest[gamma * vocab:]
-        others, others_laws = alternatives(draft_logits, draft_probs, draft_tokens, k - 1, noise)  # all depths at once
-        candidates = torch.cat([draft_tokens[:, None], others], 1)  # [γ, k]
-        laws = None if others_laws is None else torch.cat([draft_probs[:, None], others_laws], 1)
-        depths, ancestors = self.tree(gamma, k)
-        target_logits = self.target_fn(tree_tokens(root, candidates), start + depths, ancestors)
-        return finish_candidates(target_logits, candidates, laws, rest)
+        candidates, laws = draft_tokens[:, None], draft_probs[:, None]  # [γ, 1], [γ, 1, V]
+        if k > 1:
+            vocab = self.target.vocab_size
+            noise = None
+            if not self.params.greedy:
+                noise, rest = rest[: gamma * vocab].view(gamma, vocab), rest[gamma * vocab:]
+            others, others_laws = alternatives(draft_logits, draft_probs, draft_tokens, k - 1, noise)  # all depths
+            candidates = torch.cat([draft_tokens[:, None], others], 1)  # [γ, k]
+            laws = None if others_laws is None else torch.cat([draft_probs[:, None], others_laws], 1)
+        branch, length = (lookup[:size], lookup[size]) if size else (None, 0)
+        depths, ancestors = self.tree(gamma, k, size)
+        target_logits = self.target_fn(tree_tokens(root, candidates, branch), start + depths, ancestors)
+        out = finish_candidates(target_logits, candidates, laws, rest, branch, length)
+        if size:  # kept lookup tokens (out[3] of them after out[0] chain tokens) move to their slots
+            kept, index = out[3], self.offsets[:size]
+            dest = start + out[0] + 1 + index
+            self.target.move_slot(torch.where(index < kept, start + lookup_node(gamma, k, out[0] + index), dest), dest)
+        return out
 
-    def tree(self, gamma: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """acceptance.candidate_tree on the device, made once per (γ, k): graphs read it in place."""
-        if (gamma, k) not in self.trees:
-            self.trees[gamma, k] = tuple(t.to(self.device) for t in candidate_tree(gamma, k))
-        return self.trees[gamma, k]
+    def tree(self, gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """acceptance.candidate_tree on the device, made once per (γ, k, G): graphs read it in place."""
+        if (gamma, k, lookup) not in self.trees:
+            self.trees[gamma, k, lookup] = tuple(t.to(self.device) for t in candidate_tree(gamma, k, lookup))
+        return self.trees[gamma, k, lookup]
 
-    def _model_step_body(self, gamma: int, k: int):
+    def _model_step_body(self, gamma: int, k: int, size: int):
         draft_fn = self.draft_fn
         offsets = self.offsets
 
         def body(ints, uniforms):
-            # ints = [x_{n-1}, x_n, n-1, n]. The draft re-reads x_{n-1} (harmless) and x_n, then γ-1 drafts
-            last2, starts = ints[:2], ints[2:]
+            # ints = [x_{n-1}, x_n, n-1, n, (lookup G, its length)]. The draft re-reads x_{n-1}
+            # (harmless) and x_n, then γ-1 drafts
+            last2, starts = ints[:2], ints[2:4]
             logits = draft_fn(last2, starts[0] + offsets[:2])[-1]
 
             def feed(token, i):
                 return draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
 
-            return self._draft_and_verify(gamma, k, logits, uniforms, feed, last2[1:], starts[1])
+            return self._draft_and_verify(gamma, k, size, logits, uniforms, feed, last2[1:], starts[1], ints[4:])
 
         return body
 
-    def _feature_step_body(self, gamma: int, window: int, k: int):
+    def _feature_step_body(self, gamma: int, window: int, k: int, size: int):
         draft_fn, features, offsets = self.draft_fn, self.target.features, self.offsets
 
         def body(ints, uniforms):
-            # ints = [x_{n-W+1..n}, n-W, n]: draft positions n-W..n-1 re-read them with the true
-            # features f_{n-W..n-1}
-            window_tokens, starts = ints[:window], ints[window:]
+            # ints = [x_{n-W+1..n}, n-W, n, (lookup G, its length)]: draft positions n-W..n-1 re-read
+            # them with the true features f_{n-W..n-1}
+            window_tokens, starts = ints[:window], ints[window:window + 2]
             positions = starts[0] + offsets[:window]
             logits, predicted = draft_fn(window_tokens, features.index_select(0, positions), positions)
             feature = predicted[-1:]
@@ -350,7 +385,8 @@ class FusedStepper:
                 return logits[-1]
 
             # the target reads [x_n, drafts] from position n
-            return self._draft_and_verify(gamma, k, logits[-1], uniforms, feed, window_tokens[-1:], starts[1])
+            return self._draft_and_verify(gamma, k, size, logits[-1], uniforms, feed, window_tokens[-1:], starts[1],
+                                          ints[window + 2:])
 
         return body
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_features import PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue
 
-from speculant.acceptance import candidate_tree, verify, verify_candidates
+from speculant.acceptance import candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.features import FeatureDrafter
+from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
+from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.fused import FusedStepper
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
@@ -30,6 +32,14 @@ def test_candidate_tree_lays_out_the_chain_then_the_alternatives_depth_by_depth(
     parents = {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 3], 4: [0, 4], 5: [0, 1, 5], 6: [0, 1, 6]}
     for node, row in parents.items():
         assert ancestors[node].nonzero().view(-1).tolist() == row
+    # a lookup branch of 3 after them: its own chain from the root
+    depths, ancestors = candidate_tree(2, 3, 3)
+    assert depths.tolist() == [0, 1, 2, 1, 1, 2, 2, 1, 2, 3]
+    assert [lookup_node(2, 3, i) for i in range(3)] == [7, 8, 9]
+    for node, row in {**parents, 7: [0, 7], 8: [0, 7, 8], 9: [0, 7, 8, 9]}.items():
+        assert ancestors[node].nonzero().view(-1).tolist() == row
+    assert tree_tokens(torch.tensor([5]), torch.tensor([[1, 2, 3], [4, 5, 6]]), torch.tensor([7, 8, 9])).tolist() == [
+        5, 1, 4, 2, 3, 5, 6, 7, 8, 9]
 
 
 # ================================================================ the target's tree forward
@@ -43,7 +53,7 @@ def test_a_tree_forward_gives_each_node_the_logits_of_its_own_path_and_a_kept_pa
     gamma, k = 3, 3
     candidates = torch.randint(0, 32, (gamma, k), generator=torch.Generator().manual_seed(0))
     _, ancestors = candidate_tree(gamma, k)
-    nodes = torch.cat([torch.tensor(context[-1:]), candidates[:, 0], candidates[:, 1:].reshape(-1)])
+    nodes = tree_tokens(torch.tensor(context[-1:]), candidates)
     model.forward(torch.tensor(context[:-1]), 0)
     tree_logits = model.forward(nodes, len(context) - 1, ancestors)
     for node in range(nodes.shape[0]):
@@ -65,6 +75,35 @@ def test_a_tree_forward_gives_each_node_the_logits_of_its_own_path_and_a_kept_pa
     torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_tree_forward_with_a_lookup_branch_scores_its_own_path_and_moves_a_kept_run_as_one_block():
+    cfg = tiny_config("llama", vocab_size=32)
+    model = LeanModel(random_weights(cfg, seed=4, scale=2.0), max_seq_len=64)
+    model.keep_features()
+    context = [3, 1, 4, 1, 5, 9, 2, 6]
+    gamma, k, lookup = 2, 2, 4
+    candidates = torch.tensor([[7, 8], [9, 10]])
+    branch = torch.tensor([7, 11, 12, 13])  # shares the chain's first token, then leaves it
+    _, ancestors = candidate_tree(gamma, k, lookup)
+    nodes = tree_tokens(torch.tensor(context[-1:]), candidates, branch)
+    start = len(context) - 1
+    model.forward(torch.tensor(context[:-1]), 0)
+    tree_logits = model.forward(nodes, start, ancestors)
+    for node in range(nodes.shape[0]):
+        path = nodes[ancestors[node]].tolist()
+        fresh = LeanModel(model.weights, max_seq_len=64)
+        torch.testing.assert_close(tree_logits[node], fresh.forward(torch.tensor(context[:-1] + path), 0)[-1],
+                                   atol=1e-4, rtol=1e-4)
+    # keep chain token 7 then the branch's 11, 12: their slots move in one call, decoding goes on
+    source = start + torch.tensor([lookup_node(gamma, k, 1), lookup_node(gamma, k, 2)])
+    model.move_slot(source, start + torch.tensor([2, 3]))
+    model.truncate(start + 4)
+    after = model.forward(torch.tensor([5]), start + 4)[-1]
+    fresh = LeanModel(model.weights, max_seq_len=64)
+    fresh.keep_features()
+    torch.testing.assert_close(after, fresh.forward(torch.tensor(context + [7, 11, 12, 5]), 0)[-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(model.features[: start + 5], fresh.features[: start + 5], atol=1e-4, rtol=1e-4)
+
+
 # ================================================================ the rule, on its own
 
 def test_one_candidate_per_position_is_the_chain_rule_draw_for_draw():
@@ -78,8 +117,8 @@ def test_one_candidate_per_position_is_the_chain_rule_draw_for_draw():
         chain = verify(tokens, draft_probs, target_probs, accept, sample)
         one = verify_candidates(tokens[:, None], draft_probs[:, None], target_probs, accept[:, None],
                                 sample.expand(gamma + 1))
-        assert (int(one.num_accepted), int(one.next_token), int(one.alternative)) == (
-            int(chain.num_accepted), int(chain.next_token), 0)
+        assert (int(one.num_accepted), int(one.next_token), int(one.alternative), int(one.lookup_kept)) == (
+            int(chain.num_accepted), int(chain.next_token), 0, 0)
 
 
 # A three-depth, four-candidate toy: the target's law at a node depends only on the node's token (a
@@ -108,17 +147,27 @@ def _toy(seed: int, variant: str):
     return root, markov, draft_root, draft_markov
 
 
-def _emitted(mode: str, variant: str = "dense", seed: int = 0):
-    """DRAWS independent steps of the toy (vmapped); returns each step's emitted tokens and how many
-    steps kept an alternative.
+LOOKUP = 5  # the lookup branch's size in the toy
+
+
+def _emitted(mode: str, variant: str = "dense", seed: int = 0, lookup: str | None = None):
+    """DRAWS independent steps of the toy (vmapped); returns each step's emitted tokens, how many
+    steps kept an alternative and how many kept lookup tokens.
 
     mode: "sampled" (alternatives without replacement, honest laws), "deterministic" (the draft's
     most likely tokens, point masses: exact for any choice made before the uniforms are read), and
     the broken samplers "stale-laws" (every alternative reported with the draft's full law, the
-    earlier candidates not removed) and "uniform-laws" (alternatives reported as uniform draws)."""
+    earlier candidates not removed) and "uniform-laws" (alternatives reported as uniform draws).
+    lookup: None, "honest" (a branch of 1..5 valid tokens fixed before the step: half the steps the
+    target's most likely path, which the chain often shares for a while, half a random path), or the
+    broken "peeking" (its first token chosen after looking at the uniform that tests it)."""
     root, markov, draft_root, draft_markov = toy = _toy(seed, variant)
+    likely = [int(root.argmax())]
+    for _ in range(LOOKUP - 1):
+        likely.append(int(markov[likely[-1]].argmax()))
+    likely = torch.tensor(likely)
 
-    def one_step(chain_u, noise, accept_u, sample_u):
+    def one_step(chain_u, noise, accept_u, sample_u, branch, branch_length, lookup_u):
         candidates, laws, draft_law = [], [], draft_root
         for depth in range(GAMMA):
             token = sample_from(draft_law, chain_u[depth])
@@ -133,22 +182,38 @@ def _emitted(mode: str, variant: str = "dense", seed: int = 0):
                 laws.append(torch.cat([draft_law[None], others_laws]))
             draft_law = draft_markov.index_select(0, token.view(1))[0]
         candidates = torch.stack(candidates)  # [γ, k]
+        laws = torch.stack(laws) if laws else None
         nodes = torch.cat([candidates[:, 0], candidates[:, 1:].reshape(-1)])
-        target_probs = torch.cat([root[None], markov.index_select(0, nodes)])  # [1 + γk, V]
-        verdict = verify_candidates(candidates, torch.stack(laws) if laws else None, target_probs, accept_u, sample_u)
-        return torch.stack(list(verdict)), candidates
+        if lookup is None:
+            target_probs = torch.cat([root[None], markov.index_select(0, nodes)])  # [1 + γk, V]
+            verdict = verify_candidates(candidates, laws, target_probs, accept_u, sample_u)
+            return torch.cat([torch.stack(list(verdict)), candidates.reshape(-1), branch])
+        if lookup == "peeking":  # the root's most likely token when its test will pass, else the least likely
+            branch = torch.cat([torch.where(lookup_u[0] < root.max(), root.argmax(), root.argmin()).view(1), branch[1:]])
+        target_probs = torch.cat([root[None], markov.index_select(0, torch.cat([nodes, branch]))])  # [1 + γk + G, V]
+        verdict = verify_candidates(candidates, laws, target_probs, accept_u, sample_u, branch, branch_length, lookup_u)
+        return torch.cat([torch.stack(list(verdict)), candidates.reshape(-1), branch])
 
     gen = torch.Generator().manual_seed(seed + 1)
-    verdicts, candidates = torch.vmap(one_step)(
+    branches = torch.where(torch.rand(DRAWS, 1, generator=gen) < 0.5, likely,
+                           torch.randint(0, V, (DRAWS, LOOKUP), generator=gen))
+    verdicts = torch.vmap(one_step)(
         torch.rand(DRAWS, GAMMA, generator=gen, dtype=torch.float64),
         torch.rand(DRAWS, GAMMA, V, generator=gen, dtype=torch.float64),
         torch.rand(DRAWS, GAMMA, K, generator=gen, dtype=torch.float64),
-        torch.rand(DRAWS, GAMMA + 1, generator=gen, dtype=torch.float64))
-    sequences = []
-    for (kept, alternative, next_token), step in zip(verdicts.tolist(), candidates.tolist()):
-        tokens = [row[0] for row in step[:kept]] + ([step[kept][alternative]] if alternative else [])
+        torch.rand(DRAWS, GAMMA + 1, generator=gen, dtype=torch.float64),
+        branches, torch.randint(1, LOOKUP + 1, (DRAWS,), generator=gen),
+        torch.rand(DRAWS, LOOKUP, generator=gen, dtype=torch.float64))
+    sequences, lookup_kept = [], 0
+    for row in verdicts.tolist():
+        kept, alternative, next_token, from_lookup = row[:4]
+        step = [row[4 + d * K: 4 + (d + 1) * K] for d in range(GAMMA)]
+        branch = row[4 + GAMMA * K:]
+        tokens = [r[0] for r in step[:kept]] + ([step[kept][alternative]] if alternative else [])
+        tokens += branch[kept: kept + from_lookup]
+        lookup_kept += from_lookup > 0
         sequences.append(tokens + [next_token])
-    return sequences, int((verdicts[:, 1] > 0).sum()), toy
+    return sequences, int((verdicts[:, 1] > 0).sum()), lookup_kept, toy
 
 
 def _law_pvalue(gof, sequences, toy) -> float:
@@ -167,15 +232,23 @@ def _law_pvalue(gof, sequences, toy) -> float:
 @pytest.mark.parametrize("mode, variant", [("sampled", "dense"), ("deterministic", "dense"),
                                            ("sampled", "sparse-draft"), ("sampled", "sparse-target")])
 def test_the_candidate_rule_emits_the_targets_law(mode, variant, gof):
-    sequences, alternatives_kept, toy = _emitted(mode, variant)
+    sequences, alternatives_kept, _, toy = _emitted(mode, variant)
     assert alternatives_kept > DRAWS // 20  # the alternatives are really kept, and their bonuses drawn
     assert sum(len(s) == GAMMA + 1 for s in sequences) > DRAWS // 20  # and whole chains too
     assert _law_pvalue(gof, sequences, toy) >= gof.SIGNIFICANCE
 
 
-@pytest.mark.parametrize("mode", ["stale-laws", "uniform-laws"])
-def test_a_candidate_sampler_that_misreports_its_laws_is_caught(mode, gof):
-    sequences, _, toy = _emitted(mode)
+@pytest.mark.parametrize("mode", ["sampled", "deterministic"])
+def test_the_rule_with_a_lookup_branch_emits_the_targets_law(mode, gof):
+    sequences, alternatives_kept, lookup_kept, toy = _emitted(mode, lookup="honest")
+    assert alternatives_kept > DRAWS // 20 and lookup_kept > DRAWS // 20  # both kinds of branch are taken
+    assert sum(len(s) > GAMMA + 1 for s in sequences) > DRAWS // 100  # the lookup runs past the chain's end
+    assert _law_pvalue(gof, sequences, toy) >= gof.SIGNIFICANCE
+
+
+@pytest.mark.parametrize("mode, lookup", [("stale-laws", None), ("uniform-laws", None), ("sampled", "peeking")])
+def test_a_candidate_sampler_that_misreports_its_laws_is_caught(mode, lookup, gof):
+    sequences, _, _, toy = _emitted(mode, lookup=lookup)
     assert _law_pvalue(gof, sequences, toy) < gof.SIGNIFICANCE
 
 
@@ -200,17 +273,21 @@ def test_alternatives_are_distinct_and_follow_sequential_draws_without_replaceme
 NUM_RUNS = 1500
 
 
-def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int):
+def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0):
     generator = torch.Generator(device=target.device).manual_seed(0)
-    stepper = FusedStepper(target, drafter.model, compile=False, candidates=candidates) if fused else None
+    stepper = (FusedStepper(target, drafter.model, compile=False, candidates=candidates, lookup=lookup)
+               if fused else None)
+    if lookup:
+        drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
-    alternatives_kept = 0
+    alternatives_kept = lookup_tokens = 0
     for i in range(NUM_RUNS):
         steps = list(generate(target, drafter, PROMPT, gamma=gamma, params=params, max_new_tokens=6,
                               generator=generator, stepper=stepper))
         out[i] = [t for s in steps for t in s.tokens]
         alternatives_kept += steps[-1].stats.alternatives_kept
-    return out, alternatives_kept
+        lookup_tokens += steps[-1].stats.lookup_tokens
+    return (out, alternatives_kept, lookup_tokens) if lookup else (out, alternatives_kept)
 
 
 @pytest.mark.parametrize("params, fused, device", [
@@ -237,6 +314,22 @@ def test_a_token_draft_with_three_candidates_follows_the_exact_target_law(fused,
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
+@pytest.mark.parametrize("k, params, fused, device", [
+    (3, SamplingParams(), False, "cpu"),
+    *((1, SamplingParams(top_p=0.8), True, device) for device in DEVICES),
+    (3, SamplingParams(temperature=0.7), True, "cpu"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_feature_draft_with_a_lookup_branch_follows_the_exact_target_law(k, params, fused, device, gof):
+    """As above, with a prompt-lookup branch of 4 tokens beside the draft's tree (k = 3) or chain."""
+    target, draft = feature_pair(5, seed=3, device=device)
+    drafter = FeatureDrafter(draft, target, candidates=k)
+    tokens, _, lookup_tokens = engine_runs(target, drafter, 3, params, fused, k, lookup=4)
+    assert lookup_tokens > NUM_RUNS // 5  # the lookup branch's tokens are really kept
+    law = exact_law(feature_pair(5, seed=3)[0], params, gof)
+    pvalue, fits = window_pvalue(gof, tokens, law)
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["features", "model"])
 def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, device):
@@ -249,16 +342,21 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
         draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
                           max_seq_len=96)
         make = lambda: ModelDrafter(draft, candidates=3)
-    for prompt in ([7], [1, 2, 3, 4, 5, 6, 7]):
+    from_lookup = 0
+    for prompt in ([7], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]):
         expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
-        accepted = {}
-        for fused in (False, True):
-            stepper = FusedStepper(target, draft, compile=False, candidates=3) if fused else None
-            steps = list(generate(target, make(), prompt, gamma=FixedSchedule([3, 0, 2, 5, 1, 0, 4]), params=GREEDY,
-                                  max_new_tokens=40, stepper=stepper))
-            assert [t for s in steps for t in s.tokens] == expected
-            accepted[fused] = [s.num_accepted for s in steps]
-        assert accepted[True] == accepted[False]
+        for lookup in (0, 5):  # and with a lookup branch of 5 tokens
+            accepted = {}
+            for fused in (False, True):
+                stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup) if fused else None
+                drafter = LookupDrafter(make(), NgramDrafter(), lookup) if lookup else make()
+                steps = list(generate(target, drafter, prompt, gamma=FixedSchedule([3, 0, 2, 5, 1, 0, 4]),
+                                      params=GREEDY, max_new_tokens=40, stepper=stepper))
+                assert [t for s in steps for t in s.tokens] == expected
+                accepted[fused] = [s.num_accepted for s in steps]
+                from_lookup += steps[-1].stats.lookup_tokens
+            assert accepted[True] == accepted[False]
+    assert from_lookup > 0
 
 
 def test_candidates_raise_greedy_acceptance_and_fall_back_to_a_chain_at_the_end_of_the_context():
@@ -279,22 +377,25 @@ def test_candidates_raise_greedy_acceptance_and_fall_back_to_a_chain_at_the_end_
     assert tau[3, False] > tau[1, False] and tau[3, True] > tau[1, True]
 
 
+@pytest.mark.parametrize("lookup", [0, 6])
 @pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
 @pytest.mark.parametrize("kind", ["features", "gemma3-model"])
-def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_prefill(kind, fused):
-    """Kept alternatives move their K/V (and feature) slot to their position: after each step the
-    target's cache holds exactly what a fresh prefill of the committed text gives."""
+def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_prefill(kind, fused, lookup):
+    """Kept alternatives and lookup runs move their K/V (and feature) slots to their positions: after
+    each step the target's cache holds exactly what a fresh prefill of the committed text gives."""
     if kind == "features":
         target, draft = feature_pair(8, seed=5, kept=6)
         drafter = FeatureDrafter(draft, target, candidates=3)
     else:  # sliding-window layers (window 4) under the tree mask
-        target = LeanModel(random_weights(tiny_config("gemma3", vocab_size=8), seed=1), max_seq_len=96)
+        target = LeanModel(random_weights(tiny_config("gemma3", vocab_size=8), seed=1, scale=2.0), max_seq_len=96)
         draft = LeanModel(random_weights(tiny_config("gemma3", vocab_size=8, num_layers=1), seed=11), max_seq_len=96)
         drafter = ModelDrafter(draft, candidates=3)
+    if lookup:
+        drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     fresh = LeanModel(target.weights, max_seq_len=96)
     if target.features is not None:
         fresh.keep_features()
-    stepper = FusedStepper(target, draft, compile=False, candidates=3) if fused else None
+    stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup) if fused else None
     context = [1, 2, 3, 4, 5, 6, 7, 0, 1]
     steps = generate(target, drafter, context, gamma=FixedSchedule([3, 4, 2, 0, 3, 1]), params=SamplingParams(),
                      max_new_tokens=60, generator=torch.Generator().manual_seed(0), stepper=stepper)
@@ -312,3 +413,4 @@ def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_pr
         if target.features is not None:
             torch.testing.assert_close(target.features[:length], fresh.features[:length], atol=1e-4, rtol=1e-4)
     assert step.stats.alternatives_kept > 0
+    assert (step.stats.lookup_tokens > 0) == bool(lookup)  # runs of the lookup branch were kept and moved

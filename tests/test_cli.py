@@ -48,6 +48,18 @@ def test_candidates_keep_greedy_output_of_the_real_model_and_raise_tau(capsys, p
     assert tree["stats"]["tau"] >= chain["stats"]["tau"]
 
 
+def test_a_lookup_branch_keeps_greedy_output_of_the_real_model_and_is_used_on_code_that_repeats(capsys):
+    # the prompt names the function twice and repeats a line: the continuation copies from it
+    prompt = ("def clip(values, low, high):\n    return [min(max(v, low), high) for v in values]\n\n\n"
+              "def clip_all(rows, low, high):\n    return [clip(")
+    chain = run_json(capsys, "--candidates", "4", "--gamma", "3", "--max-new-tokens", "40", prompt)
+    both = run_json(capsys, "--candidates", "4", "--gamma", "3", "--lookup", "8", "--compare", "--max-new-tokens",
+                    "40", prompt)
+    assert both["identical"] is True and both["token_ids"] == chain["token_ids"]
+    assert both["stats"]["lookup_tokens"] > 0
+    assert both["stats"]["target_calls"] <= chain["stats"]["target_calls"]
+
+
 def test_hierarchical_drafts_and_auto_gamma_keep_greedy_output_and_report_each_level(capsys):
     result = run_json(capsys, "--draft", "layers:8", "--draft", "ngram", "--gamma", "auto", "--compare",
                       "--max-new-tokens", "24", PROMPTS[0])
@@ -95,6 +107,8 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "default", "--draft", "ngram"], "reads the target's features"),
     (["--candidates", "0"], "candidates must be an integer >= 1"),
     (["--draft", "ngram", "--candidates", "3"], "several candidates per position need one draft model"),
+    (["--lookup", "-2"], "lookup must be an integer >= 0"),
+    (["--draft", "ngram", "--lookup", "8"], "for prompt lookup alone use --draft ngram"),
     (["--max-seq-len", "8"], "does not fit the model's context of 8 tokens"),
 ])
 def test_bad_input_gets_a_clear_message_and_a_nonzero_exit(capsys, args, message):

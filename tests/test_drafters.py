@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from speculant.drafters.base import common_prefix_length
@@ -53,6 +54,28 @@ def test_ngram_respects_gamma_and_a_short_continuation():
 def test_ngram_proposes_nothing_without_a_match():
     assert ngram([1, 2, 3]) == []
     assert ngram([7]) == []
+
+
+def _ngram_by_search(context, gamma, max_ngram, min_ngram) -> list[int]:
+    """The definition, by brute force: the longest suffix (max_ngram down to min_ngram) with an
+    earlier occurrence whose continuation is non-empty; the latest such occurrence."""
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        for start in range(len(context) - n - 1, -1, -1):
+            if context[start:start + n] == context[-n:]:
+                return context[start + n:start + n + gamma]
+    return []
+
+
+def test_the_incremental_ngram_index_matches_a_fresh_search_as_the_context_grows_and_changes():
+    rng = np.random.default_rng(0)
+    drafter = NgramDrafter(max_ngram=4, min_ngram=2)
+    context = []
+    for step in range(400):
+        if step % 97 == 96:  # a new request: another context, not an extension
+            context = context[: int(rng.integers(0, len(context)))] + [int(rng.integers(0, 6))]
+        context = context + rng.integers(0, 6, int(rng.integers(1, 4))).tolist()
+        expected = _ngram_by_search(context, 5, 4, 2)
+        assert drafter.propose(context, 5, None, None).tokens.tolist() == expected
 
 
 def test_ngram_min_ngram_excludes_shorter_matches():

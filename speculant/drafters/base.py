@@ -21,6 +21,8 @@ class Draft(NamedTuple):
     alternatives: torch.Tensor | None = None  # [γ', k-1] int64
     # [γ', k-1, vocab]: the law of alternative j given the token and alternatives < j; None = point masses
     alternative_probs: torch.Tensor | None = None
+    # a deterministic continuation (prompt lookup) scored beside the tree, see speculant.drafters.lookup
+    lookup: torch.Tensor | None = None  # [L] int64, L >= 1
 
 
 class Drafter(Protocol):
