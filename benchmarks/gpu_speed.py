@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--candidates", default="1", help="candidates per draft position to bench, e.g. 1,2,4")
     ap.add_argument("--lookup", default="0", help="lookup branch sizes beside the draft models, e.g. 0,8")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
+    ap.add_argument("--auto-max-gamma", type=int, default=8)
     ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
     ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--no-compile", action="store_true")
@@ -253,13 +254,18 @@ def main() -> None:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
                 record(task, name, gamma, res, cap, k, lookup)
-            if name != "ngram" and k == 1 and not lookup and args.auto:
-                st = stepper_for(name)
-                policy = AdaptiveGamma(max_gamma=8)
-                run_ours(target, prompts[:1], stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
+            if name != "ngram" and not lookup and args.auto:
+                st = stepper_for(name, k)
+                cap = time.perf_counter()
+                for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
+                    run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=2 * gamma + 2, eos=eos)
+                cap = time.perf_counter() - cap
+                policy = AdaptiveGamma(max_gamma=args.auto_max_gamma)  # one policy: its estimates carry over
+                run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-                record(task, name, "auto", res)
+                res["gamma_chosen"] = {str(g): policy.history.count(g) for g in sorted(set(policy.history))}
+                record(task, name, "auto", res, cap, k)
     prof = {}
     for name in drafts if cuda else ():
         for k, lookup in sorted({(1, 0), (max(ks), 0), (max(ks), max(lookups))}):

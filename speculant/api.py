@@ -75,6 +75,9 @@ class Speculant:
         self.draft_specs = list(drafts)
         self.drafter, self.levels = _build_chain(target, self.draft_specs, inner_gamma, candidates, lookup)
         if gamma == "auto":
+            if lookup:
+                raise ValueError("--gamma auto does not take --lookup: its model of a step has no lookup branch "
+                                 "(use a fixed --gamma; 3 or 4 suit the embedded draft)")
             self.gamma: int | AdaptiveGamma = AdaptiveGamma()  # kept across requests: the pair's prior
         else:
             if not isinstance(gamma, int) or gamma < 1:

@@ -109,6 +109,7 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "ngram", "--candidates", "3"], "several candidates per position need one draft model"),
     (["--lookup", "-2"], "lookup must be an integer >= 0"),
     (["--draft", "ngram", "--lookup", "8"], "for prompt lookup alone use --draft ngram"),
+    (["--gamma", "auto", "--lookup", "8"], "--gamma auto does not take --lookup"),
     (["--max-seq-len", "8"], "does not fit the model's context of 8 tokens"),
 ])
 def test_bad_input_gets_a_clear_message_and_a_nonzero_exit(capsys, args, message):
