@@ -95,7 +95,7 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, params: 
     stepper.step(context, gamma, generator)  # capture
     k, size = stepper.candidates, stepper.lookup
     if stepper.features:
-        key = ("features", gamma, min(max(gamma, size) + 1, len(context) - 1), k, size)
+        key = ("features", gamma, min(max(stepper.widest, gamma, size) + 1, len(context) - 1), k, size)
     else:
         key = ("model", gamma, k, size) if stepper.draft_model is not None else ("verify", gamma)
     runner = stepper.graphs[key]
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--lookup", default="0", help="lookup branch sizes beside the draft models, e.g. 0,8")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--auto-max-gamma", type=int, default=8)
+    ap.add_argument("--auto-half-life", type=float, default=None, help="AdaptiveGamma's half_life (default: its own)")
     ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
     ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--no-compile", action="store_true")
@@ -260,7 +261,8 @@ def main() -> None:
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
                     run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=2 * gamma + 2, eos=eos)
                 cap = time.perf_counter() - cap
-                policy = AdaptiveGamma(max_gamma=args.auto_max_gamma)  # one policy: its estimates carry over
+                options = {} if args.auto_half_life is None else {"half_life": args.auto_half_life}
+                policy = AdaptiveGamma(max_gamma=args.auto_max_gamma, **options)  # one policy: estimates carry over
                 run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 timed_from = len(policy.history)
                 res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)

@@ -123,6 +123,7 @@ class FusedStepper:
         self.target_fn = static_forward(target, compile)
         self.offsets = torch.arange(target.max_seq_len, device=self.device)  # position offsets, read by bodies
         self.trees: dict = {}
+        self.widest = 0  # the longest step (γ or lookup branch) asked for so far: the feature window's size
         # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
         self.compile_sampling = compile
@@ -200,7 +201,10 @@ class FusedStepper:
             # re-read the last min(γ+1, n) draft positions with true features (min(max(γ, G)+1, n)
             # with a lookup branch, whose steps emit up to G+1 tokens): every position the previous
             # step fed with predicted features lies in that window
-            window = min(max(gamma, size) + 1, n)
+            # (the widest step this stepper has taken: under --gamma auto a short step after a long
+            # one would otherwise leave positions to an eager catch-up forward outside the graph)
+            self.widest = max(self.widest, gamma, size)
+            window = min(self.widest + 1, n)
             self._catch_up_draft(context, n - window)
             key = ("features", gamma, window, k, size)
             runner = self.graphs.get(key) or self._prepare(
