@@ -10,6 +10,7 @@ import torch
 from test_features import PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue
 
 from speculant.acceptance import candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
+from speculant.adaptive import AdaptiveGamma
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.lookup import LookupDrafter
@@ -357,6 +358,20 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
                 from_lookup += steps[-1].stats.lookup_tokens
             assert accepted[True] == accepted[False]
     assert from_lookup > 0
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+def test_gamma_auto_with_candidates_keeps_greedy_output_and_learns_from_the_tree_steps(fused):
+    target, draft = feature_pair(8, seed=5, kept=6)
+    prompt = [1, 2, 3, 4, 5, 6, 7]
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=60)
+    policy = AdaptiveGamma(max_gamma=6)
+    stepper = FusedStepper(target, draft, compile=False, candidates=3) if fused else None
+    steps = list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt, gamma=policy, params=GREEDY,
+                          max_new_tokens=60, stepper=stepper))
+    assert [t for s in steps for t in s.tokens] == expected
+    # whatever γ the policy chose from this machine's timings, it learned from tree steps
+    assert steps[-1].stats.drafted > 0 and sum(policy.tested) > 0
 
 
 def test_candidates_raise_greedy_acceptance_and_fall_back_to_a_chain_at_the_end_of_the_context():
