@@ -86,6 +86,15 @@ def test_plan_puts_plain_first_and_expands_gammas_and_pins():
     assert "distilled" in notes[0]
 
 
+def test_plan_reads_candidates_and_lookup_options_of_a_method():
+    groups = plan_groups(["distilled#k4#lookup16@3", "distilled"], [4], "/drafts/eagle", 30, given=True, notes=[])
+    assert groups[1] == {"method": "distilled#k4#lookup16", "drafts": ["/drafts/eagle"], "gamma": 3,
+                         "options": {"candidates": 4, "lookup": 16}}
+    assert "options" not in groups[2]
+    with pytest.raises(ValueError, match="unknown option #x2"):
+        plan_groups(["distilled#x2"], [4], "/drafts/eagle", 30, given=True, notes=[])
+
+
 def test_plan_skips_self_drafting_for_a_target_without_lean_layers():
     notes: list[str] = []
     groups = plan_groups(["plain", "layers:8"], [4], None, None, given=False, notes=notes, add_auto=True)

@@ -8,6 +8,8 @@ Methods (`--methods`, comma-separated):
     ngram | layers:N | NAME|PATH     one drafter (see speculant.api for draft specs)
     distilled          the distilled draft (--distilled-draft PATH, else the embedded one)
     A+B                a hierarchy: B drafts for A, A drafts for the target (e.g. distilled+ngram)
+    METHOD#kK#lookupG  options of a one-model method: K candidates per draft position, a prompt-lookup
+                       branch of up to G tokens (e.g. distilled#k4#lookup16@3; see speculant.api)
     METHOD@G           pin γ for that method (G an integer or `auto`); otherwise each of --gammas
 Peers (unless --no-peers): hf-eager (transformers' generate), hf-pld (its prompt lookup, at each γ),
 llama.cpp (if installed and the target is a GGUF file).
@@ -162,6 +164,8 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
         if method == "plain":
             continue
         name, _, pinned = method.partition("@")
+        name, *modifiers = name.split("#")
+        options = _method_options(method, modifiers)
         parts = [p.strip() for p in name.split("+") if p.strip()]
         if not parts:
             raise ValueError(f"empty method {method!r}")
@@ -182,12 +186,29 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
             continue
         drafts = [distilled if p == "distilled" else p for p in parts]
         for gamma in ([_gamma_value(pinned)] if pinned else gammas):
-            groups.append({"method": name, "drafts": drafts, "gamma": gamma})
+            group = {"method": name + "".join("#" + m for m in modifiers), "drafts": drafts, "gamma": gamma}
+            if options:
+                group["options"] = options
+            groups.append(group)
     if add_auto and distilled is None and not any(g["gamma"] == "auto" for g in groups):
         for method in ("layers:8",):
             if num_layers is not None and _layers_ok(method, num_layers):
                 groups.append({"method": method, "drafts": [method], "gamma": "auto"})
     return groups
+
+
+def _method_options(method: str, modifiers: Sequence[str]) -> dict:
+    """`#k4` -> candidates 4, `#lookup16` -> lookup 16 (speculant.api checks what they go with)."""
+    options = {}
+    for modifier in modifiers:
+        for prefix, option in (("lookup", "lookup"), ("k", "candidates")):
+            if modifier.startswith(prefix) and modifier[len(prefix):].isdigit():
+                options[option] = int(modifier[len(prefix):])
+                break
+        else:
+            raise ValueError(f"method {method!r}: unknown option #{modifier} (use #kK for K candidates per position, "
+                             "#lookupG for a lookup branch of G tokens)")
+    return options
 
 
 def _reads_features(folder: str) -> bool:
@@ -545,7 +566,7 @@ class Bench:
         if "fused" in inspect.signature(Speculant).parameters:
             options["fused"] = {"auto": None, "on": True, "off": False}[self.args.fused]
         start = time.perf_counter()
-        spec = Speculant(self.target, group["drafts"], gamma=group["gamma"] or 1, **options)
+        spec = Speculant(self.target, group["drafts"], gamma=group["gamma"] or 1, **options, **group.get("options", {}))
         build_s = time.perf_counter() - start
         device = self.device
 
@@ -560,7 +581,8 @@ class Bench:
         extra = group["gamma"] if isinstance(group["gamma"], int) else 12  # room for the last draft
         stepper = getattr(spec, "plain_stepper" if plain else "stepper", None)
         model_draft = any(not (d == "none" or d.startswith("ngram")) for d in group["drafts"])
-        return Runner(method="plain" if plain else _short(group["drafts"], self.distilled), kind="ours",
+        suffix = "".join("#" + m for m in group["method"].split("#")[1:])
+        return Runner(method="plain" if plain else _short(group["drafts"], self.distilled) + suffix, kind="ours",
                       drafts=list(group["drafts"]), gamma=group["gamma"], temperature=temperature, order=order,
                       generate=generate, memory=memory_of(spec, self.max_positions + extra + 1), build_s=build_s,
                       fused=stepper is not None, draft_timed=not (stepper is not None and model_draft))
