@@ -260,12 +260,13 @@ def speculative_step(
     device = target.device
     draft, draft_time = _timed(device, _propose, drafter, context, gamma, params, generator)
     num_drafted = draft.tokens.shape[0]
-    if (draft.alternatives is not None or draft.lookup is not None) and num_drafted:
-        # a tree of γ·k candidates (and the lookup branch), if the target can take one and its cache has the slots
-        k = 1 if draft.alternatives is None else 1 + draft.alternatives.shape[1]
-        lookup = 0 if draft.lookup is None else draft.lookup.shape[0]
-        if isinstance(target, LeanModel) and len(context) + num_drafted * k + lookup <= target.max_seq_len:
-            return _candidate_step(target, draft, context, params, generator, draft_time)
+    # a tree of γ·k candidates and/or the lookup branch, if the target can take one and its cache has the slots
+    k = 1 if draft.alternatives is None else 1 + draft.alternatives.shape[1]
+    tree_room = target.max_seq_len - len(context) - num_drafted * k if isinstance(target, LeanModel) and num_drafted else -1
+    if draft.lookup is not None and draft.lookup.shape[0] > tree_room:
+        draft = draft._replace(lookup=None)  # no room for the lookup branch's slots: the tree without it
+    if (k > 1 or draft.lookup is not None) and tree_room >= 0:
+        return _candidate_step(target, draft, context, params, generator, draft_time)
 
     def verify_draft():
         draft_tokens = draft.tokens.to(device)

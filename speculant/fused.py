@@ -192,7 +192,9 @@ class FusedStepper:
         # cache, else a chain
         k, size = self.candidates, self.lookup
         if n + 1 + gamma * k + size > self.target.max_seq_len:
-            k, size = 1, 0
+            size = 0
+        if n + 1 + gamma * k > self.target.max_seq_len:
+            k = 1
         lookup = []
         if size and gamma > 0 and n >= 1:  # padded to G tokens: the graph's shapes stay static
             lookup = self.ngram.propose(context, size, None, None).tokens.tolist()
@@ -266,7 +268,7 @@ class FusedStepper:
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
         elapsed = time.perf_counter() - start
         # time is not split between draft and target inside one graph; it is reported as target time
-        depth = max(drafted, size if lookup else 0)  # a step is as deep as its longer branch, as in the engine
+        depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
         return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft
+from speculant.drafters.base import Draft, common_prefix_length
 
 
 class NgramDrafter:
@@ -25,29 +25,37 @@ class NgramDrafter:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
-        # An index of the context seen last: every n-gram with a continuation -> its latest start.
-        # Within a request the context only grows, so each call indexes just the new tokens.
+        # An index of the context seen last: every n-gram with a continuation -> the starts of its
+        # occurrences, latest last. Each call indexes only what changed: new tokens are added, and
+        # after a rollback (a hierarchy's inner context) the entries past the common prefix are popped.
         self._indexed: list[int] = []
-        self._latest: dict[tuple[int, ...], int] = {}
+        self._starts: dict[tuple[int, ...], list[int]] = {}
 
     def reset(self) -> None:
-        self._indexed, self._latest = [], {}
+        self._indexed, self._starts = [], {}
 
     def propose(self, context, gamma, params, generator) -> Draft:
         self._index(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
-            start = self._latest.get(tuple(context[-n:]))
-            if start is not None:  # the latest earlier occurrence whose continuation is non-empty
+            starts = self._starts.get(tuple(context[-n:]))
+            if starts:  # the latest earlier occurrence whose continuation is non-empty
+                start = starts[-1]
                 return Draft(torch.tensor(context[start + n : start + n + gamma], dtype=torch.int64), None)
         return Draft(torch.empty(0, dtype=torch.int64), None)
 
     def _index(self, context: list[int]) -> None:
-        done = len(self._indexed)
-        if done > len(context) or self._indexed != context[:done]:  # another context: start over
-            self.reset()
-            done = 0
-        # an n-gram ending (exclusive) at e has a continuation once e <= len - 1
-        for end in range(max(done, 1), len(context)):
+        # an n-gram ending (exclusive) at e is indexed once it has a continuation: 1 <= e <= len - 1
+        old = self._indexed
+        same = len(old) if len(old) <= len(context) and old == context[: len(old)] else common_prefix_length(old, context)
+        keep = min(same, len(context) - 1)  # ends <= keep read unchanged tokens and still have a continuation
+        for end in range(len(old) - 1, max(keep, 0), -1):  # drop the others, latest first
             for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
-                self._latest[tuple(context[end - n : end])] = end - n
+                key = tuple(old[end - n : end])
+                starts = self._starts[key]
+                starts.pop()
+                if not starts:
+                    del self._starts[key]
+        for end in range(max(min(keep, len(old) - 1) + 1, 1), len(context)):  # then index the new ones
+            for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
+                self._starts.setdefault(tuple(context[end - n : end]), []).append(end - n)
         self._indexed = list(context)

@@ -278,7 +278,8 @@ class LeanModel(PositionalCache):
         # Additive masks [G·T, kv_len] in the model's dtype, built once per call for all layers
         # (a boolean mask would be converted inside every attention call: more kernels per layer).
         # Rows are repeated per query group: see _attention's grouped layout.
-        key_pos = torch.arange(kv_len, device=self.device)
+        key_pos = torch.arange(kv_len, device=self.device)  # [kv_len]: slots
+        key_positions = key_pos  # the position each slot's key was written at
         if ancestors is None:
             slots = positions
             allowed = key_pos[None, :] <= positions[:, None]  # [T, kv_len]: causal
@@ -288,10 +289,12 @@ class LeanModel(PositionalCache):
             tree_index = key_pos - positions[0]  # [kv_len]: which tree node a slot holds, if any
             in_tree = (tree_index >= 0) & (tree_index < t)
             allowed = (tree_index < 0)[None, :] | (in_tree[None, :] & ancestors[:, tree_index.clamp(0, t - 1)])
+            # a tree node's slot is not its position (the lookup branch sits after the alternatives)
+            key_positions = torch.where(in_tree, positions[tree_index.clamp(0, t - 1)], key_pos)
         groups = cfg.num_heads // cfg.num_kv_heads
         masks = {False: self._additive(allowed, groups)}
         if cfg.sliding_window:
-            sliding = allowed & (positions[:, None] - key_pos[None, :] < cfg.sliding_window)
+            sliding = allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window)
             masks[True] = self._additive(sliding, groups)
         for i in range(self.num_layers):
             layer = w.layers[i]
