@@ -43,6 +43,24 @@ def chat_prompts(n: int, tokenizer) -> list[list[int]]:
             for t in texts]
 
 
+class TracedPolicy(AdaptiveGamma):
+    """AdaptiveGamma that keeps what it saw: [γ, drafted, accepted, step seconds, expected rate per γ]."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.trace: list = []
+
+    def choose(self) -> int:
+        rates = [round(r, 1) for r in self.expected_rates()]
+        gamma = super().choose()
+        self.trace.append([gamma, None, None, None, rates])
+        return gamma
+
+    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float) -> None:
+        self.trace[-1][1:4] = [drafted, accepted, round(draft_time + target_time, 6)]
+        super().observe(drafted, accepted, draft_time, target_time)
+
+
 def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, max_new, eos) -> dict:
     outputs, tokens, seconds = [], 0, 0.0
     alpha_num = alpha_den = calls = 0
@@ -262,13 +280,15 @@ def main() -> None:
                     run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=2 * gamma + 2, eos=eos)
                 cap = time.perf_counter() - cap
                 options = {} if args.auto_half_life is None else {"half_life": args.auto_half_life}
-                policy = AdaptiveGamma(max_gamma=args.auto_max_gamma, **options)  # one policy: estimates carry over
+                policy = TracedPolicy(max_gamma=args.auto_max_gamma, **options)  # one policy: estimates carry over
                 run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 timed_from = len(policy.history)
                 res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                 chosen = policy.history[timed_from:]
                 res["gamma_chosen"] = {str(g): chosen.count(g) for g in sorted(set(chosen))}
+                # every timed step: (γ asked, drafted, accepted, seconds) and the policy's rates per γ before it
+                res["trace"] = policy.trace[timed_from:]
                 record(task, name, "auto", res, cap, k)
     prof = {}
     for name in drafts if cuda else ():

@@ -26,7 +26,9 @@ recent rate is shrunk towards a long-run one (half-life `long_half_life`, weight
 the long-run a_k towards the long-run a_{k−1} (weight CHAIN_WEIGHT steps), so a position seldom
 tested borrows from the one before; s_k shrinks towards 1. V[n] is an average per observation of
 that n (half-life `cost_half_life` observations; an observation beyond 0.5–2× the estimate is
-clipped, so one disturbed step cannot swing it), all V[n] age slowly (half-life
+clipped, so one disturbed step cannot swing it; a length's first observation beyond 4× its prior
+is set aside once, so that a one-time cost such as a graph capture does not price a length out for
+good), all V[n] age slowly (half-life
 `cost_age_half_life` steps) so that a length measured once, perhaps badly (another job on the
 machine, a one-time graph capture), drifts back to its prior and is measured again. A length
 never measured is priced at V[0] · (1 + 0.02 n), weight a quarter observation: optimism, so each
@@ -55,6 +57,7 @@ PRIOR_WEIGHT = 1.0  # how many recent steps the long-run rate counts as
 MAX_CREDIT = 1.0  # most exploration budget that can be banked, in plain steps
 CHAIN_WEIGHT = 4.0  # how many steps a position's acceptance borrows from the position before
 STAY_ON_Z = 0.5  # hysteresis: standard errors of acceptance an "on" policy gives the drafter
+FIRST_OUTLIER = 4.0  # a length's first verify time beyond this many times its prior is set aside once
 
 
 class AdaptiveGamma:
@@ -86,6 +89,7 @@ class AdaptiveGamma:
         # verify time per number drafted n: weighted sums and weights
         self.verify_sum = [0.0] * g
         self.verify_weight = [0.0] * g
+        self.set_aside: set[int] = set()  # lengths whose first, outlying verify time was set aside
         # weighted least squares of draft time on n over drafting steps: w, w·n, w·n², w·t, w·n·t
         self.draft_fit = [0.0] * 5
         self.steps_off = 0
@@ -260,11 +264,19 @@ class AdaptiveGamma:
             n = float(drafted)
             self.draft_fit = [s * d + x for s, x in zip(self.draft_fit, (1.0, n, n * n, draft_time, n * draft_time))]
         self.steps_since_plain = self.steps_since_plain + 1 if drafted else 0
-        # verify time of this length: clip far-off observations once the estimate has some weight
+        # verify time of this length: clip far-off observations once the estimate has some weight. A
+        # length's first observation beyond FIRST_OUTLIER x its prior is set aside once: a one-time
+        # cost (a graph capture, a compilation) would otherwise price that length out for good, since
+        # a length judged slow is not tried again to correct it
         w = self.verify_weight[drafted]
         if w >= 1.0:
             mean = self.verify_sum[drafted] / w
             target_time = min(max(target_time, 0.5 * mean), 2.0 * mean)
+        elif (drafted not in self.set_aside and self.verify_weight[0] > 0
+              and target_time > FIRST_OUTLIER * self.verify_time(drafted)):
+            self.set_aside.add(drafted)
+            self.last_gamma = None
+            return
         c = self.cost_decay
         self.verify_sum[drafted] = self.verify_sum[drafted] * c + target_time
         self.verify_weight[drafted] = w * c + 1.0

@@ -186,6 +186,7 @@ class FusedStepper:
         """One step. `plain_tokens`: how many tokens a plain step (γ = 0) may produce (the engine
         allows more than one only for plain decoding, within max_new_tokens and the context)."""
         start = time.perf_counter()
+        captured = self.capture_time  # a graph captured (and compiled) in this step is not its time
         n = len(context) - 1
         target_calls = 1
         # k candidates per position and the lookup branch while the tree's 1 + γk + G slots fit in the
@@ -266,7 +267,7 @@ class FusedStepper:
             elif drafted:  # x_i at i up to n, then the kept chain drafts fed while drafting
                 self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
             self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
-        elapsed = time.perf_counter() - start
+        elapsed = time.perf_counter() - start - (self.capture_time - captured)
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
         return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)

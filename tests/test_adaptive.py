@@ -217,6 +217,36 @@ def test_rate_survives_disturbed_steps():
     assert clean.expected_rate(chosen) >= 0.95 * clean.best_fixed()
 
 
+def test_a_one_time_cost_on_a_lengths_first_step_does_not_price_it_out_for_good():
+    """On the GPU the first step of a γ whose graph is not captured yet captures it (and may compile):
+    ~1000x a step. Here the best lengths, 2 and 3, pay that once; the others were captured before.
+    The policy must still come back to them. GPU-shaped costs: a step of n drafts costs 1.2x plain
+    plus 8 % per draft."""
+
+    class FirstStepCaptures(Sim):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.uncaptured = {2, 3}
+
+        def step(self, gamma, rng):
+            n, a, dt, tt = super().step(gamma, rng)
+            if n in self.uncaptured:
+                self.uncaptured.discard(n)
+                tt += 2.0  # seconds
+            return n, a, dt, tt
+
+    gpu_verify = [1.65] + [1.65 * (1.2 + 0.08 * n) for n in range(1, 13)]
+    accept = lambda k: 0.65 if k == 1 else 0.5  # noqa: E731
+    clean = Sim(gpu_verify, draft_ms_per_token=0.0, accept=accept)
+    rates = [clean.expected_rate(g) for g in range(7)]
+    assert max(range(7), key=rates.__getitem__) == 3  # the scenario
+    policy = AdaptiveGamma(max_gamma=6)
+    run(policy, FirstStepCaptures(gpu_verify, draft_ms_per_token=0.0, accept=accept), 400, random.Random(11))
+    tail = policy.history[200:]
+    assert tail.count(2) + tail.count(3) > 0.5 * len(tail), [tail.count(g) for g in range(7)]
+    assert all(policy.verify_time(n) < 3 * policy.verify_time(0) for n in range(7))
+
+
 def test_estimates_follow_the_model():
     """Feed known steps and read the estimates back."""
     policy = AdaptiveGamma(max_gamma=4, initial_gamma=4)
