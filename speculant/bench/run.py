@@ -46,7 +46,7 @@ QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,ngram,la
 FULL = {"prompts_per_task": 5, "max_new_tokens": 128, "gammas": "2,4,8", "temperatures": "0,1",
         "peers": "hf-eager,hf-pld,llama.cpp"}
 DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,distilled,distilled+ngram,layers:8+ngram,"
-                   "ngram@auto,distilled@auto")
+                   "ngram@auto,distilled@auto,distilled#lookup8@3")
 PEERS = ("hf-eager", "hf-pld", "llama.cpp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
