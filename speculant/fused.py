@@ -201,11 +201,10 @@ class FusedStepper:
             lookup = self.ngram.propose(context, size, None, None).tokens.tolist()
             lookup = lookup + [0] * (size - len(lookup)) + [len(lookup)]
         if self.features and gamma > 0 and n >= 1:
-            # re-read the last min(γ+1, n) draft positions with true features (min(max(γ, G)+1, n)
-            # with a lookup branch, whose steps emit up to G+1 tokens): every position the previous
-            # step fed with predicted features lies in that window
-            # (the widest step this stepper has taken: under --gamma auto a short step after a long
-            # one would otherwise leave positions to an eager catch-up forward outside the graph)
+            # re-read the last min(W+1, n) draft positions with true features, W the widest step (γ or
+            # lookup branch) this stepper has taken: a step emits up to W+1 tokens, so every position
+            # the previous step fed with predicted features lies in that window, even when a short
+            # step (--gamma auto) follows a long one; no eager catch-up forward outside the graph
             self.widest = max(self.widest, gamma, size)
             window = min(self.widest + 1, n)
             self._catch_up_draft(context, n - window)
