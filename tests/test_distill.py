@@ -317,3 +317,66 @@ def test_time_limit_stops_the_run_and_ends_the_schedule(tmp_path):
                        target_hash=TARGET_HASH)
     assert meta["steps"] == 1  # the first step used the time up
     assert opts.lr_at(opts.warmup, elapsed=1.0) == pytest.approx(opts.lr * opts.min_lr_ratio)
+
+
+def test_a_run_can_start_from_a_saved_draft_and_refuses_one_that_does_not_fit(tiny_run, tmp_path):
+    target, corpus, out, metadata = tiny_run
+    meta = train_draft(target, corpus, tmp_path / "again", _options(steps=0, init_from=str(out), engine_prompts=0),
+                       target_name="tiny", target_hash=TARGET_HASH)
+    assert meta["init"] == f"from {out}"
+    assert meta["alpha_t1_before"] == pytest.approx(metadata["alpha_t1"], abs=1e-6)  # the same weights
+    assert meta["alpha_t0_before"] == pytest.approx(metadata["alpha_t0"], abs=1e-6)
+    from safetensors.torch import load_file
+    saved, again = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    with pytest.raises(train_module.DistillError, match="num_layers is 1 there, 2 here"):
+        train_draft(target, corpus, tmp_path / "a", _options(num_layers=2, init_from=str(out)),
+                    target_name="tiny", target_hash=TARGET_HASH)
+    with pytest.raises(train_module.DistillError, match="another target"):
+        train_draft(target, corpus, tmp_path / "b", _options(init_from=str(out)), target_name="tiny",
+                    target_hash="another")
+
+
+def test_wide_chat_prompts_leave_the_benchmarks_documentation_topics_out():
+    from pydoc_data.topics import topics
+
+    from speculant.bench.tasks import builtin_chat_instructions
+    from speculant.distill.data import wide_chat_prompts, wide_subjects
+
+    subjects = wide_subjects()
+    assert len(subjects) > 300 and len(set(subjects)) == len(subjects)
+    for key in topics:  # no subject names a topic the benchmarks' chat prompts are built from
+        assert all(s not in (f"the `{key}` module", f"the built-in `{key}()`", key.replace("-", " ")) for s in subjects)
+    prompts = wide_chat_prompts(500, seed=3)
+    assert prompts == wide_chat_prompts(500, seed=3) and prompts != wide_chat_prompts(500, seed=4)
+    assert len(set(prompts)) == 500 and not set(prompts) & set(builtin_chat_instructions())
+
+
+def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_ones():
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from speculant.distill.data import self_written_questions
+    from speculant.models.markov import MarkovModel
+    from speculant.tokenizer import Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    symbols = list(bytes_to_unicode().values())
+    backend = Backend(models.BPE(vocab={s: i for i, s in enumerate(specials + symbols)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = Tokenizer(backend, chat_template=template, eos_ids=[0])
+    # a first-order chain that writes "why\tnot zip" after the user turn's newline, then ends the turn
+    text = "\nwhy\tnot zip"
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.token_to_id("<|im_end|>")]
+    assert len(set(ids)) == len(ids)
+    table = torch.zeros(backend.get_vocab_size(), backend.get_vocab_size())
+    for a, b in zip(ids, ids[1:]):
+        table[a, b] = 100.0
+    model = MarkovModel(table, max_seq_len=64)
+    assert self_written_questions(model, tokenizer, 3, progress=False) == ["why\tnot zip"] * 3
+    assert self_written_questions(model, tokenizer, 3, max_new_tokens=5, progress=False) == []  # unfinished

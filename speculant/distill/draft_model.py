@@ -277,30 +277,41 @@ class FeatureDraft(DistilledDraft):
 
 
 def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: torch.Tensor,
-                          rope: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Llama blocks over a batch from position 0, no cache: x [B, T, E] -> final-normed [B, T, E].
+                          rope: torch.Tensor, key_valid: torch.Tensor | None = None,
+                          cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                          start: int = 0) -> torch.Tensor:
+    """Llama blocks over a batch: x [B, T, E] at positions start..start+T-1 -> final-normed [B, T, E].
 
     The same arithmetic as `LeanModel.hidden_states` (llama branch), batched and autograd-safe.
-    rope is the model's [2, S, D] table (S >= T). key_valid [B, T] (optional) masks out left
-    padding: RoPE is relative, so a left-padded row computes what the unpadded row does.
+    rope is the model's [2, S, D] table (S >= start + T). key_valid [B, start + T] (optional) masks
+    out left padding: RoPE is relative, so a left-padded row computes what the unpadded row does.
+    cache (optional, no autograd): per layer (keys, values) [B, KV, S, D]; the new K/V are written at
+    start..start+T-1 and attention spans 0..start+T-1 (batched generation); without it start is 0.
     """
     if cfg.arch != "llama" or cfg.sliding_window:
         raise ValueError("batched_hidden_states handles llama-family layers without sliding windows")
     b, t, _ = x.shape
+    end = start + t
     h_, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    cos, sin = rope[0, :t, None, :], rope[1, :t, None, :]  # [T, 1, D]
+    cos, sin = rope[0, start:end, None, :], rope[1, start:end, None, :]  # [T, 1, D]
     groups = h_ // kv
     mask = None
-    if key_valid is not None:
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        itself = torch.eye(t, dtype=torch.bool, device=x.device)  # pad rows attend to themselves: no NaN
-        mask = (causal & (key_valid[:, None, :] | itself))[:, None]  # [B, 1, T, T]
-    for layer in layers:
+    if key_valid is not None or start:
+        queries = torch.arange(start, end, device=x.device)[:, None]
+        keys_at = torch.arange(end, device=x.device)[None, :]
+        valid = key_valid[:, None, :end] if key_valid is not None else True
+        # [B, 1, T, end]; pad rows attend to themselves (no NaN)
+        mask = ((keys_at <= queries) & valid | (keys_at == queries)).view(-1, 1, t, end)
+    for i, layer in enumerate(layers):
         h = layer.input_layernorm(x)
         q = apply_rope(layer.q_proj(h).view(b, t, h_, d), cos, sin)
         k = apply_rope(layer.k_proj(h).view(b, t, kv, d), cos, sin)
         v = layer.v_proj(h).view(b, t, kv, d)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
+        if cache is not None:
+            cache[i][0][:, :, start:end] = k
+            cache[i][1][:, :, start:end] = v
+            k, v = cache[i][0][:, :, :end], cache[i][1][:, :, :end]
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
