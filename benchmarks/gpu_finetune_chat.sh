@@ -3,7 +3,7 @@
 # (after staging /root/w/smollm2.gguf as in ../shared/gpu/GPU.md). Two stages, one device call
 # each (a call may run 10 minutes):
 #   bash benchmarks/gpu_finetune_chat.sh data    # 16,000 chat answers + 10 M tokens of code/docs
-#   bash benchmarks/gpu_finetune_chat.sh train   # 450 s of training from the shipped draft
+#   bash benchmarks/gpu_finetune_chat.sh train   # 450 s from the shipped draft, 16,384 kept ids picked anew
 set -euo pipefail
 stage=${1:?data or train}
 common=(--target /root/w/smollm2.gguf --inputs features --layers 1 --init-from speculant/embedded/smollm2-135m-draft
@@ -15,6 +15,7 @@ case $stage in
       --chat-samples 16000 --chat-prompts wide --chat-repeat 2 --chat-batch-size 1024 --chat-max-new-tokens 320 ;;
   train)
     python -m speculant.distill.train "${common[@]}" --data /root/gen/corpus.safetensors --out /root/ft \
-      --time-limit ${TIME_LIMIT:-450} --steps 100000 --lr ${LR:-4e-4} --checkpoint-every 500 ;;
+      --time-limit ${TIME_LIMIT:-450} --steps 100000 --lr ${LR:-4e-4} --checkpoint-every 500 \
+      --vocab 16384 --init-vocab corpus ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -329,6 +329,16 @@ def test_a_run_can_start_from_a_saved_draft_and_refuses_one_that_does_not_fit(ti
     from safetensors.torch import load_file
     saved, again = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+    # new kept ids picked on the corpus: the layers carry over, a bias follows its id
+    regrown = train_draft(target, corpus, tmp_path / "vocab", _options(steps=0, init_from=str(out), num_kept=40,
+                          init_vocab="corpus", engine_prompts=0), target_name="tiny", target_hash=TARGET_HASH)
+    grown = load_file(str(tmp_path / "vocab" / "model.safetensors"))
+    assert grown["kept_ids"].shape == (40,) and regrown["init"] == f"from {out}"
+    assert torch.equal(grown["fuse_in.weight"], saved["fuse_in.weight"]) if "fuse_in.weight" in saved else True
+    assert torch.equal(grown["layers.0.q_proj.weight"], saved["layers.0.q_proj.weight"])
+    old_bias = dict(zip(saved["kept_ids"].tolist(), saved["head_bias"].tolist()))
+    shared = [(b, old_bias[i]) for i, b in zip(grown["kept_ids"].tolist(), grown["head_bias"].tolist()) if i in old_bias]
+    assert len(shared) >= 30 and all(a == b for a, b in shared)
     with pytest.raises(train_module.DistillError, match="num_layers is 1 there, 2 here"):
         train_draft(target, corpus, tmp_path / "a", _options(num_layers=2, init_from=str(out)),
                     target_name="tiny", target_hash=TARGET_HASH)

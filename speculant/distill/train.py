@@ -105,6 +105,7 @@ class DistillOptions:
     head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
     init: str = "auto"  # "target": copy the target's first layers; "random"; "auto": target if it can
     init_from: str = ""  # a draft folder to fine-tune (its kept ids and weights); overrides init
+    init_vocab: str = "draft"  # with init_from: "draft" keeps its kept ids; "corpus" picks num_kept on this corpus
     intermediate_size: int = 0  # 0: the target's
     temperature: float = 1.0
     seed: int = 0
@@ -144,6 +145,7 @@ class DistillOptions:
             (self.init in ("auto", "target", "random"), f"init must be auto, target or random, got {self.init!r}"),
             (self.inputs in ("tokens", "features"), f"inputs must be tokens or features, got {self.inputs!r}"),
             (self.chat_prompts in ("wide", "pydoc"), f"chat prompts must be wide or pydoc, got {self.chat_prompts!r}"),
+            (self.init_vocab in ("draft", "corpus"), f"init vocab must be draft or corpus, got {self.init_vocab!r}"),
             (self.chat_batch_size >= 1, f"chat batch size must be >= 1, got {self.chat_batch_size}"),
             (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
             (self.save_dtype in DTYPES, f"save dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"),
@@ -440,6 +442,12 @@ def train_draft(
     elif opts.init_from:
         draft_tensors = _init_tensors(opts, target_hash)
         kept = draft_tensors["kept_ids"]
+        if opts.init_vocab == "corpus":  # new kept ids; a bias carries over where an id stays kept
+            kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
+            old = dict(zip(draft_tensors["kept_ids"].tolist(), draft_tensors["head_bias"].float().tolist()))
+            fill = float(draft_tensors["head_bias"].float().mean())
+            draft_tensors["head_bias"] = torch.tensor([old.get(i, fill) for i in kept.tolist()])
+            draft_tensors["kept_ids"] = kept
     else:
         kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
 
@@ -790,6 +798,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target: start from the target's first layers")
     parser.add_argument("--init-from", default=d.init_from,
                         help="a draft folder to fine-tune: its kept vocabulary and weights (same shapes)")
+    parser.add_argument("--init-vocab", choices=["draft", "corpus"], default=d.init_vocab,
+                        help="with --init-from: keep the draft's kept ids, or pick --vocab ids on this corpus "
+                             "(the layers are copied; a kept id's bias carries over, new ids start at the mean)")
     parser.add_argument("--intermediate-size", type=int, default=d.intermediate_size, help="0: the target's")
     parser.add_argument("--temperature", type=float, default=d.temperature,
                         help="temperature applied to both sides of the objective (the draft's serving temperature)")
