@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--candidates", default="1")
     ap.add_argument("--lookup", default="0", help="lookup branch sizes G (0: none)")
     ap.add_argument("--tasks", default="code,chat")
+    ap.add_argument("--draft", default="default", help="the draft: default (embedded) or a draft folder")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -33,7 +34,7 @@ def main():
     grid = [(g, k, lookup) for g in map(int, args.gammas.split(",")) for k in map(int, args.candidates.split(","))
             for lookup in map(int, args.lookup.split(","))]
     for gamma, k, lookup in grid:
-        spec = speculant.load("smollm2-135m", "default", gamma=gamma, candidates=k, lookup=lookup)
+        spec = speculant.load("smollm2-135m", args.draft, gamma=gamma, candidates=k, lookup=lookup)
 
         def encode(text, chat):
             return spec.encode(text, chat)

@@ -245,11 +245,10 @@ class FusedStepper:
             self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
         elif key[0] in ("features", "model") and (k > 1 or size):
             # out = [chain kept, alternative column or 0, next token, lookup tokens kept, candidates [γ, k]
-            # row by row]; kept lookup tokens were moved to their slots inside the graph
+            # row by row]; a kept alternative and kept lookup tokens were moved to their slots inside the graph
             chain_accepted, alternative, next_token, lookup_kept, candidates = out[0], out[1], out[2], out[3], out[4:]
             tokens = candidates[0 : chain_accepted * k : k]
-            if alternative:  # the kept node's cache slot moves to its position
-                self.target.move_slot(n + alternative_node(gamma, k, chain_accepted, alternative), n + chain_accepted + 1)
+            if alternative:  # its cache slot was moved to its position inside the graph
                 tokens.append(candidates[chain_accepted * k + alternative])
             tokens += lookup[chain_accepted : chain_accepted + lookup_kept]
             num_accepted = len(tokens)
@@ -345,6 +344,10 @@ class FusedStepper:
         depths, ancestors = self.tree(gamma, k, size)
         target_logits = self.target_fn(tree_tokens(root, candidates, branch), start + depths, ancestors)
         out = finish_candidates(target_logits, candidates, laws, rest, branch, length)
+        if k > 1:  # a kept alternative's cache slot moves to its position (else the slot copies onto itself)
+            dest = start + out[0] + 1
+            self.target.move_slot(torch.where(out[1] > 0, start + alternative_node(gamma, k, out[0], out[1]), dest).view(1),
+                                  dest.view(1))
         if size:  # kept lookup tokens (out[3] of them after out[0] chain tokens) move to their slots
             kept, index = out[3], self.offsets[:size]
             dest = start + out[0] + 1 + index
