@@ -179,6 +179,8 @@ def main() -> None:
     ap.add_argument("--gammas", default="3,5,7")
     ap.add_argument("--candidates", default="1", help="candidates per draft position to bench, e.g. 1,2,4")
     ap.add_argument("--lookup", default="0", help="lookup branch sizes beside the draft models, e.g. 0,8")
+    ap.add_argument("--steps-per-replay", default="1",
+                    help="feature-draft steps per graph replay to bench (without a lookup branch), e.g. 1,3")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--auto-max-gamma", type=int, default=8)
     ap.add_argument("--auto-half-life", type=float, default=None, help="AdaptiveGamma's half_life (default: its own)")
@@ -226,16 +228,17 @@ def main() -> None:
 
     steppers: dict[str, FusedStepper] = {}
 
-    def stepper_for(name, k=1, lookup=0):
-        if (name, k, lookup) not in steppers:
+    def stepper_for(name, k=1, lookup=0, m=1):
+        if (name, k, lookup, m) not in steppers:
             if name == "plain":
                 stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
             elif name == "ngram":
                 stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:
-                stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k, lookup=lookup)
-            steppers[name, k, lookup] = stepper
-        return steppers[name, k, lookup]
+                stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k, lookup=lookup,
+                                       steps_per_replay=m)
+            steppers[name, k, lookup, m] = stepper
+        return steppers[name, k, lookup, m]
 
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
@@ -257,11 +260,13 @@ def main() -> None:
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
         ks = tuple(int(k) for k in args.candidates.split(","))
         lookups = tuple(int(g) for g in args.lookup.split(","))
-        configs = [("ngram", 1, 0, (4, 8))] if args.ngram else []
-        configs += [(d, k, g, gammas_model) for d in drafts for k in ks for g in lookups]
-        for name, k, lookup, gammas in configs:
+        replays = tuple(int(m) for m in args.steps_per_replay.split(","))
+        configs = [("ngram", 1, 0, (4, 8), 1)] if args.ngram else []
+        configs += [(d, k, g, gammas_model, m) for d in drafts for k in ks for g in lookups for m in replays
+                    if m == 1 or g == 0]
+        for name, k, lookup, gammas, m in configs:
             for gamma in gammas:
-                st = stepper_for(name, k, lookup)
+                st = stepper_for(name, k, lookup, m)
                 cap = time.perf_counter()
                 run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=16, eos=eos)
                 cap = time.perf_counter() - cap
@@ -272,8 +277,9 @@ def main() -> None:
                 if params.greedy:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
-                record(task, name, gamma, res, cap, k, lookup)
-            if name != "ngram" and not lookup and args.auto:
+                res["steps_per_replay"] = m
+                record(task, name if m == 1 else f"{name}/{m}per", gamma, res, cap, k, lookup)
+            if name != "ngram" and not lookup and m == 1 and args.auto:
                 st = stepper_for(name, k)
                 cap = time.perf_counter()
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing

@@ -208,29 +208,34 @@ def generate(
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context) - 1)
         step_gamma = min(policy.choose() if policy else gamma, room)
         if stepper is not None:
-            # plain decoding may run several target calls per step (one graph replay for a chunk)
+            # plain decoding may run several target calls per step (one graph replay for a chunk), and
+            # speculative steps several per replay when all they may emit still fits (`room`)
             plain_tokens = room + 1 if policy is None and gamma == 0 else 1
-            step = stepper.step(context, step_gamma, generator, plain_tokens=plain_tokens)
+            results = stepper.steps(context, step_gamma, generator, plain_tokens=plain_tokens,
+                                    room=room if policy is None else None)
         else:
-            step = speculative_step(target, drafter, context, step_gamma, params, generator)
-        stats.record(step_gamma, step)
-        if policy:
-            policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time)
+            results = [speculative_step(target, drafter, context, step_gamma, params, generator)]
+        for step in results:
+            stats.record(step_gamma, step)
+            if policy:
+                policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time)
 
-        emitted = []
-        for token in step.tokens:
-            emitted.append(token)
-            if token in stop:
-                stats.finish_reason = "stop"
+            emitted = []
+            for token in step.tokens:
+                emitted.append(token)
+                if token in stop:
+                    stats.finish_reason = "stop"
+                    break
+                if stats.new_tokens + len(emitted) == max_new_tokens:
+                    break
+            context.extend(emitted)
+            stats.new_tokens += len(emitted)
+            stats.decode_time = time.perf_counter() - start
+            yield Step(emitted, step.num_drafted, step.num_accepted, stats)
+            if stats.finish_reason:
+                return
+            if stats.new_tokens >= max_new_tokens:
                 break
-            if stats.new_tokens + len(emitted) == max_new_tokens:
-                break
-        context.extend(emitted)
-        stats.new_tokens += len(emitted)
-        stats.decode_time = time.perf_counter() - start
-        yield Step(emitted, step.num_drafted, step.num_accepted, stats)
-        if stats.finish_reason:
-            return
     stats.finish_reason = stats.finish_reason or "length"
     stats.decode_time = time.perf_counter() - start
 

@@ -17,6 +17,13 @@ token fed back on the device. The functions are the same `logits_to_probs`, `sam
 kernels): exactness carries over, and on the CPU the same bodies run eagerly (that is how the
 tests check them). The prompt is prefilled through the compiled forward as well.
 
+With `steps_per_replay` m > 1 (a feature draft, no lookup branch), m such steps run in one replay:
+between two of them the graph appends the tokens the first emitted to the draft's window and moves
+both positions on, on the device; the host reads m outputs at once. Used only while all m steps'
+tokens may still be emitted and their trees fit the cache; tokens after a stop are dropped by the
+engine, like a plain chunk's. (Opt-in until measured on the GPU: `benchmarks/gpu_speed.py
+--steps-per-replay 1,3`.)
+
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
 """
@@ -85,7 +92,7 @@ class FusedStepper:
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0) -> None:
+                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, steps_per_replay: int = 1) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -104,6 +111,12 @@ class FusedStepper:
         if candidates > 1 and draft_model is None:
             raise ValueError("several candidates per position need a draft model")
         self.candidates = candidates
+        # Feature-draft steps without a lookup branch may run `steps_per_replay` at a time: the graph
+        # feeds each step's emitted tokens and positions to the next on the device, so the host's
+        # share of a step (input copy, random numbers, launch, the read-back) is paid once per replay.
+        if steps_per_replay < 1:
+            raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
+        self.steps_per_replay = steps_per_replay
         # a lookup branch of up to `lookup` prompt-lookup tokens beside the draft model's (drafters.lookup)
         if lookup < 0:
             raise ValueError(f"lookup must be >= 0, got {lookup}")
@@ -181,6 +194,78 @@ class FusedStepper:
         self.draft_valid = upto
         self.draft_model._length = max(self.draft_model._length, upto)
 
+    def steps(self, context: list[int], gamma: int, generator: torch.Generator | None, plain_tokens: int = 1,
+              room: int | None = None) -> list[StepResult]:
+        """What the engine calls: `steps_per_replay` speculative steps of γ from one graph replay when
+        the draft reads features, there is no lookup branch, all of their tokens may still be emitted
+        (`room` + 1 of them; None: do not batch) and every tree fits in the cache; else one `step`."""
+        m, n = self.steps_per_replay, len(context) - 1
+        if m > 1 and self.features and not self.lookup and gamma > 0 and room is not None \
+                and room + 1 >= m * (gamma + 1) and n >= max(self.widest, gamma) + 1 \
+                and len(context) + (m - 1) * (gamma + 1) + gamma * self.candidates <= self.target.max_seq_len:
+            return self._replay_steps(context, gamma, generator, m)
+        return [self.step(context, gamma, generator, plain_tokens)]
+
+    def _replay_steps(self, context: list[int], gamma: int, generator: torch.Generator | None,
+                      m: int) -> list[StepResult]:
+        """m feature-draft steps in one replay (see `steps`); each StepResult gets 1/m of the time."""
+        start = time.perf_counter()
+        captured = self.capture_time
+        n, k = len(context) - 1, self.candidates
+        self.widest = max(self.widest, gamma)
+        window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
+        self._catch_up_draft(context, n - window)
+        key = ("features-replay", gamma, window, k, m)
+        per = self._draft_uniforms(gamma, k)
+        runner = self.graphs.get(key) or self._prepare(
+            key, lambda: self._replay_body(self._feature_step_body(gamma, window, k, 0), gamma, window, k, m, per),
+            window + 2, m * per)
+        runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
+        torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
+        rows = runner.run().tolist()  # [m, step output]: the replay's one synchronisation
+        elapsed = (time.perf_counter() - start - (self.capture_time - captured)) / m
+        results, length = [], len(context)
+        for row in rows:
+            tokens, _, alternative, _ = self._emitted_tokens(row, gamma, k, [])
+            results.append(StepResult(tokens, gamma, len(tokens) - 1, None, 0.0, elapsed, 1, bool(alternative)))
+            last_n, length = length - 1, length + len(tokens)
+        self.target._length = length - 1  # the context and every kept draft token
+        self.draft_valid = last_n  # true features below the last step's n; later positions are redone
+        self.draft_model._length = max(self.draft_valid, last_n + gamma)
+        return results
+
+    def _replay_body(self, body, gamma: int, window: int, k: int, m: int, per: int):
+        """m steps of a feature `body` (ints = [x_{n-W+1..n}, n-W, n]); between two steps the tokens
+        a step emitted are appended to the window on the device and both positions move on."""
+        offsets = self.offsets
+        depth = offsets[: gamma + 1]
+
+        def replay(ints, uniforms):
+            rows = []
+            for i in range(m):
+                out = body(ints, uniforms[i * per:(i + 1) * per])
+                rows.append(out)
+                if i + 1 == m:
+                    break
+                if k == 1:  # out = [kept, next token, x_1..x_γ]
+                    kept, next_token, drafts = out[0], out[1], out[2:]
+                    emitted = torch.where(depth < kept, torch.cat([drafts, drafts[:1]]), next_token)
+                    count = kept + 1
+                else:  # out = [chain kept, alternative column, next token, 0, candidates [γ, k]]
+                    kept, column, next_token = out[0], out[1], out[2]
+                    candidates = out[4:].view(gamma, k)
+                    chain = torch.cat([candidates[:, 0], candidates[:1, 0]])  # [γ + 1], the last a filler
+                    alternative = candidates.reshape(-1)[kept.clamp(max=gamma - 1) * k + column]
+                    at_kept = torch.where(column > 0, alternative, next_token)
+                    emitted = torch.where(depth < kept, chain, torch.where(depth == kept, at_kept, next_token))
+                    count = kept + (column > 0).long() + 1
+                # [W + γ + 1] -> the last W tokens of the longer context (never past the emitted ones)
+                tokens = torch.cat([ints[:window], emitted])[count + offsets[:window]]
+                ints = torch.cat([tokens, ints[window:window + 2] + count])
+            return torch.stack(rows)
+
+        return replay
+
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None,
              plain_tokens: int = 1) -> StepResult:
         """One step. `plain_tokens`: how many tokens a plain step (γ = 0) may produce (the engine
@@ -243,21 +328,10 @@ class FusedStepper:
         if key[0] == "plain":
             num_accepted, tokens = 0, out
             self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
-        elif key[0] in ("features", "model") and (k > 1 or size):
-            # out = [chain kept, alternative column or 0, next token, lookup tokens kept, candidates [γ, k]
-            # row by row]; a kept alternative and kept lookup tokens were moved to their slots inside the graph
-            chain_accepted, alternative, next_token, lookup_kept, candidates = out[0], out[1], out[2], out[3], out[4:]
-            tokens = candidates[0 : chain_accepted * k : k]
-            if alternative:  # its cache slot was moved to its position inside the graph
-                tokens.append(candidates[chain_accepted * k + alternative])
-            tokens += lookup[chain_accepted : chain_accepted + lookup_kept]
-            num_accepted = len(tokens)
-            tokens.append(next_token)
-            self.target._length = len(context) + num_accepted
         else:
-            num_accepted, next_token, draft_tokens = out[0], out[1], out[2:]
-            chain_accepted = num_accepted
-            tokens = draft_tokens[:num_accepted] + [next_token]
+            tokens, chain_accepted, alternative, lookup_kept = self._emitted_tokens(
+                out, gamma, k if key[0] in ("features", "model") and (k > 1 or size) else 1, lookup)
+            num_accepted = len(tokens) - 1
             self.target._length = len(context) + num_accepted  # cache: context + accepted drafts
         if self.draft_model is not None:
             if drafted and self.features:  # true features for positions < n; later ones are redone
@@ -269,6 +343,24 @@ class FusedStepper:
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
         return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)
+
+    @staticmethod
+    def _emitted_tokens(out: list[int], gamma: int, k: int, lookup: list[int]) -> tuple[list[int], int, int, int]:
+        """A step's output -> (emitted tokens: kept drafts + the next token, chain tokens kept, the
+        kept alternative's column or 0, lookup tokens kept).
+
+        A tree (k > 1 or a lookup branch): out = [chain kept, alternative column or 0, next token,
+        lookup tokens kept, candidates [γ, k] row by row] (a kept alternative and kept lookup tokens
+        were moved to their cache slots inside the graph). A chain: out = [kept, next token, x_1..x_γ]."""
+        if k == 1 and not lookup:
+            kept, next_token, drafts = out[0], out[1], out[2:]
+            return drafts[:kept] + [next_token], kept, 0, 0
+        chain_accepted, alternative, next_token, lookup_kept, candidates = out[0], out[1], out[2], out[3], out[4:]
+        tokens = candidates[0 : chain_accepted * k : k]
+        if alternative:
+            tokens.append(candidates[chain_accepted * k + alternative])
+        tokens += lookup[chain_accepted : chain_accepted + lookup_kept]
+        return tokens + [next_token], chain_accepted, alternative, lookup_kept
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
     def _draft_uniforms(self, gamma: int, k: int, lookup: int = 0) -> int:

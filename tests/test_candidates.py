@@ -279,10 +279,10 @@ def test_alternatives_are_distinct_and_follow_sequential_draws_without_replaceme
 NUM_RUNS = 1500
 
 
-def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0):
+def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0, steps_per_replay: int = 1):
     generator = torch.Generator(device=target.device).manual_seed(0)
-    stepper = (FusedStepper(target, drafter.model, compile=False, candidates=candidates, lookup=lookup)
-               if fused else None)
+    stepper = (FusedStepper(target, drafter.model, compile=False, candidates=candidates, lookup=lookup,
+                            steps_per_replay=steps_per_replay) if fused else None)
     if lookup:
         drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
@@ -436,3 +436,61 @@ def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_pr
             torch.testing.assert_close(target.features[:length], fresh.features[:length], atol=1e-4, rtol=1e-4)
     assert step.stats.alternatives_kept > 0
     assert (step.stats.lookup_tokens > 0) == bool(lookup)  # runs of the lookup branch were kept and moved
+
+
+@pytest.mark.parametrize("k, params, device", [
+    (1, SamplingParams(), "cpu"), (3, SamplingParams(top_p=0.8), "cpu"),
+    *((3, SamplingParams(), device) for device in DEVICES if device == "cuda"),
+], ids=lambda v: v if isinstance(v, (str, int)) else None)
+def test_two_feature_steps_per_replay_follow_the_exact_target_law(k, params, device, gof):
+    """1500 seeded runs of 6 tokens, γ = 2: the first two steps run in one replay (the second reads
+    what the first emitted on the device), the rest one at a time."""
+    target, draft = feature_pair(5, seed=3, device=device)
+    tokens, _ = engine_runs(target, FeatureDrafter(draft, target, candidates=k), 2, params, True, k, steps_per_replay=2)
+    law = exact_law(feature_pair(5, seed=3)[0], params, gof)
+    pvalue, fits = window_pvalue(gof, tokens, law)
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_several_steps_per_replay_are_the_same_steps_one_at_a_time(k, device):
+    """Greedy: the same tokens as plain decoding. Sampled on the CPU (where m draws of the step's
+    uniforms are one draw of m times as many): the same tokens and the same per-step stats as one
+    step per replay, and after each replay the target's cache and features equal a fresh prefill."""
+    target, draft = feature_pair(8, seed=5, kept=6, device=device)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=50)
+    for params in ([GREEDY, SamplingParams(), SamplingParams(temperature=0.7, top_k=5)] if device == "cpu"
+                   else [GREEDY]):
+        runs = {}
+        for m in (1, 3):
+            stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=m)
+            generator = torch.Generator(device=device).manual_seed(4)
+            steps = list(generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3,
+                                  params=params, max_new_tokens=50, generator=generator, stepper=stepper))
+            runs[m] = ([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps])
+        if params is GREEDY:
+            assert runs[3][0] == expected
+        if device == "cpu":
+            assert runs[3] == runs[1]
+    fresh = LeanModel(target.weights, max_seq_len=96)
+    fresh.keep_features()
+    stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=3)
+    context, checked, replays = list(prompt), 0, 0
+    for step in generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3, params=SamplingParams(),
+                         max_new_tokens=50, generator=torch.Generator(device=device).manual_seed(1), stepper=stepper):
+        context += step.tokens
+        if step.stats.finish_reason or target.length != len(context) - 1:
+            continue  # inside a replay the cache is already ahead: check at its end
+        length = len(context) - 1
+        fresh.truncate(0)
+        fresh.forward(torch.tensor(context[:-1], device=device), 0)
+        torch.testing.assert_close(target.k_cache[:, :length], fresh.k_cache[:, :length], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(target.v_cache[:, :length], fresh.v_cache[:, :length], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(target.features[:length], fresh.features[:length], atol=1e-4, rtol=1e-4)
+        checked += 1
+    replays = sum(1 for key in stepper.graphs if key[0] == "features-replay")
+    assert checked >= 3 and replays == 1 and step.stats.target_calls > checked  # some steps ran 3 to a replay
+    if k > 1:
+        assert step.stats.alternatives_kept > 0
