@@ -149,6 +149,15 @@ def candidate_tree(gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, t
     return torch.tensor(depths), ancestors
 
 
+def tree_that_fits(context_length: int, gamma: int, k: int, lookup: int, max_seq_len: int) -> tuple[int, int]:
+    """(k, G) of the tree a step may score: its 1 + γk + G nodes sit in cache slots from the
+    context's last position on, so the lookup branch goes first when it does not fit, then the
+    alternatives (k = 1: a chain)."""
+    if context_length + gamma * k > max_seq_len:
+        return 1, 0
+    return k, lookup if context_length + gamma * k + lookup <= max_seq_len else 0
+
+
 def alternative_node(gamma: int, k: int, kept, column):
     """The node (in candidate_tree(γ, k)) of the alternative in `column` >= 1 at the depth after
     `kept` chain tokens. Ints or tensors."""

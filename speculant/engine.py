@@ -21,7 +21,8 @@ from typing import Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 
-from speculant.acceptance import alternative_node, candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
+from speculant.acceptance import (alternative_node, candidate_tree, lookup_node, tree_that_fits, tree_tokens, verify,
+                                  verify_candidates)
 from speculant.analysis import expected_speedup
 from speculant.drafters.base import Draft, Drafter
 from speculant.models.base import CausalLM, ContextOverflowError
@@ -267,11 +268,13 @@ def speculative_step(
     num_drafted = draft.tokens.shape[0]
     # a tree of γ·k candidates and/or the lookup branch, if the target can take one and its cache has the slots
     k = 1 if draft.alternatives is None else 1 + draft.alternatives.shape[1]
-    tree_room = target.max_seq_len - len(context) - num_drafted * k if isinstance(target, LeanModel) and num_drafted else -1
-    if draft.lookup is not None and draft.lookup.shape[0] > tree_room:
-        draft = draft._replace(lookup=None)  # no room for the lookup branch's slots: the tree without it
-    if (k > 1 or draft.lookup is not None) and tree_room >= 0:
-        return _candidate_step(target, draft, context, params, generator, draft_time)
+    size = 0 if draft.lookup is None else draft.lookup.shape[0]
+    if isinstance(target, LeanModel) and num_drafted and (k > 1 or draft.lookup is not None):
+        fit_k, fit_size = tree_that_fits(len(context), num_drafted, k, size, target.max_seq_len)
+        if draft.lookup is not None and fit_size < size:
+            draft = draft._replace(lookup=None)  # no room for the lookup branch's slots: the tree without it
+        if fit_k == k and (k > 1 or draft.lookup is not None):
+            return _candidate_step(target, draft, context, params, generator, draft_time)
 
     def verify_draft():
         draft_tokens = draft.tokens.to(device)

@@ -36,7 +36,8 @@ from typing import Callable
 
 import torch
 
-from speculant.acceptance import alternative_node, candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
+from speculant.acceptance import (alternative_node, candidate_tree, lookup_node, tree_that_fits, tree_tokens, verify,
+                                  verify_candidates)
 from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.ngram import NgramDrafter
@@ -276,11 +277,7 @@ class FusedStepper:
         target_calls = 1
         # k candidates per position and the lookup branch while the tree's 1 + γk + G slots fit in the
         # cache, else a chain
-        k, size = self.candidates, self.lookup
-        if n + 1 + gamma * k + size > self.target.max_seq_len:
-            size = 0
-        if n + 1 + gamma * k > self.target.max_seq_len:
-            k = 1
+        k, size = tree_that_fits(n + 1, gamma, self.candidates, self.lookup, self.target.max_seq_len)
         lookup = []
         if size and gamma > 0 and n >= 1:  # padded to G tokens: the graph's shapes stay static
             lookup = self.ngram.propose(context, size, None, None).tokens.tolist()

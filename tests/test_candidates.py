@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_features import PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue
 
-from speculant.acceptance import candidate_tree, lookup_node, tree_tokens, verify, verify_candidates
+from speculant.acceptance import candidate_tree, lookup_node, tree_that_fits, tree_tokens, verify, verify_candidates
 from speculant.adaptive import AdaptiveGamma
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.features import FeatureDrafter
@@ -24,6 +24,15 @@ from speculant.sampling import SamplingParams, sample_from
 
 GREEDY = SamplingParams(temperature=0)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # on CUDA the fused steps run as graphs
+
+
+def test_the_tree_that_fits_drops_the_lookup_branch_first_then_the_alternatives():
+    # a context of 90 tokens in a cache of 100: γ 3 · k 3 = 9 slots fit, a branch of 2 more does not
+    assert tree_that_fits(90, 3, 3, 0, 100) == (3, 0)
+    assert tree_that_fits(90, 3, 3, 1, 100) == (3, 1)
+    assert tree_that_fits(90, 3, 3, 2, 100) == (3, 0)
+    assert tree_that_fits(90, 3, 4, 1, 100) == (1, 0)  # 12 slots: a chain, and no branch
+    assert tree_that_fits(97, 3, 1, 5, 100) == (1, 0)
 
 
 def test_candidate_tree_lays_out_the_chain_then_the_alternatives_depth_by_depth():
