@@ -268,7 +268,9 @@ def main() -> None:
             for gamma in gammas:
                 st = stepper_for(name, k, lookup, m)
                 cap = time.perf_counter()
-                run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=16, eos=eos)
+                # long enough for a replay of m steps to be captured here, not in a timed prompt
+                run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=max(16, m * (gamma + 1) + 1),
+                         eos=eos)
                 cap = time.perf_counter() - cap
                 # once more over every prompt, untimed: shapes met only in later prompts compile here
                 run_ours(target, prompts, stepper=st, gamma=gamma, params=params, max_new=mx, eos=eos)

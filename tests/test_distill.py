@@ -339,6 +339,16 @@ def test_a_run_can_start_from_a_saved_draft_and_refuses_one_that_does_not_fit(ti
     old_bias = dict(zip(saved["kept_ids"].tolist(), saved["head_bias"].tolist()))
     shared = [(b, old_bias[i]) for i, b in zip(grown["kept_ids"].tolist(), grown["head_bias"].tolist()) if i in old_bias]
     assert len(shared) >= 30 and all(a == b for a, b in shared)
+    # an own head's rows follow their ids too
+    own = train_draft(target, corpus, tmp_path / "own", _options(steps=0, head="own", engine_prompts=0),
+                      target_name="tiny", target_hash=TARGET_HASH)
+    assert own["init"] != f"from {out}"
+    train_draft(target, corpus, tmp_path / "own2", _options(steps=0, head="own", num_kept=40, init_vocab="corpus",
+                init_from=str(tmp_path / "own"), engine_prompts=0), target_name="tiny", target_hash=TARGET_HASH)
+    first, second = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("own", "own2"))
+    rows = {i: r for i, r in zip(first["kept_ids"].tolist(), first["head.weight"])}
+    moved = [(r, rows[i]) for i, r in zip(second["kept_ids"].tolist(), second["head.weight"]) if i in rows]
+    assert len(moved) >= 30 and all(torch.equal(a, b) for a, b in moved)
     with pytest.raises(train_module.DistillError, match="num_layers is 1 there, 2 here"):
         train_draft(target, corpus, tmp_path / "a", _options(num_layers=2, init_from=str(out)),
                     target_name="tiny", target_hash=TARGET_HASH)

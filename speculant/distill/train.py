@@ -440,13 +440,16 @@ def train_draft(
         draft_tensors = load_file(str(checkpoint / "draft.safetensors"))
         kept = draft_tensors["kept_ids"]
     elif opts.init_from:
-        draft_tensors = _init_tensors(opts, target_hash)
+        draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size)
         kept = draft_tensors["kept_ids"]
-        if opts.init_vocab == "corpus":  # new kept ids; a bias carries over where an id stays kept
+        if opts.init_vocab == "corpus":  # new kept ids; a bias (and an own head's row) follows its id
             kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
-            old = dict(zip(draft_tensors["kept_ids"].tolist(), draft_tensors["head_bias"].float().tolist()))
-            fill = float(draft_tensors["head_bias"].float().mean())
-            draft_tensors["head_bias"] = torch.tensor([old.get(i, fill) for i in kept.tolist()])
+            index = {int(i): row for row, i in enumerate(draft_tensors["kept_ids"].tolist())}
+            for name in ("head_bias", "head.weight"):  # [K] and [K, E]; new ids start at the mean
+                if name in draft_tensors:
+                    old = draft_tensors[name].float()
+                    draft_tensors[name] = torch.stack([old[index[i]] if i in index else old.mean(0)
+                                                       for i in kept.tolist()])
             draft_tensors["kept_ids"] = kept
     else:
         kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
@@ -592,14 +595,15 @@ def train_draft(
     return metadata
 
 
-def _init_tensors(opts: DistillOptions, target_hash: str) -> dict:
+def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: int) -> dict:
     """The weights of the draft folder `opts.init_from`, checked against the target and the options."""
     config = read_draft_config(opts.init_from)
     if config["target_hash"] != target_hash:
         raise DistillError(f"{opts.init_from} was distilled for another target ({config['target_name']!r}); "
                            "fine-tune only a draft of this target")
     arch = config["architecture"]
-    wanted = {"num_layers": opts.num_layers, "inputs": opts.inputs, "head": opts.head}
+    wanted = {"num_layers": opts.num_layers, "inputs": opts.inputs, "head": opts.head,
+              "intermediate_size": opts.intermediate_size or target_intermediate}
     differ = {k: (arch.get(k), v) for k, v in wanted.items() if arch.get(k) != v}
     if differ:
         raise DistillError(f"{opts.init_from} does not match the options: " +
