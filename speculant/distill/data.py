@@ -408,11 +408,11 @@ def self_written_questions(model, tokenizer, count: int, *, seed: int = 0, max_n
     questions are dropped."""
     marker = "\x00"
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
-    prefix = tokenizer.encode(rendered[: rendered.index(marker)], add_special_tokens=False)
-    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])}
-    im_end = tokenizer.token_to_id("<|im_end|>")
-    if im_end is not None:
-        stop.add(im_end)
+    before, after = rendered.split(marker, 1)
+    prefix = tokenizer.encode(before, add_special_tokens=False)
+    # the turn ends at an end-of-text id or at the first token the template puts after the user's text
+    end_of_turn = tokenizer.encode(after, add_special_tokens=False)[:1]
+    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])} | set(end_of_turn)
     written = chat_sequences(model, [prefix] * count, max_new_tokens=max_new_tokens, temperature=1.0,
                              stop_ids=stop, seed=seed, batch_size=batch_size, progress=progress)
     questions = []
@@ -460,7 +460,7 @@ def chat_sequences(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens
             valid[i, width - len(ids):] = True
         done = torch.zeros(len(group), dtype=torch.bool, device=device)
         answers = torch.zeros(len(group), 0, dtype=torch.int64, device=device)
-        length = min(limit, width + max_new_tokens)
+        length = min(limit, width + max_new_tokens)  # the group's tokens at most: its answers get length - width
         if batched:  # per layer (keys, values) [B, KV, length, D]; pad slots stay masked
             cfg = weights.cfg
             cache = [tuple(torch.zeros(len(group), cfg.num_kv_heads, length, cfg.head_dim, device=device,
@@ -473,15 +473,13 @@ def chat_sequences(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens
         else:
             model.truncate(0)
             logits = model.forward(tokens[0], 0)[-1:]
-        while answers.shape[1] < max_new_tokens and width + answers.shape[1] < limit:
+        while answers.shape[1] < length - width:
             probs = logits_to_probs(logits, params)
             uniforms = torch.rand(len(group), generator=generator, device=device)
             token = sample_from(probs, uniforms)
             answers = torch.cat([answers, token[:, None]], 1)
             done |= torch.isin(token, torch.tensor(sorted(stop) or [-1], device=device))
-            if bool(done.all()):
-                break
-            if answers.shape[1] >= max_new_tokens or width + answers.shape[1] >= limit:
+            if bool(done.all()) or answers.shape[1] == length - width:
                 break
             position = width + answers.shape[1] - 1
             if batched:

@@ -49,11 +49,11 @@ from speculant.distill.data import (
     build_corpus,
     chat_prompts,
     chat_sequences,
-    self_written_questions,
-    wide_chat_prompts,
     kept_token_ids,
     load_corpus,
     save_corpus,
+    self_written_questions,
+    wide_chat_prompts,
 )
 from speculant.distill.draft_model import (
     FeatureDraft,
