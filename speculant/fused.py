@@ -256,7 +256,9 @@ class FusedStepper:
                     kept, column, next_token = out[0], out[1], out[2]
                     candidates = out[4:].view(gamma, k)
                     chain = torch.cat([candidates[:, 0], candidates[:1, 0]])  # [γ + 1], the last a filler
-                    alternative = candidates.reshape(-1)[kept.clamp(max=gamma - 1) * k + column]
+                    # gather, not [0-dim tensor]: indexing with a 0-dim tensor reads it on the host
+                    where = (kept.clamp(max=gamma - 1) * k + column).view(1)
+                    alternative = candidates.reshape(-1).gather(0, where)[0]
                     at_kept = torch.where(column > 0, alternative, next_token)
                     emitted = torch.where(depth < kept, chain, torch.where(depth == kept, at_kept, next_token))
                     count = kept + (column > 0).long() + 1
