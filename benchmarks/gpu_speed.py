@@ -64,6 +64,7 @@ class TracedPolicy(AdaptiveGamma):
 def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, max_new, eos) -> dict:
     outputs, tokens, seconds = [], 0, 0.0
     alpha_num = alpha_den = calls = 0
+    prefill = 0.0
     for i, prompt in enumerate(prompts):
         generator = torch.Generator(device=target.device).manual_seed(i)
         out, stats = [], None
@@ -74,11 +75,15 @@ def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, ma
         outputs.append(out)
         tokens += stats.new_tokens
         seconds += stats.prefill_time + stats.decode_time
+        prefill += stats.prefill_time
         alpha_num += stats.accepted
         alpha_den += stats.accepted + stats.rejections
         calls += stats.target_calls
     return {"tokens_per_s": tokens / seconds, "alpha": alpha_num / alpha_den if alpha_den else None,
-            "tau": tokens / calls, "new_tokens": tokens, "outputs": outputs}
+            "tau": tokens / calls, "new_tokens": tokens, "outputs": outputs,
+            # where the seconds went: prefills (per prompt) and decoding (per target call)
+            "prefill_ms_per_prompt": 1000 * prefill / len(prompts),
+            "decode_ms_per_call": 1000 * (seconds - prefill) / calls}
 
 
 def run_hf(folder, prompts, *, max_new, sample: bool, prompt_lookup: int | None = None) -> dict:
@@ -103,6 +108,33 @@ def run_hf(folder, prompts, *, max_new, sample: bool, prompt_lookup: int | None 
     del model
     torch.cuda.empty_cache()
     return {"tokens_per_s": tokens / seconds, "new_tokens": tokens, "outputs": outputs}
+
+
+def kernel_profile(stepper: FusedStepper, runner, top: int = 12) -> dict:
+    """The kernels one replay of `runner`'s graph launches (its body run once outside the graph,
+    under the profiler): how many, their summed GPU time, and the busiest by name. The replay's
+    time beyond that sum is the graph's per-kernel cost and the gaps between kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    saved = stepper._save_caches()
+    torch.cuda.synchronize()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runner.body(runner.ints, runner.uniforms)
+        torch.cuda.synchronize()
+    stepper._restore_caches(saved)
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:  # device-side work only (kernels, copies, sets)
+            total = totals.setdefault(event.name, [0, 0.0])
+            total[0] += 1
+            total[1] += event.time_range.elapsed_us()
+    rows = [(name, count, micros) for name, (count, micros) in totals.items()]
+    rows.sort(key=lambda r: -r[2])
+    return {"kernels": sum(r[1] for r in rows), "kernel_ms": sum(r[2] for r in rows) / 1000,
+            "busiest_kernels": [[name[:60], count, round(micros / 1000, 4)] for name, count, micros in rows[:top]],
+            "most_launched": [[name[:60], count, round(micros / 1000, 4)]
+                              for name, count, micros in sorted(rows, key=lambda r: -r[1])[:top]]}
 
 
 def profile_step(stepper: FusedStepper, context: list[int], gamma: int, params: SamplingParams, reps: int = 50) -> dict:
@@ -131,6 +163,10 @@ def profile_step(stepper: FusedStepper, context: list[int], gamma: int, params: 
     step_ms = (time.perf_counter() - wall) / reps * 1000
     out = {"gamma": gamma, "graph_replay_ms": replay_ms, "step_wall_ms": step_ms,
            "host_overhead_ms": step_ms - replay_ms}
+    try:
+        out.update(kernel_profile(stepper, runner))
+    except Exception as error:  # noqa: BLE001 - the profiler is an extra: the timings above still count
+        out["kernel_profile_error"] = repr(error)
     # forwards alone
     for name, model, t in (("target_forward_ms", stepper.target, gamma * k + 1 + size),
                            ("target_forward_1_ms", stepper.target, 1),
@@ -227,11 +263,13 @@ def main() -> None:
         return res
 
     steppers: dict[str, FusedStepper] = {}
+    one_per_replay: dict[tuple, list] = {}
 
     def stepper_for(name, k=1, lookup=0, m=1):
         if (name, k, lookup, m) not in steppers:
-            if name == "plain":
+            if name.startswith("plain"):
                 stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
+                stepper.prefill_graphs = stepper.prefill_graphs and name == "plain"
             elif name == "ngram":
                 stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:
@@ -257,6 +295,12 @@ def main() -> None:
         run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)  # untimed, as for the drafts
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
+        if cuda:  # the same with the prefills run eagerly (not from padded graphs): what those save
+            st = stepper_for("plain-eager-prefill")
+            run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
+            res = run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
+            res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
+            record(task, "plain_eager_prefill", 0, res)
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
         ks = tuple(int(k) for k in args.candidates.split(","))
         lookups = tuple(int(g) for g in args.lookup.split(","))
@@ -280,6 +324,11 @@ def main() -> None:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
                 res["steps_per_replay"] = m
+                # a replay draws each step's uniforms as a lone step would: the same seeds give the same text
+                one_per_replay[task, name, k, lookup, gamma, m] = res["outputs"]
+                if m > 1 and (task, name, k, lookup, gamma, 1) in one_per_replay:
+                    res["outputs_as_one_per_replay"] = sum(
+                        a == b for a, b in zip(res["outputs"], one_per_replay[task, name, k, lookup, gamma, 1]))
                 record(task, name if m == 1 else f"{name}/{m}per", gamma, res, cap, k, lookup)
             if name != "ngram" and not lookup and m == 1 and args.auto:
                 st = stepper_for(name, k)
@@ -310,12 +359,13 @@ def main() -> None:
                "results": results, "profile": prof, "command": " ".join(sys.argv)}
     with open(os.path.join(args.out, "gpu_speed.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'k':>2} {'G':>2} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8}")
+    print(f"\n{'task':<6} {'method':<18} {'gamma':>5} {'k':>2} {'G':>2} {'tok/s':>9} {'alpha':>6} {'tau':>5} {'vs plain':>8} {'prefill':>8} {'ms/call':>8}")
     for r in results:
         alpha = f"{r['alpha']:.2f}" if r.get("alpha") is not None else "-"
         tau = f"{r['tau']:.2f}" if "tau" in r else "-"
         print(f"{r['task']:<6} {r['method']:<18} {str(r['gamma']):>5} {r['candidates']:>2} {r['lookup']:>2} {r['tokens_per_s']:>9.1f} "
-              f"{alpha:>6} {tau:>5} {r.get('speedup_vs_plain', 0):>8.2f}")
+              f"{alpha:>6} {tau:>5} {r.get('speedup_vs_plain', 0):>8.2f} {r.get('prefill_ms_per_prompt', 0):>8.2f} "
+              f"{r.get('decode_ms_per_call', 0):>8.3f}")
     print(json.dumps({"device": summary["device"], "rows": len(results)}))
 
 

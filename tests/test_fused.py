@@ -4,6 +4,7 @@ and, where CUDA is present, through captured CUDA graphs."""
 import pytest
 import torch
 from scipy.stats import chisquare
+from test_features import feature_pair
 
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -45,6 +46,39 @@ def test_fused_greedy_output_equals_plain_greedy(device, kind, gamma):
         out, stats = _run(target, stepper, prompt, gamma if kind != "none" else 0, GREEDY, 40)
         assert out == expected
     assert stats.new_tokens == 40
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["features", "layers"])
+def test_a_padded_prefill_fills_the_caches_as_an_exact_one_and_decodes_the_same(device, kind):
+    """Prefills padded to 32 (from graphs on CUDA; eager here on the CPU, forced): the target's
+    K/V and features and the draft's cache over the text equal an unpadded prefill's, and greedy
+    decoding after it equals plain decoding; a prompt whose padding would pass the context's end
+    is prefilled unpadded."""
+    if kind == "features":
+        target, draft = feature_pair(64, seed=2, device=device)
+    else:
+        weights, target = _models(device)
+        draft = LeanModel(weights, max_seq_len=96, num_layers=1)
+    prompt = [(7 * i + 3) % 60 for i in range(21)]  # 20 prefilled positions: padded to 32
+    snapshots = {}
+    for padded in (False, True):
+        stepper = FusedStepper(target, draft, compile=False)
+        stepper.prefill_graphs = padded
+        stepper.begin(prompt, GREEDY)
+        valid = stepper.draft_valid
+        snapshots[padded] = [target.k_cache[:, :20].clone(), target.v_cache[:, :20].clone(),
+                             draft.k_cache[:, :valid].clone(), draft.v_cache[:, :valid].clone()]
+        if target.features is not None:
+            snapshots[padded].append(target.features[:20].clone())
+    assert {key[2] for key in stepper.graphs if key[0] == "prefill"} == {32}
+    for exact, padded in zip(snapshots[False], snapshots[True]):
+        torch.testing.assert_close(padded, exact, atol=1e-4, rtol=1e-4)
+    for prompt in (prompt, prompt * 3 + [1, 2, 3]):  # 65 prefilled positions: 128 would not fit 96
+        expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=12)
+        out, _ = _run(target, stepper, prompt, 3, GREEDY, 12)
+        assert out == expected
+    assert max(key[2] for key in stepper.graphs if key[0] == "prefill") <= 64  # no 128
 
 
 @pytest.mark.parametrize("device", DEVICES)
