@@ -179,7 +179,8 @@ class FusedStepper:
         and its K/V and features lie past the cache's length, overwritten before anything reads
         them, as a rejected draft's are."""
         bucket = max(16, 1 << (len(tokens) - 1).bit_length())
-        if self.prefill_graphs and len(tokens) > 1 and start + bucket <= self.target.max_seq_len:
+        room = min(m.max_seq_len for m in (self.target, self.draft_model) if m is not None)
+        if self.prefill_graphs and len(tokens) > 1 and start + bucket <= room:
             key = ("prefill", id(fn), bucket)
             runner = self.graphs.get(key) or self._prepare(
                 key, lambda: self._prefill_body(fn, bucket, features is not None), bucket, 0)
