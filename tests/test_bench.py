@@ -191,3 +191,15 @@ def test_quick_bench_greedy_outputs_equal_plain_decoding_in_float32(quick_bench)
     ours = [c for c in results["cells"] if c["kind"] == "ours" and c["temperature"] == 0]
     assert ours and all(c["greedy_mismatches"] == 0 for c in ours)
     assert all(p["identical_to_plain"] for c in ours for p in c["per_prompt"])
+
+
+def test_the_overlap_note_says_where_the_embedded_drafts_chat_answers_came_from():
+    """The embedded draft was fine-tuned from a prepared data file (chat_samples 0 in its options):
+    the note names that file's extra sequences, not "0 prompts"."""
+    from speculant.bench.run import Bench
+
+    bench = Bench.__new__(Bench)  # only the note's two attributes
+    bench.distilled, bench.notes = str(Path(__file__).parents[1] / "speculant/embedded/smollm2-135m-draft"), []
+    bench._note_distilled_overlap()
+    (note,) = bench.notes
+    assert "chat answers: from a prepared data file (28800 extra sequences)" in note

@@ -425,8 +425,10 @@ class Bench:
             training = json.loads(config.read_text()).get("training", {})
             options = training.get("options", {})
             data = training.get("data", {})
-            sources = (f"trained on {data.get('sources') or options.get('sources')}, "
-                       f"chat answers: {options.get('chat_samples', '?')} prompts")
+            chat = (f"{options['chat_samples']} prompts" if options.get("chat_samples")
+                    else f"from a prepared data file ({data['extra_train_sequences']} extra sequences)"
+                    if options.get("data") and data.get("extra_train_sequences") else "none")
+            sources = f"trained on {data.get('sources') or options.get('sources')}, chat answers: {chat}"
         except (OSError, ValueError, AttributeError):
             pass
         self.notes.append(
