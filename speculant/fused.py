@@ -15,7 +15,8 @@ replays the same graph. Plain decoding runs up to `plain_chunk` tokens per repla
 token fed back on the device. The functions are the same `logits_to_probs`, `sample_from` and
 `verify` as the generic path (compiled with the model forwards, so that they fuse into few
 kernels): exactness carries over, and on the CPU the same bodies run eagerly (that is how the
-tests check them). The prompt is prefilled through the compiled forward as well.
+tests check them). The prompt is prefilled through the compiled forward as well; on CUDA padded
+to a power of two and replayed from a graph per length (`_prefill`).
 
 With `steps_per_replay` m > 1 (a feature draft, no lookup branch), m such steps run in one replay:
 between two of them the graph appends the tokens the first emitted to the draft's window and moves
