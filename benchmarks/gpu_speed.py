@@ -49,6 +49,7 @@ class TracedPolicy(AdaptiveGamma):
     def __init__(self, **options) -> None:
         super().__init__(**options)
         self.trace: list = []
+        self.unobserved = 0  # the first choice not observed yet (run-ahead chooses a step ahead)
 
     def choose(self) -> int:
         rates = [round(r, 1) for r in self.expected_rates()]
@@ -56,9 +57,15 @@ class TracedPolicy(AdaptiveGamma):
         self.trace.append([gamma, None, None, None, rates])
         return gamma
 
-    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float) -> None:
-        self.trace[-1][1:4] = [drafted, accepted, round(draft_time + target_time, 6)]
-        super().observe(drafted, accepted, draft_time, target_time)
+    def new_request(self) -> None:
+        """A choice made ahead for a step the last request never ran stays unobserved."""
+        self.unobserved = len(self.trace)
+
+    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
+                asked: int | None = None) -> None:
+        self.trace[self.unobserved][1:4] = [drafted, accepted, round(draft_time + target_time, 6)]
+        self.unobserved += 1
+        super().observe(drafted, accepted, draft_time, target_time, asked)
 
 
 def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, max_new, eos) -> dict:
@@ -67,6 +74,8 @@ def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, ma
     prefill = 0.0
     for i, prompt in enumerate(prompts):
         generator = torch.Generator(device=target.device).manual_seed(i)
+        if isinstance(gamma, TracedPolicy):
+            gamma.new_request()
         out, stats = [], None
         for step in generate(target, drafter or NoDrafter(), prompt, gamma=gamma, params=params,
                              max_new_tokens=max_new, stop_ids=eos, generator=generator, stepper=stepper):
@@ -217,6 +226,8 @@ def main() -> None:
     ap.add_argument("--lookup", default="0", help="lookup branch sizes beside the draft models, e.g. 0,8")
     ap.add_argument("--steps-per-replay", default="1",
                     help="feature-draft steps per graph replay to bench (without a lookup branch), e.g. 1,3")
+    ap.add_argument("--run-ahead", default="1",
+                    help="1: launch the next replay before reading this one (the default); 0: one at a time; 0,1: both")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--auto-max-gamma", type=int, default=8)
     ap.add_argument("--auto-half-life", type=float, default=None, help="AdaptiveGamma's half_life (default: its own)")
@@ -238,6 +249,11 @@ def main() -> None:
     print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {device_name}", flush=True)
     tasks = {"code": (code_prompts(args.humaneval, args.prompts, tok), SamplingParams(temperature=0)),
              "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
+    # random token ids (speculant bench's adversarial task), greedy as in the CPU tables
+    from speculant.bench.tasks import adversarial_prompts
+
+    tasks["adversarial"] = ([list(p.token_ids) for p in adversarial_prompts(args.prompts, target.vocab_size, 0)],
+                            SamplingParams(temperature=0))
     tasks = {name: tasks[name] for name in args.tasks.split(",")}
     compile_flag = not args.no_compile
     drafts: dict[str, LeanModel] = {}
@@ -265,18 +281,18 @@ def main() -> None:
     steppers: dict[str, FusedStepper] = {}
     one_per_replay: dict[tuple, list] = {}
 
-    def stepper_for(name, k=1, lookup=0, m=1):
-        if (name, k, lookup, m) not in steppers:
+    def stepper_for(name, k=1, lookup=0, m=1, ahead=True):
+        if (name, k, lookup, m, ahead) not in steppers:
             if name.startswith("plain"):
-                stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
+                stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk, run_ahead=ahead)
                 stepper.prefill_graphs = stepper.prefill_graphs and name == "plain"
             elif name == "ngram":
                 stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
             else:
                 stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k, lookup=lookup,
-                                       steps_per_replay=m)
-            steppers[name, k, lookup, m] = stepper
-        return steppers[name, k, lookup, m]
+                                       steps_per_replay=m, run_ahead=ahead)
+            steppers[name, k, lookup, m, ahead] = stepper
+        return steppers[name, k, lookup, m, ahead]
 
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
@@ -295,22 +311,26 @@ def main() -> None:
         run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)  # untimed, as for the drafts
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
-        if cuda:  # the same with the prefills run eagerly (not from padded graphs): what those save
-            st = stepper_for("plain-eager-prefill")
+        aheads = tuple(bool(int(a)) for a in args.run_ahead.split(","))
+        # the same with the prefills run eagerly (not from padded graphs), and without run-ahead: what those save
+        for name, ahead in [("plain-eager-prefill", True)] * cuda + [("plain", False)] * (False in aheads):
+            st = stepper_for(name, ahead=ahead)
             run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
             res = run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
             res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-            record(task, "plain_eager_prefill", 0, res)
+            res["run_ahead"] = st.run_ahead
+            record(task, "plain_eager_prefill" if name != "plain" else "plain_one_at_a_time", 0, res)
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
         ks = tuple(int(k) for k in args.candidates.split(","))
         lookups = tuple(int(g) for g in args.lookup.split(","))
         replays = tuple(int(m) for m in args.steps_per_replay.split(","))
         configs = [("ngram", 1, 0, (4, 8), 1)] if args.ngram else []
-        configs += [(d, k, g, gammas_model, m) for d in drafts for k in ks for g in lookups for m in replays
-                    if m == 1 or g == 0]
-        for name, k, lookup, gammas, m in configs:
+        configs = [(*c, True) for c in configs]
+        configs += [(d, k, g, gammas_model, m, a) for d in drafts for k in ks for g in lookups for m in replays
+                    for a in aheads if (m == 1 or g == 0) and (a or g == 0)]
+        for name, k, lookup, gammas, m, ahead in configs:
             for gamma in gammas:
-                st = stepper_for(name, k, lookup, m)
+                st = stepper_for(name, k, lookup, m, ahead)
                 cap = time.perf_counter()
                 # long enough for a replay of m steps to be captured here, not in a timed prompt
                 run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=max(16, m * (gamma + 1) + 1),
@@ -324,13 +344,19 @@ def main() -> None:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
                 res["steps_per_replay"] = m
-                # a replay draws each step's uniforms as a lone step would: the same seeds give the same text
-                one_per_replay[task, name, k, lookup, gamma, m] = res["outputs"]
-                if m > 1 and (task, name, k, lookup, gamma, 1) in one_per_replay:
-                    res["outputs_as_one_per_replay"] = sum(
-                        a == b for a, b in zip(res["outputs"], one_per_replay[task, name, k, lookup, gamma, 1]))
-                record(task, name if m == 1 else f"{name}/{m}per", gamma, res, cap, k, lookup)
-            if name != "ngram" and not lookup and m == 1 and args.auto:
+                res["run_ahead"] = st.run_ahead
+                # a replay draws each step's uniforms as a lone step would, run ahead or not: the same
+                # seeds give the same text as one step per replay, one at a time
+                one_per_replay[task, name, k, lookup, gamma, m, ahead] = res["outputs"]
+                lone = one_per_replay.get((task, name, k, lookup, gamma, 1, False))
+                if (m > 1 or ahead) and lone is not None:
+                    res["outputs_as_one_at_a_time"] = sum(a == b for a, b in zip(res["outputs"], lone))
+                    # where they part: [prompt, first differing token, lengths]
+                    res["differences"] = [[i, next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))),
+                                           len(a), len(b)] for i, (a, b) in enumerate(zip(res["outputs"], lone)) if a != b]
+                label = name + ("" if m == 1 else f"/{m}per") + ("" if ahead or name == "ngram" else "/one-at-a-time")
+                record(task, label, gamma, res, cap, k, lookup)
+            if name != "ngram" and not lookup and m == 1 and ahead and args.auto:
                 st = stepper_for(name, k)
                 cap = time.perf_counter()
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
@@ -342,7 +368,7 @@ def main() -> None:
                 timed_from = len(policy.history)
                 res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-                chosen = policy.history[timed_from:]
+                chosen = [t[0] for t in policy.trace[timed_from:] if t[1] is not None]  # the steps that ran
                 res["gamma_chosen"] = {str(g): chosen.count(g) for g in sorted(set(chosen))}
                 # every timed step: (γ asked, drafted, accepted, seconds) and the policy's rates per γ before it
                 res["trace"] = policy.trace[timed_from:]

@@ -244,7 +244,12 @@ class AdaptiveGamma:
             return max(range(1, self.max_gamma + 1), key=rates.__getitem__)
         return 0
 
-    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float) -> None:
+    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
+                asked: int | None = None) -> None:
+        """One step's outcome. `asked`: the γ that step asked for (default: the last choice; a caller
+        that chooses the next step's γ before observing this one, as run-ahead does, passes it)."""
+        if asked is not None:
+            self.last_gamma = asked
         if self.probing:  # charge the probe's measured loss against plain steps to the budget
             self.credit -= draft_time + target_time - (accepted + 1) * self.verify_time(0)
             self.probing = False

@@ -31,11 +31,14 @@ from speculant.sampling import SamplingParams, logits_to_probs
 
 
 class GammaPolicy(Protocol):
-    """Chooses γ before each step and learns from what the step did (see speculant.adaptive)."""
+    """Chooses γ before each step and learns from what the step did (see speculant.adaptive). With
+    a run-ahead stepper the next step's γ may be chosen before this step is observed; `asked` says
+    which γ the observed step asked for."""
 
     def choose(self) -> int: ...
 
-    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float) -> None: ...
+    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
+                asked: int | None = None) -> None: ...
 
 
 @dataclass
@@ -207,19 +210,23 @@ def generate(
         # Never draft past what may still be emitted (max_new_tokens) or stored (the context): a step
         # emits up to γ+1 tokens, and the sequence holds at most max_seq_len (as in reference.py).
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context) - 1)
-        step_gamma = min(policy.choose() if policy else gamma, room)
+        # a stepper that ran ahead launched this step already, with the γ the policy chose then
+        launched = stepper.launched_gamma(len(context)) if stepper is not None else None
+        step_gamma = launched if launched is not None else min(policy.choose() if policy else gamma, room)
         if stepper is not None:
             # plain decoding may run several target calls per step (one graph replay for a chunk), and
-            # speculative steps several per replay when all they may emit still fits (`room`)
+            # speculative steps several per replay when all they may emit still fits (`room`); under a
+            # policy, a step launched ahead has its γ chosen by `choose` (capped by what may be emitted)
             plain_tokens = room + 1 if policy is None and gamma == 0 else 1
-            results = stepper.steps(context, step_gamma, generator, plain_tokens=plain_tokens,
-                                    room=room if policy is None else None)
+            results = stepper.steps(context, step_gamma, generator, plain_tokens=plain_tokens, room=room,
+                                    choose=(lambda limit: min(policy.choose(), limit)) if policy else None)
         else:
             results = [speculative_step(target, drafter, context, step_gamma, params, generator)]
         for step in results:
             stats.record(step_gamma, step)
             if policy:
-                policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time)
+                policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time,
+                               asked=step_gamma)
 
             emitted = []
             for token in step.tokens:

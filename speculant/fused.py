@@ -22,8 +22,14 @@ With `steps_per_replay` m > 1 (a feature draft, no lookup branch), m such steps 
 between two of them the graph appends the tokens the first emitted to the draft's window and moves
 both positions on, on the device; the host reads m outputs at once. Used only while all m steps'
 tokens may still be emitted and their trees fit the cache; tokens after a stop are dropped by the
-engine, like a plain chunk's. (Opt-in until measured on the GPU: `benchmarks/gpu_speed.py
---steps-per-replay 1,3`.)
+engine, like a plain chunk's. (Opt-in: it did not pay on the H100, see BENCHMARKS.md.)
+
+Run-ahead (on by default with graphs): such a replay (m ≥ 1), and a plain chunk, leaves the next
+replay's inputs in its own input buffer, so the host launches the next replay before it reads this
+one's output (copied to pinned memory behind it on the stream). The host's part of a step (the
+read-back, the engine's bookkeeping, the next launch) then overlaps the GPU's work instead of
+leaving the GPU idle. The next replay is launched only where all of its tokens may still be emitted,
+so the text is the same as one replay at a time, and its uniforms are drawn in the same order.
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
@@ -31,6 +37,7 @@ reused across requests. `capture_time` reports what capture (and compilation) co
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from typing import Callable
@@ -94,7 +101,8 @@ class FusedStepper:
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, steps_per_replay: int = 1) -> None:
+                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, steps_per_replay: int = 1,
+                 run_ahead: bool | None = None) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -119,6 +127,15 @@ class FusedStepper:
         if steps_per_replay < 1:
             raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
         self.steps_per_replay = steps_per_replay
+        # Run ahead (default on CUDA): plain chunks and feature-draft replays advance their own inputs
+        # on the device, so the next replay is launched before this one's output is read; the host's
+        # share of a step (reading the output, the engine's bookkeeping, the next launch) then runs
+        # while the GPU works. Only where the next replay's tokens may all still be emitted, so the
+        # text is what one replay at a time gives; a run-ahead replay a stop token makes useless is
+        # computed and dropped (its uniforms drawn: a generator shared by later requests is ahead).
+        self.run_ahead = self.use_graphs if run_ahead is None else run_ahead
+        self.pending: _Launched | None = None  # the replay launched ahead, not read yet
+        self.ahead_launches = 0  # replays launched ahead so far (each one a stop token ended was wasted)
         # a lookup branch of up to `lookup` prompt-lookup tokens beside the draft model's (drafters.lookup)
         if lookup < 0:
             raise ValueError(f"lookup must be >= 0, got {lookup}")
@@ -154,6 +171,7 @@ class FusedStepper:
         """Prefill the target (prompt[:-1]) and the draft (what its first step's window does not
         re-read), through the compiled forwards (fewer launches than eager); graphs are captured
         on first use."""
+        self._wait_pending()  # a replay launched ahead for the last request: done before its graphs may go
         if params != self.params:
             # sampling params are baked into the graphs: recapture, in a fresh memory pool (a pool
             # whose graphs were freed cannot take a new capture)
@@ -238,36 +256,103 @@ class FusedStepper:
         self.draft_model._length = max(self.draft_model._length, upto)
 
     def steps(self, context: list[int], gamma: int, generator: torch.Generator | None, plain_tokens: int = 1,
-              room: int | None = None) -> list[StepResult]:
-        """What the engine calls: `steps_per_replay` speculative steps of γ from one graph replay when
-        the draft reads features, there is no lookup branch, all of their tokens may still be emitted
-        (`room` + 1 of them; None: do not batch) and every tree fits in the cache; else one `step`."""
-        m, n = self.steps_per_replay, len(context) - 1
-        if m > 1 and self.features and not self.lookup and gamma > 0 and room is not None \
-                and room + 1 >= m * (gamma + 1) and n >= max(self.widest, gamma) + 1 \
-                and len(context) + (m - 1) * (gamma + 1) + gamma * self.candidates <= self.target.max_seq_len:
-            return self._replay_steps(context, gamma, generator, m)
+              room: int | None = None, choose: Callable[[int], int] | None = None) -> list[StepResult]:
+        """What the engine calls. Feature-draft steps (no lookup branch) run from replays of
+        `steps_per_replay` steps (one under a policy), and with run-ahead the next replay is launched
+        before this one is read, while every step of both may still emit all its tokens (`room` + 1
+        of them) and their trees fit the cache; plain chunks likewise. Else one `step`. Under a
+        policy, `choose(limit)` gives the next step's γ (at most `limit`) when a replay is launched
+        ahead; the engine then takes it from `launched_gamma`."""
+        m, n = self.steps_per_replay if choose is None else 1, len(context) - 1
+        pending, self.pending = self.pending, None
+        if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
+            pending = None  # launched for a context the engine did not reach (it cannot, as the engine runs)
+        if self.features and not self.lookup and gamma > 0 and room is not None \
+                and n >= max(self.widest, gamma) + 1 and self._replays_fit(context, [gamma] * m, room):
+
+            def next_gamma() -> tuple[int, bool] | None:
+                """(the next replay's γ, launch it now?), or None: nothing chosen ahead."""
+                if not self.run_ahead:
+                    return None
+                if choose is None:
+                    return (gamma, True) if self._replays_fit(context, [gamma] * (2 * m), room) else None
+                limit = room - (gamma + 1)  # the least room the next step can have
+                if limit < 1:
+                    return None
+                chosen = choose(limit)
+                # a longer step widens the draft's window (another graph, fresh inputs): not ahead
+                return chosen, 1 <= chosen <= self.widest and self._replays_fit(context, [gamma, chosen], room)
+
+            if m > 1 or self.run_ahead or pending is not None:
+                return self._replay_steps(context, gamma, generator, m, next_gamma, pending)
+        if gamma == 0 and self.plain_chunk > 1 and plain_tokens >= self.plain_chunk and self.run_ahead:
+            return [self._plain_steps(context, generator, plain_tokens >= 2 * self.plain_chunk, pending)]
         return [self.step(context, gamma, generator, plain_tokens)]
 
-    def _replay_steps(self, context: list[int], gamma: int, generator: torch.Generator | None,
-                      m: int) -> list[StepResult]:
-        """m feature-draft steps in one replay (see `steps`); each StepResult gets 1/m of the time."""
-        start = time.perf_counter()
-        captured = self.capture_time
-        n, k = len(context) - 1, self.candidates
-        self.widest = max(self.widest, gamma)
-        window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
-        self._catch_up_draft(context, n - window)
+    def launched_gamma(self, length: int) -> int | None:
+        """The γ of the step launched (or chosen) ahead for a context of `length` tokens, if any."""
+        if self.pending is not None and self.pending.length == length:
+            return self.pending.gamma
+        return None
+
+    def _replays_fit(self, context: list[int], gammas: list[int], room: int) -> bool:
+        """May steps of these γs from here each emit all γ + 1 tokens, with every tree in the cache?"""
+        length = len(context)
+        for gamma in gammas:
+            if length + gamma * self.candidates > self.target.max_seq_len:
+                return False
+            length += gamma + 1
+        return room + 1 >= length - len(context)
+
+    def _wait_pending(self) -> None:
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def _launch(self, key, gamma: int, runner: "_Runner", generator: torch.Generator | None, draws: int,
+                per: int) -> "_Launched":
+        """Draw `draws` blocks of `per` uniforms (as that many lone steps would), replay, and start
+        copying the output to the host; returns without waiting."""
+        for i in range(draws):
+            torch.rand(per, generator=generator, device=self.device, out=runner.uniforms[i * per:(i + 1) * per])
+        return _Launched(key, gamma, runner)
+
+    def _replay_runner(self, gamma: int, window: int, k: int, m: int) -> tuple[tuple, "_Runner", int]:
         key = ("features-replay", gamma, window, k, m)
         per = self._draft_uniforms(gamma, k)
         runner = self.graphs.get(key) or self._prepare(
             key, lambda: self._replay_body(self._feature_step_body(gamma, window, k, 0), gamma, window, k, m, per),
             window + 2, m * per)
-        runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
-        for i in range(m):  # drawn step by step, as m single steps draw them: the same tokens on every device
-            torch.rand(per, generator=generator, device=self.device, out=runner.uniforms[i * per:(i + 1) * per])
-        rows = runner.run().tolist()  # [m, step output]: the replay's one synchronisation
-        elapsed = (time.perf_counter() - start - (self.capture_time - captured)) / m
+        return key, runner, per
+
+    def _replay_steps(self, context: list[int], gamma: int, generator: torch.Generator | None, m: int,
+                      next_gamma: Callable[[], tuple[int, bool] | None], pending: "_Launched | None") -> list[StepResult]:
+        """m feature-draft steps in one replay (see `steps`): `pending`, if it was launched ahead for
+        this context, else a replay launched now; then the next replay is launched (or only its γ
+        chosen) as `next_gamma` says, before this one is read. Each StepResult gets 1/m of the wall
+        time since the last replay was read."""
+        start = time.perf_counter()
+        captured = self.capture_time
+        n, k = len(context) - 1, self.candidates
+        self.widest = max(self.widest, gamma)
+        window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
+        key, runner, per = self._replay_runner(gamma, window, k, m)
+        if pending is None or pending.key != key:
+            self._catch_up_draft(context, n - window)
+            runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
+            pending = self._launch(key, gamma, runner, generator, m, per)
+        after = next_gamma()
+        if after is not None and after[1]:  # launch it: it reads the inputs this replay advanced on the device
+            next_key, next_runner, next_per = self._replay_runner(after[0], window, k, m)
+            if next_runner is not runner:
+                next_runner.ints.copy_(runner.ints)
+            self.pending = self._launch(next_key, after[0], next_runner, generator, m, next_per)
+            self.ahead_launches += 1
+        elif after is not None:  # chosen, not launched: the engine takes this γ for the next step
+            self.pending = _Launched(None, after[0], None)
+        rows = pending.read()  # [m, step output]: the replay's one synchronisation
+        now = time.perf_counter()
+        elapsed = (now - max(start, pending.after) - (self.capture_time - captured)) / m
         results, length = [], len(context)
         for row in rows:
             tokens, _, alternative, _ = self._emitted_tokens(row, gamma, k, [])
@@ -276,38 +361,67 @@ class FusedStepper:
         self.target._length = length - 1  # the context and every kept draft token
         self.draft_valid = last_n  # true features below the last step's n; later positions are redone
         self.draft_model._length = max(self.draft_valid, last_n + gamma)
+        if self.pending is not None:  # valid if the engine goes on with all these tokens
+            self.pending.length, self.pending.after = length, now
         return results
 
+    def _plain_steps(self, context: list[int], generator: torch.Generator | None, ahead: bool,
+                     pending: "_Launched | None") -> StepResult:
+        """A chunk of plain decoding (`plain_chunk` tokens): `pending` if launched ahead for this
+        context, else launched now; with `ahead` the next chunk is launched before this one is read."""
+        start = time.perf_counter()
+        captured = self.capture_time
+        count, n = self.plain_chunk, len(context) - 1
+        key = ("plain-ahead", count)
+        runner = self.graphs.get(key) or self._prepare(key, lambda: self._plain_body(count, advance=True), 2, count)
+        if pending is None or pending.key != key:
+            runner.ints.copy_(torch.tensor(context[-1:] + [n]), non_blocking=True)
+            pending = self._launch(key, 0, runner, generator, 1, count)
+        if ahead:
+            self.pending = self._launch(key, 0, runner, generator, 1, count)
+            self.ahead_launches += 1
+        tokens = pending.read()
+        now = time.perf_counter()
+        self.target._length = n + count  # x_n and the chunk's tokens but the last
+        if self.pending is not None:
+            self.pending.length, self.pending.after = len(context) + count, now
+        elapsed = now - max(start, pending.after) - (self.capture_time - captured)
+        return StepResult(tokens, 0, 0, None, 0.0, elapsed, count)
+
     def _replay_body(self, body, gamma: int, window: int, k: int, m: int, per: int):
-        """m steps of a feature `body` (ints = [x_{n-W+1..n}, n-W, n]); between two steps the tokens
-        a step emitted are appended to the window on the device and both positions move on."""
+        """m steps of a feature `body` (ints = [x_{n-W+1..n}, n-W, n]); after each step the tokens
+        it emitted are appended to the window on the device and both positions move on. The inputs
+        after the last step are written back to `ints`: the next replay (run-ahead) starts there."""
         offsets = self.offsets
         depth = offsets[: gamma + 1]
 
+        def advance(ints, out):
+            """ints and a step's output -> the next step's ints."""
+            if k == 1:  # out = [kept, next token, x_1..x_γ]
+                kept, next_token, drafts = out[0], out[1], out[2:]
+                emitted = torch.where(depth < kept, torch.cat([drafts, drafts[:1]]), next_token)
+                count = kept + 1
+            else:  # out = [chain kept, alternative column, next token, 0, candidates [γ, k]]
+                kept, column, next_token = out[0], out[1], out[2]
+                candidates = out[4:].view(gamma, k)
+                chain = torch.cat([candidates[:, 0], candidates[:1, 0]])  # [γ + 1], the last a filler
+                # gather, not [0-dim tensor]: indexing with a 0-dim tensor reads it on the host
+                where = (kept.clamp(max=gamma - 1) * k + column).view(1)
+                alternative = candidates.reshape(-1).gather(0, where)[0]
+                at_kept = torch.where(column > 0, alternative, next_token)
+                emitted = torch.where(depth < kept, chain, torch.where(depth == kept, at_kept, next_token))
+                count = kept + (column > 0).long() + 1
+            # [W + γ + 1] -> the last W tokens of the longer context (never past the emitted ones)
+            tokens = torch.cat([ints[:window], emitted])[count + offsets[:window]]
+            return torch.cat([tokens, ints[window:window + 2] + count])
+
         def replay(ints, uniforms):
-            rows = []
+            rows, step_ints = [], ints
             for i in range(m):
-                out = body(ints, uniforms[i * per:(i + 1) * per])
+                out = body(step_ints, uniforms[i * per:(i + 1) * per])
                 rows.append(out)
-                if i + 1 == m:
-                    break
-                if k == 1:  # out = [kept, next token, x_1..x_γ]
-                    kept, next_token, drafts = out[0], out[1], out[2:]
-                    emitted = torch.where(depth < kept, torch.cat([drafts, drafts[:1]]), next_token)
-                    count = kept + 1
-                else:  # out = [chain kept, alternative column, next token, 0, candidates [γ, k]]
-                    kept, column, next_token = out[0], out[1], out[2]
-                    candidates = out[4:].view(gamma, k)
-                    chain = torch.cat([candidates[:, 0], candidates[:1, 0]])  # [γ + 1], the last a filler
-                    # gather, not [0-dim tensor]: indexing with a 0-dim tensor reads it on the host
-                    where = (kept.clamp(max=gamma - 1) * k + column).view(1)
-                    alternative = candidates.reshape(-1).gather(0, where)[0]
-                    at_kept = torch.where(column > 0, alternative, next_token)
-                    emitted = torch.where(depth < kept, chain, torch.where(depth == kept, at_kept, next_token))
-                    count = kept + (column > 0).long() + 1
-                # [W + γ + 1] -> the last W tokens of the longer context (never past the emitted ones)
-                tokens = torch.cat([ints[:window], emitted])[count + offsets[:window]]
-                ints = torch.cat([tokens, ints[window:window + 2] + count])
+                step_ints = advance(step_ints, out)
+            ints.copy_(step_ints)
             return torch.stack(rows)
 
         return replay
@@ -544,17 +658,20 @@ class FusedStepper:
 
         return body
 
-    def _plain_body(self, count: int):
+    def _plain_body(self, count: int, advance: bool = False):
         target_fn = self.target_fn
         sample = self._sampling()[0]
 
         def body(ints, uniforms):
-            # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device
+            # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device;
+            # `advance`: ints <- [the last token, n + count] for the next replay (run-ahead)
             token, position = ints[:1], ints[1:]
             out = []
             for i in range(count):
                 token = sample(target_fn(token, position + i)[0], uniforms[i])[1].view(1)
                 out.append(token)
+            if advance:
+                ints.copy_(torch.cat([token, position + count]))
             return torch.cat(out)
 
         return body
@@ -612,6 +729,38 @@ def _sample_chain(sample, logits, uniforms, feed):
     return torch.stack(tokens), torch.stack(probs), torch.stack(all_logits)
 
 
+class _Launched:
+    """A replay of steps of `gamma` in flight: its output is copied to (pinned) host memory behind
+    it on the stream; `read` waits for that copy only. `length` is the context length the engine
+    must reach for it to be the next replay (set by whoever launched it ahead); `after` the time its
+    wait may start. Without a runner: only the next step's γ, chosen ahead, nothing launched."""
+
+    def __init__(self, key, gamma: int, runner: "_Runner | None") -> None:
+        self.key, self.gamma, self.length, self.after = key, gamma, -1, 0.0
+        self.host, self.done = None, None
+        if runner is None:
+            return
+        output = runner.run()
+        if output.device.type == "cuda":
+            # two pinned buffers per runner, in turn: at most this replay and one launched ahead are unread
+            if runner.host is None:
+                runner.host = [torch.empty(output.shape, dtype=output.dtype, pin_memory=True) for _ in range(2)]
+            self.host, runner.host = runner.host[0], runner.host[::-1]
+            self.host.copy_(output, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+        else:
+            self.host, self.done = output.clone(), None
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+    def read(self) -> list:
+        self.wait()
+        return self.host.tolist()
+
+
 class _Runner:
     """A body over two static input buffers (ints, uniforms); on CUDA captured once as a graph
     and replayed."""
@@ -620,6 +769,7 @@ class _Runner:
                  restore) -> None:
         self.body, self.ints, self.uniforms = body, ints, uniforms
         self.graph = None
+        self.host: list[torch.Tensor] | None = None  # pinned copies of the output (_Launched)
         saved = save()
         try:
             if use_graphs:
@@ -630,8 +780,19 @@ class _Runner:
                         body(ints, uniforms)
                 torch.cuda.current_stream().wait_stream(stream)
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
-                    self.output = body(ints, uniforms)
+                # No garbage collection inside the capture: a dead stepper (a reference cycle) freed
+                # there would destroy its graphs, events and pinned buffers mid-capture, which can
+                # invalidate it and leave the CUDA generator marked as capturing (later draws fail with
+                # "Offset increment outside graph capture"; seen once in the CUDA tests). torch.cuda.graph
+                # no longer collects first by default; the garbage is collected after the capture.
+                collecting = gc.isenabled()
+                gc.disable()
+                try:
+                    with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+                        self.output = body(ints, uniforms)
+                finally:
+                    if collecting:
+                        gc.enable()
             else:
                 with torch.inference_mode():  # compile now, not inside the first timed step
                     body(ints, uniforms)

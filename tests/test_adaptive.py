@@ -73,21 +73,25 @@ class Sim:
         return n, accepted, self.draft * n * jitter, self.verify[n] * jitter
 
 
-def run(policy, sim, steps, rng):
-    """Simulate `steps` steps; returns (tokens, seconds)."""
+def run(policy, sim, steps, rng, ahead=False):
+    """Simulate `steps` steps; returns (tokens, seconds). `ahead`: as a run-ahead stepper does, the
+    γ of the step after a drafting step is chosen before that step is observed."""
     tokens, seconds = 0, 0.0
     for _ in range(steps):
-        gamma = policy.choose()
+        gamma = policy.next if ahead and getattr(policy, "next", None) is not None else policy.choose()
+        policy.next = None
         n, accepted, draft_time, target_time = sim.step(gamma, rng)
-        policy.observe(n, accepted, draft_time, target_time)
+        if ahead and gamma > 0:
+            policy.next = policy.choose()
+        policy.observe(n, accepted, draft_time, target_time, asked=gamma)
         tokens += accepted + 1
         seconds += draft_time + target_time
     return tokens, seconds
 
 
-def rate_after_warmup(policy, sim, rng, warmup=100, steps=1500):
-    run(policy, sim, warmup, rng)
-    tokens, seconds = run(policy, sim, steps, rng)
+def rate_after_warmup(policy, sim, rng, warmup=100, steps=1500, ahead=False):
+    run(policy, sim, warmup, rng, ahead)
+    tokens, seconds = run(policy, sim, steps, rng, ahead)
     return tokens / seconds
 
 
@@ -95,14 +99,15 @@ def constant(alpha):
     return lambda k: alpha
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-turn", "chosen-ahead"])
 @pytest.mark.parametrize("verify", [LINEAR_VERIFY, CPU_VERIFY], ids=["linear", "cpu-shaped"])
-def test_good_model_drafter_gets_speculation_within_5_percent_of_best_fixed_gamma(verify):
+def test_good_model_drafter_gets_speculation_within_5_percent_of_best_fixed_gamma(verify, ahead):
     sim = Sim(verify, draft_ms_per_token=0.07 * 60, accept=constant(0.55))
     plain = sim.expected_rate(0)
     best = sim.best_fixed()
     assert best > 1.15 * plain, "the scenario must make speculation worth it"
     policy = AdaptiveGamma()
-    rate = rate_after_warmup(policy, sim, random.Random(1))
+    rate = rate_after_warmup(policy, sim, random.Random(1), ahead=ahead)
     assert rate >= 0.95 * best, (rate / best, policy.history[-40:])
     assert sum(g > 0 for g in policy.history[100:]) > 0.9 * len(policy.history[100:])
 
@@ -121,12 +126,13 @@ def test_cpu_shaped_verify_cost_is_learnt_per_length_not_fitted_by_a_line():
     assert policy.verify_time(3) < policy.verify_time(2)  # learnt, not interpolated
 
 
-def test_useless_drafter_is_switched_off_and_costs_under_5_percent():
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-turn", "chosen-ahead"])
+def test_useless_drafter_is_switched_off_and_costs_under_5_percent(ahead):
     sim = Sim(CPU_VERIFY, draft_ms_per_token=0.1 * 60, accept=constant(0.02))
     plain = sim.expected_rate(0)
     assert sim.best_fixed() == plain
     policy = AdaptiveGamma()
-    rate = rate_after_warmup(policy, sim, random.Random(3), warmup=50, steps=2000)
+    rate = rate_after_warmup(policy, sim, random.Random(3), warmup=50, steps=2000, ahead=ahead)
     assert rate >= 0.95 * plain, rate / plain
     tail = policy.history[100:]
     assert tail.count(0) > 0.9 * len(tail)
@@ -170,17 +176,19 @@ def test_drafter_that_turns_good_is_re_enabled_within_100_steps():
     assert tokens / seconds >= 0.95 * sim.best_fixed()
 
 
-def test_drafter_that_turns_bad_is_switched_off_within_40_steps():
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-turn", "chosen-ahead"])
+def test_drafter_that_turns_bad_is_switched_off_within_40_steps(ahead):
     """α 0.8 for 300 steps, then 0: the recent acceptance (half-life 8 drafting steps) must see it
-    and switch off; the long-run memory and the hysteresis delay that by 20–35 steps, no more."""
+    and switch off; the long-run memory and the hysteresis delay that by 20–35 steps, no more
+    (one step more when each γ is chosen before the step before it is observed)."""
     bad = constant(0.0)
     sim = Switching(CPU_VERIFY, draft_ms_per_token=0.3, accept=constant(0.8), bad_steps=0)
     policy = AdaptiveGamma()
     rng = random.Random(6)
-    run(policy, sim, 300, rng)
+    run(policy, sim, 300, rng, ahead)
     assert policy.history[-50:].count(0) <= 1  # on (one plain step now and then re-measures plain)
     sim.accept = bad
-    run(policy, sim, 60, rng)
+    run(policy, sim, 60, rng, ahead)
     assert policy.history[-20:].count(0) >= 18, policy.history[-60:]
 
 

@@ -288,10 +288,11 @@ def test_alternatives_are_distinct_and_follow_sequential_draws_without_replaceme
 NUM_RUNS = 1500
 
 
-def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0, steps_per_replay: int = 1):
+def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0, steps_per_replay: int = 1,
+                run_ahead: bool = False):
     generator = torch.Generator(device=target.device).manual_seed(0)
     stepper = (FusedStepper(target, drafter.model, compile=False, candidates=candidates, lookup=lookup,
-                            steps_per_replay=steps_per_replay) if fused else None)
+                            steps_per_replay=steps_per_replay, run_ahead=run_ahead) if fused else None)
     if lookup:
         drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
@@ -447,43 +448,91 @@ def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_pr
     assert (step.stats.lookup_tokens > 0) == bool(lookup)  # runs of the lookup branch were kept and moved
 
 
-@pytest.mark.parametrize("k, params, device", [
-    (1, SamplingParams(), "cpu"), (3, SamplingParams(top_p=0.8), "cpu"),
-    *((3, SamplingParams(), device) for device in DEVICES if device == "cuda"),
+@pytest.mark.parametrize("k, m, params, device", [
+    (1, 2, SamplingParams(), "cpu"), (3, 2, SamplingParams(top_p=0.8), "cpu"),
+    *((3, 2, SamplingParams(), device) for device in DEVICES if device == "cuda"),
+    *((3, 1, SamplingParams(top_p=0.8), device) for device in DEVICES),
 ], ids=lambda v: v if isinstance(v, (str, int)) else None)
-def test_two_feature_steps_per_replay_follow_the_exact_target_law(k, params, device, gof):
-    """1500 seeded runs of 6 tokens, γ = 2: the first two steps run in one replay (the second reads
-    what the first emitted on the device), the rest one at a time."""
+def test_two_feature_steps_per_replay_follow_the_exact_target_law(k, m, params, device, gof):
+    """1500 seeded runs of 6 tokens, γ = 2: m = 2, the first two steps run in one replay (the second
+    reads what the first emitted on the device), the rest one at a time; m = 1 with run-ahead, the
+    second step's replay is launched before the first one's output is read."""
     target, draft = feature_pair(5, seed=3, device=device)
-    tokens, _ = engine_runs(target, FeatureDrafter(draft, target, candidates=k), 2, params, True, k, steps_per_replay=2)
+    tokens, _ = engine_runs(target, FeatureDrafter(draft, target, candidates=k), 2, params, True, k,
+                            steps_per_replay=m, run_ahead=m == 1)
     law = exact_law(feature_pair(5, seed=3)[0], params, gof)
     pvalue, fits = window_pvalue(gof, tokens, law)
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_run_ahead_under_a_gamma_policy_follows_the_exact_target_law(device, gof):
+    """1500 seeded runs of 6 tokens under a γ schedule (2, 1, 2, 0, 3, ...): with run-ahead the
+    next step's γ is chosen when that step is launched, before this one is read, and a step of
+    another γ starts from the inputs this one advanced on the device."""
+    target, draft = feature_pair(5, seed=3, device=device)
+    tokens, _ = engine_runs(target, FeatureDrafter(draft, target, candidates=3), FixedSchedule([2, 1, 2, 0, 3]),
+                            SamplingParams(top_k=4), True, 3, run_ahead=True)
+    law = exact_law(feature_pair(5, seed=3)[0], SamplingParams(top_k=4), gof)
+    pvalue, fits = window_pvalue(gof, tokens, law)
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_run_ahead_under_a_gamma_policy_takes_the_steps_chosen_ahead(device):
+    """A γ schedule (γ 0 and lengths longer than any before among them: those are chosen ahead but
+    launched only when reached) gives the same steps and tokens with run-ahead as without, up to
+    where the end of the request caps γ (run-ahead caps it by the least room the next step can
+    have); greedy output equals plain decoding."""
+    target, draft = feature_pair(8, seed=5, kept=6, device=device)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=60)
+    for params in (GREEDY, SamplingParams(temperature=0.8)):
+        runs = {}
+        for ahead in (False, True):
+            stepper = FusedStepper(target, draft, compile=False, candidates=3, run_ahead=ahead)
+            steps = list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt,
+                                  gamma=FixedSchedule([2, 3, 0, 1, 5, 4, 2, 0, 3, 5, 1]), params=params,
+                                  max_new_tokens=60, generator=torch.Generator(device=device).manual_seed(2),
+                                  stepper=stepper))
+            runs[ahead] = [(s.tokens, s.num_drafted, s.num_accepted) for s in steps]
+            if params is GREEDY:
+                assert [t for s in steps for t in s.tokens] == expected
+            assert (stepper.ahead_launches > 5) == ahead
+        emitted, same = 0, 0
+        while emitted < 60 - 2 * 6:  # the steps before the end of the request caps γ
+            assert runs[True][same] == runs[False][same]
+            emitted += len(runs[False][same][0])
+            same += 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("k", [1, 3])
-def test_several_steps_per_replay_are_the_same_steps_one_at_a_time(k, device):
+@pytest.mark.parametrize("ahead", [False, True], ids=["one-by-one", "run-ahead"])
+def test_several_steps_per_replay_are_the_same_steps_one_at_a_time(k, device, ahead):
     """Greedy: the same tokens as plain decoding. Sampled (a replay draws each step's uniforms as
-    that step alone would): the same tokens and the same per-step stats as one step per replay, and
-    after each replay the target's cache and features equal a fresh prefill."""
+    that step alone would): the same tokens and the same per-step stats as one step per replay
+    without run-ahead, with m = 1 and 3 steps per replay, each with and without run-ahead (the next
+    replay launched before this one is read); after each replay the target's cache and features
+    equal a fresh prefill."""
     target, draft = feature_pair(8, seed=5, kept=6, device=device)
     prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
     expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=50)
     for params in (GREEDY, SamplingParams(), SamplingParams(temperature=0.7, top_k=5)):
         runs = {}
-        for m in (1, 3):
-            stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=m)
+        for m, run_ahead in ((1, False), (1, ahead), (3, ahead)):
+            stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=m, run_ahead=run_ahead)
             generator = torch.Generator(device=device).manual_seed(4)
             steps = list(generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3,
                                   params=params, max_new_tokens=50, generator=generator, stepper=stepper))
-            runs[m] = ([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps])
+            runs[m, run_ahead] = ([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps])
+            assert (stepper.ahead_launches > 0) == run_ahead
         if params is GREEDY:
-            assert runs[3][0] == expected
-        assert runs[3] == runs[1]
+            assert runs[3, ahead][0] == expected
+        assert runs[3, ahead] == runs[1, ahead] == runs[1, False]
     fresh = LeanModel(target.weights, max_seq_len=96)
     fresh.keep_features()
-    stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=3)
+    stepper = FusedStepper(target, draft, compile=False, candidates=k, steps_per_replay=3, run_ahead=ahead)
     context, checked, replays = list(prompt), 0, 0
     for step in generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3, params=SamplingParams(),
                          max_new_tokens=50, generator=torch.Generator(device=device).manual_seed(1), stepper=stepper):

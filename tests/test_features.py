@@ -45,7 +45,7 @@ class FixedSchedule:
     def choose(self) -> int:
         return next(self.gammas)
 
-    def observe(self, *args) -> None:
+    def observe(self, *args, **kwargs) -> None:
         pass
 
 

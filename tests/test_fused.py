@@ -6,6 +6,7 @@ import torch
 from scipy.stats import chisquare
 from test_features import feature_pair
 
+from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
@@ -141,6 +142,38 @@ def test_chunked_plain_decoding_honours_stop_tokens_and_max_new_tokens(device, m
         sizes.append(min(chunk, len(expected) - calls))
         calls += chunk
     assert [len(s.tokens) for s in steps] == sizes and stats.target_calls == calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["plain", "features"])
+def test_run_ahead_gives_the_text_of_one_replay_at_a_time_over_requests_ended_by_stops(device, kind):
+    """Run-ahead launches the next plain chunk / feature-draft replay before reading this one. Seven
+    requests in a row on one stepper, greedy and sampled, several ended by a stop token (the replay
+    launched ahead is dropped, the next request starts clean) or by max_new_tokens: the same tokens
+    and per-step stats as a stepper without run-ahead."""
+    if kind == "plain":
+        weights, target = _models(device)
+        draft, gamma, make_drafter = None, 0, lambda: None
+    else:
+        target, draft = feature_pair(8, seed=5, kept=6, device=device)
+        gamma, make_drafter = 3, lambda: FeatureDrafter(draft, target, candidates=3)
+    prompts = [[1, 2, 3, 4, 5], [7, 0, 1], [2, 2, 2, 2, 2, 2, 6], [5, 1]]
+    stop = [reference_generate(target, prompts[0], params=GREEDY, max_new_tokens=12)[9]]
+    runs = {}
+    for run_ahead in (False, True):
+        stepper = FusedStepper(target, draft, compile=False, candidates=1 if draft is None else 3, run_ahead=run_ahead)
+        runs[run_ahead] = []
+        for i, (prompt, params, max_new) in enumerate(zip(prompts + prompts[:3], [GREEDY, SamplingParams()] * 4,
+                                                          [40, 40, 27, 40, 33, 40, 40])):
+            steps = list(generate(target, make_drafter(), prompt, gamma=gamma, params=params, max_new_tokens=max_new,
+                                  stop_ids=stop if i % 2 == 0 else [], generator=torch.Generator(device=device).manual_seed(i),
+                                  stepper=stepper))
+            runs[run_ahead].append(([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps],
+                                    steps[-1].stats.finish_reason, steps[-1].stats.target_calls))
+        assert (stepper.ahead_launches > 0) == run_ahead
+    assert runs[True] == runs[False]
+    reasons = [run[2] for run in runs[True]]
+    assert reasons.count("stop") >= 2 and "length" in reasons
 
 
 def test_chunked_plain_sampling_follows_the_target_law_over_two_tokens():
