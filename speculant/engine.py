@@ -210,16 +210,16 @@ def generate(
         # Never draft past what may still be emitted (max_new_tokens) or stored (the context): a step
         # emits up to γ+1 tokens, and the sequence holds at most max_seq_len (as in reference.py).
         room = min(max_new_tokens - stats.new_tokens - 1, target.max_seq_len - len(context) - 1)
-        # a stepper that ran ahead launched this step already, with the γ the policy chose then
+        # a stepper that ran ahead has chosen this step's γ already (and launched the step if it could)
         launched = stepper.launched_gamma(len(context)) if stepper is not None else None
-        step_gamma = launched if launched is not None else min(policy.choose() if policy else gamma, room)
+        step_gamma = min(launched if launched is not None else policy.choose() if policy else gamma, room)
         if stepper is not None:
             # plain decoding may run several target calls per step (one graph replay for a chunk), and
             # speculative steps several per replay when all they may emit still fits (`room`); under a
-            # policy, a step launched ahead has its γ chosen by `choose` (capped by what may be emitted)
+            # policy, a stepper that launches the next step ahead asks `choose` for its γ
             plain_tokens = room + 1 if policy is None and gamma == 0 else 1
             results = stepper.steps(context, step_gamma, generator, plain_tokens=plain_tokens, room=room,
-                                    choose=(lambda limit: min(policy.choose(), limit)) if policy else None)
+                                    choose=policy.choose if policy else None)
         else:
             results = [speculative_step(target, drafter, context, step_gamma, params, generator)]
         for step in results:

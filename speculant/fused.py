@@ -256,13 +256,14 @@ class FusedStepper:
         self.draft_model._length = max(self.draft_model._length, upto)
 
     def steps(self, context: list[int], gamma: int, generator: torch.Generator | None, plain_tokens: int = 1,
-              room: int | None = None, choose: Callable[[int], int] | None = None) -> list[StepResult]:
+              room: int | None = None, choose: Callable[[], int] | None = None) -> list[StepResult]:
         """What the engine calls. Feature-draft steps (no lookup branch) run from replays of
         `steps_per_replay` steps (one under a policy), and with run-ahead the next replay is launched
         before this one is read, while every step of both may still emit all its tokens (`room` + 1
         of them) and their trees fit the cache; plain chunks likewise. Else one `step`. Under a
-        policy, `choose(limit)` gives the next step's γ (at most `limit`) when a replay is launched
-        ahead; the engine then takes it from `launched_gamma`."""
+        policy, `choose()` gives the next step's γ before this replay is read; the engine takes it
+        from `launched_gamma` (and caps it by the room it then has, as it caps its own choices), and
+        the next replay is launched ahead only if that γ cannot be capped."""
         m, n = self.steps_per_replay if choose is None else 1, len(context) - 1
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
@@ -276,11 +277,9 @@ class FusedStepper:
                     return None
                 if choose is None:
                     return (gamma, True) if self._replays_fit(context, [gamma] * (2 * m), room) else None
-                limit = room - (gamma + 1)  # the least room the next step can have
-                if limit < 1:
-                    return None
-                chosen = choose(limit)
-                # a longer step widens the draft's window (another graph, fresh inputs): not ahead
+                chosen = choose()
+                # launched only if the engine cannot cap it (all its tokens may be emitted) and it fits
+                # the draft's window (a longer step widens the window: another graph, fresh inputs)
                 return chosen, 1 <= chosen <= self.widest and self._replays_fit(context, [gamma, chosen], room)
 
             if m > 1 or self.run_ahead or pending is not None:
