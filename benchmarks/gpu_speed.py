@@ -284,7 +284,7 @@ def main() -> None:
     def stepper_for(name, k=1, lookup=0, m=1, ahead=True):
         if (name, k, lookup, m, ahead) not in steppers:
             if name.startswith("plain"):
-                stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk, run_ahead=ahead)
+                stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
                 stepper.prefill_graphs = stepper.prefill_graphs and name == "plain"
             elif name == "ngram":
                 stepper = FusedStepper(target, None, ngram=NgramDrafter(), compile=compile_flag)
@@ -312,14 +312,12 @@ def main() -> None:
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
         aheads = tuple(bool(int(a)) for a in args.run_ahead.split(","))
-        # the same with the prefills run eagerly (not from padded graphs), and without run-ahead: what those save
-        for name, ahead in [("plain-eager-prefill", True)] * cuda + [("plain", False)] * (False in aheads):
-            st = stepper_for(name, ahead=ahead)
+        if cuda:  # the same with the prefills run eagerly (not from padded graphs): what those save
+            st = stepper_for("plain-eager-prefill")
             run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
             res = run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
             res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-            res["run_ahead"] = st.run_ahead
-            record(task, "plain_eager_prefill" if name != "plain" else "plain_one_at_a_time", 0, res)
+            record(task, "plain_eager_prefill", 0, res)
         gammas_model = tuple(int(g) for g in args.gammas.split(","))
         ks = tuple(int(k) for k in args.candidates.split(","))
         lookups = tuple(int(g) for g in args.lookup.split(","))

@@ -46,6 +46,10 @@ measured loss, (its time) − (its tokens) × V[0]. A useless drafter so costs a
 plain speed; a probe that wins pays for the next one, so a drafter that turns good is re-enabled
 within a few probes; after `max_probe_every` plain steps a probe is made regardless.
 
+With a run-ahead stepper (speculant.fused, on CUDA) the next step's γ is chosen when that step is
+launched, before the step in flight is observed: the choices lag the evidence by one step, and
+`observe` is told which γ the observed step asked for.
+
 The estimates live in the policy object; reusing one policy across requests of the same (target,
 drafter) pair carries them over as the prior for the next request. Which policy is used never
 changes the output law: γ is chosen before the draft exists, from past steps only.

@@ -24,12 +24,15 @@ both positions on, on the device; the host reads m outputs at once. Used only wh
 tokens may still be emitted and their trees fit the cache; tokens after a stop are dropped by the
 engine, like a plain chunk's. (Opt-in: it did not pay on the H100, see BENCHMARKS.md.)
 
-Run-ahead (on by default with graphs): such a replay (m ≥ 1), and a plain chunk, leaves the next
-replay's inputs in its own input buffer, so the host launches the next replay before it reads this
-one's output (copied to pinned memory behind it on the stream). The host's part of a step (the
-read-back, the engine's bookkeeping, the next launch) then overlaps the GPU's work instead of
-leaving the GPU idle. The next replay is launched only where all of its tokens may still be emitted,
-so the text is the same as one replay at a time, and its uniforms are drawn in the same order.
+Run-ahead (on by default with graphs): such a replay (m ≥ 1) leaves the next replay's inputs in
+its own input buffer, so the host launches the next replay before it reads this one's output
+(copied to pinned memory behind it on the stream). The host's part of a step (the read-back, the
+engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
+(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs). The next replay is launched only where
+all of its tokens may still be emitted, so the text is the same as one replay at a time, and its
+uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
+stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
+and -1.2 % in the other, end to end (BENCHMARKS.md).
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
@@ -127,10 +130,10 @@ class FusedStepper:
         if steps_per_replay < 1:
             raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
         self.steps_per_replay = steps_per_replay
-        # Run ahead (default on CUDA): plain chunks and feature-draft replays advance their own inputs
-        # on the device, so the next replay is launched before this one's output is read; the host's
-        # share of a step (reading the output, the engine's bookkeeping, the next launch) then runs
-        # while the GPU works. Only where the next replay's tokens may all still be emitted, so the
+        # Run ahead (default on CUDA): feature-draft replays advance their own inputs on the device,
+        # so the next replay is launched before this one's output is read; the host's share of a
+        # step (reading the output, the engine's bookkeeping, the next launch) then runs while the
+        # GPU works. Only where the next replay's tokens may all still be emitted, so the
         # text is what one replay at a time gives; a run-ahead replay a stop token makes useless is
         # computed and dropped (its uniforms drawn: a generator shared by later requests is ahead).
         self.run_ahead = self.use_graphs if run_ahead is None else run_ahead
@@ -260,7 +263,7 @@ class FusedStepper:
         """What the engine calls. Feature-draft steps (no lookup branch) run from replays of
         `steps_per_replay` steps (one under a policy), and with run-ahead the next replay is launched
         before this one is read, while every step of both may still emit all its tokens (`room` + 1
-        of them) and their trees fit the cache; plain chunks likewise. Else one `step`. Under a
+        of them) and their trees fit the cache. Else one `step`. Under a
         policy, `choose()` gives the next step's γ before this replay is read; the engine takes it
         from `launched_gamma` (and caps it by the room it then has, as it caps its own choices), and
         the next replay is launched ahead only if that γ cannot be capped."""
@@ -284,8 +287,6 @@ class FusedStepper:
 
             if m > 1 or self.run_ahead or pending is not None:
                 return self._replay_steps(context, gamma, generator, m, next_gamma, pending)
-        if gamma == 0 and self.plain_chunk > 1 and plain_tokens >= self.plain_chunk and self.run_ahead:
-            return [self._plain_steps(context, generator, plain_tokens >= 2 * self.plain_chunk, pending)]
         return [self.step(context, gamma, generator, plain_tokens)]
 
     def launched_gamma(self, length: int) -> int | None:
@@ -363,29 +364,6 @@ class FusedStepper:
         if self.pending is not None:  # valid if the engine goes on with all these tokens
             self.pending.length, self.pending.after = length, now
         return results
-
-    def _plain_steps(self, context: list[int], generator: torch.Generator | None, ahead: bool,
-                     pending: "_Launched | None") -> StepResult:
-        """A chunk of plain decoding (`plain_chunk` tokens): `pending` if launched ahead for this
-        context, else launched now; with `ahead` the next chunk is launched before this one is read."""
-        start = time.perf_counter()
-        captured = self.capture_time
-        count, n = self.plain_chunk, len(context) - 1
-        key = ("plain-ahead", count)
-        runner = self.graphs.get(key) or self._prepare(key, lambda: self._plain_body(count, advance=True), 2, count)
-        if pending is None or pending.key != key:
-            runner.ints.copy_(torch.tensor(context[-1:] + [n]), non_blocking=True)
-            pending = self._launch(key, 0, runner, generator, 1, count)
-        if ahead:
-            self.pending = self._launch(key, 0, runner, generator, 1, count)
-            self.ahead_launches += 1
-        tokens = pending.read()
-        now = time.perf_counter()
-        self.target._length = n + count  # x_n and the chunk's tokens but the last
-        if self.pending is not None:
-            self.pending.length, self.pending.after = len(context) + count, now
-        elapsed = now - max(start, pending.after) - (self.capture_time - captured)
-        return StepResult(tokens, 0, 0, None, 0.0, elapsed, count)
 
     def _replay_body(self, body, gamma: int, window: int, k: int, m: int, per: int):
         """m steps of a feature `body` (ints = [x_{n-W+1..n}, n-W, n]); after each step the tokens
@@ -657,20 +635,17 @@ class FusedStepper:
 
         return body
 
-    def _plain_body(self, count: int, advance: bool = False):
+    def _plain_body(self, count: int):
         target_fn = self.target_fn
         sample = self._sampling()[0]
 
         def body(ints, uniforms):
-            # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device;
-            # `advance`: ints <- [the last token, n + count] for the next replay (run-ahead)
+            # ints = [x_n, n]: `count` plain decoding steps, each token fed back on the device
             token, position = ints[:1], ints[1:]
             out = []
             for i in range(count):
                 token = sample(target_fn(token, position + i)[0], uniforms[i])[1].view(1)
                 out.append(token)
-            if advance:
-                ints.copy_(torch.cat([token, position + count]))
             return torch.cat(out)
 
         return body

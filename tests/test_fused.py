@@ -145,23 +145,18 @@ def test_chunked_plain_decoding_honours_stop_tokens_and_max_new_tokens(device, m
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["plain", "features"])
-def test_run_ahead_gives_the_text_of_one_replay_at_a_time_over_requests_ended_by_stops(device, kind):
-    """Run-ahead launches the next plain chunk / feature-draft replay before reading this one. Seven
-    requests in a row on one stepper, greedy and sampled, several ended by a stop token (the replay
-    launched ahead is dropped, the next request starts clean) or by max_new_tokens: the same tokens
-    and per-step stats as a stepper without run-ahead."""
-    if kind == "plain":
-        weights, target = _models(device)
-        draft, gamma, make_drafter = None, 0, lambda: None
-    else:
-        target, draft = feature_pair(8, seed=5, kept=6, device=device)
-        gamma, make_drafter = 3, lambda: FeatureDrafter(draft, target, candidates=3)
+def test_run_ahead_gives_the_text_of_one_replay_at_a_time_over_requests_ended_by_stops(device):
+    """Run-ahead launches the next feature-draft replay before reading this one. Seven requests in
+    a row on one stepper, greedy and sampled, several ended by a stop token (the replay launched
+    ahead is dropped, the next request starts clean) or by max_new_tokens: the same tokens and
+    per-step stats as a stepper without run-ahead."""
+    target, draft = feature_pair(8, seed=5, kept=6, device=device)
+    gamma, make_drafter = 3, lambda: FeatureDrafter(draft, target, candidates=3)
     prompts = [[1, 2, 3, 4, 5], [7, 0, 1], [2, 2, 2, 2, 2, 2, 6], [5, 1]]
     stop = [reference_generate(target, prompts[0], params=GREEDY, max_new_tokens=12)[9]]
     runs = {}
     for run_ahead in (False, True):
-        stepper = FusedStepper(target, draft, compile=False, candidates=1 if draft is None else 3, run_ahead=run_ahead)
+        stepper = FusedStepper(target, draft, compile=False, candidates=3, run_ahead=run_ahead)
         runs[run_ahead] = []
         for i, (prompt, params, max_new) in enumerate(zip(prompts + prompts[:3], [GREEDY, SamplingParams()] * 4,
                                                           [40, 40, 27, 40, 33, 40, 40])):
