@@ -133,9 +133,9 @@ class FusedStepper:
         # Run ahead (default on CUDA): feature-draft replays advance their own inputs on the device,
         # so the next replay is launched before this one's output is read; the host's share of a
         # step (reading the output, the engine's bookkeeping, the next launch) then runs while the
-        # GPU works. Only where the next replay's tokens may all still be emitted, so the
-        # text is what one replay at a time gives; a run-ahead replay a stop token makes useless is
-        # computed and dropped (its uniforms drawn: a generator shared by later requests is ahead).
+        # GPU works. Only where the next replay's tokens may all still be emitted, so the text is
+        # what one replay at a time gives; a run-ahead replay a stop token makes useless is computed
+        # and dropped (its uniforms drawn: a generator shared by later requests is ahead).
         self.run_ahead = self.use_graphs if run_ahead is None else run_ahead
         self.pending: _Launched | None = None  # the replay launched ahead, not read yet
         self.ahead_launches = 0  # replays launched ahead so far (each one a stop token ended was wasted)
@@ -263,10 +263,10 @@ class FusedStepper:
         """What the engine calls. Feature-draft steps (no lookup branch) run from replays of
         `steps_per_replay` steps (one under a policy), and with run-ahead the next replay is launched
         before this one is read, while every step of both may still emit all its tokens (`room` + 1
-        of them) and their trees fit the cache. Else one `step`. Under a
-        policy, `choose()` gives the next step's γ before this replay is read; the engine takes it
-        from `launched_gamma` (and caps it by the room it then has, as it caps its own choices), and
-        the next replay is launched ahead only if that γ cannot be capped."""
+        of them) and their trees fit the cache. Else one `step`. Under a policy, `choose()` gives
+        the next step's γ before this replay is read; the engine takes it from `launched_gamma` (and
+        caps it by the room it then has, as it caps its own choices), and the next replay is launched
+        ahead only if that γ cannot be capped."""
         m, n = self.steps_per_replay if choose is None else 1, len(context) - 1
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
