@@ -230,7 +230,8 @@ def main() -> None:
                     help="1: launch the next replay before reading this one (the default); 0: one at a time; 0,1: both")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--auto-max-gamma", type=int, default=8)
-    ap.add_argument("--auto-half-life", type=float, default=None, help="AdaptiveGamma's half_life (default: its own)")
+    ap.add_argument("--auto-half-life", default=None,
+                    help="AdaptiveGamma's half_life (default: its own); several, e.g. 8,32: one auto row each")
     ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
     ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--no-compile", action="store_true")
@@ -360,17 +361,20 @@ def main() -> None:
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
                     run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=2 * gamma + 2, eos=eos)
                 cap = time.perf_counter() - cap
-                options = {} if args.auto_half_life is None else {"half_life": args.auto_half_life}
-                policy = TracedPolicy(max_gamma=args.auto_max_gamma, **options)  # one policy: estimates carry over
-                run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
-                timed_from = len(policy.history)
-                res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
-                res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-                chosen = [t[0] for t in policy.trace[timed_from:] if t[1] is not None]  # the steps that ran
-                res["gamma_chosen"] = {str(g): chosen.count(g) for g in sorted(set(chosen))}
-                # every timed step: (γ asked, drafted, accepted, seconds) and the policy's rates per γ before it
-                res["trace"] = policy.trace[timed_from:]
-                record(task, name, "auto", res, cap, k)
+                half_lives = [None] if args.auto_half_life is None else [float(h) for h in args.auto_half_life.split(",")]
+                for half_life in half_lives:
+                    options = {} if half_life is None else {"half_life": half_life}
+                    policy = TracedPolicy(max_gamma=args.auto_max_gamma, **options)  # one policy: estimates carry over
+                    run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
+                    timed_from = len(policy.history)
+                    res = run_ours(target, prompts, stepper=st, gamma=policy, params=params, max_new=mx, eos=eos)
+                    res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
+                    res["half_life"] = half_life  # None: the policy's default
+                    chosen = [t[0] for t in policy.trace[timed_from:] if t[1] is not None]  # the steps that ran
+                    res["gamma_chosen"] = {str(g): chosen.count(g) for g in sorted(set(chosen))}
+                    # every timed step: (γ asked, drafted, accepted, seconds) and the policy's rates per γ before it
+                    res["trace"] = policy.trace[timed_from:]
+                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k)
     prof = {}
     for name in drafts if cuda else ():
         for k, lookup in sorted({(1, 0), (max(ks), 0), (max(ks), max(lookups))}):
