@@ -312,7 +312,6 @@ def main() -> None:
         run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)  # untimed, as for the drafts
         plain = record(task, "ours_graph_plain", 0, run_ours(target, prompts, stepper=st, params=params,
                                                              max_new=mx, eos=eos), cap)
-        aheads = tuple(bool(int(a)) for a in args.run_ahead.split(","))
         if cuda:  # the same with the prefills run eagerly (not from padded graphs): what those save
             st = stepper_for("plain-eager-prefill")
             run_ours(target, prompts, stepper=st, params=params, max_new=mx, eos=eos)
@@ -323,8 +322,8 @@ def main() -> None:
         ks = tuple(int(k) for k in args.candidates.split(","))
         lookups = tuple(int(g) for g in args.lookup.split(","))
         replays = tuple(int(m) for m in args.steps_per_replay.split(","))
-        configs = [("ngram", 1, 0, (4, 8), 1)] if args.ngram else []
-        configs = [(*c, True) for c in configs]
+        aheads = tuple(bool(int(a)) for a in args.run_ahead.split(","))
+        configs = [("ngram", 1, 0, (4, 8), 1, True)] if args.ngram else []
         configs += [(d, k, g, gammas_model, m, a) for d in drafts for k in ks for g in lookups for m in replays
                     for a in aheads if (m == 1 or g == 0) and (a or g == 0)]
         for name, k, lookup, gammas, m, ahead in configs:
