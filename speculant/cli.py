@@ -26,7 +26,7 @@ def _gamma(value: str) -> int | str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2-135m", help="embedded name, HF folder or GGUF file")
     parser.add_argument("--draft", action="append", default=None, metavar="SPEC",
-                        help="none | ngram[:MAX[:MIN]] | layers:N | NAME|PATH | default; repeat for a "
+                        help="none | ngram[:MAX[:MIN]] | layers:N | int8 | NAME|PATH | default; repeat for a "
                              "hierarchy (each further drafter drafts for the one before)")
     parser.add_argument("--gamma", type=_gamma, default=4, help="draft length, or 'auto' (default 4)")
     parser.add_argument("--candidates", type=int, default=1, metavar="K",

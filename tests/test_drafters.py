@@ -228,3 +228,50 @@ def test_model_drafter_reset_empties_the_cache(weights):
     assert drafter.model.length == 0 and drafter.fed == []
     drafter.propose([9, 8], 2, SamplingParams(), None)
     assert_cache_matches_fresh(drafter, weights)
+
+
+# ---------------------------------------------------------------- the int8 copy (`--draft int8`)
+
+
+def test_int8_matrix_is_within_half_a_step_of_each_weight_and_multiplies_as_its_dequantized_float():
+    from speculant.models.transformer import Int8Matrix
+
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    weight[3] *= 40.0  # a row with a far larger range gets its own, coarser step
+    matrix = Int8Matrix(weight)
+    step = weight.abs().amax(1, keepdim=True) / 127
+    dequantized = matrix.q.float() * matrix.scale.float()[:, None]
+    # the step is rounded to bfloat16 (8 bits of mantissa): allow that on top of half a step
+    assert ((dequantized - weight).abs() <= 0.5 * step + weight.abs() * 2**-8).all()
+    assert matrix.q.dtype == torch.int8 and matrix.nbytes() == 48 * 64 + 2 * 48
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    expected = x.bfloat16().float() @ dequantized.T  # the kernel takes bfloat16 activations
+    assert torch.allclose(matrix(x), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_int8_copy_of_a_model_shares_its_embedding_and_predicts_what_it_predicts(arch):
+    from speculant.models.transformer import Int8Matrix, int8_weights
+
+    cfg = tiny_config(arch, vocab_size=96, hidden_size=64, intermediate_size=128)
+    weights = random_weights(cfg, seed=3)
+    model, copy = LeanModel(weights), LeanModel(int8_weights(weights))
+    assert copy.weights.embed_tokens is weights.embed_tokens
+    assert all(isinstance(m, Int8Matrix) for layer in copy.weights.layers for m in (layer.gate_up, layer.o, layer.down))
+    tokens = torch.tensor([5, 17, 3, 88, 41, 9, 60, 2])
+    exact, approx = model.forward(tokens, 0), copy.forward(tokens, 0)
+    assert approx.dtype == torch.float32 and approx.shape == exact.shape
+    # close in law: the two next-token distributions overlap almost entirely, the argmax agrees
+    overlap = torch.minimum(exact.softmax(-1), approx.softmax(-1)).sum(-1)
+    assert overlap.min() > 0.9, overlap
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.75
+    # and it is a model of its own: a second call from a rolled-back cache gives the same logits
+    copy.truncate(4)
+    assert torch.allclose(copy.forward(tokens[4:], 4), approx[4:], atol=1e-5)
+
+
+def test_int8_weights_refuses_weights_that_train():
+    from speculant.models.transformer import TransformerWeights, int8_weights
+
+    with pytest.raises(ValueError, match="frozen"):
+        int8_weights(TransformerWeights(tiny_config()))

@@ -13,7 +13,7 @@ from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.models.markov import MarkovModel
-from speculant.models.transformer import LeanModel, random_weights, tiny_config
+from speculant.models.transformer import LeanModel, int8_weights, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs
 
@@ -43,8 +43,8 @@ def _exact_law(table, params, length=3):
     return torch.tensor(law)
 
 
-def _sample_law(make_drafter, target_table, params, runs, gamma, length=3):
-    target = MarkovModel(target_table)
+def _sample_law(make_drafter, target_table, params, runs, gamma, length=3, target=None):
+    target = target if target is not None else MarkovModel(target_table)
     drafter = make_drafter()
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(VOCAB**length)
@@ -67,7 +67,13 @@ def _three_levels(middle_table, small_table, inner_gamma=2):
 def _pvalue(counts, law):
     keep = law > 0
     assert counts[~keep].sum() == 0, "a token sequence of probability 0 was emitted"
-    return chisquare(counts[keep].numpy(), (law[keep] * counts.sum()).numpy()).pvalue
+    law = law[keep].double()  # float32 laws sum to 1 only within rounding: normalised here
+    counts, expected = counts[keep].double(), law / law.sum() * counts.sum()
+    rare = expected < 5  # pooled into one cell: the chi-square approximation needs expected counts >= 5
+    if rare.any():
+        counts = torch.cat([counts[~rare], counts[rare].sum().view(1)])
+        expected = torch.cat([expected[~rare], expected[rare].sum().view(1)])
+    return chisquare(counts.numpy(), expected.numpy()).pvalue
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_p=0.8)],
@@ -110,15 +116,54 @@ def test_hierarchy_reporting_the_inner_law_is_caught():
     assert _pvalue(counts, _exact_law(target, params)) < SIGNIFICANCE
 
 
+def _lean_law(model, length=3):
+    """P(first `length` tokens after PROMPT) of a lean model at temperature 1: [VOCAB ** length]."""
+    law = []
+    for seq in itertools.product(range(VOCAB), repeat=length):
+        model.truncate(0)
+        probs = model.forward(torch.tensor(PROMPT + list(seq[:-1])), 0).softmax(-1)[len(PROMPT) - 1:]
+        law.append(float(torch.prod(probs[torch.arange(length), torch.tensor(seq)])))
+    return torch.tensor(law, dtype=torch.float64)
+
+
+def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law():
+    """target <- int8 copy of another model <- that model's first layer, sampled: the real
+    components of `--draft int8 --draft ...`. The middle differs from the target (its own weights),
+    so about a third of its tokens are rejected and a wrong law would show."""
+    cfg = tiny_config(vocab_size=VOCAB)
+    target = LeanModel(random_weights(cfg, seed=0, scale=1.5))
+    other = random_weights(cfg, seed=1, scale=1.5)
+    params = SamplingParams(temperature=1.0)
+    make = lambda: SpeculativeDrafter(LeanModel(int8_weights(other)), ModelDrafter(LeanModel(other, num_layers=1)), 2)
+    law = _lean_law(target)
+    counts = _sample_law(make, None, params, runs=2000, gamma=3, target=target)
+    assert _pvalue(counts, law) > SIGNIFICANCE
+
+    class ReportsTheFirstLayersLaw(SpeculativeDrafter):
+        """Negative control: passes up the inner drafter's law (the first layer's) for the middle's."""
+
+        def propose(self, context, gamma, params, generator):
+            draft = super().propose(context, gamma, params, generator)
+            first = LeanModel(other, num_layers=1)
+            logits = first.forward(torch.tensor(context + draft.tokens.tolist()[:-1]), 0)[len(context) - 1:]
+            return Draft(draft.tokens, logits_to_probs(logits, params).to(draft.probs.dtype))
+
+    bad = lambda: ReportsTheFirstLayersLaw(LeanModel(int8_weights(other)), ModelDrafter(LeanModel(other, num_layers=1)), 2)
+    counts = _sample_law(bad, None, params, runs=2000, gamma=3, target=target)
+    assert _pvalue(counts, law) < SIGNIFICANCE  # p ~ 1e-120 observed
+
+
+@pytest.mark.parametrize("middle", ["layers", "int8"])
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("gamma", [1, 4, "auto"])
-def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma):
+def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
     weights = random_weights(tiny_config(), seed=0, scale=3.0)
     target = LeanModel(weights)
     inner = NgramDrafter()
     if depth == 3:
         inner = SpeculativeDrafter(LeanModel(weights, num_layers=1), inner, 2)
-    drafter = SpeculativeDrafter(LeanModel(weights, num_layers=2), inner, 3)
+    middle_model = LeanModel(weights, num_layers=2) if middle == "layers" else LeanModel(int8_weights(weights))
+    drafter = SpeculativeDrafter(middle_model, inner, 3)
     prompt = [1, 2, 3, 4, 5, 1, 2]
     greedy = SamplingParams(temperature=0)
     expected = reference_generate(target, prompt, params=greedy, max_new_tokens=50)

@@ -179,10 +179,11 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
                    else f"the target has {num_layers} layers ({bad[0]} needs fewer)")
             (notes.append if not given else _raise)(f"method {method} skipped: {why}")
             continue
-        if "distilled" in parts and len(parts) > 1 and distilled is not None and _reads_features(distilled):
+        if ("distilled" in parts and parts not in (["distilled"], ["int8", "distilled"]) and distilled is not None
+                and _reads_features(distilled)):
             (notes.append if not given else _raise)(
                 f"method {method} skipped: the distilled draft reads the target's features (EAGLE-style), "
-                "so it drafts for the target directly and takes no drafter below it")
+                "so it drafts for the target or for int8 directly, as the last level")
             continue
         drafts = [distilled if p == "distilled" else p for p in parts]
         for gamma in ([_gamma_value(pinned)] if pinned else gammas):
