@@ -44,7 +44,8 @@ def chat_prompts(n: int, tokenizer) -> list[list[int]]:
 
 
 class TracedPolicy(AdaptiveGamma):
-    """AdaptiveGamma that keeps what it saw: [γ, drafted, accepted, step seconds, expected rate per γ]."""
+    """AdaptiveGamma that keeps what it saw: [γ, drafted, accepted, step seconds, expected rate per γ,
+    timed (False: the step ran alone, its time taught acceptance only)]."""
 
     def __init__(self, **options) -> None:
         super().__init__(**options)
@@ -54,7 +55,7 @@ class TracedPolicy(AdaptiveGamma):
     def choose(self) -> int:
         rates = [round(r, 1) for r in self.expected_rates()]
         gamma = super().choose()
-        self.trace.append([gamma, None, None, None, rates])
+        self.trace.append([gamma, None, None, None, rates, None])
         return gamma
 
     def new_request(self) -> None:
@@ -62,10 +63,11 @@ class TracedPolicy(AdaptiveGamma):
         self.unobserved = len(self.trace)
 
     def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
-                asked: int | None = None) -> None:
+                asked: int | None = None, timed: bool = True) -> None:
         self.trace[self.unobserved][1:4] = [drafted, accepted, round(draft_time + target_time, 6)]
+        self.trace[self.unobserved][5] = timed
         self.unobserved += 1
-        super().observe(drafted, accepted, draft_time, target_time, asked)
+        super().observe(drafted, accepted, draft_time, target_time, asked, timed)
 
 
 def run_ours(target, prompts, *, stepper=None, drafter=None, gamma=0, params, max_new, eos) -> dict:
@@ -228,6 +230,9 @@ def main() -> None:
                     help="feature-draft steps per graph replay to bench (without a lookup branch), e.g. 1,3")
     ap.add_argument("--run-ahead", default="1",
                     help="1: launch the next replay before reading this one (the default); 0: one at a time; 0,1: both")
+    ap.add_argument("--widen", default="0",
+                    help="widen each feature-draft stepper's window by a request at this γ before its fixed-γ rows "
+                         "(0: no; 0,6: both, on separate steppers): auto runs with the window of its widest γ")
     ap.add_argument("--no-auto", dest="auto", action="store_false", help="skip --gamma auto")
     ap.add_argument("--auto-max-gamma", type=int, default=8)
     ap.add_argument("--auto-half-life", default=None,
@@ -282,8 +287,8 @@ def main() -> None:
     steppers: dict[str, FusedStepper] = {}
     one_per_replay: dict[tuple, list] = {}
 
-    def stepper_for(name, k=1, lookup=0, m=1, ahead=True):
-        if (name, k, lookup, m, ahead) not in steppers:
+    def stepper_for(name, k=1, lookup=0, m=1, ahead=True, widen=0):
+        if (name, k, lookup, m, ahead, widen) not in steppers:
             if name.startswith("plain"):
                 stepper = FusedStepper(target, None, compile=compile_flag, plain_chunk=args.plain_chunk)
                 stepper.prefill_graphs = stepper.prefill_graphs and name == "plain"
@@ -292,8 +297,8 @@ def main() -> None:
             else:
                 stepper = FusedStepper(target, drafts[name], compile=compile_flag, candidates=k, lookup=lookup,
                                        steps_per_replay=m, run_ahead=ahead)
-            steppers[name, k, lookup, m, ahead] = stepper
-        return steppers[name, k, lookup, m, ahead]
+            steppers[name, k, lookup, m, ahead, widen] = stepper
+        return steppers[name, k, lookup, m, ahead, widen]
 
     for task, (prompts, params) in tasks.items():
         mx = args.max_new_tokens
@@ -323,12 +328,16 @@ def main() -> None:
         lookups = tuple(int(g) for g in args.lookup.split(","))
         replays = tuple(int(m) for m in args.steps_per_replay.split(","))
         aheads = tuple(bool(int(a)) for a in args.run_ahead.split(","))
-        configs = [("ngram", 1, 0, (4, 8), 1, True)] if args.ngram else []
-        configs += [(d, k, g, gammas_model, m, a) for d in drafts for k in ks for g in lookups for m in replays
-                    for a in aheads if (m == 1 or g == 0) and (a or g == 0)]
-        for name, k, lookup, gammas, m, ahead in configs:
+        widens = tuple(int(w) for w in args.widen.split(","))
+        configs = [("ngram", 1, 0, (4, 8), 1, True, 0)] if args.ngram else []
+        configs += [(d, k, g, gammas_model, m, a, w) for d in drafts for k in ks for g in lookups for m in replays
+                    for a in aheads for w in widens if (m == 1 or g == 0) and (a or g == 0) and (w == 0 or g == 0)]
+        for name, k, lookup, gammas, m, ahead, widen in configs:
             for gamma in gammas:
-                st = stepper_for(name, k, lookup, m, ahead)
+                fresh = (name, k, lookup, m, ahead, widen) not in steppers
+                st = stepper_for(name, k, lookup, m, ahead, widen)
+                if fresh and widen:  # its window is widen + 1 from now on, as auto's is max_gamma + 1
+                    run_ours(target, prompts[:1], stepper=st, gamma=widen, params=params, max_new=2 * widen + 2, eos=eos)
                 cap = time.perf_counter()
                 # long enough for a replay of m steps to be captured here, not in a timed prompt
                 run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=max(16, m * (gamma + 1) + 1),
@@ -343,19 +352,21 @@ def main() -> None:
                 res["compiled_sampling"] = st.compile_sampling  # False: compiling failed, eager sampling ran
                 res["steps_per_replay"] = m
                 res["run_ahead"] = st.run_ahead
+                res["window"] = st.widest + 1 if st.features else None
                 # a replay draws each step's uniforms as a lone step would, run ahead or not: the same
                 # seeds give the same text as one step per replay, one at a time
-                one_per_replay[task, name, k, lookup, gamma, m, ahead] = res["outputs"]
-                lone = one_per_replay.get((task, name, k, lookup, gamma, 1, False))
+                one_per_replay[task, name, k, lookup, gamma, m, ahead, widen] = res["outputs"]
+                lone = one_per_replay.get((task, name, k, lookup, gamma, 1, False, widen))
                 if (m > 1 or ahead) and lone is not None:
                     res["outputs_as_one_at_a_time"] = sum(a == b for a, b in zip(res["outputs"], lone))
                     # where they part: [prompt, first differing token, lengths]
                     res["differences"] = [[i, next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))),
                                            len(a), len(b)] for i, (a, b) in enumerate(zip(res["outputs"], lone)) if a != b]
-                label = name + ("" if m == 1 else f"/{m}per") + ("" if ahead or name == "ngram" else "/one-at-a-time")
+                label = (name + ("" if m == 1 else f"/{m}per") + ("" if ahead or name == "ngram" else "/one-at-a-time")
+                         + (f"/widened{widen}" if widen else ""))
                 record(task, label, gamma, res, cap, k, lookup)
-            if name != "ngram" and not lookup and m == 1 and ahead and args.auto:
-                st = stepper_for(name, k)
+            if name != "ngram" and not lookup and m == 1 and ahead and widen == widens[-1] and args.auto:
+                st = stepper_for(name, k, widen=widen)
                 cap = time.perf_counter()
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
                     run_ours(target, prompts[:1], stepper=st, gamma=gamma, params=params, max_new=2 * gamma + 2, eos=eos)

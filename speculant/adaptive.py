@@ -48,7 +48,11 @@ within a few probes; after `max_probe_every` plain steps a probe is made regardl
 
 With a run-ahead stepper (speculant.fused, on CUDA) the next step's γ is chosen when that step is
 launched, before the step in flight is observed: the choices lag the evidence by one step, and
-`observe` is told which γ the observed step asked for.
+`observe` is told which γ the observed step asked for. Such a stepper runs some steps alone (a
+request's first, one cut to the room left at a request's end, one after a plain step), 5-15 % slower
+than the same length run ahead; `observe(timed=False)` says so, and they teach acceptance only. Else a
+length the policy does not choose is timed on those steps alone, priced too high and never retried
+(an H100 chat run took γ 5 in 679 of 684 steps, with γ 3 and 4 priced 6-8 % above their cost).
 
 The estimates live in the policy object; reusing one policy across requests of the same (target,
 drafter) pair carries them over as the prior for the next request. Which policy is used never
@@ -249,9 +253,12 @@ class AdaptiveGamma:
         return 0
 
     def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
-                asked: int | None = None) -> None:
+                asked: int | None = None, timed: bool = True) -> None:
         """One step's outcome. `asked`: the γ that step asked for (default: the last choice; a caller
-        that chooses the next step's γ before observing this one, as run-ahead does, passes it)."""
+        that chooses the next step's γ before observing this one, as run-ahead does, passes it).
+        `timed=False`: the step's time is not what its length costs when chosen (a run-ahead stepper
+        ran it alone: a request's first step, one cut to the room left at a request's end, one after
+        a plain step), so it teaches acceptance only, not V[n] or D."""
         if asked is not None:
             self.last_gamma = asked
         if self.probing:  # charge the probe's measured loss against plain steps to the budget
@@ -269,10 +276,13 @@ class AdaptiveGamma:
                 recent, long_run = getattr(self, name), self.long[name]
                 recent[k] = recent[k] * d + event
                 long_run[k] = long_run[k] * self.long_decay + event
+        self.steps_since_plain = self.steps_since_plain + 1 if drafted else 0
+        if not timed:
+            self.last_gamma = None
+            return
         if asked >= 1:  # only steps that asked for a draft carry (and age) draft evidence
             n = float(drafted)
             self.draft_fit = [s * d + x for s, x in zip(self.draft_fit, (1.0, n, n * n, draft_time, n * draft_time))]
-        self.steps_since_plain = self.steps_since_plain + 1 if drafted else 0
         # verify time of this length: clip far-off observations once the estimate has some weight. A
         # length's first observation beyond FIRST_OUTLIER x its prior is set aside once: a one-time
         # cost (a graph capture, a compilation) would otherwise price that length out for good, since

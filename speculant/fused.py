@@ -337,6 +337,7 @@ class FusedStepper:
         self.widest = max(self.widest, gamma)
         window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
         key, runner, per = self._replay_runner(gamma, window, k, m)
+        alone = self.run_ahead and (pending is None or pending.key != key)  # launched now, not ahead
         if pending is None or pending.key != key:
             self._catch_up_draft(context, n - window)
             runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
@@ -356,7 +357,8 @@ class FusedStepper:
         results, length = [], len(context)
         for row in rows:
             tokens, _, alternative, _ = self._emitted_tokens(row, gamma, k, [])
-            results.append(StepResult(tokens, gamma, len(tokens) - 1, None, 0.0, elapsed, 1, bool(alternative)))
+            results.append(StepResult(tokens, gamma, len(tokens) - 1, None, 0.0, elapsed, 1, bool(alternative),
+                                      alone=alone))
             last_n, length = length - 1, length + len(tokens)
         self.target._length = length - 1  # the context and every kept draft token
         self.draft_valid = last_n  # true features below the last step's n; later positions are redone
