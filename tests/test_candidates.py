@@ -546,3 +546,34 @@ def test_several_steps_per_replay_are_the_same_steps_one_at_a_time(k, device, ah
     assert checked >= 3 and replays == 1 and step.stats.target_calls > checked  # some steps ran 3 to a replay
     if k > 1:
         assert step.stats.alternatives_kept > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_run_alone_are_observed_untimed_and_only_those(device):
+    """A run-ahead stepper launches most steps before the one in flight is read; those it runs alone
+    (the request's first, one after a plain step, one longer than any before, one cut to the room
+    left) are slower, so the policy is told not to time them. One at a time: none is alone."""
+
+    class Recording(FixedSchedule):
+        def __init__(self, gammas):
+            super().__init__(gammas)
+            self.seen = []  # (γ asked, timed) per observed step
+
+        def observe(self, drafted, accepted, draft_time, target_time, asked=None, timed=True):
+            self.seen.append((asked, timed))
+
+    target, draft = feature_pair(8, seed=5, kept=6, device=device)
+    prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
+    for ahead in (False, True):
+        policy = Recording([3, 3, 3, 0, 3, 3, 5, 5, 3, 3])
+        stepper = FusedStepper(target, draft, compile=False, candidates=3, run_ahead=ahead)
+        list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt, gamma=policy, params=GREEDY,
+                      max_new_tokens=40, generator=torch.Generator(device=device).manual_seed(2), stepper=stepper))
+        untimed = [i for i, (_, timed) in enumerate(policy.seen) if not timed]
+        if not ahead:
+            assert untimed == []
+            continue
+        # the first; after the plain steps 3 and 13; the first γ 5 (the second was launched ahead)
+        assert untimed[:4] == [0, 4, 6, 14], policy.seen
+        assert all(policy.seen[i][0] != 0 for i in untimed)  # plain steps are never "alone"
+        assert len(untimed) < len(policy.seen) / 2
