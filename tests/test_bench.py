@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from speculant.api import EMBEDDED_DRAFTS
 from speculant.bench import tasks
 from speculant.bench.plots import write_plots
 from speculant.bench.run import aggregate_stats, format_pivot, format_table, plan_groups
+
+EMBEDDED_DRAFT = str(EMBEDDED_DRAFTS / "smollm2-135m-draft")  # a feature draft (reads the target's features)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -97,8 +100,17 @@ def test_plan_reads_candidates_and_lookup_options_of_a_method():
 
 def test_plan_skips_self_drafting_for_a_target_without_lean_layers():
     notes: list[str] = []
-    groups = plan_groups(["plain", "layers:8"], [4], None, None, given=False, notes=notes, add_auto=True)
-    assert [g["method"] for g in groups] == ["plain"] and "transformers" in notes[0]
+    groups = plan_groups(["plain", "layers:8", "int8+ngram"], [4], None, None, given=False, notes=notes, add_auto=True)
+    assert [g["method"] for g in groups] == ["plain"] and "transformers" in notes[0] and "transformers" in notes[1]
+
+
+def test_plan_lets_a_feature_draft_draft_for_the_int8_copy_only():
+    notes: list[str] = []
+    groups = plan_groups(["int8+distilled", "distilled+ngram", "int8+ngram"], [6], EMBEDDED_DRAFT, 30,
+                         given=False, notes=notes)
+    assert [(g["method"], g["drafts"]) for g in groups[1:]] == [
+        ("int8+distilled", ["int8", EMBEDDED_DRAFT]), ("int8+ngram", ["int8", "ngram"])]
+    assert "distilled+ngram skipped" in notes[0]
 
 
 def test_plan_rejects_an_asked_for_method_that_cannot_run():

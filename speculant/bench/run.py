@@ -5,9 +5,9 @@
 
 Methods (`--methods`, comma-separated):
     plain              plain decoding by speculant's own engine: the baseline of every speed-up
-    ngram | layers:N | NAME|PATH     one drafter (see speculant.api for draft specs)
+    ngram | layers:N | int8 | NAME|PATH     one drafter (see speculant.api for draft specs)
     distilled          the distilled draft (--distilled-draft PATH, else the embedded one)
-    A+B                a hierarchy: B drafts for A, A drafts for the target (e.g. distilled+ngram)
+    A+B                a hierarchy: B drafts for A, A drafts for the target (e.g. int8+distilled)
     METHOD#kK#lookupG  options of a one-model method: K candidates per draft position, a prompt-lookup
                        branch of up to G tokens (e.g. distilled#k4#lookup16@3; see speculant.api)
     METHOD@G           pin γ for that method (G an integer or `auto`); otherwise each of --gammas
@@ -45,8 +45,8 @@ QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,ngram,la
          "temperatures": "0", "peers": "hf-eager"}
 FULL = {"prompts_per_task": 5, "max_new_tokens": 128, "gammas": "2,4,8", "temperatures": "0,1",
         "peers": "hf-eager,hf-pld,llama.cpp"}
-DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,distilled,distilled+ngram,layers:8+ngram,"
-                   "ngram@auto,distilled@auto,distilled#lookup8@3")
+DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,int8,distilled,distilled+ngram,layers:8+ngram,int8+distilled,"
+                   "int8+ngram,ngram@auto,distilled@auto,distilled#lookup8@3")
 PEERS = ("hf-eager", "hf-pld", "llama.cpp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -173,7 +173,8 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
             (notes.append if not given else _raise)(
                 f"method {method} skipped: no distilled draft (pass --distilled-draft PATH)")
             continue
-        bad = [p for p in parts if p.startswith("layers:") and (num_layers is None or not _layers_ok(p, num_layers))]
+        bad = [p for p in parts if (p.startswith("layers:") or p == "int8")
+               and (num_layers is None or not _layers_ok(p, num_layers))]
         if bad:
             why = ("the target runs through transformers, not the lean model" if num_layers is None
                    else f"the target has {num_layers} layers ({bad[0]} needs fewer)")
@@ -223,6 +224,8 @@ def _raise(message: str):
 
 
 def _layers_ok(spec: str, num_layers: int) -> bool:
+    if spec == "int8":
+        return True
     try:
         return 1 <= int(spec.split(":", 1)[1]) < num_layers
     except ValueError:
