@@ -215,3 +215,15 @@ def test_the_overlap_note_says_where_the_embedded_drafts_chat_answers_came_from(
     bench._note_distilled_overlap()
     (note,) = bench.notes
     assert "chat answers: from a prepared data file (28800 extra sequences)" in note
+
+
+def test_memory_counts_the_int8_copys_matrices_once():
+    import speculant
+    from speculant.bench.run import memory_of
+
+    plain = memory_of(speculant.load(draft="none", max_seq_len=256), 64)
+    int8 = memory_of(speculant.load(draft="int8", max_seq_len=256), 64)
+    # the int8 copy adds one byte per matrix entry (and a scale per row), shares norms and embedding
+    extra = int8["param_bytes"] - plain["param_bytes"]
+    assert 0.24 * plain["param_bytes"] < extra < 0.26 * plain["param_bytes"], (extra, plain)
+    assert int8["kv_bytes_allocated"] == 2 * plain["kv_bytes_allocated"]  # a cache of its own

@@ -269,6 +269,23 @@ def _models_of(spec) -> list:
     return models
 
 
+def _int8_bytes(module: torch.nn.Module, seen: set) -> int:
+    """Bytes of the Int8Matrix weights (the `int8` drafter's) a module holds: not parameters."""
+    from speculant.models.transformer import Int8Matrix
+
+    total = 0
+    for sub in module.modules():
+        for value in vars(sub).values():
+            for item in value if isinstance(value, tuple) else (value,):
+                if isinstance(item, Int8Matrix):
+                    for tensor in (item.q, item.scale):
+                        key = (tensor.data_ptr(), tensor.nbytes)
+                        if key not in seen:
+                            seen.add(key)
+                            total += tensor.nbytes
+    return total
+
+
 def memory_of(spec, max_positions: int) -> dict:
     """Parameter and KV-cache bytes of target + drafts (shared tensors counted once).
 
@@ -283,7 +300,7 @@ def memory_of(spec, max_positions: int) -> dict:
     for model in _models_of(spec):
         for name, value in vars(model).items():
             if isinstance(value, torch.nn.Module):
-                params += param_bytes(value, seen)
+                params += param_bytes(value, seen) + _int8_bytes(value, seen)
             elif isinstance(value, torch.Tensor) and "cache" in name:
                 key = (value.data_ptr(), value.nbytes)
                 if key in seen:

@@ -151,8 +151,8 @@ class Int8Matrix:
     """A frozen weight [out, in] held as int8 with one scale per output row: w ≈ q · scale, q =
     round(w / scale) in -127..127, scale = max |row| / 127 (symmetric, per channel). A quarter of
     float32's bytes. On a CPU with bfloat16 instructions torch's weight-only int8 kernel multiplies
-    by it directly (it takes bfloat16 activations); elsewhere it is dequantized per call, which is
-    exact to the same rounding but saves no time."""
+    by it directly (it takes bfloat16 activations); elsewhere it is dequantized per call: the same
+    product up to rounding, but no faster than the float matrix."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         weight = weight.detach().float()
