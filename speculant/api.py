@@ -200,10 +200,8 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
             above = model
     # Build bottom-up: the last level is a plain drafter, each level above wraps the one below.
     for depth, (spec, model) in enumerate(models):
-        # a feature draft reads the hidden states of the model it drafts for: the target's, or those
-        # of the target's int8 copy, which are the target's up to rounding
-        if isinstance(model, FeatureDraft) and (depth < len(models) - 1 or depth > 1
-                                                or (depth == 1 and models[0][0] != "int8")):
+        if isinstance(model, FeatureDraft) and (depth < len(models) - 1
+                                                or not feature_draft_may_follow([s for s, _ in models[:depth]])):
             raise ValueError(f"draft '{spec}' reads the target's features: it drafts for the target or for "
                              "--draft int8 directly, as the last --draft")
     if candidates > 1 and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
@@ -226,6 +224,13 @@ def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
         drafter = SpeculativeDrafter(_causal_lm(model), drafter, inner_gamma)
         levels.insert(0, (spec, drafter))
     return drafter, levels
+
+
+def feature_draft_may_follow(specs_above: Sequence[str]) -> bool:
+    """May a feature draft be the last level under these draft specs? It reads the hidden states of
+    the model it drafts for: the target's, or those of the target's int8 copy, which are the
+    target's up to rounding."""
+    return list(specs_above) in ([], ["int8"])
 
 
 def _causal_lm(model) -> CausalLM:

@@ -760,7 +760,7 @@ class _Runner:
                 # there would destroy its graphs, events and pinned buffers mid-capture, which can
                 # invalidate it and leave the CUDA generator marked as capturing (later draws fail with
                 # "Offset increment outside graph capture"; seen once in the CUDA tests). torch.cuda.graph
-                # no longer collects first by default; the garbage is collected after the capture.
+                # no longer collects first by default; collection resumes once the capture is done.
                 collecting = gc.isenabled()
                 gc.disable()
                 try:

@@ -159,6 +159,8 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
     """(method label, draft specs, γ) for each group of cells; plain first. A method that cannot run
     is an error if it was asked for (`given`), else a note. `add_auto`: with no distilled draft, run
     layers:8@auto in place of distilled@auto."""
+    from speculant.api import feature_draft_may_follow
+
     groups: list[dict] = [{"method": "plain", "drafts": ["none"], "gamma": 0}]
     for method in methods:
         if method == "plain":
@@ -180,8 +182,8 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
                    else f"the target has {num_layers} layers ({bad[0]} needs fewer)")
             (notes.append if not given else _raise)(f"method {method} skipped: {why}")
             continue
-        if ("distilled" in parts and parts not in (["distilled"], ["int8", "distilled"]) and distilled is not None
-                and _reads_features(distilled)):
+        if ("distilled" in parts and not (parts[-1] == "distilled" and feature_draft_may_follow(parts[:-1]))
+                and distilled is not None and _reads_features(distilled)):
             (notes.append if not given else _raise)(
                 f"method {method} skipped: the distilled draft reads the target's features (EAGLE-style), "
                 "so it drafts for the target or for int8 directly, as the last level")
