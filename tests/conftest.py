@@ -18,6 +18,17 @@ from scipy import stats
 SIGNIFICANCE = 1e-4  # every goodness-of-fit test in the suite rejects at this level
 MIN_EXPECTED = 5.0  # cells expected to hold fewer draws than this are pooled
 
+# The sampling transforms every exactness test runs through (one table for the whole suite).
+TRANSFORMS = {
+    "greedy": {"temperature": 0.0},
+    "temperature_0.7": {"temperature": 0.7},
+    "temperature_1.3": {"temperature": 1.3},
+    "top_k_3": {"top_k": 3},
+    "top_p_0.8": {"top_p": 0.8},
+    "min_p_0.2": {"min_p": 0.2},
+    "combined": {"temperature": 0.8, "top_k": 4, "top_p": 0.9, "min_p": 0.05},
+}
+
 
 def reference_transform(
     logits, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0

@@ -22,6 +22,7 @@ import torch
 from speculant import acceptance
 from speculant.acceptance import Verdict, acceptance_probs, point_mass, residual_probs, verify
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+from tests.conftest import TRANSFORMS
 
 F64 = torch.float64
 
@@ -245,15 +246,6 @@ DRAFT_LOGITS = 0.5 * TARGET_LOGITS + torch.randn(VOCAB, VOCAB, generator=_g, dty
 # so some proposals are the argmax, some are dropped by top-k / top-p / min-p (probability 0).
 NGRAM_PROPOSAL = TARGET_LOGITS.argsort(-1, descending=True)[torch.arange(VOCAB), torch.arange(VOCAB) % 3]
 
-TRANSFORMS = {
-    "greedy": {"temperature": 0.0},
-    "temperature_0.7": {"temperature": 0.7},
-    "temperature_1.3": {"temperature": 1.3},
-    "top_k_3": {"top_k": 3},
-    "top_p_0.8": {"top_p": 0.8},
-    "min_p_0.2": {"min_p": 0.2},
-    "combined": {"temperature": 0.8, "top_k": 4, "top_p": 0.9, "min_p": 0.05},
-}
 
 
 class ModelStyleDrafter:

@@ -95,28 +95,54 @@ def test_fused_sampling_is_reproducible_with_a_seed(device):
     assert fused == again
 
 
-def test_fused_first_token_law_matches_the_target_law():
-    """Chi-square of 3000 first tokens (vocab 8, temperature 1) against the exact target law.
+def _two_token_law(model, prompt):
+    """P(first two tokens after `prompt`) of a lean model at temperature 1, by plain softmax
+    (not the code under test): [V * V]."""
+    vocab = model.vocab_size
+    law = torch.zeros(vocab, vocab, dtype=torch.float64)
+    model.truncate(0)
+    first = torch.softmax(model.forward(torch.tensor(prompt), 0)[-1].double(), -1)
+    for token in range(vocab):
+        model.truncate(0)
+        law[token] = first[token] * torch.softmax(model.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
+    return law.flatten()
 
-    The draft (1 layer of 3) is far from the target, so most steps reject and draw from the
-    residual: a wrong residual or acceptance rule shifts the law far beyond the test's noise."""
+
+def _fused_two_token_counts(target, draft, prompt, params, n):
+    stepper = FusedStepper(target, draft, compile=False)
+    generator = torch.Generator().manual_seed(0)
+    codes = []
+    for _ in range(n):
+        tokens = [t for step in generate(target, None, prompt, gamma=2, params=params, max_new_tokens=2,
+                                         generator=generator, stepper=stepper) for t in step.tokens]
+        codes.append(tokens[0] * target.vocab_size + tokens[1])
+    return codes
+
+
+def test_fused_two_token_law_matches_the_target_law_and_always_accepting_is_caught(gof, monkeypatch):
+    """Chi-square of 3000 two-token outputs (vocab 8: 64 cells, temperature 1) against the exact
+    target law. The draft (1 layer of 3) is far from the target, so most steps reject and draw
+    from the residual. Negative control: the fused step's rule accepting every draft token (all
+    acceptance uniforms 0), whose exact law is the draft's own; its power is computed and asserted."""
+    from speculant import acceptance, fused
+
     weights = random_weights(tiny_config(vocab_size=8), seed=3, scale=2.0)
     target = LeanModel(weights, max_seq_len=16)
+    draft = LeanModel(weights, max_seq_len=16, num_layers=1)
     prompt = [1, 2, 3]
     params = SamplingParams(temperature=1.0)
-    target.truncate(0)
-    exact = torch.softmax(target.forward(torch.tensor(prompt), 0)[-1].double(), -1)
-    stepper = FusedStepper(target, LeanModel(weights, max_seq_len=16, num_layers=1), compile=False)
-    generator = torch.Generator().manual_seed(0)
-    counts = torch.zeros(8)
+    law = _two_token_law(target, prompt).numpy()
     n = 3000
-    for _ in range(n):
-        first = next(generate(target, None, prompt, gamma=2, params=params, max_new_tokens=3,
-                              generator=generator, stepper=stepper)).tokens[0]
-        counts[first] += 1
-    assert chisquare(counts.numpy(), (exact * n).numpy()).pvalue > 1e-4
+    fit = gof.chi_square(_fused_two_token_counts(target, draft, prompt, params, n), law)
+    assert fit.pvalue > gof.SIGNIFICANCE, fit
 
-
+    always_accept = lambda tokens, draft_probs, target_probs, accept_uniforms, sample_uniform: acceptance.verify(
+        tokens, draft_probs, target_probs, torch.zeros_like(accept_uniforms), sample_uniform)
+    monkeypatch.setattr(fused, "verify", always_accept)
+    bad_law = _two_token_law(draft, prompt).numpy()  # every token is the draft's while all are kept
+    power = gof.power(law, bad_law, n)
+    assert power.power > 0.99, power
+    assert gof.chi_square(_fused_two_token_counts(target, draft, prompt, params, n), law).pvalue < gof.SIGNIFICANCE
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("max_new", [1, 3, 4, 9])
 def test_chunked_plain_decoding_honours_stop_tokens_and_max_new_tokens(device, max_new):

@@ -10,16 +10,8 @@ import pytest
 import torch
 
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+from tests.conftest import TRANSFORMS
 
-TRANSFORMS = {
-    "greedy": {"temperature": 0.0},
-    "temperature_0.7": {"temperature": 0.7},
-    "temperature_1.3": {"temperature": 1.3},
-    "top_k_3": {"top_k": 3},
-    "top_p_0.8": {"top_p": 0.8},
-    "min_p_0.2": {"min_p": 0.2},
-    "combined": {"temperature": 0.8, "top_k": 5, "top_p": 0.9, "min_p": 0.05},
-}
 
 
 # ---------------------------------------------------------------- parameters
@@ -75,7 +67,14 @@ def test_invalid_sampling_params_raise_value_error_naming_the_field(kwargs, fiel
      {"min_p": 0.0}, {"min_p": 0.999}],
 )
 def test_boundary_values_of_sampling_params_are_accepted(kwargs):
-    SamplingParams(**kwargs)
+    params = SamplingParams(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(params, name) == value
+    # and they give a distribution: non-negative rows summing to 1, the argmax always kept
+    logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probs = logits_to_probs(logits, params)
+    assert (probs >= 0).all() and torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert (probs.gather(-1, logits.argmax(-1, keepdim=True)) > 0).all()
 
 
 def test_sampling_params_are_frozen():
