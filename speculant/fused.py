@@ -185,7 +185,7 @@ class FusedStepper:
         self.target.truncate(0)
         if len(prompt) > 1:
             self._prefill(self.target_fn, prompt[:-1], 0)
-            self.target._length = len(prompt) - 1
+            self.target.set_length(len(prompt) - 1)
         if self.draft_model is not None:
             self.draft_model.truncate(0)
             self.draft_valid = 0
@@ -256,7 +256,7 @@ class FusedStepper:
         else:
             self._prefill(self.draft_fn, context[start:upto], start)
         self.draft_valid = upto
-        self.draft_model._length = max(self.draft_model._length, upto)
+        self.draft_model.set_length(max(self.draft_model.length, upto))
 
     def steps(self, context: list[int], gamma: int, generator: torch.Generator | None, plain_tokens: int = 1,
               room: int | None = None, choose: Callable[[], int] | None = None) -> list[StepResult]:
@@ -360,9 +360,9 @@ class FusedStepper:
             results.append(StepResult(tokens, gamma, len(tokens) - 1, None, 0.0, elapsed, 1, bool(alternative),
                                       alone=alone))
             last_n, length = length - 1, length + len(tokens)
-        self.target._length = length - 1  # the context and every kept draft token
+        self.target.set_length(length - 1)  # the context and every kept draft token
         self.draft_valid = last_n  # true features below the last step's n; later positions are redone
-        self.draft_model._length = max(self.draft_valid, last_n + gamma)
+        self.draft_model.set_length(max(self.draft_valid, last_n + gamma))
         if self.pending is not None:  # valid if the engine goes on with all these tokens
             self.pending.length, self.pending.after = length, now
         return results
@@ -462,18 +462,18 @@ class FusedStepper:
         lookup_kept = 0
         if key[0] == "plain":
             num_accepted, tokens = 0, out
-            self.target._length = n + target_calls  # x_n and the chunk's tokens but the last
+            self.target.set_length(n + target_calls)  # x_n and the chunk's tokens but the last
         else:
             tokens, chain_accepted, alternative, lookup_kept = self._emitted_tokens(
                 out, gamma, k if key[0] in ("features", "model") and (k > 1 or size) else 1, lookup)
             num_accepted = len(tokens) - 1
-            self.target._length = len(context) + num_accepted  # cache: context + accepted drafts
+            self.target.set_length(len(context) + num_accepted)  # cache: context + accepted drafts
         if self.draft_model is not None:
             if drafted and self.features:  # true features for positions < n; later ones are redone
                 self.draft_valid = n
             elif drafted:  # x_i at i up to n, then the kept chain drafts fed while drafting
                 self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
-            self.draft_model._length = max(self.draft_valid, n + drafted)  # an upper bound of what was written
+            self.draft_model.set_length(max(self.draft_valid, n + drafted))  # an upper bound of what was written
         elapsed = time.perf_counter() - start - (self.capture_time - captured)
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
@@ -687,7 +687,7 @@ class FusedStepper:
             model.v_cache.copy_(v)
             if features is not None:
                 model.features.copy_(features)
-            model._length = length
+            model.set_length(length)
 
 
 def _sample_chain(sample, logits, uniforms, feed):

@@ -60,6 +60,13 @@ class PositionalCache:
             raise ValueError(f"cannot truncate to {length}: cache holds {self._length}")
         self._length = length
 
+    def set_length(self, length: int) -> None:
+        """Declare that positions < length hold valid entries: for writers outside `forward`, such as
+        a captured CUDA graph (speculant.fused) that writes the cache at positions held on the device."""
+        if not 0 <= length <= self.max_seq_len:
+            raise ValueError(f"cannot set the cache length to {length}: it holds at most {self.max_seq_len}")
+        self._length = length
+
     def _write_range(self, start_pos: int, num_tokens: int) -> int:
         """Check a write of num_tokens at start_pos (no gap, fits the context); return its end."""
         if start_pos > self._length:
