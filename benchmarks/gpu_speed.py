@@ -43,6 +43,27 @@ def chat_prompts(n: int, tokenizer) -> list[list[int]]:
             for t in texts]
 
 
+HELD_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+
+
+def heldout_chat_prompts(n: int, tokenizer) -> list[list[int]]:
+    """Everyday questions (benchmarks/prompts/heldout_chat.txt), not Python topics: held out from
+    every draft's training and every tuning run."""
+    with open(os.path.join(HELD_OUT, "heldout_chat.txt"), encoding="utf-8") as f:
+        texts = [line.strip() for line in f if line.strip() and not line.startswith("#")][:n]
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}]), add_special_tokens=False)
+            for t in texts]
+
+
+def heldout_code_prompts(n: int, tokenizer) -> list[list[int]]:
+    """Signature + docstring of functions from libraries no draft was trained on (starlette, fastapi,
+    pydantic, httpx, anyio, hypothesis, prometheus_client, openai, uvicorn):
+    benchmarks/prompts/heldout_code.jsonl."""
+    with open(os.path.join(HELD_OUT, "heldout_code.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:n]
+    return [tokenizer.encode(r["prompt"], add_special_tokens=True) for r in rows]
+
+
 class TracedPolicy(AdaptiveGamma):
     """AdaptiveGamma that keeps what it saw: [γ, drafted, accepted, step seconds, expected rate per γ,
     timed (False: the step ran alone, its time taught acceptance only)]."""
@@ -238,7 +259,8 @@ def main() -> None:
     ap.add_argument("--auto-half-life", default=None,
                     help="AdaptiveGamma's half_life (default: its own); several, e.g. 8,32: one auto row each")
     ap.add_argument("--no-ngram", dest="ngram", action="store_false", help="skip the n-gram drafter")
-    ap.add_argument("--tasks", default="code,chat")
+    ap.add_argument("--tasks", default="code,chat",
+                    help="code, chat, adversarial, code-heldout, chat-heldout (comma-separated)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     args = ap.parse_args()
@@ -254,7 +276,9 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if cuda else "cpu"
     print(f"loaded target in {time.perf_counter() - t0:.1f}s; device {device_name}", flush=True)
     tasks = {"code": (code_prompts(args.humaneval, args.prompts, tok), SamplingParams(temperature=0)),
-             "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
+             "chat": (chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0)),
+             "code-heldout": (heldout_code_prompts(args.prompts, tok), SamplingParams(temperature=0)),
+             "chat-heldout": (heldout_chat_prompts(args.prompts, tok), SamplingParams(temperature=1.0))}
     # random token ids (speculant bench's adversarial task), greedy as in the CPU tables
     from speculant.bench.tasks import adversarial_prompts
 
