@@ -363,6 +363,80 @@ def test_unsupported_files_and_folders_are_refused(tmp_path):
         load_model(tmp_path / "empty", progress=False)
 
 
+def test_a_cut_or_damaged_gguf_is_named_in_one_line_saying_what_is_wrong(tmp_path):
+    vocab = byte_level_gguf_vocab()
+    path = write_gguf(tmp_path / "whole.gguf", "llama", tiny_hf_model("llama", vocab_size=len(vocab["tokens"])),
+                      **vocab)
+    data = path.read_bytes()
+    cases = {
+        "header-cut.gguf": (data[:100], "truncated GGUF"),  # was struct.error
+        "tensors-cut.gguf": (data[: len(data) * 2 // 3], "truncated GGUF"),  # was "buffer is smaller than requested"
+        "tiny.gguf": (data[:10], "not a GGUF file"),
+        "foreign.gguf": (b"PK\x03\x04" + data[4:], "not a GGUF file"),
+        "bad-version.gguf": (data[:4] + (99).to_bytes(4, "little") + data[8:], "corrupt GGUF"),
+    }
+    for name, (content, says) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelLoadError) as error:
+            load_model(tmp_path / name, progress=False)
+        message = str(error.value)
+        assert says in message and str(tmp_path / name) in message and "\n" not in message, (name, message)
+
+
+def test_an_embedded_model_in_part_packages_is_joined_in_order_and_checked(tmp_path, monkeypatch):
+    """As the Qwen pair ships: chunk k of the GGUF in package `<name>_part<k>/data/partNN.bin`."""
+    import hashlib
+
+    vocab = byte_level_gguf_vocab()
+    hf_model = tiny_hf_model("qwen2", vocab_size=len(vocab["tokens"]), tie_word_embeddings=True)
+    data = write_gguf(tmp_path / "whole.gguf", "qwen2", hf_model, **vocab).read_bytes()
+    site = tmp_path / "site"
+    cuts = [0, len(data) // 3, 2 * len(data) // 3, len(data)]
+    for k in range(3):
+        (site / f"tinyparts_part{k + 1}" / "data").mkdir(parents=True)
+        (site / f"tinyparts_part{k + 1}" / "__init__.py").write_text("")
+        (site / f"tinyparts_part{k + 1}" / "data" / f"part{k + 1:02d}.bin").write_bytes(data[cuts[k]:cuts[k + 1]])
+    monkeypatch.syspath_prepend(str(site))
+    parts = tuple(f"tinyparts_part{k}" for k in (1, 2, 3))
+    entry = loading.EmbeddedModel(name="tiny-parts", description="", package=parts[0], pip="pip install tinyparts",
+                                  gguf_file="tiny-parts.gguf", sha256=hashlib.sha256(data).hexdigest(), parts=parts,
+                                  part_glob="data/part*.bin", num_tensors=len(loading.GGUFFile(tmp_path / "whole.gguf").tensors))
+    # the wrong order (or a damaged part) is caught by the checksum, before anything is converted
+    wrong = loading.EmbeddedModel(**{**entry.__dict__, "name": "tiny-swapped", "gguf_file": "swapped.gguf",
+                                     "parts": (parts[1], parts[0], parts[2])})
+    monkeypatch.setitem(loading.EMBEDDED, "tiny-swapped", wrong)
+    with pytest.raises(ModelLoadError, match="join to a file with sha256 .*reinstall them: pip install tinyparts"):
+        load_model("tiny-swapped", progress=False)
+    assert not (loading.cache_root() / "gguf" / "swapped.gguf").exists()
+    monkeypatch.setitem(loading.EMBEDDED, "tiny-parts", entry)
+    loaded = load_model("tiny-parts", progress=False)
+    assert loaded.source_hash == entry.sha256 and loaded.arch == "qwen2" and loaded.config.attention_bias
+    assert_same_logits(loaded, hf_model)
+
+
+def test_a_damaged_cached_conversion_says_which_file_and_how_to_redo_it(tmp_path):
+    vocab = byte_level_gguf_vocab()
+    path = write_gguf(tmp_path / "m.gguf", "llama", tiny_hf_model("llama", vocab_size=len(vocab["tokens"])), **vocab)
+    folder = load_model(path, progress=False).folder
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError) as error:
+        load_model(path, progress=False)
+    message = str(error.value)
+    assert f"{weights}: corrupt or truncated weights" in message and f"delete {folder}" in message
+    assert "\n" not in message
+
+
+def test_the_weights_fingerprint_follows_the_model_not_the_file_or_its_dtype(tmp_path):
+    hf_model = tiny_hf_model("llama")
+    original = load_model(save_folder(hf_model, tmp_path / "a"), progress=False)
+    resaved = load_model(save_folder(hf_model.to(torch.bfloat16), tmp_path / "b"), progress=False)
+    assert resaved.source_hash != original.source_hash and resaved.fingerprint == original.fingerprint
+    assert load_model(tmp_path / "a", dtype=torch.float16, progress=False).fingerprint == original.fingerprint
+    other = load_model(save_folder(tiny_hf_model("llama", seed=1), tmp_path / "c"), progress=False)
+    assert other.fingerprint != original.fingerprint
+
+
 def test_max_seq_len_sizes_the_cache_and_cannot_exceed_the_context(tmp_path):
     folder = save_folder(tiny_hf_model("llama"), tmp_path / "m")
     assert load_model(folder, max_seq_len=32, progress=False).model.max_seq_len == 32

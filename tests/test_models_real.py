@@ -188,6 +188,62 @@ def test_a_draft_with_another_vocabulary_is_refused_naming_both(smollm2, gemma3)
     check_pairing(smollm2, smollm2)
 
 
+def test_any_copy_or_format_of_smollm2_gets_its_shipped_draft_and_says_so(smollm2, tmp_path):
+    """Pairing follows the model, not the file: a renamed copy of the GGUF and a Hugging Face folder
+    re-saved in bfloat16 both get `smollm2-135m-draft` as their default draft, the stats name it, and
+    the draft decodes exactly (greedy output equal to plain)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from speculant.api import Speculant
+
+    gguf_copy = tmp_path / "my-renamed-model.gguf"
+    shutil.copy(loading._embedded_gguf(loading.EMBEDDED["smollm2-135m"], progress=False), gguf_copy)
+    resaved = tmp_path / "resaved"
+    shutil.copytree(smollm2.folder, resaved)
+    tensors = load_file(str(resaved / "model.safetensors"))
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(resaved / "model.safetensors"))
+    prompt = smollm2.tokenizer.encode(PROMPT)
+    plain = Speculant(smollm2, ["none"]).generate(prompt, max_new_tokens=12, temperature=0.0).token_ids
+    for path in (gguf_copy, resaved):
+        loaded = load_model(path, max_seq_len=256, progress=False)
+        assert loaded.name != smollm2.name and loaded.fingerprint == smollm2.fingerprint
+        spec = Speculant(loaded, ["default"], gamma=3)
+        assert spec.draft_specs == ["smollm2-135m-draft"]
+        if path == gguf_copy:  # the same weights as smollm2's: the same greedy output
+            assert spec.generate(prompt, max_new_tokens=12, temperature=0.0).token_ids == plain
+    # the embedded draft's name is a draft spec of its own
+    assert Speculant(smollm2, ["smollm2-135m-draft"], gamma=3).draft_specs == ["smollm2-135m-draft"]
+
+
+def test_a_damaged_draft_folder_is_named_in_one_line(smollm2, tmp_path):
+    import shutil
+
+    from speculant.api import EMBEDDED_DRAFTS, Speculant
+    from speculant.models.loading import ModelLoadError
+
+    cut, broken_config = tmp_path / "cut", tmp_path / "broken-config"
+    for folder in (cut, broken_config):
+        shutil.copytree(EMBEDDED_DRAFTS / "smollm2-135m-draft", folder)
+    weights = cut / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    (broken_config / "config.json").write_text('{"format": "speculant-draft", "archi')
+    for folder, says in ((cut, "corrupt draft folder"), (broken_config, "corrupt (not readable JSON)")):
+        with pytest.raises(ModelLoadError) as error:
+            Speculant(smollm2, [str(folder)])
+        assert str(folder) in str(error.value) and says in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_shipped_draft_still_refuses_another_model(gemma3):
+    from speculant.api import Speculant
+    from speculant.distill.draft_model import TargetMismatchError
+
+    assert Speculant(gemma3, ["default"]).draft_specs == ["ngram"]
+    with pytest.raises((TargetMismatchError, ValueError), match="distilled from"):
+        Speculant(gemma3, ["smollm2-135m-draft"])
+
+
 def test_a_prompt_longer_than_the_context_is_refused(smollm2):
     from speculant.drafters.ngram import NgramDrafter
     from speculant.engine import generate

