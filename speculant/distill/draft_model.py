@@ -242,6 +242,11 @@ class FeatureDraft(DistilledDraft):
     draft samples from, so speculative sampling stays exact.
     """
 
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """A draft's own forward (not LeanModel's head-less one: its layers read more than tokens)."""
+        self.truncate(0)
+        self.forward(tokens, 0)
+
     def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         raise TypeError("a feature draft needs the target's features: use forward_features (or "
                         "speculant.drafters.features.FeatureDrafter)")
@@ -261,6 +266,18 @@ class FeatureDraft(DistilledDraft):
         """The cached path (serving and the fused step): writes K/V at positions, returns [T, E]."""
         inputs = self.draft_weights.feature_inputs(self.embed(tokens), features)
         return self.hidden_states(tokens, positions, kv_len, inputs=inputs)
+
+    @torch.inference_mode()
+    def forward_features_rows(self, cache, tokens: torch.Tensor, features: torch.Tensor, starts: list[int],
+                              lengths: list[int], first_row: int = 0,
+                              with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """forward_features over rows (speculant.batching): tokens [B, T], features [B, T, E], row b
+        valid up to lengths[b] at positions starts[b].., in rows first_row.. of `cache` (a RowKVCache)
+        -> (logits [B, T, V] or None without with_logits, predicted features [B, T, E])."""
+        tokens = tokens.to(self.device)
+        inputs = self.draft_weights.feature_inputs(self.embed(tokens), features.to(self.device))
+        return self.forward_rows(cache, tokens, starts, lengths, inputs=inputs, first_row=first_row,
+                                 with_logits=with_logits)
 
     def train_feature_outputs(self, tokens: torch.Tensor,
                               features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -416,10 +433,15 @@ def load_draft(path: str | Path, target, max_seq_len: int | None = None) -> Dist
     if (cfg.vocab_size, cfg.hidden_size) != (tcfg.vocab_size, tcfg.hidden_size):
         raise TargetMismatchError(f"the draft in {path} expects vocabulary {cfg.vocab_size} and hidden size "
                                   f"{cfg.hidden_size}; the target has {tcfg.vocab_size} and {tcfg.hidden_size}")
-    tensors = load_file(str(Path(path) / WEIGHTS_FILE))
-    draft = build_draft(cfg, target_weights, tensors["kept_ids"], max_seq_len=max_seq_len)
-    param = target_weights.embed_tokens.weight
-    draft.draft_weights.load_state_dict({k: v.to(param.device) for k, v in tensors.items()})
+    try:
+        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+        draft = build_draft(cfg, target_weights, tensors["kept_ids"], max_seq_len=max_seq_len)
+        param = target_weights.embed_tokens.weight
+        draft.draft_weights.load_state_dict({k: v.to(param.device) for k, v in tensors.items()})
+    except (OSError, RuntimeError, KeyError, ValueError) as error:  # a weights file cut short or overwritten
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DistillError(f"the draft folder {path} is damaged: its {WEIGHTS_FILE} does not load ({first_line[:160]}); "
+                           "copy the folder again or re-run `speculant distill`") from None
     return draft
 
 

@@ -101,3 +101,72 @@ def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, gener
     noise = None if params.greedy else torch.rand(gamma, logits.shape[-1], generator=generator, device=logits.device)
     alternatives, laws = draw_alternatives(torch.stack(all_logits), probs, tokens, candidates - 1, params.greedy, noise)
     return Draft(tokens, probs, alternatives, laws)
+
+
+# ---- several requests' rows at once (speculant.batching) -------------------------------------------
+
+
+class RowDraft(NamedTuple):
+    """The drafts of B rows, padded to the longest: row b's first counts[b] tokens are its draft."""
+
+    tokens: torch.Tensor  # [B, Γ] int64
+    probs: torch.Tensor | None  # [B, Γ, vocab]: the law each token was drawn from; None = point masses
+    counts: list[int]  # [B]: γ'_b <= the γ_b asked for
+
+
+class RowDrafter(Protocol):
+    """A drafter for rows 0..B-1 of a batch (speculant.batching), each row one request with its own
+    state (a cache row, an index). Rows stay packed: when a request leaves, the last row moves into
+    its place. Row b draws its randomness only from generators[b], in the order the single-request
+    drafter does, so a request drafts the same tokens whatever runs beside it."""
+
+    def start(self, row: int, context: list[int]) -> None:
+        """A request with `context` (its prompt) takes row `row`; the target's row holds context[:-1]."""
+        ...
+
+    def move(self, source: int, dest: int) -> None:
+        """Row `source`'s state moves to row `dest`."""
+        ...
+
+    def propose(self, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
+                generators: list[torch.Generator]) -> RowDraft:
+        """Draft up to gammas[b] tokens after contexts[b] for rows b = 0..B-1."""
+        ...
+
+
+def probs_by_row(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits_to_probs with row b's own params: logits [B, ..., V] -> probs [B, ..., V]. Rows with the
+    same params go through one call (the transform works row by row, so grouping changes nothing)."""
+    groups: dict[SamplingParams, list[int]] = {}
+    for row, p in enumerate(params):
+        groups.setdefault(p, []).append(row)
+    if len(groups) == 1:
+        return logits_to_probs(logits, params[0])
+    out = torch.empty(logits.shape, dtype=torch.float32 if logits.dtype != torch.float64 else logits.dtype,
+                      device=logits.device)
+    for p, rows in groups.items():
+        index = torch.tensor(rows, device=logits.device)
+        out[index] = logits_to_probs(logits[index], p)
+    return out
+
+
+def sample_rows(first_logits: torch.Tensor, gammas: list[int], params: list[SamplingParams],
+                generators: list[torch.Generator], feed: Callable[[torch.Tensor, int], torch.Tensor]) -> RowDraft:
+    """sample_draft over rows: first_logits [B, V] give each row's first law; row b draws gammas[b]
+    uniforms from generators[b] (on the CPU, then moved: one copy per step) and its tokens by
+    inverse CDF; feed(tokens [B], i) feeds draft token i of every row (rows past their γ_b feed
+    padding) and returns the logits after it [B, V] (never called for the last position)."""
+    device = first_logits.device
+    width = max(gammas)
+    uniforms = torch.full((len(gammas), width), 0.5)  # [B, Γ]: padding draws nothing
+    for row, (gamma, generator) in enumerate(zip(gammas, generators)):
+        uniforms[row, :gamma] = torch.rand(gamma, generator=generator)
+    uniforms = uniforms.to(device)
+    logits, tokens, probs = first_logits, [], []
+    for i in range(width):
+        step_probs = probs_by_row(logits, params)  # [B, V]
+        tokens.append(sample_from(step_probs, uniforms[:, i]))
+        probs.append(step_probs)
+        if i + 1 < width:
+            logits = feed(tokens[-1], i)
+    return RowDraft(torch.stack(tokens, 1), torch.stack(probs, 1), list(gammas))

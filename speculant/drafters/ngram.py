@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, common_prefix_length
+from speculant.drafters.base import Draft, RowDraft, common_prefix_length
 
 
 class NgramDrafter:
@@ -43,6 +43,10 @@ class NgramDrafter:
                 return Draft(torch.tensor(context[start + n : start + n + gamma], dtype=torch.int64), None)
         return Draft(torch.empty(0, dtype=torch.int64), None)
 
+    def rows(self, max_rows: int, target_cache=None) -> NgramRows:
+        """This drafter for a batch of up to `max_rows` requests (speculant.batching)."""
+        return NgramRows(self.max_ngram, self.min_ngram, max_rows)
+
     def _index(self, context: list[int]) -> None:
         # an n-gram ending (exclusive) at e is indexed once it has a continuation: 1 <= e <= len - 1
         old = self._indexed
@@ -59,3 +63,24 @@ class NgramDrafter:
             for n in range(self.min_ngram, min(self.max_ngram, end) + 1):
                 self._starts.setdefault(tuple(context[end - n : end]), []).append(end - n)
         self._indexed = list(context)
+
+
+class NgramRows:
+    """Prompt lookup over the rows of a batch (a RowDrafter): one index per row, no randomness."""
+
+    def __init__(self, max_ngram: int, min_ngram: int, max_rows: int) -> None:
+        self.drafters = [NgramDrafter(max_ngram, min_ngram) for _ in range(max_rows)]
+
+    def start(self, row: int, context: list[int]) -> None:
+        self.drafters[row].reset()
+
+    def move(self, source: int, dest: int) -> None:
+        self.drafters[source], self.drafters[dest] = self.drafters[dest], self.drafters[source]
+
+    def propose(self, contexts, gammas, params, generators) -> RowDraft:
+        drafts = [self.drafters[b].propose(c, g, None, None).tokens.tolist() if g else []
+                  for b, (c, g) in enumerate(zip(contexts, gammas))]
+        tokens = torch.zeros(len(contexts), max(len(d) for d in drafts), dtype=torch.int64)
+        for b, d in enumerate(drafts):
+            tokens[b, :len(d)] = torch.tensor(d, dtype=torch.int64)
+        return RowDraft(tokens, None, [len(d) for d in drafts])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speculant.models.base import PositionalCache
+from speculant.models.base import PositionalCache, check_fits
 
 
 @dataclass(frozen=True)
@@ -310,6 +310,18 @@ class LeanModel(PositionalCache):
         self._length = end
         return self.logits(hidden)
 
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """Fill the cache with tokens [T] at positions 0..T-1, as `forward(tokens, 0)` does but
+        without the output head: a prompt's logits are not needed, and with a 150k-token vocabulary
+        the head over a long prompt costs as much as many decoding steps."""
+        self.truncate(0)
+        end = self._write_range(0, tokens.shape[0])
+        slots = torch.arange(0, end, device=self.device)
+        hidden = self.hidden_states(tokens.to(self.device), slots, kv_len=end)
+        self.record_features(hidden, slots)
+        self._length = end
+
     def move_slot(self, source: int | torch.Tensor, dest: int | torch.Tensor) -> None:
         """Copy cache slot `source` (keys and values of every layer, and the feature) to `dest`: a
         kept tree node moves to the slot of its position."""
@@ -429,6 +441,141 @@ class LeanModel(PositionalCache):
         if gemma:
             return layer.post_feedforward_layernorm(down(F.gelu(gate, approximate="tanh") * up))
         return down(F.silu(gate) * up)
+
+    # ---- several rows at once (speculant.batching) -------------------------------------------------
+    # B = rows in the call, T = the longest row's tokens; row b holds lengths[b] tokens at positions
+    # starts[b].., the rest of its T is padding. Each row reads and writes only its own cache row
+    # (a RowKVCache), so rows never see each other; the layer math is the single-row path's
+    # (_mlp, the norms, apply_rope, the same projections), batched over a leading row dimension.
+
+    def new_row_cache(self, rows: int, features: bool = False) -> RowKVCache:
+        """A cache of `rows` independent rows for forward_rows (features: also the final-normed
+        hidden states, for a draft that reads them)."""
+        return RowKVCache(self, rows, features)
+
+    @torch.inference_mode()
+    def forward_rows(self, cache: RowKVCache, tokens: torch.Tensor, starts: list[int], lengths: list[int],
+                     inputs: torch.Tensor | None = None, first_row: int = 0,
+                     with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Rows first_row..first_row+B-1 of `cache`: tokens [B, T] (row b valid up to lengths[b], 0..T)
+        at positions starts[b].. -> (logits [B, T, vocab] float32, final-normed hidden [B, T, E]);
+        padded positions give garbage and write only the scratch slot. `inputs` [B, T, E] replaces the
+        embeddings (a feature-reading draft). with_logits=False skips the output head (logits None: a
+        prefill, or a catch-up that needs one position's logits: self.logits(hidden[...]))."""
+        ends = [s + n for s, n in zip(starts, lengths) if n]
+        if min(lengths) < 0 or min(starts) < 0 or not ends:
+            raise ValueError("rows need lengths >= 0 (one at least > 0) at positions >= 0")
+        check_fits(self, max(ends))
+        return self.forward_rows_static(cache, tokens.to(self.device), torch.tensor(starts, device=self.device),
+                                        torch.tensor(lengths, device=self.device), max(ends), inputs, first_row,
+                                        with_logits)
+
+    def forward_rows_static(self, cache: RowKVCache, tokens: torch.Tensor, starts: torch.Tensor,
+                            lengths: torch.Tensor, kv_len: int, inputs: torch.Tensor | None = None,
+                            first_row: int = 0, with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """forward_rows with starts, lengths [B] as device tensors and the keys read fixed at
+        `kv_len` (>= every row's end, unchecked): no host synchronisation and static shapes, so a
+        CUDA graph can capture it (speculant.batching.RowGraphs)."""
+        b, t = tokens.shape
+        offsets = torch.arange(t, device=self.device)  # [T]
+        start = starts[:, None]
+        valid = offsets[None, :] < lengths[:, None]  # [B, T]
+        positions = torch.where(valid, start + offsets, self.max_seq_len - 1)  # [B, T]: padding reads any rope
+        slots = torch.where(valid, start + offsets, self.max_seq_len)  # padding writes the scratch slot
+        key_pos = torch.arange(kv_len, device=self.device)  # [kv_len]: slot = position
+        # [B, T, kv_len]: causal within the row; padding queries may read all (never NaN, never used)
+        allowed = (key_pos[None, None, :] <= positions[:, :, None]) | ~valid[:, :, None]
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+
+        def additive(allowed: torch.Tensor) -> torch.Tensor:  # bool [B, T, kv_len] -> 0 / -inf [B, G·T, kv_len]
+            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, float("-inf"))
+            return mask.repeat(1, groups, 1)
+
+        masks = {False: additive(allowed)}
+        if self.cfg.sliding_window:
+            near = positions[:, :, None] - key_pos[None, None, :] < self.cfg.sliding_window
+            masks[True] = additive(allowed & near)
+        x = self.embed(tokens) if inputs is None else inputs  # [B, T, E]
+        for i in range(self.num_layers):
+            layer = self.weights.layers[i]
+            local = self.cfg.is_sliding(i)
+            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
+            x = x + self._attention_rows(layer, i, x, slots, rope, masks[local], kv_len, cache, first_row)
+            x = x + self._mlp(layer, x)
+        hidden = self.weights.norm(x)
+        if cache.features is not None:
+            cache.features[torch.arange(first_row, first_row + b, device=self.device)[:, None], slots] = hidden
+        if not with_logits:
+            return None, hidden
+        return self.logits(hidden.reshape(b * t, -1)).view(b, t, -1), hidden
+
+    def _attention_rows(self, layer: Block, i: int, x, slots, rope, mask, kv_len: int,
+                        cache: RowKVCache, first_row: int) -> torch.Tensor:
+        """_attention over rows: x [B, T, E], slots [B, T], rope [2, B, T, 1, D], mask [B, G·T, kv_len]."""
+        cfg = self.cfg
+        b, t = x.shape[:2]
+        kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        h = layer.input_layernorm(x)
+        if layer.qkv is not None:
+            q, k, v = linear(h, *layer.qkv).split([cfg.num_heads * d, kv * d, kv * d], -1)
+        else:
+            q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
+        q, k, v = q.reshape(b, t, cfg.num_heads, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
+        if cfg.arch == "gemma3":
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+        rows = torch.arange(first_row, first_row + b, device=x.device)[:, None]  # [B, 1]
+        cache.k[i][rows, slots] = k
+        cache.v[i][rows, slots] = v
+        keys = cache.k[i, first_row:first_row + b, :kv_len].transpose(1, 2)  # [B, KV, kv_len, D], a view
+        values = cache.v[i, first_row:first_row + b, :kv_len].transpose(1, 2)
+        q = q.view(b, t, kv, groups, d).permute(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)  # as in _attention
+        mask = mask[:, None]  # [B, 1, G·T, kv_len]: the same for every KV head
+        if self.attention == "matmul":
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.attn_scale + mask.float()
+            out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
+        out = out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)
+        out = linear(out, layer.o) if layer.o is not None else layer.o_proj(out)
+        if cfg.arch == "gemma3":
+            out = layer.post_attention_layernorm(out)
+        return out
+
+
+class RowKVCache:
+    """The caches of several independent rows (requests) of one LeanModel, for forward_rows: keys and
+    values [layers, rows, S + 1, KV, D], features [rows, S + 1, E] (or None). Slot S is scratch:
+    padding writes there and nothing reads it. Like the single-row cache it is position-indexed, so
+    rollback is free: the caller keeps each row's length, later writes overwrite, the mask hides."""
+
+    def __init__(self, model: LeanModel, rows: int, features: bool = False) -> None:
+        cfg = model.cfg
+        shape = (model.num_layers, rows, model.max_seq_len + 1, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.hidden_size = cfg.hidden_size
+        self.features: torch.Tensor | None = None
+        if features:
+            self.keep_features()
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def keep_features(self) -> None:
+        """From now on forward_rows also stores each row's final-normed hidden states (a
+        feature-reading draft reads them), as LeanModel.keep_features does for one row."""
+        if self.features is None:
+            rows, slots = self.k.shape[1:3]
+            self.features = torch.zeros(rows, slots, self.hidden_size, dtype=self.k.dtype, device=self.k.device)
+
+    def move_row(self, source: int, dest: int, length: int) -> None:
+        """Copy row `source`'s first `length` slots to row `dest` (rows stay packed when one leaves)."""
+        self.k[:, dest, :length] = self.k[:, source, :length]
+        self.v[:, dest, :length] = self.v[:, source, :length]
+        if self.features is not None:
+            self.features[dest, :length] = self.features[source, :length]
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 64, **overrides) -> TransformerConfig:

@@ -1,0 +1,563 @@
+"""Continuous batching of speculative requests: many requests, one target forward per step.
+
+    add(request)      the request waits for a free row; when one is free it is prefilled alone
+                      (its prompt into its own cache row) and joins the batch between two steps
+    step()            rows 0..B-1 are the running requests, packed:
+                        γ        one Γ for the step (fixed, or `LoadGamma` from measured step cost at
+                                 this batch size), cut per row to what that row may still emit
+                        draft    the row drafter drafts every row at once: one batched draft forward
+                                 per draft position (n-gram: one lookup per row)
+                        verify   ONE target forward over [B, Γ+1] tokens: row b holds its last
+                                 committed token and its γ'_b draft tokens at its own positions
+                                 (padding writes a scratch slot and is never read)
+                        accept   `verify_rows`: acceptance.verify row by row, vectorised (the test
+                                 pins it to acceptance.verify token for token)
+                        commit   stop tokens and max_new_tokens as speculant.engine does; finished
+                                 rows leave, the last row moves into the hole (rows stay packed)
+    cancel(id)        the row is freed at once
+
+The caches (models.transformer.RowKVCache) have a row dimension: [layers, rows, S + 1, KV, D]. Each
+row is position-indexed like the single-request cache, so rollback stays free: a row's valid length
+is its committed context minus one, later writes overwrite rejected slots, the causal mask hides them.
+
+Exactness per request. Row b draws its uniforms only from its own torch.Generator (seeded by the
+request's seed, on the CPU), in the order the single-request engine draws them: γ_b draft uniforms
+(a sampling draft), then γ'_b + 1 for verification. No neighbour changes which uniforms a request
+gets, and every computation is per row (attention masks keep rows apart), so a request's output law
+is the single-request law, and its tokens are the same alone or batched up to float rounding of
+different batch shapes (equal in float32 in the tests). On the CPU the draws are even those of
+speculant.engine.generate with a CPU generator of the same seed, so the outputs agree token for
+token; on CUDA generate draws on the device's generator, a different stream (same law). With a
+fixed γ that holds for every request; under `auto` the γ of a step depends on the batch (its size,
+the rows' acceptance), so a seeded request's tokens may differ alone and batched, while its law does
+not: γ is chosen before the draft exists, from past steps only, and every step is exact given γ.
+
+The step over rows is the shape of the Stepper protocol (issue 17): `step()` maps (rows, Γ) to
+per-row tokens through three calls that take rows, not one request: RowDrafter.propose,
+LeanModel.forward_rows, verify_rows. A single request is the case B = 1. `RowGraphs` is the first
+piece of a fused implementation behind the same calls: the target's forward over rows captured as a
+CUDA graph per (batch bucket, Γ + 1), rows padded to the bucket, replayed with new inputs
+(`graphs=True`; on the CPU the same padded call runs eagerly, and the tests pin it to the eager one).
+
+γ under load (`LoadGamma`). A padded step costs what its longest row costs, so one Γ serves all rows
+(per-row lengths differ only where a row is near its end). The policy measures the time of a step of
+B rows (bucketed to powers of two) at each Γ and picks Γ maximising expected tokens per second,
+Σ_b E_b(Γ) / T(B, Γ), with E_b from each row's acceptance rate. As B grows the target forward turns
+compute bound, T(B, Γ) grows with Γ, and Γ shrinks, down to 0 = plain batched decoding.
+
+Scope. The target is a LeanModel. Row drafters exist for n-gram lookup (NgramDrafter.rows), a lean
+draft model (ModelDrafter.rows: a model, layers:N, a distilled draft) and the feature draft
+(FeatureDrafter.rows); hierarchical chains, several candidates per position and the lookup branch
+run single-request only (Speculant.batch_engine refuses them with a clear error). Prompts are
+prefilled one at a time, when they join.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from speculant.acceptance import residual_probs
+from speculant.drafters.base import RowDrafter, probs_by_row
+from speculant.engine import GenerationStats, StepResult, _check_request
+from speculant.models.base import check_fits
+from speculant.models.transformer import LeanModel, RowKVCache
+from speculant.sampling import SamplingParams, sample_from
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: tuple[int, ...] = ()  # stop tokens (eos); stop strings are the server's job
+    seed: int | None = None  # a request's random draws come only from its own generator
+    logprobs: int | None = None  # None: none; k >= 0: each emitted token's log-prob + the top-k
+
+
+@dataclass
+class RowUpdate:
+    request_id: int
+    tokens: list[int]  # tokens fixed by this step for this request (may be empty)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per token: (logprob, top-k [(id, logprob)])
+    finished: str | None  # None, "stop", "length", "context", "cancelled"
+    stats: GenerationStats
+
+
+class RowVerdict:
+    """verify_rows' result: num_accepted [B] int64 and next_token [B] int64."""
+
+    def __init__(self, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+        self.num_accepted, self.next_token = num_accepted, next_token
+
+
+def verify_rows(
+    draft_tokens: torch.Tensor,  # [B, W] int64; row b's first counts[b] are its draft
+    draft_probs: torch.Tensor | None,  # [B, W, vocab], or None for a deterministic drafter
+    target_probs: torch.Tensor,  # [B, W + 1, vocab]: row b's laws at its counts[b] + 1 positions first
+    accept_uniforms: torch.Tensor,  # [B, W] in [0, 1); past counts[b] unused
+    sample_uniforms: torch.Tensor,  # [B] in [0, 1)
+    counts: torch.Tensor,  # [B] int64, 0..W
+) -> RowVerdict:
+    """acceptance.verify for every row at once: row b gets what verify(draft_tokens[b, :n],
+    draft_probs[b, :n], target_probs[b, :n+1], accept_uniforms[b, :n], sample_uniforms[b]) gives, n =
+    counts[b] (tests/test_batching.py pins the equality). Positions past a row's count are never
+    accepted, and the law after n accepted tokens is p_{n+1} there (the bonus)."""
+    rows, width = draft_tokens.shape
+    if draft_probs is None:
+        draft_probs = torch.zeros(target_probs[:, :width].shape, dtype=target_probs.dtype,
+                                  device=target_probs.device).scatter(-1, draft_tokens[..., None], 1.0)
+    p_x = target_probs[:, :width].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
+    q_x = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
+    drafted = torch.arange(width, device=counts.device)[None, :] < counts[:, None]  # [B, W]
+    accepted = (accept_uniforms * q_x < p_x) & drafted
+    num_accepted = accepted.to(torch.int64).cumprod(1).sum(1)  # [B]
+    # row i of next_probs: the residual at a rejection of draft i, p_i where row b drafted fewer
+    residual = torch.where(drafted[..., None], residual_probs(target_probs[:, :width], draft_probs),
+                           target_probs[:, :width])
+    next_probs = torch.cat([residual, target_probs[:, width:width + 1]], 1)  # [B, W + 1, vocab]
+    law = next_probs[torch.arange(rows, device=counts.device), num_accepted]  # [B, vocab]
+    return RowVerdict(num_accepted, sample_from(law, sample_uniforms))
+
+
+# ---- γ under load -----------------------------------------------------------------------------------
+
+
+def batch_bucket(rows: int) -> int:
+    """The power of two >= rows: steps of similar batch sizes share a cost estimate."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+class LoadGamma:
+    """Chooses the step's Γ from the measured time of a step of B rows at each Γ (draft + verify,
+    one estimate per (batch bucket, Γ), see Re-probing) and the
+    rows' acceptance rates: Γ* = argmax Σ_b E(Γ, α_b) / T(B, Γ), E(Γ, α) = 1 + α + ... + α^Γ.
+
+    A bucket's plain step (Γ = 0) is measured first, then Γ grows one at a time while it pays: the
+    candidates are 0..(largest Γ measured in the bucket) + 1, so a batch where speculation does not
+    pay tries Γ = 1 and 2 once, not Γ = 8. An unmeasured Γ is priced by extending the line through
+    the two longest drafts measured below it in its bucket (with one measured, or none, a slope of 5 %
+    of a plain step per draft token: optimism, so the next Γ gets tried when acceptance says it could
+    pay; plain is not on that line, as the first draft token also pays the drafter's fixed cost), and
+    never below what a smaller bucket measured at that Γ (more rows do not cost less). A step that
+    captured a CUDA graph, or whose drafter first caught up on tokens committed by plain steps, is
+    observed with timed=False: it teaches acceptance only, so a one-time cost does not price a Γ out
+    for good (a probe after plain steps takes two steps: the catch-up, then the timed one). α_b is row b's accepted ÷ tested drafts, shrunk towards the pooled rate of
+    all rows with weight `prior_weight` tested tokens.
+
+    Re-probing. A Γ's estimate only changes when it runs, so one slow step (another job on the
+    machine, a first call of a shape) could price it out for good. So the neighbours of the best Γ
+    (Γ* ± 1) are run again when their estimate is older than `probe_every` steps of the bucket:
+    about one step in `probe_every` at a neighbouring length. An estimate follows a faster step at
+    once (interference only slows steps down) and a slower one with half-life `half_life`
+    observations (a cost that really grows, as attention does with the context)."""
+
+    def __init__(self, max_gamma: int = 8, prior_alpha: float = 0.6, prior_weight: float = 8.0,
+                 half_life: float = 8.0, probe_every: int = 32) -> None:
+        if max_gamma < 1:
+            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+        if not 0.0 <= prior_alpha < 1.0:
+            raise ValueError(f"prior_alpha must be in [0, 1), got {prior_alpha}")
+        self.max_gamma = max_gamma
+        self.prior_weight = prior_weight
+        self.decay = 0.5 ** (1.0 / half_life)
+        self.probe_every = probe_every
+        self.step_time: dict[tuple[int, int], float] = {}  # (bucket, Γ) -> seconds per step
+        self.measured_at: dict[tuple[int, int], int] = {}  # (bucket, Γ) -> the bucket's step count then
+        self.bucket_steps: dict[int, int] = {}  # bucket -> steps chosen
+        self.pooled = [prior_alpha * prior_weight, prior_weight]  # accepted, tested (aged)
+
+    @property
+    def pooled_alpha(self) -> float:
+        return self.pooled[0] / self.pooled[1]
+
+    def cost(self, rows: int, gamma: int) -> float | None:
+        """Estimated seconds of a step of `rows` rows at Γ (None before the bucket's plain step)."""
+        bucket = batch_bucket(rows)
+        if (bucket, gamma) in self.step_time:
+            return self.step_time[(bucket, gamma)]
+        plain = self.step_time.get((bucket, 0))
+        if plain is None:
+            return None
+        drafting = sorted(g for (b, g) in self.step_time if b == bucket and 0 < g < gamma)
+        # per further draft token: the slope between the two longest drafts measured below Γ (the first
+        # draft token also pays the drafter's fixed cost, so plain is not on that line), at least 5 %
+        slope = 0.05 * plain
+        if len(drafting) >= 2:
+            top, second = drafting[-1], drafting[-2]
+            slope = max(slope, (self.step_time[(bucket, top)] - self.step_time[(bucket, second)]) / (top - second))
+        below = drafting[-1] if drafting else 0
+        price = self.step_time[(bucket, below)] + slope * (gamma - below)
+        return max([price] + [t for (b, g), t in self.step_time.items() if b < bucket and g == gamma])
+
+    def choose(self, rows: int, counts: list[tuple[int, int]]) -> int:
+        """Γ for a step of `rows` rows; counts[b] = (accepted, tested) draft tokens of row b so far:
+        the best Γ, or a neighbour of it whose estimate is stale (see Re-probing)."""
+        bucket = batch_bucket(rows)
+        self.bucket_steps[bucket] = step = self.bucket_steps.get(bucket, 0) + 1
+        best = self.best(rows, counts)
+        if best is None:
+            return 0  # measure plain batched decoding at this size first
+        explored = max(g for (b, g) in self.step_time if b == bucket)
+        for gamma in (best + 1, best - 1):
+            if 0 <= gamma <= min(explored + 1, self.max_gamma) and \
+                    step - self.measured_at.get((bucket, gamma), -self.probe_every) >= self.probe_every:
+                return gamma
+        return best
+
+    def best(self, rows: int, counts: list[tuple[int, int]]) -> int | None:
+        """argmax over Γ = 0..(largest measured in the bucket) + 1 of the expected tokens per second
+        (None before the bucket's plain step is measured)."""
+        if self.cost(rows, 0) is None:
+            return None
+        bucket = batch_bucket(rows)
+        explored = max(g for (b, g) in self.step_time if b == bucket)
+        alpha = self.pooled_alpha
+        alphas = [(a + self.prior_weight * alpha) / (t + self.prior_weight) for a, t in counts]
+        best, best_rate = 0, -1.0
+        for gamma in range(min(explored + 1, self.max_gamma) + 1):
+            tokens = sum((1 - a ** (gamma + 1)) / (1 - a) if a < 1 else gamma + 1.0 for a in alphas)
+            rate = tokens / self.cost(rows, gamma)
+            if rate > best_rate:
+                best, best_rate = gamma, rate
+        return best
+
+    def observe(self, rows: int, gamma: int, seconds: float, accepted: int, tested: int, timed: bool = True) -> None:
+        """A step of `rows` rows at Γ took `seconds` (draft + verify); its rows accepted `accepted` of
+        `tested` draft tokens (tokens after a row's first rejection are not tested). timed=False: its
+        time is not what such a step costs (it captured a graph)."""
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ValueError(f"a step's time must be a positive number of seconds, got {seconds}")
+        if tested:
+            self.pooled = [self.decay * self.pooled[0] + accepted, self.decay * self.pooled[1] + tested]
+        if not timed:
+            return
+        key = (batch_bucket(rows), gamma)
+        old = self.step_time.get(key, seconds)
+        # other work on the machine only ever slows a step: a faster step is taken as it is
+        self.step_time[key] = seconds if seconds < old else self.decay * old + (1 - self.decay) * seconds
+        self.measured_at[key] = self.bucket_steps.get(key[0], 0)
+
+
+# ---- the target's forward as CUDA graphs ----------------------------------------------------------------
+
+
+class RowGraphs:
+    """The target's forward over rows with static shapes, one CUDA graph per (batch bucket, T), captured
+    on first use: rows are padded to the bucket (padding rows have length 0: they write only the
+    scratch slot), and every row reads keys over the whole cache (kv_len = S; the causal mask hides
+    what a row has not written). With capture=False (the CPU) the same padded call runs eagerly, so
+    tests can pin it to the eager forward. Returns views of a graph's output: read them before the
+    next call."""
+
+    def __init__(self, model: LeanModel, cache: RowKVCache, capture: bool) -> None:
+        self.model, self.cache, self.capture = model, cache, capture
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.captured = False  # the last call built its graph
+
+    def __call__(self, tokens: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """tokens [B, T] on the device -> logits [B, T, vocab] (forward_rows' first output)."""
+        rows, width = tokens.shape
+        check_fits(self.model, max(s + n for s, n in zip(starts, lengths) if n))
+        bucket = min(batch_bucket(rows), self.cache.rows)
+        self.captured = (bucket, width) not in self.graphs
+        if self.captured:
+            self.graphs[(bucket, width)] = self._build(bucket, width)
+        graph, static_tokens, meta, logits = self.graphs[(bucket, width)]
+        static_tokens[:rows] = tokens
+        host = torch.zeros(2, bucket, dtype=torch.int64)  # starts, lengths; padding rows: length 0
+        host[0, :rows], host[1, :rows] = torch.tensor(starts), torch.tensor(lengths)
+        meta.copy_(host)
+        if graph is None:
+            return self._run(static_tokens, meta)[:rows]
+        graph.replay()
+        return logits[:rows]
+
+    def _run(self, tokens: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.forward_rows_static(self.cache, tokens, meta[0], meta[1], self.model.max_seq_len)[0]
+
+    def _build(self, bucket: int, width: int) -> tuple:
+        device = self.model.device
+        tokens = torch.zeros(bucket, width, dtype=torch.int64, device=device)
+        meta = torch.zeros(2, bucket, dtype=torch.int64, device=device)  # all lengths 0: writes hit scratch only
+        if not self.capture:
+            return None, tokens, meta, None
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._run(tokens, meta)  # warm-up outside the graph: kernels and workspaces initialised
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._run(tokens, meta)
+        return graph, tokens, meta, logits
+
+
+# ---- the engine ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    request_id: int
+    request: BatchRequest
+    generator: torch.Generator
+    context: list[int]
+    stats: GenerationStats
+    stop: frozenset[int]
+    decode_start: float = 0.0
+    plain_steps: int = 0  # steps since this row last drafted: its drafter has that much to catch up
+
+
+class BatchEngine:
+    """Continuous batching over a lean target (see the module docstring).
+
+    drafter_factory(max_rows, target_cache) -> RowDrafter (e.g. NgramDrafter().rows,
+    ModelDrafter(draft).rows, FeatureDrafter(draft, target).rows), or None for plain decoding.
+    gamma: an int >= 0 (0: plain decoding) or "auto" (LoadGamma); max_batch: rows that run at once
+    (more requests wait their turn); graphs: the target's forward as CUDA graphs per (batch bucket,
+    T) (RowGraphs; on the CPU the same padded static call, eager)."""
+
+    def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
+                 gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
+                 graphs: bool = False) -> None:
+        if not isinstance(target, LeanModel):
+            raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if gamma == "auto":
+            self.policy: LoadGamma | None = policy or LoadGamma()
+            self.gamma = self.policy.max_gamma
+        elif isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0:
+            self.policy, self.gamma = None, gamma
+        else:
+            raise ValueError(f"gamma must be an integer >= 0 or 'auto', got {gamma!r}")
+        self.target = target
+        self.max_batch = max_batch
+        self.cache = target.new_row_cache(max_batch)
+        self.graphs = RowGraphs(target, self.cache, capture=target.device.type == "cuda") if graphs else None
+        self.drafter = drafter_factory(max_batch, self.cache) if drafter_factory is not None and self.gamma else None
+        if self.drafter is None:
+            self.gamma, self.policy = 0, None
+        self.rows: list[_Row] = []  # running, packed: row b sits in cache row b
+        self.waiting: list[_Row] = []
+        self.pending: list[RowUpdate] = []  # cancellations, reported by the next step
+        self._next_id = 0
+
+    @property
+    def num_running(self) -> int:
+        """Requests not finished: running rows and those waiting for a row."""
+        return len(self.rows) + len(self.waiting)
+
+    def add(self, request: BatchRequest) -> int:
+        """Queue a request; returns its id. Bad requests raise ValueError (ContextOverflowError for a
+        prompt that does not fit the context): one error class for bad input, types included."""
+        if not isinstance(request, BatchRequest):
+            raise ValueError(f"expected a BatchRequest, got {type(request).__name__}")  # noqa: TRY004
+        if not isinstance(request.params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(request.params).__name__}")  # noqa: TRY004
+        if not isinstance(request.max_new_tokens, int) or isinstance(request.max_new_tokens, bool):
+            raise ValueError(f"max_new_tokens must be an integer, got {request.max_new_tokens!r}")  # noqa: TRY004
+        _check_request(request.prompt_ids, request.max_new_tokens, self.target.vocab_size, self.target.max_seq_len)
+        vocab = self.target.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.stop_ids):
+            raise ValueError(f"stop ids must be token ids in 0..{vocab - 1}, got {list(request.stop_ids)[:5]}")
+        if request.logprobs is not None and not (isinstance(request.logprobs, int)
+                                                 and 0 <= request.logprobs <= vocab):
+            raise ValueError(f"logprobs must be None or an integer in 0..{vocab}, got {request.logprobs!r}")
+        if request.seed is not None and (not isinstance(request.seed, int) or request.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {request.seed!r}")
+        generator = torch.Generator()
+        if request.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(request.seed)
+        request_id = self._next_id
+        self._next_id += 1
+        context = [int(t) for t in request.prompt_ids]
+        stats = GenerationStats(gamma="auto" if self.policy else self.gamma, prompt_tokens=len(context))
+        self.waiting.append(_Row(request_id, request, generator, context, stats, frozenset(request.stop_ids)))
+        return request_id
+
+    def cancel(self, request_id: int) -> None:
+        """Free the request's row at once; the next step reports it "cancelled". Unknown or finished ids
+        are ignored (a request may finish while its cancellation is on its way)."""
+        for i, row in enumerate(self.waiting):
+            if row.request_id == request_id:
+                del self.waiting[i]
+                self.pending.append(self._finish(row, "cancelled"))
+                return
+        for b, row in enumerate(self.rows):
+            if row.request_id == request_id:
+                self._remove(b)
+                self.pending.append(self._finish(row, "cancelled"))
+                return
+
+    def step(self) -> list[RowUpdate]:
+        """Admit waiting requests, then one batched draft + one target forward over all running rows.
+        Returns one RowUpdate per running (or just finished) request; [] when idle."""
+        updates, self.pending = self.pending, []
+        while self.waiting and len(self.rows) < self.max_batch:
+            self._admit(self.waiting.pop(0), updates)
+        for b in reversed(range(len(self.rows))):  # a full context ends a request before its step
+            if len(self.rows[b].context) >= self.target.max_seq_len:
+                row = self._remove(b)
+                updates.append(self._finish(row, "context"))
+        if not self.rows:
+            return updates
+        rows = self.rows
+        device = self.target.device
+        step_gamma = self.gamma
+        if self.policy is not None:
+            step_gamma = self.policy.choose(len(rows), [(r.stats.accepted, r.stats.accepted + r.stats.rejections)
+                                                        for r in rows])
+        # never draft past what a row may still emit or store (as speculant.engine.generate)
+        gammas = [max(0, min(step_gamma, r.request.max_new_tokens - r.stats.new_tokens - 1,
+                             self.target.max_seq_len - len(r.context) - 1)) for r in rows]
+        params = [r.request.params for r in rows]
+
+        # a draft after plain steps first feeds the drafter what they committed: a switching cost, not what
+        # a step at this Γ costs, so such a step teaches the policy acceptance only
+        catching_up = any(g and r.plain_steps for g, r in zip(gammas, rows))
+        for g, row in zip(gammas, rows):
+            row.plain_steps = 0 if g else row.plain_steps + 1
+        start = time.perf_counter()
+        draft_tokens, draft_probs, counts = None, None, [0] * len(rows)
+        if self.drafter is not None and any(gammas):
+            draft = self.drafter.propose([r.context for r in rows], gammas, params, [r.generator for r in rows])
+            draft_tokens, draft_probs, counts = draft.tokens.to(device), draft.probs, draft.counts
+        draft_time = _since(start, device)
+
+        start = time.perf_counter()
+        width = max(counts)
+        inputs = torch.zeros(len(rows), width + 1, dtype=torch.int64)
+        inputs[:, 0] = torch.tensor([r.context[-1] for r in rows])
+        inputs = inputs.to(device)
+        if width:
+            inputs[:, 1:] = draft_tokens[:, :width]
+        starts, lengths = [len(r.context) - 1 for r in rows], [n + 1 for n in counts]
+        if self.graphs is not None:
+            logits = self.graphs(inputs, starts, lengths)
+        else:
+            logits, _ = self.target.forward_rows(self.cache, inputs, starts, lengths)
+        target_probs = probs_by_row(logits, params)  # [B, W + 1, V]
+        uniforms = torch.full((len(rows), width + 1), 0.5)
+        for b, (row, n) in enumerate(zip(rows, counts)):
+            uniforms[b, :n + 1] = torch.rand(n + 1, generator=row.generator)
+        uniforms = uniforms.to(device)
+        count_tensor = torch.tensor(counts, device=device)
+        accept = uniforms[:, :width]
+        sample = uniforms[torch.arange(len(rows), device=device), count_tensor]  # row b's draw n_b + 1
+        verdict = verify_rows(draft_tokens[:, :width] if width else inputs[:, 1:], None if draft_probs is None
+                              else draft_probs[:, :width], target_probs, accept, sample, count_tensor)
+        num_accepted, next_token = verdict.num_accepted.tolist(), verdict.next_token.tolist()  # the host sync
+        drafted = draft_tokens[:, :width].tolist() if width else [[] for _ in rows]
+        target_time = _since(start, device)
+
+        wanted = [b for b, r in enumerate(rows) if r.request.logprobs is not None]
+        logprobs = _logprobs(logits, wanted, [rows[b].request.logprobs for b in wanted])
+        finished = []
+        for b, row in enumerate(rows):
+            n, a = counts[b], num_accepted[b]
+            tokens = drafted[b][:a] + [next_token[b]]
+            result = StepResult(tokens, n, a, target_probs[b, :n + 1], draft_time, target_time)
+            row.stats.record(gammas[b], result)
+            emitted, reason = self._commit(row, tokens)
+            row_logprobs = None
+            if b in logprobs:
+                table, tops = logprobs[b]
+                positions = torch.arange(len(emitted), device=table.device)
+                chosen = table[positions, torch.tensor(emitted, device=table.device)].tolist()
+                row_logprobs = list(zip(chosen, tops[:len(emitted)]))
+            updates.append(RowUpdate(row.request_id, emitted, row_logprobs, reason, row.stats))
+            if reason:
+                row.stats.finish_reason = reason
+                finished.append(b)
+        if self.policy is not None:
+            tested = sum(min(a + 1, n) for a, n in zip(num_accepted, counts))
+            captured = self.graphs is not None and self.graphs.captured
+            self.policy.observe(len(rows), step_gamma, draft_time + target_time, sum(num_accepted), tested,
+                                timed=not (captured or catching_up))
+        for b in reversed(finished):
+            self._remove(b)
+        return updates
+
+    # ---- rows ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _commit(row: _Row, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Append a step's tokens to the row, honouring its stop tokens and max_new_tokens as
+        speculant.engine.generate does. Returns the tokens kept and the finish reason, if any."""
+        emitted, reason = [], None
+        for token in tokens:
+            emitted.append(token)
+            if token in row.stop:
+                reason = "stop"
+                break
+            if row.stats.new_tokens + len(emitted) == row.request.max_new_tokens:
+                break
+        row.context.extend(emitted)
+        row.stats.new_tokens += len(emitted)
+        row.stats.decode_time = time.perf_counter() - row.decode_start
+        if reason is None and row.stats.new_tokens >= row.request.max_new_tokens:
+            reason = "length"
+        return emitted, reason
+
+    def _admit(self, row: _Row, updates: list[RowUpdate]) -> None:
+        """Prefill the request alone into the next free row (or finish it at once: nothing to make)."""
+        if row.request.max_new_tokens == 0:
+            updates.append(self._finish(row, "length"))
+            return
+        b = len(self.rows)
+        start = time.perf_counter()
+        if len(row.context) > 1:
+            self.target.forward_rows(self.cache, torch.tensor([row.context[:-1]]), [0], [len(row.context) - 1],
+                                     first_row=b, with_logits=False)
+        if self.drafter is not None:
+            self.drafter.start(b, row.context)
+        row.stats.prefill_time = _since(start, self.target.device)
+        row.decode_start = time.perf_counter()
+        self.rows.append(row)
+
+    def _remove(self, b: int) -> _Row:
+        """Take row b out; the last row moves into its place (cache rows and drafter state)."""
+        row = self.rows[b]
+        last = len(self.rows) - 1
+        if b != last:
+            moved = self.rows[last]
+            self.cache.move_row(last, b, len(moved.context) - 1)
+            if self.drafter is not None:
+                self.drafter.move(last, b)
+            self.rows[b] = moved
+        self.rows.pop()
+        return row
+
+    def _finish(self, row: _Row, reason: str) -> RowUpdate:
+        """The update of a request that ends without a step."""
+        row.stats.finish_reason = reason
+        return RowUpdate(row.request_id, [], [] if row.request.logprobs is not None else None, reason, row.stats)
+
+
+def _since(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _logprobs(logits: torch.Tensor, rows: list[int], top: list[int]) -> dict[int, tuple[list, list]]:
+    """The target's own log-probabilities (log-softmax of its logits, before the sampling transform)
+    for the rows that asked: {row: (logprobs [W + 1, V], top-k [(id, logprob)] per position)}."""
+    if not rows:
+        return {}
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), -1)  # [R, W + 1, V]
+    k = max(top)
+    values, ids = logprobs.topk(k, -1) if k else (logprobs[..., :0], logprobs[..., :0].long())
+    values, ids = values.tolist(), ids.tolist()
+    return {b: (logprobs[i], [list(zip(ids[i][j][:top[i]], values[i][j][:top[i]])) for j in range(len(ids[i]))])
+            for i, b in enumerate(rows)}
