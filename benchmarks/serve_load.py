@@ -1,0 +1,184 @@
+"""Load test of `speculant serve`: throughput and per-request latency at several concurrencies,
+speculative vs our own plain batching (the same server with --draft none).
+
+For each server configuration the script starts `speculant serve` on a free local port, warms it
+up, then for each concurrency C runs C client loops at once, each sending streaming chat requests
+(the real `openai` client) one after the other until the round's requests are used up. Reported per
+(server, C): output tok/s summed over requests (completion tokens / wall time of the round),
+requests/s, per-request latency p50 / p95 and time to first token p50 / p95.
+
+    .venv/bin/python benchmarks/serve_load.py --device cpu --max-tokens 32 --concurrency 1,4     # CPU, small
+    python benchmarks/serve_load.py --device cuda --dtype bfloat16 --servers default@4,default@auto,none  # GPU
+
+Prints a table, then one JSON line; writes $OUT/serve_load.json (OUT defaults to ./out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "Explain what a hash table is.", "Write a haiku about the sea.", "What is the capital of France, and why?",
+    "Give three tips for learning to code.", "Summarise the plot of Romeo and Juliet.",
+    "How does a bicycle stay upright?", "Write a Python function that reverses a string.",
+    "What causes the seasons on Earth?", "Describe a cat to someone who has never seen one.",
+    "List five fruits and their colours.", "Why is the sky blue?", "What is recursion? Give an example.",
+    "Write a short story about a robot who learns to paint.", "How do vaccines work?",
+    "Compare Python lists and tuples.", "What is the difference between weather and climate?",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start `speculant serve` for a server spec DRAFT[@GAMMA] (gamma: --gamma unless given)."""
+    draft, _, gamma = server.partition("@")
+    port = free_port()
+    command = [sys.executable, "-c", "import sys; from speculant.cli import main; sys.exit(main(sys.argv[1:]))",
+               "serve", "--target", args.target, "--draft", draft, "--gamma", gamma or args.gamma,
+               "--device", args.device,
+               "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len), "--port", str(port),
+               "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024"]
+    log = open(log_path, "w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server ({server}) exited; see {log_path}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"the server ({server}) did not start; see {log_path}")
+
+
+async def one_request(client, model: str, prompt: str, args) -> dict:
+    start = time.perf_counter()
+    first = None
+    usage = speculative = None
+    stream = await client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=0, stream=True)
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and first is None:
+            first = time.perf_counter()
+        if chunk.usage is not None:
+            usage, speculative = chunk.usage, (chunk.model_extra or {}).get("speculative")
+    end = time.perf_counter()
+    return {"latency": end - start, "ttft": (first or end) - start, "tokens": usage.completion_tokens,
+            "speculative": speculative}
+
+
+async def round_at(url: str, model: str, concurrency: int, num_requests: int, args) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    queue = list(range(num_requests))
+    results: list[dict] = []
+
+    async def worker():
+        while queue:
+            i = queue.pop()
+            results.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], args))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    await client.close()
+    latencies = sorted(r["latency"] for r in results)
+    ttfts = sorted(r["ttft"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    drafted = sum((r["speculative"] or {}).get("drafted", 0) for r in results)
+    accepted = sum((r["speculative"] or {}).get("accepted", 0) for r in results)
+    calls = sum((r["speculative"] or {}).get("target_calls", 0) for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tok_per_s": tokens / wall, "req_per_s": len(results) / wall,
+            "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+            "accepted_per_drafted": accepted / drafted if drafted else 0.0, "tau": tokens / calls if calls else 0.0}
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="smollm2-135m")
+    parser.add_argument("--servers", default="default,none",
+                        help="comma-separated servers to run, each DRAFT[@GAMMA] (e.g. default@auto,none)")
+    parser.add_argument("--gamma", default="4")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--requests-per-client", type=int, default=2,
+                        help="requests in a round: this many per client, at least --min-requests")
+    parser.add_argument("--min-requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    args = parser.parse_args()
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    out = Path(os.environ.get("OUT", "out"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for server in args.servers.split(","):
+        process, url = start_server(args, server, out / f"serve_load-{server.replace('/', '_')}.log")
+        try:
+            asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
+            for concurrency in args.concurrency:
+                num_requests = max(concurrency * args.requests_per_client, args.min_requests)
+                row = {"server": server, **asyncio.run(round_at(url, args.target, concurrency, num_requests, args))}
+                rows.append(row)
+                print(f"{server:>14} C={concurrency:<3} {row['tok_per_s']:8.1f} tok/s  "
+                      f"latency p50 {row['latency_p50_s']:.2f}s p95 {row['latency_p95_s']:.2f}s  "
+                      f"ttft p50 {row['ttft_p50_s']:.3f}s  tau {row['tau']:.2f}", file=sys.stderr, flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+    header = (f"{'server':>14} {'C':>3} {'requests':>8} {'tok/s':>9} {'req/s':>7} {'lat p50':>8} {'lat p95':>8} "
+              f"{'ttft p50':>9} {'ttft p95':>9} {'tau':>5} {'vs plain':>8}")
+    print(header)
+    plain = {r["concurrency"]: r["tok_per_s"] for r in rows if r["server"].partition("@")[0] == "none"}
+    for r in rows:
+        ratio = r["tok_per_s"] / plain[r["concurrency"]] if r["concurrency"] in plain else None
+        r["vs_plain"] = ratio  # None: no plain server in this run
+        print(f"{r['server']:>14} {r['concurrency']:>3} {r['requests']:>8} {r['tok_per_s']:>9.1f} "
+              f"{r['req_per_s']:>7.2f} "
+              f"{r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p95_s']:>9.3f} "
+              f"{r['tau']:>5.2f} {'-' if ratio is None else f'{ratio:.2f}':>8}")
+    import torch
+
+    result = {"benchmark": "serve_load", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "target": args.target, "gamma": args.gamma, "device": args.device, "dtype": args.dtype,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "max_tokens": args.max_tokens, "temperature": args.temperature, "rows": rows}
+    (out / "serve_load.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

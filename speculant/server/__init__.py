@@ -1,0 +1,80 @@
+"""`speculant serve`: an OpenAI-compatible HTTP server over the batched speculative engine.
+
+    speculant serve                                    # the embedded pair (smollm2-135m + its draft), CPU
+    speculant serve --target smollm2-135m --draft ngram --gamma 4 --device cuda --port 8000
+
+Layout: schemas.py (OpenAI request bodies), engine_thread.py (the one thread that owns the
+BatchEngine), metrics.py (Prometheus), app.py (FastAPI routes). The app runs on uvicorn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from speculant.cli import add_model_arguments, int_at_least
+
+    serve = subparsers.add_parser(
+        "serve", help="serve the target over an OpenAI-compatible HTTP API (continuous batching)",
+        description="Serve OpenAI's /v1/completions and /v1/chat/completions (streaming too), /v1/models, "
+                    "/health and /metrics, with continuous batching of speculative requests.")
+    add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=port_number, default=8000)
+    serve.add_argument("--max-batch", type=int_at_least(1), default=64,
+                       help="requests decoded at once (rows of a step)")
+    serve.add_argument("--max-waiting", type=int_at_least(1), default=256,
+                       help="requests that may wait for a row; more are answered 429")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as `model` (default: --target as given)")
+    serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                       help="uvicorn's log level (info logs every request)")
+    return serve
+
+
+def port_number(value: str) -> int:
+    """An argparse type: a TCP port, 0..65535."""
+    if not value.isdigit() or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value!r}")
+    return int(value)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raise ValueError (one line for the CLI) if host:port cannot be bound now."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the pair, start the engine thread and uvicorn; returns when the server stops (Ctrl-C)."""
+    import uvicorn
+
+    import speculant
+    from speculant.server.app import ServerState, create_app
+    from speculant.server.engine_thread import EngineThread
+    from speculant.server.metrics import ServerMetrics
+
+    check_can_listen(args.host, args.port)  # before the model loads: a busy port is found out at once
+    print(f"speculant serve: loading {args.target} ...", file=sys.stderr, flush=True)
+    spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
+                          dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
+                          lookup=args.lookup)
+    engine = spec.batch_engine(max_batch=args.max_batch)
+    metrics = ServerMetrics()
+    names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
+    state = ServerState(spec=spec, model_names=names, max_seq_len=spec.target.model.max_seq_len,
+                        engine=EngineThread(engine, spec.tokenizer, metrics, args.max_batch, args.max_waiting),
+                        metrics=metrics, created=int(time.time()))
+    print(f"speculant serve: {names[0]} (draft {', '.join(spec.draft_specs)}, gamma {args.gamma}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
