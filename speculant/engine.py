@@ -140,6 +140,9 @@ class Step(NamedTuple):
     num_drafted: int
     num_accepted: int
     stats: GenerationStats  # the running totals (the same object every step)
+    # [len(tokens), vocab]: the target's raw logits (no sampling transform) at the position of each
+    # token, for log-probabilities; None where a fused stepper ran the step (it keeps no logits)
+    target_logits: torch.Tensor | None = None
 
 
 def _check_request(prompt: Sequence[int], max_new_tokens: int, vocab_size: int, max_seq_len: int) -> None:
@@ -198,7 +201,10 @@ def generate(
         target.truncate(0)
         drafter.reset()
         if len(context) > 1:
-            target.forward(torch.tensor(context[:-1], device=device), 0)
+            prompt_tokens = torch.tensor(context[:-1], device=device)
+            # a model that can fill its cache without computing logits says so with `prefill`
+            prefill = getattr(target, "prefill", None)
+            prefill(prompt_tokens) if prefill is not None else target.forward(prompt_tokens, 0)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.prefill_time = time.perf_counter() - start
@@ -242,7 +248,8 @@ def generate(
             context.extend(emitted)
             stats.new_tokens += len(emitted)
             stats.decode_time = time.perf_counter() - start
-            yield Step(emitted, step.num_drafted, step.num_accepted, stats)
+            logits = None if step.target_logits is None else step.target_logits[:len(emitted)]
+            yield Step(emitted, step.num_drafted, step.num_accepted, stats, logits)
             if stats.finish_reason:
                 return
             if stats.new_tokens >= max_new_tokens:
@@ -262,6 +269,7 @@ class StepResult(NamedTuple):
     kept_alternative: bool = False  # the last kept draft token was an alternative, not the chain's
     lookup_kept: int = 0  # draft tokens kept from the lookup branch (speculant.drafters.lookup)
     alone: bool = False  # a stepper that runs steps ahead ran this one alone: its time is not typical
+    target_logits: torch.Tensor | None = None  # [γ'+1, vocab]: raw logits behind target_probs (generic steps)
 
 
 def speculative_step(
@@ -295,12 +303,13 @@ def speculative_step(
         uniforms = torch.rand(num_drafted + 1, generator=generator, device=device)
         verdict = verify(draft_tokens, draft.probs, target_probs, uniforms[:-1], uniforms[-1])
         # the step's one host synchronisation: how many were accepted, and the next token
-        return target_probs, int(verdict.num_accepted), int(verdict.next_token)
+        return logits, target_probs, int(verdict.num_accepted), int(verdict.next_token)
 
-    (target_probs, num_accepted, next_token), target_time = _timed(device, verify_draft)
+    (logits, target_probs, num_accepted, next_token), target_time = _timed(device, verify_draft)
     target.truncate(len(context) + num_accepted)  # rejected positions are simply forgotten
     tokens = draft.tokens[:num_accepted].tolist() + [next_token]
-    return StepResult(tokens, num_drafted, num_accepted, target_probs, draft_time, target_time)
+    return StepResult(tokens, num_drafted, num_accepted, target_probs, draft_time, target_time,
+                      target_logits=logits)
 
 
 def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params: SamplingParams,
@@ -324,15 +333,17 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
     def verify_tree():
         _, ancestors = candidate_tree(gamma, k, size)
         inputs = tree_tokens(torch.tensor(context[-1:], device=device), candidates, lookup)
-        target_probs = logits_to_probs(target.forward(inputs, start, ancestors), params)  # [1 + γk + L, vocab]
+        logits = target.forward(inputs, start, ancestors)  # [1 + γk + L, vocab]
+        target_probs = logits_to_probs(logits, params)
         accept_uniforms = torch.rand(gamma, k, generator=generator, device=device)
         sample_uniforms = torch.rand(gamma + 1, generator=generator, device=device)
         lookup_uniforms = None if lookup is None else torch.rand(size, generator=generator, device=device)
         verdict = verify_candidates(candidates, laws, target_probs, accept_uniforms, sample_uniforms, lookup, size,
                                     lookup_uniforms)
-        return target_probs, [int(x) for x in verdict]  # the step's one synchronisation
+        return logits, target_probs, [int(x) for x in verdict]  # the step's one synchronisation
 
-    (target_probs, (num_accepted, alternative, next_token, lookup_kept)), target_time = _timed(device, verify_tree)
+    (logits, target_probs, (num_accepted, alternative, next_token, lookup_kept)), target_time = _timed(
+        device, verify_tree)
     tokens = candidates[:num_accepted, 0].tolist()
     path = list(range(num_accepted + 1))  # the nodes whose law gave each emitted token
     if alternative:
@@ -349,7 +360,8 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
     target.truncate(len(context) + len(tokens))
     # a step is as deep as its longer branch; α then counts the depths that kept a token
     return StepResult(tokens + [next_token], max(gamma, size), len(tokens), target_probs[path], draft_time,
-                      target_time, kept_alternative=bool(alternative), lookup_kept=lookup_kept)
+                      target_time, kept_alternative=bool(alternative), lookup_kept=lookup_kept,
+                      target_logits=logits[path])
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:

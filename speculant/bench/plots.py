@@ -1,7 +1,10 @@
 """PNG plots of a benchmark's cells (matplotlib, Agg backend; skipped with a note if it is missing).
 
     speedup_by_task.png        speed-up over plain decoding, grouped bars: tasks x methods (best γ
-                               of each method per task), one panel per temperature
+                               of each method per task), one panel per temperature; with repeats,
+                               error bars span the lowest to highest speed-up of one repeat against
+                               plain decoding's same repeat; a cell that ran under another load than
+                               plain decoding (`load_differs`) is hatched and grey, not a result
     acceptance_by_position.png acceptance rate of the i-th draft token (greedy if run, else the
                                lowest temperature), one panel per task, one line per method at its
                                largest fixed γ
@@ -60,15 +63,25 @@ def _speedup_bars(plt, cells, tasks):
     width = 0.8 / max(1, len(methods))
     for ax, temperature in zip(axes[:, 0], temperatures):
         for m, method in enumerate(methods):
-            heights, labels = [], []
+            heights, labels, low, high, flagged = [], [], [], [], []
             for task in tasks:
                 candidates = [c for c in cells if c["task"] == task and c["method"] == method
                               and c["temperature"] == temperature and c.get("speedup_vs_plain") is not None]
                 best = max(candidates, key=lambda c: c["speedup_vs_plain"], default=None)
-                heights.append(best["speedup_vs_plain"] if best else 0.0)
+                height = best["speedup_vs_plain"] if best else 0.0
+                heights.append(height)
                 labels.append(best["gamma"] if best and best["gamma"] not in (None, 0) else "")
+                spread = (best or {}).get("speedup_vs_plain_repeats") or [height]
+                low.append(max(0.0, height - min(spread)))
+                high.append(max(0.0, max(spread) - height))
+                flagged.append(bool(best and best.get("load_differs")))
             xs = [t + (m - (len(methods) - 1) / 2) * width for t in range(len(tasks))]
-            bars = ax.bar(xs, heights, width, label=method, color=colors[m % len(colors)])
+            bars = ax.bar(xs, heights, width, label=method, color=colors[m % len(colors)],
+                          yerr=[low, high], capsize=2, error_kw={"elinewidth": 0.8})
+            for bar, other_load in zip(bars, flagged):
+                if other_load:  # not a result: the machine was busier or idler than for plain decoding
+                    bar.set_hatch("///")
+                    bar.set_facecolor("lightgrey")
             for bar, label in zip(bars, labels):
                 if label != "":
                     ax.annotate(f"{label}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -78,7 +91,8 @@ def _speedup_bars(plt, cells, tasks):
         ax.set_xticklabels(tasks)
         ax.set_ylabel("speed-up over plain")
         ax.set_title(f"T={temperature:g}: speed-up over plain decoding (line at 1); best γ of each method "
-                     "written above its bar", fontsize=9)
+                     "above its bar; bars: fastest repeat, whiskers: range over repeats; hatched: ran under "
+                     "another load", fontsize=8)
     fig.tight_layout()
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=min(6, max(1, len(labels))), loc="upper center",

@@ -29,6 +29,7 @@ import gc
 import inspect
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -41,10 +42,16 @@ import torch
 from speculant.bench.peers import param_bytes
 from speculant.bench.tasks import TASKS, TaskPrompt, build_prompts, default_humaneval_path
 
-QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,ngram,layers:8", "gammas": "4",
-         "temperatures": "0", "peers": "hf-eager"}
+# --quick: what a user gets by default (the shipped draft; the best CPU tree, γ 3 beside a lookup branch
+# of 8; prompt lookup) against transformers' eager decoding and its prompt lookup; three repeats,
+# every method in turn per prompt, so that a change of load hits all alike and shows as a spread.
+QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,distilled,distilled#lookup8@3,ngram",
+         "gammas": "4", "temperatures": "0", "peers": "hf-eager,hf-pld", "repeats": 3, "interleave": True}
 FULL = {"prompts_per_task": 5, "max_new_tokens": 128, "gammas": "2,4,8", "temperatures": "0,1",
-        "peers": "hf-eager,hf-pld,llama.cpp"}
+        "peers": "hf-eager,hf-pld,llama.cpp", "repeats": 1, "interleave": False}
+# a cell whose runs saw a 1-minute load average this much above or below plain decoding's (in runnable
+# processes) is flagged: its ratio to plain measures the load as much as the method
+LOAD_DIFFERENCE = 1.0
 DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,int8,distilled,distilled+ngram,layers:8+ngram,int8+distilled,"
                    "int8+ngram,ngram@auto,distilled@auto,distilled#lookup8@3")
 PEERS = ("hf-eager", "hf-pld", "llama.cpp")
@@ -59,7 +66,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a small grid (CPU, a few minutes): {QUICK['prompts_per_task']} prompt per task, "
                              f"{QUICK['max_new_tokens']} new tokens, methods {QUICK['methods']}, γ={QUICK['gammas']}, "
-                             "greedy, peer hf-eager; explicit options still win")
+                             f"greedy, peers {QUICK['peers']}, {QUICK['repeats']} interleaved repeats; explicit "
+                             "options still win")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated (see `speculant bench` docs); default {DEFAULT_METHODS} "
@@ -83,12 +91,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a real chat prompt set (JSONL with prompt/instruction/question/text, or lines); "
                              "default: instructions built from Python documentation topic titles")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run each prompt this many times per method (same seed, same tokens) and time the "
-                             "fastest: robust to other work on the machine")
-    parser.add_argument("--interleave", action="store_true",
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"run each prompt this many times per method (same seed, same tokens); the fastest "
+                             f"counts, the spread over repeats is reported (default {FULL['repeats']}, "
+                             f"--quick {QUICK['repeats']})")
+    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                         help="per prompt, run every method in turn (robust to a changing machine load; CUDA "
-                             "peak memory is then one figure for all runners) instead of one method at a time")
+                             "peak memory is then one figure for all runners) instead of one method at a time "
+                             "(default: on with --quick)")
     parser.add_argument("--warmup", default="short", choices=["short", "full"],
                         help="untimed generations first: short = one 16-token request; full = every prompt once "
                              "(use on CUDA with --gamma auto: each new γ is captured as a graph on first use)")
@@ -129,6 +139,8 @@ def resolve_settings(args) -> dict:
         "peers": [] if args.no_peers else _split(args.peers or base["peers"]),
         "methods": _split(args.methods or (QUICK["methods"] if args.quick else DEFAULT_METHODS)),
         "methods_given": args.methods is not None,
+        "repeats": args.repeats if args.repeats is not None else base["repeats"],
+        "interleave": args.interleave if args.interleave is not None else base["interleave"],
     }
     for task in settings["tasks"]:
         if task not in TASKS:
@@ -136,7 +148,7 @@ def resolve_settings(args) -> dict:
     for peer in settings["peers"]:
         if peer not in PEERS:
             raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
-    if settings["prompts_per_task"] < 1 or settings["max_new_tokens"] < 1 or args.repeats < 1:
+    if settings["prompts_per_task"] < 1 or settings["max_new_tokens"] < 1 or settings["repeats"] < 1:
         raise ValueError("--prompts-per-task, --max-new-tokens and --repeats must be >= 1")
     if any(t < 0 for t in settings["temperatures"]):
         raise ValueError("temperatures must be >= 0")
@@ -381,6 +393,7 @@ class Runner:
     fused: bool | None = None  # our steps ran as fused CUDA-graph steps
     draft_timed: bool = True  # False: a fused step times draft + verify as one, so c is not measured
     runs: list = field(default_factory=list)  # (prompt, seed, new ids, seconds, stats): the fastest repeat
+    loads: list = field(default_factory=list)  # the 1-minute load average as each timed generation started
     all_seconds: list = field(default_factory=list)  # per prompt, the seconds of every repeat
     failed: bool = False
     close: Callable[[], None] = lambda: None
@@ -500,8 +513,9 @@ class Bench:
                 self._warm(runner)
                 _reset_peak(self.device)
                 for index, prompt in enumerate(self.prompts):
-                    for _ in range(self.args.repeats):
+                    for repeat in range(self.settings["repeats"]):
                         self._run_one(runner, index, prompt)
+                        self._progress(runner, index, repeat)
                 runner.memory["cuda_max_allocated"] = _peak(self.device)
                 self._finish([runner])
                 runner = None
@@ -512,15 +526,24 @@ class Bench:
                 self._warm(runner)
             _reset_peak(self.device)
             for index, prompt in enumerate(self.prompts):
-                for _ in range(self.args.repeats):
+                for repeat in range(self.settings["repeats"]):
                     for runner in runners:
                         self._run_one(runner, index, prompt)
-                _log(f"T={temperature:g}: prompt {index + 1}/{len(self.prompts)} ({prompt.name}) through "
-                     f"{len(runners)} runners")
+                        self._progress(runner, index, repeat)
             peak = _peak(self.device)
             for runner in runners:
                 runner.memory["cuda_max_allocated_all_runners"] = peak
             self._finish(runners)
+
+    def _progress(self, runner: Runner, index: int, repeat: int) -> None:
+        """One line per timed generation, so a long method is never silent."""
+        if runner.failed or not runner.all_seconds:
+            return
+        seconds = runner.all_seconds[-1][-1]
+        tokens = len(runner.runs[-1][2])
+        _log(f"{_label(runner.method, runner.gamma):<26} T={runner.temperature:g} prompt {index + 1}/"
+             f"{len(self.prompts)} ({self.prompts[index].task}) repeat {repeat + 1}/{self.settings['repeats']}: "
+             f"{tokens / seconds if seconds else 0:6.1f} tok/s, load {runner.loads[-1]:.1f}")
 
     def _warm(self, runner: Runner) -> None:
         """Untimed generations before the timed ones, so one-time costs (allocation, compilation, CUDA
@@ -530,6 +553,8 @@ class Bench:
             work = [(p, self.settings["max_new_tokens"], self._seed(i)) for i, p in enumerate(self.prompts)]
         else:
             work = [(self.prompts[0], min(16, self.settings["max_new_tokens"]), self.args.seed)]
+        _log(f"warming up {_label(runner.method, runner.gamma)} T={runner.temperature:g} ({len(work)} untimed "
+             "generation(s))")
         try:
             runner.warmup_s = sum(runner.generate(list(p.token_ids), n, seed)[1] for p, n, seed in work)
         except Exception as error:
@@ -539,6 +564,7 @@ class Bench:
         if runner.failed:
             return
         seed = self._seed(index)
+        runner.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
         try:
             ids, seconds, stats = runner.generate(list(prompt.token_ids), self.settings["max_new_tokens"], seed)
         except Exception as error:
@@ -711,8 +737,14 @@ class Bench:
                     mismatches = None
             entry["token_ids"] = ids
             per_prompt.append(entry)
+        # tokens/s of each repeat over the task's prompts (repeat r of every prompt; same tokens each time)
+        seconds_by_repeat = [repeats.get(id(prompt), [secs]) for prompt, _, _, secs, _ in runs]
+        num_repeats = min(len(r) for r in seconds_by_repeat)
+        tokens_per_s_repeats = [new_tokens / sum(r[i] for r in seconds_by_repeat) for i in range(num_repeats)]
         cell = {
             "task": task, "method": method, "kind": kind, "order": runner.order,
+            "tokens_per_s_repeats": tokens_per_s_repeats,
+            "load_mean": sum(runner.loads) / len(runner.loads) if runner.loads else None,
             "drafts": [_short([d], self.distilled) for d in runner.drafts],
             "gamma": runner.gamma, "temperature": temperature, "prompts": len(runs), "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else 0.0,
@@ -750,9 +782,24 @@ class Bench:
             counters = cell.get("counters")
             if cell["method"] == "plain" and cell["kind"] == "ours" and counters and counters["target_calls"]:
                 plain_step[(cell["task"], cell["temperature"])] = counters["decode_time"] / counters["target_calls"]
+        plain_cells = {(c["task"], c["temperature"]): c for c in self.cells
+                       if c["method"] == "plain" and c["kind"] == "ours"}
         for cell in self.cells:
             key = (cell["task"], cell["temperature"])
             cell["speedup_vs_plain"] = cell["tokens_per_s"] / plain[key] if plain.get(key) else None
+            base = plain_cells.get(key)
+            if base is not None:
+                # repeat r of this method against repeat r of plain: interleaved, they ran back to back
+                cell["speedup_vs_plain_repeats"] = [a / b for a, b in zip(cell["tokens_per_s_repeats"],
+                                                                          base["tokens_per_s_repeats"]) if b]
+                if cell["load_mean"] is not None and base["load_mean"] is not None and cell is not base:
+                    cell["load_differs"] = abs(cell["load_mean"] - base["load_mean"]) > LOAD_DIFFERENCE
+                    if cell["load_differs"]:
+                        self.notes.append(
+                            f"{_label(cell['method'], cell['gamma'])} on {cell['task']} at T={cell['temperature']:g} "
+                            f"ran under a load of {cell['load_mean']:.1f} against {base['load_mean']:.1f} for plain "
+                            "decoding: its ratio to plain is not a fair comparison (flagged, hatched in the plot); "
+                            "rerun with --interleave on an idle machine")
             cell["speedup_vs_hf_eager"] = cell["tokens_per_s"] / hf[key] if hf.get(key) else None
             # c as the step times imply it: step = (γ c + 1) x plain step (the paper's cost model)
             counters = cell.get("counters")
@@ -872,7 +919,7 @@ def bench_from_args(args) -> int:
     bench.load()
     _log(f"loaded in {bench.load_s:.1f}s; {len(bench.prompts)} prompts, {len(bench.groups)} method/γ groups, "
          f"temperatures {settings['temperatures']}, peers {settings['peers'] or 'none'}")
-    bench.run(interleave=args.interleave)
+    bench.run(interleave=settings["interleave"])
     bench.add_speedups()
 
     ours_mismatched = sum(c["greedy_mismatches"] or 0 for c in bench.cells if c["kind"] == "ours")
@@ -902,7 +949,8 @@ def bench_from_args(args) -> int:
             "load_s": bench.load_s, "runtime_s": runtime_s,
             "humaneval_path": str(args.humaneval_path or default_humaneval_path()),
             "timing": "tokens/s = new tokens / wall seconds of whole requests (prefill included), summed over "
-                      "a task's prompts (with --repeats, the fastest repeat of each prompt); untimed warm-up "
+                      "a task's prompts (with --repeats, the fastest repeat of each prompt; "
+                      "tokens_per_s_repeats and speedup_vs_plain_repeats: each repeat alone); untimed warm-up "
                       "generation(s) per (method, γ, temperature) first",
             "memory": "param_bytes + kv_bytes_allocated of target and drafts (shared tensors once); "
                       "cuda_max_allocated on CUDA; peers: parameter bytes only",

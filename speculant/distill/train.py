@@ -156,6 +156,11 @@ class DistillOptions:
             (0 < self.heldout_fraction < 1, f"heldout fraction must be in (0, 1), got {self.heldout_fraction}"),
             (self.checkpoint_every >= 1, f"checkpoint every must be >= 1, got {self.checkpoint_every}"),
         ]
+        for f in fields(self):  # a NaN passes every comparison above as False, an infinity some
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value) and f.name != "time_limit":
+                raise DistillError(f"{f.name.replace('_', ' ')} (--{f.name.replace('_', '-')}) must be a finite "
+                                   f"number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise DistillError(message)
@@ -524,16 +529,21 @@ def train_draft(
             window_loss = window_loss + loss.detach()  # read back every 10 steps: few host syncs
             window_alpha = window_alpha + alpha
             window_n += 1
-            if window_n == 10 or state.step == opts.steps:
+            last_of_run = state.step == opts.steps or opts.done_fraction(
+                state.step, state.wall_time + time.perf_counter() - step_start) >= 1.0
+            # the loss is read (and checked) every 10 steps, at the run's end and before every checkpoint
+            if window_n == 10 or last_of_run or state.step % opts.checkpoint_every == 0:
                 _sync(device)
                 state.wall_time += time.perf_counter() - step_start
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / window_n
+                _check_loss(last_loss, state.step, opts)
                 window_alpha = float(window_alpha)
                 state.losses.append(round(last_loss, 5))
                 if bar is not None:
+                    left = {"time_left": f"{max(0.0, opts.time_limit - state.wall_time):.0f}s"} if opts.time_limit else {}
                     bar.set_postfix(loss=f"{last_loss:.4f}", alpha=f"{window_alpha / window_n:.3f}",
-                                    tok_s=f"{window_n * tokens_per_step / elapsed:,.0f}")
+                                    tok_s=f"{window_n * tokens_per_step / elapsed:,.0f}", **left)
                 window_loss, window_alpha, window_n, window_start = 0.0, 0.0, 0, time.perf_counter()
             else:
                 state.wall_time += time.perf_counter() - step_start
@@ -544,6 +554,10 @@ def train_draft(
     finally:
         if bar is not None:
             bar.close()
+    if window_n:  # the loop ended inside a window (the time limit)
+        last_loss = float(window_loss) / window_n
+        _check_loss(last_loss, state.step, opts)
+        state.losses.append(round(last_loss, 5))
     _save_checkpoint(checkpoint, weights, optimizer, state, opts, target_hash, device)
 
     # What users get: the saved weights, in the target's dtype.
@@ -565,7 +579,7 @@ def train_draft(
         "device": _device_name(device),
         "wall_time_s": round(state.wall_time, 2),
         "train_tokens_per_s": round(state.tokens_seen / state.wall_time, 1) if state.wall_time else 0.0,
-        "final_loss": last_loss,
+        "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no training step ran
         "loss_history": state.losses[-200:],
         "alpha_t0": after["alpha_t0"],
         "alpha_t1": after["alpha_t1"],
@@ -590,9 +604,30 @@ def train_draft(
         metadata.update(engine_alpha(target, served, prompts, gamma=opts.gamma,
                                      max_new_tokens=min(opts.engine_new_tokens, target.max_seq_len - 33),
                                      seed=opts.seed))
+    _check_finite(metadata)
     save_draft(out_dir, weights, target_name=target_name, target_hash=target_hash, dtype=save_dtype,
                metadata=metadata)
     return metadata
+
+
+def _check_loss(loss: float, step: int, opts: DistillOptions) -> None:
+    """A NaN or infinite loss ends training: the weights it leaves are no draft."""
+    if not math.isfinite(loss):
+        raise DistillError(
+            f"the training loss became {loss} by step {step} (learning rate {opts.lr_at(step):g}): the draft's "
+            f"weights are no longer numbers. Lower --lr (now {opts.lr:g}), keep --grad-clip on (now "
+            f"{opts.grad_clip:g}), or check the training data (--data); nothing was saved after the last "
+            "checkpoint, and --resume would restart from it")
+
+
+def _check_finite(metadata: dict, where: str = "") -> None:
+    """Every number the draft's config.json records must be finite (JSON has no NaN)."""
+    for key, value in metadata.items():
+        if isinstance(value, dict):
+            _check_finite(value, f"{where}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise DistillError(f"the draft's {where}{key} came out {value}: the run did not train a usable draft "
+                               "(lower --lr, train longer, or check the data); nothing was saved")
 
 
 def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: int) -> dict:
@@ -629,7 +664,8 @@ def _progress(opts: DistillOptions, initial: int):
     from tqdm import tqdm
 
     # Logged to a file (a remote run), the bar would print hundreds of lines: every 10 s at most.
-    return tqdm(total=opts.steps, initial=initial, desc="distilling", unit="step", file=sys.stderr,
+    desc = f"distilling (stops at {opts.time_limit:g} s)" if opts.time_limit else "distilling"
+    return tqdm(total=opts.steps, initial=initial, desc=desc, unit="step", file=sys.stderr,
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
@@ -711,9 +747,14 @@ def run_distill(target_spec: str, out_dir: str | Path, **options) -> dict:
         options["sources"] = tuple(options["sources"])
     opts = DistillOptions(**options)
     out_dir = _prepare_out_dir(out_dir)
+    if opts.device != "auto":
+        from speculant.api import check_device
+
+        try:
+            check_device(opts.device)
+        except ValueError as error:
+            raise DistillError(f"--device: {error} (or auto)") from None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if opts.device == "auto" else opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DistillError("device cuda asked for, but torch sees no CUDA device here")
     target_dtype = DTYPES.get(opts.target_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(opts.seed)
 
@@ -853,7 +894,7 @@ def distill_from_args(args: argparse.Namespace) -> int:
     metadata = run_distill(args.target, args.out, **options_from_args(args))
     rows = [("steps", metadata["steps"]), ("tokens seen", metadata["tokens_seen"]),
             ("wall time (s)", metadata["wall_time_s"]), ("train tok/s", metadata["train_tokens_per_s"]),
-            ("final loss", f"{metadata['final_loss']:.4f}"),
+            ("final loss", "no step ran" if metadata["final_loss"] is None else f"{metadata['final_loss']:.4f}"),
             ("held-out α, T=0", f"{metadata['alpha_t0_before']:.3f} -> {metadata['alpha_t0']:.3f}"),
             ("held-out α, T=1", f"{metadata['alpha_t1_before']:.3f} -> {metadata['alpha_t1']:.3f}"),
             ("target mass on kept ids", f"{metadata['kept_mass_t1']:.3f}"),
@@ -872,7 +913,7 @@ def distill_from_args(args: argparse.Namespace) -> int:
         print(f"{name:<26} {value}", file=sys.stderr)
     summary = {k: v for k, v in metadata.items() if k not in ("loss_history", "options", "data")}
     summary["out"] = str(args.out)
-    print(json.dumps(summary))
+    print(json.dumps(summary, allow_nan=False))
     return 0
 
 
