@@ -40,13 +40,12 @@ from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import GenerationStats, generate
-from speculant.models.base import CausalLM, ContextOverflowError
+from speculant.models.base import DTYPES, CausalLM, ContextOverflowError
 from speculant.models.loading import LoadedModel, ModelLoadError, check_pairing, load_model
 from speculant.models.transformer import LeanModel, int8_weights
 from speculant.sampling import SamplingParams
 from speculant.stopping import StopStringDecoder
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The KV cache when load() is not given max_seq_len: room for long chats, while a CUDA-graph step,
 # which attends over the whole cache, stays fast.
 DEFAULT_MAX_SEQ_LEN = 2048

@@ -18,14 +18,11 @@ from pathlib import Path
 
 import torch
 
+from speculant.models.base import synchronize
+
 
 class PeerUnavailable(Exception):
     """A peer that cannot run here; the message says why (recorded in results.json)."""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hf_folder(loaded) -> Path | None:
@@ -119,11 +116,11 @@ def hf_generate(model, prompt_ids: Sequence[int], *, max_new_tokens: int, temper
     torch.manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(seed)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=attention_mask, generation_config=config)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     new = out[0, input_ids.shape[1]:].tolist()
     for i, token in enumerate(new):

@@ -41,6 +41,7 @@ import torch
 
 from speculant.bench.peers import param_bytes
 from speculant.bench.tasks import TASKS, TaskPrompt, build_prompts, default_humaneval_path
+from speculant.models.base import DTYPES, synchronize
 
 # --quick: what a user gets by default (the shipped draft; the best CPU tree, γ 3 beside a lookup branch
 # of 8; prompt lookup) against transformers' eager decoding and its prompt lookup; three repeats,
@@ -55,7 +56,6 @@ LOAD_DIFFERENCE = 1.0
 DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,int8,distilled,distilled+ngram,layers:8+ngram,int8+distilled,"
                    "int8+ngram,ngram@auto,distilled@auto,distilled#lookup8@3")
 PEERS = ("hf-eager", "hf-pld", "llama.cpp")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -247,11 +247,6 @@ def _layers_ok(spec: str, num_layers: int) -> bool:
 
 
 # ---- measuring -------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: torch.device) -> None:
@@ -622,11 +617,11 @@ class Bench:
         device = self.device
 
         def generate(ids: list[int], max_new_tokens: int, seed: int):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             result = spec.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                                    plain=plain)
-            _sync(device)
+            synchronize(device)
             return result.token_ids, time.perf_counter() - start, result.stats
 
         extra = group["gamma"] if isinstance(group["gamma"], int) else 12  # room for the last draft

@@ -56,24 +56,24 @@ from speculant.distill.data import (
     wide_chat_prompts,
 )
 from speculant.distill.draft_model import (
-    FeatureDraft,
-    draft_class,
+    WEIGHTS_FILE,
     DistillError,
     DraftConfig,
     DraftWeights,
-    WEIGHTS_FILE,
+    FeatureDraft,
     batched_hidden_states,
+    draft_class,
     init_random,
     read_draft_config,
     save_draft,
     serving_copy,
 )
+from speculant.models.base import DTYPES, synchronize
 from speculant.models.transformer import LeanModel, TransformerWeights
 from speculant.sampling import SamplingParams, logits_to_probs
 
 CHECKPOINT_DIR = "checkpoint"
 CORPUS_FILE = "corpus.safetensors"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class OutputDirError(DistillError):
@@ -359,21 +359,16 @@ def measure_cost_ratio(target, draft, context: torch.Tensor, repeats: int = 20) 
         token = context[-1:].to(model.device)
         for _ in range(repeats + 3):
             model.truncate(len(context))
-            _sync(model.device)
+            synchronize(model.device)
             start = time.perf_counter()
             forward(token, len(context))
-            _sync(model.device)
+            synchronize(model.device)
             times.append(time.perf_counter() - start)
         model.truncate(0)
         return statistics.median(times[3:])
 
     target_s, draft_s = one_token_time(target), one_token_time(draft)
     return {"cost_ratio": draft_s / target_s, "target_forward_ms": 1e3 * target_s, "draft_forward_ms": 1e3 * draft_s}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -533,7 +528,7 @@ def train_draft(
                 state.step, state.wall_time + time.perf_counter() - step_start) >= 1.0
             # the loss is read (and checked) every 10 steps, at the run's end and before every checkpoint
             if window_n == 10 or last_of_run or state.step % opts.checkpoint_every == 0:
-                _sync(device)
+                synchronize(device)
                 state.wall_time += time.perf_counter() - step_start
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / window_n

@@ -33,6 +33,16 @@ class CausalLM(Protocol):
         ...
 
 
+# The dtype names speculant's command line, API, bench and distill accept.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`, so that wall-clock times are honest (no-op on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class ContextOverflowError(ValueError):
     """A sequence would not fit in the model's context."""
 
