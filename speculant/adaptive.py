@@ -305,3 +305,20 @@ class AdaptiveGamma:
             self.verify_sum[n] *= self.cost_age
             self.verify_weight[n] *= self.cost_age
         self.last_gamma = None
+
+
+def parse_gamma(text: str) -> int | str:
+    """A draft length as users write it: an integer >= 1, or 'auto' (this module's policy).
+
+    >>> parse_gamma("4"), parse_gamma("auto")
+    (4, 'auto')
+    """
+    if text == "auto":
+        return text
+    try:
+        gamma = int(text)
+    except ValueError:
+        raise ValueError(f"gamma must be an integer >= 1 or 'auto', got {text!r}") from None
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    return gamma

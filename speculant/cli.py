@@ -40,15 +40,12 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def _gamma(value: str) -> int | str:
-    if value == "auto":
-        return value
+    from speculant.adaptive import parse_gamma
+
     try:
-        gamma = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"gamma must be an integer >= 1 or 'auto', got {value!r}") from None
-    if gamma < 1:
-        raise argparse.ArgumentTypeError(f"gamma must be >= 1 (use --draft none for plain decoding), got {gamma}")
-    return gamma
+        return parse_gamma(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} (--draft none decodes without a draft)") from None
 
 
 def int_at_least(low: int):

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from speculant.adaptive import parse_gamma
 from speculant.bench.peers import param_bytes
 from speculant.bench.tasks import TASKS, TaskPrompt, build_prompts, default_humaneval_path
 from speculant.models.base import DTYPES, synchronize
@@ -115,25 +116,13 @@ def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _gamma_value(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        gamma = int(text)
-    except ValueError:
-        raise ValueError(f"bad γ {text!r}: use an integer >= 1 or auto") from None
-    if gamma < 1:
-        raise ValueError(f"γ must be >= 1, got {gamma} (plain decoding is the `plain` method)")
-    return gamma
-
-
 def resolve_settings(args) -> dict:
     """Fill options left unset from --quick or the full defaults."""
     base = QUICK if args.quick else FULL
     settings = {
         "prompts_per_task": args.prompts_per_task if args.prompts_per_task is not None else base["prompts_per_task"],
         "max_new_tokens": args.max_new_tokens if args.max_new_tokens is not None else base["max_new_tokens"],
-        "gammas": [_gamma_value(g) for g in _split(args.gammas or base["gammas"])],
+        "gammas": [parse_gamma(g) for g in _split(args.gammas or base["gammas"])],
         "temperatures": [float(t) for t in _split(args.temperatures or base["temperatures"])],
         "tasks": _split(args.tasks),
         "peers": [] if args.no_peers else _split(args.peers or base["peers"]),
@@ -201,7 +190,7 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
                 "so it drafts for the target or for int8 directly, as the last level")
             continue
         drafts = [distilled if p == "distilled" else p for p in parts]
-        for gamma in ([_gamma_value(pinned)] if pinned else gammas):
+        for gamma in ([parse_gamma(pinned)] if pinned else gammas):
             group = {"method": name + "".join("#" + m for m in modifiers), "drafts": drafts, "gamma": gamma}
             if options:
                 group["options"] = options

@@ -15,17 +15,14 @@ from pathlib import Path
 
 import torch
 
+from speculant.adaptive import parse_gamma
+
 
 def _gamma(value: str) -> int | str:
-    if value == "auto":
-        return value
     try:
-        gamma = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"gamma must be an integer >= 1 or 'auto', got {value!r}") from None
-    if gamma < 1:
-        raise argparse.ArgumentTypeError(f"gamma must be >= 1, got {gamma}")
-    return gamma
+        return parse_gamma(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _gamma_list(value: str) -> list[int]:
