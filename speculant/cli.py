@@ -180,15 +180,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status. Called as the program (argv None), a Ctrl-C that
-    comes after the work is done is ignored, so that it cannot interrupt the interpreter's exit."""
-    try:
+    """Run the command line; returns the exit status. Called as the program (argv None), Ctrl-C is
+    noted as it arrives, so that an interrupt that a library swallowed (a bare `except:` around an
+    import, after which the import fails again) still exits 130; a Ctrl-C that comes after the work is
+    done is ignored, so that it cannot interrupt the interpreter's exit."""
+    if argv is not None:
         return _main(argv)
-    finally:
-        if argv is None:
-            import signal
+    import signal
 
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def note_interrupt(signum, frame):
+        _INTERRUPTED.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, note_interrupt)
+    try:
+        code = _main(None)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if code == 130:
+        # Exit at once: an interrupt raised inside a library's embedded code leaves CPython set to kill
+        # itself with SIGINT at shutdown, which would replace the status 130 with a signal.
+        _flush_quietly()
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(130)
+    return code
+
+
+_INTERRUPTED: list[int] = []  # signals noted by main's SIGINT handler (the program only)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -223,17 +244,18 @@ def _main(argv: list[str] | None) -> int:
 
             return diffusion(args)
     except KeyboardInterrupt:
-        _flush_quietly()
-        resume = "; run the same command again to resume from the last checkpoint" if command == "distill" else ""
-        print(f"\nspeculant: interrupted{resume}", file=sys.stderr)
-        return 130
+        return _interrupted(command)
     except BrokenPipeError:  # stdout closed early (speculant ... | head): the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (CliError, ValueError, OSError) as error:
+        if _INTERRUPTED:
+            return _interrupted(command)
         print(f"speculant: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # a bug: one line, the traceback on request
+        if _INTERRUPTED:  # e.g. an import that fails because the interrupt broke its first attempt
+            return _interrupted(command)
         if os.environ.get("SPECULANT_TRACEBACK"):
             import traceback
 
@@ -242,6 +264,13 @@ def _main(argv: list[str] | None) -> int:
               "it; SPECULANT_TRACEBACK=1 prints where it happened)", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupted(command: str | None) -> int:
+    _flush_quietly()
+    resume = "; run the same command again to resume from the last checkpoint" if command == "distill" else ""
+    print(f"\nspeculant: interrupted{resume}", file=sys.stderr)
+    return 130
 
 
 def _one_line(error: BaseException) -> str:
