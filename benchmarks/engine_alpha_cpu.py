@@ -8,18 +8,18 @@ a depth then counts as accepted when either branch keeps a token there).
     python benchmarks/engine_alpha_cpu.py --gammas 3 --candidates 4 --lookup 0,8 --tasks code
 """
 
-import argparse
 import json
-from pathlib import Path
+import sys
 
-import torch
+import common
 
 import speculant
 from speculant.bench.tasks import chat_prompts, code_prompts
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = common.arguments(__doc__, out_default="bench-out/alpha")
+    ap.set_defaults(threads=1)
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--gammas", default="3,4")
@@ -27,17 +27,15 @@ def main():
     ap.add_argument("--lookup", default="0", help="lookup branch sizes G (0: none)")
     ap.add_argument("--tasks", default="code,chat")
     ap.add_argument("--draft", default="default", help="the draft: default (embedded) or a draft folder")
-    ap.add_argument("--out", default="")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    dtype = common.setup(args)
     rows = []
     grid = [(g, k, lookup) for g in map(int, args.gammas.split(",")) for k in map(int, args.candidates.split(","))
             for lookup in map(int, args.lookup.split(","))]
     for gamma, k, lookup in grid:
-        spec = speculant.load("smollm2-135m", args.draft, gamma=gamma, candidates=k, lookup=lookup)
-
-        def encode(text, chat):
-            return spec.encode(text, chat)
+        spec = speculant.load("smollm2-135m", args.draft, gamma=gamma, candidates=k, lookup=lookup,
+                              device=args.device, dtype=dtype)
+        encode = spec.encode  # (text, chat) -> token ids
 
         for task, prompts, temperature in (("code", code_prompts(args.prompts, encode), 0.0),
                                            ("chat", chat_prompts(args.prompts, encode), 1.0)):
@@ -64,13 +62,11 @@ def main():
                    "acceptance_by_position": [round(a / d, 3) if d else None for a, d in by_position]}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "engine_alpha_cpu.json").write_text(json.dumps({"command": "python benchmarks/engine_alpha_cpu.py "
-                                                                           f"--prompts {args.prompts} --max-new-tokens {args.max_new_tokens} --gammas {args.gammas} "
-                                                                           f"--candidates {args.candidates} --lookup {args.lookup} --tasks {args.tasks}",
-                                                                           "rows": rows}, indent=1))
-
+    header = ("task", "T", "gamma", "k", "G", "alpha", "tau", "from lookup", "by position")
+    table = common.table([(r["task"], r["temperature"], r["gamma"], r["candidates"], r["lookup"], f"{r['alpha']:.3f}",
+                           f"{r['tau']:.2f}", r["tokens_from_lookup"], r["acceptance_by_position"]) for r in rows], header)
+    common.finish(args.out, "engine_alpha_cpu.json", {"command": " ".join(sys.argv), "device": args.device,
+                                                      "dtype": dtype, "rows": rows}, table, {"rows": len(rows)})
 
 if __name__ == "__main__":
     main()

@@ -11,10 +11,10 @@ common=(--target /root/w/smollm2.gguf --inputs features --layers 1 --init-from s
         --engine-prompts 0)
 case $stage in
   data)  # steps 0: build the corpus (chat answers first), measure the shipped draft on it, train nothing
-    python -m speculant.distill.train "${common[@]}" --out /root/gen --steps 0 --train-tokens 20000000 \
+    python -m speculant.distill.cli "${common[@]}" --out /root/gen --steps 0 --train-tokens 20000000 \
       --chat-samples 16000 --chat-prompts wide --chat-repeat 2 --chat-batch-size 1024 --chat-max-new-tokens 320 ;;
   train)
-    python -m speculant.distill.train "${common[@]}" --data /root/gen/corpus.safetensors --out /root/ft \
+    python -m speculant.distill.cli "${common[@]}" --data /root/gen/corpus.safetensors --out /root/ft \
       --time-limit ${TIME_LIMIT:-450} --steps 100000 --lr ${LR:-4e-4} --checkpoint-every 500 \
       --vocab 16384 --init-vocab corpus ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

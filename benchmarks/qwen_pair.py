@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speculant.api import Speculant
-from speculant.models.loading import load_model
+from speculant.models.registry import load_model
 
 # Everyday questions, written for this benchmark, held out of any training here, none about Python.
 CHAT_PROMPTS = [

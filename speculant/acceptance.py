@@ -266,3 +266,52 @@ def verify_candidates(
     next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0])
     alternative = torch.where(has_alternative, column, 0)
     return CandidateVerdict(num_accepted, alternative, next_token, lookup_kept)
+
+
+class Emitted(NamedTuple):
+    """What a step emits, as device tensors of static shape (a CUDA graph captures them)."""
+
+    tokens: torch.Tensor  # [D + 1] int64, D = max(γ, G): tokens[:count] are emitted, the rest repeat the next token
+    nodes: torch.Tensor  # [D] int64: the tree node of emitted token i < count - 1 (candidate_tree); i + 1 past them
+    count: torch.Tensor  # [] int64, 1..D + 1: kept draft tokens + the next token
+
+
+def emitted_tokens(candidates: torch.Tensor, num_accepted: torch.Tensor, next_token: torch.Tensor,
+                   alternative: torch.Tensor | None = None, lookup: torch.Tensor | None = None,
+                   lookup_kept: torch.Tensor | None = None) -> Emitted:
+    """The tokens a step emits, from its verdict (verify's, or verify_candidates' with the kept
+    alternative and lookup run): the chain's num_accepted tokens, then the kept alternative or the
+    kept lookup run, then the next token. candidates [γ, k] (column 0 the chain; [γ, 1] for a chain),
+    lookup [G] | None. Shapes never depend on the verdict and nothing is read on the host.
+
+    A kept node off the chain sits in cache slot start + nodes[i] and belongs at start + i + 1, its
+    position; the target's law of emitted token i was computed at node 0 (i = 0) or nodes[i - 1].
+
+    >>> chain = torch.tensor([[5], [6], [7]])
+    >>> out = emitted_tokens(chain, torch.tensor(2), torch.tensor(9))
+    >>> out.tokens[:int(out.count)].tolist(), out.nodes.tolist()
+    ([5, 6, 9], [1, 2, 3])
+    """
+    gamma, k = candidates.shape
+    size = 0 if lookup is None else lookup.shape[0]
+    depth = max(gamma, size)
+    index = torch.arange(depth, device=candidates.device)  # [D]
+    zero = torch.zeros((), dtype=torch.int64, device=candidates.device)
+    alternative = zero if alternative is None else alternative
+    lookup_kept = zero if lookup_kept is None else lookup_kept
+    tokens = next_token.expand(depth)
+    nodes = index + 1  # a chain token's node is its slot: it stays where it is
+    if size:
+        in_run = (index >= num_accepted) & (index < num_accepted + lookup_kept)
+        tokens = torch.where(in_run, lookup.gather(0, index.clamp(max=size - 1)), tokens)
+        nodes = torch.where(in_run, lookup_node(gamma, k, index), nodes)
+    if gamma:
+        # gather, not [0-dim tensor]: indexing with a 0-dim tensor reads it on the host
+        where = (num_accepted.clamp(max=gamma - 1) * k + alternative).view(1)
+        kept_alternative = (alternative > 0) & (index == num_accepted)
+        tokens = torch.where(kept_alternative, candidates.reshape(-1).gather(0, where), tokens)
+        nodes = torch.where(kept_alternative, alternative_node(gamma, k, num_accepted, alternative), nodes)
+        chain = candidates[:, 0].gather(0, index.clamp(max=gamma - 1))
+        tokens = torch.where(index < num_accepted, chain, tokens)
+    count = num_accepted + (alternative > 0).to(torch.int64) + lookup_kept + 1
+    return Emitted(torch.cat([tokens, next_token.view(1)]), nodes, count)

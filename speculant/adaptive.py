@@ -46,9 +46,9 @@ measured loss, (its time) − (its tokens) × V[0]. A useless drafter so costs a
 plain speed; a probe that wins pays for the next one, so a drafter that turns good is re-enabled
 within a few probes; after `max_probe_every` plain steps a probe is made regardless.
 
-With a run-ahead stepper (speculant.fused, on CUDA) the next step's γ is chosen when that step is
-launched, before the step in flight is observed: the choices lag the evidence by one step, and
-`observe` is told which γ the observed step asked for. Such a stepper runs some steps alone (a
+With a run-ahead stepper (speculant.fused, on CUDA) the engine chooses each step's γ together with
+the step before it, which the stepper launches it behind, before that step is observed: the choices
+lag the evidence by one step, and `observe` is told which γ the observed step asked for. Such a stepper runs some steps alone (a
 request's first, one cut to the room left at a request's end, one after a plain step), 5-15 % slower
 than the same length run ahead; `observe(timed=False)` says so, and they teach acceptance only. Else a
 length the policy does not choose is timed on those steps alone, priced too high and never retried

@@ -32,33 +32,22 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 
 from speculant.adaptive import AdaptiveGamma
-from speculant.distill.draft_model import FeatureDraft
-from speculant.drafters.base import Drafter
-from speculant.drafters.features import FeatureDrafter
+from speculant.analysis import GenerationStats
+from speculant.chain import backend_of, build_chain, embedded_draft_folder
+from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
-from speculant.drafters.lookup import LookupDrafter
-from speculant.drafters.model import ModelDrafter
-from speculant.drafters.ngram import NgramDrafter
-from speculant.engine import GenerationStats, generate
-from speculant.models.base import DTYPES, CausalLM, ContextOverflowError
-from speculant.models.loading import LoadedModel, ModelLoadError, check_pairing, load_model
-from speculant.models.transformer import LeanModel, int8_weights
+from speculant.engine import generate
+from speculant.fused import fused_stepper
+from speculant.models.base import DTYPES, ContextOverflowError
+from speculant.models.cache import ModelLoadError
+from speculant.models.registry import LoadedModel, load_model
+from speculant.plan import DraftPlan
 from speculant.sampling import SamplingParams
 from speculant.stopping import StopStringDecoder
 
 # The KV cache when load() is not given max_seq_len: room for long chats, while a CUDA-graph step,
 # which attends over the whole cache, stays fast.
 DEFAULT_MAX_SEQ_LEN = 2048
-
-
-class NoDrafter:
-    """`none`: propose nothing, so every step is a plain decoding step."""
-
-    def reset(self) -> None:
-        pass
-
-    def propose(self, context, gamma, params, generator):
-        raise AssertionError("the engine asks a drafter only for gamma >= 1")
 
 
 class TokenLogprob(NamedTuple):
@@ -81,52 +70,6 @@ class Generation:
     stop: str | None = None  # the stop string that ended the output, if one did
 
 
-EMBEDDED_DRAFTS = Path(__file__).parent / "embedded"
-
-
-def embedded_draft_folder(spec: str) -> Path | None:
-    """The folder of an embedded distilled draft named `spec` (e.g. `smollm2-135m-draft`), else None."""
-    folder = EMBEDDED_DRAFTS / spec
-    return folder if "/" not in spec and (folder / "config.json").is_file() else None
-
-
-def default_draft(target: LoadedModel | str) -> str:
-    """The folder of the embedded distilled draft made for the target's model, else `ngram`.
-
-    A LoadedModel is matched by its weights (distilled_for): any copy or format of SmolLM2-135M gets
-    the shipped draft. A bare name is matched by name (`smollm2-135m` -> `smollm2-135m-draft`)."""
-    for config_path in sorted(EMBEDDED_DRAFTS.glob("*/config.json")):
-        folder = config_path.parent
-        if (folder.name == f"{target}-draft" if isinstance(target, str)
-                else _distilled_for(folder, target) is not None):
-            return str(folder)
-    return "ngram"
-
-
-def _distilled_for(folder: Path, target: LoadedModel) -> str | None:
-    """The source hash to hand load_draft if the draft in `folder` was distilled from this target's
-    model (the same file, or any copy or format of the same weights); None if from another model."""
-    from speculant.distill.draft_model import read_draft_config
-    from speculant.models.loading import EMBEDDED
-
-    config = read_draft_config(folder)
-    if config["target_hash"] == target.source_hash:
-        return target.source_hash
-    if target.fingerprint is None:
-        return None
-    # the fingerprint of the model the draft was distilled from: recorded in the draft, or known for
-    # an embedded model whose GGUF has that hash
-    known = config.get("target_fingerprint") or next(
-        (e.fingerprint for e in EMBEDDED.values() if e.sha256 == config["target_hash"]), None)
-    return config["target_hash"] if known == target.fingerprint else None
-
-
-def _resolved_name(spec: str) -> str:
-    """How a level's spec is reported: an embedded draft by its name, not its folder."""
-    folder = Path(spec)
-    return folder.name if folder.parent == EMBEDDED_DRAFTS and embedded_draft_folder(folder.name) else spec
-
-
 class Speculant:
     """A target, a chain of drafters and a γ policy, ready to generate."""
 
@@ -134,24 +77,18 @@ class Speculant:
                  inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0) -> None:
         self.target = target
         self.tokenizer = target.tokenizer
-        self.drafter, self.levels = _build_chain(target, list(drafts), inner_gamma, candidates, lookup)
+        self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
+        self.drafter, self.levels = build_chain(target, self.plan, inner_gamma)
         self.draft_specs = [spec for spec, _ in self.levels]  # as resolved: `default` says which draft ran
-        if gamma == "auto":
-            if lookup:
-                raise ValueError("--gamma auto does not take --lookup: its model of a step has no lookup branch "
-                                 "(use a fixed --gamma; 3 or 4 suit the embedded draft)")
-            self.gamma: int | AdaptiveGamma = AdaptiveGamma()  # kept across requests: the pair's prior
-        else:
-            if not isinstance(gamma, int) or gamma < 1:
-                raise ValueError(f"gamma must be an integer >= 1 or 'auto', got {gamma!r}")
-            self.gamma = gamma
+        # AdaptiveGamma is kept across requests: the pair's prior
+        self.gamma: int | AdaptiveGamma = AdaptiveGamma() if gamma == "auto" else gamma
         if isinstance(self.drafter, NoDrafter):
             self.gamma = 0
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
             fused = target.model.device.type == "cuda"
-        self.stepper = _fused_stepper(target.model, self.drafter, candidates, lookup) if fused else None
-        self.plain_stepper = _fused_stepper(target.model, NoDrafter()) if fused else None
+        self.stepper = fused_stepper(target.model, self.drafter) if fused else None
+        self.plain_stepper = fused_stepper(target.model, NoDrafter()) if fused else None
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, chat: bool = False, *,
@@ -373,6 +310,7 @@ class Speculant:
 
     def stats_dict(self, stats: GenerationStats) -> dict:
         out = stats.to_dict()
+        out["backend"] = backend_of(self.target)
         out["levels"] = [
             {"draft": spec, **_level_stats(drafter)} for spec, drafter in self.levels
             if isinstance(drafter, SpeculativeDrafter)
@@ -467,156 +405,48 @@ def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     return list(stops)
 
 
-def _fused_stepper(target: CausalLM, drafter: Drafter, candidates: int = 1, lookup: int = 0):
-    """A FusedStepper for a lean target and a one-level drafter it can fuse; else None."""
-    from speculant.fused import FusedStepper
-
-    if not isinstance(target, LeanModel):
-        return None
-    if isinstance(drafter, NoDrafter):
-        return FusedStepper(target, None)
-    if isinstance(drafter, NgramDrafter):
-        return FusedStepper(target, None, ngram=drafter)
-    if isinstance(drafter, LookupDrafter):
-        ngram, drafter = drafter.ngram, drafter.inner
-    else:
-        ngram, lookup = None, 0
-    if isinstance(drafter, (ModelDrafter, FeatureDrafter)) and isinstance(drafter.model, LeanModel):
-        return FusedStepper(target, drafter.model, candidates=candidates, lookup=lookup, ngram=ngram)
-    return None
-
-
 def _level_stats(drafter: SpeculativeDrafter) -> dict:
     s = drafter.stats
     return {"alpha": s.alpha, "tau": s.tau, "target_calls": s.target_calls, "drafted": s.drafted,
             "accepted": s.accepted}
 
 
-def _build_chain(target: LoadedModel, specs: Sequence[str], inner_gamma: int,
-                 candidates: int = 1, lookup: int = 0) -> tuple[Drafter, list]:
-    """Turn draft specs into one drafter. specs[0] drafts for the target, specs[i] for specs[i-1].
-    `candidates` k > 1: the drafter proposes k candidates per position (one draft model only).
-    `lookup` G > 0: a prompt-lookup branch of up to G tokens beside it (drafters.lookup)."""
-    if not specs:
-        specs = ["none"]
-    if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-        raise ValueError(f"candidates must be an integer >= 1, got {candidates!r}")
-    if len(specs) > 1 and any(s == "none" for s in specs):
-        raise ValueError("'none' cannot be combined with other drafters")
-    # Resolve each level's model (None for n-gram / none), top-down: layers:N needs the level above.
-    above: LoadedModel = target
-    models: list[tuple[str, CausalLM | None]] = []
-    for depth, spec in enumerate(specs):
-        if spec == "default":
-            spec = _resolved_name(default_draft(target))
-        model = _level_model(spec, above, target)
-        if model is None and depth < len(specs) - 1:
-            raise ValueError(f"draft '{spec}' has no model to be drafted for; it can only be the last --draft")
-        models.append((spec, model))
-        if model is not None and isinstance(model, LoadedModel):
-            above = model
-    # Build bottom-up: the last level is a plain drafter, each level above wraps the one below.
-    for depth, (spec, model) in enumerate(models):
-        if isinstance(model, FeatureDraft) and (depth < len(models) - 1
-                                                or not feature_draft_may_follow([s for s, _ in models[:depth]])):
-            raise ValueError(f"draft '{spec}' reads the target's features: it drafts for the target or for "
-                             "--draft int8 directly, as the last --draft")
-    if candidates > 1 and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
-        raise ValueError("several candidates per position need one draft model as the only --draft (a distilled "
-                         "draft, a model or layers:N) and a lean target; n-gram, none and chains propose one")
-    if not isinstance(lookup, int) or isinstance(lookup, bool) or lookup < 0:
-        raise ValueError(f"lookup must be an integer >= 0, got {lookup!r}")
-    if lookup and (len(models) > 1 or models[0][1] is None or not isinstance(target.model, LeanModel)):
-        raise ValueError("a lookup branch goes beside one draft model as the only --draft (a distilled draft, a "
-                         "model or layers:N) and a lean target; for prompt lookup alone use --draft ngram")
-    if candidates > target.model.vocab_size:
-        raise ValueError(f"candidates must be at most the vocabulary size ({target.model.vocab_size}), got {candidates}")
-    spec, model = models[-1]
-    above = _causal_lm(models[-2][1]) if len(models) > 1 else target.model
-    drafter = _leaf_drafter(spec, model, above, candidates)
-    if lookup:
-        drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
-    levels = [(spec, drafter)]
-    for spec, model in reversed(models[:-1]):
-        drafter = SpeculativeDrafter(_causal_lm(model), drafter, inner_gamma)
-        levels.insert(0, (spec, drafter))
-    return drafter, levels
+BACKENDS = ("torch", "llama.cpp", "auto")
 
 
-def feature_draft_may_follow(specs_above: Sequence[str]) -> bool:
-    """May a feature draft be the last level under these draft specs? It reads the hidden states of
-    the model it drafts for: the target's, or those of the target's int8 copy, which are the
-    target's up to rounding."""
-    return list(specs_above) in ([], ["int8"])
+def choose_backend(backend: str, *, target: str, drafts: Sequence[str], device: str = "cpu", dtype: str = "float32",
+                   candidates: int = 1, lookup: int = 0) -> str:
+    """torch or llama.cpp for a request. `llama.cpp` says in one line what it cannot run; `auto` takes
+    llama.cpp where it can run the request (a CPU, llama-cpp-python installed, an embedded name or a
+    .gguf target, drafts it runs: ngram, none, default, models) and torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    from speculant.models.feature_draft import is_draft_folder
+    from speculant.models.llamacpp import llama_cpp_available
+    from speculant.models.registry import EMBEDDED
 
-
-def _causal_lm(model) -> CausalLM:
-    return model.model if isinstance(model, LoadedModel) else model
-
-
-def _leaf_drafter(spec: str, model, above: CausalLM, candidates: int = 1) -> Drafter:
-    """The last level's drafter; `above` is the model it drafts for."""
-    if spec == "none":
-        return NoDrafter()
-    if model is None:
-        return _ngram(spec)
-    if isinstance(model, FeatureDraft):
-        return FeatureDrafter(model, above, candidates)
-    return ModelDrafter(_causal_lm(model), candidates)
-
-
-def _ngram(spec: str) -> NgramDrafter:
-    parts = spec.split(":")
-    try:
-        sizes = [int(p) for p in parts[1:]]
-    except ValueError:
-        raise ValueError(f"bad n-gram spec {spec!r}: use ngram, ngram:MAX or ngram:MAX:MIN") from None
-    if len(sizes) > 2:
-        raise ValueError(f"bad n-gram spec {spec!r}: use ngram, ngram:MAX or ngram:MAX:MIN")
-    max_ngram = sizes[0] if sizes else 3
-    return NgramDrafter(max_ngram=max_ngram, min_ngram=sizes[1] if len(sizes) > 1 else 1)
-
-
-def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
-    """The model behind a draft spec: None for none/ngram, a CausalLM or LoadedModel otherwise."""
-    if spec == "none" or spec == "ngram" or spec.startswith("ngram:"):
-        return None
-    if spec.startswith("layers:"):
-        try:
-            num_layers = int(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"bad spec {spec!r}: use layers:N with N an integer") from None
-        if above.weights is None:
-            raise ValueError(f"layers:N needs a lean model to draft for; {above.name} runs through transformers")
-        total = above.weights.cfg.num_layers
-        if not 1 <= num_layers < total:
-            raise ValueError(f"layers:{num_layers} must be between 1 and {total - 1} for {above.name} ({total} layers)")
-        return LeanModel(above.weights, max_seq_len=above.model.max_seq_len, num_layers=num_layers)
-    if spec == "int8":
-        if above.weights is None:
-            raise ValueError(f"int8 needs a lean model to draft for; {above.name} runs through transformers")
-        return LeanModel(int8_weights(above.weights), max_seq_len=above.model.max_seq_len)
-    from speculant.distill.draft_model import is_draft_folder, load_draft
-
-    folder = embedded_draft_folder(spec) or spec
-    if is_draft_folder(folder):
-        from safetensors import SafetensorError
-
-        try:
-            source_hash = _distilled_for(Path(folder), target) if target.weights is not None else None
-            if source_hash is not None and source_hash != target.source_hash:  # the same model, another file
-                return load_draft(folder, (target.weights, source_hash), max_seq_len=target.model.max_seq_len)
-            return load_draft(folder, target)
-        except (SafetensorError, KeyError, TypeError) as error:  # weights cut short, config fields missing
-            raise ModelLoadError(f"{folder}: corrupt draft folder ({type(error).__name__}: "
-                                 f"{str(error).splitlines()[0] if str(error) else 'incomplete'})") from None
-    config_path = Path(folder) / "config.json"
-    if config_path.is_file() and not _json_readable(config_path):
-        raise ModelLoadError(f"{config_path}: corrupt (not readable JSON); a draft or model folder needs it whole")
-    dtype = target.weights.embed_tokens.weight.dtype if target.weights is not None else torch.float32
-    draft = load_model(spec, device=target.model.device, dtype=dtype, max_seq_len=target.model.max_seq_len)
-    check_pairing(target, draft)
-    return draft
+    problems = []
+    if device != "cpu":
+        problems.append(f"it runs on the CPU, not {device}")
+    if dtype != "float32":
+        problems.append("it computes in the GGUF's own types (--dtype is for --backend torch)")
+    for d in drafts:
+        if is_draft_folder(embedded_draft_folder(d) or d):
+            problems.append(f"--draft {d} is a distilled feature draft: it reads the target's hidden states, which "
+                            "llama.cpp does not give (use ngram, none, default or a model)")
+        elif d.startswith("layers:") or d == "int8":
+            problems.append(f"--draft {d} needs the lean torch model (the llama.cpp backend runs whole GGUF models: "
+                            "ngram, none, default or a model)")
+    if candidates > 1 or lookup:
+        problems.append("--candidates and --lookup need the lean torch target")
+    if backend == "auto":
+        runs = target in EMBEDDED or str(target).lower().endswith(".gguf")
+        return "llama.cpp" if runs and not problems and llama_cpp_available() else "torch"
+    if problems:
+        raise ValueError(f"--backend llama.cpp: {problems[0]}")
+    return "llama.cpp"
 
 
 def check_device(device: str) -> None:
@@ -633,20 +463,15 @@ def check_device(device: str) -> None:
                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
-def _json_readable(path: Path) -> bool:
-    import json
-
-    try:
-        json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
-         inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0) -> Speculant:
+         inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
+         backend: str = "torch") -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
+
+    backend: torch (default), llama.cpp (the target and model drafts run in llama.cpp on the GGUF
+    file: `bash scripts/setup.sh --llama-cpp`), or auto (llama.cpp where it can run this, else
+    torch); stats["backend"] says which ran.
 
     device: cpu, cuda or cuda:N. max_seq_len: the KV cache's capacity in tokens (prompt + output),
     at most the target's context; None: 2048, or the target's context where that is shorter."""
@@ -662,6 +487,12 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     if not isinstance(drafts, Sequence) or not all(isinstance(d, (str, Path)) for d in drafts):
         raise TypeError(f"draft must be a draft spec or a list of them (see speculant.api), got {draft!r:.80}")
     drafts = [str(d) for d in drafts]
+    if choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype, candidates=candidates,
+                      lookup=lookup) == "llama.cpp":
+        from speculant.models.llamacpp import load_llamacpp
+
+        loaded = load_llamacpp(str(target), max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN)
+        return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=False)
     try:
         loaded = load_model(str(target), device=device, dtype=DTYPES[dtype],
                             max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN)

@@ -62,11 +62,13 @@ from dataclasses import dataclass
 import torch
 
 from speculant.acceptance import residual_probs
+from speculant.analysis import GenerationStats
 from speculant.drafters.base import RowDrafter, probs_by_row
-from speculant.engine import GenerationStats, StepResult, _check_request
+from speculant.engine import check_request
 from speculant.models.base import check_fits
 from speculant.models.transformer import LeanModel, RowKVCache
 from speculant.sampling import SamplingParams, sample_from
+from speculant.step import StepResult
 
 
 @dataclass(frozen=True)
@@ -363,7 +365,7 @@ class BatchEngine:
             raise ValueError(f"params must be SamplingParams, got {type(request.params).__name__}")  # noqa: TRY004
         if not isinstance(request.max_new_tokens, int) or isinstance(request.max_new_tokens, bool):
             raise ValueError(f"max_new_tokens must be an integer, got {request.max_new_tokens!r}")  # noqa: TRY004
-        _check_request(request.prompt_ids, request.max_new_tokens, self.target.vocab_size, self.target.max_seq_len)
+        check_request(request.prompt_ids, request.max_new_tokens, self.target.vocab_size, self.target.max_seq_len)
         vocab = self.target.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in request.stop_ids):
             raise ValueError(f"stop ids must be token ids in 0..{vocab - 1}, got {list(request.stop_ids)[:5]}")

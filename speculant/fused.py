@@ -5,28 +5,26 @@ the generic loop (one Python call per op) is launch-bound. Here each step is ONE
 
     draft γ tokens with the draft model (sampling inside, from pre-drawn uniforms)
     -> one target forward over the γ+1 positions -> logits_to_probs -> acceptance.verify
-    -> out = [num_accepted, next_token, x_1..x_γ]
+    -> out = [count, chain kept, alternative, lookup kept, emitted tokens (the first `count`)]
 
 and ONE device->host read of `out` (the step's only synchronisation); the host writes one int64
 buffer (tokens and positions) and draws the uniforms straight into theirs. The KV caches are
 written in place at positions held in device tensors; attention spans the whole static cache
 under a mask built from those positions, so every step of a given γ has the same shapes and
 replays the same graph. Plain decoding runs up to `plain_chunk` tokens per replay, each sampled
-token fed back on the device. The functions are the same `logits_to_probs`, `sample_from` and
-`verify` as the generic path (compiled with the model forwards, so that they fuse into few
-kernels): exactness carries over, and on the CPU the same bodies run eagerly (that is how the
-tests check them). The prompt is prefilled through the compiled forward as well; on CUDA padded
-to a power of two and replayed from a graph per length (`_prefill`).
+token fed back on the device. FusedStepper is a speculant.step.Stepper: the functions are the same
+as the generic step's, drafters.base.sample_chain, `logits_to_probs`, `sample_from`, `verify` /
+`verify_candidates` and `emitted_tokens` (compiled with the model forwards, so that they fuse
+into few kernels): exactness carries over, and on the CPU the same bodies run eagerly (that is how
+the tests check them). Which drafters it can fuse is decided by `fused_stepper`, from the
+drafter's own settings. The prompt is prefilled through the compiled forward as well; on CUDA
+padded to a power of two and replayed from a graph per length (`_prefill`).
 
-With `steps_per_replay` m > 1 (a feature draft, no lookup branch), m such steps run in one replay:
-between two of them the graph appends the tokens the first emitted to the draft's window and moves
-both positions on, on the device; the host reads m outputs at once. Used only while all m steps'
-tokens may still be emitted and their trees fit the cache; tokens after a stop are dropped by the
-engine, like a plain chunk's. (Opt-in: it did not pay on the H100, see BENCHMARKS.md.)
-
-Run-ahead (on by default with graphs): such a replay (m ≥ 1) leaves the next replay's inputs in
-its own input buffer, so the host launches the next replay before it reads this one's output
-(copied to pinned memory behind it on the stream). The host's part of a step (the read-back, the
+Run-ahead (on by default with graphs; feature-draft steps without a lookup branch): after the
+step, the graph appends the tokens it emitted to the draft's window and moves both positions on, on
+the device, leaving the next replay's inputs in its own input buffer, so the host launches the next
+replay (its γ given by the engine with this step's) before it reads this one's output (copied to
+pinned memory behind it on the stream). The host's part of a step (the read-back, the
 engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
 (2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs). The next replay is launched only where
 all of its tokens may still be emitted, so the text is the same as one replay at a time, and its
@@ -36,6 +34,10 @@ and -1.2 % in the other, end to end (BENCHMARKS.md).
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
+
+Long because the fused step is one stateful class: its graph bodies (model draft, feature draft,
+verify, plain chunk, run-ahead), the prefill graphs and the runners that capture and replay them
+share the caches and buffers they write in place.
 """
 
 from __future__ import annotations
@@ -47,14 +49,17 @@ from typing import Callable
 
 import torch
 
-from speculant.acceptance import (alternative_node, candidate_tree, lookup_node, tree_that_fits, tree_tokens, verify,
-                                  verify_candidates)
-from speculant.distill.draft_model import FeatureDraft
-from speculant.drafters.base import draw_alternatives
+from speculant.acceptance import candidate_tree, emitted_tokens, tree_that_fits, tree_tokens, verify, verify_candidates
+from speculant.drafters.base import Drafter, NoDrafter, draw_alternatives, sample_chain
+from speculant.drafters.features import FeatureDrafter
+from speculant.drafters.lookup import LookupDrafter
+from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
-from speculant.engine import StepResult
+from speculant.models.base import CausalLM
+from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
+from speculant.step import StepResult
 
 
 def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -95,17 +100,39 @@ def static_feature_forward(draft: FeatureDraft, compile: bool):
     return cached[compile]
 
 
+def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> "FusedStepper | None":
+    """The FusedStepper for this target and drafter, or None where the pair cannot be fused: the
+    one place that decides, from the drafter's own settings (its model, candidates, lookup branch).
+
+    Fusable: a lean target with no drafter (plain decoding: NoDrafter or None), an
+    n-gram drafter, or one lean draft model (ModelDrafter, FeatureDrafter), with its candidates and
+    optionally a lookup branch beside it (LookupDrafter). A hierarchy is not. `options` go to
+    FusedStepper (compile, use_graphs, plain_chunk, run_ahead)."""
+    if not isinstance(target, LeanModel):
+        return None
+    if drafter is None or isinstance(drafter, NoDrafter):
+        return FusedStepper(target, None, **options)
+    if isinstance(drafter, NgramDrafter):
+        return FusedStepper(target, None, ngram=drafter, **options)
+    lookup = drafter if isinstance(drafter, LookupDrafter) else None
+    inner = lookup.inner if lookup is not None else drafter
+    if isinstance(inner, (ModelDrafter, FeatureDrafter)) and isinstance(inner.model, LeanModel):
+        return FusedStepper(target, inner.model, candidates=inner.candidates, ngram=lookup and lookup.ngram,
+                            lookup=lookup.length if lookup is not None else 0, **options)
+    return None
+
+
 class FusedStepper:
     """Runs speculative steps for a lean target and a lean draft model, an n-gram drafter or none.
 
-    Use through `engine.generate(..., stepper=FusedStepper(...))`. `draft_model` None means the
-    drafter is deterministic (n-gram lookup) or absent (plain decoding).
+    Use through `engine.generate(..., stepper=FusedStepper(...))` (or `fused_stepper(target,
+    drafter)`, which reads these settings from a drafter). `draft_model` None means the drafter is
+    deterministic (n-gram lookup) or absent (plain decoding).
     """
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, steps_per_replay: int = 1,
-                 run_ahead: bool | None = None) -> None:
+                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, run_ahead: bool | None = None) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -124,12 +151,6 @@ class FusedStepper:
         if candidates > 1 and draft_model is None:
             raise ValueError("several candidates per position need a draft model")
         self.candidates = candidates
-        # Feature-draft steps without a lookup branch may run `steps_per_replay` at a time: the graph
-        # feeds each step's emitted tokens and positions to the next on the device, so the host's
-        # share of a step (input copy, random numbers, launch, the read-back) is paid once per replay.
-        if steps_per_replay < 1:
-            raise ValueError(f"steps_per_replay must be >= 1, got {steps_per_replay}")
-        self.steps_per_replay = steps_per_replay
         # Run ahead (default on CUDA): feature-draft replays advance their own inputs on the device,
         # so the next replay is launched before this one's output is read; the host's share of a
         # step (reading the output, the engine's bookkeeping, the next launch) then runs while the
@@ -258,44 +279,31 @@ class FusedStepper:
         self.draft_valid = upto
         self.draft_model.set_length(max(self.draft_model.length, upto))
 
-    def steps(self, context: list[int], gamma: int, generator: torch.Generator | None, plain_tokens: int = 1,
-              room: int | None = None, choose: Callable[[], int] | None = None) -> list[StepResult]:
-        """What the engine calls. Feature-draft steps (no lookup branch) run from replays of
-        `steps_per_replay` steps (one under a policy), and with run-ahead the next replay is launched
-        before this one is read, while every step of both may still emit all its tokens (`room` + 1
-        of them) and their trees fit the cache. Else one `step`. Under a policy, `choose()` gives
-        the next step's γ before this replay is read; the engine takes it from `launched_gamma` (and
-        caps it by the room it then has, as it caps its own choices), and the next replay is launched
-        ahead only if that γ cannot be capped."""
-        m, n = self.steps_per_replay if choose is None else 1, len(context) - 1
+    @property
+    def runs_ahead(self) -> bool:
+        """Launches the next step before reading this one (feature-draft steps, no lookup branch):
+        the engine then gives each step the next one's γ (`next_gamma`)."""
+        return self.run_ahead and self.features and not self.lookup
+
+    def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
+             next_gamma: int | None = None, plain_tokens: int = 1) -> StepResult:
+        """One step (speculant.step.Stepper). With run-ahead, a feature-draft step whose tokens may
+        all be emitted (`room`; None: unknown, no run-ahead) is taken from the replay launched ahead
+        for this context, if there is one, and the next step (of `next_gamma`) is launched before
+        this one is read, when all the tokens of both may be emitted, its γ is no longer than the
+        window's and its tree fits."""
+        n = len(context) - 1
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
-            pending = None  # launched for a context the engine did not reach (it cannot, as the engine runs)
-        if self.features and not self.lookup and gamma > 0 and room is not None \
-                and n >= max(self.widest, gamma) + 1 and self._replays_fit(context, [gamma] * m, room):
+            pending = None  # launched for a context the engine did not reach (a stop token ended the request)
+        if self.runs_ahead and gamma > 0 and room is not None and n >= max(self.widest, gamma) + 1 \
+                and self._steps_fit(context, [gamma], room):
+            launch_next = (next_gamma is not None and 1 <= next_gamma <= max(self.widest, gamma)
+                           and self._steps_fit(context, [gamma, next_gamma], room))
+            return self._run_ahead_step(context, gamma, generator, next_gamma if launch_next else None, pending)
+        return self._one_step(context, gamma, generator, plain_tokens)
 
-            def next_gamma() -> tuple[int, bool] | None:
-                """(the next replay's γ, launch it now?), or None: nothing chosen ahead."""
-                if not self.run_ahead:
-                    return None
-                if choose is None:
-                    return (gamma, True) if self._replays_fit(context, [gamma] * (2 * m), room) else None
-                chosen = choose()
-                # launched only if the engine cannot cap it (all its tokens may be emitted) and it fits
-                # the draft's window (a longer step widens the window: another graph, fresh inputs)
-                return chosen, 1 <= chosen <= self.widest and self._replays_fit(context, [gamma, chosen], room)
-
-            if m > 1 or self.run_ahead or pending is not None:
-                return self._replay_steps(context, gamma, generator, m, next_gamma, pending)
-        return [self.step(context, gamma, generator, plain_tokens)]
-
-    def launched_gamma(self, length: int) -> int | None:
-        """The γ of the step launched (or chosen) ahead for a context of `length` tokens, if any."""
-        if self.pending is not None and self.pending.length == length:
-            return self.pending.gamma
-        return None
-
-    def _replays_fit(self, context: list[int], gammas: list[int], room: int) -> bool:
+    def _steps_fit(self, context: list[int], gammas: list[int], room: int) -> bool:
         """May steps of these γs from here each emit all γ + 1 tokens, with every tree in the cache?"""
         length = len(context)
         for gamma in gammas:
@@ -309,106 +317,78 @@ class FusedStepper:
             self.pending.wait()
             self.pending = None
 
-    def _launch(self, key, gamma: int, runner: "_Runner", generator: torch.Generator | None, draws: int,
-                per: int) -> "_Launched":
-        """Draw `draws` blocks of `per` uniforms (as that many lone steps would), replay, and start
-        copying the output to the host; returns without waiting."""
-        for i in range(draws):
-            torch.rand(per, generator=generator, device=self.device, out=runner.uniforms[i * per:(i + 1) * per])
+    def _launch(self, key, gamma: int, runner: "_Runner", generator: torch.Generator | None) -> "_Launched":
+        """Draw the step's uniforms (as a step run alone would), replay, and start copying the output
+        to the host; returns without waiting."""
+        torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         return _Launched(key, gamma, runner)
 
-    def _replay_runner(self, gamma: int, window: int, k: int, m: int) -> tuple[tuple, "_Runner", int]:
-        key = ("features-replay", gamma, window, k, m)
-        per = self._draft_uniforms(gamma, k)
+    def _ahead_runner(self, gamma: int, window: int, k: int) -> tuple[tuple, "_Runner"]:
+        key = ("features-ahead", gamma, window, k)
         runner = self.graphs.get(key) or self._prepare(
-            key, lambda: self._replay_body(self._feature_step_body(gamma, window, k, 0), gamma, window, k, m, per),
-            window + 2, m * per)
-        return key, runner, per
+            key, lambda: self._advancing_body(self._feature_step_body(gamma, window, k, 0), gamma, window),
+            window + 2, self._draft_uniforms(gamma, k))
+        return key, runner
 
-    def _replay_steps(self, context: list[int], gamma: int, generator: torch.Generator | None, m: int,
-                      next_gamma: Callable[[], tuple[int, bool] | None], pending: "_Launched | None") -> list[StepResult]:
-        """m feature-draft steps in one replay (see `steps`): `pending`, if it was launched ahead for
-        this context, else a replay launched now; then the next replay is launched (or only its γ
-        chosen) as `next_gamma` says, before this one is read. Each StepResult gets 1/m of the wall
-        time since the last replay was read."""
+    def _run_ahead_step(self, context: list[int], gamma: int, generator: torch.Generator | None,
+                        next_gamma: int | None, pending: "_Launched | None") -> StepResult:
+        """A feature-draft step from `pending`, if it was launched ahead for this context, else from a
+        replay launched now; then the step of `next_gamma` (if given) is launched before this one is
+        read. The step's time is the wall time since the last replay was read."""
         start = time.perf_counter()
         captured = self.capture_time
         n, k = len(context) - 1, self.candidates
         self.widest = max(self.widest, gamma)
         window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
-        key, runner, per = self._replay_runner(gamma, window, k, m)
-        alone = self.run_ahead and (pending is None or pending.key != key)  # launched now, not ahead
-        if pending is None or pending.key != key:
+        key, runner = self._ahead_runner(gamma, window, k)
+        alone = pending is None or pending.key != key  # launched now, not ahead
+        if alone:
             self._catch_up_draft(context, n - window)
             runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
-            pending = self._launch(key, gamma, runner, generator, m, per)
-        after = next_gamma()
-        if after is not None and after[1]:  # launch it: it reads the inputs this replay advanced on the device
-            next_key, next_runner, next_per = self._replay_runner(after[0], window, k, m)
+            pending = self._launch(key, gamma, runner, generator)
+        if next_gamma is not None:  # it reads the inputs this replay advanced on the device
+            next_key, next_runner = self._ahead_runner(next_gamma, window, k)
             if next_runner is not runner:
                 next_runner.ints.copy_(runner.ints)
-            self.pending = self._launch(next_key, after[0], next_runner, generator, m, next_per)
+            self.pending = self._launch(next_key, next_gamma, next_runner, generator)
             self.ahead_launches += 1
-        elif after is not None:  # chosen, not launched: the engine takes this γ for the next step
-            self.pending = _Launched(None, after[0], None)
-        rows = pending.read()  # [m, step output]: the replay's one synchronisation
+        out = pending.read()  # the step's one synchronisation
         now = time.perf_counter()
-        elapsed = (now - max(start, pending.after) - (self.capture_time - captured)) / m
-        results, length = [], len(context)
-        for row in rows:
-            tokens, _, alternative, _ = self._emitted_tokens(row, gamma, k, [])
-            results.append(StepResult(tokens, gamma, len(tokens) - 1, None, 0.0, elapsed, 1, bool(alternative),
-                                      alone=alone))
-            last_n, length = length - 1, length + len(tokens)
-        self.target.set_length(length - 1)  # the context and every kept draft token
-        self.draft_valid = last_n  # true features below the last step's n; later positions are redone
-        self.draft_model.set_length(max(self.draft_valid, last_n + gamma))
+        elapsed = now - max(start, pending.after) - (self.capture_time - captured)
+        count, _, alternative, _ = out[:4]
+        tokens = out[4:4 + count]
+        self.target.set_length(len(context) + count - 1)  # the context and every kept draft token
+        self.draft_valid = n  # true features below n; later positions are redone
+        self.draft_model.set_length(max(self.draft_valid, n + gamma))
         if self.pending is not None:  # valid if the engine goes on with all these tokens
-            self.pending.length, self.pending.after = length, now
-        return results
+            self.pending.length, self.pending.after = len(context) + count, now
+        return StepResult(tokens, gamma, count - 1, None, 0.0, elapsed, 1, bool(alternative), alone=alone)
 
-    def _replay_body(self, body, gamma: int, window: int, k: int, m: int, per: int):
-        """m steps of a feature `body` (ints = [x_{n-W+1..n}, n-W, n]); after each step the tokens
-        it emitted are appended to the window on the device and both positions move on. The inputs
-        after the last step are written back to `ints`: the next replay (run-ahead) starts there."""
+    def _advancing_body(self, body, gamma: int, window: int):
+        """A feature `body` (ints = [x_{n-W+1..n}, n-W, n]) that then appends the tokens the step
+        emitted to the window on the device and moves both positions on, writing the result back to
+        `ints`: the next replay (launched ahead) starts there."""
         offsets = self.offsets
-        depth = offsets[: gamma + 1]
 
         def advance(ints, out):
-            """ints and a step's output -> the next step's ints."""
-            if k == 1:  # out = [kept, next token, x_1..x_γ]
-                kept, next_token, drafts = out[0], out[1], out[2:]
-                emitted = torch.where(depth < kept, torch.cat([drafts, drafts[:1]]), next_token)
-                count = kept + 1
-            else:  # out = [chain kept, alternative column, next token, 0, candidates [γ, k]]
-                kept, column, next_token = out[0], out[1], out[2]
-                candidates = out[4:].view(gamma, k)
-                chain = torch.cat([candidates[:, 0], candidates[:1, 0]])  # [γ + 1], the last a filler
-                # gather, not [0-dim tensor]: indexing with a 0-dim tensor reads it on the host
-                where = (kept.clamp(max=gamma - 1) * k + column).view(1)
-                alternative = candidates.reshape(-1).gather(0, where)[0]
-                at_kept = torch.where(column > 0, alternative, next_token)
-                emitted = torch.where(depth < kept, chain, torch.where(depth == kept, at_kept, next_token))
-                count = kept + (column > 0).long() + 1
+            """ints and a step's output [count, ..., tokens [γ + 1]] -> the next step's ints."""
+            count, emitted = out[0], out[4:4 + gamma + 1]
             # [W + γ + 1] -> the last W tokens of the longer context (never past the emitted ones)
             tokens = torch.cat([ints[:window], emitted])[count + offsets[:window]]
             return torch.cat([tokens, ints[window:window + 2] + count])
 
-        def replay(ints, uniforms):
-            rows, step_ints = [], ints
-            for i in range(m):
-                out = body(step_ints, uniforms[i * per:(i + 1) * per])
-                rows.append(out)
-                step_ints = advance(step_ints, out)
-            ints.copy_(step_ints)
-            return torch.stack(rows)
+        def run(ints, uniforms):
+            out = body(ints, uniforms)
+            ints.copy_(advance(ints, out))
+            return out
 
-        return replay
+        return run
 
-    def step(self, context: list[int], gamma: int, generator: torch.Generator | None,
-             plain_tokens: int = 1) -> StepResult:
-        """One step. `plain_tokens`: how many tokens a plain step (γ = 0) may produce (the engine
-        allows more than one only for plain decoding, within max_new_tokens and the context)."""
+    def _one_step(self, context: list[int], gamma: int, generator: torch.Generator | None,
+                  plain_tokens: int = 1) -> StepResult:
+        """One step, one replay read at once. `plain_tokens`: how many tokens a plain step (γ = 0) may
+        produce (the engine allows more than one only for plain decoding, within max_new_tokens and
+        the context)."""
         start = time.perf_counter()
         captured = self.capture_time  # a graph captured (and compiled) in this step is not its time
         n = len(context) - 1
@@ -458,15 +438,16 @@ class FusedStepper:
         runner.ints.copy_(torch.tensor(ints), non_blocking=True)
         torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         out = runner.run().tolist()  # the step's one synchronisation
-        chain_accepted, alternative = 0, 0  # chain tokens kept; the kept alternative's column (0: none)
-        lookup_kept = 0
+        chain_accepted, alternative, lookup_kept = 0, 0, 0  # chain tokens kept; the kept alternative's column
         if key[0] == "plain":
             num_accepted, tokens = 0, out
             self.target.set_length(n + target_calls)  # x_n and the chunk's tokens but the last
         else:
-            tokens, chain_accepted, alternative, lookup_kept = self._emitted_tokens(
-                out, gamma, k if key[0] in ("features", "model") and (k > 1 or size) else 1, lookup)
-            num_accepted = len(tokens) - 1
+            # [count, chain kept, alternative column or 0, lookup tokens kept, emitted tokens...] (a kept
+            # alternative and kept lookup tokens were moved to their cache slots inside the graph)
+            count, chain_accepted, alternative, lookup_kept = out[:4]
+            tokens = out[4:4 + count]
+            num_accepted = count - 1
             self.target.set_length(len(context) + num_accepted)  # cache: context + accepted drafts
         if self.draft_model is not None:
             if drafted and self.features:  # true features for positions < n; later ones are redone
@@ -478,24 +459,6 @@ class FusedStepper:
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
         return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)
-
-    @staticmethod
-    def _emitted_tokens(out: list[int], gamma: int, k: int, lookup: list[int]) -> tuple[list[int], int, int, int]:
-        """A step's output -> (emitted tokens: kept drafts + the next token, chain tokens kept, the
-        kept alternative's column or 0, lookup tokens kept).
-
-        A tree (k > 1 or a lookup branch): out = [chain kept, alternative column or 0, next token,
-        lookup tokens kept, candidates [γ, k] row by row] (a kept alternative and kept lookup tokens
-        were moved to their cache slots inside the graph). A chain: out = [kept, next token, x_1..x_γ]."""
-        if k == 1 and not lookup:
-            kept, next_token, drafts = out[0], out[1], out[2:]
-            return drafts[:kept] + [next_token], kept, 0, 0
-        chain_accepted, alternative, next_token, lookup_kept, candidates = out[0], out[1], out[2], out[3], out[4:]
-        tokens = candidates[0 : chain_accepted * k : k]
-        if alternative:
-            tokens.append(candidates[chain_accepted * k + alternative])
-        tokens += lookup[chain_accepted : chain_accepted + lookup_kept]
-        return tokens + [next_token], chain_accepted, alternative, lookup_kept
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
     def _draft_uniforms(self, gamma: int, k: int, lookup: int = 0) -> int:
@@ -513,10 +476,11 @@ class FusedStepper:
         alternatives(logits [γ, V], probs [γ, V], tokens [γ], count, noise [γ, V] | None) ->
         drafters.base.draw_alternatives;
         finish(target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] | None, uniforms [γ+1])
-        -> [num_accepted, next_token, x_1..x_γ]: the transform on the target's side and the rule;
+        -> out: the transform on the target's side, the rule and the emitted tokens;
         finish_candidates(target_logits [1+γk+G, V], candidates [γ, k], laws [γ, k, V] | None,
-        uniforms [γk + γ + 1 + G], lookup [G] | None, lookup_length []) -> [chain kept, alternative,
-        next_token, lookup kept, candidates row by row]."""
+        uniforms [γk + γ + 1 + G], lookup [G] | None, lookup_length []) -> (out, the emitted tokens'
+        tree nodes [max(γ, G)]). out = [count, chain kept, alternative column or 0, lookup kept,
+        emitted tokens [max(γ, G) + 1]] (acceptance.emitted_tokens: the first `count` are emitted)."""
         if self.compile_sampling not in self.samplers:
             params = self.params
 
@@ -531,7 +495,9 @@ class FusedStepper:
                 gamma = draft_tokens.shape[0]
                 verdict = verify(draft_tokens, draft_probs, logits_to_probs(target_logits, params),
                                  uniforms[:gamma], uniforms[gamma])
-                return torch.cat([verdict.num_accepted.view(1), verdict.next_token.view(1), draft_tokens])
+                emitted = emitted_tokens(draft_tokens[:, None], verdict.num_accepted, verdict.next_token)
+                none = torch.zeros_like(verdict.num_accepted)
+                return torch.cat([torch.stack([emitted.count, verdict.num_accepted, none, none]), emitted.tokens])
 
             def finish_candidates(target_logits, candidates, laws, uniforms, lookup, lookup_length):
                 gamma, k = candidates.shape
@@ -539,7 +505,10 @@ class FusedStepper:
                 verdict = verify_candidates(candidates, laws, logits_to_probs(target_logits, params),
                                             uniforms[: gamma * k].view(gamma, k), draws, lookup, lookup_length,
                                             uniforms[gamma * k + gamma + 1:])
-                return torch.cat([torch.stack(list(verdict)), candidates.reshape(-1)])
+                emitted = emitted_tokens(candidates, verdict.num_accepted, verdict.next_token, verdict.alternative,
+                                         lookup, verdict.lookup_kept)
+                head = torch.stack([emitted.count, verdict.num_accepted, verdict.alternative, verdict.lookup_kept])
+                return torch.cat([head, emitted.tokens]), emitted.nodes
 
             functions = (sample, alternatives, finish, finish_candidates)
             if self.compile_sampling:
@@ -551,10 +520,10 @@ class FusedStepper:
         """The part shared by the model and feature bodies: draw the chain (and alternatives) from
         the draft's logits [V] and `feed`, score it (and the lookup branch: lookup [G + 1], its G
         tokens padded and its length) with the target from the root token [1] at position `start`
-        [], apply the rule, and move kept lookup tokens' cache slots to their positions."""
+        [], apply the rule, and move the kept nodes off the chain to the cache slots of their positions."""
         sample, alternatives, finish, finish_candidates = self._sampling()
         draws, rest = uniforms[:gamma], uniforms[gamma:]
-        draft_tokens, draft_probs, draft_logits = _sample_chain(sample, logits, draws, feed)
+        draft_tokens, draft_probs, draft_logits = sample_chain(logits, draws, feed, sample)
         if k == 1 and not size:
             target_logits = self.target_fn(torch.cat([root, draft_tokens]), start + self.offsets[: gamma + 1])
             return finish(target_logits, draft_tokens, draft_probs, rest)
@@ -570,15 +539,10 @@ class FusedStepper:
         branch, length = (lookup[:size], lookup[size]) if size else (None, 0)
         depths, ancestors = self.tree(gamma, k, size)
         target_logits = self.target_fn(tree_tokens(root, candidates, branch), start + depths, ancestors)
-        out = finish_candidates(target_logits, candidates, laws, rest, branch, length)
-        if k > 1:  # a kept alternative's cache slot moves to its position (else the slot copies onto itself)
-            dest = start + out[0] + 1
-            self.target.move_slot(torch.where(out[1] > 0, start + alternative_node(gamma, k, out[0], out[1]), dest).view(1),
-                                  dest.view(1))
-        if size:  # kept lookup tokens (out[3] of them after out[0] chain tokens) move to their slots
-            kept, index = out[3], self.offsets[:size]
-            dest = start + out[0] + 1 + index
-            self.target.move_slot(torch.where(index < kept, start + lookup_node(gamma, k, out[0] + index), dest), dest)
+        out, nodes = finish_candidates(target_logits, candidates, laws, rest, branch, length)
+        # emitted token i sits at node nodes[i] and belongs in slot start + i + 1 (chain tokens and the
+        # padding past the kept ones are there already: they copy onto themselves)
+        self.target.move_slot(start + nodes, start + 1 + self.offsets[: nodes.shape[0]])
         return out
 
     def tree(self, gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -690,32 +654,15 @@ class FusedStepper:
             model.set_length(length)
 
 
-def _sample_chain(sample, logits, uniforms, feed):
-    """γ = len(uniforms) draft tokens inside a graph body: sample(logits, u) -> (probs, token);
-    feed(token, i) -> the logits after draft token i. Returns tokens [γ], their laws [γ, V] and the
-    logits they were drawn from [γ, V]."""
-    tokens, probs, all_logits = [], [], []
-    for i in range(uniforms.shape[0]):
-        step_probs, token = sample(logits, uniforms[i])
-        tokens.append(token)
-        probs.append(step_probs)
-        all_logits.append(logits)
-        if i + 1 < uniforms.shape[0]:
-            logits = feed(token, i)
-    return torch.stack(tokens), torch.stack(probs), torch.stack(all_logits)
-
-
 class _Launched:
-    """A replay of steps of `gamma` in flight: its output is copied to (pinned) host memory behind
+    """The replay of a step of `gamma` in flight: its output is copied to (pinned) host memory behind
     it on the stream; `read` waits for that copy only. `length` is the context length the engine
-    must reach for it to be the next replay (set by whoever launched it ahead); `after` the time its
-    wait may start. Without a runner: only the next step's γ, chosen ahead, nothing launched."""
+    must reach for it to be the next step (set by whoever launched it ahead); `after` the time its
+    wait may start."""
 
-    def __init__(self, key, gamma: int, runner: "_Runner | None") -> None:
+    def __init__(self, key, gamma: int, runner: "_Runner") -> None:
         self.key, self.gamma, self.length, self.after = key, gamma, -1, 0.0
         self.host, self.done = None, None
-        if runner is None:
-            return
         output = runner.run()
         if output.device.type == "cuda":
             # two pinned buffers per runner, in turn: at most this replay and one launched ahead are unread

@@ -13,6 +13,7 @@ import torch
 from test_loading import save_folder, tiny_hf_model
 
 import speculant.api as api
+import speculant.chain as chain
 from speculant.cli import build_parser, main
 from speculant.stopping import reference_cut
 
@@ -180,3 +181,43 @@ def test_many_requests_batched_give_what_each_gives_alone(target, draft):
                     assert [t for t, _, _ in a.top] == [t for t, _, _ in b.top]
     with pytest.raises(api.BadRequest, match="request 1: messages"):
         spec.generate_many([{"prompt": "ab"}, {"messages": []}])
+
+
+def test_an_embedded_draft_is_a_draft_spec_by_its_name(target, tmp_path, monkeypatch, capsys):
+    """`--draft NAME` loads the draft folder speculant/embedded/NAME (the README's `smollm2-135m-draft`),
+    `default` picks it for its target and reports that name, and a name that is no draft, model, file
+    or folder is refused in one line that lists the embedded drafts."""
+    from speculant.drafters.model import ModelDrafter
+    from speculant.models.feature_draft import DistilledDraft, DraftConfig, build_draft, init_random, save_draft
+    from speculant.models.registry import load_model
+
+    shipped = chain.embedded_draft_folder("smollm2-135m-draft")
+    assert shipped == chain.EMBEDDED_DRAFTS / "smollm2-135m-draft" and (shipped / "model.safetensors").is_file()
+    assert chain.embedded_draft_folder("smollm2-135m-draft/..") is None  # a name, never a path out of the folder
+
+    loaded = load_model(target, max_seq_len=128, progress=False)
+    draft = build_draft(DraftConfig.for_target(loaded.config, num_layers=1, num_kept=64), loaded.weights,
+                        torch.arange(64))
+    init_random(draft.draft_weights, seed=0)
+    embedded = tmp_path / "embedded"
+    save_draft(embedded / "tiny-draft", draft.draft_weights, target_name="tiny", target_hash=loaded.source_hash)
+    monkeypatch.setattr(chain, "EMBEDDED_DRAFTS", embedded)
+
+    plain = api.load(target, draft="none", max_seq_len=128).generate("ab cd", max_new_tokens=16)
+    for spec_name in ("tiny-draft", "default"):
+        spec = api.load(target, draft=spec_name, gamma=3, max_seq_len=128)
+        assert spec.draft_specs == ["tiny-draft"]
+        drafter = spec.levels[0][1]
+        assert isinstance(drafter, ModelDrafter) and isinstance(drafter.model, DistilledDraft)
+        out = spec.generate("ab cd", max_new_tokens=16)
+        assert out.token_ids == plain.token_ids and out.stats["drafted"] > 0  # it drafted; greedy stays exact
+    assert main(["generate", "--target", target, "--draft", "tiny-draft", "--max-seq-len", "128",
+                 "--max-new-tokens", "4", "ab cd"]) == 0
+    assert "draft=tiny-draft " in capsys.readouterr().err
+
+    with pytest.raises(ValueError) as error:
+        api.load(target, draft="tiny-drafts", max_seq_len=128)
+    message = str(error.value)
+    assert "unknown draft 'tiny-drafts'" in message and "tiny-draft" in message and "\n" not in message
+    assert main(["generate", "--target", target, "--draft", "tiny-drafts", "ab"]) == 2
+    assert "unknown draft 'tiny-drafts'" in capsys.readouterr().err

@@ -9,13 +9,13 @@ import torch
 
 from speculant.acceptance import verify
 from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket, verify_rows
-from speculant.distill.draft_model import DraftConfig, build_draft, init_random
 from speculant.drafters.base import RowDraft
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.models.base import ContextOverflowError
+from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.sampling import SamplingParams
 
@@ -499,7 +499,7 @@ def test_the_api_batch_engine_runs_the_speculants_target_draft_and_gamma(llama):
     from pathlib import Path
 
     from speculant.api import Speculant
-    from speculant.models.loading import LoadedModel
+    from speculant.models.registry import LoadedModel
 
     loaded = LoadedModel(name="tiny", source="", source_hash="", folder=Path("."),
                          model=LeanModel(llama, max_seq_len=128), weights=llama, tokenizer=None, config=llama.cfg,

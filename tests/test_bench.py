@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from speculant.api import EMBEDDED_DRAFTS
 from speculant.bench import tasks
+from speculant.bench.plan import plan_groups
 from speculant.bench.plots import write_plots
-from speculant.bench.run import aggregate_stats, format_pivot, format_table, plan_groups
+from speculant.bench.report import format_pivot, format_table
+from speculant.bench.stats import add_speedups, aggregate_stats
+from speculant.chain import EMBEDDED_DRAFTS
+from speculant.prompts import title_phrase
 
 EMBEDDED_DRAFT = str(EMBEDDED_DRAFTS / "smollm2-135m-draft")  # a feature draft (reads the target's features)
 
@@ -51,7 +54,7 @@ def test_docs_prompts_are_cut_to_the_prefix_length():
 def test_chat_prompts_go_through_the_template_and_read_doc_titles():
     prompts = tasks.chat_prompts(4, fake_encode)
     assert all(p.chat and p.token_ids[0] == 1 for p in prompts)
-    assert tasks._title_phrase('The "with" statement') == "the `with` statement"
+    assert title_phrase('The "with" statement') == "the `with` statement"
     assert any("`with` statement" in text for text in tasks.builtin_chat_instructions())
 
 
@@ -154,23 +157,20 @@ def test_table_and_pivot_show_every_cell():
 
 
 def test_speedups_pair_each_repeat_with_plains_and_flag_a_cell_run_under_another_load(tmp_path):
-    from speculant.bench.run import Bench
-
     def cell(method, kind, repeats, load):
         return {"task": "code", "temperature": 0.0, "method": method, "kind": kind, "gamma": 4 if kind == "ours" else None,
                 "tokens_per_s": max(repeats), "tokens_per_s_repeats": repeats, "load_mean": load,
                 "memory": {}, "alpha": None, "acceptance_by_position": None}
 
-    bench = Bench.__new__(Bench)  # only cells and notes
     plain, ngram, peer = (cell("plain", "ours", [10.0, 8.0, 9.0], 1.0), cell("ngram", "ours", [15.0, 12.0, 9.0], 1.4),
                           cell("hf-eager", "peer", [20.0, 20.0, 20.0], 3.0))
-    bench.cells, bench.notes = [plain, ngram, peer], []
-    bench.add_speedups()
+    cells, notes = [plain, ngram, peer], []
+    add_speedups(cells, notes)
     assert ngram["speedup_vs_plain"] == pytest.approx(1.5)
     assert ngram["speedup_vs_plain_repeats"] == pytest.approx([1.5, 1.5, 1.0]) and not ngram["load_differs"]
-    assert peer["load_differs"] and "hf-eager on code at T=0 ran under a load of 3.0 against 1.0" in bench.notes[0]
+    assert peer["load_differs"] and "hf-eager on code at T=0 ran under a load of 3.0 against 1.0" in notes[0]
     pytest.importorskip("matplotlib")
-    written, notes = write_plots(bench.cells, tmp_path, ["code"])
+    written, notes = write_plots(cells, tmp_path, ["code"])
     assert notes == [] and any(path.endswith("speedup_by_task.png") for path in written)
 
 
@@ -249,7 +249,7 @@ def test_the_overlap_note_says_where_the_embedded_drafts_chat_answers_came_from(
 
 def test_memory_counts_the_int8_copys_matrices_once():
     import speculant
-    from speculant.bench.run import memory_of
+    from speculant.bench.memory import memory_of
 
     plain = memory_of(speculant.load(draft="none", max_seq_len=256), 64)
     int8 = memory_of(speculant.load(draft="int8", max_seq_len=256), 64)

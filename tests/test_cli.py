@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import speculant.api as api
+import speculant.chain as chain
 from speculant.cli import main
 
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "import numpy as np\n\ndef normalize(x):"]
@@ -30,6 +31,7 @@ def each_model_loaded_once():
 
     patch = pytest.MonkeyPatch()
     patch.setattr(api, "load_model", load_once)
+    patch.setattr(chain, "load_model", load_once)  # draft models
     yield
     patch.undo()
 

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from speculant.distill import train as train_module
+from speculant.distill.cli import add_distill_arguments, options_from_args
 from speculant.distill.data import (
     CorpusTooSmallError,
+    DistillError,
     Document,
     TokenCorpus,
     build_corpus,
@@ -17,7 +19,13 @@ from speculant.distill.data import (
     load_corpus,
     save_corpus,
 )
-from speculant.distill.draft_model import (
+from speculant.distill.evaluate import heldout_alpha
+from speculant.distill.objective import distill_loss, target_logits_batch
+from speculant.distill.options import CheckpointMismatchError, DistillOptions, OutputDirError
+from speculant.distill.train import train_draft
+from speculant.drafters.model import ModelDrafter
+from speculant.engine import generate
+from speculant.models.feature_draft import (
     DraftConfig,
     TargetMismatchError,
     build_draft,
@@ -25,18 +33,6 @@ from speculant.distill.draft_model import (
     is_draft_folder,
     load_draft,
 )
-from speculant.distill.train import (
-    CheckpointMismatchError,
-    DistillOptions,
-    OutputDirError,
-    add_distill_arguments,
-    distill_loss,
-    heldout_alpha,
-    target_logits_batch,
-    train_draft,
-)
-from speculant.drafters.model import ModelDrafter
-from speculant.engine import generate
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
@@ -284,7 +280,7 @@ def test_cli_flags_match_the_documented_defaults():
     add_distill_arguments(parser)
     args = parser.parse_args(["--out", "x"])
     defaults = DistillOptions()
-    options = train_module.options_from_args(args)
+    options = options_from_args(args)
     assert options == {k: getattr(defaults, k) for k in options}
     assert (defaults.num_layers, defaults.num_kept, defaults.head, defaults.temperature) == (2, 8192, "shared", 1.0)
     assert args.target == "smollm2-135m"
@@ -332,7 +328,7 @@ def test_a_loss_that_becomes_nan_stops_training_with_the_cause_and_saves_no_draf
     # a learning rate no run survives: the weights overflow within a few steps
     opts = _options(steps=40, batch_size=4, seq_len=16, lr=1e30, grad_clip=0.0, warmup_steps=0, engine_prompts=0,
                     eval_sequences=4)
-    with pytest.raises(train_module.DistillError, match=r"loss became (nan|inf).*Lower --lr"):
+    with pytest.raises(DistillError, match=r"loss became (nan|inf).*Lower --lr"):
         train_draft(target, TokenCorpus(seqs[:32], seqs[32:], {}), tmp_path, opts, target_name="tiny",
                     target_hash=TARGET_HASH)
     assert not (tmp_path / "model.safetensors").exists()
@@ -370,10 +366,10 @@ def test_a_run_can_start_from_a_saved_draft_and_refuses_one_that_does_not_fit(ti
     rows = {i: r for i, r in zip(first["kept_ids"].tolist(), first["head.weight"])}
     moved = [(r, rows[i]) for i, r in zip(second["kept_ids"].tolist(), second["head.weight"]) if i in rows]
     assert len(moved) >= 30 and all(torch.equal(a, b) for a, b in moved)
-    with pytest.raises(train_module.DistillError, match="num_layers is 1 there, 2 here"):
+    with pytest.raises(DistillError, match="num_layers is 1 there, 2 here"):
         train_draft(target, corpus, tmp_path / "a", _options(num_layers=2, init_from=str(out)),
                     target_name="tiny", target_hash=TARGET_HASH)
-    with pytest.raises(train_module.DistillError, match="another target"):
+    with pytest.raises(DistillError, match="another target"):
         train_draft(target, corpus, tmp_path / "b", _options(init_from=str(out)), target_name="tiny",
                     target_hash="another")
 

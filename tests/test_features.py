@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from speculant.distill.data import TokenCorpus
-from speculant.distill.draft_model import DraftConfig, FeatureDraft, build_draft, init_random, load_draft
-from speculant.distill.train import DistillOptions, heldout_alpha, target_outputs_batch, train_draft
+from speculant.distill.evaluate import heldout_alpha
+from speculant.distill.objective import target_outputs_batch
+from speculant.distill.options import DistillOptions
+from speculant.distill.train import train_draft
 from speculant.drafters.base import Draft
 from speculant.drafters.features import FeatureDrafter
 from speculant.engine import generate
 from speculant.fused import FusedStepper
+from speculant.models.feature_draft import DraftConfig, FeatureDraft, build_draft, init_random, load_draft
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from

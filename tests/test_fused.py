@@ -230,3 +230,35 @@ def test_chunked_plain_sampling_follows_the_target_law_over_two_tokens():
     target.truncate(0)
     stale = torch.softmax(target.forward(torch.tensor(prompt + [prompt[-1]]), 0)[-1].double(), -1)
     assert pvalue(first[:, None] * stale[None, :]) < 1e-4
+
+
+def test_which_drafters_fuse_is_read_from_the_drafters_own_settings():
+    """fused_stepper decides alone: a lean target with no drafter, n-gram, or one lean draft model
+    (its candidates, and the lookup branch beside it) fuses; a hierarchy or a target through another
+    implementation does not."""
+    from speculant.drafters.base import NoDrafter
+    from speculant.drafters.hierarchical import SpeculativeDrafter
+    from speculant.drafters.lookup import LookupDrafter
+    from speculant.fused import fused_stepper
+    from speculant.models.markov import MarkovModel
+    from speculant.step import GenericStepper
+
+    weights, target = _models("cpu")
+    draft = LeanModel(weights, max_seq_len=96, num_layers=1)
+    feature_target, feature_draft = feature_pair(8, seed=5, kept=6)
+    ngram = NgramDrafter()
+    cases = [
+        (target, NoDrafter(), None, None, 1, 0),
+        (target, ngram, None, ngram, 1, 0),
+        (target, ModelDrafter(draft, candidates=3), draft, None, 3, 0),
+        (target, LookupDrafter(ModelDrafter(draft, candidates=2), ngram, 5), draft, ngram, 2, 5),
+        (feature_target, FeatureDrafter(feature_draft, feature_target), feature_draft, None, 1, 0),
+    ]
+    for model, drafter, draft_model, lookup_ngram, candidates, lookup in cases:
+        stepper = fused_stepper(model, drafter, compile=False)
+        assert stepper.target is model and stepper.draft_model is draft_model
+        assert (stepper.candidates, stepper.lookup) == (candidates, lookup)
+        assert lookup_ngram is None or stepper.ngram is lookup_ngram
+    assert fused_stepper(target, LookupDrafter(ModelDrafter(draft), ngram, 4), compile=False).ngram is ngram
+    assert fused_stepper(target, SpeculativeDrafter(GenericStepper(draft, NgramDrafter()), 2)) is None
+    assert fused_stepper(MarkovModel(torch.zeros(4, 4)), NgramDrafter()) is None

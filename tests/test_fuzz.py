@@ -30,7 +30,8 @@ from test_loading import byte_level_gguf_vocab, save_folder, tiny_hf_model, writ
 import speculant.api as api
 from speculant.cli import main
 from speculant.distill.data import TokenCorpus
-from speculant.distill.train import DistillOptions, train_draft
+from speculant.distill.options import DistillOptions
+from speculant.distill.train import train_draft
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

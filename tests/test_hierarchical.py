@@ -16,6 +16,7 @@ from speculant.models.markov import MarkovModel
 from speculant.models.transformer import LeanModel, int8_weights, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs
+from speculant.step import GenericStepper
 from tests.conftest import SIGNIFICANCE, chi_square_power, reference_transform
 
 VOCAB = 4
@@ -62,7 +63,8 @@ def _sample_law(make_drafter, target_table, params, runs, gamma, length=3, targe
 
 
 def _three_levels(middle_table, small_table, inner_gamma=2):
-    return lambda: SpeculativeDrafter(MarkovModel(middle_table), ModelDrafter(MarkovModel(small_table)), inner_gamma)
+    return lambda: SpeculativeDrafter(GenericStepper(MarkovModel(middle_table), ModelDrafter(MarkovModel(small_table))),
+                                      inner_gamma)
 
 
 def _pvalue(counts, law):
@@ -110,7 +112,7 @@ class ReportsInnerLaw(SpeculativeDrafter):
     """Negative control: passes up the SMALL model's law instead of the middle's (a plausible bug)."""
 
     def __init__(self, middle, small, inner_gamma):
-        super().__init__(MarkovModel(middle), ModelDrafter(MarkovModel(small)), inner_gamma)
+        super().__init__(GenericStepper(MarkovModel(middle), ModelDrafter(MarkovModel(small))), inner_gamma)
         self.small_table = small
 
     def propose(self, context, gamma, params, generator):
@@ -147,7 +149,8 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law():
     target = LeanModel(random_weights(cfg, seed=0, scale=1.5))
     other = random_weights(cfg, seed=1, scale=1.5)
     params = SamplingParams(temperature=1.0)
-    make = lambda: SpeculativeDrafter(LeanModel(int8_weights(other)), ModelDrafter(LeanModel(other, num_layers=1)), 2)
+    make = lambda: SpeculativeDrafter(GenericStepper(LeanModel(int8_weights(other)),
+                                                     ModelDrafter(LeanModel(other, num_layers=1))), 2)
     law = _lean_law(target)
     counts = _sample_law(make, None, params, runs=2000, gamma=3, target=target)
     assert _pvalue(counts, law) > SIGNIFICANCE
@@ -161,7 +164,8 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law():
             logits = first.forward(torch.tensor(context + draft.tokens.tolist()[:-1]), 0)[len(context) - 1:]
             return Draft(draft.tokens, logits_to_probs(logits, params).to(draft.probs.dtype))
 
-    bad = lambda: ReportsTheFirstLayersLaw(LeanModel(int8_weights(other)), ModelDrafter(LeanModel(other, num_layers=1)), 2)
+    bad = lambda: ReportsTheFirstLayersLaw(GenericStepper(LeanModel(int8_weights(other)),
+                                                          ModelDrafter(LeanModel(other, num_layers=1))), 2)
     sample = lambda runs, seed: _sample_law(bad, None, params, runs=runs, gamma=3, target=target, seed=seed)
     _assert_control_caught(sample, law, runs=2000)
 
@@ -174,9 +178,9 @@ def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
     target = LeanModel(weights)
     inner = NgramDrafter()
     if depth == 3:
-        inner = SpeculativeDrafter(LeanModel(weights, num_layers=1), inner, 2)
+        inner = SpeculativeDrafter(GenericStepper(LeanModel(weights, num_layers=1), inner), 2)
     middle_model = LeanModel(weights, num_layers=2) if middle == "layers" else LeanModel(int8_weights(weights))
-    drafter = SpeculativeDrafter(middle_model, inner, 3)
+    drafter = SpeculativeDrafter(GenericStepper(middle_model, inner), 3)
     prompt = [1, 2, 3, 4, 5, 1, 2]
     greedy = SamplingParams(temperature=0)
     expected = reference_generate(target, prompt, params=greedy, max_new_tokens=50)

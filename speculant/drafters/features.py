@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from speculant.distill.draft_model import FeatureDraft
 from speculant.drafters.base import Draft, RowDraft, common_prefix_length, sample_draft, sample_rows
+from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams
 

@@ -1,6 +1,6 @@
 """Hierarchical drafting: a drafter that is itself a speculative engine (the paper's §6 idea).
 
-    target  <- drafted by  SpeculativeDrafter(middle model, inner drafter)
+    target  <- drafted by  SpeculativeDrafter(GenericStepper(middle model, inner drafter))
     middle  <- drafted by  inner drafter (n-gram lookup, the middle's first layers, a smaller model,
                            or another SpeculativeDrafter: any depth)
 
@@ -15,6 +15,10 @@ produced run to γ tokens keeps the law of the first γ tokens. Each level draws
 the same generator, but independently of the outer level's uniforms, which are drawn after the
 draft is fixed.
 
+The middle level's steps are run by a stepper it is given (speculant.step.GenericStepper over the
+middle model and the inner drafter): drafters sit below the step in the layers, so this module
+does not import it.
+
 Cost: each call runs the middle model about γ / τ_inner times instead of γ times (τ_inner = tokens
 per middle call), and the inner drafter's work besides.
 """
@@ -23,47 +27,41 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, Drafter, common_prefix_length
-from speculant.engine import GenerationStats, speculative_step
-from speculant.models.base import CausalLM
+from speculant.analysis import GenerationStats
+from speculant.drafters.base import Draft
 from speculant.sampling import SamplingParams
 
 
 class SpeculativeDrafter:
-    def __init__(self, model: CausalLM, inner: Drafter, inner_gamma: int = 4) -> None:
+    def __init__(self, stepper, inner_gamma: int = 4) -> None:
+        """stepper: a speculant.step.GenericStepper over the middle model and the inner drafter."""
         if inner_gamma < 1:
             raise ValueError(f"inner_gamma must be >= 1, got {inner_gamma}")
-        self.model = model
-        self.inner = inner
+        self.stepper = stepper
+        self.model = stepper.target  # the middle model
+        self.inner = stepper.drafter
         self.inner_gamma = inner_gamma
-        self.vocab_size = model.vocab_size
-        self.fed: list[int] = []  # tokens in the middle model's cache, position-aligned
+        self.vocab_size = self.model.vocab_size
         self.stats = GenerationStats(gamma=inner_gamma)  # this level's α, τ over the request
 
     def reset(self) -> None:
-        self.model.truncate(0)
-        self.inner.reset()
-        self.fed = []
+        self.stepper.reset()
         self.stats = GenerationStats(gamma=self.inner_gamma)
 
     def propose(self, context: list[int], gamma: int, params: SamplingParams, generator) -> Draft:
-        # The middle model's cache must hold context[:-1] before a speculative step.
-        keep = min(common_prefix_length(self.fed, context), len(context) - 1)
-        self.model.truncate(keep)
-        if keep < len(context) - 1:
-            self.model.forward(torch.tensor(context[keep:-1], device=self.model.device), keep)
+        self.stepper.follow(context, params)  # the middle model's cache must hold context[:-1]
         local = list(context)
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         while len(tokens) < gamma:
             room = min(gamma - len(tokens) - 1, self.model.max_seq_len - len(local))
-            step = speculative_step(self.model, self.inner, local, min(self.inner_gamma, room), params, generator)
-            self.stats.record(min(self.inner_gamma, room), step)
+            step_gamma = min(self.inner_gamma, room)
+            step = self.stepper.step(local, step_gamma, generator, room=room)
+            self.stats.record(step_gamma, step)
             self.stats.new_tokens += len(step.tokens)
             tokens.extend(step.tokens)
             probs.append(step.target_probs[: step.num_accepted + 1])  # M's law at each emitted position
             local.extend(step.tokens)
-        self.fed = local[:-1]  # the last emitted token is not in the middle's cache yet
         return Draft(
             torch.tensor(tokens[:gamma], dtype=torch.int64, device=self.model.device),
             torch.cat(probs)[:gamma],

@@ -2,8 +2,9 @@
 
 A model owns a position-indexed KV cache. `forward(tokens, start_pos)` writes positions
 start_pos .. start_pos+T-1 and returns their logits; `truncate(length)` forgets every position
->= length. With a static cache, truncation only moves an integer: rejected draft tokens are
-overwritten by the next write and hidden by the causal mask, so rollback is free.
+>= length; `prefill(tokens)` makes the cache hold a prompt without computing its logits. With a
+static cache, truncation only moves an integer: rejected draft tokens are overwritten by the next
+write and hidden by the causal mask, so rollback is free.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ class CausalLM(Protocol):
 
     def truncate(self, length: int) -> None:
         """Drop cached positions >= length (length <= self.length)."""
+        ...
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """tokens [T] int64 (T >= 0) -> None: the cache then holds exactly these tokens at positions
+        0..T-1, whatever it held before, as `truncate(0); forward(tokens, 0)` would leave it, but no
+        logits are returned, so a model may skip its output head (a prompt's logits are not needed:
+        decoding starts with a forward of the prompt's last token)."""
         ...
 
 

@@ -12,6 +12,8 @@ versions) is dropped and rebuilt by re-reading the kept tokens: slower, never wr
     torch.Size([3, 50])
     >>> model.truncate(1); model.length
     1
+    >>> model.prefill(torch.tensor([4, 5])); model.length
+    2
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class HFCausalLM(PositionalCache):
             self.max_seq_len = min(max_seq_len or context, context)
         self._cache = None  # transformers' cache object, holding len(self._cached_tokens) positions
         # transformers >= 5.2x names the argument and the output field `cache`, earlier `past_key_values`
-        self._cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in parameters  # compute the head for the last positions only
         self._cached_tokens: list[int] = []
         self._length = 0
 
@@ -66,11 +70,24 @@ class HFCausalLM(PositionalCache):
         self._length = end
         return logits[0].float()
 
-    def _run(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Feed tokens [T] at start_pos == the cache's length; returns logits [1, T, vocab]."""
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor) -> None:
+        """Make the cache hold tokens [T] at positions 0..T-1; the output head runs for the last
+        position only where the model's forward takes `logits_to_keep`."""
+        self.truncate(0)
+        end = self._write_range(0, tokens.shape[0])
+        self._crop(0)
+        if end:
+            self._run(tokens.to(self.device), 0, last_logits_only=True)
+        self._length = end
+
+    def _run(self, tokens: torch.Tensor, start_pos: int, last_logits_only: bool = False) -> torch.Tensor:
+        """Feed tokens [T] at start_pos == the cache's length; returns logits [1, T, vocab] (or
+        [1, 1, vocab], the last position's, with last_logits_only where the model can)."""
         positions = torch.arange(start_pos, start_pos + tokens.shape[0], device=self.device)
+        keep = {"logits_to_keep": 1} if last_logits_only and self._keeps_logits else {}
         out = self.model(input_ids=tokens[None], position_ids=positions[None], use_cache=True,
-                         **{self._cache_name: self._cache})
+                         **{self._cache_name: self._cache}, **keep)
         self._cache = getattr(out, self._cache_name)
         self._cached_tokens[start_pos:] = tokens.tolist()
         return out.logits

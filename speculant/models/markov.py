@@ -37,3 +37,7 @@ class MarkovModel:
         if length > self.length:
             raise ValueError(f"cannot truncate to {length} > length {self.length}")
         del self.tokens[length:]
+
+    def prefill(self, tokens: torch.Tensor) -> None:
+        self.truncate(0)
+        self.forward(tokens, 0)

@@ -10,11 +10,15 @@ separate, so the self-drafter `layers:N` is just a second `LeanModel` over the s
 cache of its own: no extra weight memory. `int8_weights` makes the self-drafter `int8`: the same
 model with its matrices held as int8 (a quarter of float32's bytes, so about half the time of a
 memory-bound decode step on a CPU), its norms and embedding shared.
+
+Frozen weights are served fused (q|k|v, gate|up: Block.fuse_projections) and on the CPU column-major
+(column_major). One row (forward) and several (forward_rows) run the same layer code (_layers).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -106,14 +110,17 @@ class Block(nn.Module):
     def fuse_projections(self) -> None:
         """Hold q|k|v and gate|up as one matrix each, the separate weights becoming views of it:
         one GEMM instead of three and one instead of two, so fewer kernels per token (on a GPU a
-        decode step is launch-bound). No extra memory. Only for frozen weights (serving)."""
+        decode step is launch-bound). On the CPU every matrix is stored column-major (see
+        column_major). No extra memory. Only for frozen weights (serving)."""
         if self.gate_up is not None:
             return
-        qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = None
-        if self.q_proj.bias is not None:
-            bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])
+        layout = column_major if self.q_proj.weight.device.type == "cpu" else (lambda w: w)
+        qkv = layout(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
+        biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
+        bias = torch.cat(biases) if biases[0] is not None else None
+        gate_up = layout(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        for proj in (self.o_proj, self.down_proj):
+            proj.weight = nn.Parameter(layout(proj.weight), requires_grad=False)
         rows = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
         for proj, w, b in zip((self.q_proj, self.k_proj, self.v_proj), qkv.split(rows),
                               bias.split(rows) if bias is not None else (None,) * 3):
@@ -146,6 +153,20 @@ class TransformerWeights(nn.Module):
         """What logits() multiplies by: the head's weight [V, E], or its int8 copy."""
         return self.head_int8 if self.head_int8 is not None else self.head_weight()
 
+    @torch.no_grad()
+    def store_head_column_major(self) -> None:
+        """Store the head [V, E] (the tied embedding too) column-major; frozen weights (replaces the parameter)."""
+        module = self.embed_tokens if self.lm_head is None else self.lm_head
+        if module.weight.stride(0) != 1:
+            module.weight = nn.Parameter(column_major(module.weight), requires_grad=False)
+
+
+def column_major(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] with the same values and shape, stored as its transpose [in, out] is: torch's
+    CPU GEMM multiplies a few rows by it faster than by the row-major matrix (measured on the
+    lean model: benchmarks/lean_vs_transformers_cpu.py). The product may differ in the last bits."""
+    return weight.t().contiguous().t()
+
 
 class Int8Matrix:
     """A frozen weight [out, in] held as int8 with one scale per output row: w ≈ q · scale, q =
@@ -157,7 +178,7 @@ class Int8Matrix:
     def __init__(self, weight: torch.Tensor) -> None:
         weight = weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [out]
-        self.q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # [out, in]
+        self.q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # [out, in]
         self.scale = scale.to(torch.bfloat16)
         self.shape = weight.shape
 
@@ -235,7 +256,7 @@ def rope_tables(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos, sin [T, 1, D] float32."""
+    """x [..., T, heads, D]; cos, sin [..., T, 1, D] float32."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -245,20 +266,15 @@ class LeanModel(PositionalCache):
     """`CausalLM` over `TransformerWeights`, running the first `num_layers` layers (all by default).
 
     The KV cache is [layers, S, KV, D] for keys and values, allocated once. forward() writes the
-    new positions in place; truncate() only moves `length`.
-    """
+    new positions in place; truncate() only moves `length`."""
 
     # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops. Both compute
     # the same function. None picks per device: matmul on CUDA (on the H100, compiled and captured,
     # 48 µs per layer against 70 µs for sdpa: benchmarks/gpu_kernels.py), sdpa on the CPU.
     attention: str | None = None
 
-    def __init__(
-        self,
-        weights: TransformerWeights,
-        max_seq_len: int | None = None,
-        num_layers: int | None = None,
-    ) -> None:
+    def __init__(self, weights: TransformerWeights, max_seq_len: int | None = None,
+                 num_layers: int | None = None) -> None:
         cfg = weights.cfg
         self.weights = weights
         self.cfg = cfg
@@ -289,6 +305,8 @@ class LeanModel(PositionalCache):
         if not any(p.requires_grad for p in weights.parameters()):
             for layer in weights.layers:
                 layer.fuse_projections()
+            if self.device.type == "cpu" and isinstance(weights, TransformerWeights):  # not a distilled draft's
+                weights.store_head_column_major()
         self._length = 0
 
     @torch.inference_mode()
@@ -317,6 +335,8 @@ class LeanModel(PositionalCache):
         the head over a long prompt costs as much as many decoding steps."""
         self.truncate(0)
         end = self._write_range(0, tokens.shape[0])
+        if end == 0:
+            return
         slots = torch.arange(0, end, device=self.device)
         hidden = self.hidden_states(tokens.to(self.device), slots, kv_len=end)
         self.record_features(hidden, slots)
@@ -354,77 +374,94 @@ class LeanModel(PositionalCache):
         for a tree (`ancestors` [T, T] bool, see forward) at slots positions[0] + 0..T-1. Returns
         the final-normed hidden states [T, E].
         """
-        cfg, w = self.cfg, self.weights
+        cfg = self.cfg
         x = self.embed(tokens) if inputs is None else inputs  # [T, E]
         # Additive masks [G·T, kv_len] in the model's dtype, built once per call for all layers
         # (a boolean mask would be converted inside every attention call: more kernels per layer).
-        # Rows are repeated per query group: see _attention's grouped layout.
         key_pos = torch.arange(kv_len, device=self.device)  # [kv_len]: slots
         key_positions = key_pos  # the position each slot's key was written at
         if ancestors is None:
             slots = positions
             allowed = key_pos[None, :] <= positions[:, None]  # [T, kv_len]: causal
         else:
-            t = tokens.shape[0] if inputs is None else inputs.shape[0]
+            t = x.shape[0]
             slots = positions[0] + torch.arange(t, device=self.device)
             tree_index = key_pos - positions[0]  # [kv_len]: which tree node a slot holds, if any
             in_tree = (tree_index >= 0) & (tree_index < t)
             allowed = (tree_index < 0)[None, :] | (in_tree[None, :] & ancestors[:, tree_index.clamp(0, t - 1)])
             # a tree node's slot is not its position (the lookup branch sits after the alternatives)
             key_positions = torch.where(in_tree, positions[tree_index.clamp(0, t - 1)], key_pos)
-        groups = cfg.num_heads // cfg.num_kv_heads
-        masks = {False: self._additive(allowed, groups)}
+        masks = {False: self._additive(allowed)}
         if cfg.sliding_window:
-            sliding = allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window)
-            masks[True] = self._additive(sliding, groups)
-        for i in range(self.num_layers):
-            layer = w.layers[i]
-            local = cfg.is_sliding(i)
-            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, T, 1, D]
-            x = x + self._attention(layer, i, x, slots, rope, masks[local], kv_len)
-            x = x + self._mlp(layer, x)
-        return w.norm(x)
+            masks[True] = self._additive(allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window))
+        # one row: this model's cache seen as [1, S, KV, D] per layer, every token at its own slot
+        x = self._layers(x[None], positions[None], slots, masks,
+                         lambda i: (self.k_cache[i, None], self.v_cache[i, None]))
+        return self.weights.norm(x[0])
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [T] -> [T, E] (scaled by sqrt(E) for Gemma)."""
+        """tokens [..., T] -> [..., T, E] (scaled by sqrt(E) for Gemma)."""
         x = self.weights.embed_tokens(tokens)
         return x * self.embed_scale if self.embed_scale != 1.0 else x
 
-    def _additive(self, allowed: torch.Tensor, groups: int) -> torch.Tensor:
-        """bool [T, S] -> 0 / -inf [groups·T, S] in the model's dtype."""
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
-        mask = mask.masked_fill(~allowed, float("-inf"))
-        return mask.repeat(groups, 1) if groups > 1 else mask
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """bool [..., T, kv_len] -> 0 / -inf [..., G·T, kv_len] in the model's dtype, each query's row
+        repeated for the G query heads of a key/value head (see _attention's grouped layout)."""
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return mask.repeat(*(1,) * (mask.dim() - 2), groups, 1) if groups > 1 else mask
 
-    def _attention(self, layer: Block, i: int, x, slots, rope, mask, kv_len: int) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, masks: dict[bool, torch.Tensor],
+                layer_cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The decoder layers over B rows: x [B, T, E] at positions [B, T] -> [B, T, E] (before the
+        final norm). layer_cache(i) gives this call's rows of layer i's cache, keys and values
+        [B, slots, KV, D]; `slots` [T] (the same for every row) or [B, T] says where the new keys and
+        values go; masks[sliding] is additive, [G·T, kv_len] or [B, 1, G·T, kv_len]."""
+        for i in range(self.num_layers):
+            layer = self.weights.layers[i]
+            local = self.cfg.is_sliding(i)
+            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
+            x = x + self._attention(layer, x, slots, rope, masks[local], *layer_cache(i))
+            x = x + self._mlp(layer, x)
+        return x
+
+    def _attention(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor,
+                   keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
+        """The attention half of a layer, residual excluded: x [B, T, E] -> [B, T, E]. Writes the new
+        keys and values at `slots` of keys_cache, values_cache [B, slots, KV, D] (views of the cache)
+        and attends to their first kv_len = mask.shape[-1] slots; see _layers for the shapes."""
         cfg = self.cfg
-        t = x.shape[0]
+        b, t = x.shape[:2]
         kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         h = layer.input_layernorm(x)
         if layer.qkv is not None:
             q, k, v = linear(h, *layer.qkv).split([cfg.num_heads * d, kv * d, kv * d], -1)
         else:
             q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
-        q = q.reshape(t, cfg.num_heads, d)
-        k = k.reshape(t, kv, d)
-        v = v.reshape(t, kv, d)
+        q, k, v = q.reshape(b, t, cfg.num_heads, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
         if cfg.arch == "gemma3":
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
-        self.k_cache[i].index_copy_(0, slots, k)
-        self.v_cache[i].index_copy_(0, slots, v)
-        keys = self.k_cache[i, :kv_len].transpose(0, 1)  # [KV, kv_len, D], a view
-        values = self.v_cache[i, :kv_len].transpose(0, 1)
+        if slots.dim() == 1:  # every row writes the same slots
+            keys_cache.index_copy_(1, slots, k)
+            values_cache.index_copy_(1, slots, v)
+        else:
+            rows = torch.arange(b, device=x.device)[:, None]  # [B, 1]
+            keys_cache[rows, slots] = k
+            values_cache[rows, slots] = v
+        kv_len = mask.shape[-1]
+        keys = keys_cache[:, :kv_len].transpose(1, 2)  # [B, KV, kv_len, D], a view
+        values = values_cache[:, :kv_len].transpose(1, 2)
         # Grouped-query attention without copying the cache per query head: query head
         # j·groups + g reads key/value head j (Hugging Face's repeat_interleave order), so the
-        # queries are laid out as [KV, groups·T, D] and each KV head serves its group in one call.
-        q = q.view(t, kv, groups, d).permute(1, 2, 0, 3).reshape(kv, groups * t, d)
+        # queries are laid out as [B, KV, groups·T, D] and each KV head serves its group in one call.
+        q = q.view(b, t, kv, groups, d).permute(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)
         if self.attention == "matmul":  # two GEMMs and a softmax: parallel over the keys on a GPU
-            scores = torch.matmul(q, keys.transpose(1, 2)).float() * self.attn_scale + mask.float()
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.attn_scale + mask.float()
             out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
-        out = out.view(kv, groups, t, d).permute(2, 0, 1, 3).reshape(t, cfg.num_heads * d)  # [T, H·D]
+        out = out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)  # [B, T, H·D]
         out = linear(out, layer.o) if layer.o is not None else layer.o_proj(out)
         if cfg.arch == "gemma3":
             out = layer.post_attention_layernorm(out)
@@ -445,8 +482,7 @@ class LeanModel(PositionalCache):
     # ---- several rows at once (speculant.batching) -------------------------------------------------
     # B = rows in the call, T = the longest row's tokens; row b holds lengths[b] tokens at positions
     # starts[b].., the rest of its T is padding. Each row reads and writes only its own cache row
-    # (a RowKVCache), so rows never see each other; the layer math is the single-row path's
-    # (_mlp, the norms, apply_rope, the same projections), batched over a leading row dimension.
+    # (a RowKVCache), so rows never see each other; _layers is the single row's, with slots per row.
 
     def new_row_cache(self, rows: int, features: bool = False) -> RowKVCache:
         """A cache of `rows` independent rows for forward_rows (features: also the final-normed
@@ -483,64 +519,22 @@ class LeanModel(PositionalCache):
         positions = torch.where(valid, start + offsets, self.max_seq_len - 1)  # [B, T]: padding reads any rope
         slots = torch.where(valid, start + offsets, self.max_seq_len)  # padding writes the scratch slot
         key_pos = torch.arange(kv_len, device=self.device)  # [kv_len]: slot = position
-        # [B, T, kv_len]: causal within the row; padding queries may read all (never NaN, never used)
-        allowed = (key_pos[None, None, :] <= positions[:, :, None]) | ~valid[:, :, None]
-        groups = self.cfg.num_heads // self.cfg.num_kv_heads
-
-        def additive(allowed: torch.Tensor) -> torch.Tensor:  # bool [B, T, kv_len] -> 0 / -inf [B, G·T, kv_len]
-            mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, float("-inf"))
-            return mask.repeat(1, groups, 1)
-
-        masks = {False: additive(allowed)}
+        # [B, 1, T, kv_len] (1: the same for every KV head): causal within the row; padding queries
+        # may read all (never NaN, never used)
+        allowed = ((key_pos[None, None, :] <= positions[:, :, None]) | ~valid[:, :, None])[:, None]
+        masks = {False: self._additive(allowed)}
         if self.cfg.sliding_window:
-            near = positions[:, :, None] - key_pos[None, None, :] < self.cfg.sliding_window
-            masks[True] = additive(allowed & near)
+            near = (positions[:, :, None] - key_pos[None, None, :] < self.cfg.sliding_window)[:, None]
+            masks[True] = self._additive(allowed & near)
         x = self.embed(tokens) if inputs is None else inputs  # [B, T, E]
-        for i in range(self.num_layers):
-            layer = self.weights.layers[i]
-            local = self.cfg.is_sliding(i)
-            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
-            x = x + self._attention_rows(layer, i, x, slots, rope, masks[local], kv_len, cache, first_row)
-            x = x + self._mlp(layer, x)
-        hidden = self.weights.norm(x)
+        rows = slice(first_row, first_row + b)
+        hidden = self.weights.norm(self._layers(x, positions, slots, masks,
+                                                lambda i: (cache.k[i, rows], cache.v[i, rows])))
         if cache.features is not None:
             cache.features[torch.arange(first_row, first_row + b, device=self.device)[:, None], slots] = hidden
         if not with_logits:
             return None, hidden
         return self.logits(hidden.reshape(b * t, -1)).view(b, t, -1), hidden
-
-    def _attention_rows(self, layer: Block, i: int, x, slots, rope, mask, kv_len: int,
-                        cache: RowKVCache, first_row: int) -> torch.Tensor:
-        """_attention over rows: x [B, T, E], slots [B, T], rope [2, B, T, 1, D], mask [B, G·T, kv_len]."""
-        cfg = self.cfg
-        b, t = x.shape[:2]
-        kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        h = layer.input_layernorm(x)
-        if layer.qkv is not None:
-            q, k, v = linear(h, *layer.qkv).split([cfg.num_heads * d, kv * d, kv * d], -1)
-        else:
-            q, k, v = layer.q_proj(h), layer.k_proj(h), layer.v_proj(h)
-        q, k, v = q.reshape(b, t, cfg.num_heads, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
-        if cfg.arch == "gemma3":
-            q, k = layer.q_norm(q), layer.k_norm(k)
-        q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
-        rows = torch.arange(first_row, first_row + b, device=x.device)[:, None]  # [B, 1]
-        cache.k[i][rows, slots] = k
-        cache.v[i][rows, slots] = v
-        keys = cache.k[i, first_row:first_row + b, :kv_len].transpose(1, 2)  # [B, KV, kv_len, D], a view
-        values = cache.v[i, first_row:first_row + b, :kv_len].transpose(1, 2)
-        q = q.view(b, t, kv, groups, d).permute(0, 2, 3, 1, 4).reshape(b, kv, groups * t, d)  # as in _attention
-        mask = mask[:, None]  # [B, 1, G·T, kv_len]: the same for every KV head
-        if self.attention == "matmul":
-            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.attn_scale + mask.float()
-            out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
-        out = out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)
-        out = linear(out, layer.o) if layer.o is not None else layer.o_proj(out)
-        if cfg.arch == "gemma3":
-            out = layer.post_attention_layernorm(out)
-        return out
 
 
 class RowKVCache:

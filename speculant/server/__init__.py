@@ -16,7 +16,7 @@ import time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from speculant.cli import add_model_arguments, int_at_least
+    from speculant.args import add_model_arguments, int_at_least
 
     serve = subparsers.add_parser(
         "serve", help="serve the target over an OpenAI-compatible HTTP API (continuous batching)",
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"speculant serve: loading {args.target} ...", file=sys.stderr, flush=True)
     spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
                           dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
-                          lookup=args.lookup)
+                          lookup=args.lookup, backend=args.backend)
     engine = spec.batch_engine(max_batch=args.max_batch)
     metrics = ServerMetrics()
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))

@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from speculant.models.loading import load_model
+from speculant.models.registry import load_model
 
 torch.set_num_threads(1)
 model = load_model("smollm2-135m", device="cpu", dtype=torch.float32, max_seq_len=1024).model

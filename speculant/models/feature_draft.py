@@ -1,4 +1,6 @@
-"""A distilled draft: a few decoder layers over the TARGET'S embedding, with a truncated-vocabulary head.
+"""Distilled drafts (`speculant distill` trains them) and their folder format.
+
+A draft is a few decoder layers over the TARGET'S embedding, with a truncated-vocabulary head:
 
     target embedding (shared, frozen)   tokens [T] -> [T, E]   (not stored in the draft's files)
     num_layers llama blocks             [T, E] -> [T, E]       (the draft's own weights)
@@ -12,17 +14,20 @@
 `forward` returns logits over the FULL target vocabulary, so the draft is an ordinary `CausalLM`:
 `logits_to_probs` turns the -inf entries into probability 0 for every sampling transform, and q
 stays exactly the law the draft samples from, so speculative sampling stays exact; a token outside
-the kept ids is simply never proposed.
+the kept ids is simply never proposed. A `FeatureDraft` (EAGLE-style) also reads the target's hidden
+states.
 
 Serving runs through `LeanModel` (static, position-indexed KV cache, rollback by `truncate`).
 Training runs through `batched_hidden_states`: the cached path writes one shared cache in place and
 takes one sequence, which autograd and batching do not like; both compute the same function, and
 tests/test_distill.py pins that they agree.
+
+A draft folder (`save_draft`, `load_draft`) holds config.json (format, the target's name and sha256,
+the architecture) and model.safetensors (the draft's own weights and kept ids; no embedding).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -48,11 +53,11 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class DistillError(ValueError):
-    """A distillation request that cannot be carried out; the message says why and what to do."""
+class DraftFolderError(ValueError):
+    """A draft folder that cannot be used (not a draft, damaged); the message says why and what to do."""
 
 
-class TargetMismatchError(DistillError):
+class TargetMismatchError(DraftFolderError):
     """A draft was loaded for a target other than the one it was distilled from."""
 
 
@@ -399,15 +404,15 @@ def read_draft_config(path: str | Path) -> dict:
     path = Path(path)
     config_path = path / CONFIG_FILE
     if not config_path.is_file() or not (path / WEIGHTS_FILE).is_file():
-        raise DistillError(f"{path} is not a distilled draft: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        raise DraftFolderError(f"{path} is not a distilled draft: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     config = json.loads(config_path.read_text())
     if config.get("format") != FORMAT:
-        raise DistillError(f"{config_path} has format {config.get('format')!r}, expected {FORMAT!r}")
+        raise DraftFolderError(f"{config_path} has format {config.get('format')!r}, expected {FORMAT!r}")
     return config
 
 
 def load_draft(path: str | Path, target, max_seq_len: int | None = None) -> DistilledDraft:
-    """Load a draft folder for `target`: a LoadedModel (speculant.models.loading) or a pair
+    """Load a draft folder for `target`: a LoadedModel (speculant.models.registry) or a pair
     (TransformerWeights, source_hash). Refuses a target whose source hash differs from the one the
     draft was distilled from. The target's embedding is shared (same tensor, no copy); the draft's
     weights take the target's device and dtype; its cache holds `max_seq_len` positions (default:
@@ -440,14 +445,6 @@ def load_draft(path: str | Path, target, max_seq_len: int | None = None) -> Dist
         draft.draft_weights.load_state_dict({k: v.to(param.device) for k, v in tensors.items()})
     except (OSError, RuntimeError, KeyError, ValueError) as error:  # a weights file cut short or overwritten
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DistillError(f"the draft folder {path} is damaged: its {WEIGHTS_FILE} does not load ({first_line[:160]}); "
-                           "copy the folder again or re-run `speculant distill`") from None
+        raise DraftFolderError(f"the draft folder {path} is damaged: its {WEIGHTS_FILE} does not load "
+                               f"({first_line[:160]}); copy the folder again or re-run `speculant distill`") from None
     return draft
-
-
-def serving_copy(weights: DraftWeights, dtype: torch.dtype, max_seq_len: int | None = None) -> DistilledDraft:
-    """A `DistilledDraft` over a copy of `weights` cast to `dtype` (the target's), for evaluation
-    while the trained weights stay in float32. The target's embedding stays shared."""
-    embedding = weights.embed_tokens
-    copied = copy.deepcopy(weights, {id(embedding): embedding})
-    return draft_class(weights.draft_cfg)(copied.to(dtype=dtype), max_seq_len=max_seq_len)

@@ -1,0 +1,74 @@
+"""What the benchmark scripts share: the common flags (--device, --dtype, --threads, --out), their
+checking, and the output: a readable table, then one JSON line for scripts, the same summary as a
+JSON file under --out.
+
+    parser = common.arguments(__doc__, out_default="bench-out/gpu")
+    parser.add_argument(...)                          # the script's own flags
+    args = parser.parse_args()
+    dtype = common.setup(args)                        # "float32" / "bfloat16": what speculant.load takes
+    ...
+    common.finish(args.out, "gpu_speed.json", summary, table, last_line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from speculant.api import check_device
+from speculant.models.base import DTYPES
+
+
+def arguments(doc: str | None, *, device: str = "cpu", out_default: str = "out") -> argparse.ArgumentParser:
+    """A parser with the common flags; `doc` (the script's docstring) is its description."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=device, help="cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="auto: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", default=os.environ.get("OUT", out_default),
+                        help="folder for the JSON summary ($OUT, else %(default)s)")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> str:
+    """Check the device, set the thread count; returns the dtype's name. Bad values end the script
+    with one line and status 2, as argparse does."""
+    try:
+        check_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"error: --device: {error}") from None
+    if args.threads < 0:
+        raise SystemExit(f"error: --threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype == "auto":
+        return "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args.dtype
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    """Rows as left-aligned text columns (numbers as given: format them first)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line: dict) -> Path:
+    """Write `summary` to out/file_name, print `text` (the table) and then `last_line` as one JSON line."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / file_name
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"\n{text}")
+    print(json.dumps({**last_line, "json": str(path)}))
+    return path

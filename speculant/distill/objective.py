@@ -1,0 +1,70 @@
+"""The distillation objective m·KL(p̃ || q) (see speculant.distill.train) and the target's side of
+it: its logits and features for a batch of training sequences, computed on the fly, no grad."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from speculant.models.feature_draft import FeatureDraft, batched_hidden_states
+from speculant.models.transformer import LeanModel
+
+
+def distill_loss(draft_kept_logits: torch.Tensor, target_logits: torch.Tensor, kept_ids: torch.Tensor,
+                 temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m · KL(p̃ || q) averaged over positions (why this objective: speculant.distill.train).
+
+    draft_kept_logits [N, K], target_logits [N, V], kept_ids [K]. Returns (loss, α estimate at this
+    temperature Σ_K min(p, q), target mass m on the kept ids), the last two detached means.
+    """
+    scaled = target_logits.float() / temperature  # [N, V]
+    log_p = scaled.index_select(-1, kept_ids) - torch.logsumexp(scaled, -1, keepdim=True)  # [N, K]
+    p = log_p.exp()
+    mass = p.sum(-1, keepdim=True)  # [N, 1]
+    log_q = F.log_softmax(draft_kept_logits.float() / temperature, -1)  # [N, K]
+    per_position = (p * (log_p - mass.clamp_min(1e-30).log() - log_q)).sum(-1)
+    alpha = torch.minimum(p, log_q.detach().exp()).sum(-1).mean()
+    return per_position.mean(), alpha, mass.mean()
+
+
+def target_logits_batch(target: LeanModel, tokens: torch.Tensor) -> torch.Tensor:
+    """The target's logits for tokens [B, T] from position 0: [B, T, V]."""
+    return target_outputs_batch(target, tokens)[0]
+
+
+def target_outputs_batch(target: LeanModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's logits [B, T, V] and features (final-normed hidden states) [B, T, E] for tokens
+    [B, T] from position 0. Batched for llama-family targets; one sequence at a time through the
+    cached path otherwise (Gemma's sliding windows)."""
+    w = target.weights
+    with torch.no_grad():
+        if w.cfg.arch == "llama" and not w.cfg.sliding_window:
+            x = w.embed_tokens(tokens)
+            hidden = batched_hidden_states(w.layers[: target.num_layers], w.norm, w.cfg, x, target.rope_global)
+        else:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            hidden = torch.stack([target.hidden_states(row, positions, kv_len=tokens.shape[1]) for row in tokens])
+        return F.linear(hidden, w.head_weight()), hidden
+
+
+def feature_draft_losses(trainer: FeatureDraft, tokens: torch.Tensor, target_logits: torch.Tensor,
+                         target_features: torch.Tensor, kept_ids: torch.Tensor, temperature: float,
+                         feature_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The feature draft's objective on tokens [B, T] with the target's logits [B, T, V] and features
+    [B, T, E]. Draft position i reads (x_{i+1}, f_i) and is scored against the target at i+1.
+
+    Two passes: the first reads the target's true features (the first draft token of a step); the
+    second reads the draft's own predictions from the first pass (f̂_i at position i, as every later
+    draft token does), so the draft learns to continue from its own features. Each pass adds the
+    distillation loss and `feature_weight` x smooth-L1 between predicted and true features.
+    Returns (loss, α of pass 1, α of pass 2), the α's detached."""
+    inputs = tokens[:, 1:]
+    true_next = target_features[:, 1:].float()
+    scored = target_logits[:, 1:].flatten(0, 1)
+    logits1, predicted1 = trainer.train_feature_outputs(inputs, target_features[:, :-1])
+    loss1, alpha1, _ = distill_loss(logits1.flatten(0, 1), scored, kept_ids, temperature)
+    own = torch.cat([target_features[:, :1].to(predicted1.dtype), predicted1[:, :-1].detach()], 1)
+    logits2, predicted2 = trainer.train_feature_outputs(inputs, own)
+    loss2, alpha2, _ = distill_loss(logits2.flatten(0, 1), scored, kept_ids, temperature)
+    regression = F.smooth_l1_loss(predicted1.float(), true_next) + F.smooth_l1_loss(predicted2.float(), true_next)
+    return loss1 + loss2 + feature_weight * regression, alpha1, alpha2
