@@ -34,11 +34,17 @@ def spec(target):
     return api.load(target, draft=target, gamma=4, max_seq_len=128)
 
 
-def test_the_api_and_the_cli_both_default_to_greedy_decoding(spec):
+def test_the_api_the_cli_and_the_server_all_default_to_greedy_decoding(spec):
     assert spec.generate("ab cd", max_new_tokens=12).token_ids == spec.generate(
         "ab cd", max_new_tokens=12, temperature=0).token_ids
     defaults = build_parser().parse_args(["generate", "x"])
     assert defaults.temperature == 0.0 and (defaults.top_k, defaults.top_p, defaults.min_p) == (0, 1.0, 0.0)
+    from speculant.server.schemas import ChatCompletionRequest, CompletionRequest
+
+    completion = CompletionRequest(model="m", prompt="x")
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    for request in (completion, chat):
+        assert (request.temperature, request.top_k, request.top_p, request.min_p) == (0.0, 0, 1.0, 0.0)
 
 
 def test_stop_strings_cut_inside_a_block_of_accepted_tokens_as_the_reference_cut_says(spec):

@@ -2,8 +2,10 @@
 
 Unknown fields are ignored, as OpenAI-compatible servers do; fields we cannot honour
 (penalties, echo, best_of > n, tools) are refused with a 400 rather than silently dropped.
-Defaults follow OpenAI, not speculant's CLI: temperature 1 (sampling), completions
-max_tokens 16, chat max_tokens "until the context is full".
+Defaults: temperature 0 (greedy), as in speculant's CLI and API (one default everywhere: the
+output is then reproducible and equal to plain decoding's; OpenAI's default is 1, so a client that
+wants sampling says so); completions max_tokens 16 and chat max_tokens "until the context is full",
+as OpenAI's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class SamplingFields(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=-1)  # vLLM's -1 and 0 both mean off
     min_p: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)
