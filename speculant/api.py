@@ -44,6 +44,7 @@ from speculant.models.registry import LoadedModel, load_model
 from speculant.plan import DraftPlan
 from speculant.sampling import SamplingParams
 from speculant.stopping import StopStringDecoder
+from speculant.tokenizer import check_text
 
 # The KV cache when load() is not given max_seq_len: room for long chats, while a CUDA-graph step,
 # which attends over the whole cache, stays fast.
@@ -97,7 +98,7 @@ class Speculant:
         `system` is given) or as token ids, or `messages` ([{"role", "content"}], roles system, user,
         assistant) through the chat template, with `system` put first."""
         if system is not None:
-            _check_text(system, "system")
+            check_text(system, "system")
         if messages is not None:
             if prompt is not None:
                 raise ValueError("give either a prompt or messages, not both")
@@ -105,7 +106,7 @@ class Speculant:
         if prompt is None:
             raise ValueError("give a prompt (text or token ids) or messages")
         if isinstance(prompt, str):
-            _check_text(prompt, "prompt")
+            check_text(prompt, "prompt")
             if chat or system is not None:
                 return self.tokenizer.encode_chat(_chat_messages([{"role": "user", "content": prompt}], system))
             return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -354,19 +355,6 @@ def _check_counts(max_new_tokens, seed, logprobs) -> None:
         raise ValueError(f"logprobs must be an integer in [0, 20] (alternatives per token), got {logprobs!r}")
 
 
-def _check_text(text, what: str) -> None:
-    """Text must be a str of valid Unicode: an argument decoded with errors='surrogateescape' (a
-    command line holding bytes that are not UTF-8) carries lone surrogates the tokenizer cannot take."""
-    if not isinstance(text, str):
-        raise TypeError(f"{what} must be text (str), got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = text[error.start:error.end].encode("utf-8", "surrogateescape")
-        raise ValueError(f"{what} is not valid UTF-8: byte(s) {bad!r} at character {error.start}; "
-                         "pass UTF-8 text") from None
-
-
 def _token_id(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not (
             isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
@@ -385,7 +373,7 @@ def _chat_messages(messages: Sequence[dict], system: str | None) -> list[dict]:
         role = message.get("role")
         if role not in ("system", "user", "assistant"):
             raise ValueError(f'messages[{i}]["role"] must be "system", "user" or "assistant", got {role!r:.40}')
-        _check_text(message["content"], f'messages[{i}]["content"]')
+        check_text(message["content"], f'messages[{i}]["content"]')
         out.append({"role": role, "content": message["content"]})
     if not any(m["role"] != "system" for m in out):
         raise ValueError("messages hold no user or assistant message")
@@ -399,7 +387,7 @@ def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     if isinstance(stops, (bytes, bytearray)) or not isinstance(stops, Sequence):
         raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
     for s in stops:
-        _check_text(s, "a stop string")
+        check_text(s, "a stop string")
         if not s:
             raise ValueError("a stop string must not be empty")
     return list(stops)

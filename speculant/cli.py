@@ -181,13 +181,12 @@ def _flush_quietly() -> None:
 def _checked_text(text: str, what: str) -> str:
     """Command-line text arrives decoded with errors='surrogateescape': bytes that are not UTF-8
     become lone surrogates, which the tokenizer refuses. Say so, naming where they came from."""
+    from speculant.tokenizer import check_text
+
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = text[error.start:error.end].encode("utf-8", "surrogateescape")
-        raise CliError(f"{what} is not valid UTF-8: byte(s) {bad.hex(' ')} at character {error.start}; "
-                       "pass UTF-8 text") from None
-    return text
+        return check_text(text, what)
+    except ValueError as error:
+        raise CliError(str(error)) from None
 
 
 def _read_utf8(stream, what: str) -> str:

@@ -231,3 +231,18 @@ def _read_json(path: Path) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def check_text(text, what: str) -> str:
+    """Text must be a str of valid Unicode: an argument decoded with errors='surrogateescape' (a
+    command line holding bytes that are not UTF-8) carries lone surrogates the tokenizer refuses.
+    Returns `text`; raises TypeError or ValueError naming `what` and the offending bytes."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start:error.end].encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8: byte(s) {bad.hex(' ')} at character {error.start}; "
+                         "pass UTF-8 text") from None
+    return text
