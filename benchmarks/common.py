@@ -72,3 +72,20 @@ def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line:
     print(f"\n{text}")
     print(json.dumps({**last_line, "json": str(path)}))
     return path
+
+
+HELD_OUT = Path(__file__).resolve().parent / "prompts"  # prompts no draft was trained or tuned on
+
+
+def heldout_chat_texts(n: int) -> list[str]:
+    """The first n everyday questions of prompts/heldout_chat.txt (no Python topics)."""
+    lines = (HELD_OUT / "heldout_chat.txt").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")][:n]
+
+
+def heldout_code_texts(n: int) -> list[str]:
+    """The first n function prompts (signature + docstring) of prompts/heldout_code.jsonl, from
+    libraries no draft was trained on (starlette, fastapi, pydantic, httpx, anyio, hypothesis,
+    prometheus_client, openai, uvicorn)."""
+    lines = (HELD_OUT / "heldout_code.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines if line.strip()][:n]

@@ -21,7 +21,6 @@ writes gpu_speed.json into --out.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter
@@ -36,7 +35,6 @@ from speculant.bench.tasks import adversarial_prompts, code_prompts
 from speculant.models.transformer import LeanModel
 from speculant.prompts import topic_keys, topic_prompts
 
-HELD_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 CHAT_TEMPLATE = "Explain the Python topic '{topic}' briefly, with an example."
 
 
@@ -48,20 +46,13 @@ def chat_prompts(n: int, spec: Speculant) -> list[list[int]]:
 
 
 def heldout_chat_prompts(n: int, spec: Speculant) -> list[list[int]]:
-    """Everyday questions (benchmarks/prompts/heldout_chat.txt), not Python topics: held out from
-    every draft's training and every tuning run."""
-    with open(os.path.join(HELD_OUT, "heldout_chat.txt"), encoding="utf-8") as f:
-        texts = [line.strip() for line in f if line.strip() and not line.startswith("#")][:n]
-    return [spec.encode(text, chat=True) for text in texts]
+    """Everyday questions, not Python topics (common.heldout_chat_texts), through the chat template."""
+    return [spec.encode(text, chat=True) for text in common.heldout_chat_texts(n)]
 
 
 def heldout_code_prompts(n: int, spec: Speculant) -> list[list[int]]:
-    """Signature + docstring of functions from libraries no draft was trained on (starlette, fastapi,
-    pydantic, httpx, anyio, hypothesis, prometheus_client, openai, uvicorn):
-    benchmarks/prompts/heldout_code.jsonl."""
-    with open(os.path.join(HELD_OUT, "heldout_code.jsonl"), encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f][:n]
-    return [spec.encode(r["prompt"]) for r in rows]
+    """Functions from libraries no draft was trained on (common.heldout_code_texts), raw completion."""
+    return [spec.encode(text) for text in common.heldout_code_texts(n)]
 
 
 def run_ours(spec: Speculant, prompts: list[list[int]], *, temperature: float, max_new: int,

@@ -37,10 +37,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common
+
 import speculant
 from speculant.models.llamacpp import gguf_source, llama_cpp_available
-
-PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 def prompt_sets(count: int) -> dict[str, list[tuple[str, bool]]]:
@@ -49,10 +49,7 @@ def prompt_sets(count: int) -> dict[str, list[tuple[str, bool]]]:
 
     with gzip.open(default_humaneval_path(), "rt") as f:  # the last problems, as `speculant bench` takes them
         humaneval = [json.loads(line)["prompt"] for line in f if line.strip()][-count:]
-    code = [json.loads(line)["prompt"] for line in (PROMPTS / "heldout_code.jsonl").read_text().splitlines()
-            if line.strip()][:count]
-    chat = [line for line in (PROMPTS / "heldout_chat.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")][:count]
+    code, chat = common.heldout_code_texts(count), common.heldout_chat_texts(count)
     return {"humaneval": [(p, False) for p in humaneval], "code": [(p, False) for p in code],
             "chat": [(p, True) for p in chat]}
 

@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from speculant.api import Speculant
+from speculant.models.base import synchronize
 from speculant.models.registry import load_model
 
 # Everyday questions, written for this benchmark, held out of any training here, none about Python.
@@ -55,11 +56,6 @@ CHAT_PROMPTS = [
     "How long should I boil an egg for a soft, runny yolk, and why does altitude matter?",
     "Summarise the main causes of the French Revolution in a few sentences.",
 ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def humaneval_prompts(count: int, path: str | None) -> list[str]:
@@ -85,10 +81,10 @@ def run_ours(spec, prompts, temperature, args):
     spec.generate(prompts[0], max_new_tokens=min(8, args.max_new_tokens), temperature=temperature, seed=99)
     outputs, seconds, alphas = [], [], []
     for i, ids in enumerate(prompts):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         out = spec.generate(ids, max_new_tokens=args.max_new_tokens, temperature=temperature, seed=i)
-        sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
         outputs.append(out.token_ids)
         alphas.append(out.stats.get("alpha"))
@@ -112,13 +108,13 @@ def hf_run(model, prompts, temperature, args, eos, **extra):
     for i, ids in enumerate(prompts):
         input_ids = torch.tensor([ids], device=device)
         torch.manual_seed(i)
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config,
                                  **({"assistant_model": extra["assistant_model"]} if "assistant_model" in extra
                                     else {}))
-        sync(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
         new = out[0, len(ids):].tolist()
         cut = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
