@@ -225,3 +225,19 @@ def gof() -> SimpleNamespace:
         honest_accept=honest_accept,
         honest_residual=honest_residual,
     )
+
+
+def byte_level_backend(specials: list[str]):
+    """A byte-level BPE `tokenizers.Tokenizer`: the special tokens (ids 0..len(specials) - 1), then the
+    256 byte symbols, then the merges "ab" and "cd"."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(specials + symbols + ["ab", "cd"])}
+    backend = Backend(models.BPE(vocab=vocab, merges=[("a", "b"), ("c", "d")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return backend

@@ -34,6 +34,7 @@ from speculant.models.transformer import LeanModel, rope_inv_freq
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams
 from speculant.tokenizer import StreamDecoder, Tokenizer
+from tests.conftest import byte_level_backend
 
 
 @pytest.fixture(autouse=True)
@@ -48,17 +49,7 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def byte_level_tokenizer():
     """A byte-level BPE over the 256 byte symbols, 3 special tokens and two merges."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(SPECIALS + symbols + ["ab", "cd"])}
-    backend = Backend(models.BPE(vocab=vocab, merges=[("a", "b"), ("c", "d")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    return backend
+    return byte_level_backend(SPECIALS)
 
 
 def tiny_hf_model(model_type: str, seed: int = 0, **overrides):

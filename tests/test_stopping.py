@@ -12,23 +12,14 @@ from hypothesis import strategies as st
 
 from speculant.stopping import StopStringDecoder, find_stop, partial_stop_start, reference_cut
 from speculant.tokenizer import Tokenizer
+from tests.conftest import byte_level_backend
 
 SPECIALS = ["<|endoftext|>"]
 
 
 def byte_level_tokenizer() -> Tokenizer:
     """Byte-level BPE: the 256 byte symbols, one special token, merges "ab" and "cd"."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    symbols = list(bytes_to_unicode().values())
-    vocab = {s: i for i, s in enumerate(SPECIALS + symbols + ["ab", "cd"])}
-    backend = Backend(models.BPE(vocab=vocab, merges=[("a", "b"), ("c", "d")]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    return Tokenizer(backend, eos_ids=[0])
+    return Tokenizer(byte_level_backend(SPECIALS), eos_ids=[0])
 
 
 TOKENIZER = byte_level_tokenizer()
