@@ -94,10 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         # Exit at once: an interrupt raised inside a library's embedded code leaves CPython set to kill
         # itself with SIGINT at shutdown, which would replace the status 130 with a signal.
         _flush_quietly()
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
         os._exit(130)
     return code
 
@@ -172,10 +168,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def _flush_quietly() -> None:
-    try:
-        sys.stdout.flush()
-    except (OSError, ValueError):
-        pass
+    """Flush stdout and stderr, ignoring a closed or broken stream."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _checked_text(text: str, what: str) -> str:
