@@ -235,3 +235,28 @@ def test_without_llama_cpp_python_the_backend_fails_in_one_line_naming_the_setup
     code = main(["generate", "--backend", "llama.cpp", "--draft", "ngram", "--max-new-tokens", "2", "x"])
     _, err = capsys.readouterr()
     assert code == 2 and "setup.sh --llama-cpp" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gguf_path_loads_on_llama_cpp_without_converting_its_weights(target, tmp_path, monkeypatch):
+    """A .gguf path new to the cache gets only a tokenizer folder built from its metadata (no
+    float32 copy of its weights), and that tokenizer is the converted model's, id for id."""
+    import shutil
+
+    from speculant.models.registry import embedded_gguf
+
+    source = tmp_path / "copy.gguf"
+    shutil.copyfile(embedded_gguf(TARGET, progress=False), source)
+    monkeypatch.setenv("SPECULANT_CACHE", str(tmp_path / "cache"))
+    loaded = load_llamacpp(str(source), max_seq_len=256, threads=1, progress=False)
+    try:
+        assert not list((tmp_path / "cache").rglob("*.safetensors"))
+        assert loaded.folder.parent.name == "tokenizers" and (loaded.folder / "tokenizer.json").exists()
+        assert loaded.tokenizer.vocab_fingerprint == target.tokenizer.vocab_fingerprint
+        for text in PROMPTS:
+            assert _ids(loaded, text) == _ids(target, text)
+        assert loaded.tokenizer.eos_ids == target.tokenizer.eos_ids
+        again = load_llamacpp(str(source), max_seq_len=256, threads=1, progress=False)  # from the cache
+        assert again.folder == loaded.folder
+        again.model.close()
+    finally:
+        loaded.model.close()

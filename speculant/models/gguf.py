@@ -34,6 +34,7 @@ from speculant.models.cache import (
     ModelLoadError,
     cache_root,
     file_sha256,
+    read_json,
     say,
     slug,
     write_json_atomic,
@@ -202,9 +203,7 @@ def convert_gguf(path: str | os.PathLike, *, name: str, sha256: str | None = Non
         try:
             meta = gguf.metadata
             arch = str(meta.get("general.architecture", "?"))
-            say(progress, "building the tokenizer (transformers)")
-            backend = _gguf_tokenizer(path, meta)
-            backend.save(str(tmp / "tokenizer.json"))
+            backend = _write_tokenizer_files(tmp, path, meta, progress)
             if arch in _OWN_GGUF_ARCHS:
                 config = _gguf_config(gguf, arch)
                 tensors = _gguf_weights(gguf, arch, config, progress)
@@ -217,25 +216,6 @@ def convert_gguf(path: str | os.PathLike, *, name: str, sha256: str | None = Non
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
         write_json_atomic(tmp / "config.json", config)
-        tokens = meta.get("tokenizer.ggml.tokens") or []
-        bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
-        token_types = meta.get("tokenizer.ggml.token_type")
-        control = [True] * len(tokens) if token_types is None else (np.asarray(token_types) == 3).tolist()
-        eos_ids = sorted(({int(eos_id)} if eos_id is not None else set())
-                         | {i for i, t in enumerate(tokens) if control[i] and t in END_OF_TURN_TOKENS})
-        tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": _gguf_add_bos(meta)}
-        for key, index in (("bos_token", bos_id), ("eos_token", eos_id),
-                           ("unk_token", meta.get("tokenizer.ggml.unknown_token_id")),
-                           ("pad_token", meta.get("tokenizer.ggml.padding_token_id"))):
-            if index is not None and int(index) < len(tokens):
-                tok_config[key] = tokens[int(index)]
-        if meta.get("tokenizer.chat_template"):
-            tok_config["chat_template"] = meta["tokenizer.chat_template"]
-        write_json_atomic(tmp / "tokenizer_config.json", tok_config)
-        generation = {"eos_token_id": eos_ids}
-        if bos_id is not None:
-            generation["bos_token_id"] = int(bos_id)
-        write_json_atomic(tmp / "generation_config.json", generation)
         import gguf as gguf_package
         import transformers
 
@@ -260,6 +240,69 @@ def convert_gguf(path: str | os.PathLike, *, name: str, sha256: str | None = Non
     say(progress, f"converted in {time.perf_counter() - start:.1f} s")
     return final
 
+
+
+def gguf_tokenizer_folder(path: str | os.PathLike, *, name: str, sha256: str | None = None,
+                          progress: bool = True) -> Path:
+    """A cache folder holding only a GGUF's tokenizer (tokenizer.json, tokenizer_config.json,
+    generation_config.json, speculant.json), built from its metadata without touching the weights:
+    what the llama.cpp backend needs, which runs the GGUF itself. A full conversion's folder, where
+    one exists, serves as well (find_converted)."""
+    path = Path(path)
+    sha256 = sha256 or file_sha256(path)
+    final = cache_root() / "tokenizers" / f"gguf-{sha256[:16]}-{slug(name)}"
+    meta_file = final / "speculant.json"
+    if read_json(meta_file).get("source_sha256") == sha256 and read_json(meta_file).get("format") == CACHE_FORMAT:
+        return final
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        gguf = GGUFFile(path)
+        try:
+            meta = gguf.metadata
+        finally:
+            gguf.close()
+        backend = _write_tokenizer_files(tmp, path, meta, progress)
+        write_json_atomic(tmp / "speculant.json", {
+            "format": CACHE_FORMAT, "name": name, "source": str(path.resolve()), "source_sha256": sha256,
+            "architecture": str(meta.get("general.architecture", "?")), "tokenizer_only": True,
+            "vocab_fingerprint": vocab_fingerprint(backend)})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _write_tokenizer_files(folder: Path, path: Path, meta: dict, progress: bool):
+    """Write the GGUF's tokenizer.json, tokenizer_config.json (special tokens, BOS, chat template) and
+    generation_config.json (its end-of-turn ids) into `folder`; returns the tokenizers backend."""
+    say(progress, "building the tokenizer (transformers)")
+    backend = _gguf_tokenizer(path, meta)
+    backend.save(str(folder / "tokenizer.json"))
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    bos_id, eos_id = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+    token_types = meta.get("tokenizer.ggml.token_type")
+    control = [True] * len(tokens) if token_types is None else (np.asarray(token_types) == 3).tolist()
+    eos_ids = sorted(({int(eos_id)} if eos_id is not None else set())
+                     | {i for i, t in enumerate(tokens) if control[i] and t in END_OF_TURN_TOKENS})
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": _gguf_add_bos(meta)}
+    for key, index in (("bos_token", bos_id), ("eos_token", eos_id),
+                       ("unk_token", meta.get("tokenizer.ggml.unknown_token_id")),
+                       ("pad_token", meta.get("tokenizer.ggml.padding_token_id"))):
+        if index is not None and int(index) < len(tokens):
+            tok_config[key] = tokens[int(index)]
+    if meta.get("tokenizer.chat_template"):
+        tok_config["chat_template"] = meta["tokenizer.chat_template"]
+    write_json_atomic(folder / "tokenizer_config.json", tok_config)
+    generation = {"eos_token_id": eos_ids}
+    if bos_id is not None:
+        generation["bos_token_id"] = int(bos_id)
+    write_json_atomic(folder / "generation_config.json", generation)
+    return backend
 
 def _gguf_config(gguf: GGUFFile, arch: str) -> dict:
     """config.json (Hugging Face keys, readable by transformers 4.50 .. 5.x) from GGUF metadata."""

@@ -6,8 +6,9 @@
 
 The GGUF file is read by llama.cpp as it is (its quantized kernels, no dequantization); speculant's
 drafters and its exact acceptance rule run on top, so the output law is the target's as llama.cpp
-computes it. The tokenizer is speculant's own, from the model's converted folder in the cache (the
-same ids as llama.cpp's tokenizer; tests/test_llamacpp.py checks a few prompts).
+computes it. The tokenizer is speculant's own, built once from the GGUF's metadata into the cache (the
+weights are not converted; the same ids as llama.cpp's tokenizer; tests/test_llamacpp.py checks a
+few prompts).
 
 Optional: `bash scripts/setup.sh --llama-cpp` compiles llama-cpp-python; without it, loading says so
 in one line (LlamaCppUnavailable). Not supported on this backend: the distilled feature draft
@@ -216,26 +217,26 @@ class LlamaCppModel(PositionalCache):
 
 
 def gguf_source(spec: str | os.PathLike, progress: bool = True) -> tuple[Path, Path, str, str]:
-    """(the GGUF file, the converted folder holding its tokenizer, its sha256, a name) for an embedded
-    model name or a .gguf path. A path not yet in the cache is converted once, as the torch backend
-    does, for its tokenizer (speculant's tokenizer, chat template and stop ids)."""
+    """(the GGUF file, a cache folder holding its tokenizer, its sha256, a name) for an embedded model
+    name or a .gguf path. The tokenizer (speculant's, with the chat template and stop ids) is built
+    from the GGUF's metadata once; the weights stay in the file, for llama.cpp to read."""
     from speculant.models.cache import ModelLoadError, file_sha256, find_converted, slug
-    from speculant.models.gguf import convert_gguf, is_gguf
-    from speculant.models.registry import EMBEDDED, embedded_gguf, prepare_embedded
+    from speculant.models.gguf import gguf_tokenizer_folder, is_gguf
+    from speculant.models.registry import EMBEDDED, embedded_gguf, embedded_sha256
 
     text = str(spec)
     if text in EMBEDDED:
-        folder, sha = prepare_embedded(text, progress=progress)
-        return embedded_gguf(text, progress), folder, sha, text
-    path = Path(text).expanduser()
-    if path.is_file() and (path.suffix.lower() == ".gguf" or is_gguf(path)):
-        sha = file_sha256(path)
-        name = slug(path.stem)
-        folder = find_converted(sha) or convert_gguf(path, name=name, sha256=sha, progress=progress)
-        return path, folder, sha, name
-    raise ModelLoadError(
-        f"{text!r}: the llama.cpp backend reads GGUF files: give an embedded model name ({', '.join(EMBEDDED)}) "
-        "or a path to a .gguf file (a Hugging Face folder runs on --backend torch)")
+        path, name = embedded_gguf(text, progress), text
+        sha = embedded_sha256(text) or file_sha256(path)
+    else:
+        path = Path(text).expanduser()
+        if not (path.is_file() and (path.suffix.lower() == ".gguf" or is_gguf(path))):
+            raise ModelLoadError(
+                f"{text!r}: the llama.cpp backend reads GGUF files: give an embedded model name "
+                f"({', '.join(EMBEDDED)}) or a path to a .gguf file (a Hugging Face folder runs on --backend torch)")
+        sha, name = file_sha256(path), slug(path.stem)
+    folder = find_converted(sha) or gguf_tokenizer_folder(path, name=name, sha256=sha, progress=progress)
+    return path, folder, sha, name
 
 
 def load_llamacpp(spec: str | os.PathLike, *, max_seq_len: int | None = None, threads: int | None = None,

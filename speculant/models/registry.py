@@ -165,6 +165,11 @@ def embedded_installed(name: str) -> bool:
     return _package_dir(entry.package) is not None and all(_package_dir(p) is not None for p in entry.parts)
 
 
+def embedded_sha256(name: str) -> str | None:
+    """The sha256 of the embedded model's GGUF file where it is recorded ahead, else None."""
+    return _embedded_entry(name).sha256
+
+
 def embedded_gguf(name: str, progress: bool = True) -> Path:
     """The GGUF file of the embedded model `name`, as shipped (quantized; for llama.cpp, or to copy):
     the file inside its weight package, or, for a model shipped in parts, the parts joined once into
