@@ -255,6 +255,7 @@ def test_a_gguf_path_loads_on_llama_cpp_without_converting_its_weights(target, t
         for text in PROMPTS:
             assert _ids(loaded, text) == _ids(target, text)
         assert loaded.tokenizer.eos_ids == target.tokenizer.eos_ids
+        assert "llama.cpp" in repr(loaded)  # not "transformers"
         again = load_llamacpp(str(source), max_seq_len=256, threads=1, progress=False)  # from the cache
         assert again.folder == loaded.folder
         again.model.close()

@@ -268,7 +268,7 @@ class LoadedModel:
         return self.weights is not None
 
     def __repr__(self) -> str:
-        kind = "lean" if self.lean else "transformers"
+        kind = "lean" if self.lean else getattr(self.model, "backend", "transformers")  # llama.cpp says so
         return (f"LoadedModel({self.name!r}, arch={self.arch}, {kind}, params={self.num_params / 1e6:.1f}M, "
                 f"vocab={self.vocab_size}, max_seq_len={self.model.max_seq_len})")
 
