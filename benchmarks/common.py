@@ -76,16 +76,37 @@ def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line:
 
 HELD_OUT = Path(__file__).resolve().parent / "prompts"  # prompts no draft was trained or tuned on
 
+# The held-out domains: name -> (file in prompts/, whether the text goes through the chat template).
+# Each file's header says where its prompts come from; none is Python source, pydoc text or HumanEval.
+HELD_OUT_DOMAINS = {
+    "chat": ("heldout_chat.txt", True),  # everyday questions in English
+    "code": ("heldout_code.jsonl", False),  # Python functions of libraries no draft was trained on
+    "chat_languages": ("heldout_chat_languages.txt", True),  # everyday questions in German, French, ...
+    "math": ("heldout_math.txt", True),  # word problems
+    "code_languages": ("heldout_code_languages.jsonl", False),  # C, JS, shell, Go, SQL, Perl from this machine
+    "prose": ("heldout_prose.txt", False),  # openings of science / history paragraphs, continued
+}
+
+
+def heldout_texts(domain: str, n: int) -> list[str]:
+    """The first n prompts of a held-out domain (HELD_OUT_DOMAINS): the lines of a .txt file, the
+    "prompt" fields of a .jsonl file; lines starting with # are comments in both."""
+    if domain not in HELD_OUT_DOMAINS:
+        raise ValueError(f"unknown held-out domain {domain!r}; choose from {', '.join(HELD_OUT_DOMAINS)}")
+    path = HELD_OUT / HELD_OUT_DOMAINS[domain][0]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in lines][:n]
+    return [line.strip() for line in lines][:n]
+
 
 def heldout_chat_texts(n: int) -> list[str]:
     """The first n everyday questions of prompts/heldout_chat.txt (no Python topics)."""
-    lines = (HELD_OUT / "heldout_chat.txt").read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")][:n]
+    return heldout_texts("chat", n)
 
 
 def heldout_code_texts(n: int) -> list[str]:
     """The first n function prompts (signature + docstring) of prompts/heldout_code.jsonl, from
     libraries no draft was trained on (starlette, fastapi, pydantic, httpx, anyio, hypothesis,
     prometheus_client, openai, uvicorn)."""
-    lines = (HELD_OUT / "heldout_code.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["prompt"] for line in lines if line.strip()][:n]
+    return heldout_texts("code", n)

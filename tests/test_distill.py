@@ -417,3 +417,17 @@ def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_on
     model = MarkovModel(table, max_seq_len=64)
     assert self_written_questions(model, tokenizer, 3, progress=False) == ["why\tnot zip"] * 3
     assert self_written_questions(model, tokenizer, 3, max_new_tokens=5, progress=False) == []  # unfinished
+
+
+def test_a_checkpoint_that_predates_an_option_resumes_only_with_its_default(tmp_path):
+    """An option added after a checkpoint was written (absent from its saved options) counts as its
+    default: resuming with another value is a mismatch, resuming with the default is not."""
+    from speculant.distill.checkpoint import check_resumable
+    from speculant.distill.options import options_dict
+
+    old = options_dict(DistillOptions(inputs="features"))
+    del old["rollout_steps"]  # as a checkpoint written before --rollout-steps existed
+    saved = {"target_hash": TARGET_HASH, "options": old}
+    check_resumable(saved, DistillOptions(inputs="features"), TARGET_HASH, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match="rollout_steps"):
+        check_resumable(saved, DistillOptions(inputs="features", rollout_steps=3), TARGET_HASH, tmp_path)

@@ -5,21 +5,31 @@ training forward, distillation and the folder round trip."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from speculant.distill.data import TokenCorpus
+from speculant.distill.cli import main as distill_main
+from speculant.distill.data import DistillError, TokenCorpus
 from speculant.distill.evaluate import heldout_alpha
-from speculant.distill.objective import target_outputs_batch
+from speculant.distill.objective import distill_loss, feature_draft_losses, target_outputs_batch
 from speculant.distill.options import DistillOptions
 from speculant.distill.train import train_draft
 from speculant.drafters.base import Draft
 from speculant.drafters.features import FeatureDrafter
 from speculant.engine import generate
 from speculant.fused import FusedStepper
-from speculant.models.feature_draft import DraftConfig, FeatureDraft, build_draft, init_random, load_draft
+from speculant.models.feature_draft import (
+    DraftConfig,
+    DraftWeights,
+    FeatureDraft,
+    build_draft,
+    init_random,
+    load_draft,
+)
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
@@ -177,20 +187,30 @@ def test_a_feature_draft_cannot_be_run_without_features():
 SEQ_LEN = 32
 
 
+def feature_options(**overrides) -> DistillOptions:
+    base = {"steps": 150, "batch_size": 8, "seq_len": SEQ_LEN, "lr": 1e-2, "num_layers": 1, "num_kept": 48,
+            "inputs": "features", "save_dtype": "float32", "eval_sequences": 16, "engine_prompts": 2,
+            "engine_new_tokens": 16, "checkpoint_every": 1000, "progress": False}
+    return DistillOptions(**{**base, **overrides})
+
+
 @pytest.fixture(scope="module")
-def feature_run(tmp_path_factory):
+def feature_corpus():
+    """A tiny target and a corpus of its own samples at T = 1: text with structure to learn."""
     target = LeanModel(random_weights(tiny_config(vocab_size=64, num_layers=2), seed=1, scale=3.0), max_seq_len=128)
     gen = torch.Generator().manual_seed(0)
     seqs = torch.randint(0, 64, (416, 1), generator=gen)
-    while seqs.shape[1] < SEQ_LEN:  # the target's own samples: text with structure to learn
+    while seqs.shape[1] < SEQ_LEN:
         probs = logits_to_probs(target_outputs_batch(target, seqs)[0][:, -1], SamplingParams())
         seqs = torch.cat([seqs, sample_from(probs, torch.rand(416, generator=gen))[:, None]], 1)
-    corpus = TokenCorpus(seqs[:400], seqs[400:], {"given": True})
+    return target, TokenCorpus(seqs[:400], seqs[400:], {"given": True})
+
+
+@pytest.fixture(scope="module")
+def feature_run(feature_corpus, tmp_path_factory):
+    target, corpus = feature_corpus
     out = tmp_path_factory.mktemp("feature-draft")
-    options = DistillOptions(steps=150, batch_size=8, seq_len=SEQ_LEN, lr=1e-2, num_layers=1, num_kept=48,
-                             inputs="features", save_dtype="float32", eval_sequences=16, engine_prompts=2,
-                             engine_new_tokens=16, checkpoint_every=1000, progress=False)
-    metadata = train_draft(target, corpus, out, options, target_name="tiny", target_hash="tiny-sha")
+    metadata = train_draft(target, corpus, out, feature_options(), target_name="tiny", target_hash="tiny-sha")
     return target, corpus, out, metadata
 
 
@@ -212,3 +232,109 @@ def test_feature_draft_folder_round_trips(feature_run):
     expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=30)
     steps = list(generate(target, FeatureDrafter(draft, target), prompt, gamma=4, params=GREEDY, max_new_tokens=30))
     assert [t for s in steps for t in s.tokens] == expected
+
+
+# ================================================================ training-time test (--rollout-steps)
+
+
+def two_pass_loss_as_shipped(trainer, tokens, target_logits, target_features, kept_ids, temperature, feature_weight):
+    """A copy of the objective the shipped draft was trained with (before --rollout-steps): pass 1 on
+    the true features, pass 2 on pass 1's predictions one position on; distillation + regression."""
+    inputs = tokens[:, 1:]
+    true_next = target_features[:, 1:].float()
+    scored = target_logits[:, 1:].flatten(0, 1)
+    logits1, predicted1 = trainer.train_feature_outputs(inputs, target_features[:, :-1])
+    loss1, alpha1, _ = distill_loss(logits1.flatten(0, 1), scored, kept_ids, temperature)
+    own = torch.cat([target_features[:, :1].to(predicted1.dtype), predicted1[:, :-1].detach()], 1)
+    logits2, predicted2 = trainer.train_feature_outputs(inputs, own)
+    loss2, alpha2, _ = distill_loss(logits2.flatten(0, 1), scored, kept_ids, temperature)
+    regression = F.smooth_l1_loss(predicted1.float(), true_next) + F.smooth_l1_loss(predicted2.float(), true_next)
+    return loss1 + loss2 + feature_weight * regression, alpha1, alpha2
+
+
+def _loss_and_grads(draft, loss_fn):
+    params = [p for p in draft.draft_weights.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def _batch(seed: int = 0):
+    """A trainable float32 feature draft (as train_draft builds it: 16 ids outside its vocabulary) and
+    a batch: tokens [3, 20], the target's logits and features on it."""
+    target, _ = feature_pair(64, seed=seed)
+    cfg = DraftConfig.for_target(target.cfg, num_layers=1, num_kept=48, inputs="features")
+    kept = torch.randperm(64, generator=torch.Generator().manual_seed(seed))[:48]
+    weights = DraftWeights(cfg, target.weights.embed_tokens, kept, target.weights.head_weight().detach()[kept])
+    init_random(weights, seed + 1)
+    draft = FeatureDraft(weights.to(torch.float32), max_seq_len=96)
+    tokens = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(seed))
+    logits, features = target_outputs_batch(target, tokens)  # [3, 20, V], [3, 20, E]
+    return draft, tokens, logits, features
+
+
+def test_two_rollout_steps_are_exactly_the_shipped_two_pass_objective():
+    draft, tokens, logits, features = _batch()
+    kept = draft.kept_ids
+    old_loss, old_grads = _loss_and_grads(draft, lambda: two_pass_loss_as_shipped(
+        draft, tokens, logits, features, kept, 1.0, 0.7)[0])
+    new_loss, new_grads = _loss_and_grads(draft, lambda: feature_draft_losses(
+        draft, tokens, logits, features, kept, 1.0, 0.7)[0])
+    assert torch.equal(new_loss, old_loss)
+    assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+    _, alpha1, alpha2 = two_pass_loss_as_shipped(draft, tokens, logits, features, kept, 1.0, 0.7)
+    _, alphas = feature_draft_losses(draft, tokens, logits, features, kept, 1.0, 0.7, rollout_steps=2,
+                                     rollout_weight_decay=1.0)
+    assert torch.equal(alphas, torch.stack([alpha1, alpha2]))
+    assert DistillOptions().rollout_steps == 2 and DistillOptions().rollout_weight_decay == 1.0
+
+
+def test_pass_k_reads_pass_k_minus_1_and_weighs_decay_to_the_k_minus_1():
+    draft, tokens, logits, features = _batch(seed=3)
+    kept, inputs, true_next = draft.kept_ids, tokens[:, 1:], features[:, 1:]
+    scored = logits[:, 1:].flatten(0, 1)
+    read, distill, regression, alphas = features[:, :-1], 0.0, 0.0, []
+    for k in range(3):  # by hand: pass k+1 reads pass k's predictions, one position on
+        pass_logits, predicted = draft.train_feature_outputs(inputs, read)
+        loss, alpha, _ = distill_loss(pass_logits.flatten(0, 1), scored, kept, 1.0)
+        distill = distill + 0.5 ** k * loss
+        regression = regression + 0.5 ** k * F.smooth_l1_loss(predicted, true_next)
+        alphas.append(alpha)
+        read = torch.cat([features[:, :1], predicted[:, :-1].detach()], 1)
+    loss, got_alphas = feature_draft_losses(draft, tokens, logits, features, kept, 1.0, 2.0, rollout_steps=3,
+                                            rollout_weight_decay=0.5)
+    torch.testing.assert_close(loss, distill + 2.0 * regression, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_alphas, torch.stack(alphas))
+    one, alpha_one = feature_draft_losses(draft, tokens, logits, features, kept, 1.0, 2.0, rollout_steps=1)
+    assert alpha_one.shape == (1,) and one < loss
+
+
+def test_three_rollout_steps_train_and_report_alpha_for_each_pass(feature_corpus, tmp_path):
+    target, corpus = feature_corpus
+    m = train_draft(target, corpus, tmp_path, feature_options(steps=100, rollout_steps=3, rollout_weight_decay=0.8),
+                    target_name="tiny", target_hash="tiny-sha")
+    for t in (0, 1):
+        assert m[f"alpha_t{t}"] > m[f"alpha_t{t}_before"] + 0.1, m
+        assert 0 < m[f"alpha3_t{t}"] <= 1 and 0 < m[f"alpha2_t{t}"] <= 1
+    assert len(m["train_alpha_by_pass"]) == 3 and all(0 < a <= 1 for a in m["train_alpha_by_pass"])
+    assert m["options"]["rollout_steps"] == 3 and m["loss_history"][-1] < m["loss_history"][0]
+    draft = load_draft(tmp_path, (target.weights, "tiny-sha"))
+    again = heldout_alpha(target, draft, corpus.heldout[:16], passes=3)
+    assert again["alpha3_t1"] == pytest.approx(m["alpha3_t1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rollout-steps", "0"], "rollout steps (--rollout-steps) must be an integer >= 1, got 0"),
+    (["--rollout-weight-decay", "0"], "rollout weight decay (--rollout-weight-decay) must be > 0, got 0.0"),
+    (["--rollout-weight-decay", "-0.5"], "must be > 0, got -0.5"),
+    (["--rollout-weight-decay", "nan"], "rollout weight decay (--rollout-weight-decay) must be a finite number, got nan"),
+    (["--inputs", "tokens", "--rollout-steps", "3"], "train feature drafts (--inputs features)"),
+])
+def test_bad_rollout_options_end_the_run_with_one_line(flags, message, tmp_path, capsys):
+    status = distill_main(["--out", str(tmp_path / "out"), "--inputs", "features", *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("speculant distill: error: ") and message in err
+    with pytest.raises(DistillError, match="finite"):
+        DistillOptions(inputs="features", rollout_steps=math.nan)

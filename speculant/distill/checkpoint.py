@@ -32,6 +32,7 @@ class TrainState:
     wall_time: float = 0.0  # seconds of training, summed over resumptions
     losses: list[float] = field(default_factory=list)  # mean loss per logged interval
     before: dict = field(default_factory=dict)  # held-out α before training
+    train_alpha: list[float] = field(default_factory=list)  # α per pass of the last logged training batches
 
 
 def batch_indices(step: int, batch_size: int, num_sequences: int, seed: int) -> torch.Tensor:
@@ -93,8 +94,10 @@ def check_resumable(saved: dict, opts: DistillOptions, target_hash: str, checkpo
     if saved.get("target_hash") != target_hash:
         raise CheckpointMismatchError(
             f"{checkpoint} holds a run for another target; use another --out or --no-resume to start over")
-    mine = options_dict(opts)
-    changed = [k for k, v in saved.get("options", {}).items() if k not in RESUMABLE and mine.get(k) != v]
+    mine, defaults = options_dict(opts), options_dict(DistillOptions())
+    # an option the checkpoint does not record was added later: that run used its default
+    theirs = {k: saved.get("options", {}).get(k, defaults[k]) for k in mine}
+    changed = [k for k, v in theirs.items() if k not in RESUMABLE and mine[k] != v]
     if changed:
         raise CheckpointMismatchError(
             f"{checkpoint} holds a run with different options ({', '.join(sorted(changed))}); "

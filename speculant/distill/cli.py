@@ -42,6 +42,12 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="features: the draft also reads the target's last hidden state (EAGLE-style)")
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
                         help="weight of the feature regression loss (feature drafts)")
+    parser.add_argument("--rollout-steps", type=int, default=d.rollout_steps,
+                        help="feature drafts: training passes; pass 1 reads the target's features, pass k the "
+                             "draft's own predictions from pass k-1, as the k-th draft token of a step does "
+                             "(EAGLE-3's training-time test); the held-out α is reported per pass")
+    parser.add_argument("--rollout-weight-decay", type=float, default=d.rollout_weight_decay,
+                        help="pass k of --rollout-steps weighs this^(k-1) in the loss")
     parser.add_argument("--vocab", dest="num_kept", type=int, default=d.num_kept,
                         help="K: the draft's output vocabulary, the K most frequent tokens of the training text")
     parser.add_argument("--head", choices=["shared", "own"], default=d.head,
@@ -107,9 +113,12 @@ def distill_from_args(args: argparse.Namespace) -> int:
             ("target mass on kept ids", f"{metadata['kept_mass_t1']:.3f}"),
             ("cost ratio c", f"{metadata['cost_ratio']:.3f}"),
             ("draft bytes", f"{metadata['draft_bytes']:,} ({100 * metadata['draft_to_target_bytes']:.1f}% of target)")]
-    for key in ("alpha2_t0", "alpha2_t1"):
-        if key in metadata:
-            rows.append((f"held-out α after a draft, T={key[-1]}", f"{metadata[key]:.3f}"))
+    for k in range(2, 1 + max(2, metadata["options"]["rollout_steps"])):  # alpha2_t0, alpha3_t0, ...
+        for t in (0, 1):
+            if f"alpha{k}_t{t}" in metadata:
+                rows.append((f"held-out α, draft token {k}, T={t}", f"{metadata[f'alpha{k}_t{t}']:.3f}"))
+    if metadata.get("train_alpha_by_pass"):
+        rows.append(("training α per pass", " / ".join(f"{a:.3f}" for a in metadata["train_alpha_by_pass"])))
     for key in ("chat_alpha_t0", "chat_alpha_t1"):
         if key in metadata:
             rows.append((f"held-out chat α, T={key[-1]}", f"{metadata[key + '_before']:.3f} -> {metadata[key]:.3f}"))
@@ -117,7 +126,7 @@ def distill_from_args(args: argparse.Namespace) -> int:
         if key in metadata:
             rows.append((key.replace("_", " "), f"{metadata[key]:.3f}"))
     for name, value in rows:
-        print(f"{name:<26} {value}", file=sys.stderr)
+        print(f"{name:<28} {value}", file=sys.stderr)
     summary = {k: v for k, v in metadata.items() if k not in ("loss_history", "options", "data")}
     summary["out"] = str(args.out)
     print(json.dumps(summary, allow_nan=False))

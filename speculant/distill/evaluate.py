@@ -17,15 +17,22 @@ from speculant.sampling import SamplingParams, logits_to_probs
 
 
 @torch.no_grad()
-def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[float] = (0.0, 1.0)) -> dict:
+def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[float] = (0.0, 1.0),
+                  passes: int = 2) -> dict:
     """α = mean over held-out positions of Σ_x min(p(x), q(x)), p and q from the models' own
     cached forward (what serving runs) through `logits_to_probs`; plus the target's mass on the
-    kept ids at temperature 1 (the ceiling of α at T=1 for any draft over those ids)."""
-    sums = {t: 0.0 for t in temperatures}
-    sums2 = {t: 0.0 for t in temperatures}
+    kept ids at temperature 1 (the ceiling of α at T=1 for any draft over those ids).
+
+    A feature draft is measured in `passes` passes, as it is trained (objective.feature_draft_losses):
+    pass 1 reads the target's features (keys alpha_t0, alpha_t1), pass k the draft's own predictions
+    from pass k-1, one position on: α of the k-th draft token of a step (alpha2_t0, alpha3_t0, ...)."""
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    features = isinstance(draft, FeatureDraft)
+    num_passes = passes if features else 1
+    sums = [{t: 0.0 for t in temperatures} for _ in range(num_passes)]
     mass, count = 0.0, 0
     kept = draft.kept_ids
-    features = isinstance(draft, FeatureDraft)
     if features:
         target.keep_features()
     for row in heldout:
@@ -35,27 +42,29 @@ def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[f
         p_logits = target.forward(row, 0)  # [L, V]
         if features:
             # draft position i reads (x_{i+1}, f_i) and predicts x_{i+2}: scored against the
-            # target's law at i+1. Pass 2 reads the draft's own predicted features instead.
-            true = target.features[: row.shape[0] - 1]
-            q_logits, predicted = draft.forward_features(row[1:], true, 0)
-            draft.truncate(0)
-            q2_logits, _ = draft.forward_features(row[1:], torch.cat([true[:1], predicted[:-1]]), 0)
+            # target's law at i+1. Pass k > 1 reads the predicted features of pass k-1 instead.
+            true = target.features[: row.shape[0] - 1]  # [L-1, E]
+            read, q_by_pass = true, []
+            for _ in range(num_passes):
+                draft.truncate(0)
+                q_logits, predicted = draft.forward_features(row[1:], read, 0)  # [L-1, V], [L-1, E]
+                q_by_pass.append(q_logits)
+                read = torch.cat([true[:1], predicted[:-1]])
             p_logits = p_logits[1:]
         else:
-            q_logits = draft.forward(row, 0)
+            q_by_pass = [draft.forward(row, 0)]
         for t in temperatures:
             params = SamplingParams(temperature=t)
-            p, q = logits_to_probs(p_logits, params), logits_to_probs(q_logits, params)
-            sums[t] += float(torch.minimum(p, q).sum(-1).sum())
-            if features:
-                sums2[t] += float(torch.minimum(p, logits_to_probs(q2_logits, params)).sum(-1).sum())
+            p = logits_to_probs(p_logits, params)
+            for sums_k, q_logits in zip(sums, q_by_pass):
+                sums_k[t] += float(torch.minimum(p, logits_to_probs(q_logits, params)).sum(-1).sum())
         mass += float(torch.softmax(p_logits.float(), -1)[:, kept].sum())
         count += p_logits.shape[0]
     target.truncate(0)
     draft.truncate(0)
-    out = {f"alpha_t{t:g}": sums[t] / count for t in temperatures}
-    if features:  # α of a draft token that follows another draft token (own features)
-        out.update({f"alpha2_t{t:g}": sums2[t] / count for t in temperatures})
+    out = {}
+    for k, sums_k in enumerate(sums):  # alpha_t*, then α of a draft token after k draft tokens (own features)
+        out.update({f"alpha{k + 1 if k else ''}_t{t:g}": sums_k[t] / count for t in temperatures})
     out["kept_mass_t1"] = mass / count
     return out
 

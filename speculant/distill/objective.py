@@ -49,22 +49,31 @@ def target_outputs_batch(target: LeanModel, tokens: torch.Tensor) -> tuple[torch
 
 def feature_draft_losses(trainer: FeatureDraft, tokens: torch.Tensor, target_logits: torch.Tensor,
                          target_features: torch.Tensor, kept_ids: torch.Tensor, temperature: float,
-                         feature_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         feature_weight: float, rollout_steps: int = 2,
+                         rollout_weight_decay: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The feature draft's objective on tokens [B, T] with the target's logits [B, T, V] and features
     [B, T, E]. Draft position i reads (x_{i+1}, f_i) and is scored against the target at i+1.
 
-    Two passes: the first reads the target's true features (the first draft token of a step); the
-    second reads the draft's own predictions from the first pass (f̂_i at position i, as every later
-    draft token does), so the draft learns to continue from its own features. Each pass adds the
-    distillation loss and `feature_weight` x smooth-L1 between predicted and true features.
-    Returns (loss, α of pass 1, α of pass 2), the α's detached."""
+    `rollout_steps` passes (EAGLE-3's training-time test): pass 1 reads the target's true features
+    (the first draft token of a step); pass k > 1 reads the draft's own predictions from pass k-1,
+    shifted by one position (f̂_i at position i; position 0 keeps the true f_0), as the k-th draft
+    token of a step reads features predicted k-1 times in a row. Each pass adds the distillation loss
+    and `feature_weight` x smooth-L1 between predicted and true features, pass k weighted
+    `rollout_weight_decay`^(k-1). The default (2 passes, weight 1) is the shipped draft's objective.
+    Returns (loss, α of each pass [rollout_steps], detached)."""
     inputs = tokens[:, 1:]
     true_next = target_features[:, 1:].float()
     scored = target_logits[:, 1:].flatten(0, 1)
-    logits1, predicted1 = trainer.train_feature_outputs(inputs, target_features[:, :-1])
-    loss1, alpha1, _ = distill_loss(logits1.flatten(0, 1), scored, kept_ids, temperature)
-    own = torch.cat([target_features[:, :1].to(predicted1.dtype), predicted1[:, :-1].detach()], 1)
-    logits2, predicted2 = trainer.train_feature_outputs(inputs, own)
-    loss2, alpha2, _ = distill_loss(logits2.flatten(0, 1), scored, kept_ids, temperature)
-    regression = F.smooth_l1_loss(predicted1.float(), true_next) + F.smooth_l1_loss(predicted2.float(), true_next)
-    return loss1 + loss2 + feature_weight * regression, alpha1, alpha2
+    features = target_features[:, :-1]  # what pass 1 reads: [B, T-1, E]
+    distill = regression = 0.0
+    alphas = []
+    for k in range(rollout_steps):
+        weight = rollout_weight_decay ** k  # 1.0 at k = 0; with decay 1 the sums are bit for bit the two-pass one
+        logits, predicted = trainer.train_feature_outputs(inputs, features)  # [B, T-1, K], [B, T-1, E]
+        loss, alpha, _ = distill_loss(logits.flatten(0, 1), scored, kept_ids, temperature)
+        distill = distill + weight * loss
+        regression = regression + weight * F.smooth_l1_loss(predicted.float(), true_next)
+        alphas.append(alpha)
+        if k + 1 < rollout_steps:  # the next pass reads these predictions, one position on, without grad
+            features = torch.cat([target_features[:, :1].to(predicted.dtype), predicted[:, :-1].detach()], 1)
+    return distill + feature_weight * regression, torch.stack(alphas)

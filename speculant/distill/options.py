@@ -35,6 +35,8 @@ class DistillOptions:
     num_layers: int = 2
     inputs: str = "tokens"  # "features": an EAGLE-style draft that also reads the target's features
     feature_weight: float = 1.0  # weight of the feature regression (smooth L1) for feature drafts
+    rollout_steps: int = 2  # feature drafts: passes, each reading the last one's predicted features (EAGLE-3's test)
+    rollout_weight_decay: float = 1.0  # pass k of rollout_steps weighs rollout_weight_decay^(k-1)
     num_kept: int = 8192  # K
     head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
     init: str = "auto"  # "target": copy the target's first layers; "random"; "auto": target if it can
@@ -82,6 +84,12 @@ class DistillOptions:
             (self.init_vocab in ("draft", "corpus"), f"init vocab must be draft or corpus, got {self.init_vocab!r}"),
             (self.chat_batch_size >= 1, f"chat batch size must be >= 1, got {self.chat_batch_size}"),
             (self.feature_weight >= 0, f"feature weight must be >= 0, got {self.feature_weight}"),
+            (isinstance(self.rollout_steps, int) and self.rollout_steps >= 1,
+             f"rollout steps (--rollout-steps) must be an integer >= 1, got {self.rollout_steps}"),
+            (self.rollout_weight_decay > 0,
+             f"rollout weight decay (--rollout-weight-decay) must be > 0, got {self.rollout_weight_decay}"),
+            (self.inputs == "features" or (self.rollout_steps, self.rollout_weight_decay) == (2, 1.0),
+             "--rollout-steps and --rollout-weight-decay train feature drafts (--inputs features) only"),
             (self.save_dtype in DTYPES, f"save dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"),
             (self.target_dtype in ("auto", *DTYPES), f"target dtype must be auto or one of {', '.join(DTYPES)}"),
             (self.num_layers >= 1, f"a draft needs at least one layer, got {self.num_layers}"),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -80,6 +81,7 @@ from speculant.models.feature_draft import (
 from speculant.models.transformer import LeanModel, TransformerWeights
 
 CORPUS_FILE = "corpus.safetensors"
+_LATER_POSITION = re.compile(r"alpha\d+_t")  # heldout_alpha's keys for draft positions 2, 3, ...
 
 # ---- training ---------------------------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ def train_draft(
     heldout_chat = corpus.heldout_chat[: opts.eval_sequences] if corpus.heldout_chat is not None else None
     if not state.before:
         initial = serving_copy(weights, target_dtype, target.max_seq_len)
-        state.before = _heldout_alphas(target, initial, heldout, heldout_chat)
+        state.before = _heldout_alphas(target, initial, heldout, heldout_chat, opts)
 
     def save_progress() -> None:
         save_checkpoint(checkpoint, weights, optimizer, state, opts, target_hash, target.device)
@@ -140,7 +142,7 @@ def train_draft(
     save_dtype = DTYPES[opts.save_dtype]
     served = serving_copy(weights, save_dtype, target.max_seq_len)
     served = serving_copy(served.draft_weights, target_dtype, target.max_seq_len)
-    after = _heldout_alphas(target, served, heldout, heldout_chat)
+    after = _heldout_alphas(target, served, heldout, heldout_chat, opts)
     metadata = _run_metadata(target, served, corpus, opts, state, after, init=init, last_loss=last_loss,
                              save_dtype=save_dtype, extra_metadata=extra_metadata)
     _check_finite(metadata)
@@ -219,16 +221,16 @@ def _draft_weights(tw: TransformerWeights, cfg: DraftConfig, kept: torch.Tensor,
 
 def _batch_loss(target: LeanModel, trainer, cfg: DraftConfig, tokens: torch.Tensor, kept: torch.Tensor,
                 opts: DistillOptions, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, α estimate) of one training batch tokens [B, T]; the target runs without grad."""
+    """(loss, α estimate per pass [P]) of one training batch tokens [B, T]; the target runs without
+    grad. P = rollout_steps for a feature draft, 1 for a token draft."""
     with autocast:
         t_logits, t_features = target_outputs_batch(target, tokens)  # [B, T, V], [B, T, E]
         if cfg.inputs == "features":
-            loss, alpha, _ = feature_draft_losses(trainer, tokens, t_logits, t_features, kept,
-                                                  opts.temperature, opts.feature_weight)
-            return loss, alpha
+            return feature_draft_losses(trainer, tokens, t_logits, t_features, kept, opts.temperature,
+                                        opts.feature_weight, opts.rollout_steps, opts.rollout_weight_decay)
         d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
     loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept, opts.temperature)
-    return loss, alpha
+    return loss, alpha.reshape(1)
 
 
 def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeights, optimizer, params: list,
@@ -250,7 +252,7 @@ def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeig
                 group["lr"] = opts.lr_at(state.step, state.wall_time)
             tokens = corpus.train[batch_indices(state.step, opts.batch_size, corpus.train.shape[0], opts.seed)]
             tokens = tokens.to(device, non_blocking=True)
-            loss, alpha = _batch_loss(target, trainer, cfg, tokens, kept, opts, autocast)
+            loss, alphas = _batch_loss(target, trainer, cfg, tokens, kept, opts, autocast)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opts.grad_clip > 0:
@@ -259,7 +261,7 @@ def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeig
             state.step += 1
             state.tokens_seen += tokens_per_step
             window_loss = window_loss + loss.detach()  # read back every 10 steps: few host syncs
-            window_alpha = window_alpha + alpha
+            window_alpha = window_alpha + alphas  # [P]: α of each pass
             window_n += 1
             last_of_run = state.step == opts.steps or opts.done_fraction(
                 state.step, state.wall_time + time.perf_counter() - step_start) >= 1.0
@@ -270,11 +272,12 @@ def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeig
                 elapsed = time.perf_counter() - window_start
                 last_loss = float(window_loss) / window_n
                 _check_loss(last_loss, state.step, opts)
-                window_alpha = float(window_alpha)
+                state.train_alpha = [round(a / window_n, 4) for a in window_alpha.tolist()]
                 state.losses.append(round(last_loss, 5))
                 if bar is not None:
                     left = {"time_left": f"{max(0.0, opts.time_limit - state.wall_time):.0f}s"} if opts.time_limit else {}
-                    bar.set_postfix(loss=f"{last_loss:.4f}", alpha=f"{window_alpha / window_n:.3f}",
+                    # α of the training batches per pass: "0.612/0.580/0.551" = draft positions 1, 2, 3
+                    bar.set_postfix(loss=f"{last_loss:.4f}", alpha="/".join(f"{a:.3f}" for a in state.train_alpha),
                                     tok_s=f"{window_n * tokens_per_step / elapsed:,.0f}", **left)
                 window_loss, window_alpha, window_n, window_start = 0.0, 0.0, 0, time.perf_counter()
             else:
@@ -289,15 +292,19 @@ def _train_loop(target: LeanModel, trainer, cfg: DraftConfig, weights: DraftWeig
     if window_n:  # the loop ended inside a window (the time limit)
         last_loss = float(window_loss) / window_n
         _check_loss(last_loss, state.step, opts)
+        state.train_alpha = [round(a / window_n, 4) for a in window_alpha.tolist()]
         state.losses.append(round(last_loss, 5))
     return last_loss
 
 
-def _heldout_alphas(target: LeanModel, draft, heldout: torch.Tensor, heldout_chat: torch.Tensor | None) -> dict:
-    """heldout_alpha on the held-out text, and on the held-out chat answers (keys chat_...) if any."""
-    alphas = heldout_alpha(target, draft, heldout)
+def _heldout_alphas(target: LeanModel, draft, heldout: torch.Tensor, heldout_chat: torch.Tensor | None,
+                    opts: DistillOptions) -> dict:
+    """heldout_alpha on the held-out text, and on the held-out chat answers (keys chat_...) if any;
+    a feature draft is measured at draft positions 1..max(2, rollout_steps) (alpha_t*, alpha2_t*, ...)."""
+    passes = max(2, opts.rollout_steps)
+    alphas = heldout_alpha(target, draft, heldout, passes=passes)
     if heldout_chat is not None:
-        alphas.update(_prefixed("chat_", heldout_alpha(target, draft, heldout_chat)))
+        alphas.update(_prefixed("chat_", heldout_alpha(target, draft, heldout_chat, passes=passes)))
     return alphas
 
 
@@ -322,7 +329,8 @@ def _run_metadata(target: LeanModel, served, corpus: TokenCorpus, opts: DistillO
         "loss_history": state.losses[-200:],
         "alpha_t0": after["alpha_t0"],
         "alpha_t1": after["alpha_t1"],
-        **{k: v for k, v in after.items() if k.startswith("alpha2_")},
+        **{k: v for k, v in after.items() if _LATER_POSITION.match(k)},  # alpha2_t0, alpha3_t0, ...
+        "train_alpha_by_pass": state.train_alpha,  # the last logged training batches, pass 1, 2, ...
         "kept_mass_t1": after["kept_mass_t1"],
         "alpha_t0_before": state.before["alpha_t0"],
         "alpha_t1_before": state.before["alpha_t1"],
