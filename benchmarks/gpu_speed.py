@@ -29,7 +29,6 @@ import common
 import torch
 
 import speculant
-from speculant.adaptive import AdaptiveGamma
 from speculant.api import Speculant
 from speculant.bench.tasks import adversarial_prompts, code_prompts
 from speculant.models.transformer import LeanModel
@@ -223,8 +222,10 @@ def main() -> None:
                 cap = time.perf_counter() - cap
                 half_lives = [None] if args.auto_half_life is None else [float(h) for h in args.auto_half_life.split(",")]
                 for half_life in half_lives:
-                    options = {} if half_life is None else {"half_life": half_life}
-                    spec.gamma = AdaptiveGamma(max_gamma=args.auto_max_gamma, **options)  # estimates carry over
+                    # a fresh policy per request over this machine's step costs (timed on the first request)
+                    spec.gamma = "auto"
+                    spec.auto_options = {"max_gamma": args.auto_max_gamma,
+                                         **({} if half_life is None else {"half_life": half_life})}
                     run_ours(spec, prompts, temperature=temperature, max_new=mx)
                     res = run_ours(spec, prompts, temperature=temperature, max_new=mx)
                     res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]

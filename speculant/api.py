@@ -10,7 +10,9 @@
 
 Every request defaults to greedy decoding (temperature 0), as the CLI does: the output is then
 reproducible and equal to plain greedy decoding token for token, which is what a first run should
-show. Pass `temperature=1` (and top_k / top_p / min_p) to sample; the output's law is then exactly
+show (in float32; in bfloat16 on a GPU near-ties may round differently between the two unless
+`bit_exact=True`, which makes every position's logits a function of its context only: see
+speculant.models.exact_attention). Pass `temperature=1` (and top_k / top_p / min_p) to sample; the output's law is then exactly
 the target's.
 
 Draft specs (`draft=` takes one spec or a list; each further drafter drafts for the one before):
@@ -25,24 +27,29 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from speculant.adaptive import AdaptiveGamma
+from speculant.adaptive import MAX_GAMMA, AdaptiveGamma, StepCosts, nominal_costs
 from speculant.analysis import GenerationStats
+from speculant.calibrate import measure_costs, step_costs
 from speculant.chain import backend_of, build_chain, embedded_draft_folder
 from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
+from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.fused import fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
+from speculant.models.exact_attention import EXACT_WIDTH
 from speculant.models.registry import LoadedModel, load_model
 from speculant.plan import DraftPlan
 from speculant.sampling import SamplingParams
+from speculant.step import GenericStepper
 from speculant.stopping import StopStringDecoder
 from speculant.tokenizer import check_text
 
@@ -75,21 +82,33 @@ class Speculant:
     """A target, a chain of drafters and a γ policy, ready to generate."""
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
-                 inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0) -> None:
+                 inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
+                 bit_exact: bool = False) -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
         self.drafter, self.levels = build_chain(target, self.plan, inner_gamma)
         self.draft_specs = [spec for spec, _ in self.levels]  # as resolved: `default` says which draft ran
-        # AdaptiveGamma is kept across requests: the pair's prior
-        self.gamma: int | AdaptiveGamma = AdaptiveGamma() if gamma == "auto" else gamma
-        if isinstance(self.drafter, NoDrafter):
-            self.gamma = 0
+        self.inner_gamma = inner_gamma
+        self.gamma: int | str = 0 if isinstance(self.drafter, NoDrafter) else gamma
+        # --gamma auto: greedy (False) or sampled (True) -> this machine's step costs (gamma_policy), and
+        # AdaptiveGamma's own settings for experiments (benchmarks/gpu_speed.py: half_life, max_gamma)
+        self.step_costs: dict[bool, StepCosts] = {}
+        self.auto_options: dict = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
-            fused = target.model.device.type == "cuda"
-        self.stepper = fused_stepper(target.model, self.drafter) if fused else None
-        self.plain_stepper = fused_stepper(target.model, NoDrafter()) if fused else None
+            fused = target.model.device.type == "cuda" or bit_exact
+        self.bit_exact = bit_exact
+        if bit_exact:
+            _check_bit_exact(fused, MAX_GAMMA if self.gamma == "auto" else self.gamma, candidates, lookup)
+        # bit-exact plain and speculative decoding share the fused step's fixed-width forwards; compiled on CUDA
+        options = {"bit_exact": True, "compile": target.model.device.type == "cuda"} if bit_exact else {}
+        self.stepper = fused_stepper(target.model, self.drafter, **options) if fused else None
+        self.plain_stepper = fused_stepper(target.model, NoDrafter(), **options) if fused else None
+        if bit_exact and self.stepper is None:
+            raise ValueError("bit-exact decoding needs a lean (torch) target and one drafter level (none, ngram, a "
+                             "model, layers:N or a distilled draft); a hierarchy or a target through transformers "
+                             "or llama.cpp cannot run it")
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, chat: bool = False, *,
@@ -136,10 +155,38 @@ class Speculant:
         generator.manual_seed(seed if seed is not None else torch.seed())
         stops = self.tokenizer.eos_ids if stop_ids is None else [_token_id(t) for t in stop_ids]
         drafter = NoDrafter() if plain else self.drafter
-        gamma = 0 if plain else self.gamma
+        gamma = 0 if plain else self.gamma_policy(params) if self.gamma == "auto" else self.gamma
+        if keep_logits and self.bit_exact:
+            raise ValueError("logprobs run the generic step, which is not bit-exact: drop logprobs or bit_exact")
         stepper = None if keep_logits else self.plain_stepper if plain else self.stepper
         return ids, generate(self.target.model, drafter, ids, gamma=gamma, params=params,
                              max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator, stepper=stepper)
+
+    def gamma_policy(self, params: SamplingParams) -> AdaptiveGamma:
+        """A fresh `--gamma auto` policy for one request: the same prior for every request and this
+        machine's step costs for the pair, measured through the request's stepper on first use and
+        then read from the cache (speculant.calibrate), so that a seeded request gives the same tokens
+        every time, on this object or on a fresh load in another process."""
+        if self.stepper is not None:
+            self.stepper.reserve(MAX_GAMMA)  # the feature window no longer depends on the γs taken so far
+        sampled = not params.greedy
+        if sampled not in self.step_costs:
+            stepper = self.stepper or GenericStepper(self.target.model, self.drafter)
+            plan, model = self.plan, self.target.model
+            calibration = SamplingParams(temperature=1.0) if sampled else SamplingParams()
+            key = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
+                   "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "backend": backend_of(self.target),
+                   "dtype": str(getattr(model, "dtype", "")), "target": self.target.source_hash,
+                   "drafts": list(self.draft_specs), "candidates": plan.candidates, "lookup": plan.lookup,
+                   "inner_gamma": self.inner_gamma, "stepper": type(stepper).__name__,
+                   "runs_ahead": bool(stepper.runs_ahead), "bit_exact": self.bit_exact,
+                   "max_seq_len": model.max_seq_len, "max_gamma": MAX_GAMMA, "sampled": sampled}
+            fallback = nominal_costs(MAX_GAMMA, model.device.type, 0.0 if isinstance(self.drafter, NgramDrafter) else 0.1,
+                                     plan.candidates, plan.lookup)
+            self.step_costs[sampled] = step_costs(
+                key, lambda: measure_costs(stepper, MAX_GAMMA, calibration, plan.candidates, plan.lookup), fallback)
+        return AdaptiveGamma(self.step_costs[sampled], lookup=self.plan.lookup, **self.auto_options)
 
     def stream(self, prompt: str | Sequence[int] | None = None, **options) -> Iterator[str]:
         """Yield text pieces as tokens are fixed (options as for `generate`). A piece that could be
@@ -324,12 +371,14 @@ class Speculant:
         forward as CUDA graphs per (batch bucket, T)."""
         from speculant.batching import BatchEngine, LoadGamma
 
+        if self.bit_exact:
+            raise ValueError("batched decoding is not bit-exact (its rows share each forward): run requests one by one")
         rows = getattr(self.drafter, "rows", None)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
                              "(one level, one candidate, no lookup branch)")
         gamma, policy = self.gamma, None
-        if isinstance(self.gamma, AdaptiveGamma):
+        if self.gamma == "auto":
             if getattr(self, "batch_policy", None) is None:
                 self.batch_policy = LoadGamma()  # kept across engines: the step costs measured for this pair
             gamma, policy = "auto", self.batch_policy
@@ -378,6 +427,16 @@ def _chat_messages(messages: Sequence[dict], system: str | None) -> list[dict]:
     if not any(m["role"] != "system" for m in out):
         raise ValueError("messages hold no user or assistant message")
     return out
+
+
+def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) -> None:
+    """A bit-exact request's target forwards are EXACT_WIDTH rows of the fused step: its trees (up to
+    the longest γ) must fit."""
+    if not fused:
+        raise ValueError("bit-exact decoding runs the fused step: fused=False cannot be bit-exact")
+    if longest and 1 + longest * candidates + lookup > EXACT_WIDTH:
+        raise ValueError(f"bit-exact mode scores at most {EXACT_WIDTH} tokens per target forward: 1 + gamma {longest} × "
+                         f"{candidates} candidates + lookup {lookup} do not fit; lower --gamma, --candidates or --lookup")
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
@@ -454,7 +513,7 @@ def check_device(device: str) -> None:
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
          inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-         backend: str = "torch") -> Speculant:
+         backend: str = "torch", bit_exact: bool = False) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
 
     backend: torch (default), llama.cpp (the target and model drafts run in llama.cpp on the GGUF
@@ -462,7 +521,14 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     torch); stats["backend"] says which ran.
 
     device: cpu, cuda or cuda:N. max_seq_len: the KV cache's capacity in tokens (prompt + output),
-    at most the target's context; None: 2048, or the target's context where that is shorter."""
+    at most the target's context; None: 2048, or the target's context where that is shorter.
+
+    bit_exact: every target forward of decoding (plain or speculative) computes a fixed number of
+    rows with position-ordered attention (speculant.models.exact_attention), so greedy speculative
+    output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed. Needs
+    the torch backend, a lean target, one drafter level, and 1 + gamma·candidates + lookup <=
+    EXACT_WIDTH (32; gamma auto: up to 12); runs the fused step (also on the CPU, uncompiled); no
+    logprobs, no batching."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
@@ -475,8 +541,10 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     if not isinstance(drafts, Sequence) or not all(isinstance(d, (str, Path)) for d in drafts):
         raise TypeError(f"draft must be a draft spec or a list of them (see speculant.api), got {draft!r:.80}")
     drafts = [str(d) for d in drafts]
-    if choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype, candidates=candidates,
-                      lookup=lookup) == "llama.cpp":
+    if bit_exact and backend == "llama.cpp":
+        raise ValueError("bit-exact decoding runs on the torch backend, not llama.cpp")
+    if not bit_exact and choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype,
+                                        candidates=candidates, lookup=lookup) == "llama.cpp":
         from speculant.models.llamacpp import load_llamacpp
 
         loaded = load_llamacpp(str(target), max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN)
@@ -490,4 +558,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         # a target whose context is shorter than the default takes all of it (any other error recurs)
         loaded = load_model(str(target), device=device, dtype=DTYPES[dtype], max_seq_len=None)
     return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates,
-                     lookup=lookup)
+                     lookup=lookup, bit_exact=bit_exact)

@@ -83,7 +83,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="none | ngram[:MAX[:MIN]] | layers:N | int8 | NAME|PATH | default; repeat for a "
                              "hierarchy (each further drafter drafts for the one before); None means default: "
                              "the target's embedded draft, else ngram")
-    parser.add_argument("--gamma", type=_gamma, default=4, help="draft length, or 'auto'")
+    parser.add_argument("--gamma", type=_gamma, default=4,
+                        help="draft length, or 'auto': γ each step from the request's acceptance and this "
+                             "machine's step costs (timed once, kept in the cache; SPECULANT_RECALIBRATE=1 "
+                             "times them again); reproducible, also with --candidates and --lookup")
     parser.add_argument("--candidates", type=int_at_least(1), default=1, metavar="K",
                         help="candidates per draft position, scored as one tree (1: a chain); "
                              "for one draft model and a lean target")
@@ -101,6 +104,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seq-len", type=int_at_least(2), default=None,
                         help="KV cache capacity in tokens (prompt + output), at most the target's context "
                              "(default: 2048, or the target's context where that is shorter)")
+
+
+def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
+    """--bit-exact, for the commands that decode one request at a time (generate, chat)."""
+    parser.add_argument("--bit-exact", action="store_true",
+                        help="decode with fixed-width target forwards and position-ordered attention, plain and "
+                             "speculative alike, so that greedy output equals plain greedy decoding token for token "
+                             "in bfloat16 on a GPU too (slower; a lean torch target, one drafter level, "
+                             "1 + gamma*candidates + lookup <= 32, no --logprobs)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

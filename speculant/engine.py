@@ -26,15 +26,16 @@ from speculant.step import GenericStepper, Stepper
 
 
 class GammaPolicy(Protocol):
-    """Chooses γ before each step and learns from what the step did (see speculant.adaptive). With
-    a run-ahead stepper the next step's γ is chosen before this step is observed; `asked` says
-    which γ the observed step asked for, and `timed=False` that its time is not what that γ costs
-    (a run-ahead stepper ran it alone)."""
+    """Chooses γ before each step and learns from what the step drafted and kept, never from its time
+    (see speculant.adaptive: step costs come from a fixed table, so the choices are reproducible).
+    With a run-ahead stepper the next step's γ is chosen before this step is observed; `asked` says
+    which γ the observed step asked for, `lookup` and `lookup_reach` how long its lookup branch was
+    and how far the emitted tokens followed it."""
 
     def choose(self) -> int: ...
 
-    def observe(self, drafted: int, accepted: int, draft_time: float, target_time: float,
-                asked: int | None = None, timed: bool = True) -> None: ...
+    def observe(self, drafted: int, accepted: int, asked: int | None = None, lookup: int = 0,
+                lookup_reach: int = 0) -> None: ...
 
 
 class Step(NamedTuple):
@@ -121,10 +122,8 @@ def decode(stepper: Stepper, prompt: Sequence[int], *, gamma: int | GammaPolicy 
                             plain_tokens=plain_tokens)
         stats.record(step_gamma, step)
         if policy:
-            # a step run alone where steps run ahead (a request's first, one cut to the room left,
-            # one after a plain step) is 5-15 % slower than its γ costs when chosen: acceptance only
-            policy.observe(step.num_drafted, step.num_accepted, step.draft_time, step.target_time,
-                           asked=step_gamma, timed=not step.alone)
+            policy.observe(step.num_drafted, step.num_accepted, asked=step_gamma, lookup=step.lookup_drafted,
+                           lookup_reach=step.lookup_reach)
 
         emitted = []
         for token in step.tokens:

@@ -32,6 +32,12 @@ uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk lau
 stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
 and -1.2 % in the other, end to end (BENCHMARKS.md).
 
+Bit-exact mode (`bit_exact=True`): every target forward after the prompt's prefill (plain steps,
+plain chunks, chain and tree verifications) computes exactly EXACT_WIDTH rows, padded, with
+speculant.models.exact_attention's attention (each row walks its own keys in position order), so a
+position's logits are a function of its context only, bit for bit, and greedy speculative output is
+plain greedy output token for token in bfloat16 on a GPU too (`score`, `exact_forward`).
+
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
 
@@ -50,12 +56,13 @@ from typing import Callable
 import torch
 
 from speculant.acceptance import candidate_tree, emitted_tokens, tree_that_fits, tree_tokens, verify, verify_candidates
-from speculant.drafters.base import Drafter, NoDrafter, draw_alternatives, sample_chain
+from speculant.drafters.base import Drafter, NoDrafter, common_prefix_length, draw_alternatives, sample_chain
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.models.base import CausalLM
+from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, exact_keys, exact_layout
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
@@ -85,6 +92,25 @@ def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, t
     return cached[key]
 
 
+def exact_forward(model: LeanModel, compile: bool):
+    """Bit-exact mode's forward: tokens [W], positions [W], slots [W], start [], table [W, W], count []
+    (models.exact_attention.ExactKeys) -> logits [W, vocab] (the padding rows' too: the caller
+    slices). Every call has these shapes, so one compiled graph (one set of kernels) serves plain
+    steps, chains and trees alike. Memoised like static_forward."""
+    cached = getattr(model, "_exact_forward", {})
+    key = (compile, model.features is not None)
+    if key not in cached:
+
+        def forward(tokens, positions, slots, start, table, count):
+            hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count))
+            model.record_features(hidden, slots)  # the padding rows' go to scratch slots
+            return model.logits(hidden)
+
+        cached[key] = torch.compile(forward) if compile else forward
+        model._exact_forward = cached
+    return cached[key]
+
+
 def static_feature_forward(draft: FeatureDraft, compile: bool):
     """The feature draft's forward: tokens [T], features [T, E], positions [T] -> (logits [T, V],
     predicted features [T, E]); attends over the whole cache. Memoised like static_forward."""
@@ -107,7 +133,7 @@ def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> "FusedSteppe
     Fusable: a lean target with no drafter (plain decoding: NoDrafter or None), an
     n-gram drafter, or one lean draft model (ModelDrafter, FeatureDrafter), with its candidates and
     optionally a lookup branch beside it (LookupDrafter). A hierarchy is not. `options` go to
-    FusedStepper (compile, use_graphs, plain_chunk, run_ahead)."""
+    FusedStepper (compile, use_graphs, plain_chunk, run_ahead, bit_exact)."""
     if not isinstance(target, LeanModel):
         return None
     if drafter is None or isinstance(drafter, NoDrafter):
@@ -132,7 +158,8 @@ class FusedStepper:
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
-                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, run_ahead: bool | None = None) -> None:
+                 plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, run_ahead: bool | None = None,
+                 bit_exact: bool = False) -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -171,12 +198,18 @@ class FusedStepper:
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
+        if bit_exact:  # every stepper of this target, plain or not, then shares ONE compiled exact forward
+            target.keep_features()
         if self.features:
             target.keep_features()  # before compiling: the target's forward then writes them
             self.draft_fn = static_feature_forward(draft_model, compile)
         else:
             self.draft_fn = static_forward(draft_model, compile) if draft_model is not None else None
-        self.target_fn = static_forward(target, compile)
+        self.target_fn = static_forward(target, compile)  # the prompt's prefill (and every forward by default)
+        # bit-exact mode: every other target forward is EXACT_WIDTH rows through exact_fn (score)
+        self.bit_exact = bit_exact
+        self.exact_fn = exact_forward(target, compile) if bit_exact else None
+        self.layouts: dict = {}  # bit-exact layouts (depths, nodes, count) on the device, per call shape
         self.offsets = torch.arange(target.max_seq_len, device=self.device)  # position offsets, read by bodies
         self.trees: dict = {}
         self.widest = 0  # the longest step (γ or lookup branch) asked for so far: the feature window's size
@@ -279,6 +312,12 @@ class FusedStepper:
         self.draft_valid = upto
         self.draft_model.set_length(max(self.draft_model.length, upto))
 
+    def reserve(self, gamma: int) -> None:
+        """Size the feature draft's window for steps up to γ from now on (`--gamma auto`: its longest).
+        The window is otherwise the widest step taken so far, so the draft's inputs, hence its rounding,
+        would depend on the γs that earlier requests (or a calibration) happened to take."""
+        self.widest = max(self.widest, gamma, self.lookup)
+
     @property
     def runs_ahead(self) -> bool:
         """Launches the next step before reading this one (feature-draft steps, no lookup branch):
@@ -293,6 +332,10 @@ class FusedStepper:
         this one is read, when all the tokens of both may be emitted, its γ is no longer than the
         window's and its tree fits."""
         n = len(context) - 1
+        if self.bit_exact and 1 + gamma * self.candidates + (self.lookup if gamma else 0) > EXACT_WIDTH:
+            raise ValueError(f"bit-exact mode scores at most {EXACT_WIDTH} tokens per target forward: 1 + γ {gamma} "
+                             f"× {self.candidates} candidates + lookup {self.lookup if gamma else 0} do not fit; "
+                             "lower --gamma, --candidates or --lookup")
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
             pending = None  # launched for a context the engine did not reach (a stop token ended the request)
@@ -458,7 +501,9 @@ class FusedStepper:
         elapsed = time.perf_counter() - start - (self.capture_time - captured)
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
-        return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept)
+        return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept,
+                          lookup_drafted=lookup[-1] if lookup else 0,
+                          lookup_reach=common_prefix_length(lookup[:lookup[-1]], tokens) if lookup else 0)
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
     def _draft_uniforms(self, gamma: int, k: int, lookup: int = 0) -> int:
@@ -525,8 +570,7 @@ class FusedStepper:
         draws, rest = uniforms[:gamma], uniforms[gamma:]
         draft_tokens, draft_probs, draft_logits = sample_chain(logits, draws, feed, sample)
         if k == 1 and not size:
-            target_logits = self.target_fn(torch.cat([root, draft_tokens]), start + self.offsets[: gamma + 1])
-            return finish(target_logits, draft_tokens, draft_probs, rest)
+            return finish(self.score(torch.cat([root, draft_tokens]), start), draft_tokens, draft_probs, rest)
         candidates, laws = draft_tokens[:, None], draft_probs[:, None]  # [γ, 1], [γ, 1, V]
         if k > 1:
             vocab = self.target.vocab_size
@@ -537,13 +581,33 @@ class FusedStepper:
             candidates = torch.cat([draft_tokens[:, None], others], 1)  # [γ, k]
             laws = None if others_laws is None else torch.cat([draft_probs[:, None], others_laws], 1)
         branch, length = (lookup[:size], lookup[size]) if size else (None, 0)
-        depths, ancestors = self.tree(gamma, k, size)
-        target_logits = self.target_fn(tree_tokens(root, candidates, branch), start + depths, ancestors)
+        target_logits = self.score(tree_tokens(root, candidates, branch), start, (gamma, k, size))
         out, nodes = finish_candidates(target_logits, candidates, laws, rest, branch, length)
         # emitted token i sits at node nodes[i] and belongs in slot start + i + 1 (chain tokens and the
         # padding past the kept ones are there already: they copy onto themselves)
         self.target.move_slot(start + nodes, start + 1 + self.offsets[: nodes.shape[0]])
         return out
+
+    def score(self, tokens: torch.Tensor, start: torch.Tensor, tree: tuple[int, int, int] | None = None
+               ) -> torch.Tensor:
+        """The target's logits [T, V] for tokens [T] from position `start` ([] or [1], on the device):
+        a chain at start.., or the tree candidate_tree(*tree) rooted there; writes their K/V (and
+        features) at slots start.., as every step's verification does. In bit-exact mode the call is
+        padded to EXACT_WIDTH rows and runs exact_fn."""
+        t = tokens.shape[0]
+        if not self.bit_exact:
+            if tree is None:
+                return self.target_fn(tokens, start + self.offsets[:t])
+            depths, ancestors = self.tree(*tree)
+            return self.target_fn(tokens, start + depths, ancestors)
+        if (t, tree) not in self.layouts:
+            depths, ancestors = candidate_tree(*tree) if tree is not None else (torch.arange(t), None)
+            layout = exact_layout(depths, ancestors) + (torch.tensor(t),)
+            self.layouts[t, tree] = tuple(x.to(self.device) for x in layout)
+        depths, nodes, count = self.layouts[t, tree]
+        keys = exact_keys(start.reshape(()), depths, nodes, count, self.target.max_seq_len)
+        padded = torch.cat([tokens, tokens.new_zeros(EXACT_WIDTH - t)])  # fresh tensors: one compiled graph
+        return self.exact_fn(padded, keys.positions, keys.slots, keys.start, keys.table, keys.count)[:t]
 
     def tree(self, gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """acceptance.candidate_tree on the device, made once per (γ, k, G): graphs read it in place."""
@@ -591,18 +655,16 @@ class FusedStepper:
         return body
 
     def _verify_body(self, drafted: int):
-        target_fn, offsets = self.target_fn, self.offsets
         _, _, finish, _ = self._sampling()
 
         def body(ints, uniforms):
             # ints = [x_n, d_1..d_γ', n]: the target verifies a deterministic draft (or none)
             tokens, start = ints[: drafted + 1], ints[drafted + 1]
-            return finish(target_fn(tokens, start + offsets[: drafted + 1]), tokens[1:], None, uniforms)
+            return finish(self.score(tokens, start), tokens[1:], None, uniforms)
 
         return body
 
     def _plain_body(self, count: int):
-        target_fn = self.target_fn
         sample = self._sampling()[0]
 
         def body(ints, uniforms):
@@ -610,7 +672,7 @@ class FusedStepper:
             token, position = ints[:1], ints[1:]
             out = []
             for i in range(count):
-                token = sample(target_fn(token, position + i)[0], uniforms[i])[1].view(1)
+                token = sample(self.score(token, position + i)[0], uniforms[i])[1].view(1)
                 out.append(token)
             return torch.cat(out)
 

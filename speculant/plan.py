@@ -36,9 +36,6 @@ class DraftPlan:
             raise ValueError(f"candidates must be an integer >= 1, got {self.candidates!r}")
         if not isinstance(self.lookup, int) or isinstance(self.lookup, bool) or self.lookup < 0:
             raise ValueError(f"lookup must be an integer >= 0, got {self.lookup!r}")
-        if self.gamma == "auto" and self.lookup:
-            raise ValueError("--gamma auto does not take --lookup: its model of a step has no lookup branch "
-                             "(use a fixed --gamma; 3 or 4 suit the embedded draft)")
 
     @classmethod
     def parse(cls, text: str, gamma: int | str = 4) -> DraftPlan:

@@ -51,8 +51,14 @@ class StepResult(NamedTuple):
     target_calls: int = 1  # a fused plain step may decode several tokens, one target call each
     kept_alternative: bool = False  # the last kept draft token was an alternative, not the chain's
     lookup_kept: int = 0  # draft tokens kept from the lookup branch (speculant.drafters.lookup)
-    alone: bool = False  # a stepper that runs steps ahead ran this one alone: its time is not typical
+    # a stepper that runs steps ahead ran this one alone: slower than its γ costs in a run of steps
+    # (speculant.calibrate leaves its time out)
+    alone: bool = False
     target_logits: torch.Tensor | None = None  # [γ'+1, vocab]: raw logits behind target_probs (generic steps)
+    # the lookup branch's length L (0: none or a miss) and how many of its first tokens the emitted
+    # tokens begin with: --gamma auto learns the branch's reach from them (speculant.adaptive)
+    lookup_drafted: int = 0
+    lookup_reach: int = 0
 
 
 class Stepper(Protocol):
@@ -217,7 +223,9 @@ def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params:
     path = [0] + nodes  # the nodes whose law gave each emitted token
     # a step is as deep as its longer branch; α then counts the depths that kept a token
     return StepResult(tokens, depth, count - 1, target_probs[path], draft_time, target_time,
-                      kept_alternative=bool(alternative), lookup_kept=lookup_kept, target_logits=logits[path])
+                      kept_alternative=bool(alternative), lookup_kept=lookup_kept, target_logits=logits[path],
+                      lookup_drafted=size,
+                      lookup_reach=0 if lookup is None else common_prefix_length(lookup.tolist(), tokens))
 
 
 def _propose(drafter: Drafter, context: list[int], gamma: int, params, generator) -> Draft:

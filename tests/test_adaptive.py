@@ -1,11 +1,14 @@
 """`--gamma auto` (speculant.adaptive.AdaptiveGamma) against the best fixed γ, in deterministic
-simulations of speculative steps with synthetic acceptance and step times.
+simulations of speculative steps with synthetic acceptance and step times; and its choices depend on
+what the request drafted and kept, never on how long a step took.
 
 A simulated step: the policy asks for γ; the drafter proposes n ≤ γ tokens (a model draft
 proposes γ; an n-gram-like one proposes nothing on a miss and otherwise its match, cut at γ);
 position k is accepted, given positions 1..k−1 were, with probability a_k; the step takes
 draft_per_token · n + VERIFY[n] seconds (times a little seeded noise) and makes accepted + 1
-tokens. Fixed γ is scored by its exact expected rate (tokens ÷ seconds), the policy by simulation.
+tokens. The policy prices steps with the simulation's own cost table (what calibration measures:
+speculant.calibrate, tested in test_calibrate.py). Fixed γ is scored by its exact expected rate
+(tokens ÷ seconds), the policy by simulation.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import math
 import random
 
 import pytest
+import torch
 
-from speculant.adaptive import AdaptiveGamma
+from speculant.adaptive import AdaptiveGamma, StepCosts, nominal_costs
 
 MS = 1e-3
 # verify time by number drafted, shaped like the CPU measurement of SmolLM2-135M (1 thread, float32):
@@ -59,6 +63,10 @@ class Sim:
             time += pn * (self.draft * n + self.verify[n])
         return tokens / time
 
+    def costs(self, max_gamma=12):
+        """The step-cost table calibration would measure: C[n] = draft · n + VERIFY[n]."""
+        return StepCosts(tuple(self.draft * n + self.verify[n] for n in range(max_gamma + 1)))
+
     def best_fixed(self, max_gamma=12):
         return max(self.expected_rate(g) for g in range(max_gamma + 1))
 
@@ -83,7 +91,7 @@ def run(policy, sim, steps, rng, ahead=False):
         n, accepted, draft_time, target_time = sim.step(gamma, rng)
         if ahead and gamma > 0:
             policy.next = policy.choose()
-        policy.observe(n, accepted, draft_time, target_time, asked=gamma)
+        policy.observe(n, accepted, asked=gamma)
         tokens += accepted + 1
         seconds += draft_time + target_time
     return tokens, seconds
@@ -106,24 +114,23 @@ def test_good_model_drafter_gets_speculation_within_5_percent_of_best_fixed_gamm
     plain = sim.expected_rate(0)
     best = sim.best_fixed()
     assert best > 1.15 * plain, "the scenario must make speculation worth it"
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     rate = rate_after_warmup(policy, sim, random.Random(1), ahead=ahead)
     assert rate >= 0.95 * best, (rate / best, policy.history[-40:])
     assert sum(g > 0 for g in policy.history[100:]) > 0.9 * len(policy.history[100:])
 
 
-def test_cpu_shaped_verify_cost_is_learnt_per_length_not_fitted_by_a_line():
-    """With CPU_VERIFY, 3 drafted tokens verify faster than 2; a line through the measured
-    lengths would misprice them. The policy must end up at the lengths a table says are best."""
+def test_cpu_shaped_verify_cost_is_priced_per_length_not_by_a_line():
+    """With CPU_VERIFY, 3 drafted tokens verify faster than 2; a line through the lengths would
+    misprice them. The policy must end up at the lengths the table says are best."""
     sim = Sim(CPU_VERIFY, draft_ms_per_token=0.5, accept=constant(0.7))
     rates = {g: sim.expected_rate(g) for g in range(13)}
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     run(policy, sim, 400, random.Random(2))
     tail = policy.history[200:]
     assert tail.count(1) + tail.count(2) < 0.05 * len(tail)  # the slow lengths are avoided
     chosen = max(set(tail), key=tail.count)
     assert rates[chosen] >= 0.95 * max(rates.values()), (chosen, rates)
-    assert policy.verify_time(3) < policy.verify_time(2)  # learnt, not interpolated
 
 
 @pytest.mark.parametrize("ahead", [False, True], ids=["in-turn", "chosen-ahead"])
@@ -131,7 +138,7 @@ def test_useless_drafter_is_switched_off_and_costs_under_5_percent(ahead):
     sim = Sim(CPU_VERIFY, draft_ms_per_token=0.1 * 60, accept=constant(0.02))
     plain = sim.expected_rate(0)
     assert sim.best_fixed() == plain
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     rate = rate_after_warmup(policy, sim, random.Random(3), warmup=50, steps=2000, ahead=ahead)
     assert rate >= 0.95 * plain, rate / plain
     tail = policy.history[100:]
@@ -142,7 +149,7 @@ def test_useless_drafter_is_switched_off_and_costs_under_5_percent(ahead):
 def test_useless_drafter_also_costs_under_5_percent_from_the_first_step():
     """Including the exploration at the start: a short request with a fresh policy."""
     sim = Sim(CPU_VERIFY, draft_ms_per_token=6.0, accept=constant(0.0))
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     tokens, seconds = run(policy, sim, 400, random.Random(4))
     assert tokens / seconds >= 0.95 * sim.expected_rate(0), tokens / seconds / sim.expected_rate(0)
 
@@ -164,7 +171,7 @@ def test_drafter_that_turns_good_is_re_enabled_within_100_steps():
     good = constant(0.8)
     sim = Switching(CPU_VERIFY, draft_ms_per_token=0.3, accept=good, bad_steps=300)
     sim.accept = lambda k: 0.0 if sim.steps <= sim.bad_steps else good(k)
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     rng = random.Random(5)
     run(policy, sim, 300, rng)
     assert policy.history[-100:].count(0) > 90, "off while the drafter is useless"
@@ -183,7 +190,7 @@ def test_drafter_that_turns_bad_is_switched_off_within_40_steps(ahead):
     (one step more when each γ is chosen before the step before it is observed)."""
     bad = constant(0.0)
     sim = Switching(CPU_VERIFY, draft_ms_per_token=0.3, accept=constant(0.8), bad_steps=0)
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     rng = random.Random(6)
     run(policy, sim, 300, rng, ahead)
     assert policy.history[-50:].count(0) <= 1  # on (one plain step now and then re-measures plain)
@@ -201,58 +208,87 @@ def test_ngram_like_drafter_that_proposes_fewer_tokens_or_none(miss):
     sim = Sim(CPU_VERIFY, draft_ms_per_token=0.01, accept=accept, miss=miss, match_len=5)
     best = sim.best_fixed()
     assert best > 1.1 * sim.expected_rate(0)
-    policy = AdaptiveGamma()
+    policy = AdaptiveGamma(sim.costs())
     rate = rate_after_warmup(policy, sim, random.Random(7))
     assert rate >= 0.95 * best, (rate / best, policy.history[-40:])
     tail = policy.history[100:]
     assert sum(g >= 3 for g in tail) > 0.9 * len(tail)  # asks for enough to get whole matches
 
 
-def test_rate_survives_disturbed_steps():
-    """Now and then a step takes 3x as long (another job on the machine): estimates hold."""
-
-    class Disturbed(Sim):
-        def step(self, gamma, rng):
-            n, a, dt, tt = super().step(gamma, rng)
-            return n, a, dt, tt * (3.0 if rng.random() < 0.05 else 1.0)
-
-    sim = Disturbed(CPU_VERIFY, draft_ms_per_token=0.07 * 60, accept=constant(0.55))
-    clean = Sim(CPU_VERIFY, draft_ms_per_token=0.07 * 60, accept=constant(0.55))
-    policy = AdaptiveGamma()
-    run(policy, sim, 600, random.Random(8))
-    tail = policy.history[100:]
-    chosen = max(set(tail), key=tail.count)
-    assert clean.expected_rate(chosen) >= 0.95 * clean.best_fixed()
-
-
-def test_a_one_time_cost_on_a_lengths_first_step_does_not_price_it_out_for_good():
-    """On the GPU the first step of a γ whose graph is not captured yet captures it (and may compile):
-    ~1000x a step. Here the best lengths, 2 and 3, pay that once; the others were captured before.
-    The policy must still come back to them. GPU-shaped costs: a step of n drafts costs 1.2x plain
-    plus 8 % per draft."""
-
-    class FirstStepCaptures(Sim):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.uncaptured = {2, 3}
-
-        def step(self, gamma, rng):
-            n, a, dt, tt = super().step(gamma, rng)
-            if n in self.uncaptured:
-                self.uncaptured.discard(n)
-                tt += 2.0  # seconds
-            return n, a, dt, tt
-
+def test_gpu_shaped_costs_lead_to_the_best_lengths():
+    """GPU-shaped costs: a step of n drafts costs 1.2x plain plus 8 % per draft; 2 and 3 are best."""
     gpu_verify = [1.65] + [1.65 * (1.2 + 0.08 * n) for n in range(1, 13)]
     accept = lambda k: 0.65 if k == 1 else 0.5  # noqa: E731
-    clean = Sim(gpu_verify, draft_ms_per_token=0.0, accept=accept)
-    rates = [clean.expected_rate(g) for g in range(7)]
+    sim = Sim(gpu_verify, draft_ms_per_token=0.0, accept=accept)
+    rates = [sim.expected_rate(g) for g in range(7)]
     assert max(range(7), key=rates.__getitem__) == 3  # the scenario
-    policy = AdaptiveGamma(max_gamma=6)
-    run(policy, FirstStepCaptures(gpu_verify, draft_ms_per_token=0.0, accept=accept), 400, random.Random(11))
+    policy = AdaptiveGamma(sim.costs(6))
+    run(policy, sim, 400, random.Random(11))
     tail = policy.history[200:]
     assert tail.count(2) + tail.count(3) > 0.5 * len(tail), [tail.count(g) for g in range(7)]
-    assert all(policy.verify_time(n) < 3 * policy.verify_time(0) for n in range(7))
+
+
+class LookupSim:
+    """A draft model's chain beside a lookup branch of `size` tokens (--lookup): the chain's position
+    k is kept, given 1..k−1 were, with probability a; the branch is proposed with probability `hit`
+    (else it is empty) and the target keeps its tokens with probability r each, as long as it has
+    them. The step reaches depth max(A, R), the longer of the two branches (acceptance.verify_candidates
+    keeps it), and costs C[γ], the tree of 1 + γ + size nodes at any γ ≥ 1."""
+
+    def __init__(self, cost_ms, a, hit, r, size):
+        self.cost = [c * MS for c in cost_ms]
+        self.a, self.hit, self.r, self.size = a, hit, r, size
+
+    def expected_rate(self, gamma):
+        if gamma == 0:
+            return 1.0 / self.cost[0]
+        tokens = 1.0
+        for k in range(1, max(gamma, self.size) + 1):
+            chain = self.a ** k if k <= gamma else 0.0
+            branch = self.hit * self.r ** k if k <= self.size else 0.0
+            tokens += 1.0 - (1.0 - chain) * (1.0 - branch)  # the two are independent here
+        return tokens / self.cost[gamma]
+
+    def step(self, gamma, rng):
+        """(drafted, depth reached, lookup length L, the branch's reach R, seconds)"""
+        if gamma == 0:
+            return 0, 0, 0, 0, self.cost[0]
+        chain = 0
+        while chain < gamma and rng.random() < self.a:
+            chain += 1
+        length = self.size if rng.random() < self.hit else 0
+        reach = 0
+        while reach < length and rng.random() < self.r:
+            reach += 1
+        return max(gamma, length), max(chain, reach), length, reach, self.cost[gamma]
+
+
+@pytest.mark.parametrize("device, a, hit, best", [
+    ("gpu", 0.6, 0.6, 2), ("gpu", 0.8, 0.2, 7), ("cpu", 0.6, 0.6, 1), ("cpu", 0.8, 0.2, 5)])
+def test_with_a_lookup_branch_the_policy_prices_the_tree_and_counts_the_branchs_tokens(device, a, hit, best):
+    """--lookup 8 beside a draft model: the tree costs 1 + γ + 8 nodes at every γ (GPU: 6 % a draft
+    token and 1 % a node more than plain, after a 20 % step up; CPU: 10 % a node, 4 ms a draft token),
+    and past the chain's γ only the branch (kept 85 % a token) goes on. Best γ varies from 1 to 7
+    with the chain's acceptance and the branch's hit rate; the policy must get within 5 % of it."""
+    size = 8
+    if device == "gpu":
+        cost = [1.65] + [1.65 * (1.2 + 0.06 * g + 0.01 * size) for g in range(1, 9)]
+    else:
+        cost = [60.0] + [60.0 * (1 + 0.1 * (g + size)) + 4 * g for g in range(1, 9)]
+    sim = LookupSim(cost, a, hit, 0.85, size)
+    rates = [sim.expected_rate(g) for g in range(9)]
+    assert max(range(9), key=rates.__getitem__) == best  # the scenario
+    for seed in range(2):
+        rng = random.Random(seed)
+        policy = AdaptiveGamma(StepCosts(tuple(c * MS for c in cost)), lookup=size)
+        tokens, seconds = 0, 0.0
+        for step in range(1600):
+            gamma = policy.choose()
+            drafted, depth, length, reach, cost_s = sim.step(gamma, rng)
+            policy.observe(drafted, depth, asked=gamma, lookup=length, lookup_reach=reach)
+            if step >= 100:
+                tokens, seconds = tokens + depth + 1, seconds + cost_s
+        assert tokens / seconds >= 0.95 * rates[best], (tokens / seconds / rates[best], policy.history[-30:])
 
 
 def test_estimates_follow_the_model():
@@ -260,74 +296,117 @@ def test_estimates_follow_the_model():
     policy = AdaptiveGamma(max_gamma=4, initial_gamma=4)
     assert policy.choose() == 4
     for _ in range(200):
-        policy.last_gamma = 4  # as if choose() had asked for 4
-        policy.observe(2, 1, draft_time=0.0, target_time=3.0)  # 2 proposed, 1 accepted
-        policy.last_gamma = 4
-        policy.observe(0, 0, draft_time=0.0, target_time=1.0)  # a miss: nothing proposed
-    assert policy.verify_time(0) == pytest.approx(1.0)
-    assert policy.verify_time(2) == pytest.approx(3.0, rel=0.03)
+        policy.observe(2, 1, asked=4)  # 2 proposed, 1 accepted
+        policy.observe(0, 0, asked=4)  # a miss: nothing proposed
     surv, acc = policy.survival(), policy.acceptance()
     assert surv[1] == pytest.approx(0.5, abs=0.03)
     assert surv[2] == pytest.approx(1.0, abs=0.03) and surv[3] < 0.05
     assert acc[1] == pytest.approx(1.0, abs=0.03) and acc[2] < 0.05
+    branch = AdaptiveGamma(max_gamma=4, lookup=6)
+    for _ in range(200):
+        # a chain of 3 keeps 1; the branch of 6 is followed for 4 tokens (depth 4), then rejected
+        branch.observe(6, 4, asked=3, lookup=6, lookup_reach=4)
+        branch.observe(3, 0, asked=3, lookup=0)  # a lookup miss: the chain keeps nothing
+    reach = branch.lookup_rates()
+    assert reach[1] == pytest.approx(0.5, abs=0.03)  # the branch is there half the time
+    assert all(r == pytest.approx(1.0, abs=0.03) for r in reach[2:5]) and reach[5] < 0.05
+    assert branch.acceptance()[1] == pytest.approx(0.5, abs=0.03)  # depth 1 reached by either branch
 
 
 def test_history_records_every_choice_and_validates_arguments():
     policy = AdaptiveGamma(max_gamma=3, initial_gamma=8)
     assert policy.choose() == 3  # initial γ capped at max_gamma
-    policy.observe(3, 3, 0.001, 0.01)
+    policy.observe(3, 3)
     policy.choose()
     assert len(policy.history) == 2
-    with pytest.raises(ValueError):
-        AdaptiveGamma(max_gamma=0)
+    for bad in ({"max_gamma": 0}, {"max_gamma": 13}, {"explore": 1.0}, {"lookup": -1}, {"prior_acceptance": 1.0}):
+        with pytest.raises(ValueError):
+            AdaptiveGamma(nominal_costs(12), **bad)
+    with pytest.raises(ValueError, match="positive finite"):
+        StepCosts((0.1, -1.0))
     fresh = AdaptiveGamma()
-    fresh.observe(2, 1, 0.001, 0.01)  # observe before any choose: no crash
+    fresh.observe(2, 1)  # observe before any choose: no crash
     assert 0 <= fresh.choose() <= fresh.max_gamma
 
 
-def run_requests(policy, sim, requests, rng, max_new=128, alone_cost=1.0):
-    """GPU-like: requests of `max_new` tokens; as a run-ahead stepper does, the γ of the step after a
-    drafting step is chosen before that step is observed, and a step it runs alone (a request's first,
-    one cut to the room left at the request's end, one after a plain step) costs `alone_cost` x its
-    time and is observed with timed=False. Returns (tokens, seconds)."""
-    tokens, seconds = 0, 0.0
+def run_requests(sim, requests, rng, max_new=128):
+    """GPU-like: requests of `max_new` tokens, each with a fresh policy (as the api makes one per
+    request) pricing steps with the simulation's table; as a run-ahead stepper does, the γ of the step
+    after a drafting step is chosen before that step is observed. Returns (tokens, seconds, choices)."""
+    tokens, seconds, choices = 0, 0.0, []
     for _ in range(requests):
-        new, ahead, after_plain, first = 0, None, False, True
+        policy = AdaptiveGamma(sim.costs(6), initial_gamma=5)
+        new, ahead = 0, None
         while new < max_new:
             room = max_new - new - 1
             asked = ahead if ahead is not None else policy.choose()
             gamma, ahead = min(asked, room), None
-            alone = gamma > 0 and (first or gamma < asked or after_plain)
             n, accepted, draft_time, target_time = sim.step(gamma, rng)
-            if alone:
-                target_time *= alone_cost
             if gamma > 0 and room > accepted + 1:
                 ahead = policy.choose()
-            policy.observe(n, accepted, draft_time, target_time, asked=gamma, timed=not alone)
+            policy.observe(n, accepted, asked=gamma)
             emitted = min(accepted + 1, max_new - new)
             new, tokens, seconds = new + emitted, tokens + emitted, seconds + draft_time + target_time
-            first, after_plain = False, gamma == 0
-    return tokens, seconds
+        choices += policy.history
+    return tokens, seconds, choices
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_steps_run_alone_do_not_price_a_length(seed):
-    """With run-ahead (H100), a step run alone costs more than its γ does when chosen (2.33 vs 2.19 ms
-    at 3 drafted), and the lengths the policy does not take are measured only on such steps: cut to
-    the room left at a request's end. Priced by them, a length can be judged slower than it is and,
-    never chosen, never measured again (an H100 chat run took γ 5 in 679 of 684 steps with γ 3 and 4
-    priced 6-8 % too high). Here such steps cost 1.3x and γ 3 is best by 1.3 %: it must be found."""
+def test_a_best_length_by_one_percent_is_found_within_each_request(seed):
+    """An H100 chat run once took γ 5 in 679 of 684 steps while γ 3 was best (online timing priced it
+    6-8 % too high). With the table, γ 3, best by 1.3 %, must be found by each request on its own
+    evidence, choices lagging one step as run-ahead makes them."""
     gpu_verify = [1.79] + [2.03 + 0.088 * n for n in range(1, 13)]
     accept = [0.7, 0.55, 0.5, 0.3, 0.3, 0.3]
     sim = Sim(gpu_verify, draft_ms_per_token=0.0, accept=lambda k: accept[k - 1], noise=0.01)
     rates = [sim.expected_rate(g) for g in range(7)]
     assert max(range(7), key=rates.__getitem__) == 3  # the scenario
-    policy = AdaptiveGamma(max_gamma=6, initial_gamma=5)
-    rng = random.Random(seed)
-    run_requests(policy, sim, 16, rng, alone_cost=1.3)
-    start = len(policy.history)
-    tokens, seconds = run_requests(policy, sim, 16, rng, alone_cost=1.3)
-    tail = policy.history[start:]
-    assert tail.count(3) > 0.5 * len(tail), [tail.count(g) for g in range(7)]
-    assert policy.verify_time(3) == pytest.approx(gpu_verify[3] * MS, rel=0.03)
+    tokens, seconds, choices = run_requests(sim, 16, random.Random(seed))
+    assert choices.count(3) > 0.5 * len(choices), [choices.count(g) for g in range(7)]
     assert tokens / seconds >= 0.95 * rates[3]
+
+
+# ================================================================ decisions never depend on time
+
+
+class PerturbedTimes:
+    """A GenericStepper whose steps report times scaled at random (another job on the machine, a
+    graph captured in the step): only what a step drafted and kept may reach the policy."""
+
+    def __init__(self, stepper, seed):
+        self.stepper, self.rng = stepper, random.Random(seed)
+        self.target, self.runs_ahead = stepper.target, False
+
+    def begin(self, prompt, params):
+        self.stepper.begin(prompt, params)
+
+    def step(self, *args, **kwargs):
+        result = self.stepper.step(*args, **kwargs)
+        return result._replace(draft_time=result.draft_time * self.rng.uniform(0.1, 50.0),
+                               target_time=result.target_time * self.rng.uniform(0.1, 50.0))
+
+
+def test_perturbed_step_times_do_not_change_any_decision():
+    """Sampled requests through the engine with a fresh policy each: the same γ every step and the
+    same tokens whether the steps' times are left alone or scaled at random by 0.1-50x."""
+    from speculant.drafters.model import ModelDrafter
+    from speculant.engine import generate
+    from speculant.models.transformer import LeanModel, random_weights, tiny_config
+    from speculant.sampling import SamplingParams
+    from speculant.step import GenericStepper
+
+    weights = random_weights(tiny_config(vocab_size=16), seed=0, scale=2.0)
+    target, draft = LeanModel(weights, max_seq_len=128), LeanModel(weights, num_layers=1, max_seq_len=128)
+    costs = StepCosts((1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6))  # cheap drafts: speculation pays when acceptance does
+    runs = []
+    for perturb in (None, 1, 2):
+        drafter = ModelDrafter(draft)
+        stepper = GenericStepper(target, drafter)
+        if perturb is not None:
+            stepper = PerturbedTimes(stepper, perturb)
+        policy = AdaptiveGamma(costs)
+        steps = list(generate(target, drafter, [1, 2, 3, 4], gamma=policy, params=SamplingParams(temperature=1.0),
+                              max_new_tokens=80, generator=torch.Generator().manual_seed(3), stepper=stepper))
+        runs.append(([t for s in steps for t in s.tokens], policy.history))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(set(runs[0][1])) > 2, runs[0][1]  # the policy did change γ, so the test shows something

@@ -13,7 +13,7 @@ import torch
 from test_features import PROMPT, FixedSchedule, exact_law, feature_pair, window_pvalue
 
 from speculant.acceptance import candidate_tree, lookup_node, tree_that_fits, tree_tokens, verify, verify_candidates
-from speculant.adaptive import AdaptiveGamma
+from speculant.adaptive import AdaptiveGamma, nominal_costs
 from speculant.drafters.base import draw_alternatives
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.lookup import LookupDrafter
@@ -387,6 +387,20 @@ def test_a_feature_draft_with_a_lookup_branch_follows_the_exact_target_law(k, pa
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
+def test_gamma_auto_with_a_lookup_branch_follows_the_exact_target_law(fused, gof):
+    """As above (k = 3, a branch of 4) under --gamma auto: one policy for all the runs, so its
+    choices move with what it has seen; the law must not."""
+    target, draft = feature_pair(5, seed=3)
+    policy = AdaptiveGamma(nominal_costs(4, candidates=3, lookup=4), lookup=4, initial_gamma=2)
+    tokens, _, lookup_tokens = engine_runs(target, FeatureDrafter(draft, target, candidates=3), policy,
+                                           SamplingParams(), fused, 3, lookup=4)
+    assert lookup_tokens > NUM_RUNS // 5
+    assert len(set(policy.history)) > 2, "the policy hardly changed γ, so the test proves little"
+    pvalue, fits = window_pvalue(gof, tokens, exact_law(target, SamplingParams(), gof))
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["features", "model"])
 def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, device):
@@ -418,18 +432,26 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
     assert from_lookup > 0
 
 
+@pytest.mark.parametrize("lookup", [0, 5])
 @pytest.mark.parametrize("fused", [False, True], ids=["generic", "fused"])
-def test_gamma_auto_with_candidates_keeps_greedy_output_and_learns_from_the_tree_steps(fused):
+def test_gamma_auto_with_candidates_and_a_lookup_branch_keeps_greedy_output_and_learns_from_the_tree(fused, lookup):
+    """--gamma auto with 3 candidates a position (and a lookup branch of 5): greedy output is plain
+    greedy decoding, generic and fused, and the policy learned the tree's depths and the branch's reach."""
     target, draft = feature_pair(8, seed=5, kept=6)
-    prompt = [1, 2, 3, 4, 5, 6, 7]
-    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=60)
-    policy = AdaptiveGamma(max_gamma=6)
-    stepper = FusedStepper(target, draft, compile=False, candidates=3) if fused else None
-    steps = list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt, gamma=policy, params=GREEDY,
-                          max_new_tokens=60, stepper=stepper))
-    assert [t for s in steps for t in s.tokens] == expected
-    # whatever γ the policy chose from this machine's timings, it learned from tree steps
-    assert steps[-1].stats.drafted > 0 and sum(policy.tested) > 0
+    for prompt in ([1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]):
+        expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=60)
+        policy = AdaptiveGamma(nominal_costs(6, candidates=3, lookup=lookup), lookup=lookup)
+        stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup) if fused else None
+        drafter = FeatureDrafter(draft, target, candidates=3)
+        drafter = LookupDrafter(drafter, NgramDrafter(), lookup) if lookup else drafter
+        steps = list(generate(target, drafter, prompt, gamma=policy, params=GREEDY, max_new_tokens=60,
+                              stepper=stepper))
+        assert [t for s in steps for t in s.tokens] == expected
+        assert steps[-1].stats.drafted > 0 and sum(policy.recent["tested"]) > 0
+        if lookup:
+            assert sum(policy.recent["lookup_tested"]) > 0
+    if lookup:
+        assert steps[-1].stats.lookup_tokens > 0  # the repeating prompt: the branch's tokens were kept
 
 
 def test_candidates_raise_greedy_acceptance_and_fall_back_to_a_chain_at_the_end_of_the_context():
@@ -588,24 +610,32 @@ def test_run_ahead_steps_are_the_same_steps_one_at_a_time(k, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_steps_run_alone_are_observed_untimed_and_only_those(device):
+def test_steps_run_alone_are_flagged_alone_and_only_those(device):
     """A run-ahead stepper launches most steps before the one in flight is read; those it runs alone
     (the request's first, one after a plain step, one longer than any before, one cut to the room
-    left) are slower, so the policy is told not to time them. One at a time: none is alone."""
+    left) are slower, so they say so (calibration leaves their times out). One at a time: none is."""
 
     class Recording(FixedSchedule):
         def __init__(self, gammas):
             super().__init__(gammas)
             self.seen = []  # (γ asked, timed) per observed step
 
-        def observe(self, drafted, accepted, draft_time, target_time, asked=None, timed=True):
-            self.seen.append((asked, timed))
+        def observe(self, drafted, accepted, asked=None, **branch):
+            self.seen.append((asked, not stepper.last_alone))
+
+    class RecordingStepper(FusedStepper):
+        last_alone = False
+
+        def step(self, *args, **kwargs):
+            result = super().step(*args, **kwargs)
+            self.last_alone = result.alone
+            return result
 
     target, draft = feature_pair(8, seed=5, kept=6, device=device)
     prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
     for ahead in (False, True):
         policy = Recording([3, 3, 3, 0, 3, 3, 5, 5, 3, 3])
-        stepper = FusedStepper(target, draft, compile=False, candidates=3, run_ahead=ahead)
+        stepper = RecordingStepper(target, draft, compile=False, candidates=3, run_ahead=ahead)
         list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt, gamma=policy, params=GREEDY,
                       max_new_tokens=40, generator=torch.Generator(device=device).manual_seed(2), stepper=stepper))
         untimed = [i for i, (_, timed) in enumerate(policy.seen) if not timed]

@@ -148,7 +148,6 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "ngram", "--candidates", "3"], "several candidates per position need one draft model"),
     (["--lookup", "-2"], "argument --lookup: must be >= 0"),
     (["--draft", "ngram", "--lookup", "8"], "for prompt lookup alone use --draft ngram"),
-    (["--gamma", "auto", "--lookup", "8"], "--gamma auto does not take --lookup"),
     (["--max-seq-len", "8"], ("do not fit the KV cache of 8 tokens (at least one position must stay free): raise "
                               "--max-seq-len (max_seq_len=) up to smollm2-135m's context of 8192 tokens")),
     (["--stop", ""], "--stop must not be empty"),

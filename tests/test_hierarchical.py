@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from speculant.adaptive import AdaptiveGamma
+from speculant.adaptive import AdaptiveGamma, StepCosts
 from speculant.drafters.base import Draft
 from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.model import ModelDrafter
@@ -206,19 +206,24 @@ class _Perfect:
         return Draft(torch.tensor(self.continuation[done : done + gamma]), None)
 
 
+def _costs(step_seconds, max_gamma):
+    """The step-cost table of a step that drafts n tokens (speculant.calibrate measures it)."""
+    return StepCosts(tuple(step_seconds(n) for n in range(max_gamma + 1)))
+
+
 def test_adaptive_gamma_grows_when_drafts_are_always_right():
-    policy = AdaptiveGamma(max_gamma=8, initial_gamma=2)
+    policy = AdaptiveGamma(_costs(lambda n: 1e-5 * n + 1e-3, 8), initial_gamma=2)
     for _ in range(40):
         gamma = policy.choose()
-        policy.observe(gamma, gamma, draft_time=1e-5 * gamma, target_time=1e-3)
+        policy.observe(gamma, gamma)
     assert policy.history[-1] == 8
 
 
 def test_adaptive_gamma_switches_off_when_drafts_always_fail_and_probes_again():
-    policy = AdaptiveGamma(max_gamma=8, initial_gamma=4, probe_every=4)
+    policy = AdaptiveGamma(_costs(lambda n: 5e-4 * n + 1e-3 + 1e-4 * n, 8), initial_gamma=4, probe_every=4)
     for _ in range(200):
         gamma = policy.choose()
-        policy.observe(gamma, 0, draft_time=5e-4 * gamma, target_time=1e-3 + 1e-4 * gamma)
+        policy.observe(gamma, 0)
     tail = policy.history[50:]
     assert tail.count(0) > 0.9 * len(tail), "speculation should be off almost always"
     assert any(g > 0 for g in tail), "it must probe now and then"
@@ -226,13 +231,13 @@ def test_adaptive_gamma_switches_off_when_drafts_always_fail_and_probes_again():
 
 def test_adaptive_gamma_prefers_short_drafts_when_verification_grows_with_gamma():
     """On a CPU the target's cost grows with the positions verified; the policy must see that."""
-    policy = AdaptiveGamma(max_gamma=12, initial_gamma=2)
+    policy = AdaptiveGamma(_costs(lambda n: 1e-4 * n + 1e-3 * (1 + n), 12), initial_gamma=2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(300):
         gamma = policy.choose()
         accepted = 0
         while accepted < gamma and torch.rand((), generator=gen) < 0.6:
             accepted += 1
-        policy.observe(gamma, accepted, draft_time=1e-4 * gamma, target_time=1e-3 * (1 + gamma))
+        policy.observe(gamma, accepted)
     # α = 0.6 and verification costing (1+γ) ms: long drafts are a loss; best γ is 1 or 0
     assert max(policy.history[100:]) <= 2

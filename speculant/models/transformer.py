@@ -12,7 +12,11 @@ model with its matrices held as int8 (a quarter of float32's bytes, so about hal
 memory-bound decode step on a CPU), its norms and embedding shared.
 
 Frozen weights are served fused (q|k|v, gate|up: Block.fuse_projections) and on the CPU column-major
-(column_major). One row (forward) and several (forward_rows) run the same layer code (_layers).
+(column_major). One row (forward) and several (forward_rows) run the same layer code (_layers), and so
+does bit-exact mode (exact_hidden_states: fixed-width calls, speculant.models.exact_attention).
+
+Long because one model class holds every way its layers run (one row, a tree, several rows, bit-exact
+calls) over the one cache they share; the attention of bit-exact mode lives in its own module.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from speculant.models.base import PositionalCache, check_fits
+from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, exact_attention
 
 
 @dataclass(frozen=True)
@@ -265,8 +270,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class LeanModel(PositionalCache):
     """`CausalLM` over `TransformerWeights`, running the first `num_layers` layers (all by default).
 
-    The KV cache is [layers, S, KV, D] for keys and values, allocated once. forward() writes the
-    new positions in place; truncate() only moves `length`."""
+    The KV cache is [layers, S + EXACT_WIDTH, KV, D] for keys and values, allocated once: slots S..
+    are scratch for the padding rows of bit-exact calls, which nothing else reads. forward() writes
+    the new positions in place; truncate() only moves `length`."""
 
     # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops. Both compute
     # the same function. None picks per device: matmul on CUDA (on the H100, compiled and captured,
@@ -287,7 +293,7 @@ class LeanModel(PositionalCache):
         self.device, self.dtype = param.device, param.dtype
         if self.attention is None:
             self.attention = "matmul" if self.device.type == "cuda" else "sdpa"
-        shape = (self.num_layers, self.max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        shape = (self.num_layers, self.max_seq_len + EXACT_WIDTH, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.rope_global = rope_tables(
@@ -352,10 +358,11 @@ class LeanModel(PositionalCache):
 
     def keep_features(self) -> None:
         """From now on every forward also stores its final-normed hidden states ("features") in
-        `self.features` [S, E], position-indexed like the KV cache: a feature-reading draft
+        `self.features` [S + EXACT_WIDTH, E], position-indexed like the KV cache: a feature-reading draft
         (speculant.drafters.features) reads them for the committed positions."""
         if self.features is None:
-            self.features = torch.zeros(self.max_seq_len, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            slots = self.k_cache.shape[1]  # the scratch slots too, as in the KV cache
+            self.features = torch.zeros(slots, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
 
     def record_features(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         if self.features is not None:
@@ -399,6 +406,14 @@ class LeanModel(PositionalCache):
                          lambda i: (self.k_cache[i, None], self.v_cache[i, None]))
         return self.weights.norm(x[0])
 
+    def exact_hidden_states(self, tokens: torch.Tensor, keys: ExactKeys) -> torch.Tensor:
+        """Bit-exact mode: tokens [W] at keys.positions, written at keys.slots, each row attending to
+        its own keys in position order (exact_attention) -> final-normed hidden states [W, E]."""
+        masks = {False: keys, True: keys._replace(window=self.cfg.sliding_window or 0)}
+        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks,
+                         lambda i: (self.k_cache[i, None], self.v_cache[i, None]))
+        return self.weights.norm(x[0])
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [..., T] -> [..., T, E] (scaled by sqrt(E) for Gemma)."""
         x = self.weights.embed_tokens(tokens)
@@ -425,11 +440,12 @@ class LeanModel(PositionalCache):
             x = x + self._mlp(layer, x)
         return x
 
-    def _attention(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor,
-                   keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
+    def _attention(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
+                   mask: torch.Tensor | ExactKeys, keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
         """The attention half of a layer, residual excluded: x [B, T, E] -> [B, T, E]. Writes the new
         keys and values at `slots` of keys_cache, values_cache [B, slots, KV, D] (views of the cache)
-        and attends to their first kv_len = mask.shape[-1] slots; see _layers for the shapes."""
+        and attends to their first kv_len = mask.shape[-1] slots, or in bit-exact mode (mask an
+        ExactKeys) to the keys it names; see _layers for the shapes."""
         cfg = self.cfg
         b, t = x.shape[:2]
         kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -449,6 +465,23 @@ class LeanModel(PositionalCache):
             rows = torch.arange(b, device=x.device)[:, None]  # [B, 1]
             keys_cache[rows, slots] = k
             values_cache[rows, slots] = v
+        if isinstance(mask, ExactKeys):  # bit-exact mode (one row, W tokens): each walks its own keys
+            out = exact_attention(q.view(t, kv, groups, d), keys_cache[0], values_cache[0], mask, self.attn_scale)
+            out = out.reshape(b, t, cfg.num_heads * d)  # [1, W, H·D]
+        else:
+            out = self._cache_attention(q, keys_cache, values_cache, mask)
+        out = linear(out, layer.o) if layer.o is not None else layer.o_proj(out)
+        if cfg.arch == "gemma3":
+            out = layer.post_attention_layernorm(out)
+        return out
+
+    def _cache_attention(self, q: torch.Tensor, keys_cache: torch.Tensor, values_cache: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D] over the first kv_len = mask.shape[-1] slots of keys_cache, values_cache
+        [B, slots, KV, D] under the additive mask -> [B, T, H·D]."""
+        cfg = self.cfg
+        b, t = q.shape[:2]
+        kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         kv_len = mask.shape[-1]
         keys = keys_cache[:, :kv_len].transpose(1, 2)  # [B, KV, kv_len, D], a view
         values = values_cache[:, :kv_len].transpose(1, 2)
@@ -461,11 +494,7 @@ class LeanModel(PositionalCache):
             out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
-        out = out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)  # [B, T, H·D]
-        out = linear(out, layer.o) if layer.o is not None else layer.o_proj(out)
-        if cfg.arch == "gemma3":
-            out = layer.post_attention_layernorm(out)
-        return out
+        return out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)  # [B, T, H·D]
 
     def _mlp(self, layer: Block, x: torch.Tensor) -> torch.Tensor:
         gemma = self.cfg.arch == "gemma3"

@@ -1,0 +1,154 @@
+"""Bit-exact mode (issue 21): does greedy speculative decoding give plain greedy decoding's tokens, with
+and without `bit_exact`, and what does the mode cost? bfloat16, HumanEval + held-out chat prompts.
+
+    python benchmarks/bit_exact.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz --out $OUT
+
+CPU check (the fused step runs uncompiled, without graphs; a few prompts and tokens):
+    python benchmarks/bit_exact.py --device cpu --dtype bfloat16 --target smollm2-135m \\
+        --humaneval .gpu/HumanEval.jsonl.gz --prompts 2 --max-new-tokens 8
+
+For each mode (default, bit-exact) and each drafter config (plain; the embedded feature draft as a
+chain at γ 4, as a K 4 tree, as a K 4 tree with a lookup branch of 8; n-gram at γ 4): every prompt
+once, greedy (an untimed warm-up over the first prompt captures the graphs first). Per config: how
+many prompts' token ids equal plain decoding's in the same mode, decode tok/s (new tokens / decode
+time: prefills, which are the same in both modes, left out) and the mode's cost. Then the logits
+check: after a prompt and its greedy continuation, the 17 nodes of a γ 4, K 4 tree scored in one
+forward against each node's path fed one token at a time (the plain step's forward): max |diff| and
+whether every node's logits are bit-equal. Prints a table, then one JSON line; writes bit_exact.json.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import common
+import torch
+
+import speculant
+from speculant.acceptance import candidate_tree, tree_tokens
+from speculant.api import Speculant
+from speculant.bench.tasks import code_prompts
+from speculant.fused import FusedStepper
+from speculant.sampling import SamplingParams
+
+DRAFT = "speculant/embedded/smollm2-135m-draft"
+# name -> (draft spec, candidates, lookup); all at γ 4
+CONFIGS = {"plain": ("none", 1, 0), "features": (DRAFT, 1, 0), "features#k4": (DRAFT, 4, 0),
+           "features#k4#lookup8": (DRAFT, 4, 8), "ngram": ("ngram", 1, 0)}
+GAMMA = 4
+
+
+def run(spec: Speculant, prompts: list[list[int]], max_new: int) -> dict:
+    """Each prompt once, greedy: the token ids and decode tok/s."""
+    outputs, tokens, seconds = [], 0, 0.0
+    for prompt in prompts:
+        out = spec.generate(prompt, max_new_tokens=max_new, temperature=0)
+        outputs.append(out.token_ids)
+        tokens += out.stats["new_tokens"]
+        seconds += out.stats["decode_time"]
+    return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
+
+
+@torch.inference_mode()
+def logits_check(model, bit_exact: bool, context: list[int], compile: bool) -> dict:
+    """The 17 nodes of a γ 4, K 4 tree after `context` (its greedy continuation as the chain, random
+    alternatives) in one forward, against each node alone: its path from the root fed one token at a
+    time at its positions, as plain decoding does."""
+    stepper = FusedStepper(model, None, compile=compile, bit_exact=bit_exact)
+    stepper.begin(context[:-4], SamplingParams(temperature=0))  # the root is context[-5]
+    start = torch.tensor(len(context) - 5, device=model.device)
+    generator = torch.Generator().manual_seed(0)
+    candidates = torch.randint(0, model.vocab_size, (GAMMA, 4), generator=generator)
+    candidates[:, 0] = torch.tensor(context[-4:])  # the chain: what greedy decoding emitted there
+    nodes = tree_tokens(torch.tensor(context[-5:-4]), candidates).to(model.device)
+    _, ancestors = candidate_tree(GAMMA, 4)
+    tree = stepper.score(nodes, start, (GAMMA, 4, 0)).float()
+    alone = []
+    for node in range(nodes.shape[0]):
+        for depth, token in enumerate(nodes[ancestors[node]]):  # root .. node
+            logits = stepper.score(token.view(1), start + depth)
+        alone.append(logits[0].float())
+    alone = torch.stack(alone)
+    return {"max_abs_diff": float((tree - alone).abs().max()), "bit_equal": bool(torch.equal(tree, alone)),
+            "nodes_bit_equal": int(sum(torch.equal(tree[i], alone[i]) for i in range(nodes.shape[0])))}
+
+
+def main() -> None:
+    ap = common.arguments(__doc__, device="cuda", out_default="bench-out/bit-exact")
+    ap.add_argument("--target", required=True, help="an embedded name, a GGUF file or an HF folder")
+    ap.add_argument("--humaneval", required=True, help="HumanEval.jsonl(.gz): half the prompts")
+    ap.add_argument("--prompts", type=int, default=64, help="prompts in all: half HumanEval, half held-out chat")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    ap.add_argument("--checks", type=int, default=4, help="prompts the logits check runs on")
+    args = ap.parse_args()
+    dtype = common.setup(args)
+    names = args.configs.split(",")
+    if "plain" not in names or any(n not in CONFIGS for n in names):
+        raise SystemExit(f"error: --configs: choose from {', '.join(CONFIGS)}, plain included")
+    cuda = args.device.startswith("cuda")
+    torch._dynamo.config.cache_size_limit = 64
+    start = time.perf_counter()
+    base = speculant.load(args.target, draft="none", device=args.device, dtype=dtype, max_seq_len=1024)
+    loaded = base.target
+    device_name = common.device_name(args.device)
+    print(f"loaded target in {time.perf_counter() - start:.1f}s; device {device_name}, {dtype}", flush=True)
+    code = args.prompts - args.prompts // 2
+    prompts = [list(p.token_ids) for p in code_prompts(code, base.encode, args.humaneval)]
+    prompts += [base.encode(text, chat=True) for text in common.heldout_chat_texts(args.prompts // 2)]
+
+    results: dict[str, dict] = {}
+    checks: dict[str, dict] = {}
+    for bit_exact in (False, True):
+        mode = "bit-exact" if bit_exact else "default"
+        plain_outputs = None
+        for name in names:
+            draft, k, lookup = CONFIGS[name]
+            # fused (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one
+            spec = Speculant(loaded, [draft], gamma=GAMMA, candidates=k, lookup=lookup, bit_exact=bit_exact)
+            began = time.perf_counter()
+            run(spec, prompts[:1], args.max_new_tokens)  # warm-up: compiles and captures this config's graphs
+            warm = time.perf_counter() - began
+            res = run(spec, prompts, args.max_new_tokens)
+            if name == "plain":
+                plain_outputs = res["outputs"]
+            same = sum(a == b for a, b in zip(res["outputs"], plain_outputs))
+            results[f"{mode}/{name}"] = {"mode": mode, "config": name, "same_as_plain": same, "prompts": len(prompts),
+                                         "tokens_per_s": res["tokens_per_s"], "new_tokens": res["new_tokens"],
+                                         "warmup_s": warm, "outputs": res["outputs"]}
+            print(f"{mode:9s} {name:20s} same as plain {same}/{len(prompts)}  {res['tokens_per_s']:.1f} tok/s  "
+                  f"(warm-up {warm:.1f}s)", flush=True)
+        checked = []
+        for prompt, output in list(zip(prompts, plain_outputs))[: args.checks]:
+            if len(output) >= 5:  # the continuation supplies the tree's chain
+                checked.append(logits_check(loaded.model, bit_exact, prompt + output[:20], cuda))
+        checks[mode] = {"prompts": len(checked), "max_abs_diff": max((c["max_abs_diff"] for c in checked), default=None),
+                        "bit_equal": sum(c["bit_equal"] for c in checked), "each": checked}
+        print(f"{mode:9s} logits check: tree vs alone max |diff| {checks[mode]['max_abs_diff']}, "
+              f"bit-equal on {checks[mode]['bit_equal']}/{len(checked)} prompts", flush=True)
+    plain_modes = sum(a == b for a, b in zip(results["default/plain"]["outputs"], results["bit-exact/plain"]["outputs"]))
+
+    rows = []
+    for name in names:
+        default, exact = results[f"default/{name}"], results[f"bit-exact/{name}"]
+        rows.append((name, f"{default['same_as_plain']}/{default['prompts']}", f"{exact['same_as_plain']}/{exact['prompts']}",
+                     f"{default['tokens_per_s']:.1f}", f"{exact['tokens_per_s']:.1f}",
+                     f"{exact['tokens_per_s'] / default['tokens_per_s']:.2f}"))
+    header = ("config", "same as plain (default)", "same (bit-exact)", "tok/s default", "tok/s bit-exact", "cost ratio")
+    text = common.table(rows, header)
+    for mode, check in checks.items():
+        text += (f"\nlogits, 17-node tree vs each node alone ({mode}): max |diff| {check['max_abs_diff']}, "
+                 f"bit-equal on {check['bit_equal']}/{check['prompts']} prompts")
+    text += f"\nplain default vs plain bit-exact: same tokens on {plain_modes}/{len(prompts)} prompts"
+    summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "gamma": GAMMA,
+               "max_new_tokens": args.max_new_tokens, "results": results, "logits_check": checks,
+               "plain_default_vs_bit_exact_same": plain_modes, "command": " ".join(sys.argv)}
+    last = {"device": device_name, "bit_exact_all_same": all(results[f"bit-exact/{n}"]["same_as_plain"] == len(prompts)
+                                                             for n in names),
+            "bit_exact_logits_equal": checks["bit-exact"]["bit_equal"] == checks["bit-exact"]["prompts"]}
+    common.finish(args.out, "bit_exact.json", summary, text, last)
+
+
+if __name__ == "__main__":
+    main()
