@@ -213,8 +213,8 @@ def main() -> None:
                 if temperature == 0:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                 record(task, name, gamma, res, cap, k, lookup)
-            if name != "ngram" and not lookup and args.auto:
-                spec = speculant_for(draft, "auto", k)
+            if name != "ngram" and args.auto:  # with the lookup branch too, when --lookup has it
+                spec = speculant_for(draft, "auto", k, lookup)
                 cap = time.perf_counter()
                 for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
                     spec.gamma = gamma
@@ -231,7 +231,7 @@ def main() -> None:
                     res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                     res["half_life"] = half_life  # None: the policy's default
                     res["gamma_chosen"] = res.pop("gamma_counts")  # target calls per γ chosen
-                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k)
+                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k, lookup)
     summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "attention": args.attention,
                "results": results, "command": " ".join(sys.argv)}
     header = ("task", "method", "gamma", "k", "G", "tok/s", "alpha", "tau", "vs plain", "prefill", "ms/call")
