@@ -257,3 +257,17 @@ def test_memory_counts_the_int8_copys_matrices_once():
     extra = int8["param_bytes"] - plain["param_bytes"]
     assert 0.24 * plain["param_bytes"] < extra < 0.26 * plain["param_bytes"], (extra, plain)
     assert int8["kv_bytes_allocated"] == 2 * plain["kv_bytes_allocated"]  # a cache of its own
+
+
+def test_the_distilled_draft_is_named_by_folder_or_embedded_name(tmp_path):
+    from types import SimpleNamespace
+
+    from speculant.bench.plan import distilled_path
+    from speculant.chain import embedded_draft_folder
+
+    shipped = str(embedded_draft_folder("smollm2-135m-draft"))
+    assert distilled_path(SimpleNamespace(distilled_draft="smollm2-135m-draft"), "smollm2-135m") == shipped
+    assert distilled_path(SimpleNamespace(distilled_draft=shipped), "smollm2-135m") == shipped
+    assert distilled_path(SimpleNamespace(distilled_draft=None), "smollm2-135m") == shipped
+    with pytest.raises(FileNotFoundError, match="nor an embedded draft"):
+        distilled_path(SimpleNamespace(distilled_draft=str(tmp_path / "nope")), "smollm2-135m")

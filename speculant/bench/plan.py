@@ -55,11 +55,15 @@ def resolve_settings(args) -> dict:
 
 
 def distilled_path(args, target_name: str) -> str | None:
-    if args.distilled_draft:
+    from speculant.chain import default_draft, embedded_draft_folder
+
+    if args.distilled_draft:  # a draft folder, or the name of an embedded one (smollm2-135m-draft)
+        embedded = embedded_draft_folder(args.distilled_draft)
+        if embedded is not None:
+            return str(embedded)
         if not Path(args.distilled_draft).exists():
-            raise FileNotFoundError(f"--distilled-draft {args.distilled_draft} does not exist")
+            raise FileNotFoundError(f"--distilled-draft {args.distilled_draft}: no such folder, nor an embedded draft")
         return args.distilled_draft
-    from speculant.chain import default_draft
 
     found = default_draft(target_name)
     return None if found == "ngram" else found

@@ -6,7 +6,7 @@
 Methods (`--methods`, comma-separated):
     plain              plain decoding by speculant's own engine: the baseline of every speed-up
     ngram | layers:N | int8 | NAME|PATH     one drafter (see speculant.api for draft specs)
-    distilled          the distilled draft (--distilled-draft PATH, else the embedded one)
+    distilled          the distilled draft (--distilled-draft PATH or embedded name, else the embedded one)
     A+B                a hierarchy: B drafts for A, A drafts for the target (e.g. int8+distilled)
     METHOD#kK#lookupG  options of a one-model method: K candidates per draft position, a prompt-lookup
                        branch of up to G tokens (e.g. distilled#k4#lookup16@3; see speculant.api)
@@ -77,8 +77,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default=None, help=f"comma-separated from {','.join(PEERS)} "
                                                       f"(default {FULL['peers']})")
     parser.add_argument("--no-peers", action="store_true", help="run no peer")
-    parser.add_argument("--distilled-draft", default=None, metavar="PATH",
-                        help="distilled draft folder for the `distilled` method (default: the embedded one)")
+    parser.add_argument("--distilled-draft", default=None, metavar="PATH|NAME",
+                        help="distilled draft folder, or an embedded draft's name, for the `distilled` method "
+                             "(default: the embedded one made for the target)")
     parser.add_argument("--inner-gamma", type=int, default=4, help="γ of the inner levels of a hierarchy")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="KV cache capacity (tokens)")
     parser.add_argument("--humaneval-path", default=None, metavar="FILE",
