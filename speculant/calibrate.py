@@ -30,8 +30,6 @@ SPECULANT_RECALIBRATE=1 measures again and overwrites.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import sys
 import time
@@ -45,7 +43,7 @@ from speculant.adaptive import StepCosts
 from speculant.drafters.base import Draft
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.ngram import NgramDrafter
-from speculant.models.cache import cache_root, say, write_json_atomic
+from speculant.models.cache import keyed_file, read_keyed_json, recalibrate_requested, say, write_json_atomic
 from speculant.sampling import SamplingParams
 from speculant.step import Stepper
 
@@ -57,8 +55,7 @@ PROMPT_LENGTH = 32
 
 
 def cache_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "step-costs" / f"{digest}.json"
+    return keyed_file("step-costs", key)
 
 
 def step_costs(key: dict, measure: Callable[[], tuple[float, ...]], fallback: StepCosts,
@@ -67,7 +64,7 @@ def step_costs(key: dict, measure: Callable[[], tuple[float, ...]], fallback: St
     there and returned; `fallback` where the cache cannot be written. `progress`: say on stderr, in one
     line, that a measurement runs and where it is kept."""
     path = cache_path(key)
-    if os.environ.get("SPECULANT_RECALIBRATE", "") in ("", "0") and path.exists():
+    if not recalibrate_requested() and path.exists():
         try:
             return read_costs(path, key)
         except ValueError as error:
@@ -101,10 +98,7 @@ def step_costs(key: dict, measure: Callable[[], tuple[float, ...]], fallback: St
 
 def read_costs(path: Path, key: dict) -> StepCosts:
     """The table kept in `path` for `key`; ValueError saying what is wrong with the file."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"not readable JSON: {type(error).__name__}") from None
+    record = read_keyed_json(path)
     if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
         raise ValueError(f"not a format-{CACHE_FORMAT} step-cost file")
     if record.get("key") != key:

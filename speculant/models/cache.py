@@ -104,3 +104,26 @@ def write_json_atomic(path: Path, value) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(value, f, indent=2, ensure_ascii=False)
     os.replace(tmp, path)
+
+
+# ---- measurements kept per setup (step costs, llama.cpp's exact batch width) ---------------------
+
+
+def keyed_file(folder: str, key: dict, prefix: str = "") -> Path:
+    """cache_root()/folder/<prefix><16 hex digits of the key's sha256>.json: one file per setup, the key
+    (JSON values only) also written inside it so that a read can check it (read_keyed_json)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / folder / f"{prefix}{digest}.json"
+
+
+def read_keyed_json(path: Path):
+    """The JSON value in a file kept by keyed_file; ValueError naming why it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not readable JSON: {type(error).__name__}") from None
+
+
+def recalibrate_requested() -> bool:
+    """SPECULANT_RECALIBRATE=1: measure what the cache keeps per setup again, and overwrite it."""
+    return os.environ.get("SPECULANT_RECALIBRATE", "") not in ("", "0")

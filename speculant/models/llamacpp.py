@@ -38,9 +38,8 @@ torch weights), candidate trees and batched decoding (lean targets only).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -305,18 +304,16 @@ def exact_batch_key(model: LlamaCppModel) -> dict:
 
 
 def exact_batch_path(key: dict) -> Path:
-    from speculant.models.cache import cache_root
+    from speculant.models.cache import keyed_file
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_root() / "llamacpp-exact-batch" / f"{key['model_sha256'][:16]}-{digest}.json"
+    return keyed_file("llamacpp-exact-batch", key, prefix=f"{key['model_sha256'][:16]}-")
 
 
 def read_exact_batch(path: Path, key: dict) -> int:
     """The width kept in `path` for `key`; ValueError saying what is wrong with the file."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"not readable JSON: {type(error).__name__}") from None
+    from speculant.models.cache import read_keyed_json
+
+    record = read_keyed_json(path)
     if not isinstance(record, dict) or record.get("key") != key:
         raise ValueError("written for another model, build or setting")
     width = record.get("exact_batch")
@@ -328,17 +325,15 @@ def read_exact_batch(path: Path, key: dict) -> int:
 def probed_exact_batch(model: LlamaCppModel, progress: bool = False) -> int:
     """`model`'s exact batch width: from the cache, else probed (probe_exact_batch) and kept there.
     SPECULANT_RECALIBRATE=1 probes again."""
-    from speculant.models.cache import say, write_json_atomic
+    from speculant.models.cache import recalibrate_requested, say, write_json_atomic
 
     key = exact_batch_key(model)
     path = exact_batch_path(key)
-    if os.environ.get("SPECULANT_RECALIBRATE", "") in ("", "0") and path.exists():
+    if not recalibrate_requested() and path.exists():
         try:
             return read_exact_batch(path, key)
         except ValueError as error:
             say(progress, f"the llama.cpp batch-width cache {path} is damaged ({error}); probing again")
-    import time
-
     start = time.perf_counter()
     try:
         width = probe_exact_batch(model)
