@@ -24,7 +24,6 @@ Prints a table, then one JSON line; writes it to --out/llamacpp_batch_cost.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common
 import torch
 
 from speculant.models.llamacpp import MAX_BATCH, llama_cpp_available, load_llamacpp
@@ -125,13 +125,13 @@ def main() -> int:
             by = {r["model"]: r for r in results if r["threads"] == threads}
             t1 = [by[m]["rows"][0]["ms"] for m in args.models[:2]]
             ratios[str(threads)] = round(t1[1] / t1[0], 3)
-    print(f"{'model':<22} {'thr':>3} {'T':>3} {'ms':>9} {'vs T1':>7} {'/token':>7}")
+    lines = [f"{'model':<22} {'thr':>3} {'T':>3} {'ms':>9} {'vs T1':>7} {'/token':>7}"]
     for r in results:
         for x in r["rows"]:
-            print(f"{r['model']:<22} {r['threads']:>3} {x['T']:>3} {x['ms']:>9.2f} "
-                  f"{x['vs_T1'] or 0:>7.2f} {x['per_token_vs_T1'] or 0:>7.3f}")
+            lines.append(f"{r['model']:<22} {r['threads']:>3} {x['T']:>3} {x['ms']:>9.2f} "
+                         f"{x['vs_T1'] or 0:>7.2f} {x['per_token_vs_T1'] or 0:>7.3f}")
     for threads, c in ratios.items():
-        print(f"c ({args.models[1]} / {args.models[0]} at T 1, {threads} thread(s)): {c}")
+        lines.append(f"c ({args.models[1]} / {args.models[0]} at T 1, {threads} thread(s)): {c}")
     import llama_cpp
 
     summary = {"benchmark": "llamacpp_batch_cost", "cpu_count": available, "repack": not args.no_repack,
@@ -140,10 +140,7 @@ def main() -> int:
                "load_before": load_before,
                "load_after": round(os.getloadavg()[0], 2), "context": args.context, "repeats": args.repeats,
                "warmup": args.warmup, "cost_ratio_c": ratios, "results": results}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llamacpp_batch_cost.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    common.finish(args.out, "llamacpp_batch_cost.json", summary, "\n".join(lines), summary)
     return 0
 
 

@@ -173,15 +173,12 @@ def main() -> int:
     results = [] if args.qwen and args.qwen_only else bench_model("smollm2-135m", None, args)
     if args.qwen:
         results += bench_model("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", args)
-    print(f"{'target':<20} {'set':<10} {'row':<34} {'tok/s':>8} {'vs plain':>8} {'same':>6}")
-    for r in results:
-        print(_table_line(r))
-    summary = {"benchmark": "llamacpp_cpu", "threads": args.threads, "shared_machine_load": os.getloadavg()[0], "prompts": args.prompts, "repeats": args.repeats,
-               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "results": results}
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llamacpp_cpu.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    text = "\n".join([f"{'target':<20} {'set':<10} {'row':<34} {'tok/s':>8} {'vs plain':>8} {'same':>6}"]
+                     + [_table_line(r) for r in results])
+    summary = {"benchmark": "llamacpp_cpu", "threads": args.threads, "shared_machine_load": os.getloadavg()[0],
+               "prompts": args.prompts, "repeats": args.repeats, "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature, "results": results}
+    common.finish(os.environ.get("OUT", "out"), "llamacpp_cpu.json", summary, text, summary)
     return 0
 
 
