@@ -69,61 +69,55 @@ from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
 
 
+def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
+    """`forward`, through torch.compile if `compile` (it fuses the elementwise ops: fewer kernels per
+    graph), kept on `owner` (the model) under `key` the first time: every stepper over the same model
+    then shares the compiled code (a later call's `forward`, the same function, is dropped)."""
+    cached, key = owner.__dict__.setdefault("_compiled_forwards", {}), (*key, compile)
+    if key not in cached:
+        cached[key] = torch.compile(forward) if compile else forward
+    return cached[key]
+
+
 def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab]; attends
-    over the whole cache.
+    over the whole cache. Compiled once per model (_compiled)."""
 
-    Compiled once per model (torch.compile fuses the elementwise ops: fewer kernels per graph) and
-    memoised on the model, so every stepper over the same model shares the compiled code."""
-    cached = getattr(model, "_static_forward", {})
-    key = (compile, model.features is not None)  # a target that keeps features writes them too
-    if key not in cached:
+    def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
+        # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
+        hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len, ancestors=ancestors)
+        slots = positions if ancestors is None else positions[0] + torch.arange(tokens.shape[0], device=tokens.device)
+        model.record_features(hidden, slots)
+        return model.logits(hidden)
 
-        def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
-            # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
-            hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len, ancestors=ancestors)
-            slots = positions if ancestors is None else positions[0] + torch.arange(tokens.shape[0], device=tokens.device)
-            model.record_features(hidden, slots)
-            return model.logits(hidden)
-
-        # dynamic=None: the first shape compiles static, the next one once for all lengths >= 2
-        cached[key] = torch.compile(forward) if compile else forward
-        model._static_forward = cached
-    return cached[key]
+    # a target that keeps features writes them too: another function. dynamic=None (torch.compile's
+    # default): the first shape compiles static, the next one once for all lengths >= 2
+    return _compiled(model, ("static", model.features is not None), forward, compile)
 
 
 def exact_forward(model: LeanModel, compile: bool):
     """Bit-exact mode's forward: tokens [W], positions [W], slots [W], start [], table [W, W], count []
     (models.exact_attention.ExactKeys) -> logits [W, vocab] (the padding rows' too: the caller
     slices). Every call has these shapes, so one compiled graph (one set of kernels) serves plain
-    steps, chains and trees alike. Memoised like static_forward."""
-    cached = getattr(model, "_exact_forward", {})
-    key = (compile, model.features is not None)
-    if key not in cached:
+    steps, chains and trees alike. Compiled once per model (_compiled)."""
 
-        def forward(tokens, positions, slots, start, table, count):
-            hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count))
-            model.record_features(hidden, slots)  # the padding rows' go to scratch slots
-            return model.logits(hidden)
+    def forward(tokens, positions, slots, start, table, count):
+        hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count))
+        model.record_features(hidden, slots)  # the padding rows' go to scratch slots
+        return model.logits(hidden)
 
-        cached[key] = torch.compile(forward) if compile else forward
-        model._exact_forward = cached
-    return cached[key]
+    return _compiled(model, ("exact", model.features is not None), forward, compile)
 
 
 def static_feature_forward(draft: FeatureDraft, compile: bool):
     """The feature draft's forward: tokens [T], features [T, E], positions [T] -> (logits [T, V],
-    predicted features [T, E]); attends over the whole cache. Memoised like static_forward."""
-    cached = getattr(draft, "_static_forward", {})
-    if compile not in cached:
+    predicted features [T, E]); attends over the whole cache. Compiled once per draft (_compiled)."""
 
-        def forward(tokens, features, positions):
-            hidden = draft.feature_hidden(tokens, features, positions, kv_len=draft.max_seq_len)
-            return draft.logits(hidden), hidden
+    def forward(tokens, features, positions):
+        hidden = draft.feature_hidden(tokens, features, positions, kv_len=draft.max_seq_len)
+        return draft.logits(hidden), hidden
 
-        cached[compile] = torch.compile(forward) if compile else forward
-        draft._static_forward = cached
-    return cached[compile]
+    return _compiled(draft, ("features",), forward, compile)
 
 
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> "FusedStepper | None":
