@@ -45,7 +45,7 @@ from speculant.engine import generate
 from speculant.fused import fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
-from speculant.models.exact_attention import EXACT_WIDTH
+from speculant.models.exact_attention import check_exact_width
 from speculant.models.registry import LoadedModel, load_model
 from speculant.plan import DraftPlan
 from speculant.sampling import SamplingParams
@@ -434,9 +434,7 @@ def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) ->
     the longest γ) must fit."""
     if not fused:
         raise ValueError("bit-exact decoding runs the fused step: fused=False cannot be bit-exact")
-    if longest and 1 + longest * candidates + lookup > EXACT_WIDTH:
-        raise ValueError(f"bit-exact mode scores at most {EXACT_WIDTH} tokens per target forward: 1 + gamma {longest} × "
-                         f"{candidates} candidates + lookup {lookup} do not fit; lower --gamma, --candidates or --lookup")
+    check_exact_width(longest, candidates, lookup)
 
 
 def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:

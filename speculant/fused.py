@@ -62,7 +62,7 @@ from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.models.base import CausalLM
-from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, exact_keys, exact_layout
+from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, check_exact_width, exact_keys, exact_layout
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
@@ -326,10 +326,8 @@ class FusedStepper:
         this one is read, when all the tokens of both may be emitted, its γ is no longer than the
         window's and its tree fits."""
         n = len(context) - 1
-        if self.bit_exact and 1 + gamma * self.candidates + (self.lookup if gamma else 0) > EXACT_WIDTH:
-            raise ValueError(f"bit-exact mode scores at most {EXACT_WIDTH} tokens per target forward: 1 + γ {gamma} "
-                             f"× {self.candidates} candidates + lookup {self.lookup if gamma else 0} do not fit; "
-                             "lower --gamma, --candidates or --lookup")
+        if self.bit_exact:
+            check_exact_width(gamma, self.candidates, self.lookup)
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
             pending = None  # launched for a context the engine did not reach (a stop token ended the request)

@@ -50,6 +50,14 @@ class ExactKeys(NamedTuple):
     window: int = 0  # sliding-window layers: keys j > pos - window only (0: every key)
 
 
+def check_exact_width(gamma: int, candidates: int, lookup: int) -> None:
+    """ValueError unless a step's tree, 1 + γ·K nodes + the lookup branch's G, fits one bit-exact
+    forward of EXACT_WIDTH rows (γ 0, a plain step, has no lookup branch)."""
+    if gamma and 1 + gamma * candidates + lookup > EXACT_WIDTH:
+        raise ValueError(f"bit-exact mode scores at most {EXACT_WIDTH} tokens per target forward: 1 + gamma {gamma} × "
+                         f"{candidates} candidates + lookup {lookup} do not fit; lower --gamma, --candidates or --lookup")
+
+
 def exact_layout(depths: torch.Tensor, ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Host-side layout of a call of T <= EXACT_WIDTH tokens, padded to EXACT_WIDTH rows: depths [T]
     (the position offset of each token; a chain: 0..T-1) and, for a tree, ancestors [T, T] bool
