@@ -23,6 +23,7 @@ import shutil
 import struct
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,12 +194,9 @@ def convert_gguf(path: str | os.PathLike, *, name: str, sha256: str | None = Non
     path = Path(path)
     sha256 = sha256 or file_sha256(path)
     final = cache_root() / f"{sha256[:16]}-{slug(name)}"
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start = time.perf_counter()
     say(progress, f"converting {path.name} once (dequantizing to float32) into {final}")
-    try:
+    with _cache_folder(final) as tmp:
         gguf = GGUFFile(path)
         try:
             meta = gguf.metadata
@@ -231,12 +229,6 @@ def convert_gguf(path: str | os.PathLike, *, name: str, sha256: str | None = Non
             "conversion_seconds": round(time.perf_counter() - start, 2),
             "converted_with": {"transformers": transformers.__version__, "gguf": _version("gguf", gguf_package)},
         })
-        if final.exists():  # converted meanwhile by another process, or a stale format: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(progress, f"converted in {time.perf_counter() - start:.1f} s")
     return final
 
@@ -251,13 +243,10 @@ def gguf_tokenizer_folder(path: str | os.PathLike, *, name: str, sha256: str | N
     path = Path(path)
     sha256 = sha256 or file_sha256(path)
     final = cache_root() / "tokenizers" / f"gguf-{sha256[:16]}-{slug(name)}"
-    meta_file = final / "speculant.json"
-    if read_json(meta_file).get("source_sha256") == sha256 and read_json(meta_file).get("format") == CACHE_FORMAT:
+    kept = read_json(final / "speculant.json")
+    if kept.get("source_sha256") == sha256 and kept.get("format") == CACHE_FORMAT:
         return final
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _cache_folder(final) as tmp:
         gguf = GGUFFile(path)
         try:
             meta = gguf.metadata
@@ -268,13 +257,25 @@ def gguf_tokenizer_folder(path: str | os.PathLike, *, name: str, sha256: str | N
             "format": CACHE_FORMAT, "name": name, "source": str(path.resolve()), "source_sha256": sha256,
             "architecture": str(meta.get("general.architecture", "?")), "tokenizer_only": True,
             "vocab_fingerprint": vocab_fingerprint(backend)})
+    return final
+
+
+@contextmanager
+def _cache_folder(final: Path):
+    """Yields a fresh temporary folder beside `final`; on success it replaces `final` in one rename (a
+    folder there, written meanwhile by another process or in a stale format, is removed first), on any
+    error or interrupt it is deleted: a cache folder is always whole or absent."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return final
 
 
 def _write_tokenizer_files(folder: Path, path: Path, meta: dict, progress: bool):
