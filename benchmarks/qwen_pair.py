@@ -13,6 +13,8 @@ Rows (all on the same weights, prompts, seeds; tokens/s = new tokens / wall seco
     ours 0.5B tree              --candidates K (K candidates per draft position, one verify call)
     ours 0.5B + lookup          --lookup L (a prompt-lookup branch beside the chain)
     ours ngram                  prompt lookup alone (the cheapest single level)
+    ours 0.5B:int8 chain / tree the 0.5B served with int8 matrices (--draft NAME:int8) as the only draft
+    ours 1.5B int8 chain        the target's own int8 copy (--draft int8) as the draft
     ours 0.5B > CHEAP           the hierarchy: CHEAP (ngram, int8, layers:N of the 0.5B) drafts for the 0.5B
     hf eager                    transformers generate, eager attention
     hf assisted 0.5B            transformers assisted generation, the 0.5B as assistant_model
@@ -188,7 +190,10 @@ def main() -> None:
             ("ours 0.5B tree", [draft_spec], {"candidates": args.candidates}),
             ("ours 0.5B + lookup", [draft_spec], {"lookup": args.lookup}),
             ("ours 0.5B tree + lookup", [draft_spec], {"candidates": args.candidates, "lookup": args.lookup}),
-            ("ours ngram", ["ngram"], {})]
+            ("ours ngram", ["ngram"], {}),
+            ("ours 0.5B:int8 chain", [f"{draft_spec}:int8"], {}),
+            ("ours 0.5B:int8 tree", [f"{draft_spec}:int8"], {"candidates": args.candidates}),
+            ("ours 1.5B int8 chain", ["int8"], {})]
     ours += [(f"ours 0.5B > {cheap}", [draft_spec, cheap], {}) for cheap in filter(None, args.cheap.split(","))]
     results = []
 

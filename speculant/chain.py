@@ -27,6 +27,7 @@ from speculant.plan import DraftPlan
 from speculant.step import GenericStepper
 
 EMBEDDED_DRAFTS = Path(__file__).parent / "embedded"
+INT8_SUFFIX = ":int8"  # NAME:int8, a draft model whose matrices are served as int8
 
 
 def embedded_draft_folder(spec: str) -> Path | None:
@@ -172,6 +173,12 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
         if above.weights is None:
             raise ValueError(f"int8 needs a lean model to draft for; {above.name} runs on {_runtime(above)}")
         return LeanModel(int8_weights(above.weights), max_seq_len=above.model.max_seq_len)
+    if spec.endswith(INT8_SUFFIX):  # a draft model served with int8 matrices: NAME:int8
+        model = _level_model(spec[:-len(INT8_SUFFIX)], above, target)
+        if not isinstance(model, LoadedModel) or model.weights is None:
+            raise ValueError(f"bad spec {spec!r}: ':int8' follows a draft model that runs on the lean torch model "
+                             "(an embedded name, a GGUF file or an HF folder), e.g. qwen2.5-coder-0.5b:int8")
+        return LeanModel(int8_weights(model.weights), max_seq_len=model.model.max_seq_len)
     from speculant.models.feature_draft import is_draft_folder, load_draft
 
     folder = embedded_draft_folder(spec) or spec

@@ -103,6 +103,14 @@ def test_the_int8_copy_drafted_in_turn_keeps_greedy_output_and_is_close_to_the_t
     assert result["stats"]["alpha"] > 0.7
 
 
+def test_a_draft_model_served_in_int8_keeps_greedy_output(capsys):
+    # NAME:int8: a model draft (here the target's own file) with int8 matrices; its prompt goes through
+    # the float matrices (Int8Matrix.source), its drafting through the int8 ones
+    result = run_json(capsys, "--draft", "smollm2-135m:int8", "--compare", "--max-new-tokens", "24", PROMPTS[0])
+    assert result["identical"] is True
+    assert result["stats"]["alpha"] > 0.7  # close to the model it was made from
+
+
 def test_sampling_with_a_seed_is_reproducible_and_seeds_differ(capsys):
     args = ["--draft", "ngram", "--temperature", "1.0", "--top-p", "0.9", "--max-new-tokens", "16"]
     first = run_json(capsys, *args, "--seed", "1", PROMPTS[1])
@@ -141,6 +149,7 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "layers:99"], "layers:99 must be between 1 and 29"),
     (["--draft", "ngram", "--draft", "ngram"], "can only be the last --draft"),
     (["--draft", "ngram:x"], "bad n-gram spec"),
+    (["--draft", "ngram:int8"], "':int8' follows a draft model that runs on the lean torch model"),
     (["--draft", "default", "--draft", "ngram"], "reads the target's features"),
     (["--draft", "int8", "--draft", "int8", "--draft", "default"], "reads the target's features"),
     (["--draft", "layers:8", "--draft", "default"], "reads the target's features"),

@@ -234,7 +234,7 @@ def test_model_drafter_reset_empties_the_cache(weights):
 
 
 def test_int8_matrix_is_within_half_a_step_of_each_weight_and_multiplies_as_its_dequantized_float():
-    from speculant.models.transformer import Int8Matrix
+    from speculant.models.transformer import INT8_MAX_ROWS, Int8Matrix
 
     weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
     weight[3] *= 40.0  # a row with a far larger range gets its own, coarser step
@@ -244,9 +244,14 @@ def test_int8_matrix_is_within_half_a_step_of_each_weight_and_multiplies_as_its_
     # the step is rounded to bfloat16 (8 bits of mantissa): allow that on top of half a step
     assert ((dequantized - weight).abs() <= 0.5 * step + weight.abs() * 2**-8).all()
     assert matrix.q.dtype == torch.int8 and matrix.nbytes() == 48 * 64 + 2 * 48
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(INT8_MAX_ROWS, 64, generator=torch.Generator().manual_seed(1))
     expected = x.bfloat16().float() @ dequantized.T  # the kernel takes bfloat16 activations
     assert torch.allclose(matrix(x), expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(matrix(x), x @ weight.T, rtol=1e-4, atol=1e-4)  # it is the int8 product
+    # more rows (a prompt) multiply by the float matrix itself, which the copy holds by reference
+    many = torch.randn(INT8_MAX_ROWS + 1, 64, generator=torch.Generator().manual_seed(2))
+    assert matrix.source.data_ptr() == weight.data_ptr()
+    assert torch.equal(matrix(many), torch.nn.functional.linear(many, weight))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -265,9 +270,11 @@ def test_the_int8_copy_of_a_model_shares_its_embedding_and_predicts_what_it_pred
     overlap = torch.minimum(exact.softmax(-1), approx.softmax(-1)).sum(-1)
     assert overlap.min() > 0.9, overlap
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() >= 0.75
-    # and it is a model of its own: a second call from a rolled-back cache gives the same logits
+    # and it is a model of its own: a second call from a rolled-back cache gives the same logits (calls
+    # of at most INT8_MAX_ROWS tokens, which multiply by the int8 matrices; the prompt above did not)
+    decoded = copy.forward(tokens[4:], 4)
     copy.truncate(4)
-    assert torch.allclose(copy.forward(tokens[4:], 4), approx[4:], atol=1e-5)
+    assert torch.allclose(copy.forward(tokens[4:], 4), decoded, atol=1e-5)
 
 
 def test_int8_weights_refuses_weights_that_train():

@@ -39,20 +39,28 @@ def _models_of(spec) -> list:
     return models
 
 
-def _int8_bytes(module: torch.nn.Module, seen: set) -> int:
-    """Bytes of the Int8Matrix weights (the `int8` drafter's) a module holds: not parameters."""
+def _int8_bytes(module: torch.nn.Module, seen: set, param_storages: set[int]) -> int:
+    """Bytes of the Int8Matrix weights (the `int8` drafter's) a module holds, not parameters; each
+    one's float source (Int8Matrix.source) counts only where it is no parameter's storage (a model
+    loaded as NAME:int8 keeps its float matrices for prompts; `int8` shares the target's)."""
     from speculant.models.transformer import Int8Matrix
 
     total = 0
     for sub in module.modules():
         for value in vars(sub).values():
             for item in value if isinstance(value, tuple) else (value,):
-                if isinstance(item, Int8Matrix):
-                    for tensor in (item.q, item.scale):
-                        key = (tensor.data_ptr(), tensor.nbytes)
-                        if key not in seen:
-                            seen.add(key)
-                            total += tensor.nbytes
+                if not isinstance(item, Int8Matrix):
+                    continue
+                for tensor in (item.q, item.scale):
+                    key = (tensor.data_ptr(), tensor.nbytes)
+                    if key not in seen:
+                        seen.add(key)
+                        total += tensor.nbytes
+                storage = item.source.untyped_storage()
+                key = ("storage", storage.data_ptr())
+                if storage.data_ptr() not in param_storages and key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
     return total
 
 
@@ -65,12 +73,15 @@ def memory_of(spec, max_positions: int) -> dict:
     params = kv_alloc = kv_used = 0
 
     weights = getattr(spec.target, "weights", None)
+    modules = [weights] if isinstance(weights, torch.nn.Module) else []
+    modules += [v for model in _models_of(spec) for v in vars(model).values() if isinstance(v, torch.nn.Module)]
+    param_storages = {p.untyped_storage().data_ptr() for module in modules for p in module.parameters()}
     if isinstance(weights, torch.nn.Module):
         params += param_bytes(weights, seen)
     for model in _models_of(spec):
         for name, value in vars(model).items():
             if isinstance(value, torch.nn.Module):
-                params += param_bytes(value, seen) + _int8_bytes(value, seen)
+                params += param_bytes(value, seen) + _int8_bytes(value, seen, param_storages)
             elif isinstance(value, torch.Tensor) and "cache" in name:
                 key = (value.data_ptr(), value.nbytes)
                 if key in seen:

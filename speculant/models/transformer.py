@@ -11,9 +11,9 @@ cache of its own: no extra weight memory. `int8_weights` makes the self-drafter 
 model with its matrices held as int8 (a quarter of float32's bytes, so about half the time of a
 memory-bound decode step on a CPU), its norms and embedding shared.
 
-Frozen weights are served fused (q|k|v, gate|up: Block.fuse_projections) and on the CPU column-major
-(column_major). One row (forward) and several (forward_rows) run the same layer code (_layers), and so
-does bit-exact mode (exact_hidden_states: fixed-width calls, speculant.models.exact_attention).
+Frozen weights are served fused (q|k|v, gate|up: Block.fuse_projections) and, in float32 on the CPU,
+column-major (serves_column_major). One row (forward) and several (forward_rows) run the same layer
+code (_layers), and so does bit-exact mode (exact_hidden_states: fixed-width calls, speculant.models.exact_attention).
 
 Long because one model class holds every way its layers run (one row, a tree, several rows, bit-exact
 calls) over the one cache they share; the attention of bit-exact mode lives in its own module.
@@ -115,11 +115,11 @@ class Block(nn.Module):
     def fuse_projections(self) -> None:
         """Hold q|k|v and gate|up as one matrix each, the separate weights becoming views of it:
         one GEMM instead of three and one instead of two, so fewer kernels per token (on a GPU a
-        decode step is launch-bound). On the CPU every matrix is stored column-major (see
-        column_major). No extra memory. Only for frozen weights (serving)."""
+        decode step is launch-bound). Float32 matrices on the CPU are stored column-major (see
+        serves_column_major). No extra memory. Only for frozen weights (serving)."""
         if self.gate_up is not None:
             return
-        layout = column_major if self.q_proj.weight.device.type == "cpu" else (lambda w: w)
+        layout = column_major if serves_column_major(self.q_proj.weight) else (lambda w: w)
         qkv = layout(torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]))
         biases = [p.bias for p in (self.q_proj, self.k_proj, self.v_proj)]
         bias = torch.cat(biases) if biases[0] is not None else None
@@ -173,15 +173,32 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
+def serves_column_major(weight: torch.Tensor) -> bool:
+    """Whether frozen `weight` is served column-major: float32 on the CPU only. In bfloat16 torch's CPU
+    GEMM (oneDNN) multiplies 1 to 9 rows by the row-major matrix in about the time of one row where
+    the CPU has bfloat16 instructions, and faster than by the column-major one (benchmarks/cpu_layout.py)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+
+INT8_MAX_ROWS = 4  # calls of more rows (a prompt) multiply by the float matrix the int8 one was made from
+
+
 class Int8Matrix:
     """A frozen weight [out, in] held as int8 with one scale per output row: w ≈ q · scale, q =
     round(w / scale) in -127..127, scale = max |row| / 127 (symmetric, per channel). A quarter of
     float32's bytes. On a CPU with bfloat16 instructions torch's weight-only int8 kernel multiplies
     by it directly (it takes bfloat16 activations); elsewhere it is dequantized per call: the same
-    product up to rounding, but no faster than the float matrix."""
+    product up to rounding, but no faster than the float matrix.
+
+    That kernel is fast for a few rows (decoding: about 2.5× the bfloat16 GEMM at one row on this
+    repository's CPU) and slow for many (2.6× slower at 150: a prompt), so a call of more than
+    INT8_MAX_ROWS rows multiplies by `source`, the float matrix itself (a reference, not a copy: for
+    `--draft int8` the target's own weight). A draft's law may depend on how it was computed; the
+    acceptance rule uses the law it drafted with, so the output stays exact."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        weight = weight.detach().float()
+        self.source = weight.detach()  # [out, in], the model's own dtype and layout
+        weight = self.source.float()
         scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [out]
         self.q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # [out, in]
         self.scale = scale.to(torch.bfloat16)
@@ -189,6 +206,8 @@ class Int8Matrix:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> x · wᵀ [..., out] in x's dtype."""
+        if x.numel() > INT8_MAX_ROWS * x.shape[-1]:
+            return F.linear(x, self.source.to(x.dtype))
         if x.device.type == "cpu":
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
             out = torch._weight_int8pack_mm(flat, self.q, self.scale)
@@ -210,8 +229,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | Int8Matrix, bias: torch.Tenso
 @torch.no_grad()
 def int8_weights(weights: TransformerWeights) -> TransformerWeights:
     """An int8 copy of frozen `weights` (the drafter `int8`): every layer's matrices and the output
-    head become Int8Matrix; the embedding, the norms and any biases are the same tensors as in
-    `weights`, so the copy adds about a quarter of the matrices' float32 bytes."""
+    head become Int8Matrix; the embedding, the norms, any biases and the float matrices a prompt is
+    multiplied by (Int8Matrix.source) are the same tensors as in `weights`, so the copy adds about
+    a quarter of the matrices' float32 bytes."""
     if any(p.requires_grad for p in weights.parameters()):
         raise ValueError("int8_weights needs frozen weights (requires_grad_(False))")
     with torch.device("meta"):  # the skeleton only: every tensor it holds is replaced below
@@ -311,7 +331,7 @@ class LeanModel(PositionalCache):
         if not any(p.requires_grad for p in weights.parameters()):
             for layer in weights.layers:
                 layer.fuse_projections()
-            if self.device.type == "cpu" and isinstance(weights, TransformerWeights):  # not a distilled draft's
+            if serves_column_major(param) and isinstance(weights, TransformerWeights):  # not a distilled draft's
                 weights.store_head_column_major()
         self._length = 0
 
