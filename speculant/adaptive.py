@@ -61,6 +61,11 @@ first step asks for `initial_gamma`, to see the drafter at work at once.
 With a run-ahead stepper (speculant.fused, on CUDA) the engine chooses each step's γ together with the
 step before it, before that step is observed: the choices lag the evidence by one step, and `observe`
 is told which γ the observed step asked for.
+
+The batched engine's table lives here too: `BatchStepCosts`, the seconds of one batched step by batch
+bucket (rows rounded up to a power of two, `batch_bucket`) and Γ, measured the same way, once, through
+the batched engine's own step (speculant.calibrate), or `nominal_batch_costs`; speculant.batching's
+LoadGamma prices its steps by it.
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ MAX_CREDIT = 1.0  # most exploration budget that can be banked, in plain steps
 CHAIN_WEIGHT = 4.0  # how many steps a position's acceptance borrows from the position before
 STAY_ON_Z = 0.5  # hysteresis: standard errors of acceptance an "on" policy gives the drafter
 MAX_GAMMA = 12  # the longest draft `--gamma auto` considers
+BATCH_MAX_GAMMA = 8  # the longest draft batched `--gamma auto` considers (speculant.batching)
 CHAIN_COUNTS = ("offered", "proposed", "tested", "accepted")  # per chain position k
 LOOKUP_COUNTS = ("lookup_tested", "lookup_kept")  # per depth j
 
@@ -291,6 +297,76 @@ class AdaptiveGamma:
             for k, happened in events.items():
                 recent[k] = recent[k] * self.decay + happened[name]
                 long_run[k] = long_run[k] * self.long_decay + happened[name]
+
+
+# ---- the batched engine's table (speculant.batching.LoadGamma) ------------------------------------
+
+
+def batch_bucket(rows: int) -> int:
+    """The power of two >= rows: steps of similar batch sizes share a cost estimate."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """The buckets of batches of 1..max_batch rows: 1, 2, 4, ..., batch_bucket(max_batch)."""
+    return [1 << i for i in range(batch_bucket(max_batch).bit_length())]
+
+
+@dataclass(frozen=True)
+class BatchStepCosts:
+    """Seconds of one batched step (draft + verify) of B rows at Γ = 0..max_gamma (0: plain batched
+    decoding), by batch bucket: step[batch_bucket(B)][Γ], the buckets 1, 2, 4, ... up to the largest
+    batch. One table per machine, device, dtype, model pair and engine settings; `how` says where the
+    numbers came from: measured (speculant.calibrate), cached (read back) or nominal."""
+
+    step: dict[int, tuple[float, ...]]  # bucket -> [max_gamma + 1] seconds
+    how: str = "nominal"
+
+    def __post_init__(self) -> None:
+        step = self.step
+        buckets = sorted(step) if isinstance(step, dict) and all(type(b) is int and b > 0 for b in step) else []
+        if not buckets or buckets != batch_buckets(buckets[-1]):
+            raise ValueError(f"batched step costs must map the batch buckets 1, 2, 4, ... to costs, got {step!r:.120}")
+        rows = [tuple(step[b]) if isinstance(step[b], (list, tuple)) else () for b in buckets]
+        if len({len(costs) for costs in rows}) != 1 or len(rows[0]) < 2 or not all(
+                type(t) in (int, float) and math.isfinite(t) and t > 0 for costs in rows for t in costs):
+            raise ValueError("each batch bucket's step costs must be the same number (at least two) of positive "
+                             f"finite seconds, got {step!r:.120}")
+        object.__setattr__(self, "step", {b: tuple(float(t) for t in costs) for b, costs in zip(buckets, rows)})
+
+    @property
+    def max_gamma(self) -> int:
+        return len(self.step[1]) - 1
+
+    @property
+    def max_rows(self) -> int:
+        """The largest batch the table prices (its largest bucket)."""
+        return max(self.step)
+
+    def cost(self, rows: int, gamma: int) -> float:
+        """Seconds of a step of `rows` rows at Γ."""
+        bucket = batch_bucket(rows)
+        if bucket not in self.step:
+            raise ValueError(f"a step of {rows} rows is past the step-cost table (batches of up to {self.max_rows})")
+        return self.step[bucket][gamma]
+
+
+def nominal_batch_costs(max_batch: int, max_gamma: int = BATCH_MAX_GAMMA, device_type: str = "cpu",
+                        draft_cost: float = 0.1) -> BatchStepCosts:
+    """A fixed table, in plain steps of one row, for when no measured one can be kept
+    (speculant.calibrate): a step of B rows at Γ verifies B·(Γ + 1) positions, each beyond the first
+    costing 10 % of a plain step on a CPU, 1 % on a GPU, and drafts Γ positions for its rows, each
+    `draft_cost` plain steps (0 for prompt lookup) growing with the rows as verifying does. At one row
+    it is nominal_costs' table. Reproducible everywhere; a measured table fits a machine better.
+
+    >>> nominal_batch_costs(2, 1).step
+    {1: (1.0, 1.2), 2: (1.1, 1.41)}
+    """
+    per_node = 0.1 if device_type == "cpu" else 0.01
+    return BatchStepCosts({bucket: tuple(round(1.0 + per_node * (bucket * (gamma + 1) - 1)
+                                               + draft_cost * gamma * (1.0 + per_node * (bucket - 1)), 9)
+                                         for gamma in range(max_gamma + 1))
+                           for bucket in batch_buckets(max_batch)}, "nominal")
 
 
 def parse_gamma(text: str) -> int | str:

@@ -22,6 +22,7 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
     int8          the model it drafts for with int8 matrices (lean models): on a CPU about half its
                   time per token, close to its law; drafted in turn by a further --draft
     NAME|PATH     a model (embedded name, HF folder, GGUF file) or a distilled draft folder
+    NAME:int8     that model with int8 matrices (lean models): on a CPU about half its time per token
     default       the embedded distilled draft of the target if there is one, else ngram
 """
 
@@ -34,9 +35,17 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 
-from speculant.adaptive import MAX_GAMMA, AdaptiveGamma, StepCosts, nominal_costs
+from speculant.adaptive import (
+    BATCH_MAX_GAMMA,
+    MAX_GAMMA,
+    AdaptiveGamma,
+    BatchStepCosts,
+    StepCosts,
+    nominal_batch_costs,
+    nominal_costs,
+)
 from speculant.analysis import GenerationStats
-from speculant.calibrate import measure_costs, step_costs
+from speculant.calibrate import batch_step_costs, measure_batch_costs, measure_costs, step_costs
 from speculant.chain import backend_of, build_chain, embedded_draft_folder
 from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
@@ -95,6 +104,8 @@ class Speculant:
         # AdaptiveGamma's own settings for experiments (benchmarks/gpu_speed.py: half_life, max_gamma)
         self.step_costs: dict[bool, StepCosts] = {}
         self.auto_options: dict = {}
+        # batched --gamma auto: (max_batch, graphs) -> this machine's batched step costs (batch_step_costs)
+        self.batch_costs: dict[tuple[int, bool], BatchStepCosts] = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
             fused = target.model.device.type == "cuda" or bit_exact
@@ -366,10 +377,11 @@ class Speculant:
         return out
 
     def batch_engine(self, max_batch: int = 64, graphs: bool = False):
-        """A speculant.batching.BatchEngine over this target, draft and γ (`auto`: γ from measured
-        step cost at each batch size), for up to `max_batch` requests at once; `graphs`: the target's
-        forward as CUDA graphs per (batch bucket, T)."""
-        from speculant.batching import BatchEngine, LoadGamma
+        """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
+        at once; `graphs`: the target's forward as CUDA graphs per (batch bucket, T). `auto`: a fresh
+        LoadGamma over this machine's batched step costs (batch_step_costs), so that the same requests
+        give the same tokens on every engine."""
+        from speculant.batching import BatchEngine, LoadGamma, check_max_batch
 
         if self.bit_exact:
             raise ValueError("batched decoding is not bit-exact (its rows share each forward): run requests one by one")
@@ -377,12 +389,33 @@ class Speculant:
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
                              "(one level, one candidate, no lookup branch)")
-        gamma, policy = self.gamma, None
-        if self.gamma == "auto":
-            if getattr(self, "batch_policy", None) is None:
-                self.batch_policy = LoadGamma()  # kept across engines: the step costs measured for this pair
-            gamma, policy = "auto", self.batch_policy
-        return BatchEngine(self.target.model, rows, gamma=gamma, max_batch=max_batch, policy=policy, graphs=graphs)
+        check_max_batch(max_batch)
+        policy = LoadGamma(self.batch_step_costs(max_batch, graphs)) if self.gamma == "auto" else None
+        return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs)
+
+    def batch_step_costs(self, max_batch: int, graphs: bool) -> BatchStepCosts:
+        """This machine's batched step costs for the pair at `max_batch` rows: timed once through an
+        engine of the same settings (speculant.calibrate), then read from the cache."""
+        from speculant.batching import BatchEngine
+
+        if (max_batch, graphs) not in self.batch_costs:
+            model = self.target.model
+            key = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
+                   "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "dtype": str(getattr(model, "dtype", "")), "target": self.target.source_hash,
+                   "drafts": list(self.draft_specs), "max_batch": max_batch, "max_seq_len": model.max_seq_len,
+                   "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA}
+            fallback = nominal_batch_costs(max_batch, BATCH_MAX_GAMMA, model.device.type,
+                                           0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)
+
+            def measure() -> dict[int, tuple[float, ...]]:
+                engine = BatchEngine(model, self.drafter.rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
+                                     graphs=graphs)
+                return measure_batch_costs(engine, BATCH_MAX_GAMMA)
+
+            self.batch_costs[(max_batch, graphs)] = batch_step_costs(key, measure, fallback)
+        return self.batch_costs[(max_batch, graphs)]
 
 
 class BadRequest(ValueError):
@@ -481,7 +514,7 @@ def choose_backend(backend: str, *, target: str, drafts: Sequence[str], device: 
         if is_draft_folder(embedded_draft_folder(d) or d):
             problems.append(f"--draft {d} is a distilled feature draft: it reads the target's hidden states, which "
                             "llama.cpp does not give (use ngram, none, default or a model)")
-        elif d.startswith("layers:") or d == "int8":
+        elif d.startswith("layers:") or d == "int8" or d.endswith(":int8"):
             problems.append(f"--draft {d} needs the lean torch model (the llama.cpp backend runs whole GGUF models: "
                             "ngram, none, default or a model)")
     if candidates > 1 or lookup:

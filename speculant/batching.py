@@ -3,8 +3,8 @@
     add(request)      the request waits for a free row; when one is free it is prefilled alone
                       (its prompt into its own cache row) and joins the batch between two steps
     step()            rows 0..B-1 are the running requests, packed:
-                        γ        one Γ for the step (fixed, or `LoadGamma` from measured step cost at
-                                 this batch size), cut per row to what that row may still emit
+                        γ        one Γ for the step (fixed, or `LoadGamma` from a table of step costs
+                                 at this batch size), cut per row to what that row may still emit
                         draft    the row drafter drafts every row at once: one batched draft forward
                                  per draft position (n-gram: one lookup per row)
                         verify   ONE target forward over [B, Γ+1] tokens: row b holds its last
@@ -30,7 +30,8 @@ speculant.engine.generate with a CPU generator of the same seed, so the outputs 
 token; on CUDA generate draws on the device's generator, a different stream (same law). With a
 fixed γ that holds for every request; under `auto` the γ of a step depends on the batch (its size,
 the rows' acceptance), so a seeded request's tokens may differ alone and batched, while its law does
-not: γ is chosen before the draft exists, from past steps only, and every step is exact given γ.
+not: γ is chosen before the draft exists, from past steps only, and every step is exact given γ. No
+clock enters that choice, so the same requests, added the same way, give the same tokens on every run.
 
 The step over rows is the shape of the Stepper protocol (issue 17): `step()` maps (rows, Γ) to
 per-row tokens through three calls that take rows, not one request: RowDrafter.propose,
@@ -40,10 +41,14 @@ CUDA graph per (batch bucket, Γ + 1), rows padded to the bucket, replayed with 
 (`graphs=True`; on the CPU the same padded call runs eagerly, and the tests pin it to the eager one).
 
 γ under load (`LoadGamma`). A padded step costs what its longest row costs, so one Γ serves all rows
-(per-row lengths differ only where a row is near its end). The policy measures the time of a step of
-B rows (bucketed to powers of two) at each Γ and picks Γ maximising expected tokens per second,
-Σ_b E_b(Γ) / T(B, Γ), with E_b from each row's acceptance rate. As B grows the target forward turns
-compute bound, T(B, Γ) grows with Γ, and Γ shrinks, down to 0 = plain batched decoding.
+(per-row lengths differ only where a row is near its end). The policy prices a step of B rows at Γ
+by a fixed table, adaptive.BatchStepCosts (seconds by batch bucket, B rounded up to a power of two,
+and Γ), measured once per machine, model pair and engine settings through the engine's own step and
+kept in the cache (speculant.calibrate, through Speculant.batch_engine; an engine given no policy
+uses adaptive.nominal_batch_costs), and picks Γ maximising expected tokens per second, Σ_b E_b(Γ) /
+T(B, Γ), with E_b from each row's acceptance rate. As B grows the target forward turns compute bound,
+T(B, Γ) grows with Γ, and Γ shrinks, down to 0 = plain batched decoding. The step times the engine
+reads are statistics only (GenerationStats): how long a step took never changes a Γ.
 
 Scope. The target is a LeanModel. Row drafters exist for n-gram lookup (NgramDrafter.rows), a lean
 draft model (ModelDrafter.rows: a model, layers:N, a distilled draft) and the feature draft
@@ -54,7 +59,6 @@ prefilled one at a time, when they join.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +66,7 @@ from dataclasses import dataclass
 import torch
 
 from speculant.acceptance import residual_probs
+from speculant.adaptive import BatchStepCosts, batch_bucket, nominal_batch_costs
 from speculant.analysis import GenerationStats
 from speculant.drafters.base import RowDrafter, probs_by_row
 from speculant.engine import check_request
@@ -129,120 +134,87 @@ def verify_rows(
 # ---- γ under load -----------------------------------------------------------------------------------
 
 
-def batch_bucket(rows: int) -> int:
-    """The power of two >= rows: steps of similar batch sizes share a cost estimate."""
-    return 1 << max(rows - 1, 0).bit_length()
-
-
 class LoadGamma:
-    """Chooses the step's Γ from the measured time of a step of B rows at each Γ (draft + verify,
-    one estimate per (batch bucket, Γ), see Re-probing) and the
-    rows' acceptance rates: Γ* = argmax Σ_b E(Γ, α_b) / T(B, Γ), E(Γ, α) = 1 + α + ... + α^Γ.
+    """Chooses the step's Γ from a table of step costs T(B, Γ) (speculant.adaptive.BatchStepCosts) and
+    the rows' acceptance rates: Γ* = argmax over Γ = 0..max_gamma of Σ_b E(Γ, α_b) / T(B, Γ), E(Γ, α) = 1 + α
+    + ... + α^Γ. α_b is row b's accepted ÷ tested drafts, shrunk towards the pooled rate of all rows
+    with weight `prior_weight` tested tokens; the pooled rate starts at `prior_alpha` (with that
+    weight) and ages with half-life `half_life` steps that tested drafts.
 
-    A bucket's plain step (Γ = 0) is measured first, then Γ grows one at a time while it pays: the
-    candidates are 0..(largest Γ measured in the bucket) + 1, so a batch where speculation does not
-    pay tries Γ = 1 and 2 once, not Γ = 8. An unmeasured Γ is priced by extending the line through
-    the two longest drafts measured below it in its bucket (with one measured, or none, a slope of 5 %
-    of a plain step per draft token: optimism, so the next Γ gets tried when acceptance says it could
-    pay; plain is not on that line, as the first draft token also pays the drafter's fixed cost), and
-    never below what a smaller bucket measured at that Γ (more rows do not cost less). A step that
-    captured a CUDA graph, or whose drafter first caught up on tokens committed by plain steps, is
-    observed with timed=False: it teaches acceptance only, so a one-time cost does not price a Γ out
-    for good (a probe after plain steps takes two steps: the catch-up, then the timed one). α_b is row b's accepted ÷ tested drafts, shrunk towards the pooled rate of
-    all rows with weight `prior_weight` tested tokens.
+    Probes. A plain step tests no draft, so while Γ* = 0 the acceptance estimates stand still, and a
+    drafter whose acceptance rose (other requests, other text) would stay off for good. So after
+    `probe_every` plain steps in a row, and late enough that its priced loss (its time beyond what plain
+    steps take for the tokens it is expected to make) is at most `explore` of the plain steps' time
+    since the last probe, a step asks for the best Γ >= 1.
 
-    Re-probing. A Γ's estimate only changes when it runs, so one slow step (another job on the
-    machine, a first call of a shape) could price it out for good. So the neighbours of the best Γ
-    (Γ* ± 1) are run again when their estimate is older than `probe_every` steps of the bucket:
-    about one step in `probe_every` at a neighbouring length. An estimate follows a faster step at
-    once (interference only slows steps down) and a slower one with half-life `half_life`
-    observations (a cost that really grows, as attention does with the context)."""
+    No clock is read: Γ depends only on the batch size, the table and what the rows (and the steps
+    before them on this policy) drafted and kept."""
 
-    def __init__(self, max_gamma: int = 8, prior_alpha: float = 0.6, prior_weight: float = 8.0,
-                 half_life: float = 8.0, probe_every: int = 32) -> None:
-        if max_gamma < 1:
-            raise ValueError(f"max_gamma must be >= 1, got {max_gamma}")
+    def __init__(self, costs: BatchStepCosts, max_gamma: int | None = None, prior_alpha: float = 0.6,
+                 prior_weight: float = 8.0, half_life: float = 8.0, probe_every: int = 32,
+                 explore: float = 0.02) -> None:
+        if not isinstance(costs, BatchStepCosts):
+            raise ValueError(f"costs must be a BatchStepCosts table, got {type(costs).__name__}")  # noqa: TRY004
+        max_gamma = costs.max_gamma if max_gamma is None else max_gamma
+        if not 1 <= max_gamma <= costs.max_gamma:
+            raise ValueError(f"max_gamma must be in 1..{costs.max_gamma} (the step-cost table's), got {max_gamma}")
         if not 0.0 <= prior_alpha < 1.0:
             raise ValueError(f"prior_alpha must be in [0, 1), got {prior_alpha}")
+        if not 0.0 < explore < 1.0:
+            raise ValueError(f"explore must be in (0, 1), got {explore}")
+        self.costs = costs
         self.max_gamma = max_gamma
         self.prior_weight = prior_weight
         self.decay = 0.5 ** (1.0 / half_life)
-        self.probe_every = probe_every
-        self.step_time: dict[tuple[int, int], float] = {}  # (bucket, Γ) -> seconds per step
-        self.measured_at: dict[tuple[int, int], int] = {}  # (bucket, Γ) -> the bucket's step count then
-        self.bucket_steps: dict[int, int] = {}  # bucket -> steps chosen
+        self.probe_every = max(1, probe_every)
+        self.explore = explore
         self.pooled = [prior_alpha * prior_weight, prior_weight]  # accepted, tested (aged)
+        self.plain_run = 0  # plain steps chosen since the last step that drafted
 
     @property
     def pooled_alpha(self) -> float:
         return self.pooled[0] / self.pooled[1]
 
-    def cost(self, rows: int, gamma: int) -> float | None:
-        """Estimated seconds of a step of `rows` rows at Γ (None before the bucket's plain step)."""
-        bucket = batch_bucket(rows)
-        if (bucket, gamma) in self.step_time:
-            return self.step_time[(bucket, gamma)]
-        plain = self.step_time.get((bucket, 0))
-        if plain is None:
-            return None
-        drafting = sorted(g for (b, g) in self.step_time if b == bucket and 0 < g < gamma)
-        # per further draft token: the slope between the two longest drafts measured below Γ (the first
-        # draft token also pays the drafter's fixed cost, so plain is not on that line), at least 5 %
-        slope = 0.05 * plain
-        if len(drafting) >= 2:
-            top, second = drafting[-1], drafting[-2]
-            slope = max(slope, (self.step_time[(bucket, top)] - self.step_time[(bucket, second)]) / (top - second))
-        below = drafting[-1] if drafting else 0
-        price = self.step_time[(bucket, below)] + slope * (gamma - below)
-        return max([price] + [t for (b, g), t in self.step_time.items() if b < bucket and g == gamma])
+    def expected(self, rows: int, counts: list[tuple[int, int]]) -> tuple[list[float], list[float]]:
+        """(expected tokens, seconds) of a step of `rows` rows at Γ = 0..max_gamma; counts[b] =
+        (accepted, tested) draft tokens of row b so far."""
+        if rows < 1 or len(counts) != rows:
+            raise ValueError(f"a step needs (accepted, tested) counts for each of its rows: {rows} rows, "
+                             f"{len(counts)} counts")
+        pooled = self.pooled_alpha
+        alphas = [(a + self.prior_weight * pooled) / (t + self.prior_weight) for a, t in counts]
+        gammas = range(self.max_gamma + 1)
+        tokens = [sum((1 - a ** (gamma + 1)) / (1 - a) if a < 1 else gamma + 1.0 for a in alphas) for gamma in gammas]
+        return tokens, [self.costs.cost(rows, gamma) for gamma in gammas]
+
+    def best(self, rows: int, counts: list[tuple[int, int]]) -> int:
+        """The Γ of most expected tokens per second (the smallest of equals)."""
+        tokens, seconds = self.expected(rows, counts)
+        return max(range(self.max_gamma + 1), key=lambda gamma: tokens[gamma] / seconds[gamma])
 
     def choose(self, rows: int, counts: list[tuple[int, int]]) -> int:
-        """Γ for a step of `rows` rows; counts[b] = (accepted, tested) draft tokens of row b so far:
-        the best Γ, or a neighbour of it whose estimate is stale (see Re-probing)."""
-        bucket = batch_bucket(rows)
-        self.bucket_steps[bucket] = step = self.bucket_steps.get(bucket, 0) + 1
-        best = self.best(rows, counts)
-        if best is None:
-            return 0  # measure plain batched decoding at this size first
-        explored = max(g for (b, g) in self.step_time if b == bucket)
-        for gamma in (best + 1, best - 1):
-            if 0 <= gamma <= min(explored + 1, self.max_gamma) and \
-                    step - self.measured_at.get((bucket, gamma), -self.probe_every) >= self.probe_every:
-                return gamma
-        return best
+        """Γ for a step of `rows` rows (counts as for `expected`): the best, or a probe (see Probes)."""
+        tokens, seconds = self.expected(rows, counts)
+        rate = [t / s for t, s in zip(tokens, seconds)]
+        best = max(range(self.max_gamma + 1), key=rate.__getitem__)
+        if best:
+            self.plain_run = 0
+            return best
+        self.plain_run += 1
+        probe = max(range(1, self.max_gamma + 1), key=rate.__getitem__)
+        loss = seconds[probe] - tokens[probe] / tokens[0] * seconds[0]  # >= 0: plain is the best
+        if self.plain_run >= max(self.probe_every, loss / (self.explore * seconds[0])):
+            self.plain_run = 0
+            return probe
+        return 0
 
-    def best(self, rows: int, counts: list[tuple[int, int]]) -> int | None:
-        """argmax over Γ = 0..(largest measured in the bucket) + 1 of the expected tokens per second
-        (None before the bucket's plain step is measured)."""
-        if self.cost(rows, 0) is None:
-            return None
-        bucket = batch_bucket(rows)
-        explored = max(g for (b, g) in self.step_time if b == bucket)
-        alpha = self.pooled_alpha
-        alphas = [(a + self.prior_weight * alpha) / (t + self.prior_weight) for a, t in counts]
-        best, best_rate = 0, -1.0
-        for gamma in range(min(explored + 1, self.max_gamma) + 1):
-            tokens = sum((1 - a ** (gamma + 1)) / (1 - a) if a < 1 else gamma + 1.0 for a in alphas)
-            rate = tokens / self.cost(rows, gamma)
-            if rate > best_rate:
-                best, best_rate = gamma, rate
-        return best
-
-    def observe(self, rows: int, gamma: int, seconds: float, accepted: int, tested: int, timed: bool = True) -> None:
-        """A step of `rows` rows at Γ took `seconds` (draft + verify); its rows accepted `accepted` of
-        `tested` draft tokens (tokens after a row's first rejection are not tested). timed=False: its
-        time is not what such a step costs (it captured a graph)."""
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ValueError(f"a step's time must be a positive number of seconds, got {seconds}")
+    def observe(self, accepted: int, tested: int) -> None:
+        """A step's rows accepted `accepted` of `tested` draft tokens (tokens after a row's first
+        rejection are not tested). No time: costs come from the table."""
+        if not 0 <= accepted <= tested:
+            raise ValueError(f"accepted draft tokens must be in 0..tested ({tested}), got {accepted}")
         if tested:
             self.pooled = [self.decay * self.pooled[0] + accepted, self.decay * self.pooled[1] + tested]
-        if not timed:
-            return
-        key = (batch_bucket(rows), gamma)
-        old = self.step_time.get(key, seconds)
-        # other work on the machine only ever slows a step: a faster step is taken as it is
-        self.step_time[key] = seconds if seconds < old else self.decay * old + (1 - self.decay) * seconds
-        self.measured_at[key] = self.bucket_steps.get(key[0], 0)
 
 
 # ---- the target's forward as CUDA graphs ----------------------------------------------------------------
@@ -260,15 +232,13 @@ class RowGraphs:
         self.model, self.cache, self.capture = model, cache, capture
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
-        self.captured = False  # the last call built its graph
 
     def __call__(self, tokens: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
         """tokens [B, T] on the device -> logits [B, T, vocab] (forward_rows' first output)."""
         rows, width = tokens.shape
         check_fits(self.model, max(s + n for s, n in zip(starts, lengths) if n))
         bucket = min(batch_bucket(rows), self.cache.rows)
-        self.captured = (bucket, width) not in self.graphs
-        if self.captured:
+        if (bucket, width) not in self.graphs:
             self.graphs[(bucket, width)] = self._build(bucket, width)
         graph, static_tokens, meta, logits = self.graphs[(bucket, width)]
         static_tokens[:rows] = tokens
@@ -313,7 +283,11 @@ class _Row:
     stats: GenerationStats
     stop: frozenset[int]
     decode_start: float = 0.0
-    plain_steps: int = 0  # steps since this row last drafted: its drafter has that much to catch up
+
+
+def check_max_batch(max_batch) -> None:
+    if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+        raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
 
 
 class BatchEngine:
@@ -321,7 +295,8 @@ class BatchEngine:
 
     drafter_factory(max_rows, target_cache) -> RowDrafter (e.g. NgramDrafter().rows,
     ModelDrafter(draft).rows, FeatureDrafter(draft, target).rows), or None for plain decoding.
-    gamma: an int >= 0 (0: plain decoding) or "auto" (LoadGamma); max_batch: rows that run at once
+    gamma: an int >= 0 (0: plain decoding) or "auto" (`policy`, a LoadGamma over a table of step costs
+    covering max_batch rows; without one, over nominal_batch_costs); max_batch: rows that run at once
     (more requests wait their turn); graphs: the target's forward as CUDA graphs per (batch bucket,
     T) (RowGraphs; on the CPU the same padded static call, eager)."""
 
@@ -330,10 +305,13 @@ class BatchEngine:
                  graphs: bool = False) -> None:
         if not isinstance(target, LeanModel):
             raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        check_max_batch(max_batch)
         if gamma == "auto":
-            self.policy: LoadGamma | None = policy or LoadGamma()
+            self.policy: LoadGamma | None = policy or LoadGamma(
+                nominal_batch_costs(max_batch, device_type=target.device.type))
+            if self.policy.costs.max_rows < batch_bucket(max_batch):
+                raise ValueError(f"the policy's step-cost table covers batches of up to {self.policy.costs.max_rows} "
+                                 f"rows; the engine runs up to {max_batch}")
             self.gamma = self.policy.max_gamma
         elif isinstance(gamma, int) and not isinstance(gamma, bool) and gamma >= 0:
             self.policy, self.gamma = None, gamma
@@ -400,9 +378,14 @@ class BatchEngine:
                 self.pending.append(self._finish(row, "cancelled"))
                 return
 
-    def step(self) -> list[RowUpdate]:
+    def step(self, gamma: int | None = None) -> list[RowUpdate]:
         """Admit waiting requests, then one batched draft + one target forward over all running rows.
-        Returns one RowUpdate per running (or just finished) request; [] when idle."""
+        Returns one RowUpdate per running (or just finished) request; [] when idle. `gamma`: this
+        step's Γ (0..the engine's longest) instead of the engine's own; such a step teaches the policy
+        nothing (speculant.calibrate times each Γ through this very step)."""
+        if gamma is not None and not (type(gamma) is int and 0 <= gamma <= self.gamma):
+            raise ValueError(f"a step's gamma must be an integer in 0..{self.gamma} (the engine's longest), "
+                             f"got {gamma!r}")
         updates, self.pending = self.pending, []
         while self.waiting and len(self.rows) < self.max_batch:
             self._admit(self.waiting.pop(0), updates)
@@ -414,8 +397,9 @@ class BatchEngine:
             return updates
         rows = self.rows
         device = self.target.device
-        step_gamma = self.gamma
-        if self.policy is not None:
+        learning = self.policy is not None and gamma is None
+        step_gamma = self.gamma if gamma is None else gamma
+        if learning:
             step_gamma = self.policy.choose(len(rows), [(r.stats.accepted, r.stats.accepted + r.stats.rejections)
                                                         for r in rows])
         # never draft past what a row may still emit or store (as speculant.engine.generate)
@@ -423,12 +407,7 @@ class BatchEngine:
                              self.target.max_seq_len - len(r.context) - 1)) for r in rows]
         params = [r.request.params for r in rows]
 
-        # a draft after plain steps first feeds the drafter what they committed: a switching cost, not what
-        # a step at this Γ costs, so such a step teaches the policy acceptance only
-        catching_up = any(g and r.plain_steps for g, r in zip(gammas, rows))
-        for g, row in zip(gammas, rows):
-            row.plain_steps = 0 if g else row.plain_steps + 1
-        start = time.perf_counter()
+        start = time.perf_counter()  # step times are statistics (GenerationStats), never the policy's input
         draft_tokens, draft_probs, counts = None, None, [0] * len(rows)
         if self.drafter is not None and any(gammas):
             draft = self.drafter.propose([r.context for r in rows], gammas, params, [r.generator for r in rows])
@@ -480,11 +459,8 @@ class BatchEngine:
             if reason:
                 row.stats.finish_reason = reason
                 finished.append(b)
-        if self.policy is not None:
-            tested = sum(min(a + 1, n) for a, n in zip(num_accepted, counts))
-            captured = self.graphs is not None and self.graphs.captured
-            self.policy.observe(len(rows), step_gamma, draft_time + target_time, sum(num_accepted), tested,
-                                timed=not (captured or catching_up))
+        if learning:
+            self.policy.observe(sum(num_accepted), sum(min(a + 1, n) for a, n in zip(num_accepted, counts)))
         for b in reversed(finished):
             self._remove(b)
         return updates

@@ -1,5 +1,6 @@
 """The batched engine (speculant.batching): rows equal single requests, the exact law with batch > 1
-(and a neighbour-mixing control it must catch), joins / leaves / cancels, bad requests, γ under load."""
+(and a neighbour-mixing control it must catch), joins / leaves / cancels, bad requests, γ under load
+(LoadGamma over a table of step costs; its calibration and reproducibility: test_batch_calibrate.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from speculant.acceptance import verify
+from speculant.adaptive import BatchStepCosts, batch_buckets
 from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket, verify_rows
 from speculant.drafters.base import RowDraft
 from speculant.drafters.features import FeatureDrafter
@@ -406,21 +408,26 @@ def simulated_step_time(rows: int, gamma: int) -> float:
     return verify + gamma * 0.1 * (1.0 + 0.02 * rows)
 
 
+def simulated_costs(max_batch: int = 256, max_gamma: int = 8, step_time=simulated_step_time) -> BatchStepCosts:
+    """The table calibration would measure for `step_time` (a bucket's rows: the bucket)."""
+    return BatchStepCosts({b: tuple(step_time(b, g) for g in range(max_gamma + 1)) for b in batch_buckets(max_batch)})
+
+
 def settle(policy: LoadGamma, rows: int, alpha: float, steps: int = 60) -> list[int]:
-    """Run the policy at a fixed batch size on the simulated cost; rows accept at rate alpha (the
-    expected accepted count, deterministic). Returns the Γ chosen at each step (probes included)."""
+    """Run the policy at a fixed batch size; rows accept at rate alpha (the expected accepted count,
+    deterministic). Returns the Γ chosen at each step (probes included)."""
     chosen = []
     for _ in range(steps):
         gamma = policy.choose(rows, [(int(100 * alpha), 100)] * rows)
         accepted = rows * sum(alpha ** k for k in range(1, gamma + 1))
         tested = rows * sum(alpha ** (k - 1) for k in range(1, gamma + 1))
-        policy.observe(rows, gamma, simulated_step_time(rows, gamma), round(accepted), round(tested))
+        policy.observe(round(accepted), round(tested))
         chosen.append(gamma)
     return chosen
 
 
 def test_load_gamma_shrinks_gamma_as_the_batch_grows_down_to_plain_decoding():
-    policy = LoadGamma(max_gamma=8)
+    policy = LoadGamma(simulated_costs())
     settled = {}
     for rows in (1, 4, 16, 64, 256):
         settle(policy, rows, alpha=0.7)
@@ -435,17 +442,42 @@ def test_load_gamma_shrinks_gamma_as_the_batch_grows_down_to_plain_decoding():
 
 
 def test_load_gamma_turns_speculation_off_for_a_drafter_never_accepted():
-    policy = LoadGamma(probe_every=32)
+    policy = LoadGamma(simulated_costs(), probe_every=32)
     chosen = settle(policy, 1, alpha=0.0, steps=96)
     assert policy.best(1, [(0, 100)]) == 0 and chosen[-64:].count(0) >= 62  # a probe of Γ 1 every 32 steps
 
 
+def fixed_draft_cost(rows: int, gamma: int) -> float:
+    """A CPU-like cost of one row: the draft's fixed cost makes Γ = 1 lose to plain, long drafts win."""
+    return 1.0 + (0.6 if gamma else 0.0) + 0.05 * gamma
+
+
+def test_load_gamma_probes_while_off_and_turns_a_drafter_that_got_good_back_on():
+    """Plain steps test no draft: without probes a drafter switched off would stay off. After 100
+    steps of a useless drafter, a request whose drafts the target keeps (0.9) comes: a probe finds
+    it out within about two probe periods, and speculation is on for the rest of it."""
+    policy = LoadGamma(simulated_costs(1, step_time=fixed_draft_cost), probe_every=16)
+    settle(policy, 1, alpha=0.0, steps=100)
+    counts, chosen = (0, 0), []
+    for _ in range(80):
+        gamma = policy.choose(1, [counts])
+        accepted = round(sum(0.9 ** k for k in range(1, gamma + 1)))
+        tested = round(sum(0.9 ** (k - 1) for k in range(1, gamma + 1)))
+        counts = (counts[0] + accepted, counts[1] + tested)
+        policy.observe(accepted, tested)
+        chosen.append(gamma)
+    assert chosen[0] == 0, chosen  # the pooled rate says the drafter is useless
+    first = next(i for i, gamma in enumerate(chosen) if gamma)
+    assert first <= 64 and min(chosen[first + 4:]) >= 3, chosen
+
+
 def test_batch_buckets_are_powers_of_two():
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 16, 17, 64)] == [1, 2, 4, 4, 8, 16, 32, 64]
+    assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(64)[-1] == 64
 
 
 def test_auto_gamma_runs_the_engine_and_keeps_the_output_exact(llama, draft_weights):
-    """γ chosen by LoadGamma (from wall-clock times) never changes a greedy output."""
+    """γ chosen by LoadGamma (here over the nominal table) never changes a greedy output."""
     requests = [BatchRequest(p, GREEDY, 15) for p in PROMPTS]
     target, _, factory = pair("model", llama, draft_weights)
     auto = run_batch(BatchEngine(target, factory, gamma="auto"), requests)
@@ -464,35 +496,6 @@ def test_the_static_padded_forward_behind_cuda_graphs_gives_the_eager_tokens(kin
         engine = BatchEngine(target, factory, gamma=3, max_batch=4, graphs=graphs)
         outs.append(run_batch(engine, requests, joins={0: [0, 1, 2], 3: [3, 4]}))
     assert outs[0] == outs[1]
-
-
-def test_load_gamma_learns_only_acceptance_from_a_step_that_captured_a_graph():
-    policy = LoadGamma(max_gamma=4)
-    policy.observe(1, 0, 50.0, 0, 0, timed=False)  # a capture: 50 s, not what a plain step costs
-    assert policy.cost(1, 0) is None
-    policy.observe(1, 2, 50.0, 0, 2, timed=False)
-    assert policy.pooled_alpha < 0.6 and policy.cost(1, 2) is None
-    settle(policy, 1, alpha=0.7)
-    assert policy.best(1, [(70, 100)]) >= 3
-
-
-def test_load_gamma_reprobes_a_gamma_priced_out_by_one_slow_step():
-    """Γ 1's first step ran 20× slow (another job on the machine): it is run again within
-    probe_every steps, found fast, and speculation turns on."""
-    policy = LoadGamma(max_gamma=4, probe_every=16)
-    policy.observe(1, 0, simulated_step_time(1, 0), 0, 0)
-    policy.observe(1, 1, 20 * simulated_step_time(1, 1), 1, 1)
-    assert policy.best(1, [(70, 100)]) == 0
-    settle(policy, 1, alpha=0.7, steps=40)
-    assert policy.best(1, [(70, 100)]) >= 3
-
-
-def test_load_gamma_explores_upwards_one_gamma_at_a_time():
-    """Where speculation does not pay (a large batch) Γ = 1 and 2 are tried (the first draft token
-    also pays the drafter's fixed cost, so Γ = 1 alone cannot tell), never a long draft."""
-    policy = LoadGamma(max_gamma=8)
-    chosen = settle(policy, 256, alpha=0.7)
-    assert max(chosen) <= 2 and sum(g > 0 for g in chosen) <= 4 and policy.best(256, [(70, 100)] * 256) == 0
 
 
 def test_the_api_batch_engine_runs_the_speculants_target_draft_and_gamma(llama):
@@ -518,10 +521,9 @@ def test_the_api_batch_engine_runs_the_speculants_target_draft_and_gamma(llama):
 def test_load_gamma_finds_long_drafts_behind_a_fixed_drafting_cost():
     """The drafter's fixed cost makes Γ = 1 lose to plain while Γ = 3 wins (a CPU's shape): the
     policy does not stop at Γ = 1."""
-    policy = LoadGamma(max_gamma=8)
-    for _ in range(40):
-        gamma = policy.choose(1, [(60, 100)])
-        seconds = 1.0 + (0.6 if gamma else 0.0) + 0.05 * gamma
-        policy.observe(1, gamma, seconds, round(sum(0.6 ** k for k in range(1, gamma + 1))),
-                       round(sum(0.6 ** (k - 1) for k in range(1, gamma + 1))))
+    costs = simulated_costs(1, step_time=fixed_draft_cost)
+    rate = [sum(0.6 ** k for k in range(g + 1)) / costs.cost(1, g) for g in range(9)]
+    assert rate[1] < rate[0] < rate[3]
+    policy = LoadGamma(costs)
+    settle(policy, 1, alpha=0.6, steps=40)
     assert policy.best(1, [(60, 100)]) >= 3
