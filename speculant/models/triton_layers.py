@@ -1,0 +1,541 @@
+"""Fewer, fatter kernels for a decode step of the lean model (issue 22): Triton kernels of our own
+for T = 1..32 query rows of one request, and TritonForward, LeanModel.forward (a chain, Llama and
+Qwen2 layers) run over them.
+
+On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kernels per layer at
+~3 µs each inside a CUDA graph), so each kernel here does what several torch ops did:
+
+    norm_qkv_rope_cache   RMSNorm -> q|k|v GEMM (+ bias) -> rotary on q and k -> k, v into the cache
+    cache_attention       causal attention over the static cache, split over the keys (flash-decoding):
+                          one program per (KV head, chunk of keys) holding all G·T queries of the head
+      + its combine       merges the chunks' partial max / sum / accumulator per query
+    matmul_residual       attention output · o_projᵀ + residual
+    norm_gate_up_silu     RMSNorm -> gate|up GEMM -> silu(gate)·up
+    matmul_residual       · down_projᵀ + residual
+
+so **6 kernels per layer** (7 with `fuse_rope=False`: norm_matmul for q|k|v, then
+rope_qkv_cache_write), plus per forward the embedding gather and one norm_matmul for the final
+norm and the output head (float32 logits straight from the kernel): 6·L + 2 launches (forward_static,
+what a CUDA graph captures; eagerly one more, the positions' arange). The GEMMs
+compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
+(the scale is per row, so it factors out); the T rows are padded to 16 (tl.dot's smallest tile) by
+masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices column-major.
+
+Numerics: float32 accumulation and float32 softmax throughout; where torch rounds an intermediate
+to the model's dtype (the normed activations, each GEMM's output before the residual add, the
+scores before softmax) these kernels mostly keep float32, so in bfloat16 they agree with
+LeanModel.forward to a few bf16 ulps, not bit for bit. In float32 they agree to ~1e-5.
+
+`triton` is imported only when a kernel first runs, so importing this module needs neither triton
+nor a GPU; on CPU tensors the kernels run under TRITON_INTERPRET=1 (the tests). The interpreter
+(triton 3.9) multiplies bfloat16 tiles in tl.dot as their raw bits, so on the CPU every tl.dot
+upcasts its operands to float32 first (the same products: bf16 -> f32 is exact); on a GPU bf16
+tiles go to the tensor cores as they are, float32 ones with input_precision="ieee" (no tf32). The
+interpreter also truncates float32 -> bfloat16 where a GPU rounds to nearest even (the tests patch
+it to round); and it never compiles, so tests/test_triton_layers.py also compiles every kernel
+TritonForward launches for sm_90 (no GPU needed).
+
+Shapes: T query rows, E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim, S'
+cache slots, K a GEMM's inner size, N its output size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer prompt in pieces of this many
+MIN_DOT = 16  # tl.dot's smallest tile side in older triton (3.9 compiles 8 as well)
+GEMM_PROGRAMS = 64  # what _block_n aims for
+_KERNELS: dict = {}
+
+
+def _pow2(n: int, least: int = MIN_DOT) -> int:
+    return max(least, 1 << max(0, int(n) - 1).bit_length())
+
+
+def _block_n(n: int, block_n: int | None) -> int:
+    """Output columns per GEMM program: as asked, else enough programs (about GEMM_PROGRAMS) to spread a
+    skinny, bandwidth-bound GEMM over the GPU (SmolLM2's o_proj and down_proj, N = 576: 16 columns, 36
+    programs), at most 64."""
+    if block_n is None:
+        block_n = min(64, _pow2(n // GEMM_PROGRAMS))
+    return _pow2(block_n)
+
+
+def _f32_dots(*tensors: torch.Tensor) -> bool:
+    """Whether tl.dot runs in float32: float32 data, or the interpreter (see the module docstring)."""
+    return any(t.dtype == torch.float32 or t.device.type == "cpu" for t in tensors)
+
+
+def _check_rows(x: torch.Tensor) -> int:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
+        raise ValueError(f"expected [T, features] with 1 <= T <= {MAX_ROWS}, got {tuple(x.shape)}")
+    return x.shape[0]
+
+
+def _kernels():
+    """All kernels, defined on first use (triton is imported only then)."""
+    if _KERNELS:
+        return _KERNELS
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _dot(a, b, acc, F32: tl.constexpr):
+        if F32:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a, b, acc)
+        return out
+
+    @triton.jit
+    def _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM: tl.constexpr, UNIT: tl.constexpr):
+        """x[rows, ks] · g[ks] in float32 [BLOCK_T, BLOCK_K] and Σ x² over the tile per row."""
+        x = tl.load(x_ptr + rows[:, None] * sx_t + ks[None, :] * sx_k,
+                    mask=(rows[:, None] < T) & (ks[None, :] < K), other=0.0).to(tl.float32)
+        sq = tl.sum(x * x, axis=1)
+        if NORM:
+            g = tl.load(g_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+            if UNIT:
+                g = g + 1.0
+            x = x * g[None, :]
+        return x, sq
+
+    @triton.jit
+    def _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k):
+        """W[cols, ks]ᵀ: [BLOCK_K, BLOCK_N], zeros outside."""
+        return tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_n,
+                       mask=(ks[:, None] < K) & cols_ok[None, :], other=0.0)
+
+    # a kernel finds the helpers it calls among its module's globals
+    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile)
+
+    @triton.jit
+    def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
+                           sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[:, block] = (RMSNorm(x) or x) · W[block]ᵀ (+ bias) (+ residual), all T rows."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = cols < N
+        rows = tl.arange(0, BLOCK_T)
+        acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
+            ss += sq
+            acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+        if NORM:
+            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        out_mask = (rows[:, None] < T) & cols_ok[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + rows[:, None] * sr_t + cols[None, :] * sr_n, mask=out_mask,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+    @triton.jit
+    def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
+                                 UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[:, block] = silu(h · W[block]ᵀ) · (h · W[N + block]ᵀ), h = RMSNorm(x); W = [gate; up]."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = cols < N
+        rows = tl.arange(0, BLOCK_T)
+        gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
+            ss += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            gate = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), gate, F32)
+            up = _dot(x, _w_tile(w_ptr, cols + N, cols_ok, ks, K, sw_n, sw_k), up, F32)
+        scale = tl.rsqrt(ss / K + eps)[:, None]
+        gate = gate * scale
+        up = up * scale
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < T) & cols_ok[None, :])
+
+    @triton.jit
+    def _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d,
+                    ss_t, ss_d, q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
+                    H, KV, HALF, BY_POSITION: tl.constexpr):
+        """Head p's halves lo, hi [BLOCK_T, HALF_PAD] (float32): rotary on q and k heads (p < H + KV),
+        then q into q_ptr[t, p], k and v into the caches at slots[t]."""
+        row_ok = rows < T
+        mask = row_ok[:, None] & half_ok[None, :]
+        if p < H + KV:
+            if BY_POSITION:
+                at = tl.load(pos_ptr + rows, mask=row_ok, other=0)
+            else:
+                at = rows
+            at = at[:, None]
+            cos_lo = tl.load(cos_ptr + at * sc_t + halves[None, :] * sc_d, mask=mask, other=0.0)
+            cos_hi = tl.load(cos_ptr + at * sc_t + (halves[None, :] + HALF) * sc_d, mask=mask, other=0.0)
+            sin_lo = tl.load(sin_ptr + at * ss_t + halves[None, :] * ss_d, mask=mask, other=0.0)
+            sin_hi = tl.load(sin_ptr + at * ss_t + (halves[None, :] + HALF) * ss_d, mask=mask, other=0.0)
+            lo, hi = lo * cos_lo.to(tl.float32) - hi * sin_lo.to(tl.float32), \
+                hi * cos_hi.to(tl.float32) + lo * sin_hi.to(tl.float32)
+        if p < H:
+            base = q_ptr + rows[:, None] * sq_t + p * sq_h
+            tl.store(base + halves[None, :] * sq_d, lo.to(q_ptr.dtype.element_ty), mask=mask)
+            tl.store(base + (halves[None, :] + HALF) * sq_d, hi.to(q_ptr.dtype.element_ty), mask=mask)
+        else:
+            slot = tl.load(slot_ptr + rows, mask=row_ok, other=0)[:, None]
+            if p < H + KV:
+                base = k_ptr + slot * sk_s + (p - H) * sk_h
+                tl.store(base + halves[None, :] * sk_d, lo.to(k_ptr.dtype.element_ty), mask=mask)
+                tl.store(base + (halves[None, :] + HALF) * sk_d, hi.to(k_ptr.dtype.element_ty), mask=mask)
+            else:
+                base = v_ptr + slot * sv_s + (p - H - KV) * sv_h
+                tl.store(base + halves[None, :] * sv_d, lo.to(v_ptr.dtype.element_ty), mask=mask)
+                tl.store(base + (halves[None, :] + HALF) * sv_d, hi.to(v_ptr.dtype.element_ty), mask=mask)
+
+    globals()["_rope_store"] = _rope_store
+
+    @triton.jit
+    def rope_qkv_cache_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H, KV,
+                                    HALF, s_t, s_n, sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d,
+                                    sv_s, sv_h, sv_d, BY_POSITION: tl.constexpr, BLOCK_T: tl.constexpr,
+                                    HALF_PAD: tl.constexpr):
+        """Program p: head p of q|k|v (q heads, then k, then v) for all T rows."""
+        p = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_T)
+        halves = tl.arange(0, HALF_PAD)
+        half_ok = halves < HALF
+        mask = (rows[:, None] < T) & half_ok[None, :]
+        base = qkv_ptr + rows[:, None] * s_t + (p * 2 * HALF + halves[None, :]) * s_n
+        lo = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(base + HALF * s_n, mask=mask, other=0.0).to(tl.float32)
+        _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+                    q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF, BY_POSITION)
+
+    @triton.jit
+    def norm_qkv_rope_cache_kernel(x_ptr, g_ptr, w_ptr, b_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
+                                   v_ptr, T, K, H, KV, HALF, sx_t, sx_k, sw_n, sw_k, sc_t, sc_d, ss_t, ss_d,
+                                   sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
+                                   HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                                   HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program p: head p of RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) as its two halves (two accumulators,
+        so that rotary is elementwise), rounded to the model's dtype as the q|k|v GEMM's output is,
+        then _rope_store."""
+        p = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_T)
+        halves = tl.arange(0, HALF_PAD)
+        half_ok = halves < HALF
+        cols_lo = p * 2 * HALF + halves
+        lo = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
+        hi = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, False)
+            ss += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            lo = _dot(x, _w_tile(w_ptr, cols_lo, half_ok, ks, K, sw_n, sw_k), lo, F32)
+            hi = _dot(x, _w_tile(w_ptr, cols_lo + HALF, half_ok, ks, K, sw_n, sw_k), hi, F32)
+        scale = tl.rsqrt(ss / K + eps)[:, None]
+        lo = lo * scale
+        hi = hi * scale
+        if HAS_BIAS:
+            lo += tl.load(b_ptr + cols_lo, mask=half_ok, other=0.0).to(tl.float32)[None, :]
+            hi += tl.load(b_ptr + cols_lo + HALF, mask=half_ok, other=0.0).to(tl.float32)[None, :]
+        lo = lo.to(w_ptr.dtype.element_ty).to(tl.float32)
+        hi = hi.to(w_ptr.dtype.element_ty).to(tl.float32)
+        _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
+                    q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF, True)
+
+    @triton.jit
+    def attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, T, kv_len, scale,
+                               sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, chunks,
+                               G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
+                               BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F32: tl.constexpr):
+        """Program (kv, c): the G·T queries of KV head kv (row r: query t = r // G, head kv·G + r % G)
+        over keys c·CHUNK .. (c+1)·CHUNK - 1 (those <= the query's position), an online softmax in
+        float32 -> partial max m, sum l and accumulator acc, stored at [kv, c, r(, d)]."""
+        kv = tl.program_id(0)
+        c = tl.program_id(1)
+        rs = tl.arange(0, BLOCK_R)
+        ds = tl.arange(0, D_PAD)
+        t = rs // G
+        row_ok = rs < G * T
+        pos = tl.load(pos_ptr + t, mask=row_ok, other=-1)
+        q = tl.load(q_ptr + t[:, None] * sq_t + (kv * G + rs % G)[:, None] * sq_h + ds[None, :] * sq_d,
+                    mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
+        first = c * CHUNK
+        stop = tl.minimum(tl.minimum(first + CHUNK, kv_len), tl.max(pos) + 1)  # empty past the last query
+        for j0 in range(first, stop, BLOCK_N):
+            js = j0 + tl.arange(0, BLOCK_N)
+            key_mask = (js[:, None] < stop) & (ds[None, :] < D)
+            k = tl.load(k_ptr + js[:, None] * sk_s + kv * sk_h + ds[None, :] * sk_d, mask=key_mask, other=0.0)
+            v = tl.load(v_ptr + js[:, None] * sv_s + kv * sv_h + ds[None, :] * sv_d, mask=key_mask, other=0.0)
+            scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), F32) * scale
+            scores = tl.where((js[None, :] <= pos[:, None]) & (js[None, :] < stop), scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))
+            base = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no key yet: no -inf - -inf
+            alpha = tl.exp(m - base)
+            p = tl.exp(scores - base[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = _dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None], F32)
+            m = m_new
+        at = (kv * chunks + c) * G * T + rs
+        live = row_ok & (rs * 0 + first <= tl.max(pos))  # no query reads a chunk past its position: nothing to store
+        tl.store(m_ptr + at, m, mask=live)
+        tl.store(l_ptr + at, total, mask=live)
+        tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
+
+    @triton.jit
+    def attention_combine_kernel(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, chunks, so_t, so_h, so_d,
+                                 G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr):
+        """Program (t, h): query t, head h: merges the chunks up to the one holding its position."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        kv = h // G
+        r = t * G + h % G
+        ds = tl.arange(0, D_PAD)
+        d_ok = ds < D
+        last = tl.load(pos_ptr + t) // CHUNK
+        m = tl.full([D_PAD], float("-inf"), tl.float32)  # the chunk's scalars, held across D
+        total = tl.zeros([D_PAD], tl.float32)
+        acc = tl.zeros([D_PAD], tl.float32)
+        for c in range(last + 1):  # chunk 0 holds key 0, which every query sees: m is finite after it
+            at = (kv * chunks + c) * G * T + r
+            m_c = tl.load(m_ptr + at + ds * 0)
+            m_new = tl.maximum(m, m_c)
+            alpha = tl.exp(m - m_new)
+            beta = tl.exp(m_c - m_new)
+            total = total * alpha + tl.load(l_ptr + at + ds * 0) * beta
+            acc = acc * alpha + tl.load(acc_ptr + at * D + ds, mask=d_ok, other=0.0) * beta
+            m = m_new
+        tl.store(out_ptr + t * so_t + h * so_h + ds * so_d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    _KERNELS.update(norm_matmul=norm_matmul_kernel, gate_up=norm_gate_up_silu_kernel,
+                    rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
+                    attention=attention_chunk_kernel, combine=attention_combine_kernel)
+    return _KERNELS
+
+
+# ---- the kernels' callers --------------------------------------------------------------------------
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+            out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
+            block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    t = _check_rows(x)
+    n, k = weight.shape
+    if x.shape[1] != k:
+        raise ValueError(f"x has {x.shape[1]} features, the weight [{n}, {k}] takes {k}")
+    if out is None:
+        out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
+    res = residual if residual is not None else out
+    block_n = _block_n(n, block_n)
+    dummy = weight  # an unused pointer argument (the constexpr flags drop its loads)
+    _kernels()["norm_matmul"][(-(-n // block_n),)](
+        x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy, res, out,
+        t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
+        out.stride(0), out.stride(1), float(eps), NORM=norm_weight is not None, UNIT=bool(unit_offset),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=_pow2(t),
+        BLOCK_N=block_n, BLOCK_K=_pow2(block_k), num_warps=num_warps)
+    return out
+
+
+def norm_matmul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, unit_offset: bool = False, out_dtype: torch.dtype | None = None,
+                **blocks) -> torch.Tensor:
+    """RMSNorm(x) · weightᵀ (+ bias) in one kernel: x [T, K], norm_weight [K] (unit_offset: Gemma's
+    (1 + w)), weight [N, K] (any strides), bias [N] -> [T, N] in out_dtype (default x's)."""
+    return _linear(x, weight, norm_weight=norm_weight, eps=eps, unit_offset=unit_offset, bias=bias,
+                   out_dtype=out_dtype, **blocks)
+
+
+def matmul_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, out: torch.Tensor | None = None,
+                    **blocks) -> torch.Tensor:
+    """x [T, K] · weight [N, K]ᵀ + residual [T, N] in one kernel (o_proj's and down_proj's epilogue);
+    `out` may be `residual` itself (each program reads its block of it before writing it)."""
+    return _linear(x, weight, residual=residual, out=out, **blocks)
+
+
+def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
+                      unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
+                      num_warps: int = 4) -> torch.Tensor:
+    """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
+    (gate rows, then up rows) -> [T, I] in x's dtype."""
+    t = _check_rows(x)
+    n2, k = gate_up_weight.shape
+    n = n2 // 2
+    out = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    block_n = _block_n(n, block_n)
+    _kernels()["gate_up"][(-(-n // block_n),)](
+        x, norm_weight, gate_up_weight, out, t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0),
+        gate_up_weight.stride(1), out.stride(0), out.stride(1), float(eps), UNIT=bool(unit_offset),
+        F32=_f32_dots(x, gate_up_weight), BLOCK_T=_pow2(t), BLOCK_N=block_n, BLOCK_K=_pow2(block_k),
+        num_warps=num_warps)
+    return out
+
+
+def _rope_args(cos, sin, q, k_cache, v_cache):
+    return (cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1), q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+            v_cache.stride(2))
+
+
+def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                         positions: torch.Tensor | None = None, num_warps: int = 1) -> torch.Tensor:
+    """One kernel: qkv [T, (H + 2·KV)·D] -> q [T, H, D] with rotary (Hugging Face rotate_half layout,
+    float32 math, rounded to qkv's dtype) on q and k; the rotated k and v written into k_cache,
+    v_cache [S', KV, D] at `slots` [T]. cos, sin: [T, D] per row, or with `positions` [T] the tables
+    [S, D] (LeanModel.rope_global[0], [1]) read at positions[t]."""
+    t = _check_rows(qkv)
+    if qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"qkv [T, {qkv.shape[1]}] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
+    q = torch.empty(t, heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    half = head_dim // 2
+    _kernels()["rope"][(heads + 2 * kv_heads,)](
+        qkv, positions if positions is not None else slots, slots, cos, sin, q, k_cache, v_cache, t, heads, kv_heads,
+        half, qkv.stride(0), qkv.stride(1), *_rope_args(cos, sin, q, k_cache, v_cache),
+        BY_POSITION=positions is not None, BLOCK_T=_pow2(t, 1), HALF_PAD=_pow2(half, 1), num_warps=num_warps)
+    return q
+
+
+def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, heads: int,
+                        kv_heads: int, head_dim: int, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+    """norm_matmul then rope_qkv_cache_write as ONE kernel (one program per head, its two halves in two
+    accumulators): x [T, E], weight [(H + 2·KV)·D, E] (q|k|v), cos, sin tables [S, D] read at
+    positions [T] -> q [T, H, D]; k, v written into the caches at slots [T]."""
+    t = _check_rows(x)
+    if weight.shape[0] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"weight [{weight.shape[0]}, K] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
+    q = torch.empty(t, heads, head_dim, dtype=x.dtype, device=x.device)
+    half = head_dim // 2
+    _kernels()["qkv_rope"][(heads + 2 * kv_heads,)](
+        x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache, v_cache,
+        t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        *_rope_args(cos, sin, q, k_cache, v_cache), float(eps), HAS_BIAS=bias is not None,
+        F32=_f32_dots(x, weight), BLOCK_T=_pow2(t), HALF_PAD=_pow2(half), BLOCK_K=_pow2(block_k),
+        num_warps=num_warps)
+    return q
+
+
+def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
+                    positions: torch.Tensor, scale: float, chunk: int = 64, block_n: int = 64,
+                    out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Causal grouped-query attention of q [T, H, D] (query t at positions[t], reading keys at slots
+    0..positions[t], all < kv_len) over k_cache, v_cache [S', KV, D] -> [T, H, D] in q's dtype; query
+    head h reads key head h // G. Two kernels: the keys split into chunks of `chunk` (one program per
+    (KV head, chunk)), then the combine. kv_len only bounds the chunks launched (a CUDA graph passes
+    the cache's length): chunks past the last position return at once."""
+    t, h, d = q.shape
+    if not 1 <= t <= MAX_ROWS:
+        raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
+    kv = k_cache.shape[1]
+    if h % kv or k_cache.shape[2] != d:
+        raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    g = h // kv
+    block_r = _pow2(g * t)
+    if num_warps is None:  # a [128, D] accumulator and [128, block_n] scores: spread over 8 warps
+        num_warps = 8 if block_r >= 128 else 4
+    block_n = min(_pow2(block_n), _pow2(chunk))
+    chunk = -(-chunk // block_n) * block_n  # a whole number of key blocks
+    chunks = max(1, -(-kv_len // chunk))
+    m = torch.empty(kv, chunks, g * t, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(m)
+    acc = torch.empty(kv, chunks, g * t, d, dtype=torch.float32, device=q.device)
+    kernels = _kernels()
+    kernels["attention"][(kv, chunks)](
+        q, k_cache, v_cache, positions, m, total, acc, t, kv_len, float(scale), q.stride(0), q.stride(1),
+        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), chunks, G=g, D=d, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d),
+        F32=_f32_dots(q, k_cache), num_warps=num_warps)
+    if out is None:
+        out = torch.empty_like(q)
+    kernels["combine"][(t, h)](positions, m, total, acc, out, t, chunks, out.stride(0), out.stride(1),
+                               out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), num_warps=1)
+    return out
+
+
+# ---- a forward over them ----------------------------------------------------------------------------
+
+
+class TritonForward:
+    """LeanModel.forward(tokens, start_pos) for a chain (no tree), Llama and Qwen2 layers, run over the
+    kernels above with the model's own weights and KV cache: the cache is written where
+    LeanModel.forward writes it, the model's length moves the same way, logits come back float32
+    [T, vocab]. `fuse_rope=False` runs norm_matmul + rope_qkv_cache_write instead of
+    norm_qkv_rope_cache (7 kernels per layer instead of 6). A prompt of more than MAX_ROWS tokens runs
+    in pieces of MAX_ROWS (the same function: each piece is causal over the cache)."""
+
+    def __init__(self, model, chunk: int = 64, fuse_rope: bool = True) -> None:
+        cfg = model.cfg
+        if cfg.arch != "llama":
+            raise ValueError(f"TritonForward runs Llama and Qwen2 layers only, not {cfg.arch!r}")
+        if cfg.sliding_window or any(cfg.is_sliding(i) for i in range(model.num_layers)):
+            raise ValueError("TritonForward has no sliding-window attention")
+        if model.embed_scale != 1.0:
+            raise ValueError("TritonForward does not scale embeddings")
+        layers = model.weights.layers[: model.num_layers]
+        if any(layer.qkv is None or not isinstance(layer.qkv[0], torch.Tensor) for layer in layers) or \
+                not isinstance(model.weights.head(), torch.Tensor):
+            raise ValueError("TritonForward needs frozen float weights (LeanModel fuses q|k|v and gate|up for those; "
+                             "no int8 copies)")
+        self.model, self.chunk, self.fuse_rope = model, chunk, fuse_rope
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [T] at positions start_pos.. -> logits [T, vocab] float32, as LeanModel.forward."""
+        if ancestors is not None:
+            raise ValueError("TritonForward runs chains only: no tree (ancestors)")
+        model = self.model
+        end = model._write_range(start_pos, tokens.shape[0])
+        tokens = tokens.to(model.device)
+        pieces = []
+        for first in range(0, tokens.shape[0], MAX_ROWS):
+            piece = tokens[first: first + MAX_ROWS]
+            begin, stop = start_pos + first, start_pos + first + piece.shape[0]
+            positions = torch.arange(begin, stop, device=model.device)
+            pieces.append(self.forward_static(piece, positions, kv_len=stop))
+        model._length = end
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    __call__ = forward
+
+    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """tokens [T], positions [T] (device tensors, T <= MAX_ROWS, slot = position) -> logits [T, vocab]
+        float32; no host synchronisation and fixed shapes (kv_len defaults to the cache's length), so a
+        CUDA graph can capture it. Leaves the model's length alone (see PositionalCache.set_length)."""
+        model, cfg = self.model, self.model.cfg
+        heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        kv_len = model.max_seq_len if kv_len is None else kv_len
+        cos, sin = model.rope_global[0], model.rope_global[1]
+        x = model.embed(tokens)  # [T, E]: the residual stream, updated in place below
+        t = x.shape[0]
+        for i in range(model.num_layers):
+            layer = model.weights.layers[i]
+            (w_qkv, b_qkv), norm1 = layer.qkv, layer.input_layernorm
+            k_cache, v_cache = model.k_cache[i], model.v_cache[i]
+            if self.fuse_rope:
+                q = norm_qkv_rope_cache(x, norm1.weight, norm1.eps, w_qkv, b_qkv, cos, sin, positions,
+                                        k_cache, v_cache, positions, heads, kv, d)
+            else:
+                qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv)
+                q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, positions, heads, kv, d, positions)
+            attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk)
+            x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x)
+            norm2 = layer.post_attention_layernorm
+            x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up), layer.down, x, out=x)
+        norm = model.weights.norm
+        if model.features is not None:
+            model.record_features(norm(x), positions)
+        return norm_matmul(x, norm.weight, norm.eps, model.weights.head(), out_dtype=torch.float32)

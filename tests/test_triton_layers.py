@@ -1,0 +1,423 @@
+"""The fused Triton kernels of speculant.models.triton_layers, each against the torch ops it replaces
+(float32: within 1e-5 of the largest reference value; bfloat16: within 2e-2 of it, a few bf16 ulps,
+since the kernels round fewer intermediates than torch does), with a negative control per kernel (a
+wrong eps, a rotation the wrong way, an off-by-one position, ... must fail the same comparison), and
+TritonForward against LeanModel.forward on a tiny random model: logits, argmax and the KV cache.
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set before triton is imported,
+float32 -> bf16 casts patched to round as a GPU does), and a last test compiles them for sm_90 in a
+process of its own; where triton is missing the tests skip."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernels
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from speculant.models import triton_layers as tl_layers
+from speculant.models.transformer import (
+    LeanModel,
+    RMSNorm,
+    apply_rope,
+    column_major,
+    random_weights,
+    rope_tables,
+    tiny_config,
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # of the largest |reference| value
+ROWS = [1, 5, 17]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def device():
+    """Triton, on the GPU or interpreted on the CPU (rounding to bfloat16 as a GPU does)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        yield "cuda"
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
+    with pytest.MonkeyPatch.context() as patch:
+        _round_bfloat16_to_nearest(patch)
+        yield "cpu"
+
+
+def _round_bfloat16_to_nearest(patch: pytest.MonkeyPatch) -> None:
+    """triton 3.9's interpreter casts float32 to bfloat16 (`.to`, a store) by truncation: its cast
+    passes no rounding mode to _convert_float. A GPU rounds to nearest even, and truncation doubles
+    the kernels' bf16 error, so under the interpreter these tests round as a GPU does, with torch."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(data, source, dest, rounding_mode):
+        if source == tl.float32 and dest == tl.bfloat16:
+            values = torch.from_numpy(np.array(data, dtype=np.float32).reshape(np.shape(data)))
+            return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return original(data, source, dest, rounding_mode)
+
+    patch.setattr(interpreter, "_convert_float", convert)
+
+
+def _error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> bool:
+    assert out.shape == ref.shape
+    return _error(out, ref) <= TOLERANCE[dtype]
+
+
+def _randn(*shape, dtype, device, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+
+def _matrix(n, k, dtype, device, seed, layout):
+    """A weight [n, k] stored row-major (the GPU's) or column-major (LeanModel's on the CPU)."""
+    w = _randn(n, k, dtype=dtype, device=device, seed=seed, scale=k ** -0.5)
+    return column_major(w) if layout == "column" else w
+
+
+def _layout(dtype):  # column-major as LeanModel holds float32 CPU weights, row-major otherwise
+    return "column" if dtype == torch.float32 else "row"
+
+
+def _norm(k, eps, dtype, device, seed, unit_offset=False):
+    norm = RMSNorm(k, eps, unit_offset).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(_randn(k, dtype=torch.float32, device=device, seed=seed, scale=0.1) + (0.0 if unit_offset else 1.0))
+    return norm.to(dtype).requires_grad_(False)
+
+
+# ---- the GEMM kernels --------------------------------------------------------------------------------
+
+K, N = 72, 40  # neither a multiple of the blocks the tests use (block_k 32, block_n 16)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_matmul_is_rmsnorm_then_linear(device, t, dtype):
+    x = _randn(t, K, dtype=dtype, device=device, seed=t)
+    norm = _norm(K, 1e-6, dtype, device, seed=1)
+    w = _matrix(N, K, dtype, device, 2, _layout(dtype))
+    bias = _randn(N, dtype=dtype, device=device, seed=3)  # Qwen2's q|k|v bias
+    ref = F.linear(norm(x), w, bias)
+    out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, block_n=16, block_k=32)
+    assert out.dtype == dtype and _close(out, ref, dtype), _error(out, ref)
+    no_bias = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, block_n=16, block_k=32, out_dtype=torch.float32)
+    assert no_bias.dtype == torch.float32 and _close(no_bias, F.linear(norm(x), w), dtype)
+    wrong_eps = tl_layers.norm_matmul(x, norm.weight, 0.5, w, bias, block_n=16, block_k=32)
+    assert not _close(wrong_eps, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_norm_matmul_reads_both_weight_layouts_and_gemma_norms(device, layout):
+    x = _randn(5, K, dtype=torch.float32, device=device, seed=0)
+    norm = _norm(K, 1e-6, torch.float32, device, seed=1, unit_offset=True)  # Gemma: (1 + w)
+    w = _matrix(N, K, torch.float32, device, 2, layout)
+    ref = F.linear(norm(x), w)
+    out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, unit_offset=True, block_n=16, block_k=32)
+    assert _close(out, ref, torch.float32)
+    assert not _close(tl_layers.norm_matmul(x, norm.weight, norm.eps, w, block_n=16, block_k=32), ref, torch.float32)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_residual_is_linear_plus_residual(device, t, dtype):
+    x = _randn(t, K, dtype=dtype, device=device, seed=t)
+    w = _matrix(N, K, dtype, device, 2, _layout(dtype))
+    residual = _randn(t, N, dtype=dtype, device=device, seed=4)
+    ref = residual + F.linear(x, w)
+    out = tl_layers.matmul_residual(x, w, residual, block_n=16, block_k=32)
+    assert _close(out, ref, dtype), _error(out, ref)
+    assert not _close(tl_layers.matmul_residual(x, w, torch.zeros_like(residual), block_n=16, block_k=32), ref, dtype)
+    in_place = residual.clone()
+    tl_layers.matmul_residual(x, w, in_place, out=in_place, block_n=16, block_k=32)
+    assert torch.equal(in_place, out)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_gate_up_silu_is_the_mlp_up_to_down(device, t, dtype):
+    inter = 24  # not a multiple of block_n 16
+    x = _randn(t, K, dtype=dtype, device=device, seed=t)
+    norm = _norm(K, 1e-6, dtype, device, seed=1)
+    gate_up = _matrix(2 * inter, K, dtype, device, 5, _layout(dtype))
+    gate, up = F.linear(norm(x), gate_up).chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    out = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=32)
+    assert _close(out, ref, dtype), _error(out, ref)
+    swapped = torch.cat([gate_up[inter:], gate_up[:inter]])  # up | gate: silu on the wrong half
+    assert not _close(tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, swapped, block_n=16, block_k=32), ref, dtype)
+
+
+# ---- rotary and the cache write ----------------------------------------------------------------------
+
+SLOTS = 48  # cache slots in the rotary and attention tests
+
+
+def _qkv_case(t, dtype, device, heads, kv_heads, d, start=7):
+    qkv = _randn(t, (heads + 2 * kv_heads) * d, dtype=dtype, device=device, seed=t)
+    rope = rope_tables(10000.0, d, SLOTS, device=device)
+    positions = torch.arange(start, start + t, device=device)
+    caches = [_randn(SLOTS, kv_heads, d, dtype=dtype, device=device, seed=s) for s in (8, 9)]
+    return qkv, rope, positions, caches
+
+
+def _rope_reference(qkv, rope, positions, caches, heads, kv_heads, d):
+    """LeanModel._attention's split, rotary and index_copy_ -> (q [T, H, D], k cache, v cache)."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q, k, v = q.reshape(t, heads, d), k.reshape(t, kv_heads, d), v.reshape(t, kv_heads, d)
+    cos, sin = rope[:, positions, None, :]
+    k_cache, v_cache = caches[0].clone(), caches[1].clone()
+    k_cache.index_copy_(0, positions, apply_rope(k, cos, sin))
+    v_cache.index_copy_(0, positions, v)
+    return apply_rope(q, cos, sin), k_cache, v_cache
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 8), (6, 2, 12)])  # groups 2 and 3; half 6: padded
+def test_rope_qkv_cache_write_is_split_rotate_and_index_copy(device, t, dtype, heads, kv_heads, d):
+    qkv, rope, positions, caches = _qkv_case(t, dtype, device, heads, kv_heads, d)
+    q_ref, k_ref, v_ref = _rope_reference(qkv, rope, positions, caches, heads, kv_heads, d)
+    for per_row in (True, False):  # cos, sin [T, D] per row, or the tables read at positions
+        k_cache, v_cache = caches[0].clone(), caches[1].clone()
+        cos, sin = (rope[0, positions], rope[1, positions]) if per_row else (rope[0], rope[1])
+        q = tl_layers.rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, positions, heads, kv_heads, d,
+                                           positions=None if per_row else positions)
+        assert _close(q, q_ref, dtype) and _close(k_cache, k_ref, dtype), (_error(q, q_ref), _error(k_cache, k_ref))
+        assert torch.equal(v_cache, v_ref)  # moved, not computed
+    k_cache = caches[0].clone()
+    q = tl_layers.rope_qkv_cache_write(qkv, rope[0], -rope[1], k_cache, caches[1].clone(), positions, heads,
+                                       kv_heads, d, positions=positions)  # rotated the other way
+    assert not _close(q, q_ref, dtype) and not _close(k_cache, k_ref, dtype)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, d, bias", [(4, 2, 8, False), (6, 2, 12, True)])
+def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(device, t, dtype, heads, kv_heads, d, bias):
+    e = 40  # hidden size, not a multiple of block_k 32
+    x = _randn(t, e, dtype=dtype, device=device, seed=t)
+    norm = _norm(e, 1e-6, dtype, device, seed=1)
+    w = _matrix((heads + 2 * kv_heads) * d, e, dtype, device, 2, _layout(dtype))
+    b = _randn(w.shape[0], dtype=dtype, device=device, seed=3) if bias else None
+    _, rope, positions, caches = _qkv_case(t, dtype, device, heads, kv_heads, d)
+    q_ref, k_ref, v_ref = _rope_reference(F.linear(norm(x), w, b), rope, positions, caches, heads, kv_heads, d)
+    k_cache, v_cache = caches[0].clone(), caches[1].clone()
+    q = tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w, b, rope[0], rope[1], positions, k_cache, v_cache,
+                                      positions, heads, kv_heads, d, block_k=32)
+    for out, ref in ((q, q_ref), (k_cache, k_ref), (v_cache, v_ref)):
+        assert _close(out, ref, dtype), _error(out, ref)
+    q_wrong = tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w, b, rope[0], rope[1], positions + 1,
+                                            caches[0].clone(), caches[1].clone(), positions, heads, kv_heads, d)
+    assert not _close(q_wrong, q_ref, dtype)  # rotated for the next position
+
+
+# ---- attention over the cache ------------------------------------------------------------------------
+
+
+def _attention_reference(q, k_cache, v_cache, positions, scale):
+    """Per query row and head, softmax over keys 0..positions[t] of key head h // G, in float64."""
+    h = q.shape[1]
+    g = h // k_cache.shape[1]
+    kv_len = int(positions.max()) + 1
+    keys = k_cache[:kv_len].double().repeat_interleave(g, dim=1)  # [kv_len, H, D]
+    values = v_cache[:kv_len].double().repeat_interleave(g, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.double(), keys) * scale
+    allowed = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]  # [T, kv_len]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("hts,shd->thd", probs, values)
+
+
+@pytest.mark.parametrize("t", ROWS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 8), (6, 2, 12)])
+def test_cache_attention_is_causal_grouped_attention(device, t, dtype, heads, kv_heads, d):
+    start = 23  # keys in two chunks of 16 and more (the combine merges them)
+    q = _randn(t, heads, d, dtype=dtype, device=device, seed=t)
+    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=device, seed=s, scale=2.0) for s in (8, 9))
+    positions = torch.arange(start, start + t, device=device)
+    # the slot after the last query: a key every query would pick, which causality must hide
+    k_cache[start + t] = 3 * q[-1, ::heads // kv_heads]
+    v_cache[start + t] = 10.0
+    scale = d ** -0.5
+    ref = _attention_reference(q, k_cache, v_cache, positions, scale)
+    out = tl_layers.cache_attention(q, k_cache, v_cache, start + t, positions, scale, chunk=16, block_n=16)
+    assert out.dtype == dtype and _close(out, ref, dtype), _error(out, ref)
+    # the whole cache as kv_len (a CUDA graph's fixed shape): the chunks past the last query do nothing
+    static = tl_layers.cache_attention(q, k_cache, v_cache, SLOTS, positions, scale, chunk=16, block_n=16)
+    assert _close(static, ref, dtype)
+    off_by_one = tl_layers.cache_attention(q, k_cache, v_cache, start + t + 1, positions + 1, scale, chunk=16,
+                                           block_n=16)
+    assert not _close(off_by_one, ref, dtype)
+
+
+# ---- the whole forward -------------------------------------------------------------------------------
+
+
+def _models(device, dtype, layers=2, **overrides):
+    """(reference, model, truth): LeanModels over the same weights, each with its own cache; truth
+    runs them in float32 (None for float32 weights: the reference is the truth)."""
+    cfg = tiny_config(num_layers=layers, **overrides)
+    weights = random_weights(cfg, seed=0, scale=2.0, dtype=dtype).to(device)
+    truth = None if dtype == torch.float32 else \
+        LeanModel(random_weights(cfg, seed=0, scale=2.0, dtype=dtype).to(device, torch.float32), max_seq_len=64)
+    assert weights.embed_tokens.weight.dtype == dtype
+    return LeanModel(weights, max_seq_len=64), LeanModel(weights, max_seq_len=64), truth
+
+
+@pytest.mark.parametrize("dtype, bias, fuse_rope", [(torch.float32, False, True), (torch.float32, True, False),
+                                                    (torch.bfloat16, True, True)])
+def test_triton_forward_is_lean_model_forward(device, dtype, bias, fuse_rope):
+    """float32: the same logits and cache as LeanModel.forward within 1e-5. bfloat16, where both round
+    differently: no farther from the float32 forward of the same weights than LeanModel's bf16
+    forward is (1.5x, at least 1e-2 of the largest logit), and the same argmax wherever the
+    reference has no near tie."""
+    reference, model, truth = _models(device, dtype, attention_bias=bias)
+    forward = tl_layers.TritonForward(model, chunk=16, fuse_rope=fuse_rope)
+    prompt = torch.tensor([(7 * i + 3) % 64 for i in range(35)])  # > MAX_ROWS: two pieces
+    calls = [(prompt, 0), (torch.tensor([5]), 35), (torch.tensor([9, 1, 4, 4, 2]), 36),  # a verify of 5
+             (torch.tensor([8, 3]), 38)]  # 2 kept of the 5: rewrite from 38
+    for tokens, start in calls:
+        for m in (reference, model, truth):
+            if m is not None:
+                m.truncate(min(m.length, start))
+        want, got = reference.forward(tokens, start), forward(tokens, start)
+        assert got.dtype == torch.float32 and model.length == reference.length == start + tokens.shape[0]
+        end = reference.length
+        if truth is None:
+            assert _close(got, want, dtype), _error(got, want)
+            for cache, ref in ((model.k_cache, reference.k_cache), (model.v_cache, reference.v_cache)):
+                assert _close(cache[:, :end], ref[:, :end], dtype)
+        else:
+            exact = truth.forward(tokens, start)
+            assert _error(got, exact) <= max(1.5 * _error(want, exact), 1e-2), (_error(got, exact), _error(want, exact))
+            for cache, ref, true in ((model.k_cache, reference.k_cache, truth.k_cache),
+                                     (model.v_cache, reference.v_cache, truth.v_cache)):
+                assert _error(cache[:, :end], true[:, :end]) <= max(1.5 * _error(ref[:, :end], true[:, :end]), 1e-2)
+        top2 = want.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * TOLERANCE[dtype] * want.abs().max()  # no near tie
+        assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]) and clear.any()
+
+
+def test_triton_forward_launches_six_kernels_per_layer(device, monkeypatch):
+    """6 per layer and the head (7 per layer without the rope fusion); the embedding is torch's gather."""
+    _, model, _ = _models(device, torch.float32, layers=3)
+    launched = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    kernels = tl_layers._kernels()
+    for name, kernel in list(kernels.items()):
+        monkeypatch.setitem(kernels, name, Counting(kernel))
+    tokens, positions = torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device)
+    for fuse_rope, per_layer in ((True, 6), (False, 7)):
+        launched.clear()
+        tl_layers.TritonForward(model, chunk=16, fuse_rope=fuse_rope).forward_static(tokens, positions, kv_len=3)
+        assert len(launched) == per_layer * 3 + 1
+
+
+def test_triton_forward_refuses_what_it_does_not_run(device):
+    with pytest.raises(ValueError, match="Llama"):
+        cfg = tiny_config("gemma3")
+        tl_layers.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+    with pytest.raises(ValueError, match="sliding"):
+        cfg = tiny_config(sliding_window=4)
+        tl_layers.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+    with pytest.raises(ValueError, match="frozen"):
+        cfg = tiny_config()
+        tl_layers.TritonForward(LeanModel(random_weights(cfg).requires_grad_(True).to(device), max_seq_len=16))
+    forward = tl_layers.TritonForward(LeanModel(random_weights(tiny_config()).to(device), max_seq_len=16))
+    with pytest.raises(ValueError, match="chains only"):
+        forward(torch.tensor([1, 2]), 0, ancestors=torch.ones(2, 2, dtype=torch.bool).tril())
+
+
+# ---- what the interpreter cannot check: the compiler -------------------------------------------------
+
+HOPPER_COMPILE = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from speculant.models import triton_layers as tl_layers
+from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
+
+TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
+done = set()
+
+class Compile:  # stands in for kernel[grid](...): compiles the call's specialisation for sm_90
+    def __init__(self, fn):
+        self.fn = fn
+    def __getitem__(self, grid):
+        def launch(*args, num_warps=4, **constexprs):
+            signature, constants = {}, dict(constexprs)
+            for name, arg in zip(self.fn.arg_names, args):
+                if isinstance(arg, torch.Tensor):
+                    signature[name] = TYPES[arg.dtype]
+                elif isinstance(arg, float):
+                    signature[name] = "fp32"
+                elif arg == 1:  # triton specialises an int equal to 1
+                    constants[name] = 1
+                else:
+                    signature[name] = "i32"
+            signature.update(dict.fromkeys(constants, "constexpr"))
+            key = (self.fn.__name__, str(sorted(constants.items())))
+            if key not in done:
+                done.add(key)
+                triton.compile(ASTSource(self.fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": num_warps})
+        return launch
+
+kernels = tl_layers._kernels()
+for name in list(kernels):
+    kernels[name] = Compile(kernels[name])
+tl_layers._f32_dots = lambda *ts: any(t.dtype == torch.float32 for t in ts)  # as on a GPU
+cfg = TransformerConfig(arch="llama", vocab_size=256, hidden_size=576, intermediate_size=1536, num_heads=9,
+                        num_kv_heads=3, head_dim=64, num_layers=1, attention_bias=True)  # SmolLM2-135M's layer
+model = LeanModel(random_weights(cfg, dtype=torch.bfloat16), max_seq_len=256)
+for fuse_rope in (True, False):
+    for t in (1, 17):
+        tl_layers.TritonForward(model, fuse_rope=fuse_rope).forward_static(torch.zeros(t, dtype=torch.long),
+                                                                           torch.arange(t))
+print(len(done), "kernels compiled")
+"""
+
+
+def test_the_kernels_compile_for_hopper(device, tmp_path):
+    """The interpreter runs the kernels as Python: it never sees a type the compiler would reject
+    (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
+    launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths) is compiled here for sm_90
+    with triton's own ptxas, in a process without TRITON_INTERPRET; no GPU is needed."""
+    if device == "cuda":
+        pytest.skip("on a GPU the other tests compile and run them")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], check=False, env=env, capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "kernels compiled" in done.stdout
