@@ -76,16 +76,23 @@ def test_in_bit_exact_mode_a_positions_logits_are_the_same_bits_alone_in_a_chain
     assert torch.isfinite(tree).all()
 
 
-def test_the_default_path_is_not_bit_exact_in_bfloat16_on_the_cpu():
+def _sdpa_target():
+    target = _target(seq=1024)
+    target.attention = "sdpa"  # torch's fused kernel (the CPU's default in float32)
+    return target
+
+
+def test_fused_sdpa_attention_is_not_bit_exact_in_bfloat16_on_the_cpu():
     """The control. On this CPU torch's bfloat16 kernels happen to give a row the same bits whatever
     the number of rows (the GEMMs, and SDPA after a 40-token context): the three ways agree there.
-    But the default attention sums over cache SLOTS, and a tree's alternatives sit in other slots
-    than the plain steps' keys: after 509 tokens they fall in another of SDPA's key blocks (512) and
-    some node's logits change bits (rounding, not a bug: close in value). On a GPU the row count
-    alone changes the kernels (issue 21)."""
-    tree, chain, alone = _three_ways(_target(seq=1024), exact=False)
+    But SDPA sums over cache SLOTS, and a tree's alternatives sit in other slots than the plain
+    steps' keys: after 509 tokens they fall in another of SDPA's key blocks (512) and some node's
+    logits change bits (rounding, not a bug: close in value). This is why the CPU runs bfloat16
+    attention as matmuls (transformer.row_invariant_on_cpu); on a GPU the row count alone changes the
+    kernels (issue 21)."""
+    tree, chain, alone = _three_ways(_sdpa_target(), exact=False)
     assert torch.equal(tree, alone) and torch.equal(chain, alone[:5])
-    tree, chain, alone = _three_ways(_target(seq=1024), exact=False, context=LONG_CONTEXT)
+    tree, chain, alone = _three_ways(_sdpa_target(), exact=False, context=LONG_CONTEXT)
     assert torch.equal(chain, alone[:5])
     assert [node for node in range(17) if not torch.equal(tree[node], alone[node])]
     torch.testing.assert_close(tree, alone, atol=0.5, rtol=0.05)

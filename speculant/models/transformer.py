@@ -173,6 +173,21 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
+def row_invariant_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the lean model keeps a row's logits independent of the call's other rows on this device
+    and dtype: the CPU in bfloat16 or float16. There torch's (oneDNN's) GEMM of 2 or more rows gives
+    each row the bits it would get in any other call of 2 or more rows, but a 1-row call takes
+    another kernel (different bits for Qwen2.5-Coder-1.5B's MLP matrices, 17920 × 1536 and 1536 ×
+    8960), and sdpa's CPU kernel rounds a row by where it sits in the call. So attention runs as
+    matmul, softmax, matmul (each row's bits its own, whatever the call's rows: benchmarks/
+    cpu_layout.py, tests/test_cpu_bfloat16.py), and a 1-row call is padded to 2 rows: a chain's verification then computes
+    what plain decoding computes, and greedy speculative output is plain greedy output. A tree's nodes
+    sit in other slots than plain decoding's keys, and past a block of 512 keys the attention GEMM may
+    group them otherwise (close values, other bits): trees are covered by bit-exact mode. Float32 on
+    the CPU keeps sdpa and 1-row calls (its greedy outputs agree as it is)."""
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
 def serves_column_major(weight: torch.Tensor) -> bool:
     """Whether frozen `weight` is served column-major: float32 on the CPU only. In bfloat16 torch's CPU
     GEMM (oneDNN) multiplies 1 to 9 rows by the row-major matrix in about the time of one row where
@@ -296,7 +311,8 @@ class LeanModel(PositionalCache):
 
     # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops. Both compute
     # the same function. None picks per device: matmul on CUDA (on the H100, compiled and captured,
-    # 48 µs per layer against 70 µs for sdpa: benchmarks/gpu_kernels.py), sdpa on the CPU.
+    # 48 µs per layer against 70 µs for sdpa: benchmarks/gpu_kernels.py); on the CPU sdpa in float32
+    # and matmul in bfloat16 / float16 (see row_invariant_on_cpu).
     attention: str | None = None
 
     def __init__(self, weights: TransformerWeights, max_seq_len: int | None = None,
@@ -311,8 +327,13 @@ class LeanModel(PositionalCache):
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         param = weights.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
+        # On the CPU in bfloat16 / float16 a position's logits are kept a function of its context
+        # alone (row_invariant_on_cpu): matmul attention, and no target call of a single row.
+        # (Not an int8 copy's: it only drafts, and its kernel costs more for 2 rows than for 1.)
+        int8 = getattr(weights, "head_int8", None) is not None
+        self.min_rows = 2 if row_invariant_on_cpu(self.device, self.dtype) and not int8 else 1
         if self.attention is None:
-            self.attention = "matmul" if self.device.type == "cuda" else "sdpa"
+            self.attention = "matmul" if self.device.type == "cuda" or self.min_rows > 1 else "sdpa"
         shape = (self.num_layers, self.max_seq_len + EXACT_WIDTH, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -343,6 +364,8 @@ class LeanModel(PositionalCache):
         acceptance.candidate_tree): token t sits in cache slot start_pos + t, at position
         start_pos + its depth, and attends to the cache before start_pos and to its row's tokens.
         Keep a path with `move_slot`, then `truncate`."""
+        if tokens.shape[0] < self.min_rows and ancestors is None and start_pos + self.min_rows <= self.max_seq_len:
+            return self._forward_padded(tokens, start_pos)
         end = self._write_range(start_pos, tokens.shape[0])
         slots = torch.arange(start_pos, end, device=self.device)
         positions = slots
@@ -353,6 +376,20 @@ class LeanModel(PositionalCache):
         self.record_features(hidden, slots)
         self._length = end
         return self.logits(hidden)
+
+    def _forward_padded(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """forward of fewer than min_rows tokens (one: a plain step) as a call of min_rows rows: each
+        padding row is a sibling of the first token (a tree whose other nodes see only the cache
+        before start_pos), at slots past the call's end that later writes overwrite; only the real
+        rows' logits are returned and only they count towards the cache's length."""
+        count = tokens.shape[0]
+        rows = self.min_rows
+        padded = torch.cat([tokens.to(self.device), tokens.new_zeros(rows - count).to(self.device)])
+        ancestors = torch.eye(rows, dtype=torch.bool)
+        ancestors[:count, :count] = torch.ones(count, count, dtype=torch.bool).tril()
+        logits = self.forward(padded, start_pos, ancestors)
+        self._length = start_pos + count
+        return logits[:count]
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor) -> None:
