@@ -22,7 +22,8 @@ Rows (all on the same weights, prompts, seeds; tokens/s = new tokens / wall seco
     hf static+compile (warm)    cache_implementation="static" (transformers compiles the forward on CUDA),
                                 second pass over the same prompts
     hf static+compile (overall) the first pass: recompilation for each new prompt shape included
-Prints a table, then one JSON line; writes results to $OUT/qwen_pair.json ($OUT default ./out).
+Prints a table, then one JSON line; writes results to $OUT/qwen_pair.json ($OUT default ./out). Our rows
+also report decode tok/s (the decoding loops alone, prefills left out) and its ratio to our plain's.
 At T 0 every exact row's tokens are compared with our plain decoding's (`same` column).
 """
 
@@ -77,11 +78,12 @@ def humaneval_prompts(count: int, path: str | None) -> list[str]:
 
 
 def run_ours(spec, prompts, temperature, args):
-    """(token lists, seconds per prompt, mean acceptance rate or None) for one speculant configuration,
-    after one untimed warm-up call (graph capture, allocator)."""
+    """(token lists, seconds per prompt, mean acceptance rate or None, decode seconds per prompt: the
+    prefills left out) for one speculant configuration, after one untimed warm-up call (graph capture,
+    allocator)."""
     device = spec.target.model.device
     spec.generate(prompts[0], max_new_tokens=min(8, args.max_new_tokens), temperature=temperature, seed=99)
-    outputs, seconds, alphas = [], [], []
+    outputs, seconds, alphas, decoding = [], [], [], []
     for i, ids in enumerate(prompts):
         synchronize(device)
         start = time.perf_counter()
@@ -90,8 +92,9 @@ def run_ours(spec, prompts, temperature, args):
         seconds.append(time.perf_counter() - start)
         outputs.append(out.token_ids)
         alphas.append(out.stats.get("alpha"))
+        decoding.append(out.stats["decode_time"])
     plain = spec.draft_specs == ["none"]
-    return outputs, seconds, None if plain else sum(alphas) / len(alphas)
+    return outputs, seconds, None if plain else sum(alphas) / len(alphas), decoding
 
 
 def hf_run(model, prompts, temperature, args, eos, **extra):
@@ -206,6 +209,8 @@ def main() -> None:
                       and r["temperature"] == temperature), None)
         if plain is not None:
             entry["speedup_vs_our_plain"] = round(entry["tok_per_s"] / plain["tok_per_s"], 3)
+            if "decode_tok_per_s" in entry:  # the decoding loops alone, prefills left out
+                entry["decode_speedup_vs_our_plain"] = round(entry["decode_tok_per_s"] / plain["decode_tok_per_s"], 3)
             if temperature == 0:
                 entry["same_as_our_plain"] = sum(a == b for a, b in zip(outputs, plain["_outputs"])) / len(outputs)
         entry["_outputs"] = outputs
@@ -213,7 +218,9 @@ def main() -> None:
         same, alpha = entry.get("same_as_our_plain"), entry.get("alpha")
         print(f"{row:<30} {task:<10} T{temperature:g} {entry['tok_per_s']:>9.2f} tok/s "
               f"x{entry.get('speedup_vs_our_plain', 1.0):>6.2f}"
-              + ("" if same is None else f"  same {same:.2f}") + ("" if alpha is None else f"  alpha {alpha:.2f}"),
+              + ("" if same is None else f"  same {same:.2f}") + ("" if alpha is None else f"  alpha {alpha:.2f}")
+              + (f"  decode x{entry['decode_speedup_vs_our_plain']:.2f}" if "decode_speedup_vs_our_plain" in entry
+                 else ""),
               flush=True)
 
     for row, drafts, options in ours:
@@ -229,8 +236,10 @@ def main() -> None:
             continue
         for task, prompts in tasks.items():
             for temperature in temperatures:
-                outputs, seconds, alpha = run_ours(spec, prompts, temperature, args)
-                record(row, task, temperature, outputs, seconds, extra={"alpha": alpha})
+                outputs, seconds, alpha, decoding = run_ours(spec, prompts, temperature, args)
+                tokens = sum(len(o) for o in outputs)
+                record(row, task, temperature, outputs, seconds,
+                       extra={"alpha": alpha, "decode_tok_per_s": round(tokens / sum(decoding), 2)})
         del spec
         if cuda:
             torch.cuda.empty_cache()

@@ -149,7 +149,7 @@ def test_models_lists_the_embedded_models(capsys):
     (["--draft", "layers:99"], "layers:99 must be between 1 and 29"),
     (["--draft", "ngram", "--draft", "ngram"], "can only be the last --draft"),
     (["--draft", "ngram:x"], "bad n-gram spec"),
-    (["--draft", "ngram:int8"], "':int8' follows a draft model that runs on the lean torch model"),
+    (["--draft", "int8:int8"], "':int8' follows a draft model that runs on the lean torch model"),
     (["--draft", "default", "--draft", "ngram"], "reads the target's features"),
     (["--draft", "int8", "--draft", "int8", "--draft", "default"], "reads the target's features"),
     (["--draft", "layers:8", "--draft", "default"], "reads the target's features"),
