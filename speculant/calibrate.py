@@ -138,14 +138,25 @@ def _kept(path: Path, read: Callable[[Path], object], measure: Callable[[], obje
     return table
 
 
-def read_costs(path: Path, key: dict) -> StepCosts:
-    """The table kept in `path` for `key`; ValueError saying what is wrong with the file."""
+def _kept_costs(path: Path, key: dict, file_format: int, what: str):
+    """The "step_costs" of the record kept in `path` for `key`, in format `file_format` (what: the
+    kind of file, for the message); ValueError saying what is wrong with the file."""
     record = read_keyed_json(path)
-    if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
-        raise ValueError(f"not a format-{CACHE_FORMAT} step-cost file")
+    if not isinstance(record, dict) or record.get("format") != file_format:
+        raise ValueError(f"not a format-{file_format} {what} file")
     if record.get("key") != key:
         raise ValueError("written for another setup")
-    costs = record.get("step_costs")
+    return record.get("step_costs")
+
+
+def _timing_prompt(target) -> list[int]:
+    """The fixed prompt steps are timed after: PROMPT_LENGTH tokens, at most a quarter of the cache."""
+    return [(3 + 7 * i) % target.vocab_size for i in range(max(1, min(PROMPT_LENGTH, target.max_seq_len // 4)))]
+
+
+def read_costs(path: Path, key: dict) -> StepCosts:
+    """The table kept in `path` for `key`; ValueError saying what is wrong with the file."""
+    costs = _kept_costs(path, key, CACHE_FORMAT, "step-cost")
     if not isinstance(costs, list) or len(costs) != key.get("max_gamma", len(costs) - 1) + 1:
         raise ValueError("the table has the wrong length")
     return StepCosts(tuple(costs), "cached")  # StepCosts refuses what is not positive seconds
@@ -159,8 +170,7 @@ def measure_costs(stepper: Stepper, max_gamma: int, params: SamplingParams, cand
     target = stepper.target
     capacity = target.max_seq_len
     widest = 1 + max_gamma * candidates + lookup  # the biggest tree's slots
-    prompt_length = max(1, min(PROMPT_LENGTH, capacity // 4))
-    prompt = [(3 + 7 * i) % target.vocab_size for i in range(prompt_length)]
+    prompt = _timing_prompt(target)
     order = [0, max_gamma] + list(range(max_gamma, 0, -1))  # after a plain step a run-ahead step runs alone
     generator = torch.Generator(device=target.device).manual_seed(0)
     timed: dict[int, list[float]] = {n: [] for n in range(max_gamma + 1)}
@@ -200,12 +210,7 @@ def measure_costs(stepper: Stepper, max_gamma: int, params: SamplingParams, cand
 
 def read_batch_costs(path: Path, key: dict) -> BatchStepCosts:
     """The batched table kept in `path` for `key`; ValueError saying what is wrong with the file."""
-    record = read_keyed_json(path)
-    if not isinstance(record, dict) or record.get("format") != BATCH_CACHE_FORMAT:
-        raise ValueError(f"not a format-{BATCH_CACHE_FORMAT} batched step-cost file")
-    if record.get("key") != key:
-        raise ValueError("written for another setup")
-    costs = record.get("step_costs")
+    costs = _kept_costs(path, key, BATCH_CACHE_FORMAT, "batched step-cost")
     if not isinstance(costs, dict) or not all(bucket.isdigit() for bucket in costs):
         raise ValueError("the table is not {batch bucket: costs}")
     table = BatchStepCosts({int(bucket): row for bucket, row in costs.items()}, "cached")  # refuses bad seconds
@@ -223,7 +228,7 @@ def measure_batch_costs(engine: BatchEngine, max_gamma: int,
     if engine.drafter is None or engine.gamma < max_gamma or engine.num_running:
         raise ValueError(f"timing batched steps needs an idle engine with a drafter and gamma >= {max_gamma}")
     capacity = engine.target.max_seq_len
-    prompt = [(3 + 7 * i) % engine.target.vocab_size for i in range(max(1, min(PROMPT_LENGTH, capacity // 4)))]
+    prompt = _timing_prompt(engine.target)
     if len(prompt) + 2 * (max_gamma + 1) > capacity:
         raise ValueError(f"a KV cache of {capacity} tokens is too small to time batched steps of Γ up to {max_gamma}")
     gammas = sorted({g for g in BATCH_GAMMAS if g < max_gamma} | {max_gamma})
