@@ -107,8 +107,27 @@ def _kernels():
         return tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_n,
                        mask=(ks[:, None] < K) & cols_ok[None, :], other=0.0)
 
+    @triton.jit
+    def _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, sx_t, sx_k, sw_n, sw_k, eps,
+                       UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ in float32 [BLOCK_T, BLOCK_N] each, from
+        one loop over K (two blocks of one matrix: gate and up, or a head's two rotary halves)."""
+        a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
+            ss += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            a = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), a, F32)
+            b = _dot(x, _w_tile(w_ptr, cols + second, cols_ok, ks, K, sw_n, sw_k), b, F32)
+        scale = tl.rsqrt(ss / K + eps)[:, None]
+        return a * scale, b * scale
+
     # a kernel finds the helpers it calls among its module's globals
-    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile)
+    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair)
 
     @triton.jit
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
@@ -145,19 +164,8 @@ def _kernels():
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
         rows = tl.arange(0, BLOCK_T)
-        gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
-            ss += sq
-            x = x.to(w_ptr.dtype.element_ty)
-            gate = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), gate, F32)
-            up = _dot(x, _w_tile(w_ptr, cols + N, cols_ok, ks, K, sw_n, sw_k), up, F32)
-        scale = tl.rsqrt(ss / K + eps)[:, None]
-        gate = gate * scale
-        up = up * scale
+        gate, up = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, sx_t, sx_k, sw_n, sw_k, eps,
+                                  UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < T) & cols_ok[None, :])
@@ -230,19 +238,8 @@ def _kernels():
         halves = tl.arange(0, HALF_PAD)
         half_ok = halves < HALF
         cols_lo = p * 2 * HALF + halves
-        lo = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
-        hi = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, False)
-            ss += sq
-            x = x.to(w_ptr.dtype.element_ty)
-            lo = _dot(x, _w_tile(w_ptr, cols_lo, half_ok, ks, K, sw_n, sw_k), lo, F32)
-            hi = _dot(x, _w_tile(w_ptr, cols_lo + HALF, half_ok, ks, K, sw_n, sw_k), hi, F32)
-        scale = tl.rsqrt(ss / K + eps)[:, None]
-        lo = lo * scale
-        hi = hi * scale
+        lo, hi = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, sx_t, sx_k, sw_n, sw_k, eps,
+                                False, F32, BLOCK_T, HALF_PAD, BLOCK_K)
         if HAS_BIAS:
             lo += tl.load(b_ptr + cols_lo, mask=half_ok, other=0.0).to(tl.float32)[None, :]
             hi += tl.load(b_ptr + cols_lo + HALF, mask=half_ok, other=0.0).to(tl.float32)[None, :]
