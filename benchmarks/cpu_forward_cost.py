@@ -15,7 +15,6 @@ writes cpu_forward_cost.json to --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common
 
 from speculant.models.registry import load_model
 
@@ -68,11 +69,8 @@ def main() -> None:
                   + f"   {ms[5] / ms[1]:.2f}", flush=True)
             del model
     result = {"threads": torch.get_num_threads(), "context": args.context, "torch": torch.__version__, "rows": rows}
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cpu_forward_cost.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-
+    common.finish(args.out, "cpu_forward_cost.json", result, "(the table above)",
+                  {k: v for k, v in result.items() if k != "rows"})
 
 if __name__ == "__main__":
     main()

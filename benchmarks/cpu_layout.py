@@ -14,7 +14,6 @@ in 2-row calls? Prints a table, then one JSON line; writes cpu_layout.json to --
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common
 
 SHAPES = {  # name: (out, in)
     "smollm2 gate|up": (3072, 576),
@@ -68,7 +69,7 @@ def main() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             weight, x = weight32.to(dtype), x32.to(dtype)
             for layout, matrix in (("row", weight), ("column", weight.t().contiguous().t())):
-                ms = {t: best_ms(lambda t=t: F.linear(x[:t], matrix), args.repeats) for t in ROWS}
+                ms = {t: best_ms(lambda t=t, x=x, matrix=matrix: F.linear(x[:t], matrix), args.repeats) for t in ROWS}
                 singles = torch.cat([F.linear(x[i:i + 1], matrix) for i in range(max(ROWS))])
                 pairs = torch.cat([F.linear(x[i:i + 2], matrix)[:1] for i in range(max(ROWS))])
                 vs_one = [t for t in ROWS if t > 1 and not torch.equal(F.linear(x[:t], matrix), singles[:t])]
@@ -80,11 +81,8 @@ def main() -> None:
                       + f"   {'yes' if not vs_one else 'no'} / {'yes' if not vs_two else 'no'}", flush=True)
     result = {"threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
               "torch": torch.__version__, "rows": rows_out}
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cpu_layout.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
-
+    common.finish(args.out, "cpu_layout.json", result, "(the table above)",
+                  {k: v for k, v in result.items() if k != "rows"})
 
 if __name__ == "__main__":
     main()
