@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -72,6 +74,58 @@ def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line:
     print(f"\n{text}")
     print(json.dumps({**last_line, "json": str(path)}))
     return path
+
+
+# SmolLM2-135M's shapes, for benchmarks on random weights: TransformerConfig(num_layers=..., **SMOLLM2_SHAPES)
+SMOLLM2_SHAPES = {"arch": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+                  "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
+                  "rope_theta": 100000.0, "rms_norm_eps": 1e-5}
+
+
+def graph_replay_ms(call, repeats: int = 200) -> tuple[float, float]:
+    """(ms per replay, seconds to warm up and capture) of call() captured as one CUDA graph: three warm-up
+    calls on a side stream, the capture, ten untimed replays, then `repeats` replays between CUDA events."""
+    begin = time.perf_counter()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode():
+        call()
+    torch.cuda.synchronize()
+    setup = time.perf_counter() - begin
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats, setup
+
+
+def cuda_kernel_profile(call) -> tuple[Counter, dict[str, float]]:
+    """The CUDA kernels one call() launches (after one untimed call), from torch.profiler: (launches by
+    name, device µs by name), names cut to 80 characters."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        call()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            call()
+            torch.cuda.synchronize()
+    counts, times = Counter(), defaultdict(float)
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            name = event.name[:80]
+            counts[name] += 1
+            times[name] += event.device_time if hasattr(event, "device_time") else event.cuda_time
+    return counts, dict(times)
 
 
 HELD_OUT = Path(__file__).resolve().parent / "prompts"  # prompts no draft was trained or tuned on

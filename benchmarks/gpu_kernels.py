@@ -13,56 +13,13 @@ Fewer layers than the real 30 keep compilation short; the per-layer figures scal
 
 import argparse
 import json
-import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
+import common
 import torch
 
 from speculant.fused import static_forward
 from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
-
-SMOLLM2 = dict(arch="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_heads=9,
-               num_kv_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5)
-
-
-def replay_ms(fn, tokens, positions, repeats=200):
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(2):
-            fn(tokens, positions)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        fn(tokens, positions)
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
-def kernel_profile(fn, tokens, positions):
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        fn(tokens, positions)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn(tokens, positions)
-            torch.cuda.synchronize()
-    counts, times = Counter(), defaultdict(float)
-    for event in prof.events():
-        if event.device_type.name == "CUDA":
-            name = event.name[:80]
-            counts[name] += 1
-            times[name] += event.device_time if hasattr(event, "device_time") else event.cuda_time
-    return counts, times
 
 
 def main():
@@ -74,7 +31,7 @@ def main():
     parser.add_argument("--positions", default="1,6")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
-    cfg = TransformerConfig(num_layers=args.layers, **SMOLLM2)
+    cfg = TransformerConfig(num_layers=args.layers, **common.SMOLLM2_SHAPES)
     rows = []
     for layout in args.layouts.split(","):
         if layout not in ("fused", "unfused"):
@@ -88,10 +45,9 @@ def main():
             for t in map(int, args.positions.split(",")):
                 tokens = torch.arange(1, t + 1, device="cuda")
                 positions = torch.arange(100, 100 + t, device="cuda")
-                start = time.perf_counter()
-                ms = replay_ms(fn, tokens, positions)
-                compile_s = time.perf_counter() - start
-                counts, times = kernel_profile(fn, tokens, positions)
+                call = lambda fn=fn, tokens=tokens, positions=positions: fn(tokens, positions)
+                ms, compile_s = common.graph_replay_ms(call)
+                counts, times = common.cuda_kernel_profile(call)
                 kernels = sum(counts.values())
                 top = sorted(times, key=times.get, reverse=True)[:12]
                 row = {"layout": layout, "variant": variant, "positions": t, "layers": args.layers,

@@ -23,11 +23,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import common  # benchmarks/common.py (this script runs from benchmarks/)
 import torch
-
-SMOLLM2 = {"arch": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_heads": 9,
-           "num_kv_heads": 3, "head_dim": 64, "max_position_embeddings": 8192, "rope_theta": 100000.0,
-           "rms_norm_eps": 1e-5}
 
 
 def arguments() -> argparse.ArgumentParser:
@@ -55,7 +52,7 @@ def load(args):
     from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
 
     if args.random:
-        cfg = TransformerConfig(num_layers=args.layers, **SMOLLM2)
+        cfg = TransformerConfig(num_layers=args.layers, **common.SMOLLM2_SHAPES)
         weights = random_weights(cfg, seed=0, dtype=torch.bfloat16).cuda()
         tokenizer = None
     else:
@@ -85,12 +82,7 @@ def float32_copy(weights):
 
 def prompts(args, model, tokenizer) -> list[torch.Tensor]:
     if tokenizer is not None:
-        try:
-            import common
-
-            texts = common.heldout_texts("prose", args.prompts) + common.heldout_code_texts(args.prompts)
-        except Exception:  # noqa: BLE001 - the prompts are a convenience; random tokens do as well
-            texts = []
+        texts = common.heldout_texts("prose", args.prompts) + common.heldout_code_texts(args.prompts)
         ids = [tokenizer.encode(text)[: args.prompt_len] for text in texts]
         ids = [i for i in ids if len(i) >= 8][: args.prompts]  # a verify call reuses a prompt's tokens 0..5
         if ids:
@@ -175,44 +167,11 @@ def eager_ms(fn, sync_repeats: int) -> float:
     return 1000 * (time.perf_counter() - start) / sync_repeats
 
 
-def graph_ms(fn, repeats: int) -> tuple[float, float]:
-    """(ms per replay, seconds to warm up and capture) of fn() captured as one CUDA graph."""
-    begin = time.perf_counter()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        fn()
-    torch.cuda.synchronize()
-    setup = time.perf_counter() - begin
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats, setup
-
-
 def kernels(fn) -> tuple[int, list]:
-    """(CUDA kernels one call of fn launches, the most frequent names)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.inference_mode():
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    names = Counter(e.name[:60] for e in prof.events() if e.device_type.name == "CUDA" and "Memcpy" not in e.name
-                    and "Memset" not in e.name)
-    return sum(names.values()), names.most_common(8)
+    """(CUDA kernels one call of fn launches, the most frequent names), copies and fills left out."""
+    counts, _ = common.cuda_kernel_profile(fn)
+    launches = {name: n for name, n in counts.items() if "Memcpy" not in name and "Memset" not in name}
+    return sum(launches.values()), Counter(launches).most_common(8)
 
 
 def main() -> None:
@@ -248,7 +207,7 @@ def main() -> None:
         }
         for name, fn in calls.items():
             if "graph" in name:
-                ms, setup = graph_ms(fn, args.repeats)
+                ms, setup = common.graph_replay_ms(fn, args.repeats)
             else:
                 ms, setup = eager_ms(fn, max(10, args.repeats // 10)), 0.0
             count, top = kernels(fn)
