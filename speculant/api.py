@@ -28,7 +28,6 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -45,7 +44,7 @@ from speculant.adaptive import (
     nominal_costs,
 )
 from speculant.analysis import GenerationStats
-from speculant.calibrate import batch_step_costs, measure_batch_costs, measure_costs, step_costs
+from speculant.calibrate import batch_step_costs, measure_batch_costs, measure_costs, setup_key, step_costs
 from speculant.chain import backend_of, build_chain, embedded_draft_folder
 from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
@@ -185,14 +184,10 @@ class Speculant:
             stepper = self.stepper or GenericStepper(self.target.model, self.drafter)
             plan, model = self.plan, self.target.model
             calibration = SamplingParams(temperature=1.0) if sampled else SamplingParams()
-            key = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
-                   "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "threads": torch.get_num_threads(), "backend": backend_of(self.target),
-                   "dtype": str(getattr(model, "dtype", "")), "target": self.target.source_hash,
-                   "drafts": list(self.draft_specs), "candidates": plan.candidates, "lookup": plan.lookup,
-                   "inner_gamma": self.inner_gamma, "stepper": type(stepper).__name__,
-                   "runs_ahead": bool(stepper.runs_ahead), "bit_exact": self.bit_exact,
-                   "max_seq_len": model.max_seq_len, "max_gamma": MAX_GAMMA, "sampled": sampled}
+            key = {**setup_key(model, self.target.source_hash, self.draft_specs), "backend": backend_of(self.target),
+                   "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
+                   "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
+                   "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled}
             fallback = nominal_costs(MAX_GAMMA, model.device.type, 0.0 if isinstance(self.drafter, NgramDrafter) else 0.1,
                                      plan.candidates, plan.lookup)
             self.step_costs[sampled] = step_costs(
@@ -400,11 +395,7 @@ class Speculant:
 
         if (max_batch, graphs) not in self.batch_costs:
             model = self.target.model
-            key = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
-                   "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "dtype": str(getattr(model, "dtype", "")), "target": self.target.source_hash,
-                   "drafts": list(self.draft_specs), "max_batch": max_batch, "max_seq_len": model.max_seq_len,
+            key = {**setup_key(model, self.target.source_hash, self.draft_specs), "max_batch": max_batch,
                    "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA}
             fallback = nominal_batch_costs(max_batch, BATCH_MAX_GAMMA, model.device.type,
                                            0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -75,6 +76,16 @@ BATCH_CACHE_FORMAT = 1  # the same for the batched table
 BATCH_GAMMAS = (0, 1, 2, 4)  # Γs timed per batch bucket, with the longest; those between on a line
 BATCH_REPEATS, MIN_BATCH_REPEATS = 8, 2  # timed steps per (bucket, Γ): BATCH_REPEATS ÷ rows, at least MIN
 BATCH_BUDGET_S = 20.0  # larger buckets are timed while the timing has taken less; the rest scaled by rows
+
+
+def setup_key(model, target_hash: str, drafts: list[str]) -> dict:
+    """What every step-cost table is measured for, single-request or batched: this machine, processor,
+    device, torch and its thread count, the model's dtype and KV cache size, the target's weights and
+    the draft specs (each table's key adds its own settings)."""
+    return {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(getattr(model, "dtype", "")),
+            "target": target_hash, "drafts": list(drafts), "max_seq_len": model.max_seq_len}
 
 
 def cache_path(key: dict) -> Path:
