@@ -65,12 +65,18 @@ def table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line: dict) -> Path:
-    """Write `summary` to out/file_name, print `text` (the table) and then `last_line` as one JSON line."""
+def write_json(out: str | Path, file_name: str, data) -> Path:
+    """Write `data` to out/file_name (partial results, rewritten as a run goes)."""
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / file_name
-    path.write_text(json.dumps(summary, indent=1))
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line: dict) -> Path:
+    """Write `summary` to out/file_name, print `text` (the table) and then `last_line` as one JSON line."""
+    path = write_json(out, file_name, summary)
     print(f"\n{text}")
     print(json.dumps({**last_line, "json": str(path)}))
     return path
