@@ -174,11 +174,13 @@ def main() -> None:
 
     results: list[dict] = []
 
-    def record(task, method, gamma, res, capture=None, candidates=1, lookup=0):
+    def record(task, method, gamma, res, capture=None, candidates=1, lookup=0, spec=None):
         row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates, "lookup": lookup,
                **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts")}}
         if capture is not None:
             row["capture_s"] = capture
+        if spec is not None and spec.stepper is not None:  # False: the sampling tail ran eagerly inside the graph
+            row["compiled_sampling"] = spec.stepper.compile_sampling
         results.append(row)
         print(json.dumps(row), flush=True)
         return res
@@ -197,7 +199,8 @@ def main() -> None:
         run_ours(spec, prompts[:1], temperature=temperature, max_new=8)  # warm-up + capture
         cap = time.perf_counter() - cap
         run_ours(spec, prompts, temperature=temperature, max_new=mx)  # untimed, as for the drafts
-        plain = record(task, "ours_graph_plain", 0, run_ours(spec, prompts, temperature=temperature, max_new=mx), cap)
+        plain = record(task, "ours_graph_plain", 0, run_ours(spec, prompts, temperature=temperature, max_new=mx), cap,
+                       spec=spec)
         configs = [("ngram", "ngram", 1, 0, (4, 8))] if args.ngram else []
         configs += [(name, draft, k, g, gammas) for name, draft in drafts.items() for k in ks for g in lookups]
         for name, draft, k, lookup, config_gammas in configs:
@@ -212,7 +215,7 @@ def main() -> None:
                 res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                 if temperature == 0:
                     res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
-                record(task, name, gamma, res, cap, k, lookup)
+                record(task, name, gamma, res, cap, k, lookup, spec)
             if name != "ngram" and args.auto:  # with the lookup branch too, when --lookup has it
                 spec = speculant_for(draft, "auto", k, lookup)
                 cap = time.perf_counter()
@@ -231,7 +234,8 @@ def main() -> None:
                     res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
                     res["half_life"] = half_life  # None: the policy's default
                     res["gamma_chosen"] = res.pop("gamma_counts")  # target calls per γ chosen
-                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k, lookup)
+                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k, lookup,
+                           spec)
     summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "attention": args.attention,
                "results": results, "command": " ".join(sys.argv)}
     header = ("task", "method", "gamma", "k", "G", "tok/s", "alpha", "tau", "vs plain", "prefill", "ms/call")

@@ -549,7 +549,11 @@ class FusedStepper:
 
             functions = (sample, alternatives, finish, finish_candidates)
             if self.compile_sampling:
-                functions = tuple(torch.compile(f) for f in functions)
+                # static shapes: one specialisation per (γ, K, lookup) met, never a symbolic γ. With
+                # dynamic=None the second shape recompiles symbolically, and torch 2.11's inductor then
+                # failed on emitted_tokens' index arithmetic on an H200 (sympy: 'Identity' object has
+                # no attribute '_prec', then RecursionError), leaving the sampling tail eager in the graph.
+                functions = tuple(torch.compile(f, dynamic=False) for f in functions)
             self.samplers[self.compile_sampling] = functions
         return self.samplers[self.compile_sampling]
 
