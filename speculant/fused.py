@@ -230,14 +230,20 @@ class FusedStepper:
             self.samplers.clear()
             self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
             self.params = params
-        self.target.truncate(0)
-        if len(prompt) > 1:
-            self._prefill(self.target_fn, prompt[:-1], 0)
-            self.target.set_length(len(prompt) - 1)
+        self.prefill(prompt[:-1])
         if self.draft_model is not None:
             self.draft_model.truncate(0)
             self.draft_valid = 0
             self._catch_up_draft(prompt, len(prompt) - 1 if self.features else len(prompt) - 2)
+
+    def prefill(self, tokens: list[int]) -> None:
+        """The target's cache then holds `tokens` at positions 0.. (the prompt's prefill, `_prefill`);
+        speculant.exact_target.ExactTarget prefills through it too, so that the generic step in
+        bit-exact mode starts from the same cache bits as this stepper's plain decoding."""
+        self.target.truncate(0)
+        if tokens:
+            self._prefill(self.target_fn, tokens, 0)
+            self.target.set_length(len(tokens))
 
     def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None) -> None:
         """fn over tokens at positions start.. (writes the caches in place).
@@ -598,12 +604,22 @@ class FusedStepper:
             return self.target_fn(tokens, start + depths, ancestors)
         if (t, tree) not in self.layouts:
             depths, ancestors = candidate_tree(*tree) if tree is not None else (torch.arange(t), None)
-            layout = exact_layout(depths, ancestors) + (torch.tensor(t),)
-            self.layouts[t, tree] = tuple(x.to(self.device) for x in layout)
-        depths, nodes, count = self.layouts[t, tree]
+            self.layouts[t, tree] = self.layout_of(depths, ancestors)
+        return self.exact_score(tokens, start, self.layouts[t, tree])
+
+    def layout_of(self, depths: torch.Tensor, ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The layout of a bit-exact call of T tokens, on the device: models.exact_attention.exact_layout
+        of depths [T] and ancestors [T, T] bool (None: a chain), and the count T (what exact_score reads)."""
+        layout = exact_layout(depths, ancestors) + (torch.tensor(depths.shape[0]),)
+        return tuple(x.to(self.device) for x in layout)
+
+    def exact_score(self, tokens: torch.Tensor, start: torch.Tensor, layout: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Bit-exact mode's forward: tokens [T] from position `start` ([] or [1], on the device) laid out
+        by `layout` (layout_of) -> logits [T, V]; the call is padded to EXACT_WIDTH rows and runs exact_fn."""
+        depths, nodes, count = layout
         keys = exact_keys(start.reshape(()), depths, nodes, count, self.target.max_seq_len)
-        padded = torch.cat([tokens, tokens.new_zeros(EXACT_WIDTH - t)])  # fresh tensors: one compiled graph
-        return self.exact_fn(padded, keys.positions, keys.slots, keys.start, keys.table, keys.count)[:t]
+        padded = torch.cat([tokens, tokens.new_zeros(EXACT_WIDTH - tokens.shape[0])])  # fresh tensors: one graph
+        return self.exact_fn(padded, keys.positions, keys.slots, keys.start, keys.table, keys.count)[:tokens.shape[0]]
 
     def tree(self, gamma: int, k: int, lookup: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """acceptance.candidate_tree on the device, made once per (γ, k, G): graphs read it in place."""
