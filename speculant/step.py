@@ -36,8 +36,7 @@ import torch
 
 from speculant.acceptance import candidate_tree, emitted_tokens, tree_that_fits, tree_tokens, verify, verify_candidates
 from speculant.drafters.base import Draft, Drafter, common_prefix_length
-from speculant.models.base import CausalLM, synchronize
-from speculant.models.transformer import LeanModel
+from speculant.models.base import CausalLM, TreeCausalLM, synchronize
 from speculant.sampling import SamplingParams, logits_to_probs
 
 
@@ -84,8 +83,9 @@ class Stepper(Protocol):
 
 
 class GenericStepper:
-    """The eager step for any target and drafter (a hierarchy's levels included); on a lean target a
-    draft with candidates or a lookup branch is scored as one tree."""
+    """The eager step for any target and drafter (a hierarchy's levels included); on a target that
+    scores trees (a lean model, bit-exact mode's ExactTarget: models.base.TreeCausalLM) a draft with
+    candidates or a lookup branch is scored as one tree."""
 
     runs_ahead = False
 
@@ -151,7 +151,7 @@ def speculative_step(
     # a tree of γ·k candidates and/or the lookup branch, if the target can take one and its cache has the slots
     k = 1 if draft.alternatives is None else 1 + draft.alternatives.shape[1]
     size = 0 if draft.lookup is None else draft.lookup.shape[0]
-    if isinstance(target, LeanModel) and num_drafted and (k > 1 or draft.lookup is not None):
+    if isinstance(target, TreeCausalLM) and num_drafted and (k > 1 or draft.lookup is not None):
         fit_k, fit_size = tree_that_fits(len(context), num_drafted, k, size, target.max_seq_len)
         if draft.lookup is not None and fit_size < size:
             draft = draft._replace(lookup=None)  # no room for the lookup branch's slots: the tree without it
@@ -177,7 +177,7 @@ def speculative_step(
                       target_logits=logits)
 
 
-def _candidate_step(target: LeanModel, draft: Draft, context: list[int], params: SamplingParams,
+def _candidate_step(target: TreeCausalLM, draft: Draft, context: list[int], params: SamplingParams,
                     generator: torch.Generator | None, draft_time: float) -> StepResult:
     """speculative_step for a draft with k candidates per position and/or a lookup branch: the target
     scores the tree of acceptance.candidate_tree in one forward; kept nodes off the chain move their

@@ -41,6 +41,23 @@ class CausalLM(Protocol):
         ...
 
 
+@runtime_checkable
+class TreeCausalLM(CausalLM, Protocol):
+    """A CausalLM that also scores a tree of tokens in one forward and keeps a path of it: the lean
+    model (models.transformer.LeanModel) and bit-exact mode's target (speculant.exact_target.ExactTarget).
+    The generic step verifies candidates and a lookup branch as one tree on such a target."""
+
+    def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """As CausalLM.forward; with ancestors [T, T] bool the tokens form a tree (token 0 its root,
+        acceptance.candidate_tree): token t sits in cache slot start_pos + t at position start_pos + its
+        depth, and attends to the cache before start_pos and to its ancestors."""
+        ...
+
+    def move_slot(self, source: int | torch.Tensor, dest: int | torch.Tensor) -> None:
+        """Copy cache slot `source` to `dest`: a kept tree node moves to the slot of its position."""
+        ...
+
+
 # The dtype names speculant's command line, API, bench and distill accept.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
