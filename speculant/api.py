@@ -50,14 +50,15 @@ from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
-from speculant.fused import fused_stepper
+from speculant.exact_target import ExactTarget
+from speculant.fused import FusedStepper, fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
 from speculant.models.exact_attention import check_exact_width
 from speculant.models.registry import LoadedModel, load_model
 from speculant.plan import DraftPlan
 from speculant.sampling import SamplingParams
-from speculant.step import GenericStepper
+from speculant.step import GenericStepper, Stepper
 from speculant.stopping import StopStringDecoder
 from speculant.tokenizer import check_text
 
@@ -113,12 +114,18 @@ class Speculant:
             _check_bit_exact(fused, MAX_GAMMA if self.gamma == "auto" else self.gamma, candidates, lookup)
         # bit-exact plain and speculative decoding share the fused step's fixed-width forwards; compiled on CUDA
         options = {"bit_exact": True, "compile": target.model.device.type == "cuda"} if bit_exact else {}
-        self.stepper = fused_stepper(target.model, self.drafter, **options) if fused else None
+        self.stepper: Stepper | None = fused_stepper(target.model, self.drafter, **options) if fused else None
         self.plain_stepper = fused_stepper(target.model, NoDrafter(), **options) if fused else None
-        if bit_exact and self.stepper is None:
-            raise ValueError("bit-exact decoding needs a lean (torch) target and one drafter level (none, ngram, a "
-                             "model, layers:N or a distilled draft); a hierarchy or a target through transformers "
-                             "or llama.cpp cannot run it")
+        # bit-exact mode's target for the generic step (a hierarchy, a draft through transformers, logprobs):
+        # the plain stepper's own prefill and exact forward, so its logits are plain decoding's bits
+        self.exact_target = None
+        if bit_exact:
+            if self.plain_stepper is None:
+                raise ValueError("bit-exact decoding needs a lean (torch) target; a target through transformers or "
+                                 "llama.cpp cannot run it")
+            self.exact_target = ExactTarget(self.plain_stepper)
+            if self.stepper is None:
+                self.stepper = GenericStepper(self.exact_target, self.drafter)
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, chat: bool = False, *,
@@ -166,9 +173,9 @@ class Speculant:
         stops = self.tokenizer.eos_ids if stop_ids is None else [_token_id(t) for t in stop_ids]
         drafter = NoDrafter() if plain else self.drafter
         gamma = 0 if plain else self.gamma_policy(params) if self.gamma == "auto" else self.gamma
-        if keep_logits and self.bit_exact:
-            raise ValueError("logprobs run the generic step, which is not bit-exact: drop logprobs or bit_exact")
-        stepper = None if keep_logits else self.plain_stepper if plain else self.stepper
+        stepper = self.plain_stepper if plain else self.stepper
+        if keep_logits:  # the generic step (its Steps carry the logits); in bit-exact mode over the exact target
+            stepper = GenericStepper(self.exact_target, drafter) if self.bit_exact else None
         return ids, generate(self.target.model, drafter, ids, gamma=gamma, params=params,
                              max_new_tokens=max_new_tokens, stop_ids=stops, generator=generator, stepper=stepper)
 
@@ -177,7 +184,7 @@ class Speculant:
         machine's step costs for the pair, measured through the request's stepper on first use and
         then read from the cache (speculant.calibrate), so that a seeded request gives the same tokens
         every time, on this object or on a fresh load in another process."""
-        if self.stepper is not None:
+        if isinstance(self.stepper, FusedStepper):
             self.stepper.reserve(MAX_GAMMA)  # the feature window no longer depends on the γs taken so far
         sampled = not params.greedy
         if sampled not in self.step_costs:
@@ -454,8 +461,8 @@ def _chat_messages(messages: Sequence[dict], system: str | None) -> list[dict]:
 
 
 def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) -> None:
-    """A bit-exact request's target forwards are EXACT_WIDTH rows of the fused step: its trees (up to
-    the longest γ) must fit."""
+    """A bit-exact request's target forwards are the fused step's calls of EXACT_WIDTH rows (the
+    generic step's too, through ExactTarget): its trees (up to the longest γ) must fit."""
     if not fused:
         raise ValueError("bit-exact decoding runs the fused step: fused=False cannot be bit-exact")
     check_exact_width(longest, candidates, lookup)
@@ -548,9 +555,10 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     bit_exact: every target forward of decoding (plain or speculative) computes a fixed number of
     rows with position-ordered attention (speculant.models.exact_attention), so greedy speculative
     output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed. Needs
-    the torch backend, a lean target, one drafter level, and 1 + gamma·candidates + lookup <=
-    EXACT_WIDTH (32; gamma auto: up to 12); runs the fused step (also on the CPU, uncompiled); no
-    logprobs, no batching."""
+    the torch backend, a lean target and 1 + gamma·candidates + lookup <= EXACT_WIDTH (32; gamma
+    auto: up to 12); runs the fused step (also on the CPU, uncompiled), and where that cannot run the
+    drafter (a hierarchy, a draft through transformers) or logprobs are asked for, the generic step
+    over the same exact forward (speculant.exact_target); no batching."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)

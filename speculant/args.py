@@ -111,8 +111,8 @@ def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bit-exact", action="store_true",
                         help="decode with fixed-width target forwards and position-ordered attention, plain and "
                              "speculative alike, so that greedy output equals plain greedy decoding token for token "
-                             "in bfloat16 on a GPU too (slower; a lean torch target, one drafter level, "
-                             "1 + gamma*candidates + lookup <= 32, no --logprobs)")
+                             "in bfloat16 on a GPU too (slower; a lean torch target, any --draft chain, "
+                             "1 + gamma*candidates + lookup <= 32)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

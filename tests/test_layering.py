@@ -7,7 +7,7 @@ module to the module it names. The layers, lowest first:
        prompts
     1  models/                                                  every model class and its loading
     2  drafters/                                                what proposes draft tokens
-    3  step, fused                                              one step: draft, verify, accept
+    3  step, fused, exact_target                                one step: draft, verify, accept
     4  engine, adaptive, calibrate, batching, plan, reference,  loops over steps, γ policies and their step
        chain                                                    costs, the drafter chain
     5  api (and the package's own __init__, which re-exports it)
@@ -32,7 +32,7 @@ LAYERS = {
         "speculant.tokenizer", "speculant.prompts"),
     1: ("speculant.models",),
     2: ("speculant.drafters",),
-    3: ("speculant.step", "speculant.fused"),
+    3: ("speculant.step", "speculant.fused", "speculant.exact_target"),
     4: ("speculant.engine", "speculant.adaptive", "speculant.calibrate", "speculant.batching", "speculant.plan", "speculant.reference",
         "speculant.chain"),
     5: ("speculant.api", "speculant"),
