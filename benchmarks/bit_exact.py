@@ -9,7 +9,7 @@ CPU check (the fused step runs uncompiled, without graphs; a few prompts and tok
 
 For each mode (default, bit-exact) and each drafter config (plain; the embedded feature draft as a
 chain at γ 4, as a K 4 tree, as a K 4 tree with a lookup branch of 8, as a chain at `--gamma auto`;
-n-gram at γ 4): every prompt
+n-gram at γ 4; the hierarchy `--draft layers:8 --draft ngram` at γ 4, run by the generic step): every prompt
 once, greedy (an untimed warm-up over the first prompt captures the graphs first). Per config: how
 many prompts' token ids equal plain decoding's in the same mode, decode tok/s (new tokens / decode
 time: prefills, which are the same in both modes, left out) and the mode's cost. Then the logits
@@ -35,10 +35,11 @@ from speculant.sampling import SamplingParams
 
 DRAFT = "speculant/embedded/smollm2-135m-draft"
 GAMMA = 4
-# name -> (draft spec, candidates, lookup, γ)
-CONFIGS = {"plain": ("none", 1, 0, GAMMA), "features": (DRAFT, 1, 0, GAMMA), "features#k4": (DRAFT, 4, 0, GAMMA),
-           "features#k4#lookup8": (DRAFT, 4, 8, GAMMA), "features#auto": (DRAFT, 1, 0, "auto"),
-           "ngram": ("ngram", 1, 0, GAMMA)}
+# name -> (draft specs, candidates, lookup, γ); "hierarchy": the target's first 8 layers drafted by n-gram
+# lookup (a feature draft reads the target's features: it is only ever the last level), the generic step
+CONFIGS = {"plain": (("none",), 1, 0, GAMMA), "features": ((DRAFT,), 1, 0, GAMMA), "features#k4": ((DRAFT,), 4, 0, GAMMA),
+           "features#k4#lookup8": ((DRAFT,), 4, 8, GAMMA), "features#auto": ((DRAFT,), 1, 0, "auto"),
+           "ngram": (("ngram",), 1, 0, GAMMA), "hierarchy": (("layers:8", "ngram"), 1, 0, GAMMA)}
 
 
 def run(spec: Speculant, prompts: list[list[int]], max_new: int) -> dict:
@@ -106,9 +107,10 @@ def main() -> None:
         mode = "bit-exact" if bit_exact else "default"
         plain_outputs = None
         for name in names:
-            draft, k, lookup, gamma = CONFIGS[name]
-            # fused (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one
-            spec = Speculant(loaded, [draft], gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact)
+            drafts, k, lookup, gamma = CONFIGS[name]
+            # fused (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one;
+            # a hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward
+            spec = Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact)
             began = time.perf_counter()
             run(spec, prompts[:1], args.max_new_tokens)  # warm-up: compiles and captures this config's graphs
             warm = time.perf_counter() - began
