@@ -36,7 +36,10 @@ Bit-exact mode (`bit_exact=True`): every target forward after the prompt's prefi
 plain chunks, chain and tree verifications) computes exactly EXACT_WIDTH rows, padded, with
 speculant.models.exact_attention's attention (each row walks its own keys in position order), so a
 position's logits are a function of its context only, bit for bit, and greedy speculative output is
-plain greedy output token for token in bfloat16 on a GPU too (`score`, `exact_forward`).
+plain greedy output token for token in bfloat16 on a GPU too (`score`, `exact_forward`). What this
+step cannot run (a hierarchy, a draft through transformers, logprobs) runs the generic step over
+speculant.exact_target.ExactTarget, whose forwards are a bit-exact stepper's own `prefill` and
+`score` / `exact_score`: the same bits.
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.

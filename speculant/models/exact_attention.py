@@ -13,6 +13,8 @@ j >= start, in blocks of BLOCK keys aligned to positions, with an online softmax
 fixed order. The same position with the same context then meets the same keys in the same order,
 however many rows the call has, where in the call the row sits, which tree it belongs to, or in
 which slot a tree node's key lies. So its logits are a function of its context only, bit for bit.
+The generic step (a hierarchy of drafters, a draft through transformers, logprobs) reaches the same
+calls through speculant.exact_target.ExactTarget, so every drafter is covered.
 
 Two implementations of the same math: a Triton kernel (CUDA; `triton` is imported only when it
 runs) and plain torch (the CPU, and the reference the kernel is tested against). Each is
