@@ -242,24 +242,27 @@ class FusedStepper:
     def prefill(self, tokens: list[int]) -> None:
         """The target's cache then holds `tokens` at positions 0.. (the prompt's prefill, `_prefill`);
         speculant.exact_target.ExactTarget prefills through it too, so that the generic step in
-        bit-exact mode starts from the same cache bits as this stepper's plain decoding."""
+        bit-exact mode starts from the same cache bits as this stepper's plain decoding. In bit-exact
+        mode never from a graph: a graph writes the cache it was captured on, and the batched engine
+        prefills each row's own cache, swapped into the model (exact_target.ExactRows), the same way."""
         self.target.truncate(0)
         if tokens:
-            self._prefill(self.target_fn, tokens, 0)
+            self._prefill(self.target_fn, tokens, 0, graphs=not self.bit_exact)
             self.target.set_length(len(tokens))
 
-    def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None) -> None:
+    def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None,
+                 graphs: bool = True) -> None:
         """fn over tokens at positions start.. (writes the caches in place).
 
-        With graphs, a prefill is padded to a power-of-two length (at least 16) and replayed from
-        one graph per length: an eager prefill launches every kernel of every layer from the host
-        (~22 µs each on the lent H100, 3.1 µs inside a graph). The padding (token 0, zero features)
-        sits at the positions after the text: causal attention keeps it out of the text's states,
-        and its K/V and features lie past the cache's length, overwritten before anything reads
-        them, as a rejected draft's are."""
+        With graphs (`graphs` and the stepper's), a prefill is padded to a power-of-two length (at
+        least 16) and replayed from one graph per length: an eager prefill launches every kernel of
+        every layer from the host (~22 µs each on the lent H100, 3.1 µs inside a graph). The padding
+        (token 0, zero features) sits at the positions after the text: causal attention keeps it out
+        of the text's states, and its K/V and features lie past the cache's length, overwritten before
+        anything reads them, as a rejected draft's are."""
         bucket = max(16, 1 << (len(tokens) - 1).bit_length())
         room = min(m.max_seq_len for m in (self.target, self.draft_model) if m is not None)
-        if self.prefill_graphs and len(tokens) > 1 and start + bucket <= room:
+        if graphs and self.prefill_graphs and len(tokens) > 1 and start + bucket <= room:
             key = ("prefill", id(fn), bucket)
             runner = self.graphs.get(key) or self._prepare(
                 key, lambda: self._prefill_body(fn, bucket, features is not None), bucket, 0)
