@@ -382,18 +382,20 @@ class Speculant:
         """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
         at once; `graphs`: the target's forward as CUDA graphs per (batch bucket, T). `auto`: a fresh
         LoadGamma over this machine's batched step costs (batch_step_costs), so that the same requests
-        give the same tokens on every engine."""
+        give the same tokens on every engine. In bit-exact mode each row runs its own exact forwards
+        (one per row per step: speculant.batching), without graphs."""
         from speculant.batching import BatchEngine, LoadGamma, check_max_batch
 
-        if self.bit_exact:
-            raise ValueError("batched decoding is not bit-exact (its rows share each forward): run requests one by one")
+        if self.bit_exact and graphs:
+            raise ValueError("bit-exact batching runs each row's exact forward on its own cache, eagerly: no graphs")
         rows = getattr(self.drafter, "rows", None)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
                              "(one level, one candidate, no lookup branch)")
         check_max_batch(max_batch)
         policy = LoadGamma(self.batch_step_costs(max_batch, graphs)) if self.gamma == "auto" else None
-        return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs)
+        return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs,
+                           exact=self.exact_target)
 
     def batch_step_costs(self, max_batch: int, graphs: bool) -> BatchStepCosts:
         """This machine's batched step costs for the pair at `max_batch` rows: timed once through an
@@ -403,13 +405,13 @@ class Speculant:
         if (max_batch, graphs) not in self.batch_costs:
             model = self.target.model
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "max_batch": max_batch,
-                   "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA}
+                   "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA, **({"bit_exact": True} if self.bit_exact else {})}
             fallback = nominal_batch_costs(max_batch, BATCH_MAX_GAMMA, model.device.type,
                                            0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)
 
             def measure() -> dict[int, tuple[float, ...]]:
                 engine = BatchEngine(model, self.drafter.rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
-                                     graphs=graphs)
+                                     graphs=graphs, exact=self.exact_target)
                 return measure_batch_costs(engine, BATCH_MAX_GAMMA)
 
             self.batch_costs[(max_batch, graphs)] = batch_step_costs(key, measure, fallback)
@@ -558,7 +560,8 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     the torch backend, a lean target and 1 + gamma·candidates + lookup <= EXACT_WIDTH (32; gamma
     auto: up to 12); runs the fused step (also on the CPU, uncompiled), and where that cannot run the
     drafter (a hierarchy, a draft through transformers) or logprobs are asked for, the generic step
-    over the same exact forward (speculant.exact_target); no batching."""
+    over the same exact forward (speculant.exact_target); batched requests (generate_many, the server)
+    run each row's exact forwards on its own cache, one row at a time (a step costs a forward per row)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)

@@ -107,12 +107,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
-    """--bit-exact, for the commands that decode one request at a time (generate, chat)."""
+    """--bit-exact, for generate, chat and serve."""
     parser.add_argument("--bit-exact", action="store_true",
                         help="decode with fixed-width target forwards and position-ordered attention, plain and "
                              "speculative alike, so that greedy output equals plain greedy decoding token for token "
-                             "in bfloat16 on a GPU too (slower; a lean torch target, any --draft chain, "
-                             "1 + gamma*candidates + lookup <= 32)")
+                             "in bfloat16 on a GPU too, and a batched request's tokens do not depend on the others "
+                             "(slower, batches most: a forward per request per step; a lean torch target, any "
+                             "--draft chain, 1 + gamma*candidates + lookup <= 32)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -55,6 +55,14 @@ draft model (ModelDrafter.rows: a model, layers:N, a distilled draft) and the fe
 (FeatureDrafter.rows); hierarchical chains, several candidates per position and the lookup branch
 run single-request only (Speculant.batch_engine refuses them with a clear error). Prompts are
 prefilled one at a time, when they join.
+
+Bit-exact mode (`exact`, an exact_target.ExactTarget): every row's cache is laid out as the model's
+own (exact_target.ExactRows) and its prefill and verification run through the bit-exact forward with
+that cache swapped into the model, one row at a time, so a request's logits are the bits it gets
+alone: its greedy tokens do not depend on its neighbours, and are plain bit-exact decoding's (the
+same prefill and forward as a FusedStepper(bit_exact=True)). The draft still runs batched: it only
+proposes. A step then costs one exact forward per row (EXACT_WIDTH rows each) instead of one for the
+batch: throughput no longer grows with the batch on the target's side. No graphs.
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ from speculant.adaptive import BatchStepCosts, batch_bucket, nominal_batch_costs
 from speculant.analysis import GenerationStats
 from speculant.drafters.base import RowDrafter, probs_by_row
 from speculant.engine import check_request
+from speculant.exact_target import ExactRows, ExactTarget
 from speculant.models.base import check_fits
 from speculant.models.transformer import LeanModel, RowKVCache
 from speculant.sampling import SamplingParams, sample_from
@@ -298,13 +307,18 @@ class BatchEngine:
     gamma: an int >= 0 (0: plain decoding) or "auto" (`policy`, a LoadGamma over a table of step costs
     covering max_batch rows; without one, over nominal_batch_costs); max_batch: rows that run at once
     (more requests wait their turn); graphs: the target's forward as CUDA graphs per (batch bucket,
-    T) (RowGraphs; on the CPU the same padded static call, eager)."""
+    T) (RowGraphs; on the CPU the same padded static call, eager). exact: bit-exact mode, an
+    ExactTarget over `target`: each row's prefill and verification run through it on the row's own
+    cache (exact_target.ExactRows), one row at a time, so a request's logits are those it gets alone."""
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
-                 graphs: bool = False) -> None:
+                 graphs: bool = False, exact: ExactTarget | None = None) -> None:
         if not isinstance(target, LeanModel):
             raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
+        if exact is not None and (exact.model is not target or graphs):
+            raise ValueError("bit-exact batching runs the target's own ExactTarget, one row at a time, without "
+                             "graphs")
         check_max_batch(max_batch)
         if gamma == "auto":
             self.policy: LoadGamma | None = policy or LoadGamma(
@@ -319,7 +333,9 @@ class BatchEngine:
             raise ValueError(f"gamma must be an integer >= 0 or 'auto', got {gamma!r}")
         self.target = target
         self.max_batch = max_batch
-        self.cache = target.new_row_cache(max_batch)
+        # bit-exact mode: rows laid out as the model's own cache, run one at a time through `exact`
+        self.exact = ExactRows(exact, max_batch) if exact is not None else None
+        self.cache = self.exact if self.exact is not None else target.new_row_cache(max_batch)
         self.graphs = RowGraphs(target, self.cache, capture=target.device.type == "cuda") if graphs else None
         self.drafter = drafter_factory(max_batch, self.cache) if drafter_factory is not None and self.gamma else None
         if self.drafter is None:
@@ -422,7 +438,9 @@ class BatchEngine:
         if width:
             inputs[:, 1:] = draft_tokens[:, :width]
         starts, lengths = [len(r.context) - 1 for r in rows], [n + 1 for n in counts]
-        if self.graphs is not None:
+        if self.exact is not None:
+            logits = self.exact.forward_rows(inputs, starts, lengths)
+        elif self.graphs is not None:
             logits = self.graphs(inputs, starts, lengths)
         else:
             logits, _ = self.target.forward_rows(self.cache, inputs, starts, lengths)
@@ -493,7 +511,9 @@ class BatchEngine:
             return
         b = len(self.rows)
         start = time.perf_counter()
-        if len(row.context) > 1:
+        if self.exact is not None:
+            self.exact.prefill(b, row.context[:-1])
+        elif len(row.context) > 1:
             self.target.forward_rows(self.cache, torch.tensor([row.context[:-1]]), [0], [len(row.context) - 1],
                                      first_row=b, with_logits=False)
         if self.drafter is not None:

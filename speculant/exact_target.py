@@ -14,9 +14,18 @@ and the target's logits decide every emitted token.
 
     >>> plain = FusedStepper(target, None, bit_exact=True)                   # doctest: +SKIP
     >>> stepper = GenericStepper(ExactTarget(plain), hierarchy)              # doctest: +SKIP
+
+Batched requests (speculant.batching.BatchEngine in bit-exact mode) keep each row's cache laid out as
+the model's own (`ExactRows`) and run a row's prefill and verification through ExactTarget with that
+cache swapped into the model: the same compiled forwards on tensors of the same shapes and strides as
+a request decoded alone, so a request's logits, hence its greedy tokens, do not depend on its
+neighbours. One row at a time: a step costs one exact forward per row instead of one for the batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -72,4 +81,62 @@ class ExactTarget:
                 self.layouts[key] = self.stepper.layout_of(ancestors.sum(-1) - 1, ancestors)
             logits = self.stepper.exact_score(tokens, torch.tensor(start_pos, device=self.device), self.layouts[key])
         self.model.set_length(start_pos + t)
+        return logits
+
+
+class ExactRows:
+    """The caches of up to `rows` requests in bit-exact mode (speculant.batching), each laid out as the
+    model's own: keys and values [rows, layers, S + EXACT_WIDTH, KV, D], features [rows, S +
+    EXACT_WIDTH, E] (row b's slice has the model's cache's shape and strides). It stands where the
+    batched engine keeps a models.transformer.RowKVCache: row drafters read `features` (a feature
+    draft) and rows move with `move_row`. Each call swaps row b's cache into the model (`row`) and
+    runs `target`, an ExactTarget, which must not replay graphs (it never does: its stepper's
+    prefill is eager in bit-exact mode, and its forwards are eager calls of the compiled function)."""
+
+    def __init__(self, target: ExactTarget, rows: int) -> None:
+        model = target.model
+        self.target, self.model = target, model
+        self.k = model.k_cache.new_zeros((rows, *model.k_cache.shape))
+        self.v = model.v_cache.new_zeros((rows, *model.v_cache.shape))
+        self.features = model.features.new_zeros((rows, *model.features.shape))  # a bit-exact target keeps them
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[0]
+
+    def keep_features(self) -> None:
+        """Features are always kept (the exact forward writes them): what a feature draft asks for."""
+
+    def move_row(self, source: int, dest: int, length: int) -> None:
+        """Copy row `source`'s first `length` slots to row `dest` (rows stay packed when one leaves)."""
+        self.k[dest, :, :length] = self.k[source, :, :length]
+        self.v[dest, :, :length] = self.v[source, :, :length]
+        self.features[dest, :length] = self.features[source, :length]
+
+    @contextmanager
+    def row(self, b: int, length: int) -> Iterator[ExactTarget]:
+        """Row b's cache (its first `length` slots valid) in the model for the calls inside; then the
+        model's own cache and length again."""
+        model = self.model
+        own = model.k_cache, model.v_cache, model.features, model.length
+        model.k_cache, model.v_cache, model.features = self.k[b], self.v[b], self.features[b]
+        model.set_length(length)
+        try:
+            yield self.target
+        finally:
+            model.k_cache, model.v_cache, model.features = own[:3]
+            model.set_length(own[3])
+
+    def prefill(self, b: int, tokens: list[int]) -> None:
+        """Row b's cache then holds `tokens` (a prompt but its last token), prefilled as alone."""
+        with self.row(b, 0) as target:
+            target.prefill(torch.tensor(tokens, dtype=torch.int64))
+
+    def forward_rows(self, tokens: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
+        """tokens [B, T]: row b's first lengths[b] at positions starts[b].. of its own cache (valid up to
+        there) -> logits [B, T, vocab] (zeros past a row's length), one exact call per row."""
+        logits = torch.zeros(*tokens.shape, self.model.vocab_size, device=self.model.device)
+        for b, (start, length) in enumerate(zip(starts, lengths)):
+            with self.row(b, start) as target:
+                logits[b, :length] = target.forward(tokens[b, :length], start)
         return logits

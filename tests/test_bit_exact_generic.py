@@ -142,12 +142,15 @@ def tiny_folder(tmp_path_factory):
     return str(save_folder(tiny_hf_model("llama", vocab_size=261, max_position_embeddings=128), folder))
 
 
-def test_the_api_runs_a_bit_exact_hierarchy_and_logprobs_through_the_exact_target(tiny_folder):
+def test_the_api_runs_a_bit_exact_hierarchy_and_logprobs_through_the_exact_target(tiny_folder, tmp_path,
+                                                                                   monkeypatch):
     """speculant.load(draft=[model, ngram], bit_exact=True): the hierarchy runs the generic step over
     the plain stepper's exact target and gives plain bit-exact decoding's tokens; logprobs (the generic
-    step) are accepted and give the same tokens; --gamma auto too; a target through transformers is
-    still refused."""
+    step) are accepted and give the same tokens; --gamma auto too; generate_many runs the hierarchy's
+    requests one by one (the batched engine drafts with one level)."""
     from speculant import api
+
+    monkeypatch.setenv("SPECULANT_CACHE", str(tmp_path / "cache"))  # --gamma auto's step costs
 
     spec = api.load(tiny_folder, draft=[tiny_folder, "ngram"], gamma=3, dtype="bfloat16", max_seq_len=128,
                     bit_exact=True)
@@ -163,8 +166,9 @@ def test_the_api_runs_a_bit_exact_hierarchy_and_logprobs_through_the_exact_targe
     auto = api.load(tiny_folder, draft=[tiny_folder, "ngram"], gamma="auto", dtype="bfloat16", max_seq_len=128,
                     bit_exact=True)
     assert auto.generate(prompt, max_new_tokens=24).token_ids == plain
-    with pytest.raises(ValueError, match="batched decoding is not bit-exact"):
+    with pytest.raises(ValueError, match="one level"):
         spec.batch_engine()
+    assert [r.token_ids for r in spec.generate_many([{"prompt": prompt}] * 2, max_new_tokens=24)] == [plain] * 2
 
 
 def test_a_bit_exact_draft_through_transformers_runs_the_generic_step(tiny_folder, tmp_path):
@@ -207,3 +211,64 @@ def test_plain_decoding_on_the_exact_target_is_the_fused_plain_step():
         expected = _greedy(target, None, plain, prompt, 0, max_new=40)
         assert _greedy(target, NoDrafter(), GenericStepper(ExactTarget(plain), NoDrafter()), prompt, 0,
                        max_new=40) == expected
+
+
+# ================================================================ batched requests
+
+def _batched(engine, prompts, max_new: list[int]) -> list[list[int]]:
+    """Greedy tokens of each prompt, all added at once (more than the engine's rows: some wait)."""
+    from speculant.batching import BatchRequest
+
+    ids = {engine.add(BatchRequest(prompt, GREEDY, n)): i for i, (prompt, n) in enumerate(zip(prompts, max_new))}
+    out = [[] for _ in prompts]
+    while engine.num_running:
+        for update in engine.step():
+            out[ids[update.request_id]] += update.tokens
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ngram", "model", "features"])
+def test_a_bit_exact_batched_requests_greedy_tokens_are_its_tokens_alone_in_bfloat16(kind):
+    """BatchEngine(exact=...): each request's greedy tokens are the same alone and batched with others
+    (3 rows for 5 requests of different lengths: rows wait, finish and move), and are plain bit-exact
+    decoding's (the fused step, alone). A feature draft reads the rows' features from the exact caches.
+    The control: the default engine's tokens are not plain bit-exact decoding's on some request."""
+    from test_bit_exact import _feature_pair_bf16
+
+    from speculant.batching import BatchEngine
+    from speculant.drafters.features import FeatureDrafter
+
+    if kind == "features":
+        target, draft = _feature_pair_bf16()
+        factory = FeatureDrafter(draft, target, candidates=1).rows
+    else:
+        target = _target(layers=2, seed=5)
+        factory = NgramDrafter().rows if kind == "ngram" else ModelDrafter(_target(layers=1, seed=6)).rows
+    plain = FusedStepper(target, None, compile=False, bit_exact=True)
+    prompts = PROMPTS + [[(3 * i + 1) % 64 for i in range(12)], [5, 9, 5, 9, 5]]
+    max_new = [30, 20, 40, 12, 25]
+    expected = [_greedy(target, None, plain, prompt, 0, max_new=n) for prompt, n in zip(prompts, max_new)]
+    exact = ExactTarget(plain)
+    alone = [_batched(BatchEngine(target, factory, gamma=4, max_batch=3, exact=exact), [p], [n])[0]
+             for p, n in zip(prompts, max_new)]
+    batched = _batched(BatchEngine(target, factory, gamma=4, max_batch=3, exact=exact), prompts, max_new)
+    assert alone == batched == expected
+    if kind == "model":
+        default = _batched(BatchEngine(target, factory, gamma=4, max_batch=3), prompts, max_new)
+        assert default != expected
+
+
+def test_the_api_batches_bit_exact_requests_and_refuses_graphs(tiny_folder):
+    """generate_many in bit-exact mode runs the batched engine over the exact target: each request
+    gets plain bit-exact decoding's tokens; graphs are refused in one line."""
+    from speculant import api
+
+    spec = api.load(tiny_folder, draft=tiny_folder, gamma=3, dtype="bfloat16", max_seq_len=128, bit_exact=True)
+    engine = spec.batch_engine(max_batch=2)
+    assert engine.exact is not None and engine.cache is engine.exact
+    prompts = ["ab cd ab cd ab", "xy", "hello hello hel"]
+    results = spec.generate_many([{"prompt": p} for p in prompts], max_new_tokens=16, max_batch=2)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == spec.generate(prompt, max_new_tokens=16, plain=True).token_ids
+    with pytest.raises(ValueError, match="no graphs"):
+        spec.batch_engine(graphs=True)

@@ -372,3 +372,31 @@ def test_64_concurrent_streaming_clients_all_get_the_tokens_they_get_alone(serve
     assert [text for text, _ in results] == alone
     assert len(set(alone)) > 32  # the prompts lead to different outputs: a mixed-up row would show
     print(f"64 concurrent streams: {elapsed:.1f} s")
+
+
+def test_a_bit_exact_server_gives_each_concurrent_request_plain_bit_exact_decodings_tokens(model_folder):
+    """`serve --bit-exact` in bfloat16: 8 concurrent greedy completions (one row each, speculative with
+    layers:1) get the tokens the library's plain bit-exact decoding gives each prompt alone."""
+    import speculant
+
+    server = Server(model_folder, "--bit-exact", "--dtype", "bfloat16", "--draft", "layers:1", "--gamma", "3",
+                    "--max-seq-len", "256", "--max-batch", "4")
+    try:
+        server.wait_ready()
+        prompts = [f"{LETTERS[i]}{LETTERS[(5 * i) % 26]} {i}" for i in range(8)]
+        client = server.client()
+        threads, texts = [], [None] * len(prompts)
+
+        def ask(i):
+            texts[i] = client.completions.create(model=server.model, prompt=prompts[i], max_tokens=10,
+                                                 temperature=0).choices[0].text
+
+        for i in range(len(prompts)):
+            threads.append(threading.Thread(target=ask, args=(i,)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        server.stop()
+    spec = speculant.load(target=str(model_folder), draft="none", dtype="bfloat16", max_seq_len=256, bit_exact=True)
+    assert texts == [spec.generate(p, max_new_tokens=10, temperature=0).text for p in prompts]

@@ -16,13 +16,14 @@ import time
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from speculant.args import add_model_arguments, int_at_least
+    from speculant.args import add_bit_exact_argument, add_model_arguments, int_at_least
 
     serve = subparsers.add_parser(
         "serve", help="serve the target over an OpenAI-compatible HTTP API (continuous batching)",
         description="Serve OpenAI's /v1/completions and /v1/chat/completions (streaming too), /v1/models, "
                     "/health and /metrics, with continuous batching of speculative requests.")
     add_model_arguments(serve)
+    add_bit_exact_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--max-batch", type=int_at_least(1), default=64,
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"speculant serve: loading {args.target} ...", file=sys.stderr, flush=True)
     spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
                           dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
-                          lookup=args.lookup, backend=args.backend)
+                          lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact)
     engine = spec.batch_engine(max_batch=args.max_batch)
     metrics = ServerMetrics()
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
