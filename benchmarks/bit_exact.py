@@ -9,10 +9,12 @@ CPU check (the fused step runs uncompiled, without graphs; a few prompts and tok
 
 For each mode (default, bit-exact) and each drafter config (plain; the embedded feature draft as a
 chain at γ 4, as a K 4 tree, as a K 4 tree with a lookup branch of 8, as a chain at `--gamma auto`;
-n-gram at γ 4; the hierarchy `--draft layers:8 --draft ngram` at γ 4, run by the generic step): every prompt
-once, greedy (an untimed warm-up over the first prompt captures the graphs first). Per config: how
-many prompts' token ids equal plain decoding's in the same mode, decode tok/s (new tokens / decode
-time: prefills, which are the same in both modes, left out) and the mode's cost. Then the logits
+n-gram at γ 4; the hierarchy `--draft layers:8 --draft ngram` at γ 4, run by the generic step; the
+feature draft with every prompt at once through continuous batching, 8 rows): every prompt once,
+greedy (an untimed warm-up over the first prompt captures the graphs first). Per config: how many
+prompts' token ids equal plain decoding's in the same mode, decode tok/s (new tokens / decode time:
+prefills, which are the same in both modes, left out; batched: wall time, prefills in) and the
+mode's cost. Then the logits
 check: after a prompt and its greedy continuation, the 17 nodes of a γ 4, K 4 tree scored in one
 forward against each node's path fed one token at a time (the plain step's forward): max |diff| and
 whether every node's logits are bit-equal. Prints a table, then one JSON line; writes bit_exact.json.
@@ -40,10 +42,32 @@ GAMMA = 4
 CONFIGS = {"plain": (("none",), 1, 0, GAMMA), "features": ((DRAFT,), 1, 0, GAMMA), "features#k4": ((DRAFT,), 4, 0, GAMMA),
            "features#k4#lookup8": ((DRAFT,), 4, 8, GAMMA), "features#auto": ((DRAFT,), 1, 0, "auto"),
            "ngram": (("ngram",), 1, 0, GAMMA), "hierarchy": (("layers:8", "ngram"), 1, 0, GAMMA)}
+# name -> (draft specs, γ, max_batch): every prompt at once through generate_many (continuous batching;
+# in bit-exact mode a forward per row per step)
+BATCHED = {"features#batched8": ((DRAFT,), GAMMA, 8)}
 
 
-def run(spec: Speculant, prompts: list[list[int]], max_new: int) -> dict:
-    """Each prompt once, greedy: the token ids and decode tok/s."""
+def build(loaded, name: str, bit_exact: bool) -> tuple[Speculant, int | None]:
+    """A config's Speculant over the loaded target, and for a batched config its rows at once. Fused
+    (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one; a
+    hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward."""
+    if name in BATCHED:
+        drafts, gamma, max_batch = BATCHED[name]
+        return Speculant(loaded, list(drafts), gamma=gamma, bit_exact=bit_exact), max_batch
+    drafts, k, lookup, gamma = CONFIGS[name]
+    return Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact), None
+
+
+def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int | None = None) -> dict:
+    """Each prompt once, greedy: the token ids and decode tok/s; with `max_batch`, every prompt at once
+    through generate_many, and wall tok/s (prefills in)."""
+    if max_batch:
+        start = time.perf_counter()
+        outs = spec.generate_many([{"prompt": p} for p in prompts], max_new_tokens=max_new, max_batch=max_batch)
+        seconds = time.perf_counter() - start
+        outputs = [out.token_ids for out in outs]
+        tokens = sum(len(o) for o in outputs)
+        return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
     outputs, tokens, seconds = [], 0, 0.0
     for prompt in prompts:
         out = spec.generate(prompt, max_new_tokens=max_new, temperature=0)
@@ -83,13 +107,14 @@ def main() -> None:
     ap.add_argument("--humaneval", required=True, help="HumanEval.jsonl(.gz): half the prompts")
     ap.add_argument("--prompts", type=int, default=64, help="prompts in all: half HumanEval, half held-out chat")
     ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    choices = [*CONFIGS, *BATCHED]
+    ap.add_argument("--configs", default=",".join(choices), help=f"comma-separated, from {', '.join(choices)}")
     ap.add_argument("--checks", type=int, default=4, help="prompts the logits check runs on")
     args = ap.parse_args()
     dtype = common.setup(args)
     names = args.configs.split(",")
-    if "plain" not in names or any(n not in CONFIGS for n in names):
-        raise SystemExit(f"error: --configs: choose from {', '.join(CONFIGS)}, plain included")
+    if "plain" not in names or any(n not in choices for n in names):
+        raise SystemExit(f"error: --configs: choose from {', '.join(choices)}, plain included")
     cuda = args.device.startswith("cuda")
     torch._dynamo.config.cache_size_limit = 64
     start = time.perf_counter()
@@ -107,14 +132,11 @@ def main() -> None:
         mode = "bit-exact" if bit_exact else "default"
         plain_outputs = None
         for name in names:
-            drafts, k, lookup, gamma = CONFIGS[name]
-            # fused (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one;
-            # a hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward
-            spec = Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact)
+            spec, max_batch = build(loaded, name, bit_exact)
             began = time.perf_counter()
-            run(spec, prompts[:1], args.max_new_tokens)  # warm-up: compiles and captures this config's graphs
+            run(spec, prompts[:1], args.max_new_tokens, max_batch)  # warm-up: compiles and captures this config's graphs
             warm = time.perf_counter() - began
-            res = run(spec, prompts, args.max_new_tokens)
+            res = run(spec, prompts, args.max_new_tokens, max_batch)
             if name == "plain":
                 plain_outputs = res["outputs"]
             same = sum(a == b for a, b in zip(res["outputs"], plain_outputs))
