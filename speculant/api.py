@@ -91,7 +91,7 @@ class Speculant:
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
                  inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-                 bit_exact: bool = False) -> None:
+                 bit_exact: bool = False, kernels: str = "torch") -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
@@ -107,18 +107,24 @@ class Speculant:
         self.batch_costs: dict[tuple[int, bool], BatchStepCosts] = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
-            fused = target.model.device.type == "cuda" or bit_exact
-        self.bit_exact = bit_exact
+            fused = target.model.device.type == "cuda" or bit_exact or kernels == "triton"
+        self.bit_exact, self.kernels = bit_exact, kernels
         if bit_exact:
             _check_bit_exact(fused, MAX_GAMMA if self.gamma == "auto" else self.gamma, candidates, lookup)
-        # bit-exact plain and speculative decoding share the fused step's fixed-width forwards; compiled on CUDA
-        options = {"bit_exact": True, "compile": target.model.device.type == "cuda"} if bit_exact else {}
+        if kernels not in ("torch", "triton") or (kernels == "triton" and not fused):
+            raise ValueError(f"kernels is 'torch' or 'triton' (the fused step's: not with fused=False), "
+                             f"got {kernels!r}")
+        # bit-exact plain and speculative decoding share the fused step's fixed-width forwards, and the triton
+        # kernels run in the fused step: both compiled on CUDA only
+        special = bit_exact or kernels == "triton"
+        options = {"bit_exact": bit_exact, "kernels": kernels, "compile": target.model.device.type == "cuda"} \
+            if special else {}
         self.stepper = fused_stepper(target.model, self.drafter, **options) if fused else None
         self.plain_stepper = fused_stepper(target.model, NoDrafter(), **options) if fused else None
-        if bit_exact and self.stepper is None:
-            raise ValueError("bit-exact decoding needs a lean (torch) target and one drafter level (none, ngram, a "
-                             "model, layers:N or a distilled draft); a hierarchy or a target through transformers "
-                             "or llama.cpp cannot run it")
+        if special and self.stepper is None:
+            raise ValueError(f"{'bit-exact decoding' if bit_exact else 'kernels=triton'} needs a lean (torch) target "
+                             "and one drafter level (none, ngram, a model, layers:N or a distilled draft); a hierarchy "
+                             "or a target through transformers or llama.cpp cannot run it")
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, chat: bool = False, *,
@@ -187,7 +193,8 @@ class Speculant:
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "backend": backend_of(self.target),
                    "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
                    "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
-                   "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled}
+                   "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled,
+                   **({"kernels": self.kernels} if self.kernels != "torch" else {})}
             fallback = nominal_costs(MAX_GAMMA, model.device.type, 0.0 if isinstance(self.drafter, NgramDrafter) else 0.1,
                                      plan.candidates, plan.lookup)
             self.step_costs[sampled] = step_costs(
@@ -380,6 +387,8 @@ class Speculant:
 
         if self.bit_exact:
             raise ValueError("batched decoding is not bit-exact (its rows share each forward): run requests one by one")
+        if self.kernels != "torch":
+            raise ValueError("batched decoding runs torch's kernels, not kernels='triton': run requests one by one")
         rows = getattr(self.drafter, "rows", None)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
@@ -535,7 +544,7 @@ def check_device(device: str) -> None:
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
          inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-         backend: str = "torch", bit_exact: bool = False) -> Speculant:
+         backend: str = "torch", bit_exact: bool = False, kernels: str = "torch") -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
 
     backend: torch (default), llama.cpp (the target and model drafts run in llama.cpp on the GGUF
@@ -550,7 +559,11 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed. Needs
     the torch backend, a lean target, one drafter level, and 1 + gamma·candidates + lookup <=
     EXACT_WIDTH (32; gamma auto: up to 12); runs the fused step (also on the CPU, uncompiled); no
-    logprobs, no batching."""
+    logprobs, no batching.
+
+    kernels: torch (default) or triton: the fused step's target forwards (and a token draft model's
+    where it can) on speculant.models.triton_layers' kernels; a lean Llama or Qwen2 target, one
+    drafter level, CUDA (the CPU only under TRITON_INTERPRET=1), not bit_exact (speculant.fused)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
@@ -563,10 +576,12 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     if not isinstance(drafts, Sequence) or not all(isinstance(d, (str, Path)) for d in drafts):
         raise TypeError(f"draft must be a draft spec or a list of them (see speculant.api), got {draft!r:.80}")
     drafts = [str(d) for d in drafts]
-    if bit_exact and backend == "llama.cpp":
-        raise ValueError("bit-exact decoding runs on the torch backend, not llama.cpp")
-    if not bit_exact and choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype,
-                                        candidates=candidates, lookup=lookup) == "llama.cpp":
+    torch_only = bit_exact or kernels == "triton"
+    if torch_only and backend == "llama.cpp":
+        raise ValueError(f"{'bit-exact decoding' if bit_exact else 'kernels=triton'} runs on the torch backend, not "
+                         "llama.cpp")
+    if not torch_only and choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype,
+                                         candidates=candidates, lookup=lookup) == "llama.cpp":
         from speculant.models.llamacpp import load_llamacpp
 
         loaded = load_llamacpp(str(target), max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN)
@@ -580,4 +595,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         # a target whose context is shorter than the default takes all of it (any other error recurs)
         loaded = load_model(str(target), device=device, dtype=DTYPES[dtype], max_seq_len=None)
     return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates,
-                     lookup=lookup, bit_exact=bit_exact)
+                     lookup=lookup, bit_exact=bit_exact, kernels=kernels)

@@ -1,11 +1,28 @@
-"""LeanModel.forward over speculant.models.triton_layers' kernels (6 per layer), and which models it
-runs (`unsupported`)."""
+"""LeanModel.forward over speculant.models.triton_layers' kernels (6 per layer), and which models and
+machines may run it: the fused step's `kernels="triton"` (speculant.fused) goes through here.
+
+What runs where under kernels="triton": the target's every forward in the fused step (plain steps
+and chunks, chain and tree verification, the prompt's prefill, in pieces of MAX_ROWS rows) runs
+TritonForward.forward_static, inside the step's CUDA graph, never through torch.compile (its
+kernels are fused already); a token draft model (layers:N, a small model) too where TritonForward
+runs it, else on torch's kernels with a warning (a distilled draft's truncated head, an int8 copy);
+a feature draft always on torch's (its layers read the target's features). The sampling and
+acceptance functions are the same either way. Refused in one line: bit-exact mode (its own
+fixed-width forward), a target TritonForward cannot run (Gemma 3's sliding windows, int8 weights),
+no triton installed, and CPU tensors outside triton's interpreter (TRITON_INTERPRET=1: slow, for
+the tests).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
+
 import torch
 
-from speculant.models.transformer import TransformerWeights
+from speculant.models.feature_draft import FeatureDraft
+from speculant.models.transformer import LeanModel, TransformerWeights
 from speculant.models.triton_layers import (
     MAX_ROWS,
     cache_attention,
@@ -35,6 +52,40 @@ def unsupported(model) -> str | None:
         return ("TritonForward needs frozen float weights (LeanModel fuses q|k|v and gate|up for those; "
                 "no int8 copies)")
     return None
+
+
+def target_kernels(kernels: str, target: LeanModel, bit_exact: bool = False) -> str:
+    """`kernels` ("torch" or "triton") if the fused step's target forwards can run on them here,
+    else ValueError in one line."""
+    if kernels not in ("torch", "triton"):
+        raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    if kernels == "triton":
+        if bit_exact:
+            raise ValueError("bit-exact decoding runs its own fixed-width forward: kernels='triton' cannot be "
+                             "bit-exact (use kernels='torch')")
+        reason = unsupported(target)
+        if reason is not None:
+            raise ValueError(f"kernels='triton': {reason} (use kernels='torch')")
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("kernels='triton' needs the triton package (pip install triton)")
+        if target.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernels='triton' runs on a GPU; on the CPU only under triton's interpreter "
+                             "(TRITON_INTERPRET=1 set before triton is imported; slow, for tests)")
+        if target.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"kernels='triton' runs on CUDA, not {target.device.type}")
+    return kernels
+
+
+def draft_kernels(kernels: str, draft_model: LeanModel | None) -> str:
+    """The kernels of a token draft model's forwards: triton where asked and TritonForward runs the
+    model, else torch, said once in a warning; a feature draft's are always torch's."""
+    if kernels != "triton" or draft_model is None or isinstance(draft_model, FeatureDraft):
+        return "torch"
+    reason = unsupported(draft_model)
+    if reason is not None:
+        warnings.warn(f"kernels='triton': the draft model runs on torch's kernels ({reason})", stacklevel=3)
+        return "torch"
+    return "triton"
 
 
 class TritonForward:
