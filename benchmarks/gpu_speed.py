@@ -14,8 +14,16 @@ CPU smoke run (the generic step; no transformers baseline without CUDA):
 
 Rows: hf_eager and hf_prompt_lookup (CUDA), ours_eager_plain (the generic step), ours_graph_plain (the
 API's default step for plain decoding), n-gram at γ 4 and 8, each --draft (and --layers N) at each γ,
-candidates and lookup size, and `--gamma auto` per half-life. Prints a table, then one JSON line;
-writes gpu_speed.json into --out.
+candidates and lookup size, and `--gamma auto` per half-life; with `--kernels torch,triton` every row
+from ours_graph_plain on once per kernel set (speculant.api's `kernels`; the triton rows' methods end
+in #triton, their speed-ups are against the plain row of their own kernels and, as
+speedup_vs_torch_plain, against torch's). Prints a table, then one JSON line; writes gpu_speed.json
+into --out.
+
+Triton kernels beside torch's (the fused step's target forwards on speculant.models.triton_layers):
+    python benchmarks/gpu_speed.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz \\
+        --draft distilled=speculant/embedded/smollm2-135m-draft --layers 8 --tasks code,chat --prompts 8 \\
+        --gammas 3,4 --candidates 1,4 --no-ngram --skip-hf --kernels torch,triton --out $OUT
 """
 
 from __future__ import annotations
@@ -132,10 +140,16 @@ def main() -> None:
     ap.add_argument("--tasks", default="code,chat",
                     help="code, chat, adversarial, code-heldout, chat-heldout (comma-separated)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--kernels", default="torch",
+                    help="comma-separated from torch, triton: the fused step's kernels (speculant.api's kernels); "
+                         "each set runs every graph row")
     args = ap.parse_args()
     dtype = common.setup(args)
     gammas, ks, lookups = (csv_ints(args.gammas, "--gammas"), csv_ints(args.candidates, "--candidates"),
                            csv_ints(args.lookup, "--lookup"))
+    kernel_sets = sorted(set(args.kernels.split(",")), key=lambda k: k != "torch")  # torch first: the reference
+    if set(kernel_sets) - {"torch", "triton"}:
+        raise SystemExit(f"error: --kernels takes torch and/or triton, got {args.kernels!r}")
     torch._dynamo.config.cache_size_limit = 64
     LeanModel.attention = None if args.attention == "auto" else args.attention
     cuda = args.device.startswith("cuda")
@@ -166,16 +180,19 @@ def main() -> None:
     # one Speculant per configuration, all on the one loaded target (its compiled forward is shared)
     made: dict[tuple, Speculant] = {}
 
-    def speculant_for(draft: str, gamma: int | str = 4, k: int = 1, lookup: int = 0, fused: bool | None = None):
-        key = (draft, gamma, k, lookup, fused)
+    def speculant_for(draft: str, gamma: int | str = 4, k: int = 1, lookup: int = 0, fused: bool | None = None,
+                      kernels: str = "torch"):
+        key = (draft, gamma, k, lookup, fused, kernels)
         if key not in made:
-            made[key] = Speculant(loaded, [draft], gamma=gamma, candidates=k, lookup=lookup, fused=fused)
+            made[key] = Speculant(loaded, [draft], gamma=gamma, candidates=k, lookup=lookup, fused=fused,
+                                  kernels=kernels)
         return made[key]
 
     results: list[dict] = []
 
     def record(task, method, gamma, res, capture=None, candidates=1, lookup=0, spec=None):
         row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates, "lookup": lookup,
+               "kernels": spec.kernels if spec is not None else "torch",
                **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts")}}
         if capture is not None:
             row["capture_s"] = capture
@@ -194,48 +211,62 @@ def main() -> None:
                                                             prompt_lookup=10))
         record(task, "ours_eager_plain", 0, run_ours(speculant_for("none", fused=False), prompts[:2],
                                                       temperature=temperature, max_new=64))
-        spec = speculant_for("none")
-        cap = time.perf_counter()
-        run_ours(spec, prompts[:1], temperature=temperature, max_new=8)  # warm-up + capture
-        cap = time.perf_counter() - cap
-        run_ours(spec, prompts, temperature=temperature, max_new=mx)  # untimed, as for the drafts
-        plain = record(task, "ours_graph_plain", 0, run_ours(spec, prompts, temperature=temperature, max_new=mx), cap,
-                       spec=spec)
-        configs = [("ngram", "ngram", 1, 0, (4, 8))] if args.ngram else []
-        configs += [(name, draft, k, g, gammas) for name, draft in drafts.items() for k in ks for g in lookups]
-        for name, draft, k, lookup, config_gammas in configs:
-            for gamma in config_gammas:
-                spec = speculant_for(draft, gamma, k, lookup)
-                cap = time.perf_counter()
-                run_ours(spec, prompts[:1], temperature=temperature, max_new=max(16, gamma + 2))  # capture here
-                cap = time.perf_counter() - cap
-                # once more over every prompt, untimed: shapes met only in later prompts compile here
-                run_ours(spec, prompts, temperature=temperature, max_new=mx)
-                res = run_ours(spec, prompts, temperature=temperature, max_new=mx)
-                res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-                if temperature == 0:
-                    res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
-                record(task, name, gamma, res, cap, k, lookup, spec)
-            if name != "ngram" and args.auto:  # with the lookup branch too, when --lookup has it
-                spec = speculant_for(draft, "auto", k, lookup)
-                cap = time.perf_counter()
-                for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
-                    spec.gamma = gamma
-                    run_ours(spec, prompts[:1], temperature=temperature, max_new=2 * gamma + 2)
-                cap = time.perf_counter() - cap
-                half_lives = [None] if args.auto_half_life is None else [float(h) for h in args.auto_half_life.split(",")]
-                for half_life in half_lives:
-                    # a fresh policy per request over this machine's step costs (timed on the first request)
-                    spec.gamma = "auto"
-                    spec.auto_options = {"max_gamma": args.auto_max_gamma,
-                                         **({} if half_life is None else {"half_life": half_life})}
+        torch_plain = None
+        for kernels in kernel_sets:
+            tag = "" if kernels == "torch" else f"#{kernels}"
+            spec = speculant_for("none", kernels=kernels)
+            cap = time.perf_counter()
+            run_ours(spec, prompts[:1], temperature=temperature, max_new=8)  # warm-up + capture
+            cap = time.perf_counter() - cap
+            run_ours(spec, prompts, temperature=temperature, max_new=mx)  # untimed, as for the drafts
+            res = run_ours(spec, prompts, temperature=temperature, max_new=mx)
+            if torch_plain is not None:
+                res["speedup_vs_torch_plain"] = res["tokens_per_s"] / torch_plain["tokens_per_s"]
+                if temperature == 0:  # other kernels round otherwise: in bfloat16 a near-tie may flip
+                    res["greedy_mismatches_vs_torch"] = sum(a != b for a, b in zip(res["outputs"],
+                                                                                   torch_plain["outputs"]))
+            plain = record(task, "ours_graph_plain" + tag, 0, res, cap, spec=spec)
+            torch_plain = plain if kernels == "torch" else torch_plain
+            configs = [("ngram", "ngram", 1, 0, (4, 8))] if args.ngram else []
+            configs += [(name, draft, k, g, gammas) for name, draft in drafts.items() for k in ks for g in lookups]
+            for name, draft, k, lookup, config_gammas in configs:
+                for gamma in config_gammas:
+                    spec = speculant_for(draft, gamma, k, lookup, kernels=kernels)
+                    cap = time.perf_counter()
+                    run_ours(spec, prompts[:1], temperature=temperature, max_new=max(16, gamma + 2))  # capture here
+                    cap = time.perf_counter() - cap
+                    # once more over every prompt, untimed: shapes met only in later prompts compile here
                     run_ours(spec, prompts, temperature=temperature, max_new=mx)
                     res = run_ours(spec, prompts, temperature=temperature, max_new=mx)
                     res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
-                    res["half_life"] = half_life  # None: the policy's default
-                    res["gamma_chosen"] = res.pop("gamma_counts")  # target calls per γ chosen
-                    record(task, name, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap, k, lookup,
-                           spec)
+                    if torch_plain is not None and plain is not torch_plain:
+                        res["speedup_vs_torch_plain"] = res["tokens_per_s"] / torch_plain["tokens_per_s"]
+                    if temperature == 0:
+                        res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
+                    record(task, name + tag, gamma, res, cap, k, lookup, spec)
+                if name != "ngram" and args.auto:  # with the lookup branch too, when --lookup has it
+                    spec = speculant_for(draft, "auto", k, lookup, kernels=kernels)
+                    cap = time.perf_counter()
+                    for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
+                        spec.gamma = gamma
+                        run_ours(spec, prompts[:1], temperature=temperature, max_new=2 * gamma + 2)
+                    cap = time.perf_counter() - cap
+                    half_lives = [None] if args.auto_half_life is None else \
+                        [float(h) for h in args.auto_half_life.split(",")]
+                    for half_life in half_lives:
+                        # a fresh policy per request over this machine's step costs (timed on the first request)
+                        spec.gamma = "auto"
+                        spec.auto_options = {"max_gamma": args.auto_max_gamma,
+                                             **({} if half_life is None else {"half_life": half_life})}
+                        run_ours(spec, prompts, temperature=temperature, max_new=mx)
+                        res = run_ours(spec, prompts, temperature=temperature, max_new=mx)
+                        res["speedup_vs_plain"] = res["tokens_per_s"] / plain["tokens_per_s"]
+                        if torch_plain is not None and plain is not torch_plain:
+                            res["speedup_vs_torch_plain"] = res["tokens_per_s"] / torch_plain["tokens_per_s"]
+                        res["half_life"] = half_life  # None: the policy's default
+                        res["gamma_chosen"] = res.pop("gamma_counts")  # target calls per γ chosen
+                        record(task, name + tag, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap,
+                               k, lookup, spec)
     summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "attention": args.attention,
                "results": results, "command": " ".join(sys.argv)}
     header = ("task", "method", "gamma", "k", "G", "tok/s", "alpha", "tau", "vs plain", "prefill", "ms/call")

@@ -1,8 +1,9 @@
-"""TritonForward (speculant.models.triton_layers: 6 kernels per layer) against LeanModel.forward on the
-GPU, bfloat16: first whether it computes the same function (logit error against LeanModel's bf16
-forward and against the float32 forward of the same bf16 weights, argmax agreement over a few
-prompts, teacher-forced decode and 5-token verify calls), then per-forward time for T = 1 and T = 5
-eagerly and replayed from a CUDA graph, and kernels per forward (torch.profiler).
+"""TritonForward (speculant.models.triton_forward: 6 triton_layers kernels per layer) against
+LeanModel.forward on the GPU, bfloat16: first whether it computes the same function (logit error
+against LeanModel's bf16 forward and against the float32 forward of the same bf16 weights, argmax
+agreement over a few prompts, teacher-forced decode and 5-token verify calls), then per-forward
+time for T = 1 and T = 5 eagerly and replayed from a CUDA graph, and kernels per forward
+(torch.profiler).
 
     python benchmarks/triton_layers_gpu.py --model smollm2-135m --out $OUT
     python benchmarks/triton_layers_gpu.py --random --layers 30          # SmolLM2-135M shapes, random weights
@@ -180,7 +181,7 @@ def main() -> None:
         raise SystemExit("error: this benchmark needs a CUDA GPU")
     from speculant.fused import static_forward
     from speculant.models.transformer import LeanModel
-    from speculant.models.triton_layers import TritonForward
+    from speculant.models.triton_forward import TritonForward
 
     model, truth, tokenizer = load(args)
     twin = LeanModel(model.weights, max_seq_len=args.max_seq_len)  # same weights, its own cache

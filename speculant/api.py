@@ -28,9 +28,10 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -57,6 +58,7 @@ from speculant.models.cache import ModelLoadError
 from speculant.models.exact_attention import check_exact_width
 from speculant.models.registry import LoadedModel, load_model
 from speculant.plan import DraftPlan
+from speculant.request_checks import chat_messages, check_counts, stop_strings, token_id
 from speculant.sampling import SamplingParams
 from speculant.step import GenericStepper, Stepper
 from speculant.stopping import StopStringDecoder
@@ -92,7 +94,7 @@ class Speculant:
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
                  inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-                 bit_exact: bool = False) -> None:
+                 bit_exact: bool = False, kernels: str = "torch") -> None:
         self.target = target
         self.tokenizer = target.tokenizer
         self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
@@ -108,12 +110,18 @@ class Speculant:
         self.batch_costs: dict[tuple[int, bool], BatchStepCosts] = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
-            fused = target.model.device.type == "cuda" or bit_exact
-        self.bit_exact = bit_exact
+            fused = target.model.device.type == "cuda" or bit_exact or kernels == "triton"
+        self.bit_exact, self.kernels = bit_exact, kernels
         if bit_exact:
             _check_bit_exact(fused, MAX_GAMMA if self.gamma == "auto" else self.gamma, candidates, lookup)
-        # bit-exact plain and speculative decoding share the fused step's fixed-width forwards; compiled on CUDA
-        options = {"bit_exact": True, "compile": target.model.device.type == "cuda"} if bit_exact else {}
+        if kernels not in ("torch", "triton") or (kernels == "triton" and not fused):
+            raise ValueError(f"kernels is 'torch' or 'triton' (the fused step's: not with fused=False), "
+                             f"got {kernels!r}")
+        # bit-exact plain and speculative decoding share the fused step's fixed-width forwards, and the triton
+        # kernels run in the fused step: both compiled on CUDA only
+        special = bit_exact or kernels == "triton"
+        options = {"bit_exact": bit_exact, "kernels": kernels, "compile": target.model.device.type == "cuda"} \
+            if special else {}
         self.stepper: Stepper | None = fused_stepper(target.model, self.drafter, **options) if fused else None
         self.plain_stepper = fused_stepper(target.model, NoDrafter(), **options) if fused else None
         # bit-exact mode's target for the generic step (a hierarchy, a draft through transformers, logprobs):
@@ -126,6 +134,10 @@ class Speculant:
             self.exact_target = ExactTarget(self.plain_stepper)
             if self.stepper is None:
                 self.stepper = GenericStepper(self.exact_target, self.drafter)
+        if kernels == "triton" and self.stepper is None:
+            raise ValueError("kernels=triton needs a lean (torch) target and one drafter level (none, ngram, a model, "
+                             "layers:N or a distilled draft); a hierarchy or a target through transformers or "
+                             "llama.cpp cannot run it")
 
     # ---- requests ----------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | None = None, chat: bool = False, *,
@@ -138,20 +150,20 @@ class Speculant:
         if messages is not None:
             if prompt is not None:
                 raise ValueError("give either a prompt or messages, not both")
-            return self.tokenizer.encode_chat(_chat_messages(messages, system))
+            return self.tokenizer.encode_chat(chat_messages(messages, system))
         if prompt is None:
             raise ValueError("give a prompt (text or token ids) or messages")
         if isinstance(prompt, str):
             check_text(prompt, "prompt")
             if chat or system is not None:
-                return self.tokenizer.encode_chat(_chat_messages([{"role": "user", "content": prompt}], system))
+                return self.tokenizer.encode_chat(chat_messages([{"role": "user", "content": prompt}], system))
             return self.tokenizer.encode(prompt, add_special_tokens=True)
         if isinstance(prompt, (bytes, bytearray)):
             raise TypeError("the prompt is bytes: pass text as str (bytes.decode('utf-8')) or a list of token ids")
         if system is not None or chat:
             raise ValueError("chat / system apply to a text prompt or to messages, not to token ids")
         try:
-            ids = [_token_id(t) for t in prompt]
+            ids = [token_id(t) for t in prompt]
         except TypeError:
             raise TypeError(f"the prompt must be text (str), a list of token ids or None with messages; got "
                             f"{type(prompt).__name__}") from None
@@ -164,13 +176,13 @@ class Speculant:
         """The prompt's ids and the engine's steps for one request (the building block of generate /
         stream). `keep_logits`: run the generic (unfused) step, whose Steps carry the target's logits."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        _check_counts(max_new_tokens, seed, None)
+        check_counts(max_new_tokens, seed, None)
         ids = self.encode(prompt, chat, messages=messages, system=system)
         self._check_fits(ids)
         device = self.target.model.device
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-        stops = self.tokenizer.eos_ids if stop_ids is None else [_token_id(t) for t in stop_ids]
+        stops = self.tokenizer.eos_ids if stop_ids is None else [token_id(t) for t in stop_ids]
         drafter = NoDrafter() if plain else self.drafter
         gamma = 0 if plain else self.gamma_policy(params) if self.gamma == "auto" else self.gamma
         stepper = self.plain_stepper if plain else self.stepper
@@ -194,7 +206,8 @@ class Speculant:
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "backend": backend_of(self.target),
                    "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
                    "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
-                   "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled}
+                   "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled,
+                   **({"kernels": self.kernels} if self.kernels != "torch" else {})}
             fallback = nominal_costs(MAX_GAMMA, model.device.type, 0.0 if isinstance(self.drafter, NgramDrafter) else 0.1,
                                      plan.candidates, plan.lookup)
             self.step_costs[sampled] = step_costs(
@@ -257,8 +270,8 @@ class Speculant:
         the other. Each request's output is what `generate` gives it (same seed, same law; equal
         tokens on the CPU). A bad request raises BadRequest (a ValueError) naming its index."""
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-        stops = _stop_strings(stop)
-        _check_counts(max_new_tokens, seed, logprobs)
+        stops = stop_strings(stop)
+        check_counts(max_new_tokens, seed, logprobs)
         prompts = []
         for index, request in enumerate(requests):
             try:
@@ -323,8 +336,8 @@ class Speculant:
     def _pieces(self, prompt=None, *, stop: str | Sequence[str] | None = None, logprobs: int | None = None,
                 **options):
         """Yield text pieces; return the Generation."""
-        stops = _stop_strings(stop)
-        _check_counts(0, None, logprobs)
+        stops = stop_strings(stop)
+        check_counts(0, None, logprobs)
         _, steps = self.steps(prompt, keep_logits=logprobs is not None, **options)
         decoder = StopStringDecoder(self.tokenizer, stops)
         token_logprobs: list[TokenLogprob] = []
@@ -388,6 +401,8 @@ class Speculant:
 
         if self.bit_exact and graphs:
             raise ValueError("bit-exact batching runs each row's exact forward on its own cache, eagerly: no graphs")
+        if self.kernels != "torch":
+            raise ValueError("batched decoding runs torch's kernels, not kernels='triton': run requests one by one")
         rows = getattr(self.drafter, "rows", None)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
@@ -427,60 +442,12 @@ class BadRequest(ValueError):
         self.reason = str(error)
 
 
-def _check_counts(max_new_tokens, seed, logprobs) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
-        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
-    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                 or not 0 <= logprobs <= 20):
-        raise ValueError(f"logprobs must be an integer in [0, 20] (alternatives per token), got {logprobs!r}")
-
-
-def _token_id(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
-        raise TypeError(f"token ids must be integers, got {value!r}")
-    return int(value)
-
-
-def _chat_messages(messages: Sequence[dict], system: str | None) -> list[dict]:
-    """Checked copies of chat messages, `system` put first."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise TypeError('messages must be a list of {"role": ..., "content": ...} dicts')
-    out = [] if system is None else [{"role": "system", "content": system}]
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or "content" not in message:
-            raise ValueError(f'messages[{i}] must be a dict with "role" and "content", got {message!r:.80}')
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f'messages[{i}]["role"] must be "system", "user" or "assistant", got {role!r:.40}')
-        check_text(message["content"], f'messages[{i}]["content"]')
-        out.append({"role": role, "content": message["content"]})
-    if not any(m["role"] != "system" for m in out):
-        raise ValueError("messages hold no user or assistant message")
-    return out
-
-
 def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) -> None:
     """A bit-exact request's target forwards are the fused step's calls of EXACT_WIDTH rows (the
     generic step's too, through ExactTarget): its trees (up to the longest γ) must fit."""
     if not fused:
         raise ValueError("bit-exact decoding runs the fused step: fused=False cannot be bit-exact")
     check_exact_width(longest, candidates, lookup)
-
-
-def _stop_strings(stop: str | Sequence[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if isinstance(stops, (bytes, bytearray)) or not isinstance(stops, Sequence):
-        raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
-    for s in stops:
-        check_text(s, "a stop string")
-        if not s:
-            raise ValueError("a stop string must not be empty")
-    return list(stops)
 
 
 def _level_stats(drafter: SpeculativeDrafter) -> dict:
@@ -544,7 +511,7 @@ def check_device(device: str) -> None:
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
          inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-         backend: str = "torch", bit_exact: bool = False) -> Speculant:
+         backend: str = "torch", bit_exact: bool = False, kernels: str = "torch") -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
 
     backend: torch (default), llama.cpp (the target and model drafts run in llama.cpp on the GGUF
@@ -561,7 +528,11 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     auto: up to 12); runs the fused step (also on the CPU, uncompiled), and where that cannot run the
     drafter (a hierarchy, a draft through transformers) or logprobs are asked for, the generic step
     over the same exact forward (speculant.exact_target); batched requests (generate_many, the server)
-    run each row's exact forwards on its own cache, one row at a time (a step costs a forward per row)."""
+    run each row's exact forwards on its own cache, one row at a time (a step costs a forward per row).
+
+    kernels: torch (default) or triton: the fused step's target forwards (and a token draft model's
+    where it can) on speculant.models.triton_layers' kernels; a lean Llama or Qwen2 target, one
+    drafter level, CUDA (the CPU only under TRITON_INTERPRET=1), not bit_exact (speculant.fused)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
@@ -574,10 +545,12 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     if not isinstance(drafts, Sequence) or not all(isinstance(d, (str, Path)) for d in drafts):
         raise TypeError(f"draft must be a draft spec or a list of them (see speculant.api), got {draft!r:.80}")
     drafts = [str(d) for d in drafts]
-    if bit_exact and backend == "llama.cpp":
-        raise ValueError("bit-exact decoding runs on the torch backend, not llama.cpp")
-    if not bit_exact and choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype,
-                                        candidates=candidates, lookup=lookup) == "llama.cpp":
+    torch_only = bit_exact or kernels == "triton"
+    if torch_only and backend == "llama.cpp":
+        raise ValueError(f"{'bit-exact decoding' if bit_exact else 'kernels=triton'} runs on the torch backend, not "
+                         "llama.cpp")
+    if not torch_only and choose_backend(backend, target=str(target), drafts=drafts, device=device, dtype=dtype,
+                                         candidates=candidates, lookup=lookup) == "llama.cpp":
         from speculant.models.llamacpp import load_llamacpp
 
         loaded = load_llamacpp(str(target), max_seq_len=max_seq_len or DEFAULT_MAX_SEQ_LEN)
@@ -591,4 +564,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         # a target whose context is shorter than the default takes all of it (any other error recurs)
         loaded = load_model(str(target), device=device, dtype=DTYPES[dtype], max_seq_len=None)
     return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates,
-                     lookup=lookup, bit_exact=bit_exact)
+                     lookup=lookup, bit_exact=bit_exact, kernels=kernels)

@@ -116,6 +116,14 @@ def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
                              "--draft chain, 1 + gamma*candidates + lookup <= 32)")
 
 
+def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
+    """--kernels, for the commands that decode one request at a time (generate, chat)."""
+    parser.add_argument("--kernels", choices=["torch", "triton"], default="torch",
+                        help="the fused step's target forwards (and a token draft model's) on torch's kernels or on "
+                             "speculant's Triton kernels (6 per layer; a lean Llama or Qwen2 target on a GPU, one "
+                             "drafter level, not with --bit-exact)")
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     """Defaults are greedy decoding, as in the Python API: reproducible output, equal token for token
     to plain greedy decoding. --temperature > 0 samples; the output's law is exactly the target's."""

@@ -15,6 +15,7 @@ import sys
 from speculant.args import (
     ArgumentParser,
     add_bit_exact_argument,
+    add_kernels_argument,
     add_model_arguments,
     add_sampling_arguments,
     int_at_least,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the prompt; '-' or none with stdin piped in: read the prompt from stdin")
     add_model_arguments(gen)
     add_bit_exact_argument(gen)
+    add_kernels_argument(gen)
     add_sampling_arguments(gen)
     gen.add_argument("--chat", action="store_true", help="apply the target's chat template")
     gen.add_argument("--prompts-file", default=None, metavar="FILE",
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "forgets the conversation; /exit or Ctrl-D ends; Ctrl-C stops a reply.")
     add_model_arguments(chat)
     add_bit_exact_argument(chat)
+    add_kernels_argument(chat)
     add_sampling_arguments(chat)
 
     sub.add_parser("models", help="list embedded and cached models")
@@ -267,7 +270,7 @@ def _load(args):
         raise CliError("--stop must not be empty")
     return api.load(target=args.target, draft=args.draft or ["default"], gamma=args.gamma, device=args.device,
                     dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates, lookup=args.lookup,
-                    backend=args.backend, bit_exact=args.bit_exact)
+                    backend=args.backend, bit_exact=args.bit_exact, kernels=args.kernels)
 
 
 def _options(args) -> dict:

@@ -41,6 +41,12 @@ step cannot run (a hierarchy, a draft through transformers, logprobs) runs the g
 speculant.exact_target.ExactTarget, whose forwards are a bit-exact stepper's own `prefill` and
 `score` / `exact_score`: the same bits.
 
+Kernels (`kernels="triton"`): every target forward above (prefill, plain steps and chunks, chain
+and tree verification) runs models.triton_forward.TritonForward over models.triton_layers'
+kernels, 6 per layer, captured in the same graphs but never through torch.compile; a token draft
+model's too where TritonForward runs it (else torch's, with a warning); a feature draft's stays
+torch's. The sampling and acceptance functions are the same, so the law is. Not with bit_exact.
+
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
 
@@ -68,6 +74,7 @@ from speculant.models.base import CausalLM
 from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, check_exact_width, exact_keys, exact_layout
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
+from speculant.models.triton_forward import TritonForward, draft_kernels, target_kernels
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
 
@@ -82,9 +89,13 @@ def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
     return cached[key]
 
 
-def static_forward(model: LeanModel, compile: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab]; attends
-    over the whole cache. Compiled once per model (_compiled)."""
+def static_forward(model: LeanModel, compile: bool, kernels: str = "torch"
+                   ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab] float32;
+    attends over the whole cache. Compiled once per model (_compiled). kernels="triton":
+    models.triton_forward.TritonForward's, over its own kernels (never through torch.compile)."""
+    if kernels == "triton":
+        return _compiled(model, ("triton",), TritonForward(model).forward_static, False)
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
         # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
@@ -130,7 +141,7 @@ def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> "FusedSteppe
     Fusable: a lean target with no drafter (plain decoding: NoDrafter or None), an
     n-gram drafter, or one lean draft model (ModelDrafter, FeatureDrafter), with its candidates and
     optionally a lookup branch beside it (LookupDrafter). A hierarchy is not. `options` go to
-    FusedStepper (compile, use_graphs, plain_chunk, run_ahead, bit_exact)."""
+    FusedStepper (compile, use_graphs, plain_chunk, run_ahead, bit_exact, kernels)."""
     if not isinstance(target, LeanModel):
         return None
     if drafter is None or isinstance(drafter, NoDrafter):
@@ -156,7 +167,7 @@ class FusedStepper:
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
                  ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
                  plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, run_ahead: bool | None = None,
-                 bit_exact: bool = False) -> None:
+                 bit_exact: bool = False, kernels: str = "torch") -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
@@ -195,14 +206,19 @@ class FusedStepper:
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
+        # kernels="triton": the target's forwards (and a token draft model's, where TritonForward runs it)
+        # over models.triton_layers' kernels, 6 per layer, instead of the lean model's torch ops
+        self.kernels = target_kernels(kernels, target, bit_exact)
+        self.draft_kernels = draft_kernels(kernels, draft_model)
         if bit_exact:  # every stepper of this target, plain or not, then shares ONE compiled exact forward
             target.keep_features()
         if self.features:
             target.keep_features()  # before compiling: the target's forward then writes them
             self.draft_fn = static_feature_forward(draft_model, compile)
         else:
-            self.draft_fn = static_forward(draft_model, compile) if draft_model is not None else None
-        self.target_fn = static_forward(target, compile)  # the prompt's prefill (and every forward by default)
+            self.draft_fn = None if draft_model is None else static_forward(draft_model, compile, self.draft_kernels)
+        # the prompt's prefill (and every forward by default)
+        self.target_fn = static_forward(target, compile, self.kernels)
         # bit-exact mode: every other target forward is EXACT_WIDTH rows through exact_fn (score)
         self.bit_exact = bit_exact
         self.exact_fn = exact_forward(target, compile) if bit_exact else None

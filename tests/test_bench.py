@@ -101,6 +101,18 @@ def test_plan_reads_candidates_and_lookup_options_of_a_method():
         plan_groups(["distilled#x2"], [4], "/drafts/eagle", 30, given=True, notes=[])
 
 
+def test_plan_reads_the_triton_kernels_of_a_method_plain_included():
+    """#triton runs a method on speculant's Triton kernels beside the same method on torch's; plain
+    decoding stays the torch baseline of every speed-up."""
+    groups = plan_groups(["plain#triton", "distilled#triton#k4@3", "distilled@3"], [4], "/drafts/eagle", 30,
+                         given=True, notes=[])
+    assert groups[0] == {"method": "plain", "drafts": ["none"], "gamma": 0}
+    assert groups[1] == {"method": "plain#triton", "drafts": ["none"], "gamma": 0, "options": {"kernels": "triton"}}
+    assert groups[2] == {"method": "distilled#triton#k4", "drafts": ["/drafts/eagle"], "gamma": 3,
+                         "options": {"candidates": 4, "kernels": "triton"}}
+    assert "options" not in groups[3]
+
+
 def test_plan_skips_self_drafting_for_a_target_without_lean_layers():
     notes: list[str] = []
     groups = plan_groups(["plain", "layers:8", "int8+ngram"], [4], None, None, given=False, notes=notes, add_auto=True)

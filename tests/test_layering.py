@@ -4,7 +4,7 @@ Every import in speculant/, at module level or inside a function, is an edge fro
 module to the module it names. The layers, lowest first:
 
     0  sampling, acceptance, analysis, stopping, tokenizer,    the math and text, no models
-       prompts
+       prompts, request_checks
     1  models/                                                  every model class and its loading
     2  drafters/                                                what proposes draft tokens
     3  step, fused, exact_target                                one step: draft, verify, accept
@@ -29,7 +29,7 @@ MAX_LINES = 600
 
 LAYERS = {
     0: ("speculant.sampling", "speculant.acceptance", "speculant.analysis", "speculant.stopping",
-        "speculant.tokenizer", "speculant.prompts"),
+        "speculant.tokenizer", "speculant.prompts", "speculant.request_checks"),
     1: ("speculant.models",),
     2: ("speculant.drafters",),
     3: ("speculant.step", "speculant.fused", "speculant.exact_target"),

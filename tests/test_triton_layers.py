@@ -1,8 +1,9 @@
 """The fused Triton kernels of speculant.models.triton_layers, each against the torch ops it replaces
 (float32: within 1e-5 of the largest reference value; bfloat16: within 2e-2 of it, a few bf16 ulps,
 since the kernels round fewer intermediates than torch does), with a negative control per kernel (a
-wrong eps, a rotation the wrong way, an off-by-one position, ... must fail the same comparison), and
-TritonForward against LeanModel.forward on a tiny random model: logits, argmax and the KV cache.
+wrong eps, a rotation the wrong way, an off-by-one position, a tree's mask ignored, ... must fail the
+same comparison), and TritonForward (speculant.models.triton_forward) against LeanModel.forward on a
+tiny random model: logits, argmax and the KV cache (trees: tests/test_triton_fused.py).
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set before triton is imported,
 float32 -> bf16 casts patched to round as a GPU does), and a last test compiles them for sm_90 in a
 process of its own; where triton is missing the tests skip."""
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from speculant.acceptance import candidate_tree
+from speculant.models import triton_forward as tl_forward
 from speculant.models import triton_layers as tl_layers
 from speculant.models.transformer import (
     LeanModel,
@@ -268,6 +271,49 @@ def test_cache_attention_is_causal_grouped_attention(device, t, dtype, heads, kv
     assert not _close(off_by_one, ref, dtype)
 
 
+def _tree_attention_reference(q, k_cache, v_cache, start, ancestors, scale):
+    """Node t of a tree at slots start.. reads the keys before `start` and its ancestors' slots, in float64."""
+    h = q.shape[1]
+    g = h // k_cache.shape[1]
+    n = ancestors.shape[1]
+    keys = k_cache[: start + n].double().repeat_interleave(g, dim=1)  # [start + N, H, D]
+    values = v_cache[: start + n].double().repeat_interleave(g, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.double(), keys) * scale
+    allowed = torch.cat([torch.ones(q.shape[0], start, dtype=torch.bool, device=q.device), ancestors], 1)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+    return torch.einsum("hts,shd->thd", probs, values)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cache_attention_over_a_tree_reads_the_cache_and_its_ancestors_only(device, dtype):
+    """A 12-node tree (γ 3, K 3, a lookup branch of 2) at slots 23..34, across a chunk boundary: each
+    node against the float64 reference, whole and in pieces of rows (a tree longer than MAX_ROWS runs
+    so); every non-ancestor slot holds a key its queries would pick, so ignoring the mask must fail."""
+    heads, kv_heads, d, start = 4, 2, 8, 23
+    _, ancestors = candidate_tree(3, 3, 2)
+    n = ancestors.shape[0]
+    ancestors = ancestors.to(device)
+    q = _randn(n, heads, d, dtype=dtype, device=device, seed=1)
+    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=device, seed=s, scale=2.0) for s in (8, 9))
+    k_cache[start + n] = 3 * q[-1, ::heads // kv_heads]  # past the tree
+    v_cache[start + n] = 10.0
+    tree_start = torch.tensor([start], device=device)
+    positions = torch.zeros(n, dtype=torch.long, device=device)  # unused by a tree's attention
+    scale = d ** -0.5
+    ref = _tree_attention_reference(q, k_cache, v_cache, start, ancestors, scale)
+    out = tl_layers.cache_attention(q, k_cache, v_cache, SLOTS, positions, scale, chunk=16, block_n=16,
+                                    ancestors=ancestors, tree_start=tree_start)
+    assert out.dtype == dtype and _close(out, ref, dtype), _error(out, ref)
+    pieces = [tl_layers.cache_attention(q[first:first + 5], k_cache, v_cache, SLOTS, positions[first:first + 5], scale,
+                                        chunk=16, block_n=16, ancestors=ancestors[first:first + 5],
+                                        tree_start=tree_start, first_node=first) for first in range(0, n, 5)]
+    assert _close(torch.cat(pieces), ref, dtype)
+    every = torch.ones_like(ancestors)
+    unmasked = tl_layers.cache_attention(q, k_cache, v_cache, SLOTS, positions, scale, chunk=16, block_n=16,
+                                         ancestors=every, tree_start=tree_start)
+    assert not _close(unmasked, ref, dtype)
+
+
 # ---- the whole forward -------------------------------------------------------------------------------
 
 
@@ -290,7 +336,7 @@ def test_triton_forward_is_lean_model_forward(device, dtype, bias, fuse_rope):
     forward is (1.5x, at least 1e-2 of the largest logit), and the same argmax wherever the
     reference has no near tie."""
     reference, model, truth = _models(device, dtype, attention_bias=bias)
-    forward = tl_layers.TritonForward(model, chunk=16, fuse_rope=fuse_rope)
+    forward = tl_forward.TritonForward(model, chunk=16, fuse_rope=fuse_rope)
     prompt = torch.tensor([(7 * i + 3) % 64 for i in range(35)])  # > MAX_ROWS: two pieces
     calls = [(prompt, 0), (torch.tensor([5]), 35), (torch.tensor([9, 1, 4, 4, 2]), 36),  # a verify of 5
              (torch.tensor([8, 3]), 38)]  # 2 kept of the 5: rewrite from 38
@@ -335,23 +381,20 @@ def test_triton_forward_launches_six_kernels_per_layer(device, monkeypatch):
     tokens, positions = torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device)
     for fuse_rope, per_layer in ((True, 6), (False, 7)):
         launched.clear()
-        tl_layers.TritonForward(model, chunk=16, fuse_rope=fuse_rope).forward_static(tokens, positions, kv_len=3)
+        tl_forward.TritonForward(model, chunk=16, fuse_rope=fuse_rope).forward_static(tokens, positions, kv_len=3)
         assert len(launched) == per_layer * 3 + 1
 
 
 def test_triton_forward_refuses_what_it_does_not_run(device):
     with pytest.raises(ValueError, match="Llama"):
         cfg = tiny_config("gemma3")
-        tl_layers.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
     with pytest.raises(ValueError, match="sliding"):
         cfg = tiny_config(sliding_window=4)
-        tl_layers.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
     with pytest.raises(ValueError, match="frozen"):
         cfg = tiny_config()
-        tl_layers.TritonForward(LeanModel(random_weights(cfg).requires_grad_(True).to(device), max_seq_len=16))
-    forward = tl_layers.TritonForward(LeanModel(random_weights(tiny_config()).to(device), max_seq_len=16))
-    with pytest.raises(ValueError, match="chains only"):
-        forward(torch.tensor([1, 2]), 0, ancestors=torch.ones(2, 2, dtype=torch.bool).tril())
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).requires_grad_(True).to(device), max_seq_len=16))
 
 
 # ---- what the interpreter cannot check: the compiler -------------------------------------------------
@@ -360,10 +403,12 @@ HOPPER_COMPILE = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from speculant.acceptance import candidate_tree
+from speculant.models import triton_forward as tl_forward
 from speculant.models import triton_layers as tl_layers
 from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
 
-TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64"}
+TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.uint8: "*u8"}
 done = set()
 
 class Compile:  # stands in for kernel[grid](...): compiles the call's specialisation for sm_90
@@ -398,8 +443,10 @@ cfg = TransformerConfig(arch="llama", vocab_size=256, hidden_size=576, intermedi
 model = LeanModel(random_weights(cfg, dtype=torch.bfloat16), max_seq_len=256)
 for fuse_rope in (True, False):
     for t in (1, 17):
-        tl_layers.TritonForward(model, fuse_rope=fuse_rope).forward_static(torch.zeros(t, dtype=torch.long),
-                                                                           torch.arange(t))
+        tl_forward.TritonForward(model, fuse_rope=fuse_rope).forward_static(torch.zeros(t, dtype=torch.long),
+                                                                            torch.arange(t))
+depths, ancestors = candidate_tree(4, 4, 8)  # 25 nodes: a tree of the fused step
+tl_forward.TritonForward(model).forward_static(torch.zeros(25, dtype=torch.long), 40 + depths, ancestors)
 print(len(done), "kernels compiled")
 """
 
@@ -407,7 +454,7 @@ print(len(done), "kernels compiled")
 def test_the_kernels_compile_for_hopper(device, tmp_path):
     """The interpreter runs the kernels as Python: it never sees a type the compiler would reject
     (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
-    launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths) is compiled here for sm_90
+    launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree) is compiled here for sm_90
     with triton's own ptxas, in a process without TRITON_INTERPRET; no GPU is needed."""
     if device == "cuda":
         pytest.skip("on a GPU the other tests compile and run them")

@@ -1,5 +1,6 @@
 """The grid of `speculant bench`: the --quick and full defaults, the settings a run resolves to, and
-the method strings (see speculant.bench.run's docstring) parsed into groups of draft specs and γ."""
+the method strings (see speculant.bench.run's docstring) parsed into groups of draft specs, γ and
+options (candidates, lookup, kernels)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,15 @@ def distilled_path(args, target_name: str) -> str | None:
     return None if found == "ngram" else found
 
 
+def kernels_of(method: str) -> tuple[str, str]:
+    """A method string without its #triton modifier, and the kernels it asks for (speculant.api's
+    `kernels`): "distilled#triton#k4@3" -> ("distilled#k4@3", "triton")."""
+    name, at, gamma = method.partition("@")
+    parts = name.split("#")
+    kernels = "triton" if "triton" in parts[1:] else "torch"
+    return "#".join(parts[:1] + [p for p in parts[1:] if p != "triton"]) + at + gamma, kernels
+
+
 def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None, num_layers: int | None,
                 given: bool, notes: list[str], add_auto: bool = False) -> list[dict]:
     """(method label, draft specs, γ) for each group of cells; plain first. A method that cannot run
@@ -78,10 +88,14 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
 
     groups: list[dict] = [{"method": "plain", "drafts": ["none"], "gamma": 0}]
     for method in methods:
-        if method == "plain":
+        text, kernels = kernels_of(method)
+        if text.partition("@")[0] == "plain":
+            if kernels != "torch":  # plain decoding on other kernels: beside plain, not its baseline
+                groups.append({"method": f"plain#{kernels}", "drafts": ["none"], "gamma": 0,
+                               "options": {"kernels": kernels}})
             continue
         # one plan per γ of the grid, or one if the method pins its γ (speculant.plan's text form)
-        plans = list(dict.fromkeys(DraftPlan.parse(method, gamma) for gamma in gammas))
+        plans = list(dict.fromkeys(DraftPlan.parse(text, gamma) for gamma in gammas))
         parts = list(plans[0].drafts)
         if "distilled" in parts and distilled is None:
             (notes.append if not given else _raise)(
@@ -104,7 +118,8 @@ def plan_groups(methods: Sequence[str], gammas: Sequence, distilled: str | None,
         for plan in plans:
             group = {"method": method.partition("@")[0], "drafts": drafts, "gamma": plan.gamma}
             options = {name: value for name, value, unset in (("candidates", plan.candidates, 1),
-                                                              ("lookup", plan.lookup, 0)) if value != unset}
+                                                              ("lookup", plan.lookup, 0),
+                                                              ("kernels", kernels, "torch")) if value != unset}
             if options:
                 group["options"] = options
             groups.append(group)

@@ -10,6 +10,8 @@ Methods (`--methods`, comma-separated):
     A+B                a hierarchy: B drafts for A, A drafts for the target (e.g. int8+distilled)
     METHOD#kK#lookupG  options of a one-model method: K candidates per draft position, a prompt-lookup
                        branch of up to G tokens (e.g. distilled#k4#lookup16@3; see speculant.api)
+    METHOD#triton      the fused step on speculant's Triton kernels (speculant.api's kernels="triton",
+                       a GPU), beside the same method on torch's: plain#triton, distilled#triton@3
     METHOD@G           pin γ for that method (G an integer or `auto`); otherwise each of --gammas
 Peers (unless --no-peers): hf-eager (transformers' generate), hf-pld (its prompt lookup, at each γ),
 llama.cpp (if installed and the target is a GGUF file).
@@ -333,7 +335,7 @@ class Bench:
         from speculant.api import Speculant
 
         free_memory(self.device)
-        plain = group["method"] == "plain"
+        plain = group["method"].split("#")[0] == "plain"  # plain#triton too
         options = {"inner_gamma": self.args.inner_gamma}
         if "fused" in inspect.signature(Speculant).parameters:
             options["fused"] = {"auto": None, "on": True, "off": False}[self.args.fused]
@@ -354,7 +356,8 @@ class Bench:
         stepper = getattr(spec, "plain_stepper" if plain else "stepper", None)
         model_draft = any(not (d == "none" or d.startswith("ngram")) for d in group["drafts"])
         suffix = "".join("#" + m for m in group["method"].split("#")[1:])
-        return Runner(method="plain" if plain else short_method(group["drafts"], self.distilled) + suffix, kind="ours",
+        label = "plain" if plain else short_method(group["drafts"], self.distilled)
+        return Runner(method=label + suffix, kind="ours",
                       drafts=list(group["drafts"]), gamma=group["gamma"], temperature=temperature, order=order,
                       generate=generate, memory=memory_of(spec, self.max_positions + extra + 1), build_s=build_s,
                       fused=stepper is not None, draft_timed=not (stepper is not None and model_draft))

@@ -1,6 +1,6 @@
 """Fewer, fatter kernels for a decode step of the lean model (issue 22): Triton kernels of our own
-for T = 1..32 query rows of one request, and TritonForward, LeanModel.forward (a chain, Llama and
-Qwen2 layers) run over them.
+for T = 1..32 query rows of one request (chains and trees); speculant.models.triton_forward runs
+LeanModel.forward over them, and the fused step (speculant.fused, kernels="triton") runs that.
 
 On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kernels per layer at
 ~3 µs each inside a CUDA graph), so each kernel here does what several torch ops did:
@@ -15,8 +15,8 @@ On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kerne
 
 so **6 kernels per layer** (7 with `fuse_rope=False`: norm_matmul for q|k|v, then
 rope_qkv_cache_write), plus per forward the embedding gather and one norm_matmul for the final
-norm and the output head (float32 logits straight from the kernel): 6·L + 2 launches (forward_static,
-what a CUDA graph captures; eagerly one more, the positions' arange). The GEMMs
+norm and the output head (float32 logits straight from the kernel): 6·L + 2 launches per MAX_ROWS
+rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows are padded to 16 (tl.dot's smallest tile) by
 masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices column-major.
@@ -33,7 +33,7 @@ upcasts its operands to float32 first (the same products: bf16 -> f32 is exact);
 tiles go to the tensor cores as they are, float32 ones with input_precision="ieee" (no tf32). The
 interpreter also truncates float32 -> bfloat16 where a GPU rounds to nearest even (the tests patch
 it to round); and it never compiles, so tests/test_triton_layers.py also compiles every kernel
-TritonForward launches for sm_90 (no GPU needed).
+TritonForward launches (chains and trees) for sm_90 (no GPU needed).
 
 Shapes: T query rows, E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim, S'
 cache slots, K a GEMM's inner size, N its output size.
@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import torch
 
-MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer prompt in pieces of this many
+MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer call in pieces of this many
 MIN_DOT = 16  # tl.dot's smallest tile side in older triton (3.9 compiles 8 as well)
 GEMM_PROGRAMS = 64  # what _block_n aims for
 _KERNELS: dict = {}
@@ -249,34 +249,57 @@ def _kernels():
                     q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF, True)
 
     @triton.jit
-    def attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, T, kv_len, scale,
-                               sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, chunks,
-                               G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, BLOCK_R: tl.constexpr,
-                               BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F32: tl.constexpr):
+    def _reach(pos_ptr, start_ptr, t, row_ok, node0, TREE: tl.constexpr):
+        """The last cache slot each query row may read: its position (a chain), or its own tree slot
+        start + node0 + t (a tree: a node's ancestors come before it)."""
+        if TREE:
+            reach = tl.where(row_ok, tl.load(start_ptr) + node0 + t, -1)
+        else:
+            reach = tl.load(pos_ptr + t, mask=row_ok, other=-1)
+        return reach
+
+    globals()["_reach"] = _reach
+
+    @triton.jit
+    def attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, anc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, T, kv_len,
+                               scale, node0, nodes, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sa_t, sa_n,
+                               chunks, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                               F32: tl.constexpr, TREE: tl.constexpr):
         """Program (kv, c): the G·T queries of KV head kv (row r: query t = r // G, head kv·G + r % G)
-        over keys c·CHUNK .. (c+1)·CHUNK - 1 (those <= the query's position), an online softmax in
-        float32 -> partial max m, sum l and accumulator acc, stored at [kv, c, r(, d)]."""
+        over keys c·CHUNK .. (c+1)·CHUNK - 1, an online softmax in float32 -> partial max m, sum l
+        and accumulator acc, stored at [kv, c, r(, d)]. A chain's query reads the keys <= its
+        position; a tree's (TREE) the keys before the tree's first slot start_ptr[0] and the nodes j
+        (at slots start + j) with anc[t, j] (its row of the tree's nodes-many columns)."""
         kv = tl.program_id(0)
         c = tl.program_id(1)
         rs = tl.arange(0, BLOCK_R)
         ds = tl.arange(0, D_PAD)
         t = rs // G
         row_ok = rs < G * T
-        pos = tl.load(pos_ptr + t, mask=row_ok, other=-1)
+        reach = _reach(pos_ptr, start_ptr, t, row_ok, node0, TREE)
         q = tl.load(q_ptr + t[:, None] * sq_t + (kv * G + rs % G)[:, None] * sq_h + ds[None, :] * sq_d,
                     mask=row_ok[:, None] & (ds[None, :] < D), other=0.0)
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
         first = c * CHUNK
-        stop = tl.minimum(tl.minimum(first + CHUNK, kv_len), tl.max(pos) + 1)  # empty past the last query
+        stop = tl.minimum(tl.minimum(first + CHUNK, kv_len), tl.max(reach) + 1)  # empty past the last query
         for j0 in range(first, stop, BLOCK_N):
             js = j0 + tl.arange(0, BLOCK_N)
             key_mask = (js[:, None] < stop) & (ds[None, :] < D)
             k = tl.load(k_ptr + js[:, None] * sk_s + kv * sk_h + ds[None, :] * sk_d, mask=key_mask, other=0.0)
             v = tl.load(v_ptr + js[:, None] * sv_s + kv * sv_h + ds[None, :] * sv_d, mask=key_mask, other=0.0)
             scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_R, BLOCK_N], tl.float32), F32) * scale
-            scores = tl.where((js[None, :] <= pos[:, None]) & (js[None, :] < stop), scores, float("-inf"))
+            if TREE:
+                node = js - tl.load(start_ptr)  # [BLOCK_N]: the tree node a slot holds (< 0: the cache before it)
+                in_tree = (node >= 0) & (node < nodes)
+                ancestor = tl.load(anc_ptr + t[:, None] * sa_t + node[None, :] * sa_n,
+                                   mask=row_ok[:, None] & in_tree[None, :], other=0)
+                allowed = (node[None, :] < 0) | (ancestor != 0)
+            else:
+                allowed = js[None, :] <= reach[:, None]
+            scores = tl.where(allowed & (js[None, :] < stop), scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
             base = tl.where(m_new > float("-inf"), m_new, 0.0)  # a row with no key yet: no -inf - -inf
             alpha = tl.exp(m - base)
@@ -285,31 +308,33 @@ def _kernels():
             acc = _dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None], F32)
             m = m_new
         at = (kv * chunks + c) * G * T + rs
-        live = row_ok & (rs * 0 + first <= tl.max(pos))  # no query reads a chunk past its position: nothing to store
+        live = row_ok & (rs * 0 + first <= tl.max(reach))  # no query reads a chunk past its reach: nothing to store
         tl.store(m_ptr + at, m, mask=live)
         tl.store(l_ptr + at, total, mask=live)
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
 
     @triton.jit
-    def attention_combine_kernel(pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, chunks, so_t, so_h, so_d,
-                                 G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr):
-        """Program (t, h): query t, head h: merges the chunks up to the one holding its position."""
+    def attention_combine_kernel(pos_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, node0, chunks, so_t, so_h,
+                                 so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr,
+                                 TREE: tl.constexpr):
+        """Program (t, h): query t, head h: merges the chunks up to the one holding its reach (_reach)."""
         t = tl.program_id(0)
         h = tl.program_id(1)
         kv = h // G
         r = t * G + h % G
         ds = tl.arange(0, D_PAD)
         d_ok = ds < D
-        last = tl.load(pos_ptr + t) // CHUNK
+        last = _reach(pos_ptr, start_ptr, t, t < T, node0, TREE) // CHUNK
         m = tl.full([D_PAD], float("-inf"), tl.float32)  # the chunk's scalars, held across D
         total = tl.zeros([D_PAD], tl.float32)
         acc = tl.zeros([D_PAD], tl.float32)
-        for c in range(last + 1):  # chunk 0 holds key 0, which every query sees: m is finite after it
+        for c in range(last + 1):
             at = (kv * chunks + c) * G * T + r
             m_c = tl.load(m_ptr + at + ds * 0)
             m_new = tl.maximum(m, m_c)
-            alpha = tl.exp(m - m_new)
-            beta = tl.exp(m_c - m_new)
+            base = tl.where(m_new > float("-inf"), m_new, 0.0)  # no key seen yet (a tree node's early chunks)
+            alpha = tl.exp(m - base)
+            beta = tl.exp(m_c - base)
             total = total * alpha + tl.load(l_ptr + at + ds * 0) * beta
             acc = acc * alpha + tl.load(acc_ptr + at * D + ds, mask=d_ok, other=0.0) * beta
             m = m_new
@@ -428,18 +453,29 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
 
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
                     positions: torch.Tensor, scale: float, chunk: int = 64, block_n: int = 64,
-                    out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, num_warps: int | None = None,
+                    ancestors: torch.Tensor | None = None, tree_start: torch.Tensor | None = None,
+                    first_node: int = 0) -> torch.Tensor:
     """Causal grouped-query attention of q [T, H, D] (query t at positions[t], reading keys at slots
     0..positions[t], all < kv_len) over k_cache, v_cache [S', KV, D] -> [T, H, D] in q's dtype; query
     head h reads key head h // G. Two kernels: the keys split into chunks of `chunk` (one program per
     (KV head, chunk)), then the combine. kv_len only bounds the chunks launched (a CUDA graph passes
-    the cache's length): chunks past the last position return at once."""
+    the cache's length): chunks past the last query's reach return at once.
+
+    A tree instead (LeanModel.forward's `ancestors`): its N nodes sit at slots tree_start + 0..N-1
+    (tree_start [1], on the device), the queries are nodes first_node..first_node + T - 1, and
+    ancestors [T, N] (bool) holds their rows: query t reads the keys before tree_start and the nodes
+    j with ancestors[t, j]. A node's ancestors come before it (acceptance.candidate_tree's order), so
+    a tree may run in pieces of rows; `positions` is then unused (rotary was applied before)."""
     t, h, d = q.shape
     if not 1 <= t <= MAX_ROWS:
         raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
     kv = k_cache.shape[1]
     if h % kv or k_cache.shape[2] != d:
         raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    tree = ancestors is not None
+    if tree and (tree_start is None or ancestors.shape[0] != t):
+        raise ValueError(f"a tree's attention takes ancestors [T={t}, N] and tree_start")
     g = h // kv
     block_r = _pow2(g * t)
     if num_warps is None:  # a [128, D] accumulator and [128, block_n] scores: spread over 8 warps
@@ -450,89 +486,19 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     m = torch.empty(kv, chunks, g * t, dtype=torch.float32, device=q.device)
     total = torch.empty_like(m)
     acc = torch.empty(kv, chunks, g * t, d, dtype=torch.float32, device=q.device)
+    # bool as bytes (a view: no copy, no launch); a chain passes unused pointers
+    anc = ancestors.view(torch.uint8) if tree and ancestors.dtype == torch.bool else ancestors if tree else positions
+    start = tree_start if tree else positions
+    nodes, sa_t, sa_n = (anc.shape[1], anc.stride(0), anc.stride(1)) if tree else (0, 0, 0)
     kernels = _kernels()
     kernels["attention"][(kv, chunks)](
-        q, k_cache, v_cache, positions, m, total, acc, t, kv_len, float(scale), q.stride(0), q.stride(1),
-        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), chunks, G=g, D=d, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d),
-        F32=_f32_dots(q, k_cache), num_warps=num_warps)
+        q, k_cache, v_cache, positions, anc, start, m, total, acc, t, kv_len, float(scale), first_node, nodes,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sa_t, sa_n, chunks, G=g, D=d, CHUNK=chunk,
+        BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d), F32=_f32_dots(q, k_cache), TREE=tree, num_warps=num_warps)
     if out is None:
         out = torch.empty_like(q)
-    kernels["combine"][(t, h)](positions, m, total, acc, out, t, chunks, out.stride(0), out.stride(1),
-                               out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), num_warps=1)
+    kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
+                               out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
+                               num_warps=1)
     return out
-
-
-# ---- a forward over them ----------------------------------------------------------------------------
-
-
-class TritonForward:
-    """LeanModel.forward(tokens, start_pos) for a chain (no tree), Llama and Qwen2 layers, run over the
-    kernels above with the model's own weights and KV cache: the cache is written where
-    LeanModel.forward writes it, the model's length moves the same way, logits come back float32
-    [T, vocab]. `fuse_rope=False` runs norm_matmul + rope_qkv_cache_write instead of
-    norm_qkv_rope_cache (7 kernels per layer instead of 6). A prompt of more than MAX_ROWS tokens runs
-    in pieces of MAX_ROWS (the same function: each piece is causal over the cache)."""
-
-    def __init__(self, model, chunk: int = 64, fuse_rope: bool = True) -> None:
-        cfg = model.cfg
-        if cfg.arch != "llama":
-            raise ValueError(f"TritonForward runs Llama and Qwen2 layers only, not {cfg.arch!r}")
-        if cfg.sliding_window or any(cfg.is_sliding(i) for i in range(model.num_layers)):
-            raise ValueError("TritonForward has no sliding-window attention")
-        if model.embed_scale != 1.0:
-            raise ValueError("TritonForward does not scale embeddings")
-        layers = model.weights.layers[: model.num_layers]
-        if any(layer.qkv is None or not isinstance(layer.qkv[0], torch.Tensor) for layer in layers) or \
-                not isinstance(model.weights.head(), torch.Tensor):
-            raise ValueError("TritonForward needs frozen float weights (LeanModel fuses q|k|v and gate|up for those; "
-                             "no int8 copies)")
-        self.model, self.chunk, self.fuse_rope = model, chunk, fuse_rope
-
-    @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [T] at positions start_pos.. -> logits [T, vocab] float32, as LeanModel.forward."""
-        if ancestors is not None:
-            raise ValueError("TritonForward runs chains only: no tree (ancestors)")
-        model = self.model
-        end = model._write_range(start_pos, tokens.shape[0])
-        tokens = tokens.to(model.device)
-        pieces = []
-        for first in range(0, tokens.shape[0], MAX_ROWS):
-            piece = tokens[first: first + MAX_ROWS]
-            begin, stop = start_pos + first, start_pos + first + piece.shape[0]
-            positions = torch.arange(begin, stop, device=model.device)
-            pieces.append(self.forward_static(piece, positions, kv_len=stop))
-        model._length = end
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-
-    __call__ = forward
-
-    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
-        """tokens [T], positions [T] (device tensors, T <= MAX_ROWS, slot = position) -> logits [T, vocab]
-        float32; no host synchronisation and fixed shapes (kv_len defaults to the cache's length), so a
-        CUDA graph can capture it. Leaves the model's length alone (see PositionalCache.set_length)."""
-        model, cfg = self.model, self.model.cfg
-        heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kv_len = model.max_seq_len if kv_len is None else kv_len
-        cos, sin = model.rope_global[0], model.rope_global[1]
-        x = model.embed(tokens)  # [T, E]: the residual stream, updated in place below
-        t = x.shape[0]
-        for i in range(model.num_layers):
-            layer = model.weights.layers[i]
-            (w_qkv, b_qkv), norm1 = layer.qkv, layer.input_layernorm
-            k_cache, v_cache = model.k_cache[i], model.v_cache[i]
-            if self.fuse_rope:
-                q = norm_qkv_rope_cache(x, norm1.weight, norm1.eps, w_qkv, b_qkv, cos, sin, positions,
-                                        k_cache, v_cache, positions, heads, kv, d)
-            else:
-                qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv)
-                q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, positions, heads, kv, d, positions)
-            attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk)
-            x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x)
-            norm2 = layer.post_attention_layernorm
-            x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up), layer.down, x, out=x)
-        norm = model.weights.norm
-        if model.features is not None:
-            model.record_features(norm(x), positions)
-        return norm_matmul(x, norm.weight, norm.eps, model.weights.head(), out_dtype=torch.float32)
