@@ -200,6 +200,7 @@ def main() -> None:
             row["compiled_sampling"] = spec.stepper.compile_sampling
         results.append(row)
         print(json.dumps(row), flush=True)
+        common.write_json(args.out, "gpu_speed_partial.json", results)  # what a run stopped at its limit keeps
         return res
 
     for task, (prompts, temperature) in tasks.items():

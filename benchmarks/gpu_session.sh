@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The measurements that wait for a GPU, in parts of at most ~9 minutes each (one device call each).
+#
+# Here, once:     bash ../shared/gpu/stage-models && bash benchmarks/gpu_session.sh wheels
+# On the device:  the three staging calls of ../shared/gpu/GPU.md (SmolLM2 at /root/w/smollm2.gguf,
+#                 gguf in /root/site), then, back to back while the machine is warm, one call per part:
+#                   bash benchmarks/gpu_session.sh PART          (writes JSON and logs into $OUT)
+# carrying [".whl"] for the part `serve` (its wheels), nothing for the others.
+#
+# Parts, in the order they pay:
+#   tests      the CUDA tests: Triton forward and fused step, bit-exact (fused, generic, batched),
+#              the fused step, candidates, the captured batched step
+#   headline   the BENCHMARKS.md headline rows on the held-out tasks (after the sampling-compile fix:
+#              every row must say compiled_sampling true), torch beside triton kernels
+#   tuned      the same on the tuned tasks (code = HumanEval, chat = Python topics)
+#   exact      bit-exact mode against the default, every drafter, torch and triton kernels
+#   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
+#   serve      the server under the openai client at concurrency 1, 4, 16, 64
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|batch|serve}
+out=${OUT:-out}
+mkdir -p "$out"
+export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+model=/root/w/smollm2.gguf
+humaneval=.gpu/HumanEval.jsonl.gz
+[ -f "$humaneval" ] || humaneval=/root/w/HumanEval.jsonl.gz
+draft=speculant/embedded/smollm2-135m-draft
+limit() { timeout --signal=INT "$1" "${@:2}"; }  # INT: a benchmark writes what it has
+
+case "$part" in
+  wheels)  # the server's packages for the device image (Python 3.12, no network there)
+    python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl/serve \
+      "fastapi>=0.110" "uvicorn>=0.29" "prometheus_client>=0.20" "openai>=1.40" "httpx>=0.27"
+    du -sh .whl ;;
+  tests)
+    limit 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_layers.py \
+      tests/test_bit_exact.py tests/test_bit_exact_generic.py tests/test_fused.py tests/test_candidates.py \
+      $(ls tests/test_row_step.py tests/test_exact_triton.py 2>/dev/null) \
+      -k "cuda or triton or exact or graph" --durations=10 2>&1 | tee "$out/cuda_tests.log" ;;
+  headline|tuned)
+    tasks=$([ "$part" = headline ] && echo code-heldout,chat-heldout || echo code,chat)
+    limit 560 python3 benchmarks/gpu_speed.py --target "$model" --humaneval "$humaneval" \
+      --draft distilled="$draft" --tasks "$tasks" --prompts 16 --gammas 3,4 --candidates 4 --lookup 0,8 \
+      --auto-max-gamma 6 --no-ngram --skip-hf --max-new-tokens 128 --kernels torch,triton --out "$out" \
+      2>&1 | tee "$out/gpu_speed_$part.log" ;;
+  exact)
+    limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
+      --max-new-tokens 256 --out "$out" 2>&1 | tee "$out/bit_exact.log" ;;
+  batch)
+    limit 560 python3 benchmarks/batch_throughput.py --device cuda --target "$model" --draft "$draft" \
+      --dtype bfloat16 --max-new-tokens 128 --max-seq-len 1024 --graphs 2>&1 | tee "$out/batch_throughput.log" ;;
+  serve)
+    python3 -m pip install -q --no-index --no-deps --target /root/site .whl/serve/*.whl
+    limit 560 python3 benchmarks/serve_load.py --target "$model" --device cuda --dtype bfloat16 \
+      --servers default@4,default@auto,none --concurrency 1,4,16,64 --max-tokens 128 2>&1 | tee "$out/serve_load.log" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
