@@ -60,7 +60,7 @@ import torch
 
 from speculant.adaptive import BatchStepCosts, StepCosts, batch_bucket, batch_buckets
 from speculant.batching import BatchEngine, BatchRequest
-from speculant.drafters.base import Draft, RowDraft
+from speculant.drafters.base import Draft, RowPlan
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.ngram import NgramDrafter, NgramRows
 from speculant.models.cache import keyed_file, read_keyed_json, recalibrate_requested, say, write_json_atomic
@@ -341,33 +341,28 @@ def _full_length(stepper):
 
 
 class _FullLengthRows:
-    """NgramRows padded to full length (each row's last token repeated), as _FullLength."""
+    """NgramRows padded to full length (each row's last token repeated), as _FullLength: its plan is
+    padded, the rest is NgramRows'."""
 
     def __init__(self, ngram: NgramRows) -> None:
         self.ngram = ngram
 
-    def start(self, row: int, context: list[int]) -> None:
-        self.ngram.start(row, context)
+    def __getattr__(self, name: str):
+        return getattr(self.ngram, name)
 
-    def move(self, source: int, dest: int) -> None:
-        self.ngram.move(source, dest)
-
-    def propose(self, contexts, gammas, params, generators) -> RowDraft:
-        draft = self.ngram.propose(contexts, gammas, params, generators)
-        tokens = torch.zeros(len(contexts), max(gammas), dtype=torch.int64)
-        for b, (context, gamma, found) in enumerate(zip(contexts, gammas, draft.counts)):
-            tokens[b, :found] = draft.tokens[b, :found]
-            tokens[b, found:gamma] = context[-1]
-        return RowDraft(tokens, None, list(gammas))
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
+        plan = self.ngram.plan(contexts, gammas)
+        tokens = [found + [context[-1]] * (gamma - len(found)) for context, gamma, found in zip(contexts, gammas, plan.tokens)]
+        return RowPlan(tokens, plan.starts, list(gammas))
 
 
 @contextmanager
 def _full_length_rows(engine: BatchEngine):
     """Pad the engine's n-gram rows while measuring (other row drafters draft all they are asked for)."""
-    ngram = engine.drafter
+    ngram = engine.row_step.drafter
     if isinstance(ngram, NgramRows):
-        engine.drafter = _FullLengthRows(ngram)
+        engine.row_step.drafter = _FullLengthRows(ngram)
     try:
         yield
     finally:
-        engine.drafter = ngram
+        engine.row_step.drafter = ngram

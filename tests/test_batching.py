@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from speculant.acceptance import verify
+from speculant.acceptance import verify, verify_rows
 from speculant.adaptive import BatchStepCosts, batch_buckets
-from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket, verify_rows
-from speculant.drafters.base import RowDraft
+from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -280,15 +279,12 @@ class NeighbourProbs:
     def __init__(self, inner) -> None:
         self.inner = inner
 
-    def start(self, row, context):
-        self.inner.start(row, context)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    def move(self, source, dest):
-        self.inner.move(source, dest)
-
-    def propose(self, contexts, gammas, params, generators) -> RowDraft:
-        draft = self.inner.propose(contexts, gammas, params, generators)
-        return RowDraft(draft.tokens, draft.probs.roll(-1, 0), draft.counts)
+    def draft(self, *args):
+        tokens, probs = self.inner.draft(*args)
+        return tokens, probs.roll(-1, 0)
 
 
 def gamma1_law(p1, p2, sampled, reported) -> np.ndarray:
