@@ -72,7 +72,7 @@ CACHE_FORMAT = 1  # bump when the file's layout or the way costs are measured ch
 # they have taken less than BUDGET_S seconds (fast steps are cheap to time often, and noisier)
 MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 2, 20, 1.0
 PROMPT_LENGTH = 32
-BATCH_CACHE_FORMAT = 1  # the same for the batched table
+BATCH_CACHE_FORMAT = 2  # the same for the batched table (2: steps through speculant.row_step, one graph each)
 BATCH_GAMMAS = (0, 1, 2, 4)  # Γs timed per batch bucket, with the longest; those between on a line
 BATCH_REPEATS, MIN_BATCH_REPEATS = 8, 2  # timed steps per (bucket, Γ): BATCH_REPEATS ÷ rows, at least MIN
 BATCH_BUDGET_S = 20.0  # larger buckets are timed while the timing has taken less; the rest scaled by rows

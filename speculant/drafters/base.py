@@ -261,17 +261,19 @@ def probs_by_row(logits: torch.Tensor, sets: tuple[SamplingParams, ...], group: 
 
 def row_uniforms(generators: list[torch.Generator], counts: list[list[int]], widths: list[int]) -> torch.Tensor:
     """Row b's random draws, from generators[b] alone: region by region (widths[r] columns each),
-    counts[b][r] uniforms (one torch.rand call) at the start of region r, 0.5 elsewhere (padding draws
-    nothing). [B, sum(widths)] float32 on the CPU, assembled in one copy whatever B."""
+    counts[b][r] uniforms at the start of region r, 0.5 elsewhere (padding draws nothing). [B,
+    sum(widths)] float32 on the CPU. A row's draws for all regions come from one torch.rand call: on a
+    CPU generator that gives the values of one call per region in turn (the single-request engine's
+    calls; tests/test_row_step.py pins it), at one call per row, and the whole is assembled in one copy."""
     out = torch.full((len(generators), sum(widths)), 0.5)
     draws, index = [], []
     for b, (generator, row) in enumerate(zip(generators, counts)):
-        offset = b * out.shape[1]
-        for count, width in zip(row, widths):
-            if count:
-                draws.append(torch.rand(count, generator=generator))
+        if sum(row):
+            draws.append(torch.rand(sum(row), generator=generator))
+            offset = b * out.shape[1]
+            for count, width in zip(row, widths):
                 index.extend(range(offset, offset + count))
-            offset += width
+                offset += width
     if draws:
         out.view(-1)[torch.tensor(index)] = torch.cat(draws)
     return out
