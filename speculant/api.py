@@ -373,9 +373,9 @@ class Speculant:
 
     def batch_engine(self, max_batch: int = 64, graphs: bool = False):
         """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
-        at once; `graphs`: the target's forward as CUDA graphs per (batch bucket, T). `auto`: a fresh
-        LoadGamma over this machine's batched step costs (batch_step_costs), so that the same requests
-        give the same tokens on every engine."""
+        at once; `graphs`: each step as one CUDA graph per (batch bucket, Γ, sampling params), prefills
+        per size (speculant.row_step). `auto`: a fresh LoadGamma over this machine's batched step costs
+        (batch_step_costs), so that the same requests give the same tokens on every engine."""
         from speculant.batching import BatchEngine, LoadGamma, check_max_batch
 
         if self.bit_exact:
