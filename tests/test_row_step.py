@@ -113,6 +113,30 @@ def test_a_step_of_more_distinct_params_than_a_graph_takes_runs_eagerly_with_the
     assert all(len(key[3]) <= CAPTURED_PARAMS for key in run.row_step.graphs if key[0] == "step")
 
 
+def test_logprobs_from_the_static_step_are_the_eager_steps(weights):
+    """A request asking for log-probabilities beside one that does not: the static step then keeps the
+    target's logits as an output (a graph of its own) and gives the eager values."""
+    requests = [BatchRequest(PROMPTS[2], PLAIN, 12, seed=3, logprobs=2), BatchRequest(PROMPTS[0], PLAIN, 12, seed=4)]
+    outs = []
+    for graphs in (False, True):
+        run = engine("model", weights, graphs)
+        ids = [run.add(r) for r in requests]
+        got = {i: ([], []) for i in ids}
+        while run.num_running:
+            for update in run.step():
+                got[update.request_id][0].extend(update.tokens)
+                got[update.request_id][1].extend(update.logprobs or [])
+        outs.append(got)
+        if graphs:
+            assert {key[4] for key in run.row_step.graphs if key[0] == "step"} == {True}
+    assert [tokens for tokens, _ in outs[0].values()] == [tokens for tokens, _ in outs[1].values()]
+    eager, static = outs[0][0][1], outs[1][0][1]  # request 0's (logprob, top-2) per token
+    assert len(eager) == len(static) == 12
+    for (value, top), (value_static, top_static) in zip(eager, static):
+        assert value == pytest.approx(value_static, abs=1e-5)
+        assert [t for t, _ in top] == [t for t, _ in top_static]
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 @pytest.mark.parametrize("kind", ["model", "feature"])
 def test_requests_prefilled_together_fill_the_caches_as_one_at_a_time(kind, graphs, weights):
