@@ -333,8 +333,7 @@ class BatchEngine:
         wanted = [b for b, r in enumerate(rows) if r.request.logprobs is not None]
         start = time.perf_counter()  # step times are statistics (GenerationStats), never the policy's input
         outcome = self.row_step.step([r.context for r in rows], gammas, [r.request.params for r in rows],
-                                     [r.generator for r in rows], with_logits=bool(wanted))
-        synchronize(self.target.device)
+                                     [r.generator for r in rows], with_logits=bool(wanted))  # read: in sync
         draft_time = outcome.draft_time
         target_time = time.perf_counter() - start - draft_time
         counts, num_accepted = outcome.counts, outcome.num_accepted

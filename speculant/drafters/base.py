@@ -204,7 +204,7 @@ def propose_rows(drafter: RowDrafter, contexts: list[list[int]], gammas: list[in
     (keys read up to the furthest position written), its settle."""
     plan = drafter.plan(contexts, gammas)
     width = max(plan.counts)
-    device = drafter_device(drafter)
+    device = _drafter_device(drafter)
     if width == 0:
         return RowDraft(torch.zeros(len(contexts), 0, dtype=torch.int64, device=device), None, plan.counts)
     lengths = [len(t) for t in plan.tokens]
@@ -222,7 +222,7 @@ def propose_rows(drafter: RowDrafter, contexts: list[list[int]], gammas: list[in
     return RowDraft(draft_tokens, laws, plan.counts)
 
 
-def drafter_device(drafter: RowDrafter) -> torch.device:
+def _drafter_device(drafter: RowDrafter) -> torch.device:
     """Where a row drafter's tensors live: its model's device (the CPU for a deterministic one)."""
     model = getattr(drafter, "model", None)
     return model.device if model is not None else torch.device("cpu")
