@@ -40,8 +40,8 @@ Prefill. Joining rows always take rows 0..k-1 (the engine moves the rows there t
 prefill is one forward from row 0 whatever the batch holds: in static mode padded to a power of two
 of rows and of tokens (16 at least) and captured per (rows, tokens) bucket, with the drafter's own
 prefill (a draft model's prompt, a feature draft's reading of the target's features) in the same
-graph; eagerly, exact shapes. Padding tokens lie past each row's prompt (positions later writes
-overwrite), padding rows feed nothing.
+graph; eagerly, exact shapes. Padding (tokens past a row's prompt, rows past the joining ones) writes
+only the scratch slot, as in a step.
 """
 
 from __future__ import annotations
