@@ -10,7 +10,12 @@ measured too, so the batched engine's speed-up at c = 1 can be held against it.
 
     python benchmarks/batch_throughput.py --device cpu --target smollm2-135m --concurrency 1,4,16 \
         --max-new-tokens 32
-    python benchmarks/batch_throughput.py --device cuda --target /root/w/smollm2.gguf --dtype bfloat16
+    python benchmarks/batch_throughput.py --device cuda --target /root/w/smollm2.gguf --dtype bfloat16 --graphs
+
+--graphs: each batched step runs as ONE CUDA graph per (batch bucket, Γ, set of sampling params) holding
+the draft, the target's verification and the acceptance (speculant.row_step), joining requests are
+prefilled together from a graph per (rows, tokens) bucket, in both modes; graphs are captured on first
+use (under `auto`, while the step costs are timed, once per machine: see speculant.calibrate).
 
 Prints a table, then one JSON line; writes the JSON to $OUT/batch_throughput.json ($OUT: ./out).
 """
@@ -102,7 +107,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-single", action="store_true", help="skip the single-request engine at c = 1")
     parser.add_argument("--graphs", action="store_true",
-                        help="the target's batched forward as CUDA graphs (both modes)")
+                        help="each batched step (draft, verify, acceptance) as one CUDA graph, prefills too "
+                             "(both modes; on the CPU the same padded functions, eager)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -103,6 +103,45 @@ def verify(
     return Verdict(num_accepted, next_token)
 
 
+# ---- several requests' rows at once (speculant.batching) ------------------------------------
+
+
+class RowVerdict:
+    """verify_rows' result: num_accepted [B] int64 and next_token [B] int64."""
+
+    def __init__(self, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:
+        self.num_accepted, self.next_token = num_accepted, next_token
+
+
+def verify_rows(
+    draft_tokens: torch.Tensor,  # [B, W] int64; row b's first counts[b] are its draft
+    draft_probs: torch.Tensor | None,  # [B, W, vocab], or None for a deterministic drafter
+    target_probs: torch.Tensor,  # [B, W + 1, vocab]: row b's laws at its counts[b] + 1 positions first
+    accept_uniforms: torch.Tensor,  # [B, W] in [0, 1); past counts[b] unused
+    sample_uniforms: torch.Tensor,  # [B] in [0, 1)
+    counts: torch.Tensor,  # [B] int64, 0..W
+) -> RowVerdict:
+    """acceptance.verify for every row at once: row b gets what verify(draft_tokens[b, :n],
+    draft_probs[b, :n], target_probs[b, :n+1], accept_uniforms[b, :n], sample_uniforms[b]) gives, n =
+    counts[b] (tests/test_batching.py pins the equality). Positions past a row's count are never
+    accepted, and the law after n accepted tokens is p_{n+1} there (the bonus)."""
+    rows, width = draft_tokens.shape
+    if draft_probs is None:
+        draft_probs = torch.zeros(target_probs[:, :width].shape, dtype=target_probs.dtype,
+                                  device=target_probs.device).scatter(-1, draft_tokens[..., None], 1.0)
+    p_x = target_probs[:, :width].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
+    q_x = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
+    drafted = torch.arange(width, device=counts.device)[None, :] < counts[:, None]  # [B, W]
+    accepted = (accept_uniforms * q_x < p_x) & drafted
+    num_accepted = accepted.to(torch.int64).cumprod(1).sum(1)  # [B]
+    # row i of next_probs: the residual at a rejection of draft i, p_i where row b drafted fewer
+    residual = torch.where(drafted[..., None], residual_probs(target_probs[:, :width], draft_probs),
+                           target_probs[:, :width])
+    next_probs = torch.cat([residual, target_probs[:, width:width + 1]], 1)  # [B, W + 1, vocab]
+    law = next_probs[torch.arange(rows, device=counts.device), num_accepted]  # [B, vocab]
+    return RowVerdict(num_accepted, sample_from(law, sample_uniforms))
+
+
 # ---- several candidates per position ------------------------------------------------------------
 #
 # A drafter may propose k candidates at each of γ depths: column 0 is the chain it continues

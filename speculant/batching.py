@@ -1,17 +1,19 @@
 """Continuous batching of speculative requests: many requests, one target forward per step.
 
-    add(request)      the request waits for a free row; when one is free it is prefilled alone
-                      (its prompt into its own cache row) and joins the batch between two steps
+    add(request)      the request waits for a free row; the requests that get one in a step take rows
+                      0..k-1 (the rows there move to the end) and are prefilled together, one batched
+                      forward from row 0 (speculant.row_step), before the step
     step()            rows 0..B-1 are the running requests, packed:
                         γ        one Γ for the step (fixed, or `LoadGamma` from a table of step costs
                                  at this batch size), cut per row to what that row may still emit
                         draft    the row drafter drafts every row at once: one batched draft forward
-                                 per draft position (n-gram: one lookup per row)
+                                 per draft position, sampling from uniforms drawn before it (n-gram:
+                                 one lookup per row, on the host)
                         verify   ONE target forward over [B, Γ+1] tokens: row b holds its last
                                  committed token and its γ'_b draft tokens at its own positions
                                  (padding writes a scratch slot and is never read)
-                        accept   `verify_rows`: acceptance.verify row by row, vectorised (the test
-                                 pins it to acceptance.verify token for token)
+                        accept   acceptance.verify_rows: acceptance.verify row by row, vectorised (the
+                                 test pins it to acceptance.verify token for token)
                         commit   stop tokens and max_new_tokens as speculant.engine does; finished
                                  rows leave, the last row moves into the hole (rows stay packed)
     cancel(id)        the row is freed at once
@@ -34,11 +36,13 @@ not: γ is chosen before the draft exists, from past steps only, and every step 
 clock enters that choice, so the same requests, added the same way, give the same tokens on every run.
 
 The step over rows is the shape of the Stepper protocol (issue 17): `step()` maps (rows, Γ) to
-per-row tokens through three calls that take rows, not one request: RowDrafter.propose,
-LeanModel.forward_rows, verify_rows. A single request is the case B = 1. `RowGraphs` is the first
-piece of a fused implementation behind the same calls: the target's forward over rows captured as a
-CUDA graph per (batch bucket, Γ + 1), rows padded to the bucket, replayed with new inputs
-(`graphs=True`; on the CPU the same padded call runs eagerly, and the tests pin it to the eager one).
+per-row tokens through calls that take rows, not one request: the row drafter's (RowDrafter.plan on
+the host, .draft on the device, .settle on the host), LeanModel.forward_rows, verify_rows. A single
+request is the case B = 1. This module is the host's half (admission, Γ, commit, statistics);
+speculant.row_step runs the device's half, eagerly (exact shapes) or, with `graphs=True`, as one
+static function per (batch bucket, Γ, sampling params) that CUDA captures as ONE graph holding the
+draft, the verification and the acceptance, fed by one copy in and read by one copy out per step (on
+the CPU the same padded function runs eagerly, and the tests pin it to the eager step).
 
 γ under load (`LoadGamma`). A padded step costs what its longest row costs, so one Γ serves all rows
 (per-row lengths differ only where a row is near its end). The policy prices a step of B rows at Γ
@@ -53,8 +57,7 @@ reads are statistics only (GenerationStats): how long a step took never changes 
 Scope. The target is a LeanModel. Row drafters exist for n-gram lookup (NgramDrafter.rows), a lean
 draft model (ModelDrafter.rows: a model, layers:N, a distilled draft) and the feature draft
 (FeatureDrafter.rows); hierarchical chains, several candidates per position and the lookup branch
-run single-request only (Speculant.batch_engine refuses them with a clear error). Prompts are
-prefilled one at a time, when they join.
+run single-request only (Speculant.batch_engine refuses them with a clear error).
 
 Bit-exact mode (`exact`, an exact_target.ExactTarget): every row's cache is laid out as the model's
 own (exact_target.ExactRows) and its prefill and verification run through the bit-exact forward with
@@ -62,7 +65,7 @@ that cache swapped into the model, one row at a time, so a request's logits are 
 alone: its greedy tokens do not depend on its neighbours, and are plain bit-exact decoding's (the
 same prefill and forward as a FusedStepper(bit_exact=True)). The draft still runs batched: it only
 proposes. A step then costs one exact forward per row (EXACT_WIDTH rows each) instead of one for the
-batch: throughput no longer grows with the batch on the target's side. No graphs.
+batch: throughput no longer grows with the batch on the target's side. Eager steps only (no graphs).
 """
 
 from __future__ import annotations
@@ -73,15 +76,15 @@ from dataclasses import dataclass
 
 import torch
 
-from speculant.acceptance import residual_probs
 from speculant.adaptive import BatchStepCosts, batch_bucket, nominal_batch_costs
 from speculant.analysis import GenerationStats
-from speculant.drafters.base import RowDrafter, probs_by_row
+from speculant.drafters.base import RowDrafter
 from speculant.engine import check_request
 from speculant.exact_target import ExactRows, ExactTarget
-from speculant.models.base import check_fits
+from speculant.models.base import synchronize
 from speculant.models.transformer import LeanModel, RowKVCache
-from speculant.sampling import SamplingParams, sample_from
+from speculant.row_step import RowStep
+from speculant.sampling import SamplingParams
 from speculant.step import StepResult
 
 
@@ -102,42 +105,6 @@ class RowUpdate:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None  # per token: (logprob, top-k [(id, logprob)])
     finished: str | None  # None, "stop", "length", "context", "cancelled"
     stats: GenerationStats
-
-
-class RowVerdict:
-    """verify_rows' result: num_accepted [B] int64 and next_token [B] int64."""
-
-    def __init__(self, num_accepted: torch.Tensor, next_token: torch.Tensor) -> None:
-        self.num_accepted, self.next_token = num_accepted, next_token
-
-
-def verify_rows(
-    draft_tokens: torch.Tensor,  # [B, W] int64; row b's first counts[b] are its draft
-    draft_probs: torch.Tensor | None,  # [B, W, vocab], or None for a deterministic drafter
-    target_probs: torch.Tensor,  # [B, W + 1, vocab]: row b's laws at its counts[b] + 1 positions first
-    accept_uniforms: torch.Tensor,  # [B, W] in [0, 1); past counts[b] unused
-    sample_uniforms: torch.Tensor,  # [B] in [0, 1)
-    counts: torch.Tensor,  # [B] int64, 0..W
-) -> RowVerdict:
-    """acceptance.verify for every row at once: row b gets what verify(draft_tokens[b, :n],
-    draft_probs[b, :n], target_probs[b, :n+1], accept_uniforms[b, :n], sample_uniforms[b]) gives, n =
-    counts[b] (tests/test_batching.py pins the equality). Positions past a row's count are never
-    accepted, and the law after n accepted tokens is p_{n+1} there (the bonus)."""
-    rows, width = draft_tokens.shape
-    if draft_probs is None:
-        draft_probs = torch.zeros(target_probs[:, :width].shape, dtype=target_probs.dtype,
-                                  device=target_probs.device).scatter(-1, draft_tokens[..., None], 1.0)
-    p_x = target_probs[:, :width].gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
-    q_x = draft_probs.gather(-1, draft_tokens[..., None]).squeeze(-1)  # [B, W]
-    drafted = torch.arange(width, device=counts.device)[None, :] < counts[:, None]  # [B, W]
-    accepted = (accept_uniforms * q_x < p_x) & drafted
-    num_accepted = accepted.to(torch.int64).cumprod(1).sum(1)  # [B]
-    # row i of next_probs: the residual at a rejection of draft i, p_i where row b drafted fewer
-    residual = torch.where(drafted[..., None], residual_probs(target_probs[:, :width], draft_probs),
-                           target_probs[:, :width])
-    next_probs = torch.cat([residual, target_probs[:, width:width + 1]], 1)  # [B, W + 1, vocab]
-    law = next_probs[torch.arange(rows, device=counts.device), num_accepted]  # [B, vocab]
-    return RowVerdict(num_accepted, sample_from(law, sample_uniforms))
 
 
 # ---- γ under load -----------------------------------------------------------------------------------
@@ -226,60 +193,6 @@ class LoadGamma:
             self.pooled = [self.decay * self.pooled[0] + accepted, self.decay * self.pooled[1] + tested]
 
 
-# ---- the target's forward as CUDA graphs ----------------------------------------------------------------
-
-
-class RowGraphs:
-    """The target's forward over rows with static shapes, one CUDA graph per (batch bucket, T), captured
-    on first use: rows are padded to the bucket (padding rows have length 0: they write only the
-    scratch slot), and every row reads keys over the whole cache (kv_len = S; the causal mask hides
-    what a row has not written). With capture=False (the CPU) the same padded call runs eagerly, so
-    tests can pin it to the eager forward. Returns views of a graph's output: read them before the
-    next call."""
-
-    def __init__(self, model: LeanModel, cache: RowKVCache, capture: bool) -> None:
-        self.model, self.cache, self.capture = model, cache, capture
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
-
-    def __call__(self, tokens: torch.Tensor, starts: list[int], lengths: list[int]) -> torch.Tensor:
-        """tokens [B, T] on the device -> logits [B, T, vocab] (forward_rows' first output)."""
-        rows, width = tokens.shape
-        check_fits(self.model, max(s + n for s, n in zip(starts, lengths) if n))
-        bucket = min(batch_bucket(rows), self.cache.rows)
-        if (bucket, width) not in self.graphs:
-            self.graphs[(bucket, width)] = self._build(bucket, width)
-        graph, static_tokens, meta, logits = self.graphs[(bucket, width)]
-        static_tokens[:rows] = tokens
-        host = torch.zeros(2, bucket, dtype=torch.int64)  # starts, lengths; padding rows: length 0
-        host[0, :rows], host[1, :rows] = torch.tensor(starts), torch.tensor(lengths)
-        meta.copy_(host)
-        if graph is None:
-            return self._run(static_tokens, meta)[:rows]
-        graph.replay()
-        return logits[:rows]
-
-    def _run(self, tokens: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model.forward_rows_static(self.cache, tokens, meta[0], meta[1], self.model.max_seq_len)[0]
-
-    def _build(self, bucket: int, width: int) -> tuple:
-        device = self.model.device
-        tokens = torch.zeros(bucket, width, dtype=torch.int64, device=device)
-        meta = torch.zeros(2, bucket, dtype=torch.int64, device=device)  # all lengths 0: writes hit scratch only
-        if not self.capture:
-            return None, tokens, meta, None
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._run(tokens, meta)  # warm-up outside the graph: kernels and workspaces initialised
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run(tokens, meta)
-        return graph, tokens, meta, logits
-
-
 # ---- the engine ---------------------------------------------------------------------------------------
 
 
@@ -306,10 +219,11 @@ class BatchEngine:
     ModelDrafter(draft).rows, FeatureDrafter(draft, target).rows), or None for plain decoding.
     gamma: an int >= 0 (0: plain decoding) or "auto" (`policy`, a LoadGamma over a table of step costs
     covering max_batch rows; without one, over nominal_batch_costs); max_batch: rows that run at once
-    (more requests wait their turn); graphs: the target's forward as CUDA graphs per (batch bucket,
-    T) (RowGraphs; on the CPU the same padded static call, eager). exact: bit-exact mode, an
-    ExactTarget over `target`: each row's prefill and verification run through it on the row's own
-    cache (exact_target.ExactRows), one row at a time, so a request's logits are those it gets alone."""
+    (more requests wait their turn); graphs: each step as one CUDA graph per (batch bucket, Γ, params
+    sets), prefills per (rows, tokens) bucket (speculant.row_step, static; on the CPU the same padded
+    static functions, eager). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
+    and verification run through it on the row's own cache (exact_target.ExactRows), one row at a
+    time, so a request's logits are those it gets alone."""
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
@@ -336,14 +250,19 @@ class BatchEngine:
         # bit-exact mode: rows laid out as the model's own cache, run one at a time through `exact`
         self.exact = ExactRows(exact, max_batch) if exact is not None else None
         self.cache = self.exact if self.exact is not None else target.new_row_cache(max_batch)
-        self.graphs = RowGraphs(target, self.cache, capture=target.device.type == "cuda") if graphs else None
-        self.drafter = drafter_factory(max_batch, self.cache) if drafter_factory is not None and self.gamma else None
-        if self.drafter is None:
+        drafter = drafter_factory(max_batch, self.cache) if drafter_factory is not None and self.gamma else None
+        if drafter is None:
             self.gamma, self.policy = 0, None
+        self.row_step = RowStep(target, self.cache, drafter, self.gamma + 1, static=graphs, exact=self.exact)
         self.rows: list[_Row] = []  # running, packed: row b sits in cache row b
         self.waiting: list[_Row] = []
         self.pending: list[RowUpdate] = []  # cancellations, reported by the next step
         self._next_id = 0
+
+    @property
+    def drafter(self) -> RowDrafter | None:
+        """The row drafter (its state is the rows'), kept by the row step that drafts with it."""
+        return self.row_step.drafter
 
     @property
     def num_running(self) -> int:
@@ -403,8 +322,15 @@ class BatchEngine:
             raise ValueError(f"a step's gamma must be an integer in 0..{self.gamma} (the engine's longest), "
                              f"got {gamma!r}")
         updates, self.pending = self.pending, []
-        while self.waiting and len(self.rows) < self.max_batch:
-            self._admit(self.waiting.pop(0), updates)
+        joining = []
+        while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+            row = self.waiting.pop(0)
+            if row.request.max_new_tokens == 0:  # nothing to make: finished at once
+                updates.append(self._finish(row, "length"))
+            else:
+                joining.append(row)
+        if joining:
+            self._admit(joining)
         for b in reversed(range(len(self.rows))):  # a full context ends a request before its step
             if len(self.rows[b].context) >= self.target.max_seq_len:
                 row = self._remove(b)
@@ -412,7 +338,6 @@ class BatchEngine:
         if not self.rows:
             return updates
         rows = self.rows
-        device = self.target.device
         learning = self.policy is not None and gamma is None
         step_gamma = self.gamma if gamma is None else gamma
         if learning:
@@ -421,50 +346,20 @@ class BatchEngine:
         # never draft past what a row may still emit or store (as speculant.engine.generate)
         gammas = [max(0, min(step_gamma, r.request.max_new_tokens - r.stats.new_tokens - 1,
                              self.target.max_seq_len - len(r.context) - 1)) for r in rows]
-        params = [r.request.params for r in rows]
-
-        start = time.perf_counter()  # step times are statistics (GenerationStats), never the policy's input
-        draft_tokens, draft_probs, counts = None, None, [0] * len(rows)
-        if self.drafter is not None and any(gammas):
-            draft = self.drafter.propose([r.context for r in rows], gammas, params, [r.generator for r in rows])
-            draft_tokens, draft_probs, counts = draft.tokens.to(device), draft.probs, draft.counts
-        draft_time = _since(start, device)
-
-        start = time.perf_counter()
-        width = max(counts)
-        inputs = torch.zeros(len(rows), width + 1, dtype=torch.int64)
-        inputs[:, 0] = torch.tensor([r.context[-1] for r in rows])
-        inputs = inputs.to(device)
-        if width:
-            inputs[:, 1:] = draft_tokens[:, :width]
-        starts, lengths = [len(r.context) - 1 for r in rows], [n + 1 for n in counts]
-        if self.exact is not None:
-            logits = self.exact.forward_rows(inputs, starts, lengths)
-        elif self.graphs is not None:
-            logits = self.graphs(inputs, starts, lengths)
-        else:
-            logits, _ = self.target.forward_rows(self.cache, inputs, starts, lengths)
-        target_probs = probs_by_row(logits, params)  # [B, W + 1, V]
-        uniforms = torch.full((len(rows), width + 1), 0.5)
-        for b, (row, n) in enumerate(zip(rows, counts)):
-            uniforms[b, :n + 1] = torch.rand(n + 1, generator=row.generator)
-        uniforms = uniforms.to(device)
-        count_tensor = torch.tensor(counts, device=device)
-        accept = uniforms[:, :width]
-        sample = uniforms[torch.arange(len(rows), device=device), count_tensor]  # row b's draw n_b + 1
-        verdict = verify_rows(draft_tokens[:, :width] if width else inputs[:, 1:], None if draft_probs is None
-                              else draft_probs[:, :width], target_probs, accept, sample, count_tensor)
-        num_accepted, next_token = verdict.num_accepted.tolist(), verdict.next_token.tolist()  # the host sync
-        drafted = draft_tokens[:, :width].tolist() if width else [[] for _ in rows]
-        target_time = _since(start, device)
-
         wanted = [b for b, r in enumerate(rows) if r.request.logprobs is not None]
-        logprobs = _logprobs(logits, wanted, [rows[b].request.logprobs for b in wanted])
+        start = time.perf_counter()  # step times are statistics (GenerationStats), never the policy's input
+        outcome = self.row_step.step([r.context for r in rows], gammas, [r.request.params for r in rows],
+                                     [r.generator for r in rows], with_logits=bool(wanted))  # read: in sync
+        draft_time = outcome.draft_time
+        target_time = time.perf_counter() - start - draft_time
+        counts, num_accepted = outcome.counts, outcome.num_accepted
+
+        logprobs = _logprobs(outcome.logits, wanted, [rows[b].request.logprobs for b in wanted])
         finished = []
         for b, row in enumerate(rows):
             n, a = counts[b], num_accepted[b]
-            tokens = drafted[b][:a] + [next_token[b]]
-            result = StepResult(tokens, n, a, target_probs[b, :n + 1], draft_time, target_time)
+            tokens = outcome.drafted[b][:a] + [outcome.next_token[b]]
+            result = StepResult(tokens, n, a, None, draft_time, target_time)
             row.stats.record(gammas[b], result)
             emitted, reason = self._commit(row, tokens)
             row_logprobs = None
@@ -504,23 +399,22 @@ class BatchEngine:
             reason = "length"
         return emitted, reason
 
-    def _admit(self, row: _Row, updates: list[RowUpdate]) -> None:
-        """Prefill the request alone into the next free row (or finish it at once: nothing to make)."""
-        if row.request.max_new_tokens == 0:
-            updates.append(self._finish(row, "length"))
-            return
-        b = len(self.rows)
+    def _admit(self, joining: list[_Row]) -> None:
+        """The joining requests take rows 0..k-1, prefilled together (RowStep.prefill: one forward from
+        row 0, a graph per size on CUDA); the rows that sat there move to the end."""
+        k, running = len(joining), len(self.rows)
         start = time.perf_counter()
-        if self.exact is not None:
-            self.exact.prefill(b, row.context[:-1])
-        elif len(row.context) > 1:
-            self.target.forward_rows(self.cache, torch.tensor([row.context[:-1]]), [0], [len(row.context) - 1],
-                                     first_row=b, with_logits=False)
-        if self.drafter is not None:
-            self.drafter.start(b, row.context)
-        row.stats.prefill_time = _since(start, self.target.device)
-        row.decode_start = time.perf_counter()
-        self.rows.append(row)
+        for b in range(min(k, running)):
+            dest = max(k, running) + b
+            self.cache.move_row(b, dest, len(self.rows[b].context) - 1)
+            if self.drafter is not None:
+                self.drafter.move(b, dest)
+        self.rows = joining + self.rows[k:] + self.rows[:k]
+        self.row_step.prefill([row.context for row in joining])
+        synchronize(self.target.device)
+        for row in joining:
+            row.stats.prefill_time = time.perf_counter() - start  # the batch's prefill, shared
+            row.decode_start = time.perf_counter()
 
     def _remove(self, b: int) -> _Row:
         """Take row b out; the last row moves into its place (cache rows and drafter state)."""
@@ -539,12 +433,6 @@ class BatchEngine:
         """The update of a request that ends without a step."""
         row.stats.finish_reason = reason
         return RowUpdate(row.request_id, [], [] if row.request.logprobs is not None else None, reason, row.stats)
-
-
-def _since(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def _logprobs(logits: torch.Tensor, rows: list[int], top: list[int]) -> dict[int, tuple[list, list]]:

@@ -60,7 +60,7 @@ import torch
 
 from speculant.adaptive import BatchStepCosts, StepCosts, batch_bucket, batch_buckets
 from speculant.batching import BatchEngine, BatchRequest
-from speculant.drafters.base import Draft, RowDraft
+from speculant.drafters.base import Draft, RowPlan
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.ngram import NgramDrafter, NgramRows
 from speculant.models.cache import keyed_file, read_keyed_json, recalibrate_requested, say, write_json_atomic
@@ -72,7 +72,7 @@ CACHE_FORMAT = 1  # bump when the file's layout or the way costs are measured ch
 # they have taken less than BUDGET_S seconds (fast steps are cheap to time often, and noisier)
 MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 2, 20, 1.0
 PROMPT_LENGTH = 32
-BATCH_CACHE_FORMAT = 1  # the same for the batched table
+BATCH_CACHE_FORMAT = 2  # the same for the batched table (2: steps through speculant.row_step, one graph each)
 BATCH_GAMMAS = (0, 1, 2, 4)  # Γs timed per batch bucket, with the longest; those between on a line
 BATCH_REPEATS, MIN_BATCH_REPEATS = 8, 2  # timed steps per (bucket, Γ): BATCH_REPEATS ÷ rows, at least MIN
 BATCH_BUDGET_S = 20.0  # larger buckets are timed while the timing has taken less; the rest scaled by rows
@@ -341,33 +341,28 @@ def _full_length(stepper):
 
 
 class _FullLengthRows:
-    """NgramRows padded to full length (each row's last token repeated), as _FullLength."""
+    """NgramRows padded to full length (each row's last token repeated), as _FullLength: its plan is
+    padded, the rest is NgramRows'."""
 
     def __init__(self, ngram: NgramRows) -> None:
         self.ngram = ngram
 
-    def start(self, row: int, context: list[int]) -> None:
-        self.ngram.start(row, context)
+    def __getattr__(self, name: str):
+        return getattr(self.ngram, name)
 
-    def move(self, source: int, dest: int) -> None:
-        self.ngram.move(source, dest)
-
-    def propose(self, contexts, gammas, params, generators) -> RowDraft:
-        draft = self.ngram.propose(contexts, gammas, params, generators)
-        tokens = torch.zeros(len(contexts), max(gammas), dtype=torch.int64)
-        for b, (context, gamma, found) in enumerate(zip(contexts, gammas, draft.counts)):
-            tokens[b, :found] = draft.tokens[b, :found]
-            tokens[b, found:gamma] = context[-1]
-        return RowDraft(tokens, None, list(gammas))
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
+        plan = self.ngram.plan(contexts, gammas)
+        tokens = [found + [context[-1]] * (gamma - len(found)) for context, gamma, found in zip(contexts, gammas, plan.tokens)]
+        return RowPlan(tokens, plan.starts, list(gammas))
 
 
 @contextmanager
 def _full_length_rows(engine: BatchEngine):
     """Pad the engine's n-gram rows while measuring (other row drafters draft all they are asked for)."""
-    ngram = engine.drafter
+    ngram = engine.row_step.drafter
     if isinstance(ngram, NgramRows):
-        engine.drafter = _FullLengthRows(ngram)
+        engine.row_step.drafter = _FullLengthRows(ngram)
     try:
         yield
     finally:
-        engine.drafter = ngram
+        engine.row_step.drafter = ngram

@@ -18,11 +18,16 @@ import time
 import pytest
 from test_loading import save_folder, tiny_hf_model
 
-from speculant import api
+from speculant import api, calibrate
 from speculant.adaptive import BatchStepCosts, batch_buckets, nominal_batch_costs
 from speculant.batching import BatchEngine, BatchRequest, LoadGamma
-from speculant import calibrate
-from speculant.calibrate import BATCH_GAMMAS, batch_step_costs, measure_batch_costs, read_batch_costs
+from speculant.calibrate import (
+    BATCH_CACHE_FORMAT,
+    BATCH_GAMMAS,
+    batch_step_costs,
+    measure_batch_costs,
+    read_batch_costs,
+)
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter, NgramRows
 from speculant.models.cache import keyed_file
@@ -267,13 +272,15 @@ def test_batched_costs_are_measured_once_kept_and_read_back_exactly(tmp_path, mo
 
 
 def _record(**changes) -> bytes:
-    return json.dumps({"format": 1, "key": KEY, "step_costs": {"1": [1, 2, 3], "2": [2, 3, 4]}, **changes}).encode()
+    return json.dumps({"format": BATCH_CACHE_FORMAT, "key": KEY, "step_costs": {"1": [1, 2, 3], "2": [2, 3, 4]},
+                       **changes}).encode()
 
 
 @pytest.mark.parametrize("content, reason", [
     (b"{not json", "not readable JSON"),
     (b"\xff\xfe\x00", "not readable JSON"),
-    (b"[1, 2, 3]", "not a format-1 batched step-cost file"),
+    (b"[1, 2, 3]", f"not a format-{BATCH_CACHE_FORMAT} batched step-cost file"),
+    (_record(format=BATCH_CACHE_FORMAT - 1), f"not a format-{BATCH_CACHE_FORMAT} batched step-cost file"),
     (_record(key={**KEY, "target": "other"}), "written for another setup"),
     (_record(step_costs=[1, 2, 3]), "not {batch bucket: costs}"),
     (_record(step_costs={"1": [1, 2, 3]}), "the table has the wrong size"),

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from speculant.acceptance import verify
+from speculant.acceptance import verify, verify_rows
 from speculant.adaptive import BatchStepCosts, batch_buckets
-from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket, verify_rows
-from speculant.drafters.base import RowDraft
+from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -244,12 +243,14 @@ def exact_law(target: LeanModel, params: SamplingParams, tokens: int, gof) -> np
     return law.reshape([VOCAB] * tokens)
 
 
-def test_the_batched_engine_follows_the_exact_target_law(law_pair, gof):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static"])
+def test_the_batched_engine_follows_the_exact_target_law(graphs, law_pair, gof):
     """1000 requests per params group, two groups (plain, top-p) interleaved in one continuous batch
     of 16 rows (requests join as others leave), γ 2, 3 tokens each: chi-square of (t1, t2, t3), 216
-    cells, against the exact law; Bonferroni over the two groups. Each request has its own seed."""
+    cells, against the exact law; Bonferroni over the two groups. Each request has its own seed. The
+    eager step and the static one (what CUDA captures: rows padded, one function per params set)."""
     target, draft = law_pair
-    engine = BatchEngine(target, FeatureDrafter(draft, target).rows, gamma=2, max_batch=16)
+    engine = BatchEngine(target, FeatureDrafter(draft, target).rows, gamma=2, max_batch=16, graphs=graphs)
     groups = [PLAIN, TOP_P]
     ids = {engine.add(BatchRequest(LAW_PROMPT, groups[i % 2], 3, seed=i)): i for i in range(2 * LAW_RUNS)}
     out = np.zeros((2 * LAW_RUNS, 3), dtype=np.int64)
@@ -280,15 +281,12 @@ class NeighbourProbs:
     def __init__(self, inner) -> None:
         self.inner = inner
 
-    def start(self, row, context):
-        self.inner.start(row, context)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    def move(self, source, dest):
-        self.inner.move(source, dest)
-
-    def propose(self, contexts, gammas, params, generators) -> RowDraft:
-        draft = self.inner.propose(contexts, gammas, params, generators)
-        return RowDraft(draft.tokens, draft.probs.roll(-1, 0), draft.counts)
+    def draft(self, *args):
+        tokens, probs = self.inner.draft(*args)
+        return tokens, probs.roll(-1, 0)
 
 
 def gamma1_law(p1, p2, sampled, reported) -> np.ndarray:

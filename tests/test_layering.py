@@ -8,8 +8,8 @@ module to the module it names. The layers, lowest first:
     1  models/                                                  every model class and its loading
     2  drafters/                                                what proposes draft tokens
     3  step, fused, exact_target                                one step: draft, verify, accept
-    4  engine, adaptive, calibrate, batching, plan, reference,  loops over steps, γ policies and their step
-       chain                                                    costs, the drafter chain
+    4  engine, adaptive, calibrate, batching, row_step, plan,   loops over steps, γ policies and their step
+       reference, chain                                         costs, the drafter chain, the batched step
     5  api (and the package's own __init__, which re-exports it)
     6  cli, args, server/, bench/, distill/, diffusion/         leaves: they use the core
 
@@ -33,8 +33,8 @@ LAYERS = {
     1: ("speculant.models",),
     2: ("speculant.drafters",),
     3: ("speculant.step", "speculant.fused", "speculant.exact_target"),
-    4: ("speculant.engine", "speculant.adaptive", "speculant.calibrate", "speculant.batching", "speculant.plan", "speculant.reference",
-        "speculant.chain"),
+    4: ("speculant.engine", "speculant.adaptive", "speculant.calibrate", "speculant.batching", "speculant.row_step",
+        "speculant.plan", "speculant.reference", "speculant.chain"),
     5: ("speculant.api", "speculant"),
     6: ("speculant.cli", "speculant.args", "speculant.server", "speculant.bench", "speculant.distill", "speculant.diffusion"),
 }

@@ -183,22 +183,28 @@ def _sample_pairs(spec, first: int, params, num_samples: int) -> tuple[list[tupl
     pairs, draft_laws = [], {}
     for start in range(0, num_samples, BATCH):
         engine = spec.batch_engine(max_batch=BATCH)
-        propose = engine.drafter.propose
+        drafter, planned = engine.drafter, []
+        plan, draft = drafter.plan, drafter.draft
 
-        def recording(contexts, gammas, params, generators, propose=propose):
-            draft = propose(contexts, gammas, params, generators)
-            for b, (context, count) in enumerate(zip(contexts, draft.counts)):
+        def planning(contexts, gammas, plan=plan, planned=planned):
+            planned[:] = [contexts, plan(contexts, gammas)]
+            return planned[1]
+
+        def drafting(*args, draft=draft, planned=planned):
+            tokens, probs = draft(*args)
+            contexts, row_plan = planned
+            for b, (context, count) in enumerate(zip(contexts, row_plan.counts)):
                 if count:
-                    draft_laws[context[1]] = draft.probs[b, 0].double().numpy()
-            return draft
+                    draft_laws[context[1]] = probs[b, 0].double().numpy()
+            return tokens, probs
 
-        engine.drafter.propose = recording  # a spy: the real drafter runs (removed below: no cycle kept)
+        drafter.plan, drafter.draft = planning, drafting  # spies: the real drafter runs (removed below: no cycle kept)
         emitted = {engine.add(BatchRequest([first], params, 3, (), seed=seed)): []
                    for seed in range(start, min(start + BATCH, num_samples))}
         for _ in range(2):  # step 1: x1 (plain: no target feature yet), step 2: x2 drafted and verified (γ 1)
             for update in engine.step():
                 emitted[update.request_id] += update.tokens
-        del engine.drafter.propose
+        del drafter.plan, drafter.draft
         assert all(len(tokens) >= 2 for tokens in emitted.values())
         pairs += [tuple(tokens[:2]) for tokens in emitted.values()]
     return pairs, draft_laws
@@ -243,10 +249,10 @@ def test_the_first_two_tokens_follow_the_targets_law(transform, shipped, hf_mode
 def test_a_sampler_that_accepts_every_draft_token_fails_the_same_test(shipped, hf_model, gof, monkeypatch):
     """Negative control: accept uniforms forced to 0 in the batched verification, so x2 follows the
     draft's law q; its power is computed from the q the drafter reported in this run."""
-    from speculant import batching
+    from speculant import row_step
 
-    verify_rows = batching.verify_rows
-    monkeypatch.setattr(batching, "verify_rows", lambda tokens, draft_probs, target_probs, accept, sample, counts:
+    verify_rows = row_step.verify_rows
+    monkeypatch.setattr(row_step, "verify_rows", lambda tokens, draft_probs, target_probs, accept, sample, counts:
                         verify_rows(tokens, draft_probs, target_probs, torch.zeros_like(accept), sample, counts))
     _, _, fit, power = _law_check("temperature_1", shipped, hf_model, gof)
     print(f"\nalways-accept: {fit}; power {power}")

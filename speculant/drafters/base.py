@@ -7,7 +7,8 @@ context it is shown next: the engine never tells it what was rejected.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -142,59 +143,155 @@ class RowDraft(NamedTuple):
     counts: list[int]  # [B]: γ'_b <= the γ_b asked for
 
 
+class RowPlan(NamedTuple):
+    """A row drafter's part of a step, decided on the host before any forward: row b feeds tokens[b]
+    at positions starts[b].. (the committed tokens its state lacks; a deterministic drafter: its
+    draft itself) and drafts counts[b] tokens."""
+
+    tokens: list[list[int]]
+    starts: list[int]
+    counts: list[int]  # γ'_b <= the γ_b asked for
+
+
 class RowDrafter(Protocol):
     """A drafter for rows 0..B-1 of a batch (speculant.batching), each row one request with its own
-    state (a cache row, an index). Rows stay packed: when a request leaves, the last row moves into
-    its place. Row b draws its randomness only from generators[b], in the order the single-request
-    drafter does, so a request drafts the same tokens whatever runs beside it."""
+    state (a cache row, an index). Row b draws its randomness only from its own generator, in the
+    order the single-request drafter does, so a request drafts the same tokens whatever runs beside it.
 
-    def start(self, row: int, context: list[int]) -> None:
-        """A request with `context` (its prompt) takes row `row`; the target's row holds context[:-1]."""
+    The host decides, the device computes, so that a step's device part can be captured as a CUDA
+    graph (speculant.row_step): `plan` (host) says what each row feeds and drafts; `draft` (device, no
+    host read, shapes fixed by its inputs) feeds and drafts; `settle` (host) records what was drafted.
+    `propose_rows` runs the three eagerly. A request joins with `start` (host) and `prefill` (device)."""
+
+    samples: bool  # draws its tokens from laws (counts[b] uniforms per row); False: deterministic, no laws
+
+    def start(self, row: int, context: list[int]) -> list[int]:
+        """A request with `context` (its prompt) takes row `row`; the target's row holds context[:-1].
+        Returns the tokens `prefill` must feed the row from position 0 (possibly none)."""
+        ...
+
+    def prefill(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, kv_len: int) -> None:
+        """Feed rows 0..B-1: tokens [B, T], row b's first lengths[b] (0: none) at positions starts[b]..,
+        keys read up to kv_len (>= every row's end). A join, or rows catching up before a fixed window."""
         ...
 
     def move(self, source: int, dest: int) -> None:
         """Row `source`'s state moves to row `dest`."""
         ...
 
-    def propose(self, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
-                generators: list[torch.Generator]) -> RowDraft:
-        """Draft up to gammas[b] tokens after contexts[b] for rows b = 0..B-1."""
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
+        """What rows b = 0..B-1 feed and draft to draft up to gammas[b] tokens after contexts[b]."""
+        ...
+
+    def draft(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor,
+              uniforms: torch.Tensor, probs: Callable[[torch.Tensor], torch.Tensor],
+              kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A plan on the device: tokens [B, T] (row b's first lengths[b], at starts[b]..), counts [B],
+        uniforms [B, Γ] (row b's first counts[b] its own), probs(logits [B, V]) -> [B, V] the sampling
+        transform of each row (probs_by_row) -> draft tokens [B, Γ] and their laws [B, Γ, V] (None:
+        deterministic). Rows may be padding (lengths 0, counts 0): they write only scratch slots."""
+        ...
+
+    def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
+        """After the step: row b drafted drafted[b] (counts[b] tokens) after contexts[b]."""
         ...
 
 
-def probs_by_row(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits_to_probs with row b's own params: logits [B, ..., V] -> probs [B, ..., V]. Rows with the
-    same params go through one call (the transform works row by row, so grouping changes nothing)."""
-    groups: dict[SamplingParams, list[int]] = {}
-    for row, p in enumerate(params):
-        groups.setdefault(p, []).append(row)
-    if len(groups) == 1:
-        return logits_to_probs(logits, params[0])
+def propose_rows(drafter: RowDrafter, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
+                 generators: list[torch.Generator]) -> RowDraft:
+    """Draft up to gammas[b] tokens after contexts[b] for rows b = 0..B-1, eagerly: the drafter's plan,
+    row b's counts[b] uniforms from generators[b], its draft with shapes as small as the plan allows
+    (keys read up to the furthest position written), its settle."""
+    plan = drafter.plan(contexts, gammas)
+    width = max(plan.counts)
+    device = _drafter_device(drafter)
+    if width == 0:
+        return RowDraft(torch.zeros(len(contexts), 0, dtype=torch.int64, device=device), None, plan.counts)
+    lengths = [len(t) for t in plan.tokens]
+    tokens = torch.zeros(len(contexts), max(max(lengths), 1), dtype=torch.int64)
+    for b, row in enumerate(plan.tokens):
+        tokens[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
+    uniforms = row_uniforms(generators, [[n if drafter.samples else 0] for n in plan.counts], [width])
+    kv_len = max(s + n + max(c - 1, 0) for s, n, c in zip(plan.starts, lengths, plan.counts))
+    sets, group = param_groups(params)
+    draft_tokens, laws = drafter.draft(
+        tokens.to(device), torch.tensor(plan.starts, device=device), torch.tensor(lengths, device=device),
+        torch.tensor(plan.counts, device=device), uniforms.to(device),
+        lambda logits: probs_by_row(logits, sets, group), kv_len)
+    drafter.settle(contexts, plan.counts, draft_tokens.tolist())
+    return RowDraft(draft_tokens, laws, plan.counts)
+
+
+def _drafter_device(drafter: RowDrafter) -> torch.device:
+    """Where a row drafter's tensors live: its model's device (the CPU for a deterministic one)."""
+    model = getattr(drafter, "model", None)
+    return model.device if model is not None else torch.device("cpu")
+
+
+def param_groups(params: list[SamplingParams]) -> tuple[tuple[SamplingParams, ...], list[int]]:
+    """The distinct params of the rows, in a fixed order (not the rows'), and the index of each row's
+    among them. A captured step's graph is keyed by the first and fed the second."""
+    sets = tuple(sorted(set(params), key=lambda p: (p.temperature, p.top_k, p.top_p, p.min_p)))
+    return sets, [sets.index(p) for p in params]
+
+
+def probs_by_row(logits: torch.Tensor, sets: tuple[SamplingParams, ...], group: list[int] | torch.Tensor
+                 ) -> torch.Tensor:
+    """logits_to_probs with row b's own params sets[group[b]] (param_groups): logits [B, ..., V] ->
+    probs [B, ..., V]. The transform works row by row, so how rows are grouped changes nothing:
+    group a list (known on the host): each set goes over its own rows only;
+    group a [B] int64 tensor on the logits' device: each set goes over every row and each row keeps its
+    own (torch.where), with no host read and no shape that depends on the rows, so a captured step
+    runs it; G sets then cost G transforms of the whole batch."""
+    if len(sets) == 1:
+        return logits_to_probs(logits, sets[0])
+    if isinstance(group, torch.Tensor):
+        out = logits_to_probs(logits, sets[0])
+        shape = (-1,) + (1,) * (logits.dim() - 1)
+        for index, params in enumerate(sets[1:], 1):
+            out = torch.where((group == index).view(shape), logits_to_probs(logits, params), out)
+        return out
     out = torch.empty(logits.shape, dtype=torch.float32 if logits.dtype != torch.float64 else logits.dtype,
                       device=logits.device)
-    for p, rows in groups.items():
-        index = torch.tensor(rows, device=logits.device)
-        out[index] = logits_to_probs(logits[index], p)
+    for index, params in enumerate(sets):
+        rows = torch.tensor([b for b, g in enumerate(group) if g == index], device=logits.device)
+        out[rows] = logits_to_probs(logits[rows], params)
     return out
 
 
-def sample_rows(first_logits: torch.Tensor, gammas: list[int], params: list[SamplingParams],
-                generators: list[torch.Generator], feed: Callable[[torch.Tensor, int], torch.Tensor]) -> RowDraft:
-    """sample_draft over rows: first_logits [B, V] give each row's first law; row b draws gammas[b]
-    uniforms from generators[b] (on the CPU, then moved: one copy per step) and its tokens by
-    inverse CDF; feed(tokens [B], i) feeds draft token i of every row (rows past their γ_b feed
-    padding) and returns the logits after it [B, V] (never called for the last position)."""
-    device = first_logits.device
-    width = max(gammas)
-    uniforms = torch.full((len(gammas), width), 0.5)  # [B, Γ]: padding draws nothing
-    for row, (gamma, generator) in enumerate(zip(gammas, generators)):
-        uniforms[row, :gamma] = torch.rand(gamma, generator=generator)
-    uniforms = uniforms.to(device)
-    logits, tokens, probs = first_logits, [], []
+def row_uniforms(generators: list[torch.Generator], counts: list[list[int]], widths: list[int]) -> torch.Tensor:
+    """Row b's random draws, from generators[b] alone: region by region (widths[r] columns each),
+    counts[b][r] uniforms at the start of region r, 0.5 elsewhere (padding draws nothing). [B,
+    sum(widths)] float32 on the CPU. A row's draws for all regions come from one torch.rand call: on a
+    CPU generator that gives the values of one call per region in turn (the single-request engine's
+    calls; tests/test_row_step.py pins it), at one call per row, and the whole is assembled in one copy."""
+    out = torch.full((len(generators), sum(widths)), 0.5)
+    draws, index = [], []
+    for b, (generator, row) in enumerate(zip(generators, counts)):
+        if sum(row):
+            draws.append(torch.rand(sum(row), generator=generator))
+            offset = b * out.shape[1]
+            for count, width in zip(row, widths):
+                index.extend(range(offset, offset + count))
+                offset += width
+    if draws:
+        out.view(-1)[torch.tensor(index)] = torch.cat(draws)
+    return out
+
+
+def sample_rows(first_logits: torch.Tensor, uniforms: torch.Tensor, probs: Callable[[torch.Tensor], torch.Tensor],
+                feed: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_draft over rows: first_logits [B, V] give each row's first law, probs(logits [B, V]) ->
+    [B, V] is each row's sampling transform, uniforms [B, Γ] (on the device) drive the inverse-CDF
+    draws; feed(tokens [B], i) feeds draft token i of every row (rows past their γ_b feed padding) and
+    returns the logits after it [B, V] (never called for the last position). Returns the tokens
+    [B, Γ] and the law each was drawn from [B, Γ, V]; no host read."""
+    logits, tokens, laws = first_logits, [], []
+    width = uniforms.shape[1]
     for i in range(width):
-        step_probs = probs_by_row(logits, params)  # [B, V]
+        step_probs = probs(logits)  # [B, V]
         tokens.append(sample_from(step_probs, uniforms[:, i]))
-        probs.append(step_probs)
+        laws.append(step_probs)
         if i + 1 < width:
             logits = feed(tokens[-1], i)
-    return RowDraft(torch.stack(tokens, 1), torch.stack(probs, 1), list(gammas))
+    return torch.stack(tokens, 1), torch.stack(laws, 1)

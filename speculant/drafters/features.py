@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, RowDraft, common_prefix_length, sample_draft, sample_rows
+from speculant.drafters.base import Draft, RowPlan, common_prefix_length, sample_draft, sample_rows
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams
@@ -82,6 +82,8 @@ class FeatureRows:
     """FeatureDrafter over the rows of a batch (a RowDrafter): draft row b reads the target's row b
     features; one batched forward per draft position. Row b keeps what FeatureDrafter keeps."""
 
+    samples = True
+
     def __init__(self, draft: FeatureDraft, target_cache, max_rows: int) -> None:
         self.model = draft
         self.target_cache = target_cache
@@ -89,60 +91,57 @@ class FeatureRows:
         self.fed: list[list[int]] = [[] for _ in range(max_rows)]
         self.true_len = [0] * max_rows
 
-    def start(self, row: int, context: list[int]) -> None:
-        # draft positions 0..n-2 from the prefilled target's features, alone; propose feeds position n-1
+    def start(self, row: int, context: list[int]) -> list[int]:
+        # draft positions 0..n-2 from the prefilled target's features; the first plan feeds position n-1
         n = len(context) - 1
         self.fed[row], self.true_len[row] = list(context[1:n]), max(n - 1, 0)
-        if n > 1:
-            features = self.target_cache.features[row:row + 1, :n - 1]
-            self.model.forward_features_rows(self.cache, torch.tensor([context[1:n]]), features, [0], [n - 1],
-                                             first_row=row, with_logits=False)
+        return self.fed[row]
+
+    def prefill(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """RowDrafter.prefill: draft position i of row b reads token tokens[b, i - starts[b]] (x_{i+1})
+        and the target's feature f_i of row b; returns the predicted features [B, T, E]."""
+        rows, width = tokens.shape
+        offsets = torch.arange(width, device=tokens.device)
+        # [B, T]: the target's features at the fed positions (padding reads slot 0)
+        index = torch.where(offsets[None, :] < lengths[:, None], starts[:, None] + offsets, 0)
+        features = self.target_cache.features[torch.arange(rows, device=tokens.device)[:, None], index]
+        return self.model.forward_features_rows(self.cache, tokens, features, starts, lengths, kv_len,
+                                                with_logits=False)[1]
 
     def move(self, source: int, dest: int) -> None:
         self.cache.move_row(source, dest, len(self.fed[source]))
         self.fed[dest], self.true_len[dest] = self.fed[source], self.true_len[source]
 
-    def propose(self, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
-                generators: list[torch.Generator]) -> RowDraft:
-        device = self.model.device
-        rows = len(contexts)
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
         # a row whose target holds no feature yet (a one-token prompt) drafts nothing, as FeatureDrafter
-        gammas = [g if len(c) > 1 else 0 for g, c in zip(gammas, contexts)]
-        if not any(gammas):
-            return RowDraft(torch.zeros(rows, 0, dtype=torch.int64, device=device), None, gammas)
-        keeps, lengths = [], []
+        counts = [g if len(c) > 1 else 0 for g, c in zip(gammas, contexts)]
+        keeps, feeds = [], []
         for b, context in enumerate(contexts):
-            n = len(context) - 1
+            n = len(context) - 1  # the target holds positions 0..n-1 and their features
             keep = min(self.true_len[b], common_prefix_length(self.fed[b], context[1:], max(self.true_len[b] - 1, 0)),
-                       n - 1) if gammas[b] else 0
+                       n - 1) if counts[b] else 0
             keeps.append(keep)
-            lengths.append(n - keep if gammas[b] else 0)
-        width = max(lengths)
-        offsets = torch.arange(width)
-        tokens = torch.zeros(rows, width, dtype=torch.int64)
-        for b, context in enumerate(contexts):
-            tokens[b, :lengths[b]] = torch.tensor(context[1 + keeps[b]:1 + keeps[b] + lengths[b]], dtype=torch.int64)
-        # [B, T]: the target's features at the fed positions (padding reads slot 0)
-        fed = offsets[None, :] < torch.tensor(lengths)[:, None]
-        index = torch.where(fed, torch.tensor(keeps)[:, None] + offsets, 0)
-        features = self.target_cache.features[torch.arange(rows)[:, None].to(device), index.to(device)]
-        _, hidden = self.model.forward_features_rows(self.cache, tokens, features, keeps, lengths, with_logits=False)
-        last = torch.tensor([max(n - 1, 0) for n in lengths], device=device)
-        feature = hidden[torch.arange(rows, device=device), last]  # [B, E]: f̂_n, read with the first draft token
-        ends = [len(c) - 1 for c in contexts]  # n: where each row's first draft token goes
+            feeds.append(context[1 + keep:1 + n] if counts[b] else [])
+        return RowPlan(feeds, keeps, counts)
+
+    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        hidden = self.prefill(tokens, starts, lengths, kv_len)
+        feature = hidden[rows, (lengths - 1).clamp_min(0)]  # [B, E]: f̂_n, read with the first draft token
+        ends = starts + lengths  # n: where each row's first draft token goes
 
         def feed(token: torch.Tensor, i: int) -> torch.Tensor:
             nonlocal feature
-            more = [int(g > i + 1) for g in gammas]
-            out, hidden = self.model.forward_features_rows(self.cache, token[:, None], feature[:, None],
-                                                           [e + i for e in ends], more)
+            more = (counts > i + 1).to(torch.int64)
+            out, hidden = self.model.forward_features_rows(self.cache, token[:, None], feature[:, None], ends + i,
+                                                           more, kv_len)
             feature = hidden[:, 0]
             return out[:, 0]
 
-        draft = sample_rows(self.model.logits(feature), gammas, params, generators, feed)
-        drafted = draft.tokens.tolist()
+        return sample_rows(self.model.logits(feature), uniforms, probs, feed)
+
+    def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
         for b, context in enumerate(contexts):
-            if gammas[b]:
+            if counts[b]:
                 n = len(context) - 1
-                self.fed[b], self.true_len[b] = context[1:n + 1] + drafted[b][:gammas[b] - 1], n
-        return draft
+                self.fed[b], self.true_len[b] = context[1:n + 1] + drafted[b][:counts[b] - 1], n

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, RowDraft, common_prefix_length, sample_draft, sample_rows
+from speculant.drafters.base import Draft, RowPlan, common_prefix_length, sample_draft, sample_rows
 from speculant.models.base import CausalLM
 from speculant.models.transformer import LeanModel
 from speculant.sampling import SamplingParams
@@ -58,50 +58,53 @@ class ModelRows:
     """ModelDrafter over the rows of a batch (a RowDrafter): one cache row per request, one batched
     forward per draft position. Row b keeps what ModelDrafter keeps: fed[b], known_good[b]."""
 
+    samples = True
+
     def __init__(self, model: LeanModel, max_rows: int) -> None:
         self.model = model
         self.cache = model.new_row_cache(max_rows)
         self.fed: list[list[int]] = [[] for _ in range(max_rows)]
         self.known_good = [0] * max_rows
 
-    def start(self, row: int, context: list[int]) -> None:
-        # the prompt but its last token, alone: the first propose feeds the rest with the other rows
+    def start(self, row: int, context: list[int]) -> list[int]:
+        # the prompt but its last token: the first plan feeds the rest with the other rows
         self.fed[row], self.known_good[row] = list(context[:-1]), len(context) - 1
-        if len(context) > 1:
-            self.model.forward_rows(self.cache, torch.tensor([context[:-1]]), [0], [len(context) - 1], first_row=row,
-                                    with_logits=False)
+        return self.fed[row]
+
+    def prefill(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """RowDrafter.prefill; returns the final-normed hidden states [B, T, E] (draft reads the last)."""
+        return self.model.forward_rows_static(self.cache, tokens, starts, lengths, kv_len, with_logits=False)[1]
 
     def move(self, source: int, dest: int) -> None:
         self.cache.move_row(source, dest, len(self.fed[source]))
         self.fed[dest], self.known_good[dest] = self.fed[source], self.known_good[source]
 
-    def propose(self, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
-                generators: list[torch.Generator]) -> RowDraft:
-        rows = len(contexts)
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
         keeps, feeds = [], []
         for b, context in enumerate(contexts):
+            # keep the cache up to the last position that still matches, but always re-feed the final
+            # context token: its logits give the first draft distribution (rows drafting nothing
+            # catch up later)
             keep = min(common_prefix_length(self.fed[b], context, self.known_good[b]), len(context) - 1)
             keeps.append(keep)
-            feeds.append(context[keep:] if gammas[b] else [])  # rows drafting nothing catch up later
-        width = max(len(f) for f in feeds)
-        tokens = torch.zeros(rows, width, dtype=torch.int64)
-        for b, f in enumerate(feeds):
-            tokens[b, :len(f)] = torch.tensor(f, dtype=torch.int64)
-        lengths = [len(f) for f in feeds]
-        _, hidden = self.model.forward_rows(self.cache, tokens, keeps, lengths, with_logits=False)
-        last = torch.tensor([max(n - 1, 0) for n in lengths], device=hidden.device)
-        first = self.model.logits(hidden[torch.arange(rows, device=hidden.device), last])  # [B, V]: at each row's end
-        ends = [k + n for k, n in zip(keeps, lengths)]  # where each row's first draft token goes
+            feeds.append(context[keep:] if gammas[b] else [])
+        return RowPlan(feeds, keeps, list(gammas))
+
+    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        hidden = self.prefill(tokens, starts, lengths, kv_len)
+        first = self.model.logits(hidden[rows, (lengths - 1).clamp_min(0)])  # [B, V]: at each row's end
+        ends = starts + lengths  # where each row's first draft token goes
 
         def feed(token: torch.Tensor, i: int) -> torch.Tensor:
-            more = [int(g > i + 1) for g in gammas]  # rows still drafting after token i
-            out, _ = self.model.forward_rows(self.cache, token[:, None], [e + i for e in ends], more)
+            more = (counts > i + 1).to(torch.int64)  # rows still drafting after token i
+            out, _ = self.model.forward_rows_static(self.cache, token[:, None], ends + i, more, kv_len)
             return out[:, 0]
 
-        draft = sample_rows(first, gammas, params, generators, feed)
-        drafted = draft.tokens.tolist()
+        return sample_rows(first, uniforms, probs, feed)
+
+    def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
         for b, context in enumerate(contexts):
-            if gammas[b]:
-                self.fed[b] = list(context) + drafted[b][:gammas[b] - 1]
+            if counts[b]:
+                self.fed[b] = list(context) + drafted[b][:counts[b] - 1]
                 self.known_good[b] = len(context)
-        return draft

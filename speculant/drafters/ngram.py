@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from speculant.drafters.base import Draft, RowDraft, common_prefix_length
+from speculant.drafters.base import Draft, RowPlan, common_prefix_length
 
 
 class NgramDrafter:
@@ -35,13 +35,17 @@ class NgramDrafter:
         self._indexed, self._starts = [], {}
 
     def propose(self, context, gamma, params, generator) -> Draft:
+        return Draft(torch.tensor(self.continuation(context, gamma), dtype=torch.int64), None)
+
+    def continuation(self, context: list[int], gamma: int) -> list[int]:
+        """The draft `propose` makes, as a list (no tensor: the batched rows' plan stays on the host)."""
         self._index(context)
         for n in range(min(self.max_ngram, len(context) - 1), self.min_ngram - 1, -1):
             starts = self._starts.get(tuple(context[-n:]))
             if starts:  # the latest earlier occurrence whose continuation is non-empty
                 start = starts[-1]
-                return Draft(torch.tensor(context[start + n : start + n + gamma], dtype=torch.int64), None)
-        return Draft(torch.empty(0, dtype=torch.int64), None)
+                return context[start + n : start + n + gamma]
+        return []
 
     def rows(self, max_rows: int, target_cache=None) -> NgramRows:
         """This drafter for a batch of up to `max_rows` requests (speculant.batching)."""
@@ -66,21 +70,31 @@ class NgramDrafter:
 
 
 class NgramRows:
-    """Prompt lookup over the rows of a batch (a RowDrafter): one index per row, no randomness."""
+    """Prompt lookup over the rows of a batch (a RowDrafter): one index per row, no randomness. Its
+    plan is the draft (found on the host); `draft` only hands the plan's tokens on."""
+
+    samples = False
 
     def __init__(self, max_ngram: int, min_ngram: int, max_rows: int) -> None:
         self.drafters = [NgramDrafter(max_ngram, min_ngram) for _ in range(max_rows)]
 
-    def start(self, row: int, context: list[int]) -> None:
+    def start(self, row: int, context: list[int]) -> list[int]:
         self.drafters[row].reset()
+        return []
+
+    def prefill(self, tokens, starts, lengths, kv_len) -> None:
+        pass  # the index is built on the host, by plan
 
     def move(self, source: int, dest: int) -> None:
         self.drafters[source], self.drafters[dest] = self.drafters[dest], self.drafters[source]
 
-    def propose(self, contexts, gammas, params, generators) -> RowDraft:
-        drafts = [self.drafters[b].propose(c, g, None, None).tokens.tolist() if g else []
+    def plan(self, contexts: list[list[int]], gammas: list[int]) -> RowPlan:
+        drafts = [self.drafters[b].continuation(c, g) if g else []
                   for b, (c, g) in enumerate(zip(contexts, gammas))]
-        tokens = torch.zeros(len(contexts), max(len(d) for d in drafts), dtype=torch.int64)
-        for b, d in enumerate(drafts):
-            tokens[b, :len(d)] = torch.tensor(d, dtype=torch.int64)
-        return RowDraft(tokens, None, [len(d) for d in drafts])
+        return RowPlan(drafts, [0] * len(drafts), [len(d) for d in drafts])
+
+    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+        return tokens[:, :uniforms.shape[1]], None
+
+    def settle(self, contexts, counts, drafted) -> None:
+        pass  # the next plan indexes the context it is shown

@@ -272,17 +272,15 @@ class FeatureDraft(DistilledDraft):
         inputs = self.draft_weights.feature_inputs(self.embed(tokens), features)
         return self.hidden_states(tokens, positions, kv_len, inputs=inputs)
 
-    @torch.inference_mode()
-    def forward_features_rows(self, cache, tokens: torch.Tensor, features: torch.Tensor, starts: list[int],
-                              lengths: list[int], first_row: int = 0,
+    def forward_features_rows(self, cache, tokens: torch.Tensor, features: torch.Tensor, starts: torch.Tensor,
+                              lengths: torch.Tensor, kv_len: int,
                               with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """forward_features over rows (speculant.batching): tokens [B, T], features [B, T, E], row b
-        valid up to lengths[b] at positions starts[b].., in rows first_row.. of `cache` (a RowKVCache)
-        -> (logits [B, T, V] or None without with_logits, predicted features [B, T, E])."""
-        tokens = tokens.to(self.device)
-        inputs = self.draft_weights.feature_inputs(self.embed(tokens), features.to(self.device))
-        return self.forward_rows(cache, tokens, starts, lengths, inputs=inputs, first_row=first_row,
-                                 with_logits=with_logits)
+        """forward_features over rows (speculant.batching), as LeanModel.forward_rows_static: tokens
+        [B, T], features [B, T, E], row b valid up to lengths[b] at positions starts[b].. (device
+        tensors), keys read up to kv_len, in rows 0..B-1 of `cache` (a RowKVCache) -> (logits [B, T, V]
+        or None without with_logits, predicted features [B, T, E]). No host read: a graph captures it."""
+        inputs = self.draft_weights.feature_inputs(self.embed(tokens), features)
+        return self.forward_rows_static(cache, tokens, starts, lengths, kv_len, inputs=inputs, with_logits=with_logits)
 
     def train_feature_outputs(self, tokens: torch.Tensor,
                               features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

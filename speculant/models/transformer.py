@@ -577,27 +577,26 @@ class LeanModel(PositionalCache):
 
     @torch.inference_mode()
     def forward_rows(self, cache: RowKVCache, tokens: torch.Tensor, starts: list[int], lengths: list[int],
-                     inputs: torch.Tensor | None = None, first_row: int = 0,
-                     with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     first_row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows first_row..first_row+B-1 of `cache`: tokens [B, T] (row b valid up to lengths[b], 0..T)
         at positions starts[b].. -> (logits [B, T, vocab] float32, final-normed hidden [B, T, E]);
-        padded positions give garbage and write only the scratch slot. `inputs` [B, T, E] replaces the
-        embeddings (a feature-reading draft). with_logits=False skips the output head (logits None: a
-        prefill, or a catch-up that needs one position's logits: self.logits(hidden[...]))."""
+        padded positions give garbage and write only the scratch slot. Checked, and keys read only up
+        to the furthest row's end: forward_rows_static is the call a graph captures."""
         ends = [s + n for s, n in zip(starts, lengths) if n]
         if min(lengths) < 0 or min(starts) < 0 or not ends:
             raise ValueError("rows need lengths >= 0 (one at least > 0) at positions >= 0")
         check_fits(self, max(ends))
         return self.forward_rows_static(cache, tokens.to(self.device), torch.tensor(starts, device=self.device),
-                                        torch.tensor(lengths, device=self.device), max(ends), inputs, first_row,
-                                        with_logits)
+                                        torch.tensor(lengths, device=self.device), max(ends), first_row=first_row)
 
     def forward_rows_static(self, cache: RowKVCache, tokens: torch.Tensor, starts: torch.Tensor,
                             lengths: torch.Tensor, kv_len: int, inputs: torch.Tensor | None = None,
                             first_row: int = 0, with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """forward_rows with starts, lengths [B] as device tensors and the keys read fixed at
         `kv_len` (>= every row's end, unchecked): no host synchronisation and static shapes, so a
-        CUDA graph can capture it (speculant.batching.RowGraphs)."""
+        CUDA graph can capture it (speculant.row_step). `inputs` [B, T, E] replaces the embeddings (a
+        feature-reading draft); with_logits=False skips the output head (logits None: a prefill, or a
+        draft that needs one position's logits: self.logits(hidden[...]))."""
         b, t = tokens.shape
         offsets = torch.arange(t, device=self.device)  # [T]
         start = starts[:, None]

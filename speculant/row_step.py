@@ -1,0 +1,325 @@
+"""The device half of a batched step (speculant.batching), eager or as CUDA graphs, and the batched prefill.
+
+    step(contexts, gammas, params, generators)  rows 0..B-1 of the caches, one step:
+        plan      the row drafter's host part (RowDrafter.plan: what each row feeds and drafts)
+        draws     row b's uniforms from its own CPU generator, in the single-request order: γ'_b draft
+                  uniforms (a sampling draft), then γ'_b + 1 for verification (drafters.base.row_uniforms)
+        device    the drafter's batched forwards with sampling inside (RowDrafter.draft, from the drawn
+                  uniforms), ONE target forward over [B, Γ + 1], probs_by_row, verify_rows
+        read      [B, 2 + Γ]: accepted count, next token and drafted tokens per row
+        settle    the row drafter's host part after the step (RowDrafter.settle)
+    prefill(contexts)   joining requests take rows 0..k-1: the target's rows (context[:-1]) and the
+                        drafter's (RowDrafter.start's tokens) in one batched forward each
+
+Two ways to run the device part, the same functions either way (drafters.base.sample_rows,
+probs_by_row, acceptance.verify_rows, the models' row forwards):
+
+eager (static=False)   shapes as small as the step allows: B rows, the draft's feed as long as the
+                       longest row's, keys read up to the furthest position written. The draft is
+                       drafters.base.propose_rows; a host read per step for the draft (its settle) and
+                       one for the verdict.
+static (static=True)   one function of fixed shapes per (batch bucket, Γ, params sets, logits wanted):
+                       rows padded to a power of two (padding rows feed nothing: they write only scratch
+                       slots), keys read over the whole cache (the causal mask hides what a row has not
+                       written), the draft's feed a window of the engine's longest Γ + 1 tokens (a row
+                       whose feed is longer, after steps in which it drafted nothing, first catches up
+                       through the prefill). Its inputs, ints and uniforms, are one int64 buffer filled on
+                       the host and copied in once; its output is read back once. On CUDA each function is
+                       captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
+                       the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
+
+Sampling params inside a graph. The rows' params are grouped: a graph is keyed by the set of distinct
+params of its rows (sorted, not in row order) and fed each row's index into it, and every set's
+transform runs over every row, each row keeping its own (probs_by_row with a tensor of groups). The
+transform stays the one function logits_to_probs with Python params (top-k, top-p, greedy are
+branches of its code, not tensors), so p and q are the same transform as in the single-request
+engine, with no second copy of it; the price is G transforms per step for G sets, and a graph per set
+of sets met. Steps whose rows hold more than CAPTURED_PARAMS distinct params run the eager step.
+
+Bit-exact rows (`exact`, an exact_target.ExactRows: speculant.batching's bit-exact mode): eager
+steps whose target side runs row by row through the bit-exact forward on each row's own cache, and a
+prefill of each joining row alone, as plain bit-exact decoding prefills; the draft stays batched.
+
+Prefill. Joining rows always take rows 0..k-1 (the engine moves the rows there to the end), so a
+prefill is one forward from row 0 whatever the batch holds: in static mode padded to a power of two
+of rows and of tokens (16 at least) and captured per (rows, tokens) bucket, with the drafter's own
+prefill (a draft model's prompt, a feature draft's reading of the target's features) in the same
+graph; eagerly, exact shapes. Padding (tokens past a row's prompt, rows past the joining ones) writes
+only the scratch slot, as in a step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from speculant.acceptance import verify_rows
+from speculant.adaptive import batch_bucket
+from speculant.drafters.base import RowDrafter, RowPlan, param_groups, probs_by_row, propose_rows, row_uniforms
+from speculant.exact_target import ExactRows
+from speculant.models.base import check_fits, synchronize
+from speculant.models.transformer import LeanModel, RowKVCache
+from speculant.sampling import SamplingParams
+
+CAPTURED_PARAMS = 4  # a step whose rows hold more distinct SamplingParams runs eagerly (see the docstring)
+MIN_PREFILL_WIDTH = 16  # a static prefill's tokens per row: a power of two, at least this
+
+
+class RowOutcome(NamedTuple):
+    """A step's result, on the host."""
+
+    counts: list[int]  # draft tokens row b drafted (γ'_b)
+    num_accepted: list[int]
+    next_token: list[int]
+    drafted: list[list[int]]  # row b's counts[b] draft tokens
+    logits: torch.Tensor | None  # [B, Γ + 1, V]: the target's logits (when asked for); read before the next step
+    draft_time: float  # seconds of the draft alone (eager steps; 0 where draft and verify run as one)
+
+
+class RowStep:
+    """See the module docstring. `window`: the draft's feed per row in static steps (the engine's
+    longest Γ + 1: after a step that drafted, a row feeds at most its accepted tokens and the next one)."""
+
+    def __init__(self, target: LeanModel, cache: RowKVCache, drafter: RowDrafter | None, window: int,
+                 static: bool, exact: ExactRows | None = None) -> None:
+        self.target, self.cache, self.drafter, self.window = target, cache, drafter, window
+        if exact is not None and static:
+            raise ValueError("bit-exact rows run eager steps only")
+        self.static, self.exact = static, exact  # exact: the rows' caches are `cache`, run one at a time
+        capture = static and target.device.type == "cuda"
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graphs: dict[tuple, _Graph] = {}
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def step(self, contexts: list[list[int]], gammas: list[int], params: list[SamplingParams],
+             generators: list[torch.Generator], with_logits: bool) -> RowOutcome:
+        """One step of rows 0..B-1 (contexts[b]: prompt + committed output; the caches hold
+        contexts[b][:-1]); row b drafts up to gammas[b] tokens."""
+        sets, group = param_groups(params)
+        with torch.inference_mode():
+            if self.static and len(sets) <= CAPTURED_PARAMS:
+                return self._static_step(contexts, gammas, sets, group, generators, with_logits)
+            return self._eager_step(contexts, gammas, sets, group, generators)
+
+    def _eager_step(self, contexts, gammas, sets, group, generators) -> RowOutcome:
+        device = self.target.device
+        start = time.perf_counter()
+        draft_tokens, draft_probs, counts = None, None, [0] * len(contexts)
+        if self.drafter is not None and any(gammas):
+            draft = propose_rows(self.drafter, contexts, gammas, [sets[g] for g in group], generators)
+            draft_tokens, draft_probs, counts = draft.tokens.to(device), draft.probs, draft.counts
+        synchronize(device)
+        draft_time = time.perf_counter() - start
+        width = max(counts)
+        inputs = torch.zeros(len(contexts), width + 1, dtype=torch.int64)
+        inputs[:, 0] = torch.tensor([c[-1] for c in contexts])
+        inputs = inputs.to(device)
+        if width:
+            inputs[:, 1:] = draft_tokens[:, :width]
+        starts, lengths = [len(c) - 1 for c in contexts], [n + 1 for n in counts]
+        if self.exact is not None:
+            logits = self.exact.forward_rows(inputs, starts, lengths)
+        else:
+            logits, _ = self.target.forward_rows(self.cache, inputs, starts, lengths)
+        target_probs = probs_by_row(logits, sets, group)  # [B, W + 1, V]
+        uniforms = row_uniforms(generators, [[n + 1] for n in counts], [width + 1]).to(device)
+        count_tensor = torch.tensor(counts, device=device)
+        sample = uniforms[torch.arange(len(contexts), device=device), count_tensor]  # row b's draw n_b + 1
+        verdict = verify_rows(inputs[:, 1:], None if draft_probs is None else draft_probs[:, :width], target_probs,
+                              uniforms[:, :width], sample, count_tensor)
+        drafted = inputs[:, 1:].tolist()
+        return RowOutcome(counts, verdict.num_accepted.tolist(), verdict.next_token.tolist(),
+                          [d[:n] for d, n in zip(drafted, counts)], logits, draft_time)
+
+    def _static_step(self, contexts, gammas, sets, group, generators, with_logits: bool) -> RowOutcome:
+        rows = len(contexts)
+        plan = self.drafter.plan(contexts, gammas) if self.drafter is not None and any(gammas) else None
+        counts = plan.counts if plan is not None else [0] * rows
+        width = max(counts)
+        samples = width > 0 and self.drafter.samples
+        if samples:
+            plan = self._catch_up(plan)
+        feed = self.window if samples else width  # a deterministic draft is its own feed
+        check_fits(self.target, max(len(c) + n for c, n in zip(contexts, counts)))
+        bucket = min(batch_bucket(rows), self.cache.rows)
+        key = ("step", bucket, width, sets, with_logits)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = _Graph(self._step_body(bucket, width, feed, sets, with_logits), bucket,
+                                              _STEP_INTS + feed, bucket * (2 * width + 1), self.target.device,
+                                              self.pool)
+        tokens, starts = (plan.tokens, plan.starts) if plan is not None else ([[]] * rows, [0] * rows)
+        ints = [[c[-1], len(c) - 1, n + 1, n, g, s, len(t), *t] + [0] * (feed - len(t))
+                for c, n, g, s, t in zip(contexts, counts, group, starts, tokens)]
+        uniforms = row_uniforms(generators, [[n if samples else 0, n + 1] for n in counts], [width, width + 1])
+        out, logits = graph.run(ints, uniforms)
+        values = out[:rows].tolist()  # the step's one read of the device
+        drafted = [v[2:2 + n] for v, n in zip(values, counts)]
+        if plan is not None:
+            self.drafter.settle(contexts, counts, drafted)
+        return RowOutcome(counts, [v[0] for v in values], [v[1] for v in values], drafted,
+                          None if logits is None else logits[:rows], 0.0)
+
+    def _step_body(self, bucket: int, width: int, feed: int, sets: tuple[SamplingParams, ...],
+                   with_logits: bool) -> Callable[[torch.Tensor], tuple]:
+        """inputs (int64) -> (out [bucket, 2 + Γ], logits [bucket, Γ + 1, V] or None). Per row, ints
+        [last token, n, n's row length (γ'_b + 1; 0: a padding row), γ'_b, params group, feed start,
+        feed length, feed tokens [feed]], then float32 uniforms [bucket, 2Γ + 1]: Γ draft, Γ + 1
+        verification."""
+        columns, kv_len = _STEP_INTS + feed, self.target.max_seq_len
+
+        def body(inputs: torch.Tensor) -> tuple:
+            ints = inputs[:bucket * columns].view(bucket, columns)
+            uniforms = inputs[bucket * columns:].view(torch.float32)[:bucket * (2 * width + 1)].view(bucket, -1)
+            counts, group = ints[:, 3], ints[:, 4]
+
+            def probs(logits: torch.Tensor) -> torch.Tensor:
+                return probs_by_row(logits, sets, group)
+
+            tokens, draft_probs = ints[:, :1], None
+            if width:
+                drafted, draft_probs = self.drafter.draft(ints[:, _STEP_INTS:], ints[:, 5], ints[:, 6], counts,
+                                                          uniforms[:, :width], probs, kv_len)
+                tokens = torch.cat([tokens, drafted], 1)  # [B, Γ + 1]
+            logits, _ = self.target.forward_rows_static(self.cache, tokens, ints[:, 1], ints[:, 2], kv_len)
+            verify = uniforms[:, width:]  # [B, Γ + 1]: row b's first counts[b] test drafts, the next draws
+            verdict = verify_rows(tokens[:, 1:], draft_probs, probs(logits), verify[:, :width],
+                                  verify.gather(1, counts[:, None])[:, 0], counts)
+            out = torch.cat([verdict.num_accepted[:, None], verdict.next_token[:, None], tokens[:, 1:]], 1)
+            return out, logits if with_logits else None
+
+        return body
+
+    def _catch_up(self, plan: RowPlan) -> RowPlan:
+        """A row whose feed is longer than the window (it drafted nothing for some steps) feeds all but
+        the window's last tokens first, through the prefill."""
+        extra = [max(len(t) - self.window, 0) for t in plan.tokens]
+        if not any(extra):
+            return plan
+        self._prefill(None, [t[:e] for t, e in zip(plan.tokens, extra)], plan.starts)
+        return RowPlan([t[e:] for t, e in zip(plan.tokens, extra)], [s + e for s, e in zip(plan.starts, extra)],
+                       plan.counts)
+
+    # ---- joining rows -----------------------------------------------------------------------------
+
+    def prefill(self, contexts: list[list[int]]) -> None:
+        """Requests with these contexts (prompts) take rows 0..k-1: the target's rows get context[:-1],
+        the drafter's rows what its start gives."""
+        draft = [self.drafter.start(b, c) for b, c in enumerate(contexts)] if self.drafter is not None else None
+        with torch.inference_mode():
+            if self.exact is not None:  # each row alone, as plain bit-exact decoding prefills; then the draft
+                for b, context in enumerate(contexts):
+                    self.exact.prefill(b, context[:-1])
+                self._prefill(None, draft, [0] * len(contexts))
+            else:
+                self._prefill([c[:-1] for c in contexts], draft, [0] * len(contexts))
+
+    def _prefill(self, target: list[list[int]] | None, draft: list[list[int]] | None, draft_starts: list[int]) -> None:
+        """Rows 0..k-1: the target's feed target[b] from position 0, the drafter's draft[b] from
+        draft_starts[b] (None: that side feeds nothing)."""
+        rows = len(draft_starts)
+        target_lengths = [len(t) for t in target] if target is not None else [0] * rows
+        draft_lengths = [len(t) for t in draft] if draft is not None else [0] * rows
+        with_target, with_draft = any(target_lengths), any(draft_lengths)
+        if not (with_target or with_draft):
+            return
+        longest = max(target_lengths + draft_lengths)
+        ends = [s + n for s, n in zip(draft_starts, draft_lengths)] + target_lengths
+        if self.static:
+            bucket = min(batch_bucket(rows), self.cache.rows)
+            width = min(max(MIN_PREFILL_WIDTH, batch_bucket(longest)), self.target.max_seq_len)
+            kv_len = self.target.max_seq_len if any(draft_starts) else width
+        else:
+            bucket, width, kv_len = rows, longest, max(ends)
+        key = ("prefill", bucket, width, kv_len, with_target, with_draft)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = _Graph(self._prefill_body(bucket, width, kv_len, with_target, with_draft), bucket,
+                           _PREFILL_INTS + 2 * width, 0, self.target.device, self.pool)
+            if self.static:  # eager shapes change with every join: nothing to keep
+                self.graphs[key] = graph
+        ints = []
+        for b in range(rows):
+            row_target = target[b] if target is not None else []
+            row_draft = draft[b] if draft is not None else []
+            ints.append([len(row_target), draft_starts[b], len(row_draft), *row_target, *[0] * (width - len(row_target)),
+                         *row_draft, *[0] * (width - len(row_draft))])
+        graph.run(ints, None)
+
+    def _prefill_body(self, bucket: int, width: int, kv_len: int, with_target: bool,
+                      with_draft: bool) -> Callable[[torch.Tensor], None]:
+        """inputs (int64): per row [target length, draft start, draft length, target tokens [width],
+        draft tokens [width]]."""
+        columns = _PREFILL_INTS + 2 * width
+
+        def body(inputs: torch.Tensor) -> None:
+            ints = inputs[:bucket * columns].view(bucket, columns)
+            if with_target:
+                self.target.forward_rows_static(self.cache, ints[:, 3:3 + width], torch.zeros_like(ints[:, 0]),
+                                                ints[:, 0], kv_len, with_logits=False)
+            if with_draft:
+                self.drafter.prefill(ints[:, 3 + width:], ints[:, 1], ints[:, 2], kv_len)
+
+        return body
+
+_STEP_INTS = 7  # a step's ints per row before the draft's feed tokens (see RowStep._step_body)
+_PREFILL_INTS = 3  # a prefill's ints per row before its tokens (see RowStep._prefill_body)
+
+
+class _Graph:
+    """A body over one int64 input buffer: `rows` rows of `columns` ints, then `floats` float32
+    uniforms in the same bytes, so the host fills one (pinned) buffer and copies it in once. Run
+    eagerly, or, given a graph memory pool (CUDA), captured once and replayed. The body's output is
+    the graph's: read it before the next replay."""
+
+    def __init__(self, body: Callable[[torch.Tensor], object], rows: int, columns: int, floats: int,
+                 device: torch.device, pool) -> None:
+        self.body, self.rows, self.columns, self.floats = body, rows, columns, floats
+        size = rows * columns + (floats + 1) // 2
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=pool is not None)  # pinned: copied in async
+        self.inputs = torch.zeros(size, dtype=torch.int64, device=device) if device.type != "cpu" else self.host
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if pool is not None:
+            self._record(pool)
+
+    def _record(self, pool) -> None:
+        # the inputs are zeros: every row has length 0, so warm-up and capture write only scratch slots
+        device = self.inputs.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            self.body(self.inputs)  # warm-up outside the graph: kernels and workspaces initialised
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        # no garbage collection inside the capture (see fused._Runner: a dead object's CUDA resources
+        # freed mid-capture can invalidate it)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+                self.output = self.body(self.inputs)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def run(self, ints: list[list[int]], uniforms: torch.Tensor | None):
+        """ints: rows 0..k-1's ints (padding rows get zeros: length 0); uniforms [k, floats ÷ rows]."""
+        count = len(ints)
+        host = self.host[:self.rows * self.columns].view(self.rows, self.columns)
+        host[:count] = torch.tensor(ints, dtype=torch.int64)
+        if count < self.rows:
+            host[count:] = 0
+        if uniforms is not None:
+            self.host[self.rows * self.columns:].view(torch.float32)[:self.floats].view(self.rows, -1)[:count] = uniforms
+        if self.inputs is not self.host:
+            self.inputs.copy_(self.host, non_blocking=self.graph is not None)  # the step's one copy in
+        if self.graph is None:
+            return self.body(self.inputs)
+        self.graph.replay()
+        return self.output
+
