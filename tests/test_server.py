@@ -119,9 +119,10 @@ def model_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(model_folder):
-    """A speculative server (draft layers:1, γ 3) and a plain one with one row and one waiting slot;
-    started together so that their start-up overlaps."""
-    main = Server(model_folder, "--draft", "layers:1", "--gamma", "3", "--max-seq-len", "512")
+    """A speculative server (draft layers:1, γ 3, its steps the static functions CUDA captures:
+    `--graphs on`, eager on the CPU) and a plain one with one row and one waiting slot; started
+    together so that their start-up overlaps."""
+    main = Server(model_folder, "--draft", "layers:1", "--gamma", "3", "--max-seq-len", "512", "--graphs", "on")
     small = Server(model_folder, "--draft", "none", "--max-seq-len", "1024", "--max-batch", "1",
                    "--max-waiting", "1")
     try:

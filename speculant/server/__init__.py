@@ -30,6 +30,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="requests decoded at once (rows of a step)")
     serve.add_argument("--max-waiting", type=int_at_least(1), default=256,
                        help="requests that may wait for a row; more are answered 429")
+    serve.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
+                       help="each batched step as one captured CUDA graph (speculant.row_step); auto: on CUDA, "
+                            "unless --bit-exact (its rows run one at a time, eagerly)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients pass as `model` (default: --target as given)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -69,7 +72,9 @@ def run(args: argparse.Namespace) -> int:
     spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
                           dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
                           lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact)
-    engine = spec.batch_engine(max_batch=args.max_batch)
+    graphs = args.graphs == "on" or (args.graphs == "auto" and spec.target.model.device.type == "cuda"
+                                     and not args.bit_exact)
+    engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs)
     metrics = ServerMetrics()
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
     state = ServerState(spec=spec, model_names=names, max_seq_len=spec.target.model.max_seq_len,
