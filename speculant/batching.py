@@ -221,13 +221,14 @@ class BatchEngine:
     covering max_batch rows; without one, over nominal_batch_costs); max_batch: rows that run at once
     (more requests wait their turn); graphs: each step as one CUDA graph per (batch bucket, Γ, params
     sets), prefills per (rows, tokens) bucket (speculant.row_step, static; on the CPU the same padded
-    static functions, eager). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
+    static functions, eager); compile: the models' row forwards in those functions through
+    torch.compile (None: where the steps are captured, i.e. graphs on CUDA). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
     and verification run through it on the row's own cache (exact_target.ExactRows), one row at a
     time, so a request's logits are those it gets alone."""
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
-                 graphs: bool = False, exact: ExactTarget | None = None) -> None:
+                 graphs: bool = False, exact: ExactTarget | None = None, compile: bool | None = None) -> None:
         if not isinstance(target, LeanModel):
             raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
         if exact is not None and (exact.model is not target or graphs):
@@ -253,7 +254,8 @@ class BatchEngine:
         drafter = drafter_factory(max_batch, self.cache) if drafter_factory is not None and self.gamma else None
         if drafter is None:
             self.gamma, self.policy = 0, None
-        self.row_step = RowStep(target, self.cache, drafter, self.gamma + 1, static=graphs, exact=self.exact)
+        self.row_step = RowStep(target, self.cache, drafter, self.gamma + 1, static=graphs, exact=self.exact,
+                                compile=compile)
         self.rows: list[_Row] = []  # running, packed: row b sits in cache row b
         self.waiting: list[_Row] = []
         self.pending: list[RowUpdate] = []  # cancellations, reported by the next step

@@ -28,6 +28,10 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
                        the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
 
+Compiled forwards. Where steps are captured (CUDA) the models' row forwards run through torch.compile
+(LeanModel.compile_rows, `compile`), as the single-request fused step's do, so a graph replays fused
+kernels rather than one per torch op; a compiler failure falls back to eager forwards with a warning.
+
 Sampling params inside a graph. The rows' params are grouped: a graph is keyed by the set of distinct
 params of its rows (sorted, not in row order) and fed each row's index into it, and every set's
 transform runs over every row, each row keeping its own (probs_by_row with a tensor of groups). The
@@ -52,6 +56,7 @@ from __future__ import annotations
 
 import gc
 import time
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -85,7 +90,7 @@ class RowStep:
     longest Γ + 1: after a step that drafted, a row feeds at most its accepted tokens and the next one)."""
 
     def __init__(self, target: LeanModel, cache: RowKVCache, drafter: RowDrafter | None, window: int,
-                 static: bool, exact: ExactRows | None = None) -> None:
+                 static: bool, exact: ExactRows | None = None, compile: bool | None = None) -> None:
         self.target, self.cache, self.drafter, self.window = target, cache, drafter, window
         if exact is not None and static:
             raise ValueError("bit-exact rows run eager steps only")
@@ -93,6 +98,33 @@ class RowStep:
         capture = static and target.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple, _Graph] = {}
+        # the models' row forwards through torch.compile (LeanModel.compile_rows): by default where
+        # steps are captured, so that each graph replays fused kernels
+        self.compiled = capture if compile is None else bool(compile and static)
+        self._compile(self.compiled)
+
+    def _compile(self, enabled: bool) -> None:
+        self.compiled = enabled
+        if enabled:  # room for the shape variants (buckets, widths, prefill lengths), as the fused step
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        for model in (self.target, getattr(self.drafter, "model", None)):
+            if isinstance(model, LeanModel):
+                model.compile_rows(enabled)
+
+    def _graph(self, make_body: Callable[[], Callable], rows: int, columns: int, floats: int) -> _Graph:
+        """A _Graph over make_body(); where compiling the row forwards fails (a compiler error at the
+        warm-up), they run eagerly from then on, with a warning, and the graph is captured again."""
+        try:
+            return _Graph(make_body(), rows, columns, floats, self.target.device, self.pool)
+        except Exception as error:  # a compiler failure: fall back to eager forwards
+            if not self.compiled:
+                raise
+            warnings.warn(f"compiling the batched step's forwards failed ({type(error).__name__}: {error}); "
+                          "they run eagerly inside the graphs instead")
+            self._compile(False)
+            if self.pool is not None:
+                self.pool = torch.cuda.graph_pool_handle()  # a failed capture may leave the pool unusable
+            return _Graph(make_body(), rows, columns, floats, self.target.device, self.pool)
 
     # ---- the step -------------------------------------------------------------------------------
 
@@ -150,9 +182,8 @@ class RowStep:
         key = ("step", bucket, width, sets, with_logits)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = _Graph(self._step_body(bucket, width, feed, sets, with_logits), bucket,
-                                              _STEP_INTS + feed, bucket * (2 * width + 1), self.target.device,
-                                              self.pool)
+            graph = self.graphs[key] = self._graph(lambda: self._step_body(bucket, width, feed, sets, with_logits),
+                                                   bucket, _STEP_INTS + feed, bucket * (2 * width + 1))
         tokens, starts = (plan.tokens, plan.starts) if plan is not None else ([[]] * rows, [0] * rows)
         ints = [[c[-1], len(c) - 1, n + 1, n, g, s, len(t), *t] + [0] * (feed - len(t))
                 for c, n, g, s, t in zip(contexts, counts, group, starts, tokens)]
@@ -239,8 +270,8 @@ class RowStep:
         key = ("prefill", bucket, width, kv_len, with_target, with_draft)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = _Graph(self._prefill_body(bucket, width, kv_len, with_target, with_draft), bucket,
-                           _PREFILL_INTS + 2 * width, 0, self.target.device, self.pool)
+            graph = self._graph(lambda: self._prefill_body(bucket, width, kv_len, with_target, with_draft), bucket,
+                                _PREFILL_INTS + 2 * width, 0)
             if self.static:  # eager shapes change with every join: nothing to keep
                 self.graphs[key] = graph
         ints = []

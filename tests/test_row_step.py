@@ -7,6 +7,7 @@ graphs themselves."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def weights():
 
 
 def engine(kind: str, weights, graphs: bool, device: str = "cpu", max_batch: int = 4, gamma: int | str = 3,
-           max_seq_len: int = 128) -> BatchEngine:
+           max_seq_len: int = 128, compile: bool | None = None) -> BatchEngine:
     target_weights, draft_weights = (w if device == "cpu" else copy.deepcopy(w).to(device) for w in weights)
     target = LeanModel(target_weights, max_seq_len=max_seq_len)
     if kind == "model":
@@ -51,7 +52,7 @@ def engine(kind: str, weights, graphs: bool, device: str = "cpu", max_batch: int
         factory = NgramDrafter().rows
     else:
         factory, gamma = None, 0
-    return BatchEngine(target, factory, gamma=gamma, max_batch=max_batch, graphs=graphs)
+    return BatchEngine(target, factory, gamma=gamma, max_batch=max_batch, graphs=graphs, compile=compile)
 
 
 def drive(engine: BatchEngine, requests, joins, cancels=None, gammas=None) -> dict:
@@ -86,6 +87,22 @@ def test_the_static_step_gives_the_eager_steps_tokens_rows_joining_leaving_and_c
     outs = [drive(engine(kind, weights, graphs), mixed_requests(), JOINS, cancels={4: [1]}) for graphs in (False, True)]
     assert outs[0] == outs[1]
     assert outs[0][1][1] == "cancelled" and all(outs[0][i][1] == "length" for i in (0, 2, 3, 4, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_the_static_step_over_compiled_row_forwards_gives_the_eager_steps_tokens(kind, weights):
+    """compile=True (what CUDA graphs capture by default): the target's and the draft's row forwards
+    through torch.compile (LeanModel.compile_rows), float32, greedy and sampled rows: the eager
+    step's tokens, with no fallback to eager forwards."""
+    eager = drive(engine(kind, weights, False), mixed_requests(), JOINS)
+    run = engine(kind, weights, True, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a compiler failure would fall back with a warning
+        compiled = drive(run, mixed_requests(), JOINS)
+    assert run.row_step.compiled and "forward_rows_static" in run.target.__dict__
+    assert "forward_rows_static" in run.drafter.model.__dict__
+    assert compiled == eager
 
 
 @pytest.mark.parametrize("kind", ["model", "feature"])

@@ -589,6 +589,17 @@ class LeanModel(PositionalCache):
         return self.forward_rows_static(cache, tokens.to(self.device), torch.tensor(starts, device=self.device),
                                         torch.tensor(lengths, device=self.device), max(ends), first_row=first_row)
 
+    def compile_rows(self, enabled: bool = True) -> None:
+        """forward_rows_static through torch.compile from now on (enabled) or eager again: the
+        instance's attribute shadows the method, so every caller (speculant.row_step and the row
+        drafters over this model) gets the same compiled function, which fuses the elementwise ops
+        into fewer kernels per captured step. dynamic=None (torch.compile's default): the first
+        shape compiles static, the next one once with symbolic batch and length."""
+        if not enabled:
+            self.__dict__.pop("forward_rows_static", None)
+        elif "forward_rows_static" not in self.__dict__:
+            self.forward_rows_static = torch.compile(self.forward_rows_static)
+
     def forward_rows_static(self, cache: RowKVCache, tokens: torch.Tensor, starts: torch.Tensor,
                             lengths: torch.Tensor, kv_len: int, inputs: torch.Tensor | None = None,
                             first_row: int = 0, with_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
