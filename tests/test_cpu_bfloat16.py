@@ -98,18 +98,16 @@ def _tree_and_paths(model, context_length: int) -> tuple[torch.Tensor, torch.Ten
     return tree, torch.stack(alone)
 
 
-def test_every_node_of_a_17_node_tree_gets_the_bits_of_its_path_decoded_step_by_step(target):
-    tree, alone = _tree_and_paths(target, 40)
-    assert all(torch.equal(tree[node], alone[node]) for node in range(17))
-
-
-def test_what_is_not_covered_a_trees_nodes_past_a_512_key_block(target):
+@pytest.mark.parametrize("context_length", [40, 509])
+def test_what_is_not_covered_a_trees_nodes_round_otherwise_but_close(target, context_length):
     """A tree's nodes sit in other cache slots than their paths' keys in plain decoding (the
-    alternatives come first). After 509 tokens the attention GEMM sums some of them in another block
-    of keys than plain decoding does, and a node's bits may change (by rounding: close in value). So
-    greedy identity in bfloat16 on the CPU holds for chains (slot = position; the tests above cross
-    position 512), and for trees (--candidates, --lookup) only as long as this does not flip a near-tie;
-    --bit-exact covers trees."""
-    tree, alone = _tree_and_paths(target, 509)
-    assert any(not torch.equal(tree[node], alone[node]) for node in range(17))
+    alternatives come first), so the attention GEMM sums a node's keys in other groups than plain
+    decoding does, and a node's bits may change (by rounding: close in value): on one CPU only past a
+    block of 512 keys, on another (oneDNN with AMX) at any length. So greedy identity in bfloat16 on
+    the CPU holds for chains (slot = position; the tests above cross position 512), and for trees
+    (--candidates, --lookup) only as long as this does not flip a near-tie; --bit-exact covers trees.
+    Past 509 tokens some node differs on every CPU seen."""
+    tree, alone = _tree_and_paths(target, context_length)
     torch.testing.assert_close(tree, alone, atol=0.5, rtol=0.05)
+    if context_length > 512 - 17:
+        assert any(not torch.equal(tree[node], alone[node]) for node in range(17))

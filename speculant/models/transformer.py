@@ -173,17 +173,24 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
+CPU_MAX_ROWS = 32  # rows per call on the CPU in bfloat16 / float16 (row_invariant_on_cpu)
+
+
 def row_invariant_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the lean model keeps a row's logits independent of the call's other rows on this device
     and dtype: the CPU in bfloat16 or float16. There torch's (oneDNN's) GEMM of 2 or more rows gives
     each row the bits it would get in any other call of 2 or more rows, but a 1-row call takes
     another kernel (different bits for Qwen2.5-Coder-1.5B's MLP matrices, 17920 × 1536 and 1536 ×
-    8960), and sdpa's CPU kernel rounds a row by where it sits in the call. So attention runs as
+    8960), a call of more than 32 rows another again on some CPUs (oneDNN with AMX: a row of a
+    40-row call differs from the same row in a 2-row call), and sdpa's CPU kernel rounds a row by
+    where it sits in the call. So attention runs as
     matmul, softmax, matmul (each row's bits its own, whatever the call's rows: benchmarks/
-    cpu_layout.py, tests/test_cpu_bfloat16.py), and a 1-row call is padded to 2 rows: a chain's verification then computes
+    cpu_layout.py, tests/test_cpu_bfloat16.py), a 1-row call is padded to 2 rows and a chain (a
+    prefill too) of more than CPU_MAX_ROWS runs in pieces of that many: a chain's verification then computes
     what plain decoding computes, and greedy speculative output is plain greedy output. A tree's nodes
-    sit in other slots than plain decoding's keys, and past a block of 512 keys the attention GEMM may
-    group them otherwise (close values, other bits): trees are covered by bit-exact mode. Float32 on
+    sit in other slots than plain decoding's keys, and the attention GEMM may group them otherwise
+    (close values, other bits; past a block of 512 keys on one CPU, at any length on another with
+    AMX): trees are covered by bit-exact mode. Float32 on
     the CPU keeps sdpa and 1-row calls (its greedy outputs agree as it is)."""
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
@@ -328,10 +335,13 @@ class LeanModel(PositionalCache):
         param = weights.embed_tokens.weight
         self.device, self.dtype = param.device, param.dtype
         # On the CPU in bfloat16 / float16 a position's logits are kept a function of its context
-        # alone (row_invariant_on_cpu): matmul attention, and no target call of a single row.
+        # alone (row_invariant_on_cpu): matmul attention, no target call of a single row, and no
+        # chain call (prefill included) of more than CPU_MAX_ROWS rows: longer ones run in pieces.
         # (Not an int8 copy's: it only drafts, and its kernel costs more for 2 rows than for 1.)
         int8 = getattr(weights, "head_int8", None) is not None
-        self.min_rows = 2 if row_invariant_on_cpu(self.device, self.dtype) and not int8 else 1
+        invariant = row_invariant_on_cpu(self.device, self.dtype) and not int8
+        self.min_rows = 2 if invariant else 1
+        self.max_rows = CPU_MAX_ROWS if invariant else None
         if self.attention is None:
             self.attention = "matmul" if self.device.type == "cuda" or self.min_rows > 1 else "sdpa"
         shape = (self.num_layers, self.max_seq_len + EXACT_WIDTH, cfg.num_kv_heads, cfg.head_dim)
@@ -366,6 +376,10 @@ class LeanModel(PositionalCache):
         Keep a path with `move_slot`, then `truncate`."""
         if tokens.shape[0] < self.min_rows and ancestors is None and start_pos + self.min_rows <= self.max_seq_len:
             return self._forward_padded(tokens, start_pos)
+        if self.max_rows is not None and ancestors is None and tokens.shape[0] > self.max_rows:
+            # pieces of max_rows, each causal over the cache the ones before it wrote
+            return torch.cat([self.forward(tokens[first:first + self.max_rows], start_pos + first)
+                              for first in range(0, tokens.shape[0], self.max_rows)])
         end = self._write_range(start_pos, tokens.shape[0])
         slots = torch.arange(start_pos, end, device=self.device)
         positions = slots
@@ -398,11 +412,12 @@ class LeanModel(PositionalCache):
         the head over a long prompt costs as much as many decoding steps."""
         self.truncate(0)
         end = self._write_range(0, tokens.shape[0])
-        if end == 0:
-            return
-        slots = torch.arange(0, end, device=self.device)
-        hidden = self.hidden_states(tokens.to(self.device), slots, kv_len=end)
-        self.record_features(hidden, slots)
+        tokens = tokens.to(self.device)
+        piece = self.max_rows or max(end, 1)  # on the CPU in bfloat16, pieces of max_rows (see __init__)
+        for first in range(0, end, piece):
+            slots = torch.arange(first, min(first + piece, end), device=self.device)
+            hidden = self.hidden_states(tokens[first:first + piece], slots, kv_len=int(slots[-1]) + 1)
+            self.record_features(hidden, slots)
         self._length = end
 
     def move_slot(self, source: int | torch.Tensor, dest: int | torch.Tensor) -> None:
