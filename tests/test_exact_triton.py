@@ -299,7 +299,7 @@ def test_the_control_the_default_paths_give_a_tree_node_other_bits_than_its_plai
     to (matmul attention, and torch's CPU GEMM of this model gives a row its bits in any call: see
     transformer.row_invariant_on_cpu; on a GPU they do change: issue 21)."""
     tree, chain, alone = _three_ways(FusedStepper(_target(device, dtype), None, compile=False, kernels="triton"))
-    assert _differing(chain, alone[:5]) == [] and _differing(tree, alone)
+    assert _differing(tree, alone) and (device == "cuda" or _differing(chain, alone[:5]) == [])
     torch.testing.assert_close(tree, alone, atol=0.5, rtol=0.05)  # rounding, not a bug
     if device == "cpu":  # on the GPU: the CUDA test below
         tree, chain, alone = _three_ways(FusedStepper(_target(device, dtype), None, compile=False))
@@ -433,7 +433,8 @@ def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(device
 
 # ---- on a GPU: the compiled kernels, CUDA graphs, the compiled sampling tail --------------------------------
 
-SMOLLM2_LAYER = {"hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64}
+SMOLLM2_LAYER = {"hidden_size": 576, "intermediate_size": 1536, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64,
+                 "max_position_embeddings": 2048}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels need a GPU")
@@ -471,7 +472,6 @@ def test_on_cuda_exact_triton_steps_in_graphs_with_compiled_sampling_give_plain_
             "features": lambda: FeatureDrafter(draft, target, candidates=2)}[kind]
     reference = FusedStepper(target, None, compile=False, use_graphs=False, bit_exact=True, kernels="triton")
     stepper = fused_stepper(target, make(), use_graphs=True, compile=True, bit_exact=True, kernels="triton")
-    assert stepper.compile_sampling
     for prompt in (PROMPTS[1] * 3, [(3 * i + 1) % VOCAB for i in range(45)]):
         expected = _greedy(target, None, reference, prompt, 0, max_new=64)
         if kind == "plain":
@@ -480,3 +480,4 @@ def test_on_cuda_exact_triton_steps_in_graphs_with_compiled_sampling_give_plain_
             assert _greedy(target, None, single, prompt, 0, max_new=64) == expected
         assert _greedy(target, make(), stepper, prompt, 0 if kind == "plain" else 4, max_new=64) == expected
     assert stepper.graphs and all(runner.graph is not None for runner in stepper.graphs.values())
+    assert stepper.compile_sampling  # the sampling tail stayed compiled (a failed compile falls back to eager)
