@@ -161,9 +161,7 @@ class TritonForward:
         the same bits in a call of any number of rows (triton_layers' docstring)."""
         t = tokens.shape[0]
         kv_len = self.model.max_seq_len if kv_len is None else kv_len
-        if nodes is not None:
-            if t > MAX_ROWS:
-                raise ValueError(f"a bit-exact tree runs in one piece of at most {MAX_ROWS} rows, got {t}")
+        if nodes is not None:  # one piece (exact_cache_attention refuses more than MAX_ROWS rows)
             return self._piece(tokens, positions, positions[:1] + self.offsets[:t], kv_len, nodes=nodes)
         pieces = [self._piece(tokens[first: first + MAX_ROWS], positions[first: first + MAX_ROWS],
                               positions[first: first + MAX_ROWS], kv_len, nodes=self.chain[: min(MAX_ROWS, t - first)])

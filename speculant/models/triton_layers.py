@@ -14,10 +14,10 @@ On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kerne
     matmul_residual       · down_projᵀ + residual
 
 (in bit-exact mode exact_cache_attention, one program per (row, KV head, chunk of positions), and
-the same combine, stand for cache_attention), so **6 kernels per layer** (7 with `fuse_rope=False`: norm_matmul for q|k|v, then
-rope_qkv_cache_write), plus per forward the embedding gather and one norm_matmul for the final
-norm and the output head (float32 logits straight from the kernel): 6·L + 2 launches per MAX_ROWS
-rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
+the same combine stand for cache_attention), so **6 kernels per layer** (7 with `fuse_rope=False`:
+norm_matmul for q|k|v, then rope_qkv_cache_write), plus per forward the embedding gather and one
+norm_matmul for the final norm and the output head (float32 logits straight from the kernel):
+6·L + 2 launches per MAX_ROWS rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -30,7 +30,8 @@ on): a row's bits depend on that row's inputs, never on how many rows the call h
   and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
   program per block of output columns, each looping over all of K in order: no split-K); num_warps
   is fixed; T is never specialised (do_not_specialize: triton compiles T = 1 and multiples of 16
-  apart otherwise), nor is any other argument that changes from call to call. So every call of a
+  apart otherwise), nor is any other argument that changes from call to call, and the tensors come
+  16-byte aligned in every call (fresh ones, or slices at multiples of 32 rows). So every call of a
   layer's GEMM runs ONE compiled binary on tiles of one shape: the same MMA (or, in float32, FMA)
   instructions in the same K order for every element, whose sum reads only its own row of x, and
   the RMSNorm's Σ x² of a row is reduced in the same layout every time. (Before, the tile was 16 rows
