@@ -3,6 +3,11 @@ and without `bit_exact`, and what does the mode cost? bfloat16, HumanEval + held
 
     python benchmarks/bit_exact.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz --out $OUT
 
+Bit-exact mode on speculant's Triton kernels beside torch's (`--kernels torch,triton`: every mode and
+config once per kernel set; the triton rows' bit-exact mode is TritonForward.forward_exact, unpadded):
+    python benchmarks/bit_exact.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz \
+        --kernels torch,triton --out $OUT
+
 CPU check (the fused step runs uncompiled, without graphs; a few prompts and tokens):
     python benchmarks/bit_exact.py --device cpu --dtype bfloat16 --target smollm2-135m \\
         --humaneval .gpu/HumanEval.jsonl.gz --prompts 2 --max-new-tokens 8
@@ -17,7 +22,11 @@ prefills, which are the same in both modes, left out; batched: wall time, prefil
 mode's cost. Then the logits
 check: after a prompt and its greedy continuation, the 17 nodes of a γ 4, K 4 tree scored in one
 forward against each node's path fed one token at a time (the plain step's forward): max |diff| and
-whether every node's logits are bit-equal. Prints a table, then one JSON line; writes bit_exact.json.
+whether every node's logits are bit-equal. With several kernel sets a mode's name carries its set
+(`bit-exact#triton`), each config's speed is also given against torch's default mode (`vs torch
+default`: what the issue's <= 10 % cost is measured against), and a config a kernel set cannot run is
+skipped with its reason (on the triton kernels: the batched config, which runs torch's, and the
+hierarchy outside bit-exact mode). Prints a table, then one JSON line; writes bit_exact.json.
 """
 
 from __future__ import annotations
@@ -47,15 +56,19 @@ CONFIGS = {"plain": (("none",), 1, 0, GAMMA), "features": ((DRAFT,), 1, 0, GAMMA
 BATCHED = {"features#batched8": ((DRAFT,), GAMMA, 8)}
 
 
-def build(loaded, name: str, bit_exact: bool) -> tuple[Speculant, int | None]:
+def build(loaded, name: str, bit_exact: bool, kernels: str = "torch") -> tuple[Speculant, int | None]:
     """A config's Speculant over the loaded target, and for a batched config its rows at once. Fused
     (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one; a
-    hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward."""
+    hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward.
+    ValueError where the kernel set cannot run the config (speculant.api)."""
     if name in BATCHED:
+        if kernels != "torch":
+            raise ValueError("batched decoding runs torch's kernels (generate_many would run one at a time)")
         drafts, gamma, max_batch = BATCHED[name]
         return Speculant(loaded, list(drafts), gamma=gamma, bit_exact=bit_exact), max_batch
     drafts, k, lookup, gamma = CONFIGS[name]
-    return Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact), None
+    return Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact,
+                     kernels=kernels), None
 
 
 def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int | None = None) -> dict:
@@ -78,11 +91,11 @@ def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int 
 
 
 @torch.inference_mode()
-def logits_check(model, bit_exact: bool, context: list[int], compile: bool) -> dict:
+def logits_check(model, bit_exact: bool, context: list[int], compile: bool, kernels: str = "torch") -> dict:
     """The 17 nodes of a γ 4, K 4 tree after `context` (its greedy continuation as the chain, random
     alternatives) in one forward, against each node alone: its path from the root fed one token at a
     time at its positions, as plain decoding does."""
-    stepper = FusedStepper(model, None, compile=compile, bit_exact=bit_exact)
+    stepper = FusedStepper(model, None, compile=compile, bit_exact=bit_exact, kernels=kernels)
     stepper.begin(context[:-4], SamplingParams(temperature=0))  # the root is context[-5]
     start = torch.tensor(len(context) - 5, device=model.device)
     generator = torch.Generator().manual_seed(0)
@@ -110,11 +123,17 @@ def main() -> None:
     choices = [*CONFIGS, *BATCHED]
     ap.add_argument("--configs", default=",".join(choices), help=f"comma-separated, from {', '.join(choices)}")
     ap.add_argument("--checks", type=int, default=4, help="prompts the logits check runs on")
+    ap.add_argument("--kernels", default="torch",
+                    help="comma-separated from torch, triton: the kernel sets (speculant.api's kernels) each mode "
+                         "and config runs on")
     args = ap.parse_args()
     dtype = common.setup(args)
     names = args.configs.split(",")
     if "plain" not in names or any(n not in choices for n in names):
         raise SystemExit(f"error: --configs: choose from {', '.join(choices)}, plain included")
+    kernel_sets = sorted(set(args.kernels.split(",")), key=lambda k: k != "torch")  # torch first: the reference
+    if set(kernel_sets) - {"torch", "triton"}:
+        raise SystemExit(f"error: --kernels takes torch and/or triton, got {args.kernels!r}")
     cuda = args.device.startswith("cuda")
     torch._dynamo.config.cache_size_limit = 64
     start = time.perf_counter()
@@ -128,11 +147,18 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     checks: dict[str, dict] = {}
-    for bit_exact in (True, False):  # the guarantee first: a run stopped at its limit keeps it
-        mode = "bit-exact" if bit_exact else "default"
+    skipped: dict[str, str] = {}
+    modes = [(bit_exact, kernels) for kernels in kernel_sets for bit_exact in (True, False)]  # the guarantee first
+    for bit_exact, kernels in modes:
+        mode = ("bit-exact" if bit_exact else "default") + ("" if kernels == "torch" else f"#{kernels}")
         plain_outputs = None
         for name in names:
-            spec, max_batch = build(loaded, name, bit_exact)
+            try:
+                spec, max_batch = build(loaded, name, bit_exact, kernels)
+            except ValueError as error:
+                skipped[f"{mode}/{name}"] = str(error)
+                print(f"{mode:17s} {name:20s} skipped: {error}", flush=True)
+                continue
             began = time.perf_counter()
             run(spec, prompts[:1], args.max_new_tokens, max_batch)  # warm-up: compiles and captures this config's graphs
             warm = time.perf_counter() - began
@@ -140,40 +166,61 @@ def main() -> None:
             if name == "plain":
                 plain_outputs = res["outputs"]
             same = sum(a == b for a, b in zip(res["outputs"], plain_outputs))
-            results[f"{mode}/{name}"] = {"mode": mode, "config": name, "same_as_plain": same, "prompts": len(prompts),
+            results[f"{mode}/{name}"] = {"mode": mode, "config": name, "kernels": kernels, "bit_exact": bit_exact,
+                                         "same_as_plain": same, "prompts": len(prompts),
                                          "tokens_per_s": res["tokens_per_s"], "new_tokens": res["new_tokens"],
                                          "warmup_s": warm, "outputs": res["outputs"]}
-            print(f"{mode:9s} {name:20s} same as plain {same}/{len(prompts)}  {res['tokens_per_s']:.1f} tok/s  "
+            print(f"{mode:17s} {name:20s} same as plain {same}/{len(prompts)}  {res['tokens_per_s']:.1f} tok/s  "
                   f"(warm-up {warm:.1f}s)", flush=True)
             common.write_json(args.out, "bit_exact_partial.json", results)  # what a run stopped at its limit keeps
         checked = []
         for prompt, output in list(zip(prompts, plain_outputs))[: args.checks]:
             if len(output) >= 5:  # the continuation supplies the tree's chain
-                checked.append(logits_check(loaded.model, bit_exact, prompt + output[:20], cuda))
+                checked.append(logits_check(loaded.model, bit_exact, prompt + output[:20], cuda, kernels))
         checks[mode] = {"prompts": len(checked), "max_abs_diff": max((c["max_abs_diff"] for c in checked), default=None),
                         "bit_equal": sum(c["bit_equal"] for c in checked), "each": checked}
-        print(f"{mode:9s} logits check: tree vs alone max |diff| {checks[mode]['max_abs_diff']}, "
+        print(f"{mode:17s} logits check: tree vs alone max |diff| {checks[mode]['max_abs_diff']}, "
               f"bit-equal on {checks[mode]['bit_equal']}/{len(checked)} prompts", flush=True)
-    plain_modes = sum(a == b for a, b in zip(results["default/plain"]["outputs"], results["bit-exact/plain"]["outputs"]))
+    tag = {kernels: "" if kernels == "torch" else f"#{kernels}" for kernels in kernel_sets}
+    plain_modes = {kernels: sum(a == b for a, b in zip(results[f"default{tag[kernels]}/plain"]["outputs"],
+                                                      results[f"bit-exact{tag[kernels]}/plain"]["outputs"]))
+                   for kernels in kernel_sets}
+
+    def cell(key: str, form) -> str:
+        return form(results[key]) if key in results else "skipped"
 
     rows = []
-    for name in names:
-        default, exact = results[f"default/{name}"], results[f"bit-exact/{name}"]
-        rows.append((name, f"{default['same_as_plain']}/{default['prompts']}", f"{exact['same_as_plain']}/{exact['prompts']}",
-                     f"{default['tokens_per_s']:.1f}", f"{exact['tokens_per_s']:.1f}",
-                     f"{exact['tokens_per_s'] / default['tokens_per_s']:.2f}"))
-    header = ("config", "same as plain (default)", "same (bit-exact)", "tok/s default", "tok/s bit-exact", "cost ratio")
+    for kernels in kernel_sets:
+        for name in names:
+            default_key, exact_key = f"default{tag[kernels]}/{name}", f"bit-exact{tag[kernels]}/{name}"
+            if default_key not in results and exact_key not in results:
+                continue
+            ratio = "-"
+            if default_key in results and exact_key in results:
+                ratio = f"{results[exact_key]['tokens_per_s'] / results[default_key]['tokens_per_s']:.2f}"
+            versus = "-"
+            torch_key = f"default/{name}"
+            if exact_key in results and torch_key in results:
+                versus = f"{results[exact_key]['tokens_per_s'] / results[torch_key]['tokens_per_s']:.2f}"
+            rows.append((name, kernels, cell(default_key, lambda r: f"{r['same_as_plain']}/{r['prompts']}"),
+                         cell(exact_key, lambda r: f"{r['same_as_plain']}/{r['prompts']}"),
+                         cell(default_key, lambda r: f"{r['tokens_per_s']:.1f}"),
+                         cell(exact_key, lambda r: f"{r['tokens_per_s']:.1f}"), ratio, versus))
+    header = ("config", "kernels", "same as plain (default)", "same (bit-exact)", "tok/s default", "tok/s bit-exact",
+              "cost ratio", "bit-exact vs torch default")
     text = common.table(rows, header)
     for mode, check in checks.items():
         text += (f"\nlogits, 17-node tree vs each node alone ({mode}): max |diff| {check['max_abs_diff']}, "
                  f"bit-equal on {check['bit_equal']}/{check['prompts']} prompts")
-    text += f"\nplain default vs plain bit-exact: same tokens on {plain_modes}/{len(prompts)} prompts"
+    for kernels, same in plain_modes.items():
+        text += f"\nplain default vs plain bit-exact ({kernels}): same tokens on {same}/{len(prompts)} prompts"
     summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "gamma": GAMMA,
-               "max_new_tokens": args.max_new_tokens, "results": results, "logits_check": checks,
-               "plain_default_vs_bit_exact_same": plain_modes, "command": " ".join(sys.argv)}
-    last = {"device": device_name, "bit_exact_all_same": all(results[f"bit-exact/{n}"]["same_as_plain"] == len(prompts)
-                                                             for n in names),
-            "bit_exact_logits_equal": checks["bit-exact"]["bit_equal"] == checks["bit-exact"]["prompts"]}
+               "max_new_tokens": args.max_new_tokens, "kernels": kernel_sets, "results": results, "skipped": skipped,
+               "logits_check": checks, "plain_default_vs_bit_exact_same": plain_modes, "command": " ".join(sys.argv)}
+    exact_modes = [mode for mode in checks if mode.startswith("bit-exact")]
+    last = {"device": device_name,
+            "bit_exact_all_same": all(r["same_as_plain"] == len(prompts) for r in results.values() if r["bit_exact"]),
+            "bit_exact_logits_equal": all(checks[m]["bit_equal"] == checks[m]["prompts"] for m in exact_modes)}
     common.finish(args.out, "bit_exact.json", summary, text, last)
 
 

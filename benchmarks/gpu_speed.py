@@ -17,13 +17,21 @@ API's default step for plain decoding), n-gram at γ 4 and 8, each --draft (and 
 candidates and lookup size, and `--gamma auto` per half-life; with `--kernels torch,triton` every row
 from ours_graph_plain on once per kernel set (speculant.api's `kernels`; the triton rows' methods end
 in #triton, their speed-ups are against the plain row of their own kernels and, as
-speedup_vs_torch_plain, against torch's). Prints a table, then one JSON line; writes gpu_speed.json
-into --out.
+speedup_vs_torch_plain, against torch's). A kernel set `torch+exact` or `triton+exact` runs its rows
+in bit-exact mode (speculant.api's `bit_exact`; methods end in #torch+exact, #triton+exact); a row
+that mode cannot run (a tree wider than 32 nodes, `--gamma auto` with K 4) is skipped, said in the
+JSON. Prints a table, then one JSON line; writes gpu_speed.json into --out.
 
 Triton kernels beside torch's (the fused step's target forwards on speculant.models.triton_layers):
     python benchmarks/gpu_speed.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz \\
         --draft distilled=speculant/embedded/smollm2-135m-draft --layers 8 --tasks code,chat --prompts 8 \\
         --gammas 3,4 --candidates 1,4 --no-ngram --skip-hf --kernels torch,triton --out $OUT
+
+Bit-exact mode on both kernel sets beside the default (issue 21: on by default on CUDA if it costs <= 10 %):
+    python benchmarks/gpu_speed.py --target /root/w/smollm2.gguf --humaneval /root/w/HumanEval.jsonl.gz \
+        --draft distilled=speculant/embedded/smollm2-135m-draft --tasks code,chat --prompts 8 --gammas 4 \
+        --candidates 1,4 --lookup 0,8 --no-auto --no-ngram --skip-hf \
+        --kernels torch,triton,torch+exact,triton+exact --out $OUT
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ from speculant.models.transformer import LeanModel
 from speculant.prompts import topic_keys, topic_prompts
 
 CHAT_TEMPLATE = "Explain the Python topic '{topic}' briefly, with an example."
+KERNEL_SETS = ("torch", "triton", "torch+exact", "triton+exact")  # kernels, and "+exact": bit-exact mode
 
 
 def chat_prompts(n: int, spec: Speculant) -> list[list[int]]:
@@ -141,15 +150,15 @@ def main() -> None:
                     help="code, chat, adversarial, code-heldout, chat-heldout (comma-separated)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--kernels", default="torch",
-                    help="comma-separated from torch, triton: the fused step's kernels (speculant.api's kernels); "
-                         "each set runs every graph row")
+                    help=f"comma-separated from {', '.join(KERNEL_SETS)}: the fused step's kernels (speculant.api's "
+                         "kernels), +exact in bit-exact mode; each set runs every graph row")
     args = ap.parse_args()
     dtype = common.setup(args)
     gammas, ks, lookups = (csv_ints(args.gammas, "--gammas"), csv_ints(args.candidates, "--candidates"),
                            csv_ints(args.lookup, "--lookup"))
-    kernel_sets = sorted(set(args.kernels.split(",")), key=lambda k: k != "torch")  # torch first: the reference
-    if set(kernel_sets) - {"torch", "triton"}:
-        raise SystemExit(f"error: --kernels takes torch and/or triton, got {args.kernels!r}")
+    if set(args.kernels.split(",")) - set(KERNEL_SETS):
+        raise SystemExit(f"error: --kernels takes some of {', '.join(KERNEL_SETS)}, got {args.kernels!r}")
+    kernel_sets = sorted(set(args.kernels.split(",")), key=KERNEL_SETS.index)  # torch first: the reference
     torch._dynamo.config.cache_size_limit = 64
     LeanModel.attention = None if args.attention == "auto" else args.attention
     cuda = args.device.startswith("cuda")
@@ -181,18 +190,24 @@ def main() -> None:
     made: dict[tuple, Speculant] = {}
 
     def speculant_for(draft: str, gamma: int | str = 4, k: int = 1, lookup: int = 0, fused: bool | None = None,
-                      kernels: str = "torch"):
-        key = (draft, gamma, k, lookup, fused, kernels)
+                      kernel_set: str = "torch"):
+        key = (draft, gamma, k, lookup, fused, kernel_set)
         if key not in made:
             made[key] = Speculant(loaded, [draft], gamma=gamma, candidates=k, lookup=lookup, fused=fused,
-                                  kernels=kernels)
+                                  kernels=kernel_set.split("+")[0], bit_exact=kernel_set.endswith("+exact"))
         return made[key]
 
     results: list[dict] = []
+    skipped: list[dict] = []  # rows a kernel set cannot run (bit-exact mode's width), with the reason
+
+    def skip(task, method, gamma, error: ValueError) -> None:
+        skipped.append({"task": task, "method": method, "gamma": gamma, "skipped": str(error)})
+        print(json.dumps(skipped[-1]), flush=True)
 
     def record(task, method, gamma, res, capture=None, candidates=1, lookup=0, spec=None):
         row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates, "lookup": lookup,
                "kernels": spec.kernels if spec is not None else "torch",
+               "bit_exact": spec.bit_exact if spec is not None else False,
                **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts")}}
         if capture is not None:
             row["capture_s"] = capture
@@ -213,9 +228,9 @@ def main() -> None:
         record(task, "ours_eager_plain", 0, run_ours(speculant_for("none", fused=False), prompts[:2],
                                                       temperature=temperature, max_new=64))
         torch_plain = None
-        for kernels in kernel_sets:
-            tag = "" if kernels == "torch" else f"#{kernels}"
-            spec = speculant_for("none", kernels=kernels)
+        for kernel_set in kernel_sets:
+            tag = "" if kernel_set == "torch" else f"#{kernel_set}"
+            spec = speculant_for("none", kernel_set=kernel_set)
             cap = time.perf_counter()
             run_ours(spec, prompts[:1], temperature=temperature, max_new=8)  # warm-up + capture
             cap = time.perf_counter() - cap
@@ -227,12 +242,16 @@ def main() -> None:
                     res["greedy_mismatches_vs_torch"] = sum(a != b for a, b in zip(res["outputs"],
                                                                                    torch_plain["outputs"]))
             plain = record(task, "ours_graph_plain" + tag, 0, res, cap, spec=spec)
-            torch_plain = plain if kernels == "torch" else torch_plain
+            torch_plain = plain if kernel_set == "torch" else torch_plain
             configs = [("ngram", "ngram", 1, 0, (4, 8))] if args.ngram else []
             configs += [(name, draft, k, g, gammas) for name, draft in drafts.items() for k in ks for g in lookups]
             for name, draft, k, lookup, config_gammas in configs:
                 for gamma in config_gammas:
-                    spec = speculant_for(draft, gamma, k, lookup, kernels=kernels)
+                    try:
+                        spec = speculant_for(draft, gamma, k, lookup, kernel_set=kernel_set)
+                    except ValueError as error:
+                        skip(task, name + tag, gamma, error)
+                        continue
                     cap = time.perf_counter()
                     run_ours(spec, prompts[:1], temperature=temperature, max_new=max(16, gamma + 2))  # capture here
                     cap = time.perf_counter() - cap
@@ -246,7 +265,11 @@ def main() -> None:
                         res["greedy_mismatches"] = sum(a != b for a, b in zip(res["outputs"], plain["outputs"]))
                     record(task, name + tag, gamma, res, cap, k, lookup, spec)
                 if name != "ngram" and args.auto:  # with the lookup branch too, when --lookup has it
-                    spec = speculant_for(draft, "auto", k, lookup, kernels=kernels)
+                    try:
+                        spec = speculant_for(draft, "auto", k, lookup, kernel_set=kernel_set)
+                    except ValueError as error:
+                        skip(task, name + tag, "auto", error)
+                        continue
                     cap = time.perf_counter()
                     for gamma in range(1, args.auto_max_gamma + 1):  # every γ auto may pick: captured before timing
                         spec.gamma = gamma
@@ -269,7 +292,7 @@ def main() -> None:
                         record(task, name + tag, "auto" if half_life is None else f"auto/hl{half_life:g}", res, cap,
                                k, lookup, spec)
     summary = {"device": device_name, "torch": torch.__version__, "dtype": dtype, "attention": args.attention,
-               "results": results, "command": " ".join(sys.argv)}
+               "results": results, "skipped": skipped, "command": " ".join(sys.argv)}
     header = ("task", "method", "gamma", "k", "G", "tok/s", "alpha", "tau", "vs plain", "prefill", "ms/call")
     rows = [(r["task"], r["method"], r["gamma"], r["candidates"], r["lookup"], f"{r['tokens_per_s']:.1f}",
              "-" if r.get("alpha") is None else f"{r['alpha']:.2f}", f"{r['tau']:.2f}" if "tau" in r else "-",

@@ -524,7 +524,8 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
 
     bit_exact: every target forward of decoding (plain or speculative) computes a fixed number of
     rows with position-ordered attention (speculant.models.exact_attention), so greedy speculative
-    output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed. Needs
+    output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed (with
+    kernels="triton": the call's own rows on row-invariant kernels, no fixed width; see below). Needs
     the torch backend, a lean target and 1 + gamma·candidates + lookup <= EXACT_WIDTH (32; gamma
     auto: up to 12); runs the fused step (also on the CPU, uncompiled), and where that cannot run the
     drafter (a hierarchy, a draft through transformers) or logprobs are asked for, the generic step
@@ -533,7 +534,11 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
 
     kernels: torch (default) or triton: the fused step's target forwards (and a token draft model's
     where it can) on speculant.models.triton_layers' kernels; a lean Llama or Qwen2 target, one
-    drafter level, CUDA (the CPU only under TRITON_INTERPRET=1), not bit_exact (speculant.fused)."""
+    drafter level, CUDA (the CPU only under TRITON_INTERPRET=1) (speculant.fused). With bit_exact, every
+    target forward (the prefill too) runs TritonForward.forward_exact: each row walks its own keys in
+    position order on kernels whose row bits do not depend on the call's rows, unpadded; a hierarchy,
+    a draft through transformers and logprobs run the generic step over the same forward, batched
+    requests one at a time. Not measured on a GPU yet."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)

@@ -113,7 +113,8 @@ def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
                              "speculative alike, so that greedy output equals plain greedy decoding token for token "
                              "in bfloat16 on a GPU too, and a batched request's tokens do not depend on the others "
                              "(slower, batches most: a forward per request per step; a lean torch target, any "
-                             "--draft chain, 1 + gamma*candidates + lookup <= 32)")
+                             "--draft chain, 1 + gamma*candidates + lookup <= 32; with --kernels triton: the "
+                             "forwards' own rows on row-invariant Triton kernels instead of a fixed width)")
 
 
 def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +122,7 @@ def add_kernels_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", choices=["torch", "triton"], default="torch",
                         help="the fused step's target forwards (and a token draft model's) on torch's kernels or on "
                              "speculant's Triton kernels (6 per layer; a lean Llama or Qwen2 target on a GPU, one "
-                             "drafter level, not with --bit-exact)")
+                             "drafter level; with --bit-exact: row-invariant kernels, no fixed width)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ keep logits (logprobs) run the generic step (speculant.step.GenericStepper), whi
 forward(tokens, start_pos[, ancestors]). `ExactTarget` is a CausalLM over a lean model whose every
 call is the one a FusedStepper(bit_exact=True) makes (`score`): EXACT_WIDTH rows, padded, through the
 shared compiled `exact_forward`, each row walking its own keys in position order
-(speculant.models.exact_attention), in pieces of EXACT_WIDTH tokens for a longer chain; its prefill
+(speculant.models.exact_attention), in pieces of EXACT_WIDTH tokens for a longer chain (with
+kernels="triton": the call's own rows through TritonForward.forward_exact, unpadded); its prefill
 is that stepper's own (`FusedStepper.prefill`). Plain bit-exact decoding runs the same stepper, so a
 position's logits are the same bits in plain decoding and in any step the generic step runs over
 ExactTarget (tests/test_bit_exact_generic.py), and greedy output is plain greedy output token for
@@ -90,10 +91,13 @@ class ExactRows:
     EXACT_WIDTH, E] (row b's slice has the model's cache's shape and strides). It stands where the
     batched engine keeps a models.transformer.RowKVCache: row drafters read `features` (a feature
     draft) and rows move with `move_row`. Each call swaps row b's cache into the model (`row`) and
-    runs `target`, an ExactTarget, which must not replay graphs (it never does: its stepper's
-    prefill is eager in bit-exact mode, and its forwards are eager calls of the compiled function)."""
+    runs `target`, an ExactTarget, which must not replay graphs (on torch's kernels, the only ones it
+    takes, it never does: its stepper's prefill is eager in bit-exact mode there, and its forwards are
+    eager calls of the compiled function)."""
 
     def __init__(self, target: ExactTarget, rows: int) -> None:
+        if target.stepper.kernels != "torch":  # its prefill replays graphs, which write the cache they captured
+            raise ValueError("bit-exact batching runs torch's kernels, not kernels='triton': run requests one by one")
         model = target.model
         self.target, self.model = target, model
         self.k = model.k_cache.new_zeros((rows, *model.k_cache.shape))

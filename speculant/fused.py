@@ -45,7 +45,11 @@ Kernels (`kernels="triton"`): every target forward above (prefill, plain steps a
 and tree verification) runs models.triton_forward.TritonForward over models.triton_layers'
 kernels, 6 per layer, captured in the same graphs but never through torch.compile; a token draft
 model's too where TritonForward runs it (else torch's, with a warning); a feature draft's stays
-torch's. The sampling and acceptance functions are the same, so the law is. Not with bit_exact.
+torch's. The sampling and acceptance functions are the same, so the law is. With bit_exact the
+target's every forward, the prefill included, is TritonForward.forward_exact (row-invariant kernels,
+each row walking its own keys in position order: models.triton_forward), over the call's own rows,
+not padded to EXACT_WIDTH (`exact_score`); the prefill then replays padded graphs as in the default
+mode. Not yet measured on a GPU.
 
 Graphs are keyed by (kind, γ) and captured on first use for a given `SamplingParams`; they are
 reused across requests. `capture_time` reports what capture (and compilation) cost.
@@ -89,13 +93,16 @@ def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
     return cached[key]
 
 
-def static_forward(model: LeanModel, compile: bool, kernels: str = "torch"
+def static_forward(model: LeanModel, compile: bool, kernels: str = "torch", exact: bool = False
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab] float32;
     attends over the whole cache. Compiled once per model (_compiled). kernels="triton":
-    models.triton_forward.TritonForward's, over its own kernels (never through torch.compile)."""
+    models.triton_forward.TritonForward's, over its own kernels (never through torch.compile); with
+    `exact`, its bit-exact forward (forward_exact: a tree comes as exact_layout's nodes [T, W] instead
+    of ancestors)."""
     if kernels == "triton":
-        return _compiled(model, ("triton",), TritonForward(model).forward_static, False)
+        forward = TritonForward(model)
+        return _compiled(model, ("triton", exact), forward.forward_exact if exact else forward.forward_static, False)
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
         # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
@@ -208,20 +215,22 @@ class FusedStepper:
         self.features = isinstance(draft_model, FeatureDraft)
         # kernels="triton": the target's forwards (and a token draft model's, where TritonForward runs it)
         # over models.triton_layers' kernels, 6 per layer, instead of the lean model's torch ops
-        self.kernels = target_kernels(kernels, target, bit_exact)
+        self.kernels = target_kernels(kernels, target)
         self.draft_kernels = draft_kernels(kernels, draft_model)
-        if bit_exact:  # every stepper of this target, plain or not, then shares ONE compiled exact forward
+        # bit-exact mode on torch's kernels: every stepper of this target, plain or not, then shares ONE compiled
+        # exact forward (on the triton kernels features are written outside them and never change the logits)
+        if bit_exact and self.kernels == "torch":
             target.keep_features()
         if self.features:
             target.keep_features()  # before compiling: the target's forward then writes them
             self.draft_fn = static_feature_forward(draft_model, compile)
         else:
             self.draft_fn = None if draft_model is None else static_forward(draft_model, compile, self.draft_kernels)
-        # the prompt's prefill (and every forward by default)
-        self.target_fn = static_forward(target, compile, self.kernels)
-        # bit-exact mode: every other target forward is EXACT_WIDTH rows through exact_fn (score)
+        # the prompt's prefill (and every forward by default; bit-exact on the triton kernels, every forward)
+        self.target_fn = static_forward(target, compile, self.kernels, exact=bit_exact)
+        # bit-exact mode on torch's kernels: every other target forward is EXACT_WIDTH rows through exact_fn (score)
         self.bit_exact = bit_exact
-        self.exact_fn = exact_forward(target, compile) if bit_exact else None
+        self.exact_fn = exact_forward(target, compile) if bit_exact and self.kernels == "torch" else None
         self.layouts: dict = {}  # bit-exact layouts (depths, nodes, count) on the device, per call shape
         self.offsets = torch.arange(target.max_seq_len, device=self.device)  # position offsets, read by bodies
         self.trees: dict = {}
@@ -259,11 +268,13 @@ class FusedStepper:
         """The target's cache then holds `tokens` at positions 0.. (the prompt's prefill, `_prefill`);
         speculant.exact_target.ExactTarget prefills through it too, so that the generic step in
         bit-exact mode starts from the same cache bits as this stepper's plain decoding. In bit-exact
-        mode never from a graph: a graph writes the cache it was captured on, and the batched engine
-        prefills each row's own cache, swapped into the model (exact_target.ExactRows), the same way."""
+        mode on torch's kernels never from a graph: a graph writes the cache it was captured on, and the
+        batched engine prefills each row's own cache, swapped into the model (exact_target.ExactRows),
+        the same way; on the triton kernels (which batched decoding never runs) from a padded graph, as
+        in the default mode: the padding rows come after the text and its rows' bits are their own."""
         self.target.truncate(0)
         if tokens:
-            self._prefill(self.target_fn, tokens, 0, graphs=not self.bit_exact)
+            self._prefill(self.target_fn, tokens, 0, graphs=not self.bit_exact or self.kernels == "triton")
             self.target.set_length(len(tokens))
 
     def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None,
@@ -616,8 +627,8 @@ class FusedStepper:
                ) -> torch.Tensor:
         """The target's logits [T, V] for tokens [T] from position `start` ([] or [1], on the device):
         a chain at start.., or the tree candidate_tree(*tree) rooted there; writes their K/V (and
-        features) at slots start.., as every step's verification does. In bit-exact mode the call is
-        padded to EXACT_WIDTH rows and runs exact_fn."""
+        features) at slots start.., as every step's verification does. In bit-exact mode through
+        exact_score (its layout made once per call shape)."""
         t = tokens.shape[0]
         if not self.bit_exact:
             if tree is None:
@@ -637,8 +648,13 @@ class FusedStepper:
 
     def exact_score(self, tokens: torch.Tensor, start: torch.Tensor, layout: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Bit-exact mode's forward: tokens [T] from position `start` ([] or [1], on the device) laid out
-        by `layout` (layout_of) -> logits [T, V]; the call is padded to EXACT_WIDTH rows and runs exact_fn."""
+        by `layout` (layout_of) -> logits [T, V]. On torch's kernels the call is padded to EXACT_WIDTH rows
+        and runs exact_fn; on the triton kernels its T rows run target_fn (TritonForward.forward_exact),
+        unpadded: those kernels give a row the same bits in a call of any number of rows."""
         depths, nodes, count = layout
+        if self.kernels == "triton":
+            t = tokens.shape[0]
+            return self.target_fn(tokens, start.reshape(()) + depths[:t], nodes[:t])
         keys = exact_keys(start.reshape(()), depths, nodes, count, self.target.max_seq_len)
         padded = torch.cat([tokens, tokens.new_zeros(EXACT_WIDTH - tokens.shape[0])])  # fresh tensors: one graph
         return self.exact_fn(padded, keys.positions, keys.slots, keys.start, keys.table, keys.count)[:tokens.shape[0]]

@@ -176,12 +176,10 @@ def test_triton_fused_sampling_gives_the_torch_steps_tokens_seed_for_seed(device
 
 
 def test_what_the_triton_step_cannot_run_is_refused_in_one_line(device, monkeypatch):
-    """Bit-exact mode, Gemma 3's sliding windows, int8 weights, an unknown kernel set and (on the CPU)
-    no interpreter: each a ValueError naming what is wrong."""
+    """Gemma 3's sliding windows, int8 weights, an unknown kernel set and (on the CPU) no interpreter:
+    each a ValueError naming what is wrong (bit-exact mode runs: tests/test_exact_triton.py)."""
     target = _model(device)
     assert FusedStepper(target, None, compile=False).kernels == "torch"  # the default
-    with pytest.raises(ValueError, match="cannot be bit-exact"):
-        FusedStepper(target, None, compile=False, kernels="triton", bit_exact=True)
     with pytest.raises(ValueError, match="Llama and Qwen2 layers only"):
         FusedStepper(_model(device, layers=3, arch="gemma3"), None, compile=False, kernels="triton")
     with pytest.raises(ValueError, match="frozen float weights"):
@@ -212,9 +210,10 @@ def test_a_draft_model_the_kernels_cannot_run_falls_back_to_torch_with_a_warning
 
 def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(device, tmp_path, capsys):
     """speculant.load(kernels="triton") decodes plain and speculatively through the triton fused step
-    (on the CPU too, interpreted) with plain greedy output; with bit_exact, fused=False or llama.cpp
-    it is refused in one line, batched decoding likewise (generate_many runs one request at a time);
-    the CLI's generate and chat take --kernels and say a refusal in one line (exit 2)."""
+    (on the CPU too, interpreted) with plain greedy output; with fused=False or llama.cpp it is refused
+    in one line, batched decoding likewise (generate_many runs one request at a time); the CLI's
+    generate and chat take --kernels and say a refusal in one line (exit 2). With bit_exact:
+    tests/test_exact_triton.py."""
     from test_loading import save_folder, tiny_hf_model
 
     from speculant import api
@@ -232,8 +231,6 @@ def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(devic
     with pytest.raises(ValueError, match="batched decoding"):
         spec.batch_engine()
     assert spec.generate_many([{"prompt": "ab cd ab cd"}], max_new_tokens=6)[0].token_ids == out.token_ids
-    with pytest.raises(ValueError, match="cannot be bit-exact"):
-        api.Speculant(spec.target, ["ngram"], kernels="triton", bit_exact=True)
     with pytest.raises(ValueError, match="fused=False"):
         api.Speculant(spec.target, ["ngram"], kernels="triton", fused=False)
     with pytest.raises(ValueError, match="torch backend"):
@@ -243,8 +240,8 @@ def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(devic
         assert build_parser().parse_args(args).kernels == "torch"
         assert build_parser().parse_args(args + ["--kernels", "triton"]).kernels == "triton"
     code = main(["generate", "--target", folder, "--draft", "ngram", "--max-seq-len", "64", "--kernels", "triton",
-                 "--bit-exact", "ab"])
-    assert code == 2 and "cannot be bit-exact" in capsys.readouterr().err
+                 "--backend", "llama.cpp", "ab"])
+    assert code == 2 and "torch backend" in capsys.readouterr().err
 
 
 # ---- on a GPU: captured in CUDA graphs -------------------------------------------------------------------

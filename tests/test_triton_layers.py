@@ -406,6 +406,7 @@ from triton.compiler import ASTSource
 from speculant.acceptance import candidate_tree
 from speculant.models import triton_forward as tl_forward
 from speculant.models import triton_layers as tl_layers
+from speculant.models.exact_attention import exact_layout
 from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
 
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.uint8: "*u8"}
@@ -422,7 +423,7 @@ class Compile:  # stands in for kernel[grid](...): compiles the call's specialis
                     signature[name] = TYPES[arg.dtype]
                 elif isinstance(arg, float):
                     signature[name] = "fp32"
-                elif arg == 1:  # triton specialises an int equal to 1
+                elif arg == 1 and name not in self.fn.do_not_specialize:  # triton specialises an int equal to 1
                     constants[name] = 1
                 else:
                     signature[name] = "i32"
@@ -447,6 +448,10 @@ for fuse_rope in (True, False):
                                                                             torch.arange(t))
 depths, ancestors = candidate_tree(4, 4, 8)  # 25 nodes: a tree of the fused step
 tl_forward.TritonForward(model).forward_static(torch.zeros(25, dtype=torch.long), 40 + depths, ancestors)
+nodes = exact_layout(depths, ancestors)[1][:25]  # bit-exact mode: a chain of 1 and of 40 rows, the tree
+for t in (1, 40):
+    tl_forward.TritonForward(model).forward_exact(torch.zeros(t, dtype=torch.long), torch.arange(t))
+tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
 print(len(done), "kernels compiled")
 """
 
@@ -454,8 +459,9 @@ print(len(done), "kernels compiled")
 def test_the_kernels_compile_for_hopper(device, tmp_path):
     """The interpreter runs the kernels as Python: it never sees a type the compiler would reject
     (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
-    launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree) is compiled here for sm_90
-    with triton's own ptxas, in a process without TRITON_INTERPRET; no GPU is needed."""
+    launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree, and bit-exact mode's
+    forward_exact: chains of 1 and 40 rows, a tree) is compiled here for sm_90 with triton's own ptxas,
+    in a process without TRITON_INTERPRET; no GPU is needed."""
     if device == "cuda":
         pytest.skip("on a GPU the other tests compile and run them")
     import triton

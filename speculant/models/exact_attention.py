@@ -21,6 +21,13 @@ runs) and plain torch (the CPU, and the reference the kernel is tested against).
 row-invariant by itself; they agree with each other up to rounding (their in-block reductions are
 grouped differently).
 
+On speculant's own Triton kernels (FusedStepper(bit_exact=True, kernels="triton")) bit-exact mode
+needs no fixed width: models.triton_layers.exact_cache_attention walks each row's keys in the same
+position order, reading a tree node's through exact_layout's `nodes`, split into chunks of positions
+(one program each, merged in order) so that a plain step still spreads over the GPU, and the GEMM
+kernels around it give a row the same bits in a call of any number of rows
+(models.triton_forward.TritonForward.forward_exact). Not yet run on a GPU.
+
 Shapes: W = EXACT_WIDTH rows, KV = key/value heads, G = query heads per key/value head, D = head
 dim, S' = cache slots (the context's S, then EXACT_WIDTH scratch slots the padding rows write to).
 """

@@ -7,10 +7,22 @@ TritonForward.forward_static, inside the step's CUDA graph, never through torch.
 kernels are fused already); a token draft model (layers:N, a small model) too where TritonForward
 runs it, else on torch's kernels with a warning (a distilled draft's truncated head, an int8 copy);
 a feature draft always on torch's (its layers read the target's features). The sampling and
-acceptance functions are the same either way. Refused in one line: bit-exact mode (its own
-fixed-width forward), a target TritonForward cannot run (Gemma 3's sliding windows, int8 weights),
-no triton installed, and CPU tensors outside triton's interpreter (TRITON_INTERPRET=1: slow, for
-the tests).
+acceptance functions are the same either way. Refused in one line: a target TritonForward cannot
+run (Gemma 3's sliding windows, int8 weights), no triton installed, and CPU tensors outside
+triton's interpreter (TRITON_INTERPRET=1: slow, for the tests).
+
+Bit-exact mode (bit_exact=True with kernels="triton"): the target's every forward, the prompt's
+prefill included, runs TritonForward.forward_exact, in which a row's logits are a function of its
+token, its position and its context's keys and values, bit for bit, whatever else the call
+computes: the GEMM kernels are row-invariant (one compiled binary, one tile shape for every call:
+speculant.models.triton_layers' docstring) and attention is triton_layers.exact_cache_attention
+(each row walks its own keys in position order, in fixed chunks of positions). So a position's K/V
+and logits are the same bits whether it is prefilled, decoded alone, verified in a chain or scored
+as a tree node, and greedy speculative output is plain greedy output token for token. The calls are
+not padded to EXACT_WIDTH rows (bit-exact mode on torch's kernels pads them so that torch.compile's
+kernels always see one shape): those kernels need no fixed shape, and a call's cost then grows with
+its own rows only. CPU-tested under the interpreter (tests/test_exact_triton.py); not yet measured
+or run on a GPU.
 """
 
 from __future__ import annotations
@@ -21,11 +33,13 @@ import warnings
 
 import torch
 
+from speculant.models.exact_attention import EXACT_WIDTH
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel, TransformerWeights
 from speculant.models.triton_layers import (
     MAX_ROWS,
     cache_attention,
+    exact_cache_attention,
     matmul_residual,
     norm_gate_up_silu,
     norm_matmul,
@@ -54,15 +68,12 @@ def unsupported(model) -> str | None:
     return None
 
 
-def target_kernels(kernels: str, target: LeanModel, bit_exact: bool = False) -> str:
+def target_kernels(kernels: str, target: LeanModel) -> str:
     """`kernels` ("torch" or "triton") if the fused step's target forwards can run on them here,
     else ValueError in one line."""
     if kernels not in ("torch", "triton"):
         raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
     if kernels == "triton":
-        if bit_exact:
-            raise ValueError("bit-exact decoding runs its own fixed-width forward: kernels='triton' cannot be "
-                             "bit-exact (use kernels='torch')")
         reason = unsupported(target)
         if reason is not None:
             raise ValueError(f"kernels='triton': {reason} (use kernels='torch')")
@@ -103,6 +114,8 @@ class TritonForward:
             raise ValueError(reason)
         self.model, self.chunk, self.fuse_rope = model, chunk, fuse_rope
         self.offsets = torch.arange(model.k_cache.shape[1], device=model.device)  # a tree's slots, from its first
+        # forward_exact's chain layout: row t's node at depth d is d (exact_attention.exact_layout of a chain)
+        self.chain = torch.arange(EXACT_WIDTH, device=model.device).repeat(MAX_ROWS, 1)  # [MAX_ROWS, W]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
@@ -135,9 +148,31 @@ class TritonForward:
                   for first in range(0, t, MAX_ROWS)]
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _piece(self, tokens, positions, slots, kv_len, ancestors, tree_start, first_node) -> torch.Tensor:
+    def forward_exact(self, tokens: torch.Tensor, positions: torch.Tensor, nodes: torch.Tensor | None = None,
+                      *, kv_len: int | None = None) -> torch.Tensor:
+        """Bit-exact mode's forward (speculant.fused, bit_exact=True with kernels="triton"), with
+        forward_static's contract otherwise: tokens [T] at positions [T] (device tensors) -> logits
+        [T, vocab] float32, each row attending to its own keys in position order
+        (triton_layers.exact_cache_attention), so that a row's logits are a function of its token, its
+        position and the keys and values of its context, bit for bit, whatever else the call computes.
+        nodes None: a chain (slot = position), in pieces of MAX_ROWS rows, each a chain from its first
+        position; nodes [T, W] (exact_attention.exact_layout's, T <= MAX_ROWS): a tree rooted at
+        positions[0], node i at slot positions[0] + i. The rows are not padded: the kernels give a row
+        the same bits in a call of any number of rows (triton_layers' docstring)."""
+        t = tokens.shape[0]
+        kv_len = self.model.max_seq_len if kv_len is None else kv_len
+        if nodes is not None:  # one piece (exact_cache_attention refuses more than MAX_ROWS rows)
+            return self._piece(tokens, positions, positions[:1] + self.offsets[:t], kv_len, nodes=nodes)
+        pieces = [self._piece(tokens[first: first + MAX_ROWS], positions[first: first + MAX_ROWS],
+                              positions[first: first + MAX_ROWS], kv_len, nodes=self.chain[: min(MAX_ROWS, t - first)])
+                  for first in range(0, t, MAX_ROWS)]
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _piece(self, tokens, positions, slots, kv_len, ancestors=None, tree_start=None, first_node=0,
+               nodes=None) -> torch.Tensor:
         """Up to MAX_ROWS rows: tokens [T] at positions [T], K/V and features into slots [T]; a tree's
-        rows first_node.. (ancestors [T, N]) -> logits [T, vocab] float32."""
+        rows first_node.. (ancestors [T, N]) -> logits [T, vocab] float32. With `nodes` (forward_exact)
+        the bit-exact attention instead."""
         model, cfg = self.model, self.model.cfg
         heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = model.rope_global[0], model.rope_global[1]
@@ -153,8 +188,12 @@ class TritonForward:
             else:
                 qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv)
                 q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, slots, heads, kv, d, positions)
-            attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk,
-                                   ancestors=ancestors, tree_start=tree_start, first_node=first_node)
+            if nodes is None:
+                attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk,
+                                       ancestors=ancestors, tree_start=tree_start, first_node=first_node)
+            else:
+                attn = exact_cache_attention(q, k_cache, v_cache, kv_len, positions, nodes, model.attn_scale,
+                                             self.chunk)
             x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x)
             norm2 = layer.post_attention_layernorm
             x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up), layer.down, x, out=x)

@@ -13,13 +13,42 @@ On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kerne
     norm_gate_up_silu     RMSNorm -> gate|up GEMM -> silu(gate)·up
     matmul_residual       · down_projᵀ + residual
 
-so **6 kernels per layer** (7 with `fuse_rope=False`: norm_matmul for q|k|v, then
-rope_qkv_cache_write), plus per forward the embedding gather and one norm_matmul for the final
-norm and the output head (float32 logits straight from the kernel): 6·L + 2 launches per MAX_ROWS
-rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
+(in bit-exact mode exact_cache_attention, one program per (row, KV head, chunk of positions), and
+the same combine stand for cache_attention), so **6 kernels per layer** (7 with `fuse_rope=False`:
+norm_matmul for q|k|v, then rope_qkv_cache_write), plus per forward the embedding gather and one
+norm_matmul for the final norm and the output head (float32 logits straight from the kernel):
+6·L + 2 launches per MAX_ROWS rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
-(the scale is per row, so it factors out); the T rows are padded to 16 (tl.dot's smallest tile) by
-masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices column-major.
+(the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
+whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
+column-major.
+
+Row invariance (what bit-exact mode, speculant.fused's bit_exact=True with kernels="triton", rests
+on): a row's bits depend on that row's inputs, never on how many rows the call has or what they are.
+- The GEMMs (norm_qkv_rope_cache, norm_matmul, matmul_residual, norm_gate_up_silu): every call puts
+  its rows in one tile of ROW_TILE rows (rows past T load zeros), never a tile that follows T; BLOCK_N
+  and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
+  program per block of output columns, each looping over all of K in order: no split-K); num_warps
+  is fixed; T is never specialised (do_not_specialize: triton compiles T = 1 and multiples of 16
+  apart otherwise), nor is any other argument that changes from call to call, and the tensors come
+  16-byte aligned in every call (fresh ones, or slices at multiples of 32 rows). So every call of a
+  layer's GEMM runs ONE compiled binary on tiles of one shape: the same MMA (or, in float32, FMA)
+  instructions in the same K order for every element, whose sum reads only its own row of x, and
+  the RMSNorm's Σ x² of a row is reduced in the same layout every time. (Before, the tile was 16 rows
+  up to T = 16 and 32 above: under the interpreter that alone changes a row's bits, numpy's OpenBLAS
+  rounding a product by its row count (tests/test_exact_triton.py); on a GPU another tile may mean
+  another MMA layout.) A plain step's 1 row then costs a 32-row MMA: the GEMMs are bound by reading
+  the weights, not by the MMAs (unmeasured on the GPU).
+- Attention in bit-exact mode (exact_cache_attention): a program holds ONE row's G query heads and
+  walks that row's own keys in position order, in blocks aligned to positions, within chunks of
+  positions (not slots, not a split that depends on T or on the tree); the combine merges a row's
+  chunks in order. The default cache_attention is not row-invariant (all G·T queries of a head share
+  a program and a tile that follows T; a tree node's keys are grouped by the slots they sit in).
+- The rest of TritonForward's forward is per row by construction: the embedding is a gather, rotary
+  reads its tables at the row's position, the residual adds are the GEMMs' epilogues, the final norm
+  and the head are one norm_matmul. The features it records (torch's RMSNorm, outside these kernels)
+  are not promised row-invariant: they only steer a feature draft, never the emitted tokens.
+What only a GPU shows is that its compiler keeps this (tests/test_exact_triton.py's CUDA tests).
 
 Numerics: float32 accumulation and float32 softmax throughout; where torch rounds an intermediate
 to the model's dtype (the normed activations, each GEMM's output before the residual add, the
@@ -35,6 +64,10 @@ interpreter also truncates float32 -> bfloat16 where a GPU rounds to nearest eve
 it to round); and it never compiles, so tests/test_triton_layers.py also compiles every kernel
 TritonForward launches (chains and trees) for sm_90 (no GPU needed).
 
+Long because every kernel of the forward lives here beside its caller, and the kernels share helpers
+(_dot, _x_tile, _w_tile, _norm_dot_pair, _rope_store, _reach) that triton finds among this module's
+globals.
+
 Shapes: T query rows, E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim, S'
 cache slots, K a GEMM's inner size, N its output size.
 """
@@ -44,6 +77,7 @@ from __future__ import annotations
 import torch
 
 MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer call in pieces of this many
+ROW_TILE = MAX_ROWS  # every GEMM kernel's row tile, whatever the call's T (row invariance: see the docstring)
 MIN_DOT = 16  # tl.dot's smallest tile side in older triton (3.9 compiles 8 as well)
 GEMM_PROGRAMS = 64  # what _block_n aims for
 _KERNELS: dict = {}
@@ -129,7 +163,7 @@ def _kernels():
     # a kernel finds the helpers it calls among its module's globals
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
                            sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
@@ -156,7 +190,7 @@ def _kernels():
         tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
                  mask=out_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -207,7 +241,7 @@ def _kernels():
 
     globals()["_rope_store"] = _rope_store
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def rope_qkv_cache_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H, KV,
                                     HALF, s_t, s_n, sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d,
                                     sv_s, sv_h, sv_d, BY_POSITION: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -224,7 +258,7 @@ def _kernels():
         _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
                     q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF, BY_POSITION)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def norm_qkv_rope_cache_kernel(x_ptr, g_ptr, w_ptr, b_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
                                    v_ptr, T, K, H, KV, HALF, sx_t, sx_k, sw_n, sw_k, sc_t, sc_d, ss_t, ss_d,
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
@@ -313,7 +347,7 @@ def _kernels():
         tl.store(l_ptr + at, total, mask=live)
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "node0", "chunks"])
     def attention_combine_kernel(pos_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, node0, chunks, so_t, so_h,
                                  so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr,
                                  TREE: tl.constexpr):
@@ -340,9 +374,57 @@ def _kernels():
             m = m_new
         tl.store(out_ptr + t * so_t + h * so_h + ds * so_d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
 
+    @triton.jit(do_not_specialize=["T", "chunks"])
+    def exact_attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, nodes_ptr, m_ptr, l_ptr, acc_ptr, T, scale, chunks,
+                                     sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sn_t, sn_d,
+                                     G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F32: tl.constexpr):
+        """Program (t, kv, c): the G query heads of KV head kv of ONE row t over that row's own keys at
+        positions c·CHUNK .. (c+1)·CHUNK - 1 up to its position, in position order, in blocks of BLOCK_N
+        aligned to positions (exact_cache_attention says which slot holds which key), an online softmax
+        in float32 -> the chunk's m, l and acc at [kv, c, t·G + g(, d)], where attention_chunk_kernel
+        stores its own, so that attention_combine_kernel (by position) merges them."""
+        t = tl.program_id(0)
+        kv = tl.program_id(1)
+        c = tl.program_id(2)
+        gs = tl.arange(0, G_PAD)
+        ds = tl.arange(0, D_PAD)
+        g_ok = gs < G
+        pos = tl.load(pos_ptr + t)
+        start = tl.load(pos_ptr)  # the call's first position: keys before it lie at slot = position
+        q = tl.load(q_ptr + t * sq_t + (kv * G + gs)[:, None] * sq_h + ds[None, :] * sq_d,
+                    mask=g_ok[:, None] & (ds[None, :] < D), other=0.0)
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        total = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        first = c * CHUNK
+        for j0 in range(first, tl.minimum(first + CHUNK, pos + 1), BLOCK_N):  # none past the row's position
+            js = j0 + tl.arange(0, BLOCK_N)  # [BLOCK_N]: positions
+            valid = js <= pos
+            depth = js - start
+            node = tl.load(nodes_ptr + t * sn_t + depth * sn_d, mask=valid & (depth >= 0), other=0)
+            slot = tl.where(depth >= 0, start + node, js)
+            key_mask = valid[:, None] & (ds[None, :] < D)
+            k = tl.load(k_ptr + slot[:, None] * sk_s + kv * sk_h + ds[None, :] * sk_d, mask=key_mask, other=0.0)
+            v = tl.load(v_ptr + slot[:, None] * sv_s + kv * sv_h + ds[None, :] * sv_d, mask=key_mask, other=0.0)
+            scores = _dot(q, tl.trans(k), tl.zeros([G_PAD, BLOCK_N], tl.float32), F32) * scale
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=1))  # finite: key j0 <= pos is in the block
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            total = total * alpha + tl.sum(p, axis=1)
+            acc = _dot(p.to(v_ptr.dtype.element_ty), v, acc * alpha[:, None], F32)
+            m = m_new
+        at = (kv * chunks + c) * G * T + t * G + gs
+        live = g_ok & (gs * 0 + first <= pos)  # a chunk past the row's position stores nothing
+        tl.store(m_ptr + at, m, mask=live)
+        tl.store(l_ptr + at, total, mask=live)
+        tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
+
     _KERNELS.update(norm_matmul=norm_matmul_kernel, gate_up=norm_gate_up_silu_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
-                    attention=attention_chunk_kernel, combine=attention_combine_kernel)
+                    attention=attention_chunk_kernel, combine=attention_combine_kernel,
+                    exact_attention=exact_attention_chunk_kernel)
     return _KERNELS
 
 
@@ -366,7 +448,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy, res, out,
         t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
         out.stride(0), out.stride(1), float(eps), NORM=norm_weight is not None, UNIT=bool(unit_offset),
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=_pow2(t),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE,
         BLOCK_N=block_n, BLOCK_K=_pow2(block_k), num_warps=num_warps)
     return out
 
@@ -400,7 +482,7 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     _kernels()["gate_up"][(-(-n // block_n),)](
         x, norm_weight, gate_up_weight, out, t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0),
         gate_up_weight.stride(1), out.stride(0), out.stride(1), float(eps), UNIT=bool(unit_offset),
-        F32=_f32_dots(x, gate_up_weight), BLOCK_T=_pow2(t), BLOCK_N=block_n, BLOCK_K=_pow2(block_k),
+        F32=_f32_dots(x, gate_up_weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n, BLOCK_K=_pow2(block_k),
         num_warps=num_warps)
     return out
 
@@ -426,7 +508,7 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     _kernels()["rope"][(heads + 2 * kv_heads,)](
         qkv, positions if positions is not None else slots, slots, cos, sin, q, k_cache, v_cache, t, heads, kv_heads,
         half, qkv.stride(0), qkv.stride(1), *_rope_args(cos, sin, q, k_cache, v_cache),
-        BY_POSITION=positions is not None, BLOCK_T=_pow2(t, 1), HALF_PAD=_pow2(half, 1), num_warps=num_warps)
+        BY_POSITION=positions is not None, BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half, 1), num_warps=num_warps)
     return q
 
 
@@ -446,7 +528,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache, v_cache,
         t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         *_rope_args(cos, sin, q, k_cache, v_cache), float(eps), HAS_BIAS=bias is not None,
-        F32=_f32_dots(x, weight), BLOCK_T=_pow2(t), HALF_PAD=_pow2(half), BLOCK_K=_pow2(block_k),
+        F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half), BLOCK_K=_pow2(block_k),
         num_warps=num_warps)
     return q
 
@@ -501,4 +583,50 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
                                out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
                                num_warps=1)
+    return out
+
+
+def exact_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
+                          positions: torch.Tensor, nodes: torch.Tensor, scale: float, chunk: int = 64,
+                          block_n: int = 64, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bit-exact attention (bit-exact mode's; speculant.models.exact_attention's walk, split into
+    chunks of positions): query t of q [T, H, D] at positions[t] reads its keys at positions
+    0..positions[t] in position order over k_cache, v_cache [S', KV, D] -> [T, H, D] in q's dtype. The
+    key at position j < positions[0] (the call's first row: a chain's first token, a tree's root) is
+    in slot j; at j >= positions[0] in slot positions[0] + nodes[t, j - positions[0]], nodes [T, W]
+    holding each row's node at every depth up to its own (exact_attention.exact_layout's: a tree's
+    ancestors; a chain's row t: 0..t, so every key of a chain is at slot = position). Query head h
+    reads key head h // G.
+
+    Two kernels: one program per (row, KV head, chunk of `chunk` positions) walks the row's keys of
+    that chunk in blocks of block_n aligned to positions; attention_combine_kernel then merges a row's
+    chunks 0, 1, .. up to its position's in that order. A row's bits are thus a function of its
+    query, its keys and values in position order, and the model's shapes: not of T, of the other rows,
+    of the tree, of the slots its keys sit in, or of kv_len (which only bounds the chunks launched:
+    chunks past a row's position store nothing)."""
+    t, h, d = q.shape
+    if not 1 <= t <= MAX_ROWS:
+        raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
+    kv = k_cache.shape[1]
+    if h % kv or k_cache.shape[2] != d:
+        raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    if nodes.dim() != 2 or nodes.shape[0] != t:
+        raise ValueError(f"nodes must be [T={t}, W] (each row's node at every depth), got {tuple(nodes.shape)}")
+    g = h // kv
+    block_n = min(_pow2(block_n), _pow2(chunk))
+    chunk = -(-chunk // block_n) * block_n  # a whole number of key blocks
+    chunks = max(1, -(-kv_len // chunk))
+    m = torch.empty(kv, chunks, g * t, dtype=torch.float32, device=q.device)
+    total = torch.empty_like(m)
+    acc = torch.empty(kv, chunks, g * t, d, dtype=torch.float32, device=q.device)
+    kernels = _kernels()
+    kernels["exact_attention"][(t, kv, chunks)](
+        q, k_cache, v_cache, positions, nodes, m, total, acc, t, float(scale), chunks, q.stride(0), q.stride(1),
+        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), nodes.stride(0), nodes.stride(1), G=g, D=d, CHUNK=chunk, G_PAD=_pow2(g), BLOCK_N=block_n,
+        D_PAD=_pow2(d), F32=_f32_dots(q, k_cache), num_warps=4)
+    if out is None:
+        out = torch.empty_like(q)
+    kernels["combine"][(t, h)](positions, positions, m, total, acc, out, t, 0, chunks, out.stride(0), out.stride(1),
+                               out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=False, num_warps=1)
     return out
