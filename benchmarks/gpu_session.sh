@@ -13,12 +13,14 @@
 #   headline   the BENCHMARKS.md headline rows on the held-out tasks (after the sampling-compile fix:
 #              every row must say compiled_sampling true), torch beside triton kernels
 #   tuned      the same on the tuned tasks (code = HumanEval, chat = Python topics)
-#   exact      bit-exact mode against the default, every drafter, torch and triton kernels
+#   exact      bit-exact mode against the default, every drafter (torch's kernels), 64 prompts × 256 tokens
+#   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
+#   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
 #   serve      the server under the openai client at concurrency 1, 4, 16, 64
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|batch|serve}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch|serve}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
@@ -43,11 +45,17 @@ case "$part" in
     tasks=$([ "$part" = headline ] && echo code-heldout,chat-heldout || echo code,chat)
     limit 560 python3 benchmarks/gpu_speed.py --target "$model" --humaneval "$humaneval" \
       --draft distilled="$draft" --tasks "$tasks" --prompts 16 --gammas 3,4 --candidates 4 --lookup 0,8 \
-      --auto-max-gamma 6 --no-ngram --skip-hf --max-new-tokens 128 --kernels torch,triton --out "$out" \
+      --auto-max-gamma 6 --no-ngram --skip-hf --max-new-tokens 128 --kernels torch,triton,triton+exact --out "$out" \
       2>&1 | tee "$out/gpu_speed_$part.log" ;;
   exact)
     limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
       --max-new-tokens 256 --out "$out" 2>&1 | tee "$out/bit_exact.log" ;;
+  exact-triton)  # torch's default mode in the same run: the reference of the 10 % rule
+    limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
+      --max-new-tokens 256 --kernels torch,triton --configs plain,features,features#k4,features#k4#lookup8 \
+      --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
+  kernels)
+    limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
   batch)
     limit 560 python3 benchmarks/batch_throughput.py --device cuda --target "$model" --draft "$draft" \
       --dtype bfloat16 --max-new-tokens 128 --max-seq-len 1024 --graphs 2>&1 | tee "$out/batch_throughput.log" ;;
