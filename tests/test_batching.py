@@ -55,18 +55,18 @@ def pair(kind: str, weights, draft_weights, max_seq_len: int = 128):
     return target, drafter, drafter.rows
 
 
-def run_batch(engine: BatchEngine, requests, joins=None, cancels=None) -> dict:
-    """Drive the engine; joins {step: [request index]} adds later, cancels {step: [request index]}.
-    Returns {request index: (tokens, finish reason)}."""
+def run_batch(engine: BatchEngine, requests, joins=None, cancels=None, gammas=None) -> dict:
+    """Drive the engine until idle; joins {step: [request index]} adds later, cancels {step: [request
+    index]}, gammas {step: Γ for that step}. Returns {request index: (tokens, finish reason)}."""
     joins = joins or {0: list(range(len(requests)))}
-    cancels = cancels or {}
+    cancels, gammas = cancels or {}, gammas or {}
     ids, out, step = {}, {}, 0
     while step <= max(joins) or engine.num_running:
         for i in joins.get(step, []):
             ids[engine.add(requests[i])] = i
         for i in cancels.get(step, []):
             engine.cancel(next(r for r, j in ids.items() if j == i))
-        for update in engine.step():
+        for update in engine.step(gammas.get(step)):
             tokens, _ = out.get(ids[update.request_id], ([], None))
             out[ids[update.request_id]] = (tokens + update.tokens, update.finished)
         step += 1

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from test_batching import run_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from speculant.batching import BatchEngine, BatchRequest
@@ -55,22 +56,6 @@ def engine(kind: str, weights, graphs: bool, device: str = "cpu", max_batch: int
     return BatchEngine(target, factory, gamma=gamma, max_batch=max_batch, graphs=graphs, compile=compile)
 
 
-def drive(engine: BatchEngine, requests, joins, cancels=None, gammas=None) -> dict:
-    """Run until idle; joins {step: [request index]}, cancels likewise, gammas {step: Γ for that step}.
-    Returns {request index: (tokens, finish reason)}."""
-    cancels, gammas = cancels or {}, gammas or {}
-    ids, out, step = {}, {}, 0
-    while step <= max(joins) or engine.num_running:
-        for i in joins.get(step, []):
-            ids[engine.add(requests[i])] = i
-        for i in cancels.get(step, []):
-            engine.cancel(next(r for r, j in ids.items() if j == i))
-        for update in engine.step(gammas.get(step)):
-            tokens, _ = out.get(ids[update.request_id], ([], None))
-            out[ids[update.request_id]] = (tokens + update.tokens, update.finished)
-        step += 1
-    return out
-
 
 def mixed_requests(max_new_tokens: int = 14) -> list[BatchRequest]:
     params = [GREEDY, PLAIN, TOP_P]
@@ -84,7 +69,7 @@ JOINS = {0: [0, 1, 2], 2: [3], 3: [4, 5]}
 def test_the_static_step_gives_the_eager_steps_tokens_rows_joining_leaving_and_cancelled(kind, weights):
     """Greedy, plain and top-p rows side by side (one graph per set of params), six requests through
     four rows (two wait), one cancelled: the padded static functions give the eager step's tokens."""
-    outs = [drive(engine(kind, weights, graphs), mixed_requests(), JOINS, cancels={4: [1]}) for graphs in (False, True)]
+    outs = [run_batch(engine(kind, weights, graphs), mixed_requests(), JOINS, cancels={4: [1]}) for graphs in (False, True)]
     assert outs[0] == outs[1]
     assert outs[0][1][1] == "cancelled" and all(outs[0][i][1] == "length" for i in (0, 2, 3, 4, 5))
 
@@ -95,11 +80,11 @@ def test_the_static_step_over_compiled_row_forwards_gives_the_eager_steps_tokens
     """compile=True (what CUDA graphs capture by default): the target's and the draft's row forwards
     through torch.compile (LeanModel.compile_rows), float32, greedy and sampled rows: the eager
     step's tokens, with no fallback to eager forwards."""
-    eager = drive(engine(kind, weights, False), mixed_requests(), JOINS)
+    eager = run_batch(engine(kind, weights, False), mixed_requests(), JOINS)
     run = engine(kind, weights, True, compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a compiler failure would fall back with a warning
-        compiled = drive(run, mixed_requests(), JOINS)
+        compiled = run_batch(run, mixed_requests(), JOINS)
     assert run.row_step.compiled and "forward_rows_static" in run.target.__dict__
     assert "forward_rows_static" in run.drafter.model.__dict__
     assert compiled == eager
@@ -113,7 +98,7 @@ def test_rows_that_drafted_nothing_for_a_while_catch_up_before_the_window(kind, 
     outs, static = [], None
     for graphs in (False, True):
         run = engine(kind, weights, graphs)
-        outs.append(drive(run, mixed_requests(24), JOINS, gammas=plain_steps))
+        outs.append(run_batch(run, mixed_requests(24), JOINS, gammas=plain_steps))
         static = run if graphs else static
     assert outs[0] == outs[1]
     catch_ups = [key for key in static.row_step.graphs if key[0] == "prefill" and not key[4]]  # no target part
@@ -125,8 +110,8 @@ def test_a_step_of_more_distinct_params_than_a_graph_takes_runs_eagerly_with_the
     requests = [BatchRequest(PROMPTS[i % len(PROMPTS)], SamplingParams(temperature=0.5 + 0.1 * i), 10, seed=i)
                 for i in range(CAPTURED_PARAMS + 1)]
     run = engine("feature", weights, graphs, max_batch=8)
-    out = drive(run, requests, {0: list(range(len(requests)))})
-    assert out == drive(engine("feature", weights, False, max_batch=8), requests, {0: list(range(len(requests)))})
+    out = run_batch(run, requests, {0: list(range(len(requests)))})
+    assert out == run_batch(engine("feature", weights, False, max_batch=8), requests, {0: list(range(len(requests)))})
     assert all(len(key[3]) <= CAPTURED_PARAMS for key in run.row_step.graphs if key[0] == "step")
 
 
@@ -252,7 +237,7 @@ def test_the_captured_step_gives_the_eager_steps_tokens_on_cuda(kind, weights):
     outs = []
     for graphs in (False, True):
         run = engine(kind, weights, graphs, device="cuda")
-        outs.append(drive(run, mixed_requests(), JOINS, cancels={4: [1]}))
+        outs.append(run_batch(run, mixed_requests(), JOINS, cancels={4: [1]}))
         if graphs:
             assert run.row_step.graphs and all(g.graph is not None for g in run.row_step.graphs.values())
     assert outs[0] == outs[1]
@@ -264,7 +249,7 @@ def test_the_captured_catch_up_and_auto_gamma_give_the_eager_tokens_on_cuda(kind
     """Plain steps, then drafting again (the catch-up prefill graph), and `auto` over the nominal table."""
     plain_steps = {step: 0 for step in range(1, 8)}
     for gamma, gammas in ((3, plain_steps), ("auto", None)):
-        outs = [drive(engine(kind, weights, graphs, device="cuda", gamma=gamma), mixed_requests(24), JOINS,
+        outs = [run_batch(engine(kind, weights, graphs, device="cuda", gamma=gamma), mixed_requests(24), JOINS,
                       gammas=gammas) for graphs in (False, True)]
         assert outs[0] == outs[1], gamma
 
