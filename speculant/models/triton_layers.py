@@ -533,6 +533,17 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     return q
 
 
+def _attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int]:
+    """(T, H, D, KV) of q [T, H, D] over k_cache [S', KV, D], checked."""
+    t, h, d = q.shape
+    if not 1 <= t <= MAX_ROWS:
+        raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
+    kv = k_cache.shape[1]
+    if h % kv or k_cache.shape[2] != d:
+        raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    return t, h, d, kv
+
+
 def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_len: int,
                     positions: torch.Tensor, scale: float, chunk: int = 64, block_n: int = 64,
                     out: torch.Tensor | None = None, num_warps: int | None = None,
@@ -549,12 +560,7 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ancestors [T, N] (bool) holds their rows: query t reads the keys before tree_start and the nodes
     j with ancestors[t, j]. A node's ancestors come before it (acceptance.candidate_tree's order), so
     a tree may run in pieces of rows; `positions` is then unused (rotary was applied before)."""
-    t, h, d = q.shape
-    if not 1 <= t <= MAX_ROWS:
-        raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
-    kv = k_cache.shape[1]
-    if h % kv or k_cache.shape[2] != d:
-        raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    t, h, d, kv = _attention_shapes(q, k_cache)
     tree = ancestors is not None
     if tree and (tree_start is None or ancestors.shape[0] != t):
         raise ValueError(f"a tree's attention takes ancestors [T={t}, N] and tree_start")
@@ -604,12 +610,7 @@ def exact_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     query, its keys and values in position order, and the model's shapes: not of T, of the other rows,
     of the tree, of the slots its keys sit in, or of kv_len (which only bounds the chunks launched:
     chunks past a row's position store nothing)."""
-    t, h, d = q.shape
-    if not 1 <= t <= MAX_ROWS:
-        raise ValueError(f"1 <= T <= {MAX_ROWS} query rows, got {t}")
-    kv = k_cache.shape[1]
-    if h % kv or k_cache.shape[2] != d:
-        raise ValueError(f"q [T, {h}, {d}] does not fit the cache's [S, {kv}, {k_cache.shape[2]}]")
+    t, h, d, kv = _attention_shapes(q, k_cache)
     if nodes.dim() != 2 or nodes.shape[0] != t:
         raise ValueError(f"nodes must be [T={t}, W] (each row's node at every depth), got {tuple(nodes.shape)}")
     g = h // kv
