@@ -135,7 +135,9 @@ def main() -> None:
         total = max(args.min_requests, args.requests_per_slot * c)
         result = {"concurrency": c, "requests": total}
         for mode in ("speculative", "plain"):
-            result[mode] = run_engine(engine(mode, c), prompts, c, total, params, args.max_new_tokens, stop_ids)
+            batch = engine(mode, c)
+            run_engine(batch, prompts, c, c, params, args.max_new_tokens, stop_ids)  # untimed: captures its buckets
+            result[mode] = run_engine(batch, prompts, c, total, params, args.max_new_tokens, stop_ids)
         same = result["speculative"]["outputs"] == result["plain"]["outputs"]
         for mode in ("speculative", "plain"):
             del result[mode]["outputs"]
@@ -148,6 +150,9 @@ def main() -> None:
             result["single_request"]["speedup"] = (result["single_request"]["speculative_tok_s"]
                                                    / result["single_request"]["plain_tok_s"])
         rows.append(result)
+        out_partial = Path(os.environ.get("OUT", "out"))
+        out_partial.mkdir(parents=True, exist_ok=True)
+        (out_partial / "batch_throughput_partial.json").write_text(json.dumps(rows, indent=1))  # a stopped run keeps it
         print(f"c={c} done: {result['speculative']['tok_s']:.1f} vs {result['plain']['tok_s']:.1f} tok/s",
               file=sys.stderr, flush=True)
 

@@ -150,8 +150,11 @@ def main() -> None:
             asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
             for concurrency in args.concurrency:
                 num_requests = max(concurrency * args.requests_per_client, args.min_requests)
+                # untimed, at this concurrency: graphs of its batch buckets are captured on first use
+                asyncio.run(round_at(url, args.target, concurrency, concurrency, args))
                 row = {"server": server, **asyncio.run(round_at(url, args.target, concurrency, num_requests, args))}
                 rows.append(row)
+                (out / "serve_load_partial.json").write_text(json.dumps(rows, indent=1))  # what a stopped run keeps
                 print(f"{server:>14} C={concurrency:<3} {row['tok_per_s']:8.1f} tok/s  "
                       f"latency p50 {row['latency_p50_s']:.2f}s p95 {row['latency_p95_s']:.2f}s  "
                       f"ttft p50 {row['ttft_p50_s']:.3f}s  tau {row['tau']:.2f}", file=sys.stderr, flush=True)
