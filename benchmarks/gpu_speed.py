@@ -211,8 +211,10 @@ def main() -> None:
                **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts")}}
         if capture is not None:
             row["capture_s"] = capture
-        if spec is not None and spec.stepper is not None:  # False: the sampling tail ran eagerly inside the graph
-            row["compiled_sampling"] = spec.stepper.compile_sampling
+        if spec is not None and spec.stepper is not None:  # False: (part of) the sampling tail ran eagerly in the graph
+            row["compiled_sampling"] = spec.stepper.compile_sampling and not spec.stepper.eager_sampling
+            if spec.stepper.eager_sampling:
+                row["eager_sampling"] = spec.stepper.eager_sampling  # function -> its compile error
         results.append(row)
         print(json.dumps(row), flush=True)
         common.write_json(args.out, "gpu_speed_partial.json", results)  # what a run stopped at its limit keeps

@@ -64,7 +64,7 @@ from __future__ import annotations
 import gc
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -91,6 +91,40 @@ def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
     if key not in cached:
         cached[key] = torch.compile(forward) if compile else forward
     return cached[key]
+
+
+# torch.compile options for the sampling functions. No pointwise concatenation: on CUDA inductor may
+# lower a small torch.cat as one pointwise kernel whose index is Identity(i - start); where that index
+# folds to a constant (a piece of length 1), torch 2.11's Triton printer fails on it (sympy:
+# "'Identity' object has no attribute '_prec'", or a RecursionError), seen on an H100 and an H200 for
+# the K 4 tree without a lookup branch. A copy kernel per piece instead (inductor's choice on the CPU).
+NO_POINTWISE_CAT = ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs")  # inductor options, set to 0
+
+
+def _compiled_or_eager(function: Callable, failures: dict[str, str]) -> Callable:
+    """`function` through torch.compile with static shapes (one specialisation per (γ, K, lookup) met,
+    never a symbolic γ); if compiling it fails (a compiler error at its first call, which the graphs'
+    warm-up makes outside any capture), it runs eagerly from then on, with a warning, and
+    failures[its name] says why: the other sampling functions stay compiled."""
+    import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
+
+    options = {option: 0 for option in NO_POINTWISE_CAT if hasattr(inductor_config, option)}
+    compiled = torch.compile(function, dynamic=False, options=options)
+    name = function.__name__
+
+    def call(*args):
+        if name not in failures:
+            try:
+                return compiled(*args)
+            except Exception as error:
+                if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                    raise
+                failures[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                warnings.warn(f"compiling the sampling function {name} failed ({failures[name]}); it runs "
+                              "eagerly inside the graph instead")
+        return function(*args)
+
+    return call
 
 
 def static_forward(model: LeanModel, compile: bool, kernels: str = "torch", exact: bool = False
@@ -141,7 +175,7 @@ def static_feature_forward(draft: FeatureDraft, compile: bool):
     return _compiled(draft, ("features",), forward, compile)
 
 
-def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> "FusedStepper | None":
+def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:
     """The FusedStepper for this target and drafter, or None where the pair cannot be fused: the
     one place that decides, from the drafter's own settings (its model, candidates, lookup branch).
 
@@ -238,6 +272,7 @@ class FusedStepper:
         # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
         self.compile_sampling = compile
+        self.eager_sampling: dict[str, str] = {}  # a sampling function whose compile failed -> the error
         self.samplers: dict = {}
         self.graphs: dict = {}
         self.params: SamplingParams | None = None
@@ -391,13 +426,13 @@ class FusedStepper:
             self.pending.wait()
             self.pending = None
 
-    def _launch(self, key, gamma: int, runner: "_Runner", generator: torch.Generator | None) -> "_Launched":
+    def _launch(self, key, gamma: int, runner: _Runner, generator: torch.Generator | None) -> _Launched:
         """Draw the step's uniforms (as a step run alone would), replay, and start copying the output
         to the host; returns without waiting."""
         torch.rand(runner.uniforms.shape, generator=generator, device=self.device, out=runner.uniforms)
         return _Launched(key, gamma, runner)
 
-    def _ahead_runner(self, gamma: int, window: int, k: int) -> tuple[tuple, "_Runner"]:
+    def _ahead_runner(self, gamma: int, window: int, k: int) -> tuple[tuple, _Runner]:
         key = ("features-ahead", gamma, window, k)
         runner = self.graphs.get(key) or self._prepare(
             key, lambda: self._advancing_body(self._feature_step_body(gamma, window, k, 0), gamma, window),
@@ -405,7 +440,7 @@ class FusedStepper:
         return key, runner
 
     def _run_ahead_step(self, context: list[int], gamma: int, generator: torch.Generator | None,
-                        next_gamma: int | None, pending: "_Launched | None") -> StepResult:
+                        next_gamma: int | None, pending: _Launched | None) -> StepResult:
         """A feature-draft step from `pending`, if it was launched ahead for this context, else from a
         replay launched now; then the step of `next_gamma` (if given) is launched before this one is
         read. The step's time is the wall time since the last replay was read."""
@@ -588,11 +623,7 @@ class FusedStepper:
 
             functions = (sample, alternatives, finish, finish_candidates)
             if self.compile_sampling:
-                # static shapes: one specialisation per (γ, K, lookup) met, never a symbolic γ. With
-                # dynamic=None the second shape recompiles symbolically, and torch 2.11's inductor then
-                # failed on emitted_tokens' index arithmetic on an H200 (sympy: 'Identity' object has
-                # no attribute '_prec', then RecursionError), leaving the sampling tail eager in the graph.
-                functions = tuple(torch.compile(f, dynamic=False) for f in functions)
+                functions = tuple(_compiled_or_eager(f, self.eager_sampling) for f in functions)
             self.samplers[self.compile_sampling] = functions
         return self.samplers[self.compile_sampling]
 
@@ -728,14 +759,15 @@ class FusedStepper:
 
         return body
 
-    def _prepare(self, key, make_body, num_ints: int, num_uniforms: int) -> "_Runner":
+    def _prepare(self, key, make_body, num_ints: int, num_uniforms: int) -> _Runner:
         start = time.perf_counter()
         ints = torch.zeros(num_ints, dtype=torch.int64, device=self.device)
         uniforms = torch.zeros(num_uniforms, dtype=torch.float32, device=self.device)
+        compiled_before = (self.compile_sampling, len(self.eager_sampling))
         try:
             runner = _Runner(make_body(), ints, uniforms, self.use_graphs, self.pool, self._save_caches,
                              self._restore_caches)
-        except Exception as error:  # noqa: BLE001 - a compiler failure: fall back to eager sampling
+        except Exception as error:
             if not self.compile_sampling:
                 raise
             warnings.warn(f"compiling the sampling step failed ({type(error).__name__}: {error}); "
@@ -745,6 +777,13 @@ class FusedStepper:
                 self.pool = torch.cuda.graph_pool_handle()  # a failed capture may leave the pool unusable
             runner = _Runner(make_body(), ints, uniforms, self.use_graphs, self.pool, self._save_caches,
                              self._restore_caches)
+        if (self.compile_sampling, len(self.eager_sampling)) != compiled_before and self.graphs:
+            # sampling went (partly) eager: the graphs captured before replay the compiled functions.
+            # Drop them (recaptured on use) so that every step length runs, and costs, the same
+            # functions: `--gamma auto` prices lengths against each other.
+            self.graphs.clear()
+            if self.use_graphs:
+                self.pool = torch.cuda.graph_pool_handle()  # a pool whose graphs were freed takes no capture
         self.graphs[key] = runner
         self.capture_time += time.perf_counter() - start
         return runner
@@ -772,7 +811,7 @@ class _Launched:
     must reach for it to be the next step (set by whoever launched it ahead); `after` the time its
     wait may start."""
 
-    def __init__(self, key, gamma: int, runner: "_Runner") -> None:
+    def __init__(self, key, gamma: int, runner: _Runner) -> None:
         self.key, self.gamma, self.length, self.after = key, gamma, -1, 0.0
         self.host, self.done = None, None
         output = runner.run()

@@ -75,9 +75,9 @@ def test_a_padded_prefill_fills_the_caches_as_an_exact_one_and_decodes_the_same(
     assert {key[2] for key in stepper.graphs if key[0] == "prefill"} == {32}
     for exact, padded in zip(snapshots[False], snapshots[True]):
         torch.testing.assert_close(padded, exact, atol=1e-4, rtol=1e-4)
-    for prompt in (prompt, prompt * 3 + [1, 2, 3]):  # 65 prefilled positions: 128 would not fit 96
-        expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=12)
-        out, _ = _run(target, stepper, prompt, 3, GREEDY, 12)
+    for text in (prompt, prompt * 3 + [1, 2, 3]):  # 65 prefilled positions: 128 would not fit 96
+        expected = reference_generate(target, text, params=GREEDY, max_new_tokens=12)
+        out, _ = _run(target, stepper, text, 3, GREEDY, 12)
         assert out == expected
     assert max(key[2] for key in stepper.graphs if key[0] == "prefill") <= 64  # no 128
 
@@ -148,7 +148,7 @@ def test_fused_two_token_law_matches_the_target_law_and_always_accepting_is_caug
 def test_chunked_plain_decoding_honours_stop_tokens_and_max_new_tokens(device, max_new):
     """Plain decoding runs up to 4 target calls per graph replay; what comes after a stop token or
     past max_new_tokens is dropped, and stats count every target call."""
-    weights, target = _models(device)
+    _, target = _models(device)
     prompt = [5, 9, 2, 7]
     full = reference_generate(target, prompt, params=GREEDY, max_new_tokens=12)
     stop = full[5]  # a stop token in the middle of the second chunk
@@ -262,3 +262,62 @@ def test_which_drafters_fuse_is_read_from_the_drafters_own_settings():
     assert fused_stepper(target, LookupDrafter(ModelDrafter(draft), ngram, 4), compile=False).ngram is ngram
     assert fused_stepper(target, SpeculativeDrafter(GenericStepper(draft, NgramDrafter()), 2)) is None
     assert fused_stepper(MarkovModel(torch.zeros(4, 4)), NgramDrafter()) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_compiled_sampling_tail_of_a_candidate_tree_gives_the_eager_tokens(device):
+    """The K 4 tree without a lookup branch, its sampling functions through torch.compile (the
+    configuration whose compile failed on CUDA under torch 2.11: pointwise concatenation): no
+    function fell back to eager, and greedy and seeded sampled tokens equal the eager stepper's."""
+    target, draft = feature_pair(8, seed=5, kept=6, device=device)
+    prompt = [1, 2, 3, 4, 5, 1, 2]
+    runs = {}
+    for compile in (False, True):
+        stepper = FusedStepper(target, draft, compile=compile, use_graphs=False, candidates=4)
+        runs[compile] = [_run(target, stepper, prompt, 3, params, 24, seed=3)[0]
+                         for params in (GREEDY, SamplingParams(temperature=0.8, top_k=6))]
+        assert not stepper.eager_sampling
+    assert runs[True] == runs[False]
+
+
+def test_a_sampling_function_whose_compile_fails_runs_eagerly_and_says_why(monkeypatch):
+    from speculant import fused
+
+    def broken(*args):
+        raise RuntimeError("InductorError: no kernel for you\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda function, **options: broken)
+    failures: dict[str, str] = {}
+    double = fused._compiled_or_eager(lambda x: 2 * x, failures)
+    with pytest.warns(UserWarning, match="runs eagerly"):
+        assert double(torch.tensor(3)).item() == 6
+    assert double(torch.tensor(4)).item() == 8  # no second try, no second warning
+    assert failures == {"<lambda>": "RuntimeError: InductorError: no kernel for you"}
+
+
+def test_after_a_sampling_function_falls_back_the_graphs_captured_before_are_dropped(monkeypatch):
+    """Lengths priced against each other must run the same functions: when `finish` fails to
+    compile at γ 3, the step of γ 2 captured before with its compiled form is dropped (recaptured on
+    use with the eager one), and the tokens stay plain greedy's."""
+    def fake_compile(function, **options):
+        if function.__name__ != "finish":
+            return function
+
+        def compiled(target_logits, draft_tokens, *rest):
+            if draft_tokens.shape[0] == 3:
+                raise RuntimeError("InductorError: not this shape")
+            return function(target_logits, draft_tokens, *rest)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    weights, target = _models("cpu")
+    draft = LeanModel(weights, max_seq_len=96, num_layers=2)
+    stepper = FusedStepper(target, draft, compile=True, use_graphs=False)
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3]
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=16)
+    assert _run(target, stepper, prompt, 2, GREEDY, 16)[0] == expected
+    runners_before = [runner for key, runner in stepper.graphs.items() if key[0] == "model"]
+    with pytest.warns(UserWarning, match="finish failed"):
+        assert _run(target, stepper, prompt, 3, GREEDY, 16)[0] == expected
+    assert set(stepper.eager_sampling) == {"finish"}
+    assert runners_before and not any(runner in stepper.graphs.values() for runner in runners_before)
