@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch|serve}
 out=${OUT:-out}
 mkdir -p "$out"
-export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
 model=/root/w/smollm2.gguf
 humaneval=.gpu/HumanEval.jsonl.gz
 [ -f "$humaneval" ] || humaneval=/root/w/HumanEval.jsonl.gz
