@@ -16,11 +16,14 @@
 #   exact      bit-exact mode against the default, every drafter (torch's kernels), 64 prompts × 256 tokens
 #   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
+#   batch-profile  where a batched step's time goes at 1, 8, 64 rows (captured, then eager): ms per
+#              step, graph replays and kernel launches per step, dynamo's compiles (the server ran at
+#              34.7 tok/s at concurrency 1 on an H100, 2026-12-06: find out why before the load test)
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
 #   serve      the server under the openai client at concurrency 1, 4, 16, 64
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch|serve}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch-profile|batch|serve}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -56,6 +59,11 @@ case "$part" in
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
+  batch-profile)
+    limit 280 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 1,8,64 \
+      --gamma 4 --graphs 2>&1 | tee "$out/batch_profile_graphs.log"
+    OUT="$out/eager" limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" \
+      --rows 1,8 --gamma 4 2>&1 | tee "$out/batch_profile_eager.log" ;;
   batch)
     limit 560 python3 benchmarks/batch_throughput.py --device cuda --target "$model" --draft "$draft" \
       --dtype bfloat16 --max-new-tokens 128 --max-seq-len 1024 --graphs 2>&1 | tee "$out/batch_throughput.log" ;;
