@@ -21,9 +21,13 @@
 #              34.7 tok/s at concurrency 1 on an H100, 2026-12-06: find out why before the load test)
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
 #   serve      the server under the openai client at concurrency 1, 4, 16, 64
+#   qwen, qwen-triton, qwen-hf   the Qwen2.5-Coder pair (issue 18; first the staging calls that
+#              ../shared/gpu/stage-qwen 1.5b and 0.5b print, /root/w/qwen-{1.5b,0.5b}.gguf): our rows on
+#              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,
+#              prompt lookup, static cache + compile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch-profile|batch|serve}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -71,5 +75,13 @@ case "$part" in
     if [ -d .whl/serve ]; then python3 -m pip install -q --no-index --no-deps --target /root/site .whl/serve/*.whl; fi
     limit ${SERVE_LIMIT:-560} python3 benchmarks/serve_load.py --target "$model" --device cuda --dtype bfloat16 \
       --servers default@auto,none --concurrency 1,4,16,64 --max-tokens 128 2>&1 | tee "$out/serve_load.log" ;;
+  qwen|qwen-triton|qwen-hf)
+    kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
+    groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
+    limit 560 python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
+      --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
+      --groups "$groups" --kernels "$kernels" \
+      --rows "ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram" \
+      2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

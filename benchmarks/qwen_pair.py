@@ -80,10 +80,11 @@ def humaneval_prompts(count: int, path: str | None) -> list[str]:
 
 def run_ours(spec, prompts, temperature, args):
     """(token lists, seconds per prompt, mean acceptance rate or None, decode seconds per prompt: the
-    prefills left out) for one speculant configuration, after one untimed warm-up call (graph capture,
-    allocator)."""
+    prefills left out) for one speculant configuration, after an untimed pass over the same prompts
+    (graph captures and compiles of every shape they meet, the allocator)."""
     device = spec.target.model.device
-    spec.generate(prompts[0], max_new_tokens=min(8, args.max_new_tokens), temperature=temperature, seed=99)
+    for i, ids in enumerate(prompts):
+        spec.generate(ids, max_new_tokens=args.max_new_tokens, temperature=temperature, seed=i)
     outputs, seconds, alphas, decoding = [], [], [], []
     for i, ids in enumerate(prompts):
         synchronize(device)
@@ -158,6 +159,8 @@ def main() -> None:
                              "cache + torch.compile, slow to compile); run them as separate calls to fit a time limit")
     parser.add_argument("--rows", default=None, help="comma-separated names of our rows to run (default: all)")
     parser.add_argument("--compile-temperatures", default="0", help="temperatures of the compile rows")
+    parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
+                        help="our rows' fused-step kernels (speculant.api's kernels; CUDA)")
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
@@ -231,7 +234,7 @@ def main() -> None:
             continue
         try:
             spec = Speculant(target, drafts, gamma=args.gamma if drafts != ["none"] else 4,
-                             inner_gamma=args.inner_gamma, **options)
+                             inner_gamma=args.inner_gamma, kernels=args.kernels, **options)
         except ValueError as error:
             print(f"{row:<30} skipped: {error}", flush=True)
             continue
