@@ -56,7 +56,7 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], concurrency: int, 
     started, latencies, outputs, gammas = {}, [], {}, []
     next_request = 0
     start = time.perf_counter()
-    steps = 0
+    steps, step_seconds = 0, 0.0
     while next_request < total or engine.num_running:
         while next_request < total and engine.num_running < concurrency:
             request = BatchRequest(prompts[next_request % len(prompts)], params, max_new_tokens, stop_ids=stop_ids,
@@ -65,7 +65,10 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], concurrency: int, 
             started[rid] = (next_request, time.perf_counter())
             outputs[next_request] = []
             next_request += 1
-        for update in engine.step():
+        step_start = time.perf_counter()
+        updates = engine.step()
+        step_seconds += time.perf_counter() - step_start
+        for update in updates:
             index, t0 = started[update.request_id]
             outputs[index] += update.tokens
             if update.finished:
@@ -75,6 +78,8 @@ def run_engine(engine: BatchEngine, prompts: list[list[int]], concurrency: int, 
     wall = time.perf_counter() - start
     tokens = sum(len(o) for o in outputs.values())
     return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall, "steps": steps,
+            "mean_step_s": step_seconds / max(steps, 1), "graphs": len(engine.row_step.graphs),
+            "cuda_graphs": engine.row_step.captured, "compile_fallbacks": engine.row_step.compile_fallbacks,
             "latency_mean_s": statistics.mean(latencies), "latency_p50_s": statistics.median(latencies),
             "mean_gamma": statistics.mean(gammas) if gammas else 0.0, "outputs": outputs}
 

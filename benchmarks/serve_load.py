@@ -57,7 +57,7 @@ def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, s
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + args.start_timeout  # the server warms up (compiles, graphs) before /health
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the server ({server}) exited; see {log_path}")
@@ -69,6 +69,20 @@ def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, s
         time.sleep(0.5)
     process.kill()
     raise SystemExit(f"the server ({server}) did not start; see {log_path}")
+
+
+def engine_metrics(url: str) -> dict:
+    """The server's engine metrics now: steps and their summed seconds (engine_step_seconds), CUDA
+    graphs captured and compile fallbacks so far."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("engine_step_seconds_count", "engine_step_seconds_sum", "engine_cuda_graphs_captured",
+                    "engine_compile_fallbacks", "engine_warm_up_seconds"):
+            values[name] = float(value)
+    return values
 
 
 async def one_request(client, model: str, prompt: str, args) -> dict:
@@ -138,6 +152,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--start-timeout", type=float, default=1800,
+                        help="seconds to wait for a server's /health (it warms up first: compiles, graphs)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     out = Path(os.environ.get("OUT", "out"))
@@ -145,19 +161,28 @@ def main() -> None:
 
     rows = []
     for server in args.servers.split(","):
-        process, url = start_server(args, server, out / f"serve_load-{server.replace('/', '_')}.log")
+        process, url = start_server(args, server, out / f"serve_load-{server.replace('/', '_').replace('@', '-at-')}.log")
         try:
             asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
             for concurrency in args.concurrency:
                 num_requests = max(concurrency * args.requests_per_client, args.min_requests)
                 # untimed, at this concurrency: graphs of its batch buckets are captured on first use
                 asyncio.run(round_at(url, args.target, concurrency, concurrency, args))
+                before = engine_metrics(url)
                 row = {"server": server, **asyncio.run(round_at(url, args.target, concurrency, num_requests, args))}
+                after = engine_metrics(url)
+                steps = after["engine_step_seconds_count"] - before["engine_step_seconds_count"]
+                row.update(steps=int(steps), mean_step_s=(after["engine_step_seconds_sum"]
+                                                          - before["engine_step_seconds_sum"]) / max(steps, 1),
+                           graphs_captured=int(after["engine_cuda_graphs_captured"]),
+                           compile_fallbacks=int(after["engine_compile_fallbacks"]),
+                           warm_up_s=after["engine_warm_up_seconds"])
                 rows.append(row)
                 (out / "serve_load_partial.json").write_text(json.dumps(rows, indent=1))  # what a stopped run keeps
                 print(f"{server:>14} C={concurrency:<3} {row['tok_per_s']:8.1f} tok/s  "
                       f"latency p50 {row['latency_p50_s']:.2f}s p95 {row['latency_p95_s']:.2f}s  "
-                      f"ttft p50 {row['ttft_p50_s']:.3f}s  tau {row['tau']:.2f}", file=sys.stderr, flush=True)
+                      f"ttft p50 {row['ttft_p50_s']:.3f}s  tau {row['tau']:.2f}  step {1e3 * row['mean_step_s']:.1f} ms  "
+                      f"graphs {row['graphs_captured']}", file=sys.stderr, flush=True)
         finally:
             process.terminate()
             process.wait(timeout=30)

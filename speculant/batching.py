@@ -207,6 +207,15 @@ class _Row:
     decode_start: float = 0.0
 
 
+@dataclass(frozen=True)
+class WarmUp:
+    """What BatchEngine.warm_up did."""
+
+    seconds: float
+    functions: int  # static functions made by the warm-up (step and prefill buckets)
+    captured: int  # CUDA graphs the engine holds after it (0 on the CPU)
+
+
 def check_max_batch(max_batch) -> None:
     if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
         raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -270,6 +279,22 @@ class BatchEngine:
     def num_running(self) -> int:
         """Requests not finished: running rows and those waiting for a row."""
         return len(self.rows) + len(self.waiting)
+
+    def warm_up(self, params: list[SamplingParams] | None = None, max_prompt: int | None = None) -> WarmUp:
+        """Make, before any request, every static function (CUDA: graph, and the compiles of the row
+        forwards it holds) that steps and prefills may meet (graphs=True): steps of every batch bucket up
+        to max_batch at every Γ in 0..the engine's longest (fixed γ: 0 and γ, and the widths between,
+        which rows near their end take; auto: 0..the policy's max), for each of `params` (default
+        SamplingParams(): one set per graph, as a batch of requests with those params alone), and
+        prefills of every (rows, tokens) bucket for prompts up to `max_prompt` tokens (default: the
+        context). Rows of length 0 write only scratch slots: no request's state changes, and the
+        tokens after a warm-up are the tokens without it."""
+        if not self.row_step.static:
+            raise ValueError("warm_up makes the functions of graphs=True; this engine runs eager steps")
+        sets = [(p,) for p in (params if params is not None else [SamplingParams()])]
+        start = time.perf_counter()
+        made = self.row_step.warm_up(list(range(self.gamma + 1)), sets, self.max_batch, max_prompt)
+        return WarmUp(time.perf_counter() - start, made, self.row_step.captured)
 
     def add(self, request: BatchRequest) -> int:
         """Queue a request; returns its id. Bad requests raise ValueError (ContextOverflowError for a

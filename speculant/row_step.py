@@ -30,7 +30,13 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
 
 Compiled forwards. Where steps are captured (CUDA) the models' row forwards run through torch.compile
 (LeanModel.compile_rows, `compile`), as the single-request fused step's do, so a graph replays fused
-kernels rather than one per torch op; a compiler failure falls back to eager forwards with a warning.
+kernels rather than one per torch op; a compiler failure falls back to eager forwards with a warning
+(counted: compile_fallbacks). Dynamo compiles a forward once per kind of call (target or draft, with or
+without logits, a first static shape and then a symbolic one, a batch or feed of one): on the CPU about a
+dozen compiles for every bucket an engine meets (tests/test_row_step.py counts them), each of which costs
+minutes for a deep model on a GPU. So `warm_up` makes every function the engine may meet before any
+request (every batch bucket × Γ × params set, every prefill (rows, tokens) bucket), on zeros that write
+only scratch slots: after it, traffic compiles and captures nothing.
 
 Sampling params inside a graph. The rows' params are grouped: a graph is keyed by the set of distinct
 params of its rows (sorted, not in row order) and fed each row's index into it, and every set's
@@ -98,10 +104,16 @@ class RowStep:
         capture = static and target.device.type == "cuda"
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple, _Graph] = {}
+        self.compile_fallbacks = 0  # times a compiler error turned the compiled forwards off (see _graph)
         # the models' row forwards through torch.compile (LeanModel.compile_rows): by default where
         # steps are captured, so that each graph replays fused kernels
         self.compiled = capture if compile is None else bool(compile and static)
         self._compile(self.compiled)
+
+    @property
+    def captured(self) -> int:
+        """CUDA graphs captured so far (0 where steps run eagerly, the CPU included)."""
+        return sum(graph.graph is not None for graph in self.graphs.values())
 
     def _compile(self, enabled: bool) -> None:
         self.compiled = enabled
@@ -122,6 +134,7 @@ class RowStep:
             warnings.warn(f"compiling the batched step's forwards failed ({type(error).__name__}: {error}); "
                           "they run eagerly inside the graphs instead")
             self._compile(False)
+            self.compile_fallbacks += 1
             if self.pool is not None:
                 self.pool = torch.cuda.graph_pool_handle()  # a failed capture may leave the pool unusable
             return _Graph(make_body(), rows, columns, floats, self.target.device, self.pool)
@@ -179,11 +192,7 @@ class RowStep:
         feed = self.window if samples else width  # a deterministic draft is its own feed
         check_fits(self.target, max(len(c) + n for c, n in zip(contexts, counts)))
         bucket = min(batch_bucket(rows), self.cache.rows)
-        key = ("step", bucket, width, sets, with_logits)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self.graphs[key] = self._graph(lambda: self._step_body(bucket, width, feed, sets, with_logits),
-                                                   bucket, _STEP_INTS + feed, bucket * (2 * width + 1))
+        graph = self._step_graph(bucket, width, feed, sets, with_logits)
         tokens, starts = (plan.tokens, plan.starts) if plan is not None else ([[]] * rows, [0] * rows)
         ints = [[c[-1], len(c) - 1, n + 1, n, g, s, len(t), *t] + [0] * (feed - len(t))
                 for c, n, g, s, t in zip(contexts, counts, group, starts, tokens)]
@@ -195,6 +204,15 @@ class RowStep:
             self.drafter.settle(contexts, counts, drafted)
         return RowOutcome(counts, [v[0] for v in values], [v[1] for v in values], drafted,
                           None if logits is None else logits[:rows], 0.0)
+
+    def _step_graph(self, bucket: int, width: int, feed: int, sets: tuple[SamplingParams, ...],
+                    with_logits: bool) -> _Graph:
+        key = ("step", bucket, width, sets, with_logits)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._graph(lambda: self._step_body(bucket, width, feed, sets, with_logits),
+                                                   bucket, _STEP_INTS + feed, bucket * (2 * width + 1))
+        return graph
 
     def _step_body(self, bucket: int, width: int, feed: int, sets: tuple[SamplingParams, ...],
                    with_logits: bool) -> Callable[[torch.Tensor], tuple]:
@@ -267,13 +285,7 @@ class RowStep:
             kv_len = self.target.max_seq_len if any(draft_starts) else width
         else:
             bucket, width, kv_len = rows, longest, max(ends)
-        key = ("prefill", bucket, width, kv_len, with_target, with_draft)
-        graph = self.graphs.get(key)
-        if graph is None:
-            graph = self._graph(lambda: self._prefill_body(bucket, width, kv_len, with_target, with_draft), bucket,
-                                _PREFILL_INTS + 2 * width, 0)
-            if self.static:  # eager shapes change with every join: nothing to keep
-                self.graphs[key] = graph
+        graph = self._prefill_graph(bucket, width, kv_len, with_target, with_draft)
         ints = []
         for b in range(rows):
             row_target = target[b] if target is not None else []
@@ -281,6 +293,61 @@ class RowStep:
             ints.append([len(row_target), draft_starts[b], len(row_draft), *row_target, *[0] * (width - len(row_target)),
                          *row_draft, *[0] * (width - len(row_draft))])
         graph.run(ints, None)
+
+    def _prefill_graph(self, bucket: int, width: int, kv_len: int, with_target: bool, with_draft: bool) -> _Graph:
+        key = ("prefill", bucket, width, kv_len, with_target, with_draft)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._graph(lambda: self._prefill_body(bucket, width, kv_len, with_target, with_draft), bucket,
+                                _PREFILL_INTS + 2 * width, 0)
+            if self.static:  # eager shapes change with every join: nothing to keep
+                self.graphs[key] = graph
+        return graph
+
+    # ---- warm-up ------------------------------------------------------------------------------------
+
+    def warm_up(self, widths: list[int], sets: list[tuple[SamplingParams, ...]], max_rows: int,
+                max_prompt: int | None = None) -> int:
+        """Make every static function that steps of up to `max_rows` rows at these widths (Γ) and
+        params sets, and prefills of prompts up to `max_prompt` tokens (default: the context), may
+        meet, before any request: on CUDA each is captured (the compiles of the row forwards happen
+        here too); on the CPU each runs once, eagerly. Every input is zeros, so every row has length
+        0 and writes only the scratch slots: no row's cache or drafter state changes. Returns the
+        number of functions made (those that existed already not counted)."""
+        if not self.static:
+            raise ValueError("warm_up makes the static functions of graphs=True; eager steps have none")
+        before = len(self.graphs)
+        top = min(batch_bucket(max_rows), self.cache.rows)
+        buckets = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
+        samples = self.drafter is not None and self.drafter.samples
+        with torch.inference_mode():
+            for bucket in buckets:
+                for width in widths if self.drafter is not None else [0]:
+                    for params in sets:
+                        self._warm(self._step_graph(bucket, width, self.window if samples and width else width,
+                                                    params, False))
+            longest = min(max_prompt or self.target.max_seq_len, self.target.max_seq_len)
+            prefill_widths = sorted({min(max(MIN_PREFILL_WIDTH, batch_bucket(n)), self.target.max_seq_len)
+                                     for n in range(1, longest + 1)})
+            # (with target, with draft, a catch-up's keys over the whole context): joins, with and without
+            # the draft's prompt (a prompt of one token has neither), and the catch-up of a sampling draft
+            kinds = [(True, False, False)] + ([(True, True, False), (False, True, False), (False, True, True)]
+                                              if samples else [])
+            for bucket in buckets:
+                for width in prefill_widths:
+                    for with_target, with_draft, catch_up in kinds:
+                        kv_len = self.target.max_seq_len if catch_up else width
+                        self._warm(self._prefill_graph(bucket, width, kv_len, with_target, with_draft))
+            synchronize(self.target.device)
+        return len(self.graphs) - before
+
+    @staticmethod
+    def _warm(graph: _Graph) -> None:
+        """Run a function just made once on its zeros, where nothing captured it (the CPU): its
+        compiles happen now. A captured graph ran at its capture."""
+        if graph.graph is None and not graph.warm:
+            graph.body(graph.inputs)
+            graph.warm = True
 
     def _prefill_body(self, bucket: int, width: int, kv_len: int, with_target: bool,
                       with_draft: bool) -> Callable[[torch.Tensor], None]:
@@ -315,6 +382,7 @@ class _Graph:
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=pool is not None)  # pinned: copied in async
         self.inputs = torch.zeros(size, dtype=torch.int64, device=device) if device.type != "cpu" else self.host
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.warm = False  # the body ran on zeros (RowStep.warm_up)
         if pool is not None:
             self._record(pool)
 

@@ -263,3 +263,36 @@ def test_one_draw_of_n_uniforms_on_a_cpu_generator_is_the_draws_of_its_parts_in_
             generator = torch.Generator().manual_seed(total)
             parts = torch.cat([torch.rand(first, generator=generator), torch.rand(total - first, generator=generator)])
             assert torch.equal(one, parts), (total, first)
+
+
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_a_warm_up_leaves_the_engine_as_it_was_the_tokens_after_it_are_the_tokens_without(kind, weights):
+    """warm_up makes every step and prefill function on zeros (rows of length 0 write only scratch
+    slots): the requests after it get the tokens they get from an engine never warmed up."""
+    cold, warm = engine(kind, weights, True), engine(kind, weights, True)
+    made = warm.warm_up(params=[GREEDY, PLAIN, TOP_P], max_prompt=16)
+    assert made.functions == len(warm.row_step.graphs) > 0 and made.captured == 0  # the CPU captures nothing
+    assert run_batch(warm, mixed_requests(), JOINS) == run_batch(cold, mixed_requests(), JOINS)
+
+
+def test_after_a_warm_up_no_batch_gamma_or_prompt_length_compiles_or_makes_a_function(weights, monkeypatch):
+    """The row forwards compile a bounded number of times (per kind of call: target or draft, with or
+    without logits, one row or a feed of one token), all inside warm_up: batches of 1..7 rows, every
+    Γ and prompts of 1..40 tokens afterwards compile nothing and make no new step or prefill
+    function. Counted with dynamo's own counter, through its cheapest backend (the frames it compiles
+    do not depend on the backend)."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{"backend": "eager", **kw}))
+    torch._dynamo.reset()
+    counters.clear()
+    run = engine("model", weights, True, max_batch=8, gamma="auto", max_seq_len=64, compile=True)
+    made = run.warm_up(params=[PLAIN])
+    compiles, functions = counters["frames"]["ok"], len(run.row_step.graphs)
+    assert made.functions == functions and 0 < compiles <= 16
+    for rows in (1, 2, 3, 5, 7):
+        requests = [BatchRequest([1 + (7 * i + j) % 60 for j in range(1 + 13 * i % 40)], PLAIN, 5 + i % 4, seed=i)
+                    for i in range(rows)]
+        run_batch(run, requests, gammas={1: 0, 2: 1, 3: 2, 4: 3})
+    assert (counters["frames"]["ok"], len(run.row_step.graphs)) == (compiles, functions)

@@ -331,9 +331,12 @@ def test_metrics_use_vllms_names_and_count_what_ran(server):
                  "spec_decode_num_accepted_tokens_total", 'spec_decode_num_accepted_tokens_per_pos_total{position="0"}',
                  'request_success_total{finished_reason="length"}', "prompt_tokens_total", "generation_tokens_total",
                  "e2e_request_latency_seconds_bucket", "time_to_first_token_seconds_bucket",
-                 "num_requests_running", "num_requests_waiting"]:
+                 "num_requests_running", "num_requests_waiting", "engine_step_seconds_bucket",
+                 "engine_cuda_graphs_captured", "engine_compile_fallbacks", "engine_warm_up_seconds"]:
         assert re.search(rf"^{re.escape(name)}", text, re.MULTILINE), name
     metrics = server.metrics()
+    assert metrics["engine_step_seconds_count"] >= 1 and metrics["engine_step_seconds_sum"] > 0
+    assert metrics["engine_cuda_graphs_captured"] == 0 and metrics["engine_compile_fallbacks"] == 0  # the CPU's
     assert 0 <= metrics["spec_decode_num_accepted_tokens_total"] <= metrics["spec_decode_num_draft_tokens_total"]
     per_position = sum(v for k, v in metrics.items() if k.startswith("spec_decode_num_accepted_tokens_per_pos_total"))
     assert per_position == metrics["spec_decode_num_accepted_tokens_total"]

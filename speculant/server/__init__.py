@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                        help="each batched step as one captured CUDA graph (speculant.row_step); auto: on CUDA, "
                             "unless --bit-exact (its rows run one at a time, eagerly)")
+    serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
+                       help="with graphs on CUDA, capture every step and prefill graph (and compile the forwards "
+                            "they hold) before answering; /health answers once this is done")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients pass as `model` (default: --target as given)")
     serve.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -76,6 +79,24 @@ def run(args: argparse.Namespace) -> int:
                                      and not args.bit_exact)
     engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs)
     metrics = ServerMetrics()
+    row_step = engine.row_step
+    steps = "captured as CUDA graphs" if row_step.pool is not None else "static, run eagerly" if graphs else "eager"
+    print(f"speculant serve: steps {steps}, row forwards {'compiled' if row_step.compiled else 'eager'}",
+          file=sys.stderr, flush=True)
+    # before the server listens, so /health answers only once warm; only where there is something to
+    # make ahead (graphs to capture, forwards to compile): the CPU's static steps run eagerly
+    if graphs and args.warm_up and (row_step.pool is not None or row_step.compiled):
+        print("speculant serve: warming up (every step and prefill bucket) ...", file=sys.stderr, flush=True)
+        from speculant.sampling import SamplingParams
+
+        # the params sets of plain requests: sampled at OpenAI's defaults, and greedy (temperature 0)
+        warm = engine.warm_up(params=[SamplingParams(), SamplingParams(temperature=0.0)])
+        metrics.warm_up_seconds.set(warm.seconds)
+        metrics.graphs_captured.set(row_step.captured)
+        metrics.compile_fallbacks.set(row_step.compile_fallbacks)
+        print(f"speculant serve: warm-up {warm.seconds:.1f} s: {warm.functions} step and prefill functions, "
+              f"{warm.captured} CUDA graphs, {row_step.compile_fallbacks} compile fallbacks", file=sys.stderr,
+              flush=True)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
     state = ServerState(spec=spec, model_names=names, max_seq_len=spec.target.model.max_seq_len,
                         engine=EngineThread(engine, spec.tokenizer, metrics, args.max_batch, args.max_waiting),

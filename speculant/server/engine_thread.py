@@ -203,7 +203,9 @@ class EngineThread:
 
     def _step(self) -> None:
         try:
+            start = time.perf_counter()
             updates = self.engine.step()
+            self.metrics.observe_engine(time.perf_counter() - start, self.engine.row_step)
         except Exception as error:  # noqa: BLE001 -- a failed step leaves its rows unknown: end them, serve on
             traceback.print_exc()
             for request_id, row in list(self._running.items()):

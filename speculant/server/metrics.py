@@ -7,6 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+STEP_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 4.096, 16.384, 65.536)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 
 
@@ -42,6 +43,22 @@ class ServerMetrics:
                               buckets=TTFT_BUCKETS, registry=r)
         self.num_running = Gauge("num_requests_running", "Requests in the batch", registry=r)
         self.num_waiting = Gauge("num_requests_waiting", "Requests queued for a batch slot", registry=r)
+        # the engine itself (speculant's own): where a step's time goes, and whether steps replay graphs
+        self.step_seconds = Histogram("engine_step_seconds", "Seconds of one BatchEngine.step (admission, "
+                                      "prefill, draft, verify, commit)", buckets=STEP_BUCKETS, registry=r)
+        self.graphs_captured = Gauge("engine_cuda_graphs_captured", "CUDA graphs the engine holds (steps and "
+                                     "prefills, one per bucket)", registry=r)
+        self.compile_fallbacks = Gauge("engine_compile_fallbacks", "Times a compiler error turned the compiled "
+                                       "row forwards off (they run eagerly inside the graphs from then on)",
+                                       registry=r)
+        self.warm_up_seconds = Gauge("engine_warm_up_seconds", "Seconds the warm-up at start took (0: none)",
+                                     registry=r)
+
+    def observe_engine(self, seconds: float, row_step) -> None:
+        """A step of `seconds`; the graphs and compile fallbacks of its speculant.row_step.RowStep so far."""
+        self.step_seconds.observe(seconds)
+        self.graphs_captured.set(row_step.captured)
+        self.compile_fallbacks.set(row_step.compile_fallbacks)
 
     def observe_step(self, before: tuple, stats) -> tuple:
         """Add what a row's GenerationStats gained since `before` (a snapshot this returned last time)."""
