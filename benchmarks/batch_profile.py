@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--gamma", default="4", help="an integer >= 0 or 'auto'")
     parser.add_argument("--rows", default="1,8", help="rows in the batch, comma-separated")
     parser.add_argument("--graphs", action="store_true", help="captured steps (as `speculant serve` on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="with --graphs: the row forwards through torch.compile")
     parser.add_argument("--warm-up", type=int, default=16, help="untimed steps first (captures, compiles)")
     parser.add_argument("--steps", type=int, default=48, help="timed steps")
     parser.add_argument("--profile-steps", type=int, default=6)
@@ -77,7 +78,7 @@ def main() -> None:
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         start = time.perf_counter()
-        engine = spec.batch_engine(max_batch=rows, graphs=args.graphs)
+        engine = spec.batch_engine(max_batch=rows, graphs=args.graphs, compile=args.compile)
         for i in range(rows):  # greedy, long enough never to finish during the run (min_new_tokens: no stop)
             engine.add(BatchRequest(prompt, SamplingParams(temperature=0), max_new_tokens=min(args.max_seq_len // 2, 9 * budget),
                                     stop_ids=(), seed=i))
@@ -107,7 +108,7 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
     summary = {"benchmark": "batch_profile", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "target": args.target, "draft": args.draft, "gamma": args.gamma, "dtype": dtype, "graphs": args.graphs,
+               "target": args.target, "draft": args.draft, "gamma": args.gamma, "dtype": dtype, "graphs": args.graphs, "compile": args.compile,
                "torch": torch.__version__, "rows": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (out / "batch_profile.json").write_text(json.dumps(summary, indent=1) + "\n")
 

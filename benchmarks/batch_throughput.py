@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-single", action="store_true", help="skip the single-request engine at c = 1")
+    parser.add_argument("--compile", action="store_true", help="with --graphs: the row forwards through torch.compile")
     parser.add_argument("--graphs", action="store_true",
                         help="each batched step (draft, verify, acceptance) as one CUDA graph, prefills too "
                              "(both modes; on the CPU the same padded functions, eager)")
@@ -130,8 +131,8 @@ def main() -> None:
     # warm-up: first calls allocate and (on CUDA) initialise kernels
     def engine(mode: str, rows: int) -> BatchEngine:
         if mode == "speculative":
-            return spec.batch_engine(rows, graphs=args.graphs)
-        return BatchEngine(spec.target.model, None, gamma=0, max_batch=rows, graphs=args.graphs)
+            return spec.batch_engine(rows, graphs=args.graphs, compile=args.compile)
+        return BatchEngine(spec.target.model, None, gamma=0, max_batch=rows, graphs=args.graphs, compile=args.compile)
 
     for mode in ("speculative", "plain"):
         run_engine(engine(mode, 4), prompts, 2, 2, params, 8, stop_ids)
@@ -180,7 +181,7 @@ def main() -> None:
               f"{rows[-1]['speculative']['tok_s'] / rows[0]['speculative']['tok_s']:.1f}")
     summary = {"benchmark": "batch_throughput", "device": device_name, "target": args.target, "draft": args.draft,
                "dtype": dtype, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature, "graphs": args.graphs, "torch": torch.__version__, "rows": rows,
+               "temperature": args.temperature, "graphs": args.graphs, "compile": args.compile, "torch": torch.__version__, "rows": rows,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     out_dir = Path(os.environ.get("OUT", "out"))
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ class Speculant:
         self.step_costs: dict[bool, StepCosts] = {}
         self.auto_options: dict = {}
         # batched --gamma auto: (max_batch, graphs) -> this machine's batched step costs (batch_step_costs)
-        self.batch_costs: dict[tuple[int, bool], BatchStepCosts] = {}
+        self.batch_costs: dict[tuple[int, bool, bool], BatchStepCosts] = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
             fused = target.model.device.type == "cuda" or bit_exact or kernels == "triton"
@@ -391,10 +391,10 @@ class Speculant:
         ]
         return out
 
-    def batch_engine(self, max_batch: int = 64, graphs: bool = False):
+    def batch_engine(self, max_batch: int = 64, graphs: bool = False, compile: bool = False):
         """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
         at once; `graphs`: each step as one CUDA graph per (batch bucket, Γ, sampling params), prefills
-        per size (speculant.row_step). `auto`: a fresh LoadGamma over this machine's batched step costs
+        per size (speculant.row_step); `compile`: the row forwards in them through torch.compile. `auto`: a fresh LoadGamma over this machine's batched step costs
         (batch_step_costs), so that the same requests give the same tokens on every engine. In bit-exact
         mode each row runs its own exact forwards (one per row per step: speculant.batching), without
         graphs."""
@@ -409,29 +409,30 @@ class Speculant:
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
                              "(one level, one candidate, no lookup branch)")
         check_max_batch(max_batch)
-        policy = LoadGamma(self.batch_step_costs(max_batch, graphs)) if self.gamma == "auto" else None
+        policy = LoadGamma(self.batch_step_costs(max_batch, graphs, compile)) if self.gamma == "auto" else None
         return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs,
-                           exact=self.exact_target)
+                           exact=self.exact_target, compile=compile)
 
-    def batch_step_costs(self, max_batch: int, graphs: bool) -> BatchStepCosts:
+    def batch_step_costs(self, max_batch: int, graphs: bool, compile: bool = False) -> BatchStepCosts:
         """This machine's batched step costs for the pair at `max_batch` rows: timed once through an
         engine of the same settings (speculant.calibrate), then read from the cache."""
         from speculant.batching import BatchEngine
 
-        if (max_batch, graphs) not in self.batch_costs:
+        if (max_batch, graphs, compile) not in self.batch_costs:
             model = self.target.model
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "max_batch": max_batch,
-                   "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA, **({"bit_exact": True} if self.bit_exact else {})}
+                   "graphs": graphs, "max_gamma": BATCH_MAX_GAMMA, **({"bit_exact": True} if self.bit_exact else {}),
+                   **({"compiled": True} if compile else {})}
             fallback = nominal_batch_costs(max_batch, BATCH_MAX_GAMMA, model.device.type,
                                            0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)
 
             def measure() -> dict[int, tuple[float, ...]]:
                 engine = BatchEngine(model, self.drafter.rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
-                                     graphs=graphs, exact=self.exact_target)
+                                     graphs=graphs, exact=self.exact_target, compile=compile)
                 return measure_batch_costs(engine, BATCH_MAX_GAMMA)
 
-            self.batch_costs[(max_batch, graphs)] = batch_step_costs(key, measure, fallback)
-        return self.batch_costs[(max_batch, graphs)]
+            self.batch_costs[(max_batch, graphs, compile)] = batch_step_costs(key, measure, fallback)
+        return self.batch_costs[(max_batch, graphs, compile)]
 
 
 class BadRequest(ValueError):

@@ -231,13 +231,13 @@ class BatchEngine:
     (more requests wait their turn); graphs: each step as one CUDA graph per (batch bucket, Γ, params
     sets), prefills per (rows, tokens) bucket (speculant.row_step, static; on the CPU the same padded
     static functions, eager); compile: the models' row forwards in those functions through
-    torch.compile (None: where the steps are captured, i.e. graphs on CUDA). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
+    torch.compile (off by default: minutes of compiles on a GPU, see speculant.row_step). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
     and verification run through it on the row's own cache (exact_target.ExactRows), one row at a
     time, so a request's logits are those it gets alone."""
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
-                 graphs: bool = False, exact: ExactTarget | None = None, compile: bool | None = None) -> None:
+                 graphs: bool = False, exact: ExactTarget | None = None, compile: bool = False) -> None:
         if not isinstance(target, LeanModel):
             raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
         if exact is not None and (exact.model is not target or graphs):

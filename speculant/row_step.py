@@ -28,15 +28,16 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
                        the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
 
-Compiled forwards. Where steps are captured (CUDA) the models' row forwards run through torch.compile
-(LeanModel.compile_rows, `compile`), as the single-request fused step's do, so a graph replays fused
-kernels rather than one per torch op; a compiler failure falls back to eager forwards with a warning
-(counted: compile_fallbacks). Dynamo compiles a forward once per kind of call (target or draft, with or
-without logits, a first static shape and then a symbolic one, a batch or feed of one): on the CPU about a
-dozen compiles for every bucket an engine meets (tests/test_row_step.py counts them), each of which costs
-minutes for a deep model on a GPU. So `warm_up` makes every function the engine may meet before any
-request (every batch bucket × Γ × params set, every prefill (rows, tokens) bucket), on zeros that write
-only scratch slots: after it, traffic compiles and captures nothing.
+Compiled forwards (`compile`, off by default). The models' row forwards may run through torch.compile
+(LeanModel.compile_rows), as the single-request fused step's do, so that a graph replays fused kernels
+rather than one per torch op; a compiler failure falls back to eager forwards with a warning (counted:
+compile_fallbacks). Off by default because of what it costs: dynamo compiles a forward once per kind
+of call (target or draft, with or without logits, a first static shape and then a symbolic one, a
+batch or feed of one), about a dozen compiles whatever the buckets (tests/test_row_step.py counts
+them), and one compile of SmolLM2-135M's 30 layers took 1-2 minutes on an H100. Either way `warm_up`
+makes every function the engine may meet before any request (every batch bucket × Γ × params set,
+every prefill (rows, tokens) bucket), on zeros that write only scratch slots: after it, traffic
+compiles and captures nothing.
 
 Sampling params inside a graph. The rows' params are grouped: a graph is keyed by the set of distinct
 params of its rows (sorted, not in row order) and fed each row's index into it, and every set's
@@ -96,7 +97,7 @@ class RowStep:
     longest Γ + 1: after a step that drafted, a row feeds at most its accepted tokens and the next one)."""
 
     def __init__(self, target: LeanModel, cache: RowKVCache, drafter: RowDrafter | None, window: int,
-                 static: bool, exact: ExactRows | None = None, compile: bool | None = None) -> None:
+                 static: bool, exact: ExactRows | None = None, compile: bool = False) -> None:
         self.target, self.cache, self.drafter, self.window = target, cache, drafter, window
         if exact is not None and static:
             raise ValueError("bit-exact rows run eager steps only")
@@ -105,9 +106,9 @@ class RowStep:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple, _Graph] = {}
         self.compile_fallbacks = 0  # times a compiler error turned the compiled forwards off (see _graph)
-        # the models' row forwards through torch.compile (LeanModel.compile_rows): by default where
-        # steps are captured, so that each graph replays fused kernels
-        self.compiled = capture if compile is None else bool(compile and static)
+        # the models' row forwards through torch.compile (LeanModel.compile_rows) where asked: static
+        # functions only (the eager step's shapes change with every call)
+        self.compiled = bool(compile and static)
         self._compile(self.compiled)
 
     @property

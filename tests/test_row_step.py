@@ -77,7 +77,7 @@ def test_the_static_step_gives_the_eager_steps_tokens_rows_joining_leaving_and_c
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "feature"])
 def test_the_static_step_over_compiled_row_forwards_gives_the_eager_steps_tokens(kind, weights):
-    """compile=True (what CUDA graphs capture by default): the target's and the draft's row forwards
+    """compile=True (`speculant serve --compile`): the target's and the draft's row forwards
     through torch.compile (LeanModel.compile_rows), float32, greedy and sampled rows: the eager
     step's tokens, with no fallback to eager forwards."""
     eager = run_batch(engine(kind, weights, False), mixed_requests(), JOINS)

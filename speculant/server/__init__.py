@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     serve.add_argument("--graphs", choices=["auto", "on", "off"], default="auto",
                        help="each batched step as one captured CUDA graph (speculant.row_step); auto: on CUDA, "
                             "unless --bit-exact (its rows run one at a time, eagerly)")
+    serve.add_argument("--compile", action="store_true",
+                       help="the row forwards inside the graphs through torch.compile: fewer kernels per step, "
+                            "but a dozen compiles at start, minutes each for a deep model on a GPU")
     serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                        help="with graphs on CUDA, capture every step and prefill graph (and compile the forwards "
                             "they hold) before answering; /health answers once this is done")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                           lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact)
     graphs = args.graphs == "on" or (args.graphs == "auto" and spec.target.model.device.type == "cuda"
                                      and not args.bit_exact)
-    engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs)
+    engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs, compile=graphs and args.compile)
     metrics = ServerMetrics()
     row_step = engine.row_step
     steps = "captured as CUDA graphs" if row_step.pool is not None else "static, run eagerly" if graphs else "eager"
