@@ -6,16 +6,8 @@ target's law. The Triton kernel runs on the CPU under TRITON_INTERPRET=1 where t
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernel
-INTERPRETED = "triton" not in sys.modules and not torch.cuda.is_available()
-if INTERPRETED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from speculant.acceptance import candidate_tree, tree_tokens
 from speculant.drafters.features import FeatureDrafter
@@ -284,18 +276,9 @@ def test_exact_attention_in_torch_gives_a_row_the_same_bits_wherever_it_sits():
     _row_invariance(ea.exact_attention_torch)
 
 
-@pytest.fixture
-def interpreted_triton():
-    """Triton, on the GPU or interpreted on the CPU."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("window", [0, 5])
-def test_the_triton_kernel_computes_the_torch_math(window, interpreted_triton):
-    q, keys, values, where, scale = _attention_case(window, device=interpreted_triton)
+def test_the_triton_kernel_computes_the_torch_math(window, triton_device):
+    q, keys, values, where, scale = _attention_case(window, device=triton_device)
     kernel = _run(ea.exact_attention_triton, q, keys, values, where, scale)
     reference = _run(ea.exact_attention_torch, q, keys, values, where, scale)
     q, keys, values = q.cpu(), keys.cpu(), values.cpu()
@@ -305,14 +288,14 @@ def test_the_triton_kernel_computes_the_torch_math(window, interpreted_triton):
     assert kernel[17:].eq(0).all()
 
 
-def test_the_triton_kernel_gives_a_row_the_same_bits_wherever_it_sits(interpreted_triton):
-    _row_invariance(ea.exact_attention_triton, interpreted_triton)
+def test_the_triton_kernel_gives_a_row_the_same_bits_wherever_it_sits(triton_device):
+    _row_invariance(ea.exact_attention_triton, triton_device)
 
 
 def test_a_model_running_the_triton_kernel_keeps_the_bits_of_a_position_alone_and_in_a_tree(
-        interpreted_triton, monkeypatch):
+        triton_device, monkeypatch):
     monkeypatch.setattr(ea, "TRITON", True)
-    tree, chain, alone = _three_ways(_target(layers=1, device=interpreted_triton), exact=True, arch_gamma_k=(2, 2))
+    tree, chain, alone = _three_ways(_target(layers=1, device=triton_device), exact=True, arch_gamma_k=(2, 2))
     assert all(torch.equal(tree[i], alone[i]) for i in range(tree.shape[0]))
     assert all(torch.equal(chain[i], alone[i]) for i in range(chain.shape[0]))
 
