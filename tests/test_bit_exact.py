@@ -6,6 +6,9 @@ target's law. The Triton kernel runs on the CPU under TRITON_INTERPRET=1 where t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import pytest
 import torch
 
@@ -186,27 +189,41 @@ def test_a_tree_wider_than_the_fixed_width_is_refused_with_a_clear_message():
         _greedy(target, ModelDrafter(draft, candidates=4), stepper, [1, 2, 3], 6)
 
 
+def two_token_law(model: LeanModel, prompt: list[int]) -> np.ndarray:
+    """The exact law of the first two tokens sampled (temperature 1) after `prompt` from the model's
+    standard forward, in float64: [V * V], the pair (a, b) at a * V + b."""
+    vocab = model.vocab_size
+    law = torch.zeros(vocab, vocab, dtype=torch.float64)
+    fresh = LeanModel(model.weights, max_seq_len=model.max_seq_len)
+    first = torch.softmax(fresh.forward(torch.tensor(prompt), 0)[-1].double(), -1)
+    for token in range(vocab):
+        fresh.truncate(0)
+        law[token] = first[token] * torch.softmax(fresh.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
+    return law.flatten().numpy()
+
+
+def two_token_samples(target: LeanModel, prompt: list[int], n: int, make: Callable[[], tuple]) -> list[int]:
+    """The first two tokens of n requests after `prompt` (temperature 1, γ 2, one seeded generator),
+    each as a * V + b (the cells of two_token_law); make() gives each request its (drafter, stepper)."""
+    generator = torch.Generator().manual_seed(0)
+    codes = []
+    for _ in range(n):
+        drafter, stepper = make()
+        tokens = [t for s in generate(target, drafter, prompt, gamma=2, params=SamplingParams(), max_new_tokens=2,
+                                      generator=generator, stepper=stepper) for t in s.tokens]
+        codes.append(tokens[0] * target.vocab_size + tokens[1])
+    return codes
+
+
 def test_bit_exact_sampling_follows_the_target_law_over_two_tokens(gof):
     """Chi-square of 1500 two-token outputs (vocab 8, temperature 1, γ 2, K 2 tree) in bit-exact mode
     against the exact law of the target's standard forward (float32: the two agree to rounding)."""
     target = _target(torch.float32, vocab=8, seed=3, seq=16)
     draft = _target(torch.float32, vocab=8, seed=3, seq=16, layers=1)
     prompt, n = [1, 2, 3], 1500
-    law = torch.zeros(8, 8, dtype=torch.float64)
-    fresh = LeanModel(target.weights, max_seq_len=16)
-    first = torch.softmax(fresh.forward(torch.tensor(prompt), 0)[-1].double(), -1)
-    for token in range(8):
-        fresh.truncate(0)
-        law[token] = first[token] * torch.softmax(fresh.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
     stepper = FusedStepper(target, draft, compile=False, bit_exact=True, candidates=2)
-    generator = torch.Generator().manual_seed(0)
-    codes = []
-    for _ in range(n):
-        tokens = [t for s in generate(target, ModelDrafter(draft, candidates=2), prompt, gamma=2,
-                                      params=SamplingParams(), max_new_tokens=2, generator=generator,
-                                      stepper=stepper) for t in s.tokens]
-        codes.append(tokens[0] * 8 + tokens[1])
-    assert gof.chi_square(codes, law.flatten().numpy()).pvalue > gof.SIGNIFICANCE
+    codes = two_token_samples(target, prompt, n, lambda: (ModelDrafter(draft, candidates=2), stepper))
+    assert gof.chi_square(codes, two_token_law(target, prompt)).pvalue > gof.SIGNIFICANCE
 
 
 # ================================================================ the attention itself
