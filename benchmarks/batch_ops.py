@@ -22,61 +22,25 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common
 
-from speculant import row_step
 from speculant.batching import BatchEngine, BatchRequest
 from speculant.drafters.features import FeatureDrafter
 from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.sampling import SamplingParams
+from tests.op_counter import counting_ops  # shared with tests/test_row_step.py
 
 LAYERS = 30  # SmolLM2-135M's
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched, by name, apart inside and outside a static step's bodies."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.outside, self.inside, self.in_body = Counter(), Counter(), False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        (self.inside if self.in_body else self.outside)[func] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def totals(ops: Counter, steps: int) -> dict:
     """Ops per step, and those of them that compute (not views: on a GPU, what launches a kernel)."""
     return {"ops": sum(ops.values()) / steps, "compute": sum(n for op, n in ops.items() if not op.is_view) / steps}
-
-
-def counting_bodies(counter: OpCounter):
-    """row_step._Graph.run with its body's ops counted as inside (the part a CUDA graph replays)."""
-    run = row_step._Graph.run
-
-    def counted(graph, ints, uniforms):
-        body = graph.body
-
-        def inside(inputs):
-            counter.in_body = True
-            try:
-                return body(inputs)
-            finally:
-                counter.in_body = False
-
-        graph.body = inside
-        try:
-            return run(graph, ints, uniforms)
-        finally:
-            graph.body = body
-
-    return counted
 
 
 def make_engine(rows: int, drafter: bool, graphs: bool, gamma: int) -> BatchEngine:
@@ -97,15 +61,9 @@ def ops_per_step(engine: BatchEngine, gamma: int | None, warmup: int, steps: int
     """Ops outside the captured bodies and inside, per step (`totals`), over `steps` after `warmup`."""
     for _ in range(warmup):
         engine.step(gamma)
-    counter = OpCounter()
-    original = row_step._Graph.run
-    row_step._Graph.run = counting_bodies(counter)
-    try:
-        with counter:
-            for _ in range(steps):
-                engine.step(gamma)
-    finally:
-        row_step._Graph.run = original
+    with counting_ops() as counter:
+        for _ in range(steps):
+            engine.step(gamma)
     return {"outside": totals(counter.outside, steps), "in_graph": totals(counter.inside, steps)}
 
 

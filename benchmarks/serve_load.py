@@ -52,7 +52,7 @@ def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, s
                "--device", args.device,
                "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len), "--port", str(port),
                "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024"]
-    log = open(log_path, "w")
+    log = open(log_path, "w")  # noqa: SIM115  (the server writes to it until it is stopped)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     import httpx

@@ -3,17 +3,27 @@ with an honest power estimate, and the exact law of a (possibly broken) speculat
 
 Everything here is plain numpy / float64 and deliberately written without calling speculant, so
 that the laws the tests compare against are not computed by the code under test.
+
+Also the Triton tests' device: pytest imports this file before any test module, so it is where
+TRITON_INTERPRET=1 is set (triton reads it when it is imported) on a machine whose torch sees no GPU.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from functools import cache
 from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
+
+# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernels
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SIGNIFICANCE = 1e-4  # every goodness-of-fit test in the suite rejects at this level
 MIN_EXPECTED = 5.0  # cells expected to hold fewer draws than this are pooled
@@ -225,6 +235,17 @@ def gof() -> SimpleNamespace:
         honest_accept=honest_accept,
         honest_residual=honest_residual,
     )
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> str:
+    """Triton, on the GPU ("cuda") or interpreted on the CPU ("cpu"); skips where triton is missing."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1: run with it set")
+    return "cpu"
 
 
 def byte_level_backend(specials: list[str]):

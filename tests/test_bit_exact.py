@@ -6,16 +6,11 @@ target's law. The Triton kernel runs on the CPU under TRITON_INTERPRET=1 where t
 
 from __future__ import annotations
 
-import os
-import sys
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernel
-INTERPRETED = "triton" not in sys.modules and not torch.cuda.is_available()
-if INTERPRETED:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from speculant.acceptance import candidate_tree, tree_tokens
 from speculant.drafters.features import FeatureDrafter
@@ -194,27 +189,41 @@ def test_a_tree_wider_than_the_fixed_width_is_refused_with_a_clear_message():
         _greedy(target, ModelDrafter(draft, candidates=4), stepper, [1, 2, 3], 6)
 
 
+def two_token_law(model: LeanModel, prompt: list[int]) -> np.ndarray:
+    """The exact law of the first two tokens sampled (temperature 1) after `prompt` from the model's
+    standard forward, in float64: [V * V], the pair (a, b) at a * V + b."""
+    vocab = model.vocab_size
+    law = torch.zeros(vocab, vocab, dtype=torch.float64)
+    fresh = LeanModel(model.weights, max_seq_len=model.max_seq_len)
+    first = torch.softmax(fresh.forward(torch.tensor(prompt), 0)[-1].double(), -1)
+    for token in range(vocab):
+        fresh.truncate(0)
+        law[token] = first[token] * torch.softmax(fresh.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
+    return law.flatten().numpy()
+
+
+def two_token_samples(target: LeanModel, prompt: list[int], n: int, make: Callable[[], tuple]) -> list[int]:
+    """The first two tokens of n requests after `prompt` (temperature 1, γ 2, one seeded generator),
+    each as a * V + b (the cells of two_token_law); make() gives each request its (drafter, stepper)."""
+    generator = torch.Generator().manual_seed(0)
+    codes = []
+    for _ in range(n):
+        drafter, stepper = make()
+        tokens = [t for s in generate(target, drafter, prompt, gamma=2, params=SamplingParams(), max_new_tokens=2,
+                                      generator=generator, stepper=stepper) for t in s.tokens]
+        codes.append(tokens[0] * target.vocab_size + tokens[1])
+    return codes
+
+
 def test_bit_exact_sampling_follows_the_target_law_over_two_tokens(gof):
     """Chi-square of 1500 two-token outputs (vocab 8, temperature 1, γ 2, K 2 tree) in bit-exact mode
     against the exact law of the target's standard forward (float32: the two agree to rounding)."""
     target = _target(torch.float32, vocab=8, seed=3, seq=16)
     draft = _target(torch.float32, vocab=8, seed=3, seq=16, layers=1)
     prompt, n = [1, 2, 3], 1500
-    law = torch.zeros(8, 8, dtype=torch.float64)
-    fresh = LeanModel(target.weights, max_seq_len=16)
-    first = torch.softmax(fresh.forward(torch.tensor(prompt), 0)[-1].double(), -1)
-    for token in range(8):
-        fresh.truncate(0)
-        law[token] = first[token] * torch.softmax(fresh.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
     stepper = FusedStepper(target, draft, compile=False, bit_exact=True, candidates=2)
-    generator = torch.Generator().manual_seed(0)
-    codes = []
-    for _ in range(n):
-        tokens = [t for s in generate(target, ModelDrafter(draft, candidates=2), prompt, gamma=2,
-                                      params=SamplingParams(), max_new_tokens=2, generator=generator,
-                                      stepper=stepper) for t in s.tokens]
-        codes.append(tokens[0] * 8 + tokens[1])
-    assert gof.chi_square(codes, law.flatten().numpy()).pvalue > gof.SIGNIFICANCE
+    codes = two_token_samples(target, prompt, n, lambda: (ModelDrafter(draft, candidates=2), stepper))
+    assert gof.chi_square(codes, two_token_law(target, prompt)).pvalue > gof.SIGNIFICANCE
 
 
 # ================================================================ the attention itself
@@ -284,18 +293,9 @@ def test_exact_attention_in_torch_gives_a_row_the_same_bits_wherever_it_sits():
     _row_invariance(ea.exact_attention_torch)
 
 
-@pytest.fixture
-def interpreted_triton():
-    """Triton, on the GPU or interpreted on the CPU."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.mark.parametrize("window", [0, 5])
-def test_the_triton_kernel_computes_the_torch_math(window, interpreted_triton):
-    q, keys, values, where, scale = _attention_case(window, device=interpreted_triton)
+def test_the_triton_kernel_computes_the_torch_math(window, triton_device):
+    q, keys, values, where, scale = _attention_case(window, device=triton_device)
     kernel = _run(ea.exact_attention_triton, q, keys, values, where, scale)
     reference = _run(ea.exact_attention_torch, q, keys, values, where, scale)
     q, keys, values = q.cpu(), keys.cpu(), values.cpu()
@@ -305,14 +305,14 @@ def test_the_triton_kernel_computes_the_torch_math(window, interpreted_triton):
     assert kernel[17:].eq(0).all()
 
 
-def test_the_triton_kernel_gives_a_row_the_same_bits_wherever_it_sits(interpreted_triton):
-    _row_invariance(ea.exact_attention_triton, interpreted_triton)
+def test_the_triton_kernel_gives_a_row_the_same_bits_wherever_it_sits(triton_device):
+    _row_invariance(ea.exact_attention_triton, triton_device)
 
 
 def test_a_model_running_the_triton_kernel_keeps_the_bits_of_a_position_alone_and_in_a_tree(
-        interpreted_triton, monkeypatch):
+        triton_device, monkeypatch):
     monkeypatch.setattr(ea, "TRITON", True)
-    tree, chain, alone = _three_ways(_target(layers=1, device=interpreted_triton), exact=True, arch_gamma_k=(2, 2))
+    tree, chain, alone = _three_ways(_target(layers=1, device=triton_device), exact=True, arch_gamma_k=(2, 2))
     assert all(torch.equal(tree[i], alone[i]) for i in range(tree.shape[0]))
     assert all(torch.equal(chain[i], alone[i]) for i in range(chain.shape[0]))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_bit_exact import CONTEXT, GREEDY, PROMPTS, _greedy, _target, _three_ways
+from test_bit_exact import CONTEXT, GREEDY, PROMPTS, _greedy, _target, _three_ways, two_token_law, two_token_samples
 
 from speculant.acceptance import candidate_tree, tree_tokens
 from speculant.drafters.base import NoDrafter
@@ -16,12 +16,10 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
-from speculant.engine import generate
 from speculant.exact_target import ExactTarget
 from speculant.fused import FusedStepper
 from speculant.models.exact_attention import EXACT_WIDTH
 from speculant.models.transformer import LeanModel
-from speculant.sampling import SamplingParams
 from speculant.step import GenericStepper
 
 
@@ -108,25 +106,14 @@ def test_bit_exact_hierarchy_sampling_follows_the_target_law_over_two_tokens(gof
     target = _target(torch.float32, vocab=8, seed=3, seq=16)
     middle = _target(torch.float32, vocab=8, seed=4, seq=16, layers=1)
     prompt, n = [1, 2, 3], 1500
-
-    def law_of(model: LeanModel):
-        law = torch.zeros(8, 8, dtype=torch.float64)
-        fresh = LeanModel(model.weights, max_seq_len=16)
-        first = torch.softmax(fresh.forward(torch.tensor(prompt), 0)[-1].double(), -1)
-        for token in range(8):
-            fresh.truncate(0)
-            law[token] = first[token] * torch.softmax(fresh.forward(torch.tensor(prompt + [token]), 0)[-1].double(), -1)
-        return law.flatten().numpy()
-
     exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True))
-    generator = torch.Generator().manual_seed(0)
-    codes = []
-    for _ in range(n):
+
+    def make():
         drafter = SpeculativeDrafter(GenericStepper(LeanModel(middle.weights, max_seq_len=16), NgramDrafter()), 2)
-        tokens = [t for s in generate(target, drafter, prompt, gamma=2, params=SamplingParams(), max_new_tokens=2,
-                                      generator=generator, stepper=GenericStepper(exact, drafter)) for t in s.tokens]
-        codes.append(tokens[0] * 8 + tokens[1])
-    law, middle_law = law_of(target), law_of(middle)
+        return drafter, GenericStepper(exact, drafter)
+
+    codes = two_token_samples(target, prompt, n, make)
+    law, middle_law = two_token_law(target, prompt), two_token_law(middle, prompt)
     assert gof.chi_square(codes, law).pvalue > gof.SIGNIFICANCE
     assert gof.power(law, middle_law, n).power > 0.99
     assert gof.chi_square(codes, middle_law).pvalue < gof.SIGNIFICANCE

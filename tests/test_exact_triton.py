@@ -27,15 +27,9 @@ sampling tail around the forwards. The CUDA tests at the end (skipped here) chec
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernels
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from speculant.acceptance import candidate_tree, tree_tokens
 from speculant.drafters.features import FeatureDrafter
@@ -61,17 +55,6 @@ SMALL = {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 16, "intermediate_siz
 # keys, while their positions (59..63) are not, and the context spans a chunk
 CONTEXT = [(5 * i + 3) % VOCAB for i in range(60)]
 PROMPTS = [[7], [(11 * i + 5) % VOCAB for i in range(70)]]  # one longer than a chunk of keys
-
-
-@pytest.fixture(scope="module")
-def device():
-    """Triton, on the GPU or interpreted on the CPU."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
-    return "cpu"
 
 
 def _target(device, dtype=BF16, arch="llama", layers=2, seed=0, seq=128, **sizes) -> LeanModel:
@@ -143,25 +126,25 @@ def _gemms(device, dtype, rows=32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_a_gemm_kernels_rows_do_not_depend_on_how_many_rows_the_call_has(device, dtype):
+def test_a_gemm_kernels_rows_do_not_depend_on_how_many_rows_the_call_has(triton_device, dtype):
     """Each GEMM kernel (norm_matmul with a bias, matmul_residual, norm_gate_up_silu, norm_qkv_rope_cache
     with its cache writes) over 17 rows, and over slices of them (1 row, rows 3..4, 5 rows, the last 5):
     every row the same bits in each call."""
-    gemms, x = _gemms(device, dtype, rows=17)
+    gemms, x = _gemms(triton_device, dtype, rows=17)
     for name, gemm in gemms.items():
         whole = gemm(x, 0)
         for lo, hi in ((0, 1), (3, 4), (0, 5), (12, 17)):
             assert torch.equal(gemm(x[lo:hi], lo), whole[lo:hi]), (name, lo, hi)
 
 
-def test_the_control_a_row_tile_that_follows_t_changes_a_rows_bits_under_the_interpreter(device, monkeypatch):
+def test_the_control_a_row_tile_that_follows_t_changes_a_rows_bits_under_the_interpreter(triton_device, monkeypatch):
     """The row tile as it was (16 rows up to T = 16, 32 above): a row alone in a 16-row tile and in the
     17-row call's 32-row tile get other bits under the interpreter (numpy's matmul rounds a product by
     its row count), so a fixed tile is what the test above rests on here. (On a GPU another tile can
     mean another MMA layout; the fixed tile removes the question.)"""
-    if device == "cuda":
+    if triton_device == "cuda":
         pytest.skip("the interpreter's numpy arithmetic: a CPU control")
-    gemms, x = _gemms(device, torch.float32, rows=17)
+    gemms, x = _gemms(triton_device, torch.float32, rows=17)
     whole = gemms["norm_matmul"](x, 0)
     monkeypatch.setattr(tl_layers, "ROW_TILE", tl_layers.MIN_DOT)  # a call of at most 16 rows, as before
     assert _differing(gemms["norm_matmul"](x[:5], 0), whole[:5])
@@ -184,19 +167,19 @@ def _exact(q, keys, values, positions, nodes, kv_len=96):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
-def test_exact_cache_attention_walks_each_rows_own_keys_in_position_order(device, dtype):
+def test_exact_cache_attention_walks_each_rows_own_keys_in_position_order(triton_device, dtype):
     """Each tree node's attention is softmax attention over its own keys (the cache before the root and
     its ancestors' slots) against a float64 reference, and the same bits (a) alone, in a call of one
     row with its path's keys at their positions (a chain), (b) as the last row of its path's chain call,
     (c) with more chunks launched (kv_len). The control: the default cache_attention gives some node
     other bits than its chain does (a tree node's keys grouped by the slots they sit in)."""
-    q, keys, values, positions, nodes, ancestors = _attention_case(device, dtype)
+    q, keys, values, positions, nodes, ancestors = _attention_case(triton_device, dtype)
     start = int(positions[0])
     tree = _exact(q, keys, values, positions, nodes)
     assert torch.equal(_exact(q, keys, values, positions, nodes, kv_len=192), tree)
-    chain_nodes = torch.arange(32, device=device).repeat(32, 1)
+    chain_nodes = torch.arange(32, device=triton_device).repeat(32, 1)
     default_tree = tl_layers.cache_attention(q, keys, values, 96, positions, 0.3, chunk=32, block_n=16,
-                                             ancestors=ancestors.to(device), tree_start=positions[:1].clone())
+                                             ancestors=ancestors.to(triton_device), tree_start=positions[:1].clone())
     default_differs = 0
     for row in range(17):
         position = int(positions[row])
@@ -208,14 +191,14 @@ def test_exact_cache_attention_walks_each_rows_own_keys_in_position_order(device
         depth = position - start
         moved_keys, moved_values = keys.clone(), values.clone()  # the path's keys at their positions
         moved_keys[start: position + 1], moved_values[start: position + 1] = keys[slots[start:]], values[slots[start:]]
-        path = q[ancestors[row].nonzero().view(-1).to(device)]  # root .. the node: [depth + 1, H, D]
-        chain = _exact(path, moved_keys, moved_values, torch.arange(start, position + 1, device=device),
+        path = q[ancestors[row].nonzero().view(-1).to(triton_device)]  # root .. the node: [depth + 1, H, D]
+        chain = _exact(path, moved_keys, moved_values, torch.arange(start, position + 1, device=triton_device),
                        chain_nodes[: depth + 1])
         alone = _exact(q[row: row + 1], moved_keys, moved_values, positions[row: row + 1], chain_nodes[:1])
         assert torch.equal(chain[-1], tree[row]) and torch.equal(alone[0], tree[row]), row
         default_chain = tl_layers.cache_attention(path, moved_keys, moved_values, 96,
-                                                  torch.arange(start, position + 1, device=device), 0.3, chunk=32,
-                                                  block_n=16)
+                                                  torch.arange(start, position + 1, device=triton_device), 0.3,
+                                                  chunk=32, block_n=16)
         default_differs += not torch.equal(default_chain[-1], default_tree[row])
     assert default_differs > 0
 
@@ -223,7 +206,7 @@ def test_exact_cache_attention_walks_each_rows_own_keys_in_position_order(device
 # ---- one compiled binary per kernel, whatever the call's rows --------------------------------------------
 
 
-def test_every_launch_of_the_exact_forward_has_one_specialisation_whatever_the_calls_rows(device, monkeypatch):
+def test_every_launch_of_the_exact_forward_has_one_specialisation_whatever_the_calls_rows(triton_device, monkeypatch):
     """Every kernel launch of forward_exact, over chains of 1, 5 and 40 rows (pieces of 32 and 8) and
     trees of 17 and 25 nodes, keyed as triton keys its compiled binaries (each argument's
     specialisation by triton's own native_specialize_impl, minus do_not_specialize, and the constexprs
@@ -234,7 +217,7 @@ def test_every_launch_of_the_exact_forward_has_one_specialisation_whatever_the_c
     from triton.backends.compiler import BaseBackend
     from triton.runtime.jit import native_specialize_impl
 
-    target = _target(device, layers=2)
+    target = _target(triton_device, layers=2)
     per_piece = 6 * 2 + 1  # launches per piece of rows: 6 per layer, and the head
     launches: list[str] = []
     keys: dict[tuple[int, str], set] = {}
@@ -260,12 +243,13 @@ def test_every_launch_of_the_exact_forward_has_one_specialisation_whatever_the_c
     forward = TritonForward(target)
     with torch.inference_mode():
         for t in (40, 1, 5):  # chains from position 0 (the 40 first: its keys are there for the rest)
-            forward.forward_exact(torch.arange(t, device=device) % VOCAB, torch.arange(t, device=device))
+            forward.forward_exact(torch.arange(t, device=triton_device) % VOCAB, torch.arange(t, device=triton_device))
         for gamma, k, lookup in ((4, 4, 0), (4, 4, 8)):
             depths, ancestors = candidate_tree(gamma, k, lookup)
             _, nodes = exact_layout(depths, ancestors)
             n = depths.shape[0]
-            forward.forward_exact(torch.arange(n, device=device) % VOCAB, (20 + depths).to(device), nodes[:n].to(device))
+            forward.forward_exact(torch.arange(n, device=triton_device) % VOCAB, (20 + depths).to(triton_device),
+                                  nodes[:n].to(triton_device))
     assert len(launches) == per_piece * 6 and len(keys) == per_piece  # 6 pieces, each the same launch sequence
     assert {name for _, name in keys} == {"norm_matmul", "gate_up", "qkv_rope", "exact_attention", "combine"}
     assert all(len(found) == 1 for found in keys.values()), {site: len(found) for site, found in keys.items()}
@@ -280,45 +264,45 @@ def test_every_launch_of_the_exact_forward_has_one_specialisation_whatever_the_c
 @pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_in_exact_triton_mode_a_positions_logits_are_the_same_bits_alone_in_a_chain_and_in_a_tree(
-        device, arch, dtype):
+        triton_device, arch, dtype):
     """After 60 tokens (the tree's slots cross the first chunk of 64 keys, its positions do not), the
     17 nodes of a γ 4, K 4 tree scored in one forward, the chain's 5 in one chain forward and each node
     alone in a plain step: bit-equal, in bfloat16 and float32, Llama and Qwen2 layers."""
-    stepper = FusedStepper(_target(device, dtype, arch), None, compile=False, bit_exact=True, kernels="triton")
+    stepper = FusedStepper(_target(triton_device, dtype, arch), None, compile=False, bit_exact=True, kernels="triton")
     tree, chain, alone = _three_ways(stepper)
     assert tree.shape[0] == 17 and torch.isfinite(tree).all()
     assert _differing(tree, alone) == [] and _differing(chain, alone[:5]) == []
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float32], ids=["bf16", "f32"])
-def test_the_control_the_default_paths_give_a_tree_node_other_bits_than_its_plain_step(device, dtype):
+def test_the_control_the_default_paths_give_a_tree_node_other_bits_than_its_plain_step(triton_device, dtype):
     """The same three ways off bit-exact mode. The default triton path: its GEMMs are row-invariant now
     too and a chain's keys sit at their positions, so the chain agrees; but its attention groups a tree
     node's keys by the slots they sit in (here in another chunk), and some node's bits change. torch's
     default path: in float32 (SDPA) every node's bits change; in bfloat16 on this CPU they happen not
     to (matmul attention, and torch's CPU GEMM of this model gives a row its bits in any call: see
     transformer.row_invariant_on_cpu; on a GPU they do change: issue 21)."""
-    tree, chain, alone = _three_ways(FusedStepper(_target(device, dtype), None, compile=False, kernels="triton"))
-    assert _differing(tree, alone) and (device == "cuda" or _differing(chain, alone[:5]) == [])
+    tree, chain, alone = _three_ways(FusedStepper(_target(triton_device, dtype), None, compile=False, kernels="triton"))
+    assert _differing(tree, alone) and (triton_device == "cuda" or _differing(chain, alone[:5]) == [])
     torch.testing.assert_close(tree, alone, atol=0.5, rtol=0.05)  # rounding, not a bug
-    if device == "cpu":  # on the GPU: the CUDA test below
-        tree, chain, alone = _three_ways(FusedStepper(_target(device, dtype), None, compile=False))
+    if triton_device == "cpu":  # on the GPU: the CUDA test below
+        tree, chain, alone = _three_ways(FusedStepper(_target(triton_device, dtype), None, compile=False))
         assert bool(_differing(tree, alone)) == (dtype == torch.float32)
 
 
-def test_the_exact_prefill_writes_the_bits_plain_steps_write(device):
+def test_the_exact_prefill_writes_the_bits_plain_steps_write(triton_device):
     """59 tokens prefilled in one call (pieces of 32 and 27 rows) and the same tokens as a 20-token
     prefill then 39 plain steps: the same K/V bits at every position, and the same next logits (Qwen2
     layers, bfloat16): a position's K/V does not depend on whether the prompt held it."""
     caches, logits = [], []
     for prefilled in (59, 20):
-        target = _target(device, arch="qwen2")
+        target = _target(triton_device, arch="qwen2")
         stepper = FusedStepper(target, None, compile=False, bit_exact=True, kernels="triton")
         stepper.begin(CONTEXT[: prefilled + 1], GREEDY)
         with torch.inference_mode():
             for position in range(prefilled, 60):
-                row = stepper.score(torch.tensor(CONTEXT[position: position + 1], device=device),
-                                    torch.tensor(position, device=device))
+                row = stepper.score(torch.tensor(CONTEXT[position: position + 1], device=triton_device),
+                                    torch.tensor(position, device=triton_device))
         caches.append((target.k_cache[:, :60].clone(), target.v_cache[:, :60].clone()))
         logits.append(row)
     assert torch.equal(caches[0][0], caches[1][0]) and torch.equal(caches[0][1], caches[1][1])
@@ -341,10 +325,10 @@ def _greedy(target, drafter, stepper, prompt, gamma, max_new=12):
 
 
 @pytest.fixture(scope="module")
-def bf16_target(device):
+def bf16_target(triton_device):
     """A bfloat16 target (Qwen2 layers) and its bit-exact plain greedy tokens on the triton kernels
     (chunks of 4) after each of PROMPTS."""
-    target = _target(device, arch="qwen2", seed=5)
+    target = _target(triton_device, arch="qwen2", seed=5)
     plain = FusedStepper(target, None, compile=False, bit_exact=True, kernels="triton")
     return target, [_greedy(target, None, plain, prompt, 0) for prompt in PROMPTS]
 
@@ -369,17 +353,18 @@ def test_exact_triton_greedy_speculative_output_is_plain_greedy_output_in_bfloat
     assert kind != "features" or stepper.ahead_launches > 0
 
 
-def test_the_exact_target_on_the_triton_kernels_gives_plain_decodings_bits(device):
+def test_the_exact_target_on_the_triton_kernels_gives_plain_decodings_bits(triton_device):
     """ExactTarget (the generic step's bit-exact target) over a triton bit-exact stepper: a chain of 34
     positions (two calls: 32 and 2 rows) and a 17-node tree give each position the bits plain decoding
     computes one position at a time."""
-    target = _target(device)
+    target = _target(triton_device)
     stepper = FusedStepper(target, None, compile=False, bit_exact=True, kernels="triton")
     tree_alone = _three_ways(stepper)[2]
     chain = CONTEXT[-1:] + [(7 * i + 2) % VOCAB for i in range(33)]
     stepper.begin(CONTEXT, GREEDY)
     with torch.inference_mode():
-        plain = [stepper.score(torch.tensor([token], device=device), torch.tensor(59 + i, device=device))[0]
+        plain = [stepper.score(torch.tensor([token], device=triton_device),
+                               torch.tensor(59 + i, device=triton_device))[0]
                  for i, token in enumerate(chain)]
     exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True, kernels="triton"))
     exact.prefill(torch.tensor(CONTEXT[:-1]))
@@ -395,7 +380,7 @@ def test_the_exact_target_on_the_triton_kernels_gives_plain_decodings_bits(devic
 # ---- the API and the command line --------------------------------------------------------------------------
 
 
-def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(device, tmp_path, capsys):
+def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(triton_device, tmp_path, capsys):
     """speculant.load(bit_exact=True, kernels="triton"), bfloat16: plain and speculative decoding (n-gram)
     run the triton bit-exact fused step and agree; a hierarchy (a model drafted by n-gram lookup) and
     logprobs run the generic step over ExactTarget on the same forwards and agree; generate_many runs
@@ -409,7 +394,7 @@ def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(device
     sizes = {"vocab_size": 261, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
              "num_key_value_heads": 1, "num_hidden_layers": 1, "max_position_embeddings": 64}
     folder = str(save_folder(tiny_hf_model("llama", **sizes), tmp_path / "tiny"))
-    options = {"max_seq_len": 64, "device": device, "dtype": "bfloat16", "bit_exact": True, "kernels": "triton"}
+    options = {"max_seq_len": 64, "device": triton_device, "dtype": "bfloat16", "bit_exact": True, "kernels": "triton"}
     spec = api.load(folder, draft="ngram", gamma=3, **options)
     assert spec.stepper.kernels == spec.plain_stepper.kernels == "triton"
     assert spec.stepper.bit_exact and spec.plain_stepper.bit_exact
@@ -425,7 +410,7 @@ def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(device
     hierarchy = api.load(folder, draft=[folder, "ngram"], gamma=3, **options)
     assert isinstance(hierarchy.stepper, GenericStepper) and hierarchy.stepper.target.stepper.kernels == "triton"
     assert hierarchy.generate(prompt, max_new_tokens=12).token_ids == plain
-    code = main(["generate", "--target", folder, "--draft", "ngram", "--max-seq-len", "64", "--device", device,
+    code = main(["generate", "--target", folder, "--draft", "ngram", "--max-seq-len", "64", "--device", triton_device,
                  "--dtype", "bfloat16", "--bit-exact", "--kernels", "triton", "--max-new-tokens", "8", "--compare",
                  "--json", prompt])
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] is True

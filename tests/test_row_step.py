@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 from test_batching import run_batch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from speculant.batching import BatchEngine, BatchRequest
 from speculant.drafters.features import FeatureDrafter
@@ -22,6 +21,7 @@ from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.row_step import CAPTURED_PARAMS
 from speculant.sampling import SamplingParams
+from tests.op_counter import counting_ops
 
 GREEDY = SamplingParams(temperature=0)
 PLAIN = SamplingParams()
@@ -163,49 +163,14 @@ def test_requests_prefilled_together_fill_the_caches_as_one_at_a_time(kind, grap
                                atol=1e-5, rtol=1e-5)
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched, outside the static step's bodies (those a CUDA graph replays)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count, self.inside = 0, False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not self.inside
-        return func(*args, **(kwargs or {}))
-
-
 def ops_outside_the_graph(run: BatchEngine, steps: int) -> list[int]:
     """Ops per step outside the bodies CUDA captures, after a first step (joins, first captures)."""
-    from speculant import row_step
-
-    counter = OpCounter()
-    body_run = row_step._Graph.run
-
-    def run_graph(graph, ints, uniforms):
-        original = graph.body
-
-        def body(inputs):
-            counter.inside = True
-            try:
-                return original(inputs)
-            finally:
-                counter.inside = False
-
-        graph.body = body
-        try:
-            return body_run(graph, ints, uniforms)
-        finally:
-            graph.body = original
-
     per_step = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(row_step._Graph, "run", run_graph)
-        with counter:
-            for _ in range(steps):
-                before = counter.count
-                run.step()
-                per_step.append(counter.count - before)
+    with counting_ops() as counter:
+        for _ in range(steps):
+            before = sum(counter.outside.values())
+            run.step()
+            per_step.append(sum(counter.outside.values()) - before)
     return per_step
 
 

@@ -77,16 +77,16 @@ class Server:
         self.model = str(folder)
         command = [sys.executable, "-c", "import sys; from speculant.cli import main; sys.exit(main(sys.argv[1:]))",
                    "serve", "--target", str(folder), "--port", str(self.port), *options]
-        self.log = open(folder / f"server-{self.port}.log", "w+")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        self.log = folder / f"server-{self.port}.log"
+        with open(self.log, "w") as log:  # the server writes to its own copy of the file descriptor
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"the server exited: {self.log.read()[-2000:]}")
+                raise RuntimeError(f"the server exited: {self.log.read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -109,7 +109,6 @@ class Server:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

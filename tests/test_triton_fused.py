@@ -14,7 +14,7 @@ seed, the torch fused step's tokens (the same uniforms on logits within ~1e-5: a
 if a uniform falls within that distance of a cumulative probability). A chi-square over thousands of
 requests would take hours under the interpreter.
 
-On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set before triton is imported;
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py;
 slow, so the models are tiny: 2 layers, 2 heads, E 16, a vocabulary of 32); where triton is
 missing, or was imported without the interpreter, the tests skip. The last test runs only on CUDA:
 the triton fused step captured in CUDA graphs.
@@ -22,16 +22,10 @@ the triton fused step captured in CUDA graphs.
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernels
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from speculant.acceptance import candidate_tree
 from speculant.drafters.features import FeatureDrafter
@@ -50,17 +44,6 @@ GREEDY = SamplingParams(temperature=0)
 VOCAB = 32
 SMALL = {"num_heads": 2, "num_kv_heads": 1, "hidden_size": 16, "intermediate_size": 32}  # few programs per kernel
 PROMPT = [1, 2, 3, 4, 5, 1, 2, 3, 4]  # repeats: the lookup branch finds continuations
-
-
-@pytest.fixture(scope="module")
-def device():
-    """Triton, on the GPU or interpreted on the CPU."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
-    return "cpu"
 
 
 def _model(device, layers=2, seed=0, bias=False, seq=48, arch="llama", **overrides) -> LeanModel:
@@ -95,21 +78,21 @@ def _run(target, drafter, stepper, gamma, params=GREEDY, max_new=12, seed=0):
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["llama", "qwen2"])
-def test_a_trees_triton_forward_is_lean_model_forward_with_ancestors(device, bias):
+def test_a_trees_triton_forward_is_lean_model_forward_with_ancestors(triton_device, bias):
     """After a 21-token prompt, a 12-node tree (γ 3, K 3, a lookup branch of 2) and a 35-node one (γ 8,
     K 4, G 2: two pieces of rows): the logits, the K/V written at the tree's slots and the features
     equal LeanModel.forward's within 1e-5 (float32). Negative control: the same tokens as a chain
     (no ancestors) give other logits."""
-    reference, model = _model(device, bias=bias, seq=64), _model(device, bias=bias, seq=64)
+    reference, model = _model(triton_device, bias=bias, seq=64), _model(triton_device, bias=bias, seq=64)
     for m in (reference, model):
         m.keep_features()
     forward = TritonForward(model, chunk=16)  # the tree's slots span two chunks
-    prompt = torch.tensor([(7 * i + 3) % VOCAB for i in range(21)], device=device)
+    prompt = torch.tensor([(7 * i + 3) % VOCAB for i in range(21)], device=triton_device)
     assert _error(forward(prompt, 0), reference.forward(prompt, 0)) <= 1e-5
     for gamma, k, lookup in ((3, 3, 2), (8, 4, 2)):
         _, ancestors = candidate_tree(gamma, k, lookup)
         n = ancestors.shape[0]
-        tokens = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).to(device)
+        tokens = torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).to(triton_device)
         for m in (reference, model):
             m.truncate(21)
         want, got = reference.forward(tokens, 21, ancestors), forward(tokens, 21, ancestors)
@@ -129,14 +112,14 @@ def test_a_trees_triton_forward_is_lean_model_forward_with_ancestors(device, bia
 
 
 @pytest.mark.parametrize("kind", ["plain", "chain", "tree", "lookup", "features"])
-def test_triton_fused_greedy_output_equals_plain_greedy(device, kind):
+def test_triton_fused_greedy_output_equals_plain_greedy(triton_device, kind):
     """float32, γ 3: plain decoding (chunks of 4), a draft model's chain, a tree of 3 candidates, a
     tree of 2 with a lookup branch of 4 (the draft: layers:1 of the target, on the triton kernels
     too; the trees' with Qwen2 layers, where alternatives and lookup tokens are kept, so their nodes'
     logits are used), a feature draft with 2 candidates (its own forward on torch's kernels, the
     target's features written at the tree's slots; run ahead, as on CUDA)."""
     tree = kind in ("tree", "lookup")
-    target = _model(device, seed=1 if tree else 0, bias=tree)
+    target = _model(triton_device, seed=1 if tree else 0, bias=tree)
     layer = LeanModel(target.weights, max_seq_len=48, num_layers=1)  # the chain's and the trees' draft model
     drafter = {"plain": lambda: None, "chain": lambda: ModelDrafter(layer),
                "tree": lambda: ModelDrafter(layer, candidates=3),
@@ -154,7 +137,7 @@ def test_triton_fused_greedy_output_equals_plain_greedy(device, kind):
     assert kind != "features" or stepper.ahead_launches > 0
 
 
-def test_triton_fused_sampling_gives_the_torch_steps_tokens_seed_for_seed(device):
+def test_triton_fused_sampling_gives_the_torch_steps_tokens_seed_for_seed(triton_device):
     """Temperature 1 with top-p 0.9, a tree of 2 candidates per position (alternatives drawn with
     noise, residuals): the triton step and the torch fused step, each over a model of its own with
     the same weights and the same seeds, emit the same tokens (see the module docstring), alternatives
@@ -162,7 +145,7 @@ def test_triton_fused_sampling_gives_the_torch_steps_tokens_seed_for_seed(device
     params = SamplingParams(temperature=1.0, top_p=0.9)
     outputs, kept = [], 0
     for kernels in ("torch", "triton"):
-        target = _model(device, seed=1, bias=True)
+        target = _model(triton_device, seed=1, bias=True)
         draft = LeanModel(target.weights, max_seq_len=48, num_layers=1)
         stepper = FusedStepper(target, draft, compile=False, use_graphs=False, candidates=2, kernels=kernels)
         runs = [_run(target, ModelDrafter(draft, candidates=2), stepper, 3, params, 10, seed) for seed in (0, 1)]
@@ -175,28 +158,28 @@ def test_triton_fused_sampling_gives_the_torch_steps_tokens_seed_for_seed(device
 # ---- what cannot run is refused --------------------------------------------------------------------------
 
 
-def test_what_the_triton_step_cannot_run_is_refused_in_one_line(device, monkeypatch):
+def test_what_the_triton_step_cannot_run_is_refused_in_one_line(triton_device, monkeypatch):
     """Gemma 3's sliding windows, int8 weights, an unknown kernel set and (on the CPU) no interpreter:
     each a ValueError naming what is wrong (bit-exact mode runs: tests/test_exact_triton.py)."""
-    target = _model(device)
+    target = _model(triton_device)
     assert FusedStepper(target, None, compile=False).kernels == "torch"  # the default
     with pytest.raises(ValueError, match="Llama and Qwen2 layers only"):
-        FusedStepper(_model(device, layers=3, arch="gemma3"), None, compile=False, kernels="triton")
+        FusedStepper(_model(triton_device, layers=3, arch="gemma3"), None, compile=False, kernels="triton")
     with pytest.raises(ValueError, match="frozen float weights"):
         FusedStepper(LeanModel(int8_weights(target.weights), max_seq_len=48), None, compile=False, kernels="triton")
     with pytest.raises(ValueError, match="'torch' or 'triton'"):
         FusedStepper(target, None, compile=False, kernels="cuda")
-    if device == "cpu":
+    if triton_device == "cpu":
         monkeypatch.delenv("TRITON_INTERPRET")
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
             FusedStepper(target, None, compile=False, kernels="triton")
 
 
-def test_a_draft_model_the_kernels_cannot_run_falls_back_to_torch_with_a_warning(device):
+def test_a_draft_model_the_kernels_cannot_run_falls_back_to_torch_with_a_warning(triton_device):
     """An int8 draft and a distilled draft (its truncated head) run on torch's kernels, said in a
     warning, the target on the triton kernels; a feature draft runs on torch's without a warning (its
     forward reads the target's features)."""
-    target = _model(device)
+    target = _model(triton_device)
     for draft, why in ((LeanModel(int8_weights(target.weights), max_seq_len=48), "frozen float weights"),
                        (_distilled_draft(target, "tokens"), "truncated")):
         with pytest.warns(UserWarning, match=f"draft model runs on torch's kernels .*{why}"):
@@ -208,7 +191,7 @@ def test_a_draft_model_the_kernels_cannot_run_falls_back_to_torch_with_a_warning
     assert (stepper.kernels, stepper.draft_kernels) == ("triton", "torch")
 
 
-def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(device, tmp_path, capsys):
+def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(triton_device, tmp_path, capsys):
     """speculant.load(kernels="triton") decodes plain and speculatively through the triton fused step
     (on the CPU too, interpreted) with plain greedy output; with fused=False or llama.cpp it is refused
     in one line, batched decoding likewise (generate_many runs one request at a time); the CLI's
@@ -222,7 +205,7 @@ def test_the_api_and_the_cli_run_the_triton_step_and_refuse_what_cannot_be(devic
     sizes = {"vocab_size": 261, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
              "num_key_value_heads": 1, "num_hidden_layers": 1, "max_position_embeddings": 64}
     folder = str(save_folder(tiny_hf_model("llama", **sizes), tmp_path / "tiny"))
-    spec = api.load(folder, draft="ngram", gamma=3, max_seq_len=64, device=device, kernels="triton")
+    spec = api.load(folder, draft="ngram", gamma=3, max_seq_len=64, device=triton_device, kernels="triton")
     assert spec.stepper.kernels == spec.plain_stepper.kernels == "triton"
     out = spec.generate("ab cd ab cd", max_new_tokens=6)
     torch_spec = api.Speculant(spec.target, ["ngram"], gamma=3)

@@ -4,7 +4,7 @@ since the kernels round fewer intermediates than torch does), with a negative co
 wrong eps, a rotation the wrong way, an off-by-one position, a tree's mask ignored, ... must fail the
 same comparison), and TritonForward (speculant.models.triton_forward) against LeanModel.forward on a
 tiny random model: logits, argmax and the KV cache (trees: tests/test_triton_fused.py).
-On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set before triton is imported,
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py,
 float32 -> bf16 casts patched to round as a GPU does), and a last test compiles them for sm_90 in a
 process of its own; where triton is missing the tests skip."""
 
@@ -18,10 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-# Triton reads TRITON_INTERPRET when it is imported: set it first, where no GPU runs the kernels
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from speculant.acceptance import candidate_tree
 from speculant.models import triton_forward as tl_forward
@@ -41,18 +37,15 @@ ROWS = [1, 5, 17]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-@pytest.fixture(scope="module")
-def device():
-    """Triton, on the GPU or interpreted on the CPU (rounding to bfloat16 as a GPU does)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        yield "cuda"
+@pytest.fixture(scope="module", autouse=True)
+def _bfloat16_rounds_to_nearest(triton_device):
+    """Under the interpreter (triton_device "cpu"), float32 -> bfloat16 casts round as a GPU does."""
+    if triton_device != "cpu":
+        yield
         return
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported before this module could set TRITON_INTERPRET=1: run with it set")
     with pytest.MonkeyPatch.context() as patch:
         _round_bfloat16_to_nearest(patch)
-        yield "cpu"
+        yield
 
 
 def _round_bfloat16_to_nearest(patch: pytest.MonkeyPatch) -> None:
@@ -112,11 +105,11 @@ K, N = 72, 40  # neither a multiple of the blocks the tests use (block_k 32, blo
 
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_matmul_is_rmsnorm_then_linear(device, t, dtype):
-    x = _randn(t, K, dtype=dtype, device=device, seed=t)
-    norm = _norm(K, 1e-6, dtype, device, seed=1)
-    w = _matrix(N, K, dtype, device, 2, _layout(dtype))
-    bias = _randn(N, dtype=dtype, device=device, seed=3)  # Qwen2's q|k|v bias
+def test_norm_matmul_is_rmsnorm_then_linear(triton_device, t, dtype):
+    x = _randn(t, K, dtype=dtype, device=triton_device, seed=t)
+    norm = _norm(K, 1e-6, dtype, triton_device, seed=1)
+    w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
+    bias = _randn(N, dtype=dtype, device=triton_device, seed=3)  # Qwen2's q|k|v bias
     ref = F.linear(norm(x), w, bias)
     out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, block_n=16, block_k=32)
     assert out.dtype == dtype and _close(out, ref, dtype), _error(out, ref)
@@ -127,10 +120,10 @@ def test_norm_matmul_is_rmsnorm_then_linear(device, t, dtype):
 
 
 @pytest.mark.parametrize("layout", ["row", "column"])
-def test_norm_matmul_reads_both_weight_layouts_and_gemma_norms(device, layout):
-    x = _randn(5, K, dtype=torch.float32, device=device, seed=0)
-    norm = _norm(K, 1e-6, torch.float32, device, seed=1, unit_offset=True)  # Gemma: (1 + w)
-    w = _matrix(N, K, torch.float32, device, 2, layout)
+def test_norm_matmul_reads_both_weight_layouts_and_gemma_norms(triton_device, layout):
+    x = _randn(5, K, dtype=torch.float32, device=triton_device, seed=0)
+    norm = _norm(K, 1e-6, torch.float32, triton_device, seed=1, unit_offset=True)  # Gemma: (1 + w)
+    w = _matrix(N, K, torch.float32, triton_device, 2, layout)
     ref = F.linear(norm(x), w)
     out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, unit_offset=True, block_n=16, block_k=32)
     assert _close(out, ref, torch.float32)
@@ -139,10 +132,10 @@ def test_norm_matmul_reads_both_weight_layouts_and_gemma_norms(device, layout):
 
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_matmul_residual_is_linear_plus_residual(device, t, dtype):
-    x = _randn(t, K, dtype=dtype, device=device, seed=t)
-    w = _matrix(N, K, dtype, device, 2, _layout(dtype))
-    residual = _randn(t, N, dtype=dtype, device=device, seed=4)
+def test_matmul_residual_is_linear_plus_residual(triton_device, t, dtype):
+    x = _randn(t, K, dtype=dtype, device=triton_device, seed=t)
+    w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
+    residual = _randn(t, N, dtype=dtype, device=triton_device, seed=4)
     ref = residual + F.linear(x, w)
     out = tl_layers.matmul_residual(x, w, residual, block_n=16, block_k=32)
     assert _close(out, ref, dtype), _error(out, ref)
@@ -154,11 +147,11 @@ def test_matmul_residual_is_linear_plus_residual(device, t, dtype):
 
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_norm_gate_up_silu_is_the_mlp_up_to_down(device, t, dtype):
+def test_norm_gate_up_silu_is_the_mlp_up_to_down(triton_device, t, dtype):
     inter = 24  # not a multiple of block_n 16
-    x = _randn(t, K, dtype=dtype, device=device, seed=t)
-    norm = _norm(K, 1e-6, dtype, device, seed=1)
-    gate_up = _matrix(2 * inter, K, dtype, device, 5, _layout(dtype))
+    x = _randn(t, K, dtype=dtype, device=triton_device, seed=t)
+    norm = _norm(K, 1e-6, dtype, triton_device, seed=1)
+    gate_up = _matrix(2 * inter, K, dtype, triton_device, 5, _layout(dtype))
     gate, up = F.linear(norm(x), gate_up).chunk(2, dim=-1)
     ref = F.silu(gate) * up
     out = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=32)
@@ -195,8 +188,8 @@ def _rope_reference(qkv, rope, positions, caches, heads, kv_heads, d):
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 8), (6, 2, 12)])  # groups 2 and 3; half 6: padded
-def test_rope_qkv_cache_write_is_split_rotate_and_index_copy(device, t, dtype, heads, kv_heads, d):
-    qkv, rope, positions, caches = _qkv_case(t, dtype, device, heads, kv_heads, d)
+def test_rope_qkv_cache_write_is_split_rotate_and_index_copy(triton_device, t, dtype, heads, kv_heads, d):
+    qkv, rope, positions, caches = _qkv_case(t, dtype, triton_device, heads, kv_heads, d)
     q_ref, k_ref, v_ref = _rope_reference(qkv, rope, positions, caches, heads, kv_heads, d)
     for per_row in (True, False):  # cos, sin [T, D] per row, or the tables read at positions
         k_cache, v_cache = caches[0].clone(), caches[1].clone()
@@ -214,13 +207,13 @@ def test_rope_qkv_cache_write_is_split_rotate_and_index_copy(device, t, dtype, h
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, d, bias", [(4, 2, 8, False), (6, 2, 12, True)])
-def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(device, t, dtype, heads, kv_heads, d, bias):
+def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(triton_device, t, dtype, heads, kv_heads, d, bias):
     e = 40  # hidden size, not a multiple of block_k 32
-    x = _randn(t, e, dtype=dtype, device=device, seed=t)
-    norm = _norm(e, 1e-6, dtype, device, seed=1)
-    w = _matrix((heads + 2 * kv_heads) * d, e, dtype, device, 2, _layout(dtype))
-    b = _randn(w.shape[0], dtype=dtype, device=device, seed=3) if bias else None
-    _, rope, positions, caches = _qkv_case(t, dtype, device, heads, kv_heads, d)
+    x = _randn(t, e, dtype=dtype, device=triton_device, seed=t)
+    norm = _norm(e, 1e-6, dtype, triton_device, seed=1)
+    w = _matrix((heads + 2 * kv_heads) * d, e, dtype, triton_device, 2, _layout(dtype))
+    b = _randn(w.shape[0], dtype=dtype, device=triton_device, seed=3) if bias else None
+    _, rope, positions, caches = _qkv_case(t, dtype, triton_device, heads, kv_heads, d)
     q_ref, k_ref, v_ref = _rope_reference(F.linear(norm(x), w, b), rope, positions, caches, heads, kv_heads, d)
     k_cache, v_cache = caches[0].clone(), caches[1].clone()
     q = tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w, b, rope[0], rope[1], positions, k_cache, v_cache,
@@ -251,11 +244,12 @@ def _attention_reference(q, k_cache, v_cache, positions, scale):
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, d", [(4, 2, 8), (6, 2, 12)])
-def test_cache_attention_is_causal_grouped_attention(device, t, dtype, heads, kv_heads, d):
+def test_cache_attention_is_causal_grouped_attention(triton_device, t, dtype, heads, kv_heads, d):
     start = 23  # keys in two chunks of 16 and more (the combine merges them)
-    q = _randn(t, heads, d, dtype=dtype, device=device, seed=t)
-    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=device, seed=s, scale=2.0) for s in (8, 9))
-    positions = torch.arange(start, start + t, device=device)
+    q = _randn(t, heads, d, dtype=dtype, device=triton_device, seed=t)
+    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=triton_device, seed=s, scale=2.0)
+                        for s in (8, 9))
+    positions = torch.arange(start, start + t, device=triton_device)
     # the slot after the last query: a key every query would pick, which causality must hide
     k_cache[start + t] = 3 * q[-1, ::heads // kv_heads]
     v_cache[start + t] = 10.0
@@ -285,20 +279,21 @@ def _tree_attention_reference(q, k_cache, v_cache, start, ancestors, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cache_attention_over_a_tree_reads_the_cache_and_its_ancestors_only(device, dtype):
+def test_cache_attention_over_a_tree_reads_the_cache_and_its_ancestors_only(triton_device, dtype):
     """A 12-node tree (γ 3, K 3, a lookup branch of 2) at slots 23..34, across a chunk boundary: each
     node against the float64 reference, whole and in pieces of rows (a tree longer than MAX_ROWS runs
     so); every non-ancestor slot holds a key its queries would pick, so ignoring the mask must fail."""
     heads, kv_heads, d, start = 4, 2, 8, 23
     _, ancestors = candidate_tree(3, 3, 2)
     n = ancestors.shape[0]
-    ancestors = ancestors.to(device)
-    q = _randn(n, heads, d, dtype=dtype, device=device, seed=1)
-    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=device, seed=s, scale=2.0) for s in (8, 9))
+    ancestors = ancestors.to(triton_device)
+    q = _randn(n, heads, d, dtype=dtype, device=triton_device, seed=1)
+    k_cache, v_cache = (_randn(SLOTS, kv_heads, d, dtype=dtype, device=triton_device, seed=s, scale=2.0)
+                        for s in (8, 9))
     k_cache[start + n] = 3 * q[-1, ::heads // kv_heads]  # past the tree
     v_cache[start + n] = 10.0
-    tree_start = torch.tensor([start], device=device)
-    positions = torch.zeros(n, dtype=torch.long, device=device)  # unused by a tree's attention
+    tree_start = torch.tensor([start], device=triton_device)
+    positions = torch.zeros(n, dtype=torch.long, device=triton_device)  # unused by a tree's attention
     scale = d ** -0.5
     ref = _tree_attention_reference(q, k_cache, v_cache, start, ancestors, scale)
     out = tl_layers.cache_attention(q, k_cache, v_cache, SLOTS, positions, scale, chunk=16, block_n=16,
@@ -330,12 +325,12 @@ def _models(device, dtype, layers=2, **overrides):
 
 @pytest.mark.parametrize("dtype, bias, fuse_rope", [(torch.float32, False, True), (torch.float32, True, False),
                                                     (torch.bfloat16, True, True)])
-def test_triton_forward_is_lean_model_forward(device, dtype, bias, fuse_rope):
+def test_triton_forward_is_lean_model_forward(triton_device, dtype, bias, fuse_rope):
     """float32: the same logits and cache as LeanModel.forward within 1e-5. bfloat16, where both round
     differently: no farther from the float32 forward of the same weights than LeanModel's bf16
     forward is (1.5x, at least 1e-2 of the largest logit), and the same argmax wherever the
     reference has no near tie."""
-    reference, model, truth = _models(device, dtype, attention_bias=bias)
+    reference, model, truth = _models(triton_device, dtype, attention_bias=bias)
     forward = tl_forward.TritonForward(model, chunk=16, fuse_rope=fuse_rope)
     prompt = torch.tensor([(7 * i + 3) % 64 for i in range(35)])  # > MAX_ROWS: two pieces
     calls = [(prompt, 0), (torch.tensor([5]), 35), (torch.tensor([9, 1, 4, 4, 2]), 36),  # a verify of 5
@@ -362,9 +357,9 @@ def test_triton_forward_is_lean_model_forward(device, dtype, bias, fuse_rope):
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]) and clear.any()
 
 
-def test_triton_forward_launches_six_kernels_per_layer(device, monkeypatch):
+def test_triton_forward_launches_six_kernels_per_layer(triton_device, monkeypatch):
     """6 per layer and the head (7 per layer without the rope fusion); the embedding is torch's gather."""
-    _, model, _ = _models(device, torch.float32, layers=3)
+    _, model, _ = _models(triton_device, torch.float32, layers=3)
     launched = []
 
     class Counting:
@@ -378,23 +373,23 @@ def test_triton_forward_launches_six_kernels_per_layer(device, monkeypatch):
     kernels = tl_layers._kernels()
     for name, kernel in list(kernels.items()):
         monkeypatch.setitem(kernels, name, Counting(kernel))
-    tokens, positions = torch.tensor([1, 2, 3], device=device), torch.arange(3, device=device)
+    tokens, positions = torch.tensor([1, 2, 3], device=triton_device), torch.arange(3, device=triton_device)
     for fuse_rope, per_layer in ((True, 6), (False, 7)):
         launched.clear()
         tl_forward.TritonForward(model, chunk=16, fuse_rope=fuse_rope).forward_static(tokens, positions, kv_len=3)
         assert len(launched) == per_layer * 3 + 1
 
 
-def test_triton_forward_refuses_what_it_does_not_run(device):
+def test_triton_forward_refuses_what_it_does_not_run(triton_device):
     with pytest.raises(ValueError, match="Llama"):
         cfg = tiny_config("gemma3")
-        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(triton_device), max_seq_len=16))
     with pytest.raises(ValueError, match="sliding"):
         cfg = tiny_config(sliding_window=4)
-        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(device), max_seq_len=16))
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).to(triton_device), max_seq_len=16))
     with pytest.raises(ValueError, match="frozen"):
         cfg = tiny_config()
-        tl_forward.TritonForward(LeanModel(random_weights(cfg).requires_grad_(True).to(device), max_seq_len=16))
+        tl_forward.TritonForward(LeanModel(random_weights(cfg).requires_grad_(True).to(triton_device), max_seq_len=16))
 
 
 # ---- what the interpreter cannot check: the compiler -------------------------------------------------
@@ -456,13 +451,13 @@ print(len(done), "kernels compiled")
 """
 
 
-def test_the_kernels_compile_for_hopper(device, tmp_path):
+def test_the_kernels_compile_for_hopper(triton_device, tmp_path):
     """The interpreter runs the kernels as Python: it never sees a type the compiler would reject
     (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
     launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree, and bit-exact mode's
     forward_exact: chains of 1 and 40 rows, a tree) is compiled here for sm_90 with triton's own ptxas,
     in a process without TRITON_INTERPRET; no GPU is needed."""
-    if device == "cuda":
+    if triton_device == "cuda":
         pytest.skip("on a GPU the other tests compile and run them")
     import triton
 
