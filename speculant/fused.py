@@ -83,14 +83,15 @@ from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
 
 
-def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
-    """`forward`, through torch.compile if `compile` (it fuses the elementwise ops: fewer kernels per
-    graph), kept on `owner` (the model) under `key` the first time: every stepper over the same model
-    then shares the compiled code (a later call's `forward`, the same function, is dropped)."""
-    cached, key = owner.__dict__.setdefault("_compiled_forwards", {}), (*key, compile)
-    if key not in cached:
-        cached[key] = torch.compile(forward) if compile else forward
-    return cached[key]
+def _kept(model: LeanModel, key: tuple, forward: Callable, compile: bool) -> Callable:
+    """`forward`, kept on `model` under `key` the first time (a later call's `forward`, the same
+    function, is dropped). With `compile` the model's decoder layer runs through torch.compile from
+    now on, for every caller of the model (LeanModel.compile_layers: one compiled layer serves all its
+    layers, so a compile costs one layer's time; it fuses the elementwise ops, fewer kernels per
+    graph); what runs around the layers (embedding, masks, final norm, head) stays eager."""
+    if compile:
+        model.compile_layers(True)
+    return model.__dict__.setdefault("_forwards", {}).setdefault(key, forward)
 
 
 # torch.compile options for the sampling functions. No pointwise concatenation: on CUDA inductor may
@@ -130,13 +131,13 @@ def _compiled_or_eager(function: Callable, failures: dict[str, str]) -> Callable
 def static_forward(model: LeanModel, compile: bool, kernels: str = "torch", exact: bool = False
                    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """tokens [T], positions [T] (device tensors)[, ancestors [T, T]] -> logits [T, vocab] float32;
-    attends over the whole cache. Compiled once per model (_compiled). kernels="triton":
+    attends over the whole cache. Its layers compiled where asked (_kept). kernels="triton":
     models.triton_forward.TritonForward's, over its own kernels (never through torch.compile); with
     `exact`, its bit-exact forward (forward_exact: a tree comes as exact_layout's nodes [T, W] instead
     of ancestors)."""
     if kernels == "triton":
         forward = TritonForward(model)
-        return _compiled(model, ("triton", exact), forward.forward_exact if exact else forward.forward_static, False)
+        return _kept(model, ("triton", exact), forward.forward_exact if exact else forward.forward_static, False)
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
         # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
@@ -146,33 +147,33 @@ def static_forward(model: LeanModel, compile: bool, kernels: str = "torch", exac
         return model.logits(hidden)
 
     # a target that keeps features writes them too: another function. dynamic=None (torch.compile's
-    # default): the first shape compiles static, the next one once for all lengths >= 2
-    return _compiled(model, ("static", model.features is not None), forward, compile)
+    # default): the layer compiles static for the first length, then once for all lengths >= 2
+    return _kept(model, ("static", model.features is not None), forward, compile)
 
 
 def exact_forward(model: LeanModel, compile: bool):
     """Bit-exact mode's forward: tokens [W], positions [W], slots [W], start [], table [W, W], count []
     (models.exact_attention.ExactKeys) -> logits [W, vocab] (the padding rows' too: the caller
     slices). Every call has these shapes, so one compiled graph (one set of kernels) serves plain
-    steps, chains and trees alike. Compiled once per model (_compiled)."""
+    steps, chains and trees alike. Its layers compiled where asked (_kept)."""
 
     def forward(tokens, positions, slots, start, table, count):
         hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count))
         model.record_features(hidden, slots)  # the padding rows' go to scratch slots
         return model.logits(hidden)
 
-    return _compiled(model, ("exact", model.features is not None), forward, compile)
+    return _kept(model, ("exact", model.features is not None), forward, compile)
 
 
 def static_feature_forward(draft: FeatureDraft, compile: bool):
     """The feature draft's forward: tokens [T], features [T, E], positions [T] -> (logits [T, V],
-    predicted features [T, E]); attends over the whole cache. Compiled once per draft (_compiled)."""
+    predicted features [T, E]); attends over the whole cache. Its layers compiled where asked (_kept)."""
 
     def forward(tokens, features, positions):
         hidden = draft.feature_hidden(tokens, features, positions, kv_len=draft.max_seq_len)
         return draft.logits(hidden), hidden
 
-    return _compiled(draft, ("features",), forward, compile)
+    return _kept(draft, ("features",), forward, compile)
 
 
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:
@@ -337,16 +338,15 @@ class FusedStepper:
             return
         ids = torch.tensor(tokens, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)
-        if len(tokens) > 1:  # one compiled graph for every length >= 2, not one per prompt length
-            torch._dynamo.mark_dynamic(ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
+        # no mark_dynamic: the compiled layer's inputs are made eagerly from these (LeanModel.compile_layers),
+        # and dynamo makes the length symbolic at the second length >= 2 it meets
         with torch.inference_mode():
             fn(ids, positions) if features is None else fn(ids, features, positions)
 
     def _prefill_body(self, fn, bucket: int, with_features: bool):
         """ints = tokens [bucket] -> fn over them at positions body.start + 0..bucket-1; a feature
         draft reads body.features [bucket, E]. Every input is a whole tensor of its own (no view at
-        an offset), as in the eager prefill: the compiled forward's one dynamic-length variant
+        an offset), as in the eager prefill: the compiled layer's one dynamic-length variant
         serves every bucket."""
         start = torch.zeros((), dtype=torch.int64, device=self.device)
         features = torch.zeros(bucket, self.target.cfg.hidden_size, dtype=self.target.dtype,
@@ -354,8 +354,6 @@ class FusedStepper:
 
         def body(tokens, uniforms):
             positions = start + self.offsets[:bucket]
-            for tensor in (tokens, positions) + ((features,) if with_features else ()):
-                torch._dynamo.mark_dynamic(tensor, 0)
             if features is None:
                 return fn(tokens, positions)[-1:]
             return fn(tokens, features, positions)[0][-1:]
@@ -372,8 +370,6 @@ class FusedStepper:
             return
         if self.features:
             features = self.target.features[start:upto]
-            if upto - start > 1:
-                torch._dynamo.mark_dynamic(features, 0)
             self._prefill(self.draft_fn, context[start + 1 : upto + 1], start, features)
         else:
             self._prefill(self.draft_fn, context[start:upto], start)
