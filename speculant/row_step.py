@@ -28,13 +28,15 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
                        the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
 
-Compiled forwards (`compile`, off by default). The models' row forwards may run through torch.compile
-(LeanModel.compile_rows), as the single-request fused step's do, so that a graph replays fused kernels
-rather than one per torch op; a compiler failure falls back to eager forwards with a warning (counted:
-compile_fallbacks). Off by default because of what it costs: dynamo compiles a forward once per kind
-of call (target or draft, with or without logits, a first static shape and then a symbolic one, a
-batch or feed of one), about a dozen compiles whatever the buckets (tests/test_row_step.py counts
-them), and one compile of SmolLM2-135M's 30 layers took 1-2 minutes on an H100. Either way `warm_up`
+Compiled forwards (`compile`, off by default). The models' decoder layers may run through
+torch.compile (LeanModel.compile_layers: one compiled layer function serves all the layers), so that
+a graph replays fused kernels rather than one per torch op; a compiler failure falls back to eager
+forwards with a warning (counted: compile_fallbacks). Off by default because of what it costs:
+dynamo compiles once per kind of call it meets (a first static shape, then a symbolic one, a batch or
+feed of one; tests/test_row_step.py counts them). Compiling whole row forwards instead (30 layers
+unrolled) took 8-12 compiles on the CPU, and one whole-forward compile of SmolLM2-135M took 1-2
+minutes on an H100; one layer compiles in a fraction of that (on the CPU 11.5 s against 51.5 s for
+the whole forward). Either way `warm_up`
 makes every function the engine may meet before any request (every batch bucket × Γ × params set,
 every prefill (rows, tokens) bucket), on zeros that write only scratch slots: after it, traffic
 compiles and captures nothing.
@@ -106,7 +108,7 @@ class RowStep:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.graphs: dict[tuple, _Graph] = {}
         self.compile_fallbacks = 0  # times a compiler error turned the compiled forwards off (see _graph)
-        # the models' row forwards through torch.compile (LeanModel.compile_rows) where asked: static
+        # the models' layers through torch.compile (LeanModel.compile_layers) where asked: static
         # functions only (the eager step's shapes change with every call)
         self.compiled = bool(compile and static)
         self._compile(self.compiled)
@@ -122,7 +124,7 @@ class RowStep:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for model in (self.target, getattr(self.drafter, "model", None)):
             if isinstance(model, LeanModel):
-                model.compile_rows(enabled)
+                model.compile_layers(enabled)
 
     def _graph(self, make_body: Callable[[], Callable], rows: int, columns: int, floats: int) -> _Graph:
         """A _Graph over make_body(); where compiling the row forwards fails (a compiler error at the

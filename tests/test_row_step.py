@@ -78,15 +78,15 @@ def test_the_static_step_gives_the_eager_steps_tokens_rows_joining_leaving_and_c
 @pytest.mark.parametrize("kind", ["model", "feature"])
 def test_the_static_step_over_compiled_row_forwards_gives_the_eager_steps_tokens(kind, weights):
     """compile=True (`speculant serve --compile`): the target's and the draft's row forwards
-    through torch.compile (LeanModel.compile_rows), float32, greedy and sampled rows: the eager
+    through torch.compile (LeanModel.compile_layers), float32, greedy and sampled rows: the eager
     step's tokens, with no fallback to eager forwards."""
     eager = run_batch(engine(kind, weights, False), mixed_requests(), JOINS)
     run = engine(kind, weights, True, compile=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a compiler failure would fall back with a warning
         compiled = run_batch(run, mixed_requests(), JOINS)
-    assert run.row_step.compiled and "forward_rows_static" in run.target.__dict__
-    assert "forward_rows_static" in run.drafter.model.__dict__
+    assert run.row_step.compiled and "_layer" in run.target.__dict__
+    assert "_layer" in run.drafter.model.__dict__
     assert compiled == eager
 
 

@@ -249,3 +249,34 @@ def test_prefill_of_a_prompt_past_the_context_is_refused_in_one_line():
     model = MODELS["lean"]()
     with pytest.raises(ValueError, match="exceeds the model's context of 64 tokens"):
         model.prefill(torch.zeros(65, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_the_compiled_layer_compiles_once_for_every_layer(arch, monkeypatch):
+    """compile_layers: one compiled function serves all the layers (their weights and cache rows are
+    its inputs, not constants dynamo guards on), Gemma's sliding and global layers alike: the prompt
+    compiles once, a plain step (one token: dynamo specialises a length of 1) once, a call of another
+    length once more (symbolic), and later lengths nothing. Counted with dynamo's own counter, through
+    its cheapest backend (the frames it compiles do not depend on the backend); the logits are the
+    eager model's."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{"backend": "eager", **kw}))
+    layer_types = ("sliding_attention", "full_attention") * 3 if arch == "gemma3" else ()
+    weights = random_weights(tiny_config(arch, num_layers=6, layer_types=layer_types), seed=2)
+    eager, compiled = LeanModel(weights, max_seq_len=64), LeanModel(weights, max_seq_len=64)
+    compiled.compile_layers()
+    torch._dynamo.reset()
+    counters.clear()
+    prompt = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6, 5, 3])
+    eager.prefill(prompt[:5])
+    compiled.prefill(prompt[:5])
+    assert counters["frames"]["ok"] == 1
+    compiles = []
+    for start, end in ((5, 6), (6, 8), (8, 9), (9, 10), (5, 8)):
+        assert torch.equal(compiled.forward(prompt[start:end], start), eager.forward(prompt[start:end], start))
+        compiles.append(counters["frames"]["ok"])
+    assert compiles == [2, 3, 3, 3, 3]
+    compiled.compile_layers(False)
+    assert "_layer" not in compiled.__dict__

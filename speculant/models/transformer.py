@@ -504,13 +504,36 @@ class LeanModel(PositionalCache):
         final norm). layer_cache(i) gives this call's rows of layer i's cache, keys and values
         [B, slots, KV, D]; `slots` [T] (the same for every row) or [B, T] says where the new keys and
         values go; masks[sliding] is additive, [G·T, kv_len] or [B, 1, G·T, kv_len]."""
+        ropes = {local: (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
+                 for local in masks}
         for i in range(self.num_layers):
-            layer = self.weights.layers[i]
             local = self.cfg.is_sliding(i)
-            rope = (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
-            x = x + self._attention(layer, x, slots, rope, masks[local], *layer_cache(i))
-            x = x + self._mlp(layer, x)
+            x = self._layer(self.weights.layers[i], x, slots, ropes[local], masks[local], *layer_cache(i))
         return x
+
+    def compile_layers(self, enabled: bool = True) -> None:
+        """The decoder layer (_layer) through torch.compile from now on (enabled) or eager again
+        ("regional compilation"): every layer's call shares ONE compiled function, since the layer's
+        weights and cache views are its arguments (inputs to the graph, not constants), so a compile
+        costs one layer's time, not the whole model's (dynamo would unroll all the layers). What runs
+        around the layers (embedding, masks, final norm, head) stays eager. The instance's attribute
+        shadows the method, so every caller (speculant.row_step's row forwards, the row drafters over
+        this model, any forward of the model from then on) gets the same compiled function. (The
+        single-request fused step compiles its whole forwards instead: measured on the GPU; per
+        layer it would lose the fusion of a layer's last residual add with the next layer's norm,
+        not yet measured there.) dynamic=None
+        (torch.compile's default): the first shape compiles static, the next one once with symbolic
+        batch and length; bit-exact calls (an ExactKeys mask) compile once more."""
+        if not enabled:
+            self.__dict__.pop("_layer", None)
+        elif "_layer" not in self.__dict__:
+            self._layer = torch.compile(self._layer)
+
+    def _layer(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
+               mask: torch.Tensor | ExactKeys, keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
+        """One decoder layer, residuals included: x [B, T, E] -> [B, T, E] (see _layers, _attention)."""
+        x = x + self._attention(layer, x, slots, rope, mask, keys_cache, values_cache)
+        return x + self._mlp(layer, x)
 
     def _attention(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
                    mask: torch.Tensor | ExactKeys, keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
@@ -603,17 +626,6 @@ class LeanModel(PositionalCache):
         check_fits(self, max(ends))
         return self.forward_rows_static(cache, tokens.to(self.device), torch.tensor(starts, device=self.device),
                                         torch.tensor(lengths, device=self.device), max(ends), first_row=first_row)
-
-    def compile_rows(self, enabled: bool = True) -> None:
-        """forward_rows_static through torch.compile from now on (enabled) or eager again: the
-        instance's attribute shadows the method, so every caller (speculant.row_step and the row
-        drafters over this model) gets the same compiled function, which fuses the elementwise ops
-        into fewer kernels per captured step. dynamic=None (torch.compile's default): the first
-        shape compiles static, the next one once with symbolic batch and length."""
-        if not enabled:
-            self.__dict__.pop("forward_rows_static", None)
-        elif "forward_rows_static" not in self.__dict__:
-            self.forward_rows_static = torch.compile(self.forward_rows_static)
 
     def forward_rows_static(self, cache: RowKVCache, tokens: torch.Tensor, starts: torch.Tensor,
                             lengths: torch.Tensor, kv_len: int, inputs: torch.Tensor | None = None,
