@@ -127,8 +127,8 @@ def test_the_api_times_batched_steps_once_and_a_fresh_load_gives_the_same_tokens
     second = api.load(target_folder, draft="layers:1", gamma="auto", max_seq_len=128)  # as a new process would
     runs.append(run(second, 3))
     assert capsys.readouterr().err == ""
-    assert second.batch_costs[(3, False)].how == "cached"
-    assert second.batch_costs[(3, False)].step == first.batch_costs[(3, False)].step
+    assert second.batch_costs[(3, False, False)].how == "cached"
+    assert second.batch_costs[(3, False, False)].step == first.batch_costs[(3, False, False)].step
     assert runs[0] == runs[1] == runs[2]
     other_seed = first.generate_many(requests, max_new_tokens=30, temperature=1.0, seed=6, max_batch=3)
     assert [g.token_ids for g in other_seed] != [tokens for tokens, _ in runs[0]]  # the seed is honoured
