@@ -33,13 +33,11 @@ torch.compile (LeanModel.compile_layers: one compiled layer function serves all 
 a graph replays fused kernels rather than one per torch op; a compiler failure falls back to eager
 forwards with a warning (counted: compile_fallbacks). Off by default because of what it costs:
 dynamo compiles once per kind of call it meets (a first static shape, then a symbolic one, a batch or
-feed of one; tests/test_row_step.py counts them). Compiling whole row forwards instead (30 layers
-unrolled) took 8-12 compiles on the CPU, and one whole-forward compile of SmolLM2-135M took 1-2
-minutes on an H100; one layer compiles in a fraction of that (on the CPU 11.5 s against 51.5 s for
-the whole forward). Either way `warm_up`
-makes every function the engine may meet before any request (every batch bucket × Γ × params set,
-every prefill (rows, tokens) bucket), on zeros that write only scratch slots: after it, traffic
-compiles and captures nothing.
+feed of one; tests/test_row_step.py counts them), each a compile of one layer; compiling the whole
+row forward instead (every layer unrolled) made each of those compiles minutes long on a GPU for a
+deep model (BENCHMARKS.md, "Server"). Either way `warm_up` makes every function the engine may meet
+before any request (every batch bucket × Γ × params set, every prefill (rows, tokens) bucket), on
+zeros that write only scratch slots: after it, traffic compiles and captures nothing.
 
 Sampling params inside a graph. The rows' params are grouped: a graph is keyed by the set of distinct
 params of its rows (sorted, not in row order) and fed each row's index into it, and every set's
