@@ -34,8 +34,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="each batched step as one captured CUDA graph (speculant.row_step); auto: on CUDA, "
                             "unless --bit-exact (its rows run one at a time, eagerly)")
     serve.add_argument("--compile", action="store_true",
-                       help="the row forwards inside the graphs through torch.compile: fewer kernels per step, "
-                            "but a dozen compiles at start, minutes each for a deep model on a GPU")
+                       help="the decoder layers inside the graphs through torch.compile (one compiled layer for "
+                            "all of them): fewer kernels per step, at the price of several compiles in the warm-up")
     serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                        help="with graphs on CUDA, capture every step and prefill graph (and compile the forwards "
                             "they hold) before answering; /health answers once this is done")
