@@ -9,14 +9,11 @@ Per row count: ms per step (mean and median of --steps, after --warm-up steps: g
 forwards compiled), tokens per step, the graphs the engine holds, dynamo's compile counters, and from
 the profiler per step: CUDA graph replays, kernel launches outside graphs, and the top ops by host
 time. A step that replays one graph launches few kernels outside it; hundreds of launches mean the
-step runs eagerly. Prints the tables; writes $OUT/batch_profile.json ($OUT: ./out).
+step runs eagerly. Prints the tables; writes batch_profile.json into --out ($OUT, else ./out).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -26,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # after the repository is on the path: it imports speculant
+
 from speculant import api
 from speculant.batching import BatchRequest
 from speculant.models.base import synchronize
@@ -34,14 +33,14 @@ from speculant.sampling import SamplingParams
 PROMPT = "Write a Python function that merges two sorted lists, and explain how it works."
 
 
-def profile_steps(engine, steps: int, device: str) -> dict:
+def profile_steps(engine, steps: int, device: torch.device) -> dict:
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if device.startswith("cuda"):
+    if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             engine.step()
-        synchronize(torch.device(device))
+        synchronize(device)
     events = prof.key_averages()
     count = {e.key: e.count for e in events}
     launches = sum(n for key, n in count.items() if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
@@ -54,11 +53,9 @@ def profile_steps(engine, steps: int, device: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser = common.arguments(__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="smollm2-135m")
     parser.add_argument("--draft", default="default")
-    parser.add_argument("--dtype", default=None, help="float32 on the CPU, bfloat16 on CUDA by default")
     parser.add_argument("--gamma", default="4", help="an integer >= 0 or 'auto'")
     parser.add_argument("--rows", default="1,8", help="rows in the batch, comma-separated")
     parser.add_argument("--graphs", action="store_true", help="captured steps (as `speculant serve` on CUDA)")
@@ -68,7 +65,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     args = parser.parse_args()
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dtype = common.setup(args)
+    if args.gamma != "auto" and not args.gamma.isdigit():
+        raise SystemExit(f"error: --gamma takes an integer >= 0 or 'auto', got {args.gamma!r}")
+    if not all(r.isdigit() and int(r) > 0 for r in args.rows.split(",")):
+        raise SystemExit(f"error: --rows takes comma-separated integers >= 1, got {args.rows!r}")
     gamma = args.gamma if args.gamma == "auto" else int(args.gamma)
     device = torch.device(args.device)
     spec = api.load(target=args.target, draft=args.draft, gamma=gamma, device=args.device, dtype=dtype,
@@ -98,20 +99,17 @@ def main() -> None:
         row = {"rows": rows, "warm_up_s": warm_up_s, "step_ms_mean": 1000 * statistics.mean(times),
                "step_ms_median": 1000 * statistics.median(times), "tokens_per_step": tokens / args.steps,
                "tok_s": tokens / sum(times), "graphs": len(graphs), "dynamo": counters,
-               **profile_steps(engine, args.profile_steps, args.device)}
+               **profile_steps(engine, args.profile_steps, device)}
         results.append(row)
         print(f"\nrows {rows}: {row['step_ms_mean']:.2f} ms/step mean ({row['step_ms_median']:.2f} median), "
               f"{row['tokens_per_step']:.2f} tokens/step, {row['tok_s']:.1f} tok/s, {row['graphs']} graphs, "
               f"warm-up {warm_up_s:.1f} s; per step: {row['graph_replays_per_step']:.1f} graph replays, "
               f"{row['kernel_launches_per_step']:.1f} kernel launches outside graphs; dynamo {counters}")
         print(row.pop("table"), flush=True)
-    out = Path(os.environ.get("OUT", "out"))
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"benchmark": "batch_profile", "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-               "target": args.target, "draft": args.draft, "gamma": args.gamma, "dtype": dtype, "graphs": args.graphs, "compile": args.compile,
+    summary = {"benchmark": "batch_profile", "device": common.device_name(args.device), "target": args.target,
+               "draft": args.draft, "gamma": args.gamma, "dtype": dtype, "graphs": args.graphs, "compile": args.compile,
                "torch": torch.__version__, "rows": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (out / "batch_profile.json").write_text(json.dumps(summary, indent=1) + "\n")
-
+    common.write_json(args.out, "batch_profile.json", summary)
 
 if __name__ == "__main__":
     main()

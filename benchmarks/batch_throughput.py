@@ -136,6 +136,8 @@ def main() -> None:
 
     for mode in ("speculative", "plain"):
         run_engine(engine(mode, 4), prompts, 2, 2, params, 8, stop_ids)
+    out_dir = Path(os.environ.get("OUT", "out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for c in concurrencies:
         total = max(args.min_requests, args.requests_per_slot * c)
@@ -156,9 +158,7 @@ def main() -> None:
             result["single_request"]["speedup"] = (result["single_request"]["speculative_tok_s"]
                                                    / result["single_request"]["plain_tok_s"])
         rows.append(result)
-        out_partial = Path(os.environ.get("OUT", "out"))
-        out_partial.mkdir(parents=True, exist_ok=True)
-        (out_partial / "batch_throughput_partial.json").write_text(json.dumps(rows, indent=1))  # a stopped run keeps it
+        (out_dir / "batch_throughput_partial.json").write_text(json.dumps(rows, indent=1))  # a stopped run keeps it
         print(f"c={c} done: {result['speculative']['tok_s']:.1f} vs {result['plain']['tok_s']:.1f} tok/s",
               file=sys.stderr, flush=True)
 
@@ -183,8 +183,6 @@ def main() -> None:
                "dtype": dtype, "gamma": args.gamma, "max_new_tokens": args.max_new_tokens,
                "temperature": args.temperature, "graphs": args.graphs, "compile": args.compile, "torch": torch.__version__, "rows": rows,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    out_dir = Path(os.environ.get("OUT", "out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "batch_throughput.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
 
