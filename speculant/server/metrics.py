@@ -51,14 +51,19 @@ class ServerMetrics:
         self.compile_fallbacks = Gauge("engine_compile_fallbacks", "Times a compiler error turned the compiled "
                                        "row forwards off (they run eagerly inside the graphs from then on)",
                                        registry=r)
+        self._functions_seen = -1  # RowStep.graphs' size when observe_engine last read the engine
         self.warm_up_seconds = Gauge("engine_warm_up_seconds", "Seconds the warm-up at start took (0: none)",
                                      registry=r)
 
     def observe_engine(self, seconds: float, row_step) -> None:
-        """A step of `seconds`; the graphs and compile fallbacks of its speculant.row_step.RowStep so far."""
+        """A step of `seconds`; the graphs and compile fallbacks of its speculant.row_step.RowStep so far
+        (read again only when it made a function: both change only then, and counting the captured
+        graphs walks them all)."""
         self.step_seconds.observe(seconds)
-        self.graphs_captured.set(row_step.captured)
-        self.compile_fallbacks.set(row_step.compile_fallbacks)
+        if len(row_step.graphs) != self._functions_seen:
+            self._functions_seen = len(row_step.graphs)
+            self.graphs_captured.set(row_step.captured)
+            self.compile_fallbacks.set(row_step.compile_fallbacks)
 
     def observe_step(self, before: tuple, stats) -> tuple:
         """Add what a row's GenerationStats gained since `before` (a snapshot this returned last time)."""
