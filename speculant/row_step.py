@@ -192,7 +192,7 @@ class RowStep:
             plan = self._catch_up(plan)
         feed = self.window if samples else width  # a deterministic draft is its own feed
         check_fits(self.target, max(len(c) + n for c, n in zip(contexts, counts)))
-        bucket = min(batch_bucket(rows), self.cache.rows)
+        bucket = self._rows_bucket(rows)
         graph = self._step_graph(bucket, width, feed, sets, with_logits)
         tokens, starts = (plan.tokens, plan.starts) if plan is not None else ([[]] * rows, [0] * rows)
         ints = [[c[-1], len(c) - 1, n + 1, n, g, s, len(t), *t] + [0] * (feed - len(t))
@@ -281,8 +281,7 @@ class RowStep:
         longest = max(target_lengths + draft_lengths)
         ends = [s + n for s, n in zip(draft_starts, draft_lengths)] + target_lengths
         if self.static:
-            bucket = min(batch_bucket(rows), self.cache.rows)
-            width = min(max(MIN_PREFILL_WIDTH, batch_bucket(longest)), self.target.max_seq_len)
+            bucket, width = self._rows_bucket(rows), self._prefill_width(longest)
             kv_len = self.target.max_seq_len if any(draft_starts) else width
         else:
             bucket, width, kv_len = rows, longest, max(ends)
@@ -318,7 +317,7 @@ class RowStep:
         if not self.static:
             raise ValueError("warm_up makes the static functions of graphs=True; eager steps have none")
         before = len(self.graphs)
-        top = min(batch_bucket(max_rows), self.cache.rows)
+        top = self._rows_bucket(max_rows)
         buckets = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
         samples = self.drafter is not None and self.drafter.samples
         with torch.inference_mode():
@@ -328,8 +327,7 @@ class RowStep:
                         self._warm(self._step_graph(bucket, width, self.window if samples and width else width,
                                                     params, False))
             longest = min(max_prompt or self.target.max_seq_len, self.target.max_seq_len)
-            prefill_widths = sorted({min(max(MIN_PREFILL_WIDTH, batch_bucket(n)), self.target.max_seq_len)
-                                     for n in range(1, longest + 1)})
+            prefill_widths = sorted({self._prefill_width(n) for n in range(1, longest + 1)})
             # (with target, with draft, a catch-up's keys over the whole context): joins, with and without
             # the draft's prompt (a prompt of one token has neither), and the catch-up of a sampling draft
             kinds = [(True, False, False)] + ([(True, True, False), (False, True, False), (False, True, True)]
@@ -341,6 +339,15 @@ class RowStep:
                         self._warm(self._prefill_graph(bucket, width, kv_len, with_target, with_draft))
             synchronize(self.target.device)
         return len(self.graphs) - before
+
+    def _rows_bucket(self, rows: int) -> int:
+        """The rows a static step or prefill of `rows` rows runs: a power of two, at most the cache's."""
+        return min(batch_bucket(rows), self.cache.rows)
+
+    def _prefill_width(self, tokens: int) -> int:
+        """The tokens per row of a static prefill whose longest row has `tokens`: a power of two, at
+        least MIN_PREFILL_WIDTH, at most the context."""
+        return min(max(MIN_PREFILL_WIDTH, batch_bucket(tokens)), self.target.max_seq_len)
 
     @staticmethod
     def _warm(graph: _Graph) -> None:
