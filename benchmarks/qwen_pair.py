@@ -204,6 +204,19 @@ def main() -> None:
     ours += [(f"ours 0.5B > {cheap}", [draft_spec, cheap], {}) for cheap in filter(None, args.cheap.split(","))]
     results = []
 
+    def write_summary(name: str) -> dict:
+        import transformers
+
+        summary = {"device": args.device, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+                   "dtype": args.dtype, "target": args.target_path, "draft": draft_spec,
+                   "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "candidates": args.candidates,
+                   "lookup": args.lookup, "code_prompts": args.code_prompts, "chat_prompts": args.chat_prompts,
+                   "kernels": args.kernels, "torch": torch.__version__, "transformers": transformers.__version__,
+                   "wall_seconds": round(time.perf_counter() - clock, 1),
+                   "rows": [{k: v for k, v in entry.items() if k != "_outputs"} for entry in results]}
+        (out_dir / name).write_text(json.dumps(summary, indent=2))
+        return summary
+
     def record(row, task, temperature, outputs, seconds, exact=True, extra=None):
         tokens = sum(len(o) for o in outputs)
         entry = {"row": row, "task": task, "temperature": temperature, "prompts": len(outputs), "tokens": tokens,
@@ -219,6 +232,7 @@ def main() -> None:
                 entry["same_as_our_plain"] = sum(a == b for a, b in zip(outputs, plain["_outputs"])) / len(outputs)
         entry["_outputs"] = outputs
         results.append(entry)
+        write_summary("qwen_pair_partial.json")  # a run stopped at its time limit keeps its rows
         same, alpha = entry.get("same_as_our_plain"), entry.get("alpha")
         print(f"{row:<30} {task:<10} T{temperature:g} {entry['tok_per_s']:>9.2f} tok/s "
               f"x{entry.get('speedup_vs_our_plain', 1.0):>6.2f}"
@@ -282,18 +296,7 @@ def main() -> None:
                         record(row, task, temperature, outputs, seconds)
         del model, assistant
 
-    for entry in results:
-        entry.pop("_outputs")
-    summary = {"device": args.device, "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-               "dtype": args.dtype, "target": args.target_path, "draft": draft_spec,
-               "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "candidates": args.candidates,
-               "lookup": args.lookup, "code_prompts": args.code_prompts, "chat_prompts": args.chat_prompts,
-               "torch": torch.__version__, "wall_seconds": round(time.perf_counter() - clock, 1), "rows": results}
-    import transformers
-
-    summary["transformers"] = transformers.__version__
-    (out_dir / "qwen_pair.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
+    print(json.dumps(write_summary("qwen_pair.json")))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, s
                "serve", "--target", args.target, "--draft", draft, "--gamma", gamma or args.gamma,
                "--device", args.device,
                "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len), "--port", str(port),
-               "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024"]
+               "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024"] + (["--compile"] if args.compile else [])
     log = open(log_path, "w")  # noqa: SIM115  (the server writes to it until it is stopped)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--compile", action="store_true", help="serve --compile: the row forwards through torch.compile")
     parser.add_argument("--start-timeout", type=float, default=1800,
                         help="seconds to wait for a server's /health (it warms up first: compiles, graphs)")
     args = parser.parse_args()
