@@ -394,10 +394,11 @@ class Speculant:
     def batch_engine(self, max_batch: int = 64, graphs: bool = False, compile: bool = False):
         """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
         at once; `graphs`: each step as one CUDA graph per (batch bucket, Γ, sampling params), prefills
-        per size (speculant.row_step); `compile`: the row forwards in them through torch.compile. `auto`: a fresh LoadGamma over this machine's batched step costs
-        (batch_step_costs), so that the same requests give the same tokens on every engine. In bit-exact
-        mode each row runs its own exact forwards (one per row per step: speculant.batching), without
-        graphs."""
+        per size (speculant.row_step); `compile`: the row forwards in them through torch.compile (off
+        by default; `speculant serve` turns it on where its steps are CUDA graphs). `auto`: a fresh
+        LoadGamma over this machine's batched step costs (batch_step_costs), so that the same requests
+        give the same tokens on every engine. In bit-exact mode each row runs its own exact forwards
+        (one per row per step: speculant.batching), without graphs."""
         from speculant.batching import BatchEngine, LoadGamma, check_max_batch
 
         if self.bit_exact and graphs:

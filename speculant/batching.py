@@ -231,9 +231,10 @@ class BatchEngine:
     (more requests wait their turn); graphs: each step as one CUDA graph per (batch bucket, Γ, params
     sets), prefills per (rows, tokens) bucket (speculant.row_step, static; on the CPU the same padded
     static functions, eager); compile: the models' row forwards in those functions through
-    torch.compile (off by default: minutes of compiles on a GPU, see speculant.row_step). exact: bit-exact mode, an ExactTarget over `target`: each row's prefill
-    and verification run through it on the row's own cache (exact_target.ExactRows), one row at a
-    time, so a request's logits are those it gets alone."""
+    torch.compile (off by default here, since it costs a warm-up of compiles; `speculant serve` turns
+    it on where its steps are CUDA graphs: see speculant.row_step). exact: bit-exact mode, an
+    ExactTarget over `target`: each row's prefill and verification run through it on the row's own
+    cache (exact_target.ExactRows), one row at a time, so a request's logits are those it gets alone."""
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,

@@ -28,12 +28,14 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
                        the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
 
-Compiled forwards (`compile`, off by default). The models' decoder layers may run through
+Compiled forwards (`compile`, off by default here; `speculant serve` turns it on where its steps
+are CUDA graphs, `--no-compile` off). The models' decoder layers may run through
 torch.compile (LeanModel.compile_layers: one compiled layer function serves all the layers), so that
 a graph replays fused kernels rather than one per torch op; a compiler failure falls back to eager
 forwards with a warning (counted: compile_fallbacks). Off by default because of what it costs:
 dynamo compiles once per kind of call it meets (a first static shape, then a symbolic one, a batch or
-feed of one; tests/test_row_step.py counts them), each a compile of one layer; compiling the whole
+feed of one; tests/test_row_step.py counts them), each a compile of one layer (a server's warm-up
+of 9-27 s on an H200 for SmolLM2-135M and its draft); compiling the whole
 row forward instead (every layer unrolled) made each of those compiles minutes long on a GPU for a
 deep model (BENCHMARKS.md, "Server"). Either way `warm_up` makes every function the engine may meet
 before any request (every batch bucket × Γ × params set, every prefill (rows, tokens) bucket), on

@@ -138,6 +138,31 @@ def server(servers) -> Server:
     return servers[0]
 
 
+# ---- the command line --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("options", "device_type", "expected"), [
+    ([], "cuda", (True, True)),  # CUDA: graphs and, by default, compiled row forwards
+    (["--device", "cuda:1"], "cuda", (True, True)),
+    (["--no-compile"], "cuda", (True, False)),
+    (["--compile"], "cuda", (True, True)),
+    (["--graphs", "off"], "cuda", (False, False)),  # nothing static to compile
+    (["--graphs", "off", "--compile"], "cuda", (False, False)),
+    (["--bit-exact"], "cuda", (False, False)),  # bit-exact rows run eagerly: no graphs, no compile
+    ([], "cpu", (False, False)),
+    (["--graphs", "on"], "cpu", (True, False)),  # the CPU's static steps run eagerly, uncompiled by default
+    (["--graphs", "on", "--compile"], "cpu", (True, True)),  # unless asked for
+    (["--graphs", "on", "--no-compile"], "cpu", (True, False)),
+])
+def test_serve_compiles_the_row_forwards_by_default_where_its_steps_are_cuda_graphs(options, device_type, expected):
+    """(graphs, compile) of `speculant serve` from its flags and the device type: parsing only, no CUDA."""
+    from speculant.cli import build_parser
+    from speculant.server import engine_options
+
+    args = build_parser().parse_args(["serve", *options])
+    assert args.compile is (True if "--compile" in options else False if "--no-compile" in options else None)
+    assert engine_options(args, device_type) == expected
+
+
 # ---- completions and chat ---------------------------------------------------------------------
 
 def test_a_greedy_completion_equals_the_librarys_and_carries_usage_and_speculative_counters(server, model_folder):
