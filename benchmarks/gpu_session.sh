@@ -21,7 +21,9 @@
 #              step, graph replays and kernel launches per step, dynamo's compiles (the server ran at
 #              34.7 tok/s at concurrency 1 on an H100, 2026-12-06: find out why before the load test)
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
-#   serve      the server under the openai client at concurrency 1, 4, 16, 64
+#   serve      the server under the openai client at concurrency 1, 4, 16, 64 (row forwards compiled, the
+#              server's default on CUDA), after the single-request reference of the same pairs (speculant.load
+#              ...generate, one request at a time): c1_speedup_kept, the goal >= 0.90
 #   qwen, qwen-triton, qwen-hf   the Qwen2.5-Coder pair (issue 18; first the staging calls that
 #              ../shared/gpu/stage-qwen 1.5b and 0.5b print, /root/w/qwen-{1.5b,0.5b}.gguf): our rows on
 #              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,

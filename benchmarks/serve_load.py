@@ -7,10 +7,21 @@ up, then for each concurrency C runs C client loops at once, each sending stream
 (server, C): output tok/s summed over requests (completion tokens / wall time of the round),
 requests/s, per-request latency p50 / p95 and time to first token p50 / p95.
 
+The single-request reference (skipped with --no-single): before any server starts, each server spec
+(and plain, `none`) runs the concurrency-1 round's prompts one at a time through the library's
+single-request path (speculant.load(...).generate, the fused step on CUDA), with the server's
+settings: the same target, drafter and γ, the same chat template, max_tokens, temperature and seed
+0. An untimed pass first (graph captures, compiles, a γ auto calibration), then a timed one. Reported
+per spec: its tok/s, its speed-up over single-request plain, the server's speed-up over the plain
+server at concurrency 1, and their ratio, `c1_speedup_kept` (the goal: >= 0.90, the single-request
+speed-up kept at concurrency 1).
+
     .venv/bin/python benchmarks/serve_load.py --device cpu --max-tokens 32 --concurrency 1,4     # CPU, small
     python benchmarks/serve_load.py --device cuda --dtype bfloat16 --servers default@4,default@auto,none  # GPU
 
-Prints a table, then one JSON line; writes $OUT/serve_load.json (OUT defaults to ./out).
+Prints a table (and the single-request one), then one JSON line; writes $OUT/serve_load.json
+(OUT defaults to ./out). The server's row forwards are compiled as `speculant serve` does by default
+(on CUDA; --no-compile / --compile to choose).
 """
 
 from __future__ import annotations
@@ -25,6 +36,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's speculant, for the single-request reference and the servers
 
 PROMPTS = [
     "Explain what a hash table is.", "Write a haiku about the sea.", "What is the capital of France, and why?",
@@ -51,9 +65,11 @@ def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, s
                "serve", "--target", args.target, "--draft", draft, "--gamma", gamma or args.gamma,
                "--device", args.device,
                "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len), "--port", str(port),
-               "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024"] + (["--compile"] if args.compile else [])
+               "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024",
+               "--compile" if args.compile else "--no-compile"]
     log = open(log_path, "w")  # noqa: SIM115  (the server writes to it until it is stopped)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -131,6 +147,90 @@ async def round_at(url: str, model: str, concurrency: int, num_requests: int, ar
             "accepted_per_drafted": accepted / drafted if drafted else 0.0, "tau": tokens / calls if calls else 0.0}
 
 
+def round_size(concurrency: int, args) -> int:
+    """Requests in the timed round at this concurrency; round_at sends PROMPTS[i % len] for i below it."""
+    return max(concurrency * args.requests_per_client, args.min_requests)
+
+
+def parse_server(server: str, args) -> tuple[str, int | str]:
+    """(draft, gamma) of a server spec DRAFT[@GAMMA], gamma parsed as `speculant serve --gamma` does."""
+    from speculant.adaptive import parse_gamma
+
+    draft, _, gamma = server.partition("@")
+    return draft, parse_gamma(gamma or args.gamma)
+
+
+def single_request(args, servers: list[str]) -> dict[str, dict]:
+    """Per server spec (plain `none` added if absent): the concurrency-1 round's prompts one at a time
+    through speculant.load(...).generate with the server's settings; an untimed pass, then a timed
+    one. The model is freed before the next spec (and before any server starts)."""
+    import gc
+
+    import torch
+
+    import speculant
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(round_size(1, args))]
+    specs = list(dict.fromkeys(servers))
+    if not any(s.partition("@")[0] == "none" for s in specs):
+        specs.append("none")
+    results = {}
+    for server in specs:
+        draft, gamma = parse_server(server, args)
+        # what `speculant serve --target T --draft D --gamma G --device --dtype --max-seq-len` loads
+        spec = speculant.load(target=args.target, draft=draft, gamma=gamma, device=args.device, dtype=args.dtype,
+                              max_seq_len=args.max_seq_len)
+        single_pass(spec, prompts, args)  # untimed: graph captures, compiles, a gamma auto calibration
+        results[server] = {"draft": spec.draft_specs, "gamma": spec.gamma, **single_pass(spec, prompts, args)}
+        row = results[server]
+        print(f"{server:>14} single request  {row['tok_per_s']:8.1f} tok/s  tau {row['tau']:.2f}  "
+              f"({row['requests']} requests, {row['tokens']} tokens, {row['wall_s']:.2f} s)", file=sys.stderr,
+              flush=True)
+        del spec
+        gc.collect()
+        torch.compiler.reset()  # the next load's forwards compile afresh, not against this one's caches
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def single_pass(spec, prompts: list[str], args) -> dict:
+    """The prompts one after the other through spec.generate, each as the server renders a chat
+    request (one user message through the chat template) with the load test's options and seed 0."""
+    import torch
+
+    tokens = calls = 0
+    start = time.perf_counter()
+    for prompt in prompts:
+        out = spec.generate(messages=[{"role": "user", "content": prompt}], max_new_tokens=args.max_tokens,
+                            temperature=args.temperature, seed=0)
+        tokens += len(out.token_ids)  # what the server counts as completion_tokens
+        calls += out.stats["target_calls"]
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return {"requests": len(prompts), "tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
+            "tau": tokens / calls if calls else 0.0}
+
+
+def compare_single(single: dict[str, dict], rows: list[dict]) -> dict[str, float | None]:
+    """Adds to each single-request entry its speed-up over single-request plain, the server's speed-up
+    over the plain server at concurrency 1 (None without a C=1 row) and their ratio, c1_speedup_kept;
+    returns the ratios of the speculative specs."""
+    plain = next(v for s, v in single.items() if s.partition("@")[0] == "none")
+    server_c1 = {r["server"]: r for r in rows if r["concurrency"] == 1}
+    kept = {}
+    for server, entry in single.items():
+        entry["speedup"] = entry["tok_per_s"] / plain["tok_per_s"]
+        ratio = server_c1[server]["vs_plain"] if server in server_c1 else None
+        entry["server_c1_tok_per_s"] = server_c1[server]["tok_per_s"] if server in server_c1 else None
+        entry["server_c1_speedup"] = ratio
+        entry["c1_speedup_kept"] = ratio / entry["speedup"] if ratio is not None else None
+        if server.partition("@")[0] != "none":
+            kept[server] = entry["c1_speedup_kept"]
+    return kept
+
+
 def percentile(sorted_values: list[float], q: float) -> float:
     if len(sorted_values) == 1:
         return sorted_values[0]
@@ -152,21 +252,37 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--compile", action="store_true", help="serve --compile: the row forwards through torch.compile")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="serve --compile / --no-compile: the row forwards through torch.compile (default: as "
+                             "the server's, on for CUDA, off for the CPU)")
+    parser.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
+                        help="first the single-request reference: each server's pair, the C=1 prompts one at a "
+                             "time through speculant.load(...).generate (--no-single: skip it)")
     parser.add_argument("--start-timeout", type=float, default=1800,
                         help="seconds to wait for a server's /health (it warms up first: compiles, graphs)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.compile is None:  # as `speculant serve` decides by default: where its steps are CUDA graphs
+        args.compile = args.device.startswith("cuda")
+    servers = args.servers.split(",")
+    for server in servers:
+        try:
+            parse_server(server, args)
+        except ValueError as error:
+            parser.error(f"--servers {server}: {error}")
     out = Path(os.environ.get("OUT", "out"))
     out.mkdir(parents=True, exist_ok=True)
 
+    # before any server: the GPU (and the CPU's cores) are this process's alone
+    single = single_request(args, servers) if args.single else {}
+
     rows = []
-    for server in args.servers.split(","):
+    for server in servers:
         process, url = start_server(args, server, out / f"serve_load-{server.replace('/', '_').replace('@', '-at-')}.log")
         try:
             asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
             for concurrency in args.concurrency:
-                num_requests = max(concurrency * args.requests_per_client, args.min_requests)
+                num_requests = round_size(concurrency, args)
                 # untimed, at this concurrency: graphs of its batch buckets are captured on first use
                 asyncio.run(round_at(url, args.target, concurrency, concurrency, args))
                 before = engine_metrics(url)
@@ -199,12 +315,25 @@ def main() -> None:
               f"{r['req_per_s']:>7.2f} "
               f"{r['latency_p50_s']:>8.2f} {r['latency_p95_s']:>8.2f} {r['ttft_p50_s']:>9.3f} {r['ttft_p95_s']:>9.3f} "
               f"{r['tau']:>5.2f} {'-' if ratio is None else f'{ratio:.2f}':>8}")
+    kept = compare_single(single, rows) if single else {}
+    if single:
+        print("\nsingle request (speculant.load(...).generate, one at a time, C=1 prompts) vs the server at C=1; "
+              "kept = server C=1 speed-up / single-request speed-up (goal >= 0.90)")
+        print(f"{'server':>14} {'single tok/s':>12} {'tau':>5} {'speed-up':>8} {'server C=1':>10} {'speed-up':>8} "
+              f"{'kept':>6}")
+        def number(value, form):
+            return "-" if value is None else format(value, form)
+        for server, entry in single.items():
+            print(f"{server:>14} {entry['tok_per_s']:>12.1f} {entry['tau']:>5.2f} {entry['speedup']:>8.2f} "
+                  f"{number(entry['server_c1_tok_per_s'], '.1f'):>10} {number(entry['server_c1_speedup'], '.2f'):>8} "
+                  f"{number(entry['c1_speedup_kept'], '.2f'):>6}")
     import torch
 
     result = {"benchmark": "serve_load", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "target": args.target, "gamma": args.gamma, "device": args.device, "dtype": args.dtype,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "max_tokens": args.max_tokens, "temperature": args.temperature, "rows": rows}
+              "max_tokens": args.max_tokens, "temperature": args.temperature, "compile": args.compile,
+              "rows": rows, "single_request": single, "c1_speedup_kept": kept}
     (out / "serve_load.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
