@@ -34,8 +34,7 @@ torch.compile (LeanModel.compile_layers: one compiled layer function serves all 
 a graph replays fused kernels rather than one per torch op; a compiler failure falls back to eager
 forwards with a warning (counted: compile_fallbacks). Off by default because of what it costs:
 dynamo compiles once per kind of call it meets (a first static shape, then a symbolic one, a batch or
-feed of one; tests/test_row_step.py counts them), each a compile of one layer (a server's warm-up
-of 9-27 s on an H200 for SmolLM2-135M and its draft); compiling the whole
+feed of one; tests/test_row_step.py counts them), each a compile of one layer; compiling the whole
 row forward instead (every layer unrolled) made each of those compiles minutes long on a GPU for a
 deep model (BENCHMARKS.md, "Server"). Either way `warm_up` makes every function the engine may meet
 before any request (every batch bucket × Γ × params set, every prefill (rows, tokens) bucket), on

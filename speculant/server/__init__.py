@@ -35,8 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "unless --bit-exact (its rows run one at a time, eagerly)")
     serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="the decoder layers inside the graphs through torch.compile (one compiled layer for "
-                            "all of them): fewer kernels per step (on an H200, SmolLM2-135M: a plain step 1.4 ms "
-                            "instead of 3.8 ms), at the price of several compiles in the warm-up (9-27 s there). "
+                            "all of them): fewer kernels per step (fused ones instead of one per torch op), at the price of "
+                            "several compiles of one layer in the warm-up. "
                             "Default: on where the steps are captured as CUDA graphs (CUDA), off elsewhere; "
                             "--no-compile turns it off")
     serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
