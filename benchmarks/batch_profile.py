@@ -45,7 +45,15 @@ def profile_steps(engine, steps: int, device: torch.device) -> dict:
     count = {e.key: e.count for e in events}
     launches = sum(n for key, n in count.items() if key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+
+    def device_us(event) -> float:  # torch >= 2.4 names it self_device_time_total
+        return getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0.0))
+
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)[:20]
     return {"graph_replays_per_step": count.get("cudaGraphLaunch", 0) / steps,
+            "device_ms_per_step": sum(device_us(e) for e in events) / 1000 / steps,
+            "top_device_kernels": [{"kernel": e.key[:120], "count_per_step": e.count / steps,
+                                    "device_us_per_step": device_us(e) / steps} for e in kernels],
             "kernel_launches_per_step": launches / steps,
             "top_host_ops": [{"op": e.key, "count_per_step": e.count / steps,
                               "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / steps} for e in top],
@@ -106,6 +114,8 @@ def main() -> None:
               f"warm-up {warm_up_s:.1f} s; per step: {row['graph_replays_per_step']:.1f} graph replays, "
               f"{row['kernel_launches_per_step']:.1f} kernel launches outside graphs; dynamo {counters}")
         print(row.pop("table"), flush=True)
+        for kernel in row["top_device_kernels"]:
+            print(f"  {kernel['device_us_per_step']:9.1f} us/step  {kernel['count_per_step']:6.1f}x  {kernel['kernel']}")
     summary = {"benchmark": "batch_profile", "device": common.device_name(args.device), "target": args.target,
                "draft": args.draft, "gamma": args.gamma, "dtype": dtype, "graphs": args.graphs, "compile": args.compile,
                "torch": torch.__version__, "rows": results, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
