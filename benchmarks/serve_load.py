@@ -58,15 +58,17 @@ def free_port() -> int:
 
 
 def start_server(args, server: str, log_path: Path) -> tuple[subprocess.Popen, str]:
-    """Start `speculant serve` for a server spec DRAFT[@GAMMA] (gamma: --gamma unless given)."""
-    draft, _, gamma = server.partition("@")
+    """Start `speculant serve` for a server spec DRAFT[@GAMMA][+FLAG...] (gamma: --gamma unless given;
+    each +FLAG adds --FLAG to the command, e.g. default@auto+no-solo)."""
+    base, *flags = server.split("+")
+    draft, _, gamma = base.partition("@")
     port = free_port()
     command = [sys.executable, "-c", "import sys; from speculant.cli import main; sys.exit(main(sys.argv[1:]))",
                "serve", "--target", args.target, "--draft", draft, "--gamma", gamma or args.gamma,
                "--device", args.device,
                "--dtype", args.dtype, "--max-seq-len", str(args.max_seq_len), "--port", str(port),
                "--max-batch", str(max(args.concurrency)), "--max-waiting", "1024",
-               "--compile" if args.compile else "--no-compile"]
+               "--compile" if args.compile else "--no-compile"] + [f"--{flag}" for flag in flags]
     log = open(log_path, "w")  # noqa: SIM115  (the server writes to it until it is stopped)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -153,10 +155,11 @@ def round_size(concurrency: int, args) -> int:
 
 
 def parse_server(server: str, args) -> tuple[str, int | str]:
-    """(draft, gamma) of a server spec DRAFT[@GAMMA], gamma parsed as `speculant serve --gamma` does."""
+    """(draft, gamma) of a server spec DRAFT[@GAMMA][+FLAG...], gamma parsed as `speculant serve --gamma`
+    does (the flags change how the server runs the pair, not the pair: one single-request reference)."""
     from speculant.adaptive import parse_gamma
 
-    draft, _, gamma = server.partition("@")
+    draft, _, gamma = server.split("+")[0].partition("@")
     return draft, parse_gamma(gamma or args.gamma)
 
 
@@ -174,9 +177,13 @@ def single_request(args, servers: list[str]) -> dict[str, dict]:
     specs = list(dict.fromkeys(servers))
     if not any(s.partition("@")[0] == "none" for s in specs):
         specs.append("none")
-    results = {}
+    results, done = {}, {}
     for server in specs:
         draft, gamma = parse_server(server, args)
+        if (draft, gamma) in done:  # the same pair, served with other flags
+            results[server] = dict(results[done[draft, gamma]])
+            continue
+        done[draft, gamma] = server
         # what `speculant serve --target T --draft D --gamma G --device --dtype --max-seq-len` loads
         spec = speculant.load(target=args.target, draft=draft, gamma=gamma, device=args.device, dtype=args.dtype,
                               max_seq_len=args.max_seq_len)

@@ -391,14 +391,16 @@ class Speculant:
         ]
         return out
 
-    def batch_engine(self, max_batch: int = 64, graphs: bool = False, compile: bool = False):
+    def batch_engine(self, max_batch: int = 64, graphs: bool = False, compile: bool = False, solo: bool = False):
         """A speculant.batching.BatchEngine over this target, draft and γ, for up to `max_batch` requests
         at once; `graphs`: each step as one CUDA graph per (batch bucket, Γ, sampling params), prefills
         per size (speculant.row_step); `compile`: the row forwards in them through torch.compile (off
         by default; `speculant serve` turns it on where its steps are CUDA graphs). `auto`: a fresh
         LoadGamma over this machine's batched step costs (batch_step_costs), so that the same requests
         give the same tokens on every engine. In bit-exact mode each row runs its own exact forwards
-        (one per row per step: speculant.batching), without graphs."""
+        (one per row per step: speculant.batching), without graphs. `solo` (under `auto`, not bit-exact):
+        while a request runs alone it runs this object's single-request engine (solo_steps: its
+        stepper, fused on CUDA, and its γ policy) instead of a batch of one row."""
         from speculant.batching import BatchEngine, LoadGamma, check_max_batch
 
         if self.bit_exact and graphs:
@@ -411,8 +413,19 @@ class Speculant:
                              "(one level, one candidate, no lookup branch)")
         check_max_batch(max_batch)
         policy = LoadGamma(self.batch_step_costs(max_batch, graphs, compile)) if self.gamma == "auto" else None
+        solo = solo and self.gamma == "auto" and not self.bit_exact
         return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs,
-                           exact=self.exact_target, compile=compile)
+                           exact=self.exact_target, compile=compile, solo=self.solo_steps if solo else None)
+
+    def solo_steps(self, context: list[int], request, seed: int, max_new_tokens: int):
+        """The single-request engine's steps for a batched engine's lone request (a
+        speculant.batching.BatchRequest with `context` so far and `max_new_tokens` left): this
+        object's stepper and a fresh `auto` policy, draws from a generator of `seed` on the device."""
+        generator = torch.Generator(device=self.target.model.device)
+        generator.manual_seed(seed)
+        return generate(self.target.model, self.drafter, context, gamma=self.gamma_policy(request.params),
+                        params=request.params, max_new_tokens=max_new_tokens, stop_ids=request.stop_ids,
+                        generator=generator, stepper=self.stepper)
 
     def batch_step_costs(self, max_batch: int, graphs: bool, compile: bool = False) -> BatchStepCosts:
         """This machine's batched step costs for the pair at `max_batch` rows: timed once through an

@@ -71,7 +71,7 @@ batch: throughput no longer grows with the batch on the target's side. Eager ste
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +79,7 @@ import torch
 from speculant.adaptive import BatchStepCosts, batch_bucket, nominal_batch_costs
 from speculant.analysis import GenerationStats
 from speculant.drafters.base import RowDrafter
-from speculant.engine import check_request
+from speculant.engine import Step, check_request
 from speculant.exact_target import ExactRows, ExactTarget
 from speculant.models.base import synchronize
 from speculant.models.transformer import LeanModel, RowKVCache
@@ -205,6 +205,8 @@ class _Row:
     stats: GenerationStats
     stop: frozenset[int]
     decode_start: float = 0.0
+    steps: Iterator[Step] | None = None  # the single-request engine's steps while the request runs solo
+    seen: dict | None = None  # the solo steps' counters already added to `stats`
 
 
 @dataclass(frozen=True)
@@ -238,7 +240,8 @@ class BatchEngine:
 
     def __init__(self, target: LeanModel, drafter_factory: Callable[[int, RowKVCache], RowDrafter] | None,
                  gamma: int | str = 4, max_batch: int = 64, policy: LoadGamma | None = None,
-                 graphs: bool = False, exact: ExactTarget | None = None, compile: bool = False) -> None:
+                 graphs: bool = False, exact: ExactTarget | None = None, compile: bool = False,
+                 solo: SoloSteps | None = None) -> None:
         if not isinstance(target, LeanModel):
             raise ValueError("batched decoding needs a lean target (llama / gemma3 families)")  # noqa: TRY004
         if exact is not None and (exact.model is not target or graphs):
@@ -266,6 +269,11 @@ class BatchEngine:
             self.gamma, self.policy = 0, None
         self.row_step = RowStep(target, self.cache, drafter, self.gamma + 1, static=graphs, exact=self.exact,
                                 compile=compile)
+        if solo is not None and (self.policy is None or exact is not None):
+            raise ValueError("a lone request runs solo (the single-request engine) only under gamma 'auto', "
+                             "not in bit-exact mode")
+        self.solo_steps = solo
+        self.solo: _Row | None = None  # the one request, running solo
         self.rows: list[_Row] = []  # running, packed: row b sits in cache row b
         self.waiting: list[_Row] = []
         self.pending: list[RowUpdate] = []  # cancellations, reported by the next step
@@ -279,7 +287,7 @@ class BatchEngine:
     @property
     def num_running(self) -> int:
         """Requests not finished: running rows and those waiting for a row."""
-        return len(self.rows) + len(self.waiting)
+        return len(self.rows) + len(self.waiting) + (self.solo is not None)
 
     def warm_up(self, params: list[SamplingParams] | None = None, max_prompt: int | None = None) -> WarmUp:
         """Make, before any request, every static function (CUDA: graph, and the compiles of the row
@@ -296,6 +304,20 @@ class BatchEngine:
         start = time.perf_counter()
         made = self.row_step.warm_up(list(range(self.gamma + 1)), sets, self.max_batch, max_prompt)
         return WarmUp(time.perf_counter() - start, made, self.row_step.captured)
+
+    def warm_up_solo(self, params: list[SamplingParams] | None = None, tokens: int = 16) -> float:
+        """Run the single-request engine of lone requests once per params set (default: SamplingParams())
+        on a dummy request of `tokens` new tokens, before any request: its graph captures and compiles,
+        and `auto`'s step costs (measured once per machine, then read from the cache). Returns the
+        seconds it took; 0 without a solo engine."""
+        if self.solo_steps is None:
+            return 0.0
+        start = time.perf_counter()
+        prompt = [t % self.target.vocab_size for t in range(1, 9)]
+        for p in params if params is not None else [SamplingParams()]:
+            for _ in self.solo_steps(prompt, BatchRequest(prompt, p, tokens), 0, tokens):
+                pass
+        return time.perf_counter() - start
 
     def add(self, request: BatchRequest) -> int:
         """Queue a request; returns its id. Bad requests raise ValueError (ContextOverflowError for a
@@ -330,6 +352,9 @@ class BatchEngine:
     def cancel(self, request_id: int) -> None:
         """Free the request's row at once; the next step reports it "cancelled". Unknown or finished ids
         are ignored (a request may finish while its cancellation is on its way)."""
+        if self.solo is not None and self.solo.request_id == request_id:
+            self.pending.append(self._finish(self._stop_solo(), "cancelled"))
+            return
         for i, row in enumerate(self.waiting):
             if row.request_id == request_id:
                 del self.waiting[i]
@@ -350,6 +375,10 @@ class BatchEngine:
             raise ValueError(f"a step's gamma must be an integer in 0..{self.gamma} (the engine's longest), "
                              f"got {gamma!r}")
         updates, self.pending = self.pending, []
+        if self._runs_solo(gamma):
+            return updates + self._solo_step()
+        if self.solo is not None:  # others came: the solo request joins the batch first, its context prefilled
+            self.waiting.insert(0, self._stop_solo())
         joining = []
         while self.waiting and len(self.rows) + len(joining) < self.max_batch:
             row = self.waiting.pop(0)
@@ -441,8 +470,52 @@ class BatchEngine:
         self.row_step.prefill([row.context for row in joining])
         synchronize(self.target.device)
         for row in joining:
-            row.stats.prefill_time = time.perf_counter() - start  # the batch's prefill, shared
-            row.decode_start = time.perf_counter()
+            if not row.decode_start:  # a request back from solo keeps its first prefill and start
+                row.stats.prefill_time = time.perf_counter() - start  # the batch's prefill, shared
+                row.decode_start = time.perf_counter()
+
+    # ---- a lone request ------------------------------------------------------------------------------
+
+    def _runs_solo(self, gamma: int | None) -> bool:
+        """Whether this step runs the one request solo: a solo engine, a policy step (a forced Γ
+        times the batched step), and one request in all, with no log-probabilities asked for (the
+        single-request engine's fused steps keep no logits)."""
+        if self.solo_steps is None or gamma is not None or self.num_running != 1:
+            return False
+        row = self.solo or (self.waiting or self.rows)[0]
+        return row.request.logprobs is None and row.request.max_new_tokens > row.stats.new_tokens
+
+    def _solo_step(self) -> list[RowUpdate]:
+        """One step of the single-request engine for the lone request (started here if it was waiting
+        or batched: its row is freed, and the single-request engine prefills its context)."""
+        if self.solo is None:
+            row = self.waiting.pop(0) if self.waiting else self._remove(0)
+            # Its own seed, drawn from the request's generator: the draws after it (solo or back in a
+            # row) are a fresh stream, never the uniforms that already made its tokens.
+            seed = int(torch.randint(0, 2**62, (), generator=row.generator))
+            row.steps = self.solo_steps(row.context, row.request, seed, row.request.max_new_tokens - row.stats.new_tokens)
+            row.seen = {}
+            if not row.decode_start:
+                row.decode_start = time.perf_counter()
+            self.solo = row
+        row = self.solo
+        step = next(row.steps, None)
+        if step is not None:
+            _absorb(row.stats, step.stats, row.seen)
+            emitted, reason = self._commit(row, step.tokens)
+        else:  # the single-request engine stopped without a step: the context is full
+            emitted, reason = [], "context" if len(row.context) >= self.target.max_seq_len else "length"
+        if reason:
+            row.stats.finish_reason = reason
+            self._stop_solo()
+        return [RowUpdate(row.request_id, emitted, None, reason, row.stats)]
+
+    def _stop_solo(self) -> _Row:
+        """End the lone request's solo run (its single-request steps are closed); returns its row."""
+        row, self.solo = self.solo, None
+        row.steps.close()
+        row.steps = None
+        return row
 
     def _remove(self, b: int) -> _Row:
         """Take row b out; the last row moves into its place (cache rows and drafter state)."""
@@ -475,3 +548,31 @@ def _logprobs(logits: torch.Tensor, rows: list[int], top: list[int]) -> dict[int
     values, ids = values.tolist(), ids.tolist()
     return {b: (logprobs[i], [list(zip(ids[i][j][:top[i]], values[i][j][:top[i]])) for j in range(len(ids[i]))])
             for i, b in enumerate(rows)}
+
+
+# (context, request, seed, new tokens left) -> the single-request engine's steps for that request
+SoloSteps = Callable[[list[int], BatchRequest, int, int], Iterator[Step]]
+
+_COUNTERS = ("target_calls", "drafted", "accepted", "rejections", "alternatives_kept", "lookup_tokens",
+             "draft_time", "target_time")
+
+
+def _absorb(stats: GenerationStats, solo: GenerationStats, seen: dict) -> None:
+    """Add to a request's stats what its solo steps counted since the last call (`solo`: the
+    single-request engine's running totals; `seen`: how much of them `stats` holds already)."""
+    for name in _COUNTERS:
+        value = getattr(solo, name)
+        setattr(stats, name, getattr(stats, name) + value - seen.get(name, 0))
+        seen[name] = value
+    for name in ("drafted_by_position", "accepted_by_position"):
+        mine, theirs, before = getattr(stats, name), getattr(solo, name), seen.get(name, [])
+        for i, value in enumerate(theirs):
+            delta = value - (before[i] if i < len(before) else 0)
+            if i < len(mine):
+                mine[i] += delta
+            else:
+                mine.append(delta)
+        seen[name] = list(theirs)
+    history = seen.get("gamma_history", 0)
+    stats.gamma_history.extend(solo.gamma_history[history:])
+    seen["gamma_history"] = len(solo.gamma_history)

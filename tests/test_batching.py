@@ -525,3 +525,117 @@ def test_load_gamma_finds_long_drafts_behind_a_fixed_drafting_cost():
     policy = LoadGamma(costs)
     settle(policy, 1, alpha=0.6, steps=40)
     assert policy.best(1, [(60, 100)]) >= 3
+
+
+# ================================================================ a lone request runs solo
+
+
+def solo_factory(kind, weights, draft_weights, calls: list, max_seq_len: int = 128):
+    """A solo engine over the single-request loop (speculant.engine.generate: the tiny pair's own
+    target and drafter, a fixed γ 3 policy stand-in) that records each start: (context length, left)."""
+    target, drafter, _ = pair(kind, weights, draft_weights, max_seq_len)
+
+    def solo(context, request, seed, left):
+        calls.append((len(context), left))
+        return generate(target, drafter, context, gamma=3, params=request.params, max_new_tokens=left,
+                        stop_ids=request.stop_ids, generator=torch.Generator().manual_seed(seed))
+
+    return solo
+
+
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_a_lone_request_runs_solo_and_joins_the_batch_when_others_come(kind, llama, draft_weights):
+    """Greedy: a request alone runs the single-request engine; a second one arriving moves it into the
+    batch (its context prefilled there); alone again, it goes back to solo. Every output is plain
+    greedy decoding's, and the stats count every step of both engines."""
+    calls = []
+    target, _, factory = pair(kind, llama, draft_weights)
+    engine = BatchEngine(target, factory, gamma="auto", max_batch=4, solo=solo_factory(kind, llama, draft_weights, calls))
+    requests = [BatchRequest(PROMPTS[0], GREEDY, 40), BatchRequest(PROMPTS[1], GREEDY, 6)]
+    finals = {}
+    ids, out, step = {}, {}, 0
+    while step <= 2 or engine.num_running:
+        if step in (0, 2):
+            ids[engine.add(requests[step // 2])] = step // 2
+        for update in engine.step():
+            i = ids[update.request_id]
+            out[i] = out.get(i, []) + update.tokens
+            if update.finished:
+                finals[i] = (update.finished, update.stats)
+        step += 1
+    plain = run_batch(BatchEngine(LeanModel(llama, max_seq_len=128), None, gamma=0), requests)
+    assert {i: (out[i], finals[i][0]) for i in out} == plain
+    assert calls[0] == (len(PROMPTS[0]), 40)  # solo from the start
+    assert len(calls) == 2 and calls[1][0] > len(PROMPTS[0]) and calls[1][1] < 40  # back to solo, mid-way
+    stats = finals[0][1]
+    assert stats.new_tokens == 40 and stats.drafted > 0 and stats.target_calls <= 40
+    assert sum(stats.drafted_by_position) == stats.drafted and len(stats.gamma_history) == stats.target_calls
+
+
+def test_a_solo_request_can_be_cancelled_and_bad_solo_settings_are_refused(llama, draft_weights):
+    calls = []
+    target, _, factory = pair("model", llama, draft_weights)
+    solo = solo_factory("model", llama, draft_weights, calls)
+    engine = BatchEngine(target, factory, gamma="auto", solo=solo)
+    request_id = engine.add(BatchRequest(PROMPTS[0], GREEDY, 30))
+    assert engine.step()[0].finished is None and engine.solo is not None
+    engine.cancel(request_id)
+    assert engine.num_running == 0 and [u.finished for u in engine.step()] == ["cancelled"]
+    with pytest.raises(ValueError, match="only under gamma 'auto'"):
+        BatchEngine(target, factory, gamma=3, solo=solo)
+
+
+def test_a_request_moving_between_solo_and_the_batch_follows_the_exact_target_law(law_pair, gof):
+    """Each request starts alone (solo: the single-request loop), then a companion joins after its
+    first step, moving it into the batch (γ auto's rows), and it may end solo again once the companion
+    is done: chi-square of its (t1, t2, t3) against the exact law, top-p. A broken solo engine that
+    samples the draft's law instead of the target's must be caught by the same test."""
+    target, draft = law_pair
+
+    def run(solo_target) -> np.ndarray:
+        def solo(context, request, seed, left):
+            drafter = FeatureDrafter(draft, target)
+            return generate(solo_target, drafter, context, gamma=2, params=request.params, max_new_tokens=left,
+                            stop_ids=request.stop_ids, generator=torch.Generator().manual_seed(seed))
+
+        engine = BatchEngine(target, FeatureDrafter(draft, target).rows, gamma="auto", max_batch=4, solo=solo)
+        out = np.zeros((LAW_RUNS, 3), dtype=np.int64)
+        for i in range(LAW_RUNS):
+            subject = engine.add(BatchRequest(LAW_PROMPT, TOP_P, 3, seed=i))
+            tokens = []
+            for step in range(10):
+                if step == 1:
+                    engine.add(BatchRequest(LAW_PROMPT, TOP_P, 2, seed=LAW_RUNS + i))
+                tokens += [t for u in engine.step() if u.request_id == subject for t in u.tokens]
+                if not engine.num_running:
+                    break
+            out[i] = tokens
+        return out @ np.array([VOCAB**2, VOCAB, 1])
+
+    law = exact_law(target, TOP_P, 3, gof).ravel()
+    assert gof.chi_square(run(target), law).pvalue >= gof.SIGNIFICANCE
+    # the negative control: a solo engine that decodes with another model's law (a bug that hands the
+    # lone request the wrong target) moves t1 off the law
+    wrong = LeanModel(random_weights(tiny_config(vocab_size=VOCAB, num_layers=2), seed=99, scale=2.0),
+                      max_seq_len=target.max_seq_len)
+    assert gof.chi_square(run(wrong), law).pvalue < gof.SIGNIFICANCE
+
+
+def test_the_api_solo_engine_is_the_speculants_single_request_engine(llama):
+    """Speculant.batch_engine(solo=True) under auto: a lone request runs Speculant.solo_steps (its own
+    drafter and γ policy), greedy tokens equal to plain decoding's; with a fixed γ solo stays off."""
+    from pathlib import Path
+
+    from speculant.api import Speculant
+    from speculant.models.registry import LoadedModel
+
+    loaded = LoadedModel(name="tiny", source="", source_hash="", folder=Path("."),
+                         model=LeanModel(llama, max_seq_len=128), weights=llama, tokenizer=None, config=llama.cfg,
+                         arch="llama", context_length=128, num_params=0, weight_bytes=0)
+    spec = Speculant(loaded, ["layers:1"], gamma="auto", fused=False)
+    engine = spec.batch_engine(max_batch=4, solo=True)
+    assert engine.solo_steps is not None and engine.warm_up_solo() > 0
+    out = run_batch(engine, [BatchRequest(PROMPTS[2], GREEDY, 12)])
+    plain = run_batch(BatchEngine(LeanModel(llama, max_seq_len=128), None, gamma=0), [BatchRequest(PROMPTS[2], GREEDY, 12)])
+    assert out == plain
+    assert Speculant(loaded, ["layers:1"], gamma=3, fused=False).batch_engine(solo=True).solo_steps is None

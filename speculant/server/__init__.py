@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "several compiles of one layer in the warm-up. "
                             "Default: on where the steps are captured as CUDA graphs (CUDA), off elsewhere; "
                             "--no-compile turns it off")
+    serve.add_argument("--solo", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --gamma auto: a request that runs alone runs the single-request engine (the "
+                            "fused step on CUDA, with its own gamma auto) instead of a batch of one row; it joins the batch when others come (--no-solo: always batched)")
     serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                        help="with graphs on CUDA, capture every step and prefill graph (and compile the forwards "
                             "they hold) before answering; /health answers once this is done")
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
                           dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
                           lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact)
     graphs, compile = engine_options(args, spec.target.model.device.type)
-    engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs, compile=compile)
+    engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs, compile=compile, solo=args.solo)
     metrics = ServerMetrics()
     row_step = engine.row_step
     steps = "captured as CUDA graphs" if row_step.pool is not None else "static, run eagerly" if graphs else "eager"
@@ -113,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"speculant serve: warm-up {warm.seconds:.1f} s: {warm.functions} step and prefill functions, "
               f"{warm.captured} CUDA graphs, {row_step.compile_fallbacks} compile fallbacks", file=sys.stderr,
               flush=True)
+    if engine.solo_steps is not None and args.warm_up:
+        from speculant.sampling import SamplingParams
+
+        seconds = engine.warm_up_solo([SamplingParams(), SamplingParams(temperature=0.0)])
+        print(f"speculant serve: lone requests run the single-request engine (warmed up in {seconds:.1f} s)",
+              file=sys.stderr, flush=True)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
     state = ServerState(spec=spec, model_names=names, max_seq_len=spec.target.model.max_seq_len,
                         engine=EngineThread(engine, spec.tokenizer, metrics, args.max_batch, args.max_waiting),
