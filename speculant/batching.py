@@ -59,6 +59,13 @@ draft model (ModelDrafter.rows: a model, layers:N, a distilled draft) and the fe
 (FeatureDrafter.rows); hierarchical chains, several candidates per position and the lookup branch
 run single-request only (Speculant.batch_engine refuses them with a clear error).
 
+A lone request (`solo`, under `auto`). While one request is all the engine holds, it runs the
+single-request engine instead (a SoloSteps factory: speculant.api.Speculant.solo_steps, the fused
+step on CUDA with its own γ policy), from its context so far, drawing from a seed taken from its own
+generator; when another request comes, the solo run is closed and the request joins the batch, its
+context prefilled into a row. Every step, solo or batched, is an exact step given the context, so
+the law is unchanged; which engine ran a step depends on the other requests, as Γ does under `auto`.
+
 Bit-exact mode (`exact`, an exact_target.ExactTarget): every row's cache is laid out as the model's
 own (exact_target.ExactRows) and its prefill and verification run through the bit-exact forward with
 that cache swapped into the model, one row at a time, so a request's logits are the bits it gets
