@@ -27,7 +27,9 @@
 #   qwen, qwen-triton, qwen-hf   the Qwen2.5-Coder pair (issue 18; first the staging calls that
 #              ../shared/gpu/stage-qwen 1.5b and 0.5b print, /root/w/qwen-{1.5b,0.5b}.gguf): our rows on
 #              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,
-#              prompt lookup, static cache + compile)
+#              prompt lookup, static cache + compile). Our fused steps compile one layer for all layers
+#              (QWEN_COMPILE=layers, the default here; =whole for whole forwards: on 2026-12-06 the 0.5B
+#              chain's whole-forward compiles had not finished its first pass after 370 s on an H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
@@ -83,7 +85,7 @@ case "$part" in
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
     limit 560 python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
-      --groups "$groups" --kernels "$kernels" \
+      --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} \
       --rows "ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

@@ -52,7 +52,7 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.exact_target import ExactTarget
-from speculant.fused import FusedStepper, fused_stepper
+from speculant.fused import FusedStepper, check_compile, fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
 from speculant.models.exact_attention import check_exact_width
@@ -94,7 +94,9 @@ class Speculant:
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
                  inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-                 bit_exact: bool = False, kernels: str = "torch") -> None:
+                 bit_exact: bool = False, kernels: str = "torch", compile: bool | str | None = None) -> None:
+        """`compile`: how the fused step's forwards compile (speculant.fused.check_compile: False, True
+        or "layers"); None: the fused step's default (whole forwards)."""
         self.target = target
         self.tokenizer = target.tokenizer
         self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
@@ -122,6 +124,8 @@ class Speculant:
         special = bit_exact or kernels == "triton"
         options = {"bit_exact": bit_exact, "kernels": kernels, "compile": target.model.device.type == "cuda"} \
             if special else {}
+        if compile is not None:
+            options["compile"] = check_compile(compile)
         self.stepper: Stepper | None = fused_stepper(target.model, self.drafter, **options) if fused else None
         self.plain_stepper = fused_stepper(target.model, NoDrafter(), **options) if fused else None
         # bit-exact mode's target for the generic step (a hierarchy, a draft through transformers, logprobs):

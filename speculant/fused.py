@@ -65,6 +65,7 @@ import gc
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
@@ -82,23 +83,65 @@ from speculant.models.triton_forward import TritonForward, draft_kernels, target
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
 
+COMPILE_MODES = (False, True, "layers")
 
-def _compiled(owner, key: tuple, forward: Callable, compile: bool) -> Callable:
+
+def check_compile(compile) -> bool | str:
+    """A FusedStepper's `compile`: False (eager forwards), True (each whole forward through
+    torch.compile) or "layers" (regional: LeanModel.compile_layers, one compiled decoder layer for
+    all layers and the rest eager: a compile costs one layer's time, not the whole model's)."""
+    if not any(compile is mode or (isinstance(compile, str) and compile == mode) for mode in COMPILE_MODES):
+        raise ValueError(f"compile must be False, True or 'layers', got {compile!r}")
+    return compile
+
+
+def _compiled(owner, key: tuple, forward: Callable, compile: bool | str) -> Callable:
     """`forward`, through torch.compile if `compile` (it fuses the elementwise ops: fewer kernels per
     graph), kept on `owner` (the model) under `key` the first time: every stepper over the same model
-    then shares the compiled code (a later call's `forward`, the same function, is dropped)."""
+    then shares the compiled code (a later call's `forward`, the same function, is dropped).
+    compile="layers": the forward stays eager around the owner's compiled decoder layer (a LeanModel's
+    compile_layers)."""
     cached, key = owner.__dict__.setdefault("_compiled_forwards", {}), (*key, compile)
     if key not in cached:
-        cached[key] = torch.compile(forward) if compile else forward
+        if compile == "layers" and isinstance(owner, LeanModel):
+            owner.compile_layers()
+            cached[key] = forward
+        else:
+            cached[key] = torch.compile(forward) if compile else forward
     return cached[key]
 
 
-# torch.compile options for the sampling functions. No pointwise concatenation: on CUDA inductor may
-# lower a small torch.cat as one pointwise kernel whose index is Identity(i - start); where that index
-# folds to a constant (a piece of length 1), torch 2.11's Triton printer fails on it (sympy:
-# "'Identity' object has no attribute '_prec'", or a RecursionError), seen on an H100 and an H200 for
-# the K 4 tree without a lookup branch. A copy kernel per piece instead (inductor's choice on the CPU).
+# No pointwise concatenation in the sampling functions: on CUDA inductor may lower a small torch.cat
+# as one pointwise kernel whose index is Identity(i - start); where that index folds to a constant (a
+# piece of length 1), torch 2.11's Triton printer fails on it (sympy: "'Identity' object has no
+# attribute '_prec'", or a RecursionError), seen on an H100 and an H200 (the K 4 tree without a lookup
+# branch, the n-gram chain of the Qwen pair). A copy kernel per piece instead (inductor's choice on
+# the CPU). Newer inductors take options for it (set to 0 here); torch 2.11 decides with a constant (up
+# to 8 pieces always may go pointwise), so its lowering's pointwise_cat is also swapped for the copy
+# kernels while a sampling function compiles (_concat_kernels_only).
 NO_POINTWISE_CAT = ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs")  # inductor options, set to 0
+
+
+@contextmanager
+def _concat_kernels_only():
+    """While inside: inductor lowers every torch.cat to copy kernels (ConcatKernel), never to one
+    pointwise kernel (see NO_POINTWISE_CAT). Lowering runs in this process, at a compiled function's
+    first call for a shape, so a call inside this block compiles that way."""
+    from torch._inductor import ir, lowering
+
+    original = getattr(lowering, "pointwise_cat", None)
+    if original is None or not hasattr(ir, "ConcatKernel"):  # another inductor: its options do it
+        yield
+        return
+
+    def concat_kernel(inputs, dim=0):
+        return ir.TensorBox(ir.ConcatKernel.create(inputs, dim))
+
+    lowering.pointwise_cat = concat_kernel
+    try:
+        yield
+    finally:
+        lowering.pointwise_cat = original
 
 
 def _compiled_or_eager(function: Callable, failures: dict[str, str]) -> Callable:
@@ -115,7 +158,8 @@ def _compiled_or_eager(function: Callable, failures: dict[str, str]) -> Callable
     def call(*args):
         if name not in failures:
             try:
-                return compiled(*args)
+                with _concat_kernels_only():
+                    return compiled(*args)
             except Exception as error:
                 if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                     raise
@@ -172,7 +216,7 @@ def static_feature_forward(draft: FeatureDraft, compile: bool):
         hidden = draft.feature_hidden(tokens, features, positions, kv_len=draft.max_seq_len)
         return draft.logits(hidden), hidden
 
-    return _compiled(draft, ("features",), forward, compile)
+    return _compiled(draft, ("features",), forward, bool(compile))  # its own layer loop: compiled whole
 
 
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:
@@ -206,13 +250,14 @@ class FusedStepper:
     """
 
     def __init__(self, target: LeanModel, draft_model: LeanModel | None = None,
-                 ngram: NgramDrafter | None = None, compile: bool = True, use_graphs: bool | None = None,
+                 ngram: NgramDrafter | None = None, compile: bool | str = True, use_graphs: bool | None = None,
                  plain_chunk: int = 4, candidates: int = 1, lookup: int = 0, run_ahead: bool | None = None,
                  bit_exact: bool = False, kernels: str = "torch") -> None:
         self.target = target
         self.draft_model = draft_model
         self.ngram = ngram
         self.device = target.device
+        self.compile = compile = check_compile(compile)  # see check_compile; the sampling functions compile either way
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         # Plain decoding (γ = 0 asked for) runs up to `plain_chunk` tokens per graph replay: the
         # host work of a step (input copies, random numbers, launch, the read-back) is paid once
@@ -271,7 +316,7 @@ class FusedStepper:
         self.widest = 0  # the longest step (γ or lookup branch) asked for so far: the feature window's size
         # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
-        self.compile_sampling = compile
+        self.compile_sampling = bool(compile)
         self.eager_sampling: dict[str, str] = {}  # a sampling function whose compile failed -> the error
         self.samplers: dict = {}
         self.graphs: dict = {}
@@ -338,8 +383,7 @@ class FusedStepper:
         ids = torch.tensor(tokens, device=self.device)
         positions = torch.arange(start, start + len(tokens), device=self.device)
         if len(tokens) > 1:  # one compiled graph for every length >= 2, not one per prompt length
-            torch._dynamo.mark_dynamic(ids, 0)
-            torch._dynamo.mark_dynamic(positions, 0)
+            self._mark_dynamic(ids, positions)
         with torch.inference_mode():
             fn(ids, positions) if features is None else fn(ids, features, positions)
 
@@ -354,14 +398,21 @@ class FusedStepper:
 
         def body(tokens, uniforms):
             positions = start + self.offsets[:bucket]
-            for tensor in (tokens, positions) + ((features,) if with_features else ()):
-                torch._dynamo.mark_dynamic(tensor, 0)
+            self._mark_dynamic(tokens, positions, *((features,) if with_features else ()))
             if features is None:
                 return fn(tokens, positions)[-1:]
             return fn(tokens, features, positions)[0][-1:]
 
         body.start, body.features = start, features
         return body
+
+    def _mark_dynamic(self, *tensors: torch.Tensor) -> None:
+        """Mark dim 0 of a prefill's inputs dynamic where the forwards compile whole (compile=True):
+        one compile serves every length. Regionally compiled layers (compile="layers") see these
+        tensors through the eager code around them, which fixes some of their shapes: no marks."""
+        if self.compile is True:
+            for tensor in tensors:
+                torch._dynamo.mark_dynamic(tensor, 0)
 
     def _catch_up_draft(self, context: list[int], upto: int) -> None:
         """Make draft positions < upto valid (after the prompt, or when steps without drafting,
@@ -373,7 +424,7 @@ class FusedStepper:
         if self.features:
             features = self.target.features[start:upto]
             if upto - start > 1:
-                torch._dynamo.mark_dynamic(features, 0)
+                self._mark_dynamic(features)
             self._prefill(self.draft_fn, context[start + 1 : upto + 1], start, features)
         else:
             self._prefill(self.draft_fn, context[start:upto], start)

@@ -321,3 +321,53 @@ def test_after_a_sampling_function_falls_back_the_graphs_captured_before_are_dro
         assert _run(target, stepper, prompt, 3, GREEDY, 16)[0] == expected
     assert set(stepper.eager_sampling) == {"finish"}
     assert runners_before and not any(runner in stepper.graphs.values() for runner in runners_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_regionally_compiled_forwards_give_the_eager_tokens(device):
+    """compile="layers" (one compiled decoder layer for all layers of the target and of a draft model,
+    the forwards eager around it: the mode that keeps a large pair's compiles short): the target and
+    the draft hold a compiled layer, and greedy and seeded sampled tokens equal the eager stepper's."""
+    weights, _ = _models(device)
+    prompt = [1, 2, 3, 4, 5, 1, 2, 3]
+    runs = {}
+    for compile in (False, "layers"):
+        target, draft = LeanModel(weights, max_seq_len=96), LeanModel(weights, max_seq_len=96, num_layers=2)
+        stepper = FusedStepper(target, draft, compile=compile, use_graphs=False)
+        runs[compile] = [_run(target, stepper, prompt, 3, params, 20, seed=4)[0]
+                         for params in (GREEDY, SamplingParams(temperature=0.8))]
+        assert ("_layer" in target.__dict__) == ("_layer" in draft.__dict__) == (compile == "layers")
+    assert runs["layers"] == runs[False]
+    with pytest.raises(ValueError, match="compile must be False, True or 'layers'"):
+        FusedStepper(target, draft, compile="whole")
+
+
+def test_a_sampling_function_compiles_its_concatenations_to_copy_kernels(monkeypatch):
+    """torch 2.11's inductor may lower a small torch.cat to one pointwise kernel whose Identity index
+    its Triton printer fails on (fused.NO_POINTWISE_CAT): while a sampling function compiles, cat is
+    lowered to copy kernels. Here inductor is told to lower every cat pointwise (force_pointwise_cat,
+    the CUDA choice forced on the CPU): the pointwise lowering never runs, the result is eager's, and
+    the lowering is restored afterwards."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor import lowering
+
+    from speculant import fused
+
+    pointwise = []
+    original = lowering.pointwise_cat
+
+    def watched(*args, **kwargs):
+        pointwise.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(lowering, "pointwise_cat", watched)
+    monkeypatch.setattr(inductor_config, "force_pointwise_cat", True)
+    failures = {}
+
+    def tail(a, b):
+        return torch.cat([torch.stack([a.sum(), b.max()]), a * 2, b[:1] + 1])
+
+    compiled = fused._compiled_or_eager(tail, failures)
+    a, b = torch.arange(5.0), torch.tensor([3.0, -1.0])
+    assert torch.equal(compiled(a, b), tail(a, b))
+    assert not failures and not pointwise and lowering.pointwise_cat is watched
