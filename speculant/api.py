@@ -46,7 +46,7 @@ from speculant.adaptive import (
 )
 from speculant.analysis import GenerationStats
 from speculant.calibrate import batch_step_costs, measure_batch_costs, measure_costs, setup_key, step_costs
-from speculant.chain import backend_of, build_chain, embedded_draft_folder
+from speculant.chain import backend_of, build_chain, chain_rows, embedded_draft_folder
 from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -411,13 +411,16 @@ class Speculant:
             raise ValueError("bit-exact batching runs each row's exact forward on its own cache, eagerly: no graphs")
         if self.kernels != "torch":
             raise ValueError("batched decoding runs torch's kernels, not kernels='triton': run requests one by one")
+        solo = solo and self.gamma == "auto" and not self.bit_exact
         rows = getattr(self.drafter, "rows", None)
+        if rows is None and solo:  # candidates or a lookup branch: the lone request's; the batch drafts the chain
+            rows = chain_rows(self.drafter)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
-                             "(one level, one candidate, no lookup branch)")
+                             "(one level, one candidate, no lookup branch; with gamma auto, a lone request "
+                             "runs solo with candidates and a lookup branch, the batch their chain)")
         check_max_batch(max_batch)
         policy = LoadGamma(self.batch_step_costs(max_batch, graphs, compile)) if self.gamma == "auto" else None
-        solo = solo and self.gamma == "auto" and not self.bit_exact
         return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs,
                            exact=self.exact_target, compile=compile, solo=self.solo_steps if solo else None)
 
@@ -445,7 +448,8 @@ class Speculant:
                                            0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)
 
             def measure() -> dict[int, tuple[float, ...]]:
-                engine = BatchEngine(model, self.drafter.rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
+                rows = getattr(self.drafter, "rows", None) or chain_rows(self.drafter)  # what the batch drafts
+                engine = BatchEngine(model, rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
                                      graphs=graphs, exact=self.exact_target, compile=compile)
                 return measure_batch_costs(engine, BATCH_MAX_GAMMA)
 

@@ -232,3 +232,12 @@ def _json_readable(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+def chain_rows(drafter: Drafter):
+    """The row factory of the chain under a drafter of several candidates and/or a lookup branch (a
+    draft model or a feature draft): speculant.batching drafts one chain per row. None for others."""
+    inner = drafter.inner if isinstance(drafter, LookupDrafter) else drafter
+    if isinstance(inner, (FeatureDrafter, ModelDrafter)) and isinstance(inner.model, LeanModel):
+        return lambda max_rows, target_cache: inner.rows(max_rows, target_cache, chain=True)
+    return None

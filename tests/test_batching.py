@@ -1,6 +1,8 @@
 """The batched engine (speculant.batching): rows equal single requests, the exact law with batch > 1
 (and a neighbour-mixing control it must catch), joins / leaves / cancels, bad requests, γ under load
-(LoadGamma over a table of step costs; its calibration and reproducibility: test_batch_calibrate.py)."""
+(LoadGamma over a table of step costs; its calibration and reproducibility: test_batch_calibrate.py),
+and a lone request's solo runs. Long because every part is pinned to the same tiny models, prompts
+and exact-law helpers, defined once here."""
 
 from __future__ import annotations
 
@@ -514,6 +516,12 @@ def test_the_api_batch_engine_runs_the_speculants_target_draft_and_gamma(llama):
     assert out[0] == ([t for s in steps for t in s.tokens], "length")
     with pytest.raises(ValueError, match="batched decoding drafts with"):
         Speculant(loaded, ["layers:1"], gamma=3, fused=False, lookup=2).batch_engine()
+    # under auto, a lone request runs solo with candidates and the lookup branch; the batch drafts their chain
+    engine = Speculant(loaded, ["layers:1"], gamma="auto", fused=False, candidates=2, lookup=2).batch_engine(solo=True)
+    assert engine.solo_steps is not None and engine.drafter is not None
+    requests = [BatchRequest(p, GREEDY, 10) for p in PROMPTS[:3]]
+    plain = run_batch(BatchEngine(LeanModel(llama, max_seq_len=128), None, gamma=0), requests)
+    assert run_batch(engine, requests, joins={0: [0], 2: [1], 3: [2]}) == plain
 
 
 def test_load_gamma_finds_long_drafts_behind_a_fixed_drafting_cost():

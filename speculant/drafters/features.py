@@ -69,10 +69,11 @@ class FeatureDrafter:
 
         return sample_draft(logits[-1], gamma, params, generator, feed, self.candidates)
 
-    def rows(self, max_rows: int, target_cache) -> FeatureRows:
+    def rows(self, max_rows: int, target_cache, chain: bool = False) -> FeatureRows:
         """This drafter for a batch of up to `max_rows` requests (speculant.batching); `target_cache`
-        is the target's RowKVCache, told here to keep features."""
-        if self.candidates != 1:
+        is the target's RowKVCache, told here to keep features. The batch drafts one chain: a drafter
+        of several candidates only with `chain` (its candidates are then the single-request engine's)."""
+        if self.candidates != 1 and not chain:
             raise ValueError("batched drafting proposes one chain (candidates 1)")
         target_cache.keep_features()
         return FeatureRows(self.model, target_cache, max_rows)

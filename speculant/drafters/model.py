@@ -47,9 +47,10 @@ class ModelDrafter:
 
         return sample_draft(logits, gamma, params, generator, feed, self.candidates)
 
-    def rows(self, max_rows: int, target_cache=None) -> ModelRows:
-        """This drafter for a batch of up to `max_rows` requests (speculant.batching)."""
-        if not isinstance(self.model, LeanModel) or self.candidates != 1:
+    def rows(self, max_rows: int, target_cache=None, chain: bool = False) -> ModelRows:
+        """This drafter for a batch of up to `max_rows` requests (speculant.batching), one chain per
+        row: a drafter of several candidates only with `chain` (see FeatureDrafter.rows)."""
+        if not isinstance(self.model, LeanModel) or (self.candidates != 1 and not chain):
             raise ValueError("batched drafting takes a lean draft model proposing one chain (candidates 1)")
         return ModelRows(self.model, max_rows)
 

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "--no-compile turns it off")
     serve.add_argument("--solo", action=argparse.BooleanOptionalAction, default=True,
                        help="with --gamma auto: a request that runs alone runs the single-request engine (the "
-                            "fused step on CUDA, with its own gamma auto) instead of a batch of one row; it joins the batch when others come (--no-solo: always batched)")
+                            "fused step on CUDA, its own gamma auto, --candidates and --lookup where given: the "
+                            "batch drafts their chain) instead of a batch of one row; it joins the batch when others come (--no-solo: always batched)")
     serve.add_argument("--warm-up", action=argparse.BooleanOptionalAction, default=True,
                        help="with graphs on CUDA, capture every step and prefill graph (and compile the forwards "
                             "they hold) before answering; /health answers once this is done")
