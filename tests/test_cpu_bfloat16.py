@@ -53,7 +53,7 @@ def _calls_differ(model, context, positions) -> int:
 
 
 def test_a_positions_logits_are_the_same_bits_alone_in_a_chain_and_in_a_tree(target):
-    assert target.min_rows == 2 and target.attention == "matmul"
+    assert target.min_rows == 2 and target.attention == "blocked"
     context = _context(600)
     assert _calls_differ(target, context, [40, 290, 513]) == 0
 

@@ -174,6 +174,7 @@ def column_major(weight: torch.Tensor) -> torch.Tensor:
 
 
 CPU_MAX_ROWS = 32  # rows per call on the CPU in bfloat16 / float16 (row_invariant_on_cpu)
+ATTENTION_BLOCK = 256  # keys per block of LeanModel._blocked_attention (the CPU in bfloat16 / float16)
 
 
 def row_invariant_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
@@ -184,8 +185,8 @@ def row_invariant_on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
     8960), a call of more than 32 rows another again on some CPUs (oneDNN with AMX: a row of a
     40-row call differs from the same row in a 2-row call), and sdpa's CPU kernel rounds a row by
     where it sits in the call. So attention runs as
-    matmul, softmax, matmul (each row's bits its own, whatever the call's rows: benchmarks/
-    cpu_layout.py, tests/test_cpu_bfloat16.py), a 1-row call is padded to 2 rows and a chain (a
+    matmul, softmax, matmul over fixed blocks of keys (each row's bits its own, whatever the call's
+    rows and keys: benchmarks/cpu_layout.py, tests/test_cpu_bfloat16.py), a 1-row call is padded to 2 rows and a chain (a
     prefill too) of more than CPU_MAX_ROWS runs in pieces of that many: a chain's verification then computes
     what plain decoding computes, and greedy speculative output is plain greedy output. A tree's nodes
     sit in other slots than plain decoding's keys, and the attention GEMM may group them otherwise
@@ -316,10 +317,11 @@ class LeanModel(PositionalCache):
     are scratch for the padding rows of bit-exact calls, which nothing else reads. forward() writes
     the new positions in place; truncate() only moves `length`."""
 
-    # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops. Both compute
-    # the same function. None picks per device: matmul on CUDA (on the H100, compiled and captured,
-    # 48 µs per layer against 70 µs for sdpa: benchmarks/gpu_kernels.py); on the CPU sdpa in float32
-    # and matmul in bfloat16 / float16 (see row_invariant_on_cpu).
+    # "sdpa": torch's fused attention; "matmul": q·Kᵀ, softmax, ·V as separate ops; "blocked": the
+    # same over fixed blocks of ATTENTION_BLOCK keys with an online softmax (_blocked_attention). All
+    # compute the same function. None picks per device: matmul on CUDA (on the H100, compiled and
+    # captured, faster than sdpa: benchmarks/gpu_kernels.py); on the CPU sdpa in float32 and blocked
+    # in bfloat16 / float16 (see row_invariant_on_cpu).
     attention: str | None = None
 
     def __init__(self, weights: TransformerWeights, max_seq_len: int | None = None,
@@ -343,7 +345,7 @@ class LeanModel(PositionalCache):
         self.min_rows = 2 if invariant else 1
         self.max_rows = CPU_MAX_ROWS if invariant else None
         if self.attention is None:
-            self.attention = "matmul" if self.device.type == "cuda" or self.min_rows > 1 else "sdpa"
+            self.attention = "matmul" if self.device.type == "cuda" else "blocked" if self.min_rows > 1 else "sdpa"
         shape = (self.num_layers, self.max_seq_len + EXACT_WIDTH, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -587,9 +589,41 @@ class LeanModel(PositionalCache):
         if self.attention == "matmul":  # two GEMMs and a softmax: parallel over the keys on a GPU
             scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.attn_scale + mask.float()
             out = torch.matmul(torch.softmax(scores, -1).to(q.dtype), values)
+        elif self.attention == "blocked":
+            out = self._blocked_attention(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.attn_scale)
         return out.view(b, kv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)  # [B, T, H·D]
+
+    def _blocked_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Attention over fixed blocks of ATTENTION_BLOCK keys: q [B, KV, M, D] over keys, values
+        [B, KV, kv_len, D] under the additive mask [..., M, kv_len] -> [B, KV, M, D]. Each block is
+        scored and summed by GEMMs of one shape (the last block padded, its padding masked), and the
+        blocks are merged in order by an online softmax (running max, rescaled sums). So a row's bits
+        do not depend on kv_len, i.e. on how many rows the call holds: a key block the row cannot see
+        adds exact zeros and rescales by exactly 1 (one GEMM over all kv_len keys sums them in an
+        order that depends on kv_len on some CPUs: avx512_bf16 oneDNN, 291 against 292 keys)."""
+        top = acc = total = None
+        for first in range(0, keys.shape[-2], ATTENTION_BLOCK):
+            k, v = keys[..., first:first + ATTENTION_BLOCK, :], values[..., first:first + ATTENTION_BLOCK, :]
+            bias = mask[..., first:first + ATTENTION_BLOCK].float()
+            short = ATTENTION_BLOCK - k.shape[-2]
+            if short:
+                k, v = F.pad(k, (0, 0, 0, short)), F.pad(v, (0, 0, 0, short))
+                bias = F.pad(bias, (0, short), value=float("-inf"))
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.attn_scale + bias  # [B, KV, M, block]
+            new_top = scores.amax(-1, keepdim=True) if top is None else torch.maximum(top, scores.amax(-1, keepdim=True))
+            shift = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # a row that sees no key yet
+            weights = torch.exp(scores - shift)
+            part = torch.matmul(weights.to(q.dtype), v).float()
+            if acc is None:
+                acc, total = part, weights.sum(-1, keepdim=True)
+            else:
+                rescale = torch.exp(top - shift)
+                acc, total = acc * rescale + part, total * rescale + weights.sum(-1, keepdim=True)
+            top = new_top
+        return (acc / total).to(q.dtype)
 
     def _mlp(self, layer: Block, x: torch.Tensor) -> torch.Tensor:
         gemma = self.cfg.arch == "gemma3"
