@@ -23,7 +23,9 @@
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
 #   serve      the server under the openai client at concurrency 1, 4, 16, 64 (row forwards compiled, the
 #              server's default on CUDA), after the single-request reference of the same pairs (speculant.load
-#              ...generate, one request at a time): c1_speedup_kept, the goal >= 0.90
+#              ...generate, one request at a time): c1_speedup_kept, the goal >= 0.90. Servers (SERVERS=):
+#              auto with K 4 + lookup 8 (a lone request runs solo with them, the batch their chain), auto
+#              always batched (+no-solo), plain
 #   qwen, qwen-triton, qwen-hf   the Qwen2.5-Coder pair (issue 18; first the staging calls that
 #              ../shared/gpu/stage-qwen 1.5b and 0.5b print, /root/w/qwen-{1.5b,0.5b}.gguf): our rows on
 #              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,
@@ -79,7 +81,8 @@ case "$part" in
   serve)
     if [ -d .whl/serve ]; then python3 -m pip install -q --no-index --no-deps --target /root/site .whl/serve/*.whl; fi
     limit ${SERVE_LIMIT:-560} python3 benchmarks/serve_load.py --target "$model" --device cuda --dtype bfloat16 \
-      --servers default@auto,none --concurrency 1,4,16,64 --max-tokens 128 2>&1 | tee "$out/serve_load.log" ;;
+      --servers ${SERVERS:-default@auto+candidates=4+lookup=8,default@auto+no-solo,none} --concurrency 1,4,16,64 \
+      --max-tokens 128 2>&1 | tee "$out/serve_load.log" ;;
   qwen|qwen-triton|qwen-hf)
     kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)

@@ -154,13 +154,25 @@ def round_size(concurrency: int, args) -> int:
     return max(concurrency * args.requests_per_client, args.min_requests)
 
 
-def parse_server(server: str, args) -> tuple[str, int | str]:
-    """(draft, gamma) of a server spec DRAFT[@GAMMA][+FLAG...], gamma parsed as `speculant serve --gamma`
-    does (the flags change how the server runs the pair, not the pair: one single-request reference)."""
+PAIR_FLAGS = ("candidates", "lookup")  # +FLAG=N that change what a request runs (the reference's too)
+
+
+def parse_server(server: str, args) -> tuple[str, int | str, dict[str, int]]:
+    """(draft, gamma, pair options) of a server spec DRAFT[@GAMMA][+FLAG...], gamma parsed as `speculant
+    serve --gamma` does; +candidates=K and +lookup=G are options of the pair (speculant.load's), other
+    flags change only how the server runs it (one single-request reference for them all)."""
     from speculant.adaptive import parse_gamma
 
-    draft, _, gamma = server.split("+")[0].partition("@")
-    return draft, parse_gamma(gamma or args.gamma)
+    base, *flags = server.split("+")
+    draft, _, gamma = base.partition("@")
+    options = {}
+    for flag in flags:
+        name, _, value = flag.partition("=")
+        if name in PAIR_FLAGS:
+            if not value.isdigit():
+                raise ValueError(f"+{name} takes =N (an integer), got {flag!r}")
+            options[name] = int(value)
+    return draft, parse_gamma(gamma or args.gamma), options
 
 
 def single_request(args, servers: list[str]) -> dict[str, dict]:
@@ -179,14 +191,15 @@ def single_request(args, servers: list[str]) -> dict[str, dict]:
         specs.append("none")
     results, done = {}, {}
     for server in specs:
-        draft, gamma = parse_server(server, args)
-        if (draft, gamma) in done:  # the same pair, served with other flags
-            results[server] = dict(results[done[draft, gamma]])
+        draft, gamma, options = parse_server(server, args)
+        pair = (draft, gamma, tuple(sorted(options.items())))
+        if pair in done:  # the same pair, served with other flags
+            results[server] = dict(results[done[pair]])
             continue
-        done[draft, gamma] = server
+        done[pair] = server
         # what `speculant serve --target T --draft D --gamma G --device --dtype --max-seq-len` loads
         spec = speculant.load(target=args.target, draft=draft, gamma=gamma, device=args.device, dtype=args.dtype,
-                              max_seq_len=args.max_seq_len)
+                              max_seq_len=args.max_seq_len, **options)
         single_pass(spec, prompts, args)  # untimed: graph captures, compiles, a gamma auto calibration
         results[server] = {"draft": spec.draft_specs, "gamma": spec.gamma, **single_pass(spec, prompts, args)}
         row = results[server]
