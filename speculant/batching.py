@@ -561,7 +561,7 @@ def _logprobs(logits: torch.Tensor, rows: list[int], top: list[int]) -> dict[int
 SoloSteps = Callable[[list[int], BatchRequest, int, int], Iterator[Step]]
 
 _COUNTERS = ("target_calls", "drafted", "accepted", "rejections", "alternatives_kept", "lookup_tokens",
-             "draft_time", "target_time")
+             "prefill_time", "draft_time", "target_time")  # a solo run's prefill adds to the request's
 
 
 def _absorb(stats: GenerationStats, solo: GenerationStats, seen: dict) -> None:
