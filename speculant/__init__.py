@@ -11,7 +11,7 @@ def __getattr__(name: str):
 
         return load
     if name in ("SamplingParams", "logits_to_probs"):
-        import speculant.sampling as sampling
+        import speculant.sampling as sampling  # noqa: PLR0402  (a lazy attribute of the package itself)
 
         return getattr(sampling, name)
     raise AttributeError(f"module 'speculant' has no attribute {name!r}")

@@ -153,7 +153,7 @@ def _main(argv: list[str] | None) -> int:
             return _interrupted(command)
         print(f"speculant: error: {_one_line(error)}", file=sys.stderr)
         return 2
-    except Exception as error:  # a bug: one line, the traceback on request
+    except Exception as error:  # noqa: BLE001 -- a bug: one line, the traceback on request
         if _INTERRUPTED:  # e.g. an import that fails because the interrupt broke its first attempt
             return _interrupted(command)
         if os.environ.get("SPECULANT_TRACEBACK"):
@@ -263,7 +263,7 @@ def _jsonl_request(line: str, where: str, system: str | None) -> dict:
 
 
 def _load(args):
-    import speculant.api as api
+    from speculant import api
 
     stops = [_checked_text(s, "--stop") for s in args.stop or []]
     if any(not s for s in stops):
@@ -292,7 +292,7 @@ def cmd_generate(args) -> int:
         return spec.generate(request["prompt"], system=request["system"], chat=chat, **options, **more)
 
     if args.prompts_file is not None:  # all at once where the engine batches (see Speculant.generate_many)
-        import speculant.api as api
+        from speculant import api
 
         batch = [{k: request[k] for k in ("prompt", "messages", "system") if k in request} for request in requests]
         for request in batch:

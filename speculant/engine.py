@@ -14,7 +14,8 @@ plain decoding step, so plain decoding is the same loop with γ = 0.
 from __future__ import annotations
 
 import time
-from typing import Iterator, NamedTuple, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -69,7 +70,7 @@ def generate(
     prompt: Sequence[int],
     *,
     gamma: int | GammaPolicy = 4,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = SamplingParams(),  # noqa: B008  (frozen: one shared default is safe)
     max_new_tokens: int = 64,
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,
@@ -83,7 +84,8 @@ def generate(
 
 
 def decode(stepper: Stepper, prompt: Sequence[int], *, gamma: int | GammaPolicy = 4,
-           params: SamplingParams = SamplingParams(), max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
+           params: SamplingParams = SamplingParams(),  # noqa: B008  (frozen: one shared default is safe)
+           max_new_tokens: int = 64, stop_ids: Sequence[int] = (),
            generator: torch.Generator | None = None) -> Iterator[Step]:
     """The loop of `generate` over a stepper."""
     policy = gamma if not isinstance(gamma, int) else None
@@ -92,7 +94,7 @@ def decode(stepper: Stepper, prompt: Sequence[int], *, gamma: int | GammaPolicy 
     target = stepper.target
     check_request(prompt, max_new_tokens, target.vocab_size, target.max_seq_len)
     stats = GenerationStats(gamma=gamma if policy is None else "auto", prompt_tokens=len(prompt))
-    stop = set(int(t) for t in stop_ids)
+    stop = {int(t) for t in stop_ids}
     context = [int(t) for t in prompt]
 
     start = time.perf_counter()

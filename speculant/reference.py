@@ -6,7 +6,7 @@ position's logits through the same `logits_to_probs`, and draws with `sample_fro
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ def reference_generate(
     model: CausalLM,
     prompt: Sequence[int],
     *,
-    params: SamplingParams = SamplingParams(),
+    params: SamplingParams = SamplingParams(),  # noqa: B008  (frozen: one shared default is safe)
     max_new_tokens: int = 64,
     stop_ids: Sequence[int] = (),
     generator: torch.Generator | None = None,

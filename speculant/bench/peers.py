@@ -137,7 +137,7 @@ def llama_cpp_available() -> str | None:
     """None if llama-cpp-python can be imported, else why not."""
     try:
         import llama_cpp  # noqa: F401
-    except Exception as error:  # ImportError, or a broken shared library
+    except Exception as error:  # noqa: BLE001 -- ImportError, or a broken shared library
         return f"llama-cpp-python is not installed ({type(error).__name__})"
     return None
 
@@ -159,7 +159,7 @@ def gguf_source(loaded) -> Path | None:
                 path = Path(folder) / entry.gguf_file
                 if path.exists():
                     return path
-    except Exception:  # an optional peer: never fail the benchmark over it
+    except Exception:  # noqa: BLE001 -- an optional peer: never fail the benchmark over it
         return None
     return None
 

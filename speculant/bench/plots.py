@@ -27,7 +27,7 @@ def write_plots(cells: Sequence[dict], out_dir: Path, tasks: Sequence[str]) -> t
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as error:  # ImportError, or a broken backend
+    except Exception as error:  # noqa: BLE001 -- ImportError, or a broken backend
         return [], [f"plots skipped: matplotlib unavailable ({type(error).__name__}: {error})"]
     out_dir = Path(out_dir)
     tasks = [t for t in tasks if any(c["task"] == t for c in cells)]
@@ -42,7 +42,7 @@ def write_plots(cells: Sequence[dict], out_dir: Path, tasks: Sequence[str]) -> t
             fig.savefig(path, dpi=DPI, bbox_inches="tight")
             plt.close(fig)
             written.append(str(path))
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 -- a peer or a plot that fails must not sink the run
             notes.append(f"plot {name} failed: {type(error).__name__}: {error}")
             plt.close("all")
     return written, notes

@@ -731,11 +731,11 @@ class RowKVCache:
 
 def tiny_config(arch: str = "llama", vocab_size: int = 64, **overrides) -> TransformerConfig:
     """A few-kilobyte config for unit tests."""
-    base = dict(
-        arch=arch, vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_layers=3,
-        num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512, rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-    )
+    base = {
+        "arch": arch, "vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_layers": 3,
+        "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "max_position_embeddings": 512, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+    }
     if arch == "gemma3":
         base.update(sliding_window=4, layer_types=("sliding_attention", "sliding_attention", "full_attention"),
                     query_pre_attn_scalar=8.0)
