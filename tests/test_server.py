@@ -428,3 +428,36 @@ def test_a_bit_exact_server_gives_each_concurrent_request_plain_bit_exact_decodi
         server.stop()
     spec = speculant.load(target=str(model_folder), draft="none", dtype="bfloat16", max_seq_len=256, bit_exact=True)
     assert texts == [spec.generate(p, max_new_tokens=10, temperature=0).text for p in prompts]
+
+
+def test_an_auto_server_runs_a_lone_request_solo_with_candidates_and_lookup_and_batches_the_rest(model_folder):
+    """`serve --gamma auto --candidates 2 --lookup 2`: a lone request runs the single-request engine
+    (its candidates and lookup branch), concurrent ones the batch (their chain); every greedy output
+    is plain decoding's, and the speculative counters count what ran."""
+    import speculant
+
+    server = Server(model_folder, "--draft", "layers:1", "--gamma", "auto", "--candidates", "2", "--lookup", "2",
+                    "--max-seq-len", "256", "--max-batch", "4")
+    try:
+        server.wait_ready()
+        assert "lone requests run the single-request engine" in server.log.read_text()
+        client = server.client()
+        alone = client.completions.create(model=server.model, prompt="the cat", max_tokens=12, temperature=0)
+        prompts = [f"{LETTERS[i]}{LETTERS[(7 * i) % 26]} {i}" for i in range(4)]
+        texts = [None] * len(prompts)
+
+        def ask(i):
+            texts[i] = client.completions.create(model=server.model, prompt=prompts[i], max_tokens=10,
+                                                 temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+    finally:
+        server.stop()
+    plain = speculant.load(target=str(model_folder), draft="none", max_seq_len=256)
+    assert alone.choices[0].text == plain.generate("the cat", max_new_tokens=12, temperature=0).text
+    assert alone.model_extra["speculative"]["target_calls"] <= 12
+    assert texts == [plain.generate(p, max_new_tokens=10, temperature=0).text for p in prompts]
