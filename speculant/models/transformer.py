@@ -604,19 +604,21 @@ class LeanModel(PositionalCache):
         do not depend on kv_len, i.e. on how many rows the call holds: a key block the row cannot see
         adds exact zeros and rescales by exactly 1 (one GEMM over all kv_len keys sums them in an
         order that depends on kv_len on some CPUs: avx512_bf16 oneDNN, 291 against 292 keys)."""
+        kv_len = keys.shape[-2]
+        short = -kv_len % ATTENTION_BLOCK  # the last block's padding: zero keys, masked
+        bias = F.pad(mask.float(), (0, short), value=float("-inf")) if short else mask.float()
+        if short:
+            keys, values = F.pad(keys, (0, 0, 0, short)), F.pad(values, (0, 0, 0, short))
+        q = q * self.attn_scale
         top = acc = total = None
-        for first in range(0, keys.shape[-2], ATTENTION_BLOCK):
-            k, v = keys[..., first:first + ATTENTION_BLOCK, :], values[..., first:first + ATTENTION_BLOCK, :]
-            bias = mask[..., first:first + ATTENTION_BLOCK].float()
-            short = ATTENTION_BLOCK - k.shape[-2]
-            if short:
-                k, v = F.pad(k, (0, 0, 0, short)), F.pad(v, (0, 0, 0, short))
-                bias = F.pad(bias, (0, short), value=float("-inf"))
-            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.attn_scale + bias  # [B, KV, M, block]
-            new_top = scores.amax(-1, keepdim=True) if top is None else torch.maximum(top, scores.amax(-1, keepdim=True))
-            shift = torch.where(torch.isinf(new_top), torch.zeros_like(new_top), new_top)  # a row that sees no key yet
+        for first in range(0, kv_len, ATTENTION_BLOCK):
+            end = first + ATTENTION_BLOCK
+            scores = torch.matmul(q, keys[..., first:end, :].transpose(-1, -2)).float() + bias[..., first:end]
+            block_top = scores.amax(-1, keepdim=True)  # [B, KV, M, 1]
+            new_top = block_top if top is None else torch.maximum(top, block_top)
+            shift = new_top.clamp_min(-1e30)  # a row that sees no key yet (a sliding window): no inf - inf
             weights = torch.exp(scores - shift)
-            part = torch.matmul(weights.to(q.dtype), v).float()
+            part = torch.matmul(weights.to(q.dtype), values[..., first:end, :]).float()
             if acc is None:
                 acc, total = part, weights.sum(-1, keepdim=True)
             else:
