@@ -486,11 +486,12 @@ class BatchEngine:
     def _runs_solo(self, gamma: int | None) -> bool:
         """Whether this step runs the one request solo: a solo engine, a policy step (a forced Γ
         times the batched step), and one request in all, with no log-probabilities asked for (the
-        single-request engine's fused steps keep no logits)."""
+        single-request engine's fused steps keep no logits), tokens left to make and room left."""
         if self.solo_steps is None or gamma is not None or self.num_running != 1:
             return False
         row = self.solo or (self.waiting or self.rows)[0]
-        return row.request.logprobs is None and row.request.max_new_tokens > row.stats.new_tokens
+        return (row.request.logprobs is None and row.request.max_new_tokens > row.stats.new_tokens
+                and len(row.context) < self.target.max_seq_len)  # a full one ends as a batched row does
 
     def _solo_step(self) -> list[RowUpdate]:
         """One step of the single-request engine for the lone request (started here if it was waiting

@@ -647,3 +647,18 @@ def test_the_api_solo_engine_is_the_speculants_single_request_engine(llama):
     plain = run_batch(BatchEngine(LeanModel(llama, max_seq_len=128), None, gamma=0), [BatchRequest(PROMPTS[2], GREEDY, 12)])
     assert out == plain
     assert Speculant(loaded, ["layers:1"], gamma=3, fused=False).batch_engine(solo=True).solo_steps is None
+
+
+def test_a_solo_request_that_fills_the_context_ends_with_reason_context_as_generate_does(llama, draft_weights):
+    """Solo from the start, then batched beside a short request, then alone again near the end: the
+    context fills and the request ends "context" with plain decoding's tokens; a batched row that
+    filled it ends the same way, never handed to the single-request engine full."""
+    calls = []
+    target, _, factory = pair("model", llama, draft_weights, max_seq_len=40)
+    engine = BatchEngine(target, factory, gamma="auto", max_batch=2,
+                         solo=solo_factory("model", llama, draft_weights, calls, max_seq_len=40))
+    requests = [BatchRequest(PROMPTS[0], GREEDY, 100), BatchRequest(PROMPTS[1], GREEDY, 3)]
+    out = run_batch(engine, requests, joins={0: [0], 1: [1]})
+    plain = run_batch(BatchEngine(LeanModel(llama, max_seq_len=40), None, gamma=0), requests)
+    assert out == plain and out[0][1] == "context"
+    assert all(context < 40 for context, _ in calls)
