@@ -412,9 +412,7 @@ class Speculant:
         if self.kernels != "torch":
             raise ValueError("batched decoding runs torch's kernels, not kernels='triton': run requests one by one")
         solo = solo and self.gamma == "auto" and not self.bit_exact
-        rows = getattr(self.drafter, "rows", None)
-        if rows is None and solo:  # candidates or a lookup branch: the lone request's; the batch drafts the chain
-            rows = chain_rows(self.drafter)
+        rows = self._row_factory(chain=solo)
         if rows is None and not isinstance(self.drafter, NoDrafter):
             raise ValueError("batched decoding drafts with none, ngram, a model, layers:N or a distilled draft "
                              "(one level, one candidate, no lookup branch; with gamma auto, a lone request "
@@ -423,6 +421,13 @@ class Speculant:
         policy = LoadGamma(self.batch_step_costs(max_batch, graphs, compile)) if self.gamma == "auto" else None
         return BatchEngine(self.target.model, rows, gamma=self.gamma, max_batch=max_batch, policy=policy, graphs=graphs,
                            exact=self.exact_target, compile=compile, solo=self.solo_steps if solo else None)
+
+    def _row_factory(self, chain: bool):
+        """What a batch drafts with: the drafter's own rows, or with `chain` (a lone request runs solo
+        with the candidates and the lookup branch) the chain under them (chain.chain_rows); None if
+        neither exists."""
+        rows = getattr(self.drafter, "rows", None)
+        return chain_rows(self.drafter) if rows is None and chain else rows
 
     def solo_steps(self, context: list[int], request, seed: int, max_new_tokens: int):
         """The single-request engine's steps for a batched engine's lone request (a
@@ -448,8 +453,7 @@ class Speculant:
                                            0.0 if isinstance(self.drafter, NgramDrafter) else 0.1)
 
             def measure() -> dict[int, tuple[float, ...]]:
-                rows = getattr(self.drafter, "rows", None) or chain_rows(self.drafter)  # what the batch drafts
-                engine = BatchEngine(model, rows, gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
+                engine = BatchEngine(model, self._row_factory(chain=True), gamma=BATCH_MAX_GAMMA, max_batch=max_batch,
                                      graphs=graphs, exact=self.exact_target, compile=compile)
                 return measure_batch_costs(engine, BATCH_MAX_GAMMA)
 

@@ -83,14 +83,12 @@ from speculant.models.triton_forward import TritonForward, draft_kernels, target
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
 
-COMPILE_MODES = (False, True, "layers")
-
 
 def check_compile(compile) -> bool | str:
     """A FusedStepper's `compile`: False (eager forwards), True (each whole forward through
     torch.compile) or "layers" (regional: LeanModel.compile_layers, one compiled decoder layer for
     all layers and the rest eager: a compile costs one layer's time, not the whole model's)."""
-    if not any(compile is mode or (isinstance(compile, str) and compile == mode) for mode in COMPILE_MODES):
+    if not (isinstance(compile, bool) or (isinstance(compile, str) and compile == "layers")):
         raise ValueError(f"compile must be False, True or 'layers', got {compile!r}")
     return compile
 

@@ -42,7 +42,7 @@ def write_plots(cells: Sequence[dict], out_dir: Path, tasks: Sequence[str]) -> t
             fig.savefig(path, dpi=DPI, bbox_inches="tight")
             plt.close(fig)
             written.append(str(path))
-        except Exception as error:  # noqa: BLE001 -- a peer or a plot that fails must not sink the run
+        except Exception as error:  # noqa: BLE001 -- a plot that fails must not sink the run
             notes.append(f"plot {name} failed: {type(error).__name__}: {error}")
             plt.close("all")
     return written, notes

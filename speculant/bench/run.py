@@ -280,7 +280,7 @@ class Bench:
              "generation(s))")
         try:
             runner.warmup_s = sum(runner.generate(list(p.token_ids), n, seed)[1] for p, n, seed in work)
-        except Exception as error:  # noqa: BLE001 -- a peer or a plot that fails must not sink the run
+        except Exception as error:  # noqa: BLE001 -- a peer that fails must not sink the run
             self._peer_failed(runner, error)
 
     def _run_one(self, runner: Runner, index: int, prompt: TaskPrompt) -> None:
@@ -290,7 +290,7 @@ class Bench:
         runner.loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0)
         try:
             ids, seconds, stats = runner.generate(list(prompt.token_ids), self.settings["max_new_tokens"], seed)
-        except Exception as error:  # noqa: BLE001 -- a peer or a plot that fails must not sink the run
+        except Exception as error:  # noqa: BLE001 -- a peer that fails must not sink the run
             self._peer_failed(runner, error)
             return
         previous = runner.runs[-1] if runner.runs and runner.runs[-1][0] is prompt else None
@@ -415,7 +415,7 @@ class Bench:
         gguf = peer_mod.gguf_source(self.target)
         try:
             peer = peer_mod.LlamaCppPeer(gguf, self.target.model.max_seq_len, self.args.device, gamma)
-        except Exception as error:  # noqa: BLE001 -- a peer or a plot that fails must not sink the run
+        except Exception as error:  # noqa: BLE001 -- a peer that fails must not sink the run
             self.notes.append(f"llama.cpp peer (γ={gamma}) failed to start: {type(error).__name__}: {error}")
             return None
         eos_ids = self.eos_ids

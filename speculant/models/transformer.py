@@ -606,8 +606,9 @@ class LeanModel(PositionalCache):
         order that depends on kv_len on some CPUs: avx512_bf16 oneDNN, 291 against 292 keys)."""
         kv_len = keys.shape[-2]
         short = -kv_len % ATTENTION_BLOCK  # the last block's padding: zero keys, masked
-        bias = F.pad(mask.float(), (0, short), value=float("-inf")) if short else mask.float()
+        bias = mask.float()
         if short:
+            bias = F.pad(bias, (0, short), value=float("-inf"))
             keys, values = F.pad(keys, (0, 0, 0, short)), F.pad(values, (0, 0, 0, short))
         q = q * self.attn_scale
         top = acc = total = None

@@ -87,10 +87,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     import speculant
+    from speculant.sampling import SamplingParams
     from speculant.server.app import ServerState, create_app
     from speculant.server.engine_thread import EngineThread
     from speculant.server.metrics import ServerMetrics
 
+    # the params sets of plain requests, made ahead: sampled at OpenAI's defaults, and greedy
+    warm_up_params = [SamplingParams(), SamplingParams(temperature=0.0)]
     check_can_listen(args.host, args.port)  # before the model loads: a busy port is found out at once
     print(f"speculant serve: loading {args.target} ...", file=sys.stderr, flush=True)
     spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
@@ -107,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
     # make ahead (graphs to capture, forwards to compile): the CPU's static steps run eagerly
     if graphs and args.warm_up and (row_step.pool is not None or row_step.compiled):
         print("speculant serve: warming up (every step and prefill bucket) ...", file=sys.stderr, flush=True)
-        from speculant.sampling import SamplingParams
-
-        # the params sets of plain requests: sampled at OpenAI's defaults, and greedy (temperature 0)
-        warm = engine.warm_up(params=[SamplingParams(), SamplingParams(temperature=0.0)])
+        warm = engine.warm_up(params=warm_up_params)
         metrics.warm_up_seconds.set(warm.seconds)
         metrics.graphs_captured.set(row_step.captured)
         metrics.compile_fallbacks.set(row_step.compile_fallbacks)
@@ -118,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
               f"{warm.captured} CUDA graphs, {row_step.compile_fallbacks} compile fallbacks", file=sys.stderr,
               flush=True)
     if engine.solo_steps is not None and args.warm_up:
-        from speculant.sampling import SamplingParams
-
-        seconds = engine.warm_up_solo([SamplingParams(), SamplingParams(temperature=0.0)])
+        seconds = engine.warm_up_solo(warm_up_params)
         print(f"speculant serve: lone requests run the single-request engine (warmed up in {seconds:.1f} s)",
               file=sys.stderr, flush=True)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
