@@ -120,6 +120,7 @@ def verify_rows(
     accept_uniforms: torch.Tensor,  # [B, W] in [0, 1); past counts[b] unused
     sample_uniforms: torch.Tensor,  # [B] in [0, 1)
     counts: torch.Tensor,  # [B] int64, 0..W
+    greedy: bool = False,  # every law a point mass (greedy rows): the argmax draws what sample_from would
 ) -> RowVerdict:
     """acceptance.verify for every row at once: row b gets what verify(draft_tokens[b, :n],
     draft_probs[b, :n], target_probs[b, :n+1], accept_uniforms[b, :n], sample_uniforms[b]) gives, n =
@@ -139,7 +140,9 @@ def verify_rows(
                            target_probs[:, :width])
     next_probs = torch.cat([residual, target_probs[:, width:width + 1]], 1)  # [B, W + 1, vocab]
     law = next_probs[torch.arange(rows, device=counts.device), num_accepted]  # [B, vocab]
-    return RowVerdict(num_accepted, sample_from(law, sample_uniforms))
+    # greedy: a rejected point mass's residual is p's point mass (p and q differ), and p itself
+    # is one past a row's drafts: the argmax is the token, with no scan over the vocabulary
+    return RowVerdict(num_accepted, law.argmax(-1) if greedy else sample_from(law, sample_uniforms))
 
 
 # ---- several candidates per position ------------------------------------------------------------

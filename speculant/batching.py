@@ -18,7 +18,7 @@
                                  rows leave, the last row moves into the hole (rows stay packed)
     cancel(id)        the row is freed at once
 
-The caches (models.transformer.RowKVCache) have a row dimension: [layers, rows, S + 1, KV, D]. Each
+The caches (models.transformer.RowKVCache) have a row dimension: [layers, rows, KV, S + 1, D]. Each
 row is position-indexed like the single-request cache, so rollback stays free: a row's valid length
 is its committed context minus one, later writes overwrite rejected slots, the causal mask hides them.
 

@@ -5,24 +5,25 @@
         draws     row b's uniforms from its own CPU generator, in the single-request order: γ'_b draft
                   uniforms (a sampling draft), then γ'_b + 1 for verification (drafters.base.row_uniforms)
         device    the drafter's batched forwards with sampling inside (RowDrafter.draft, from the drawn
-                  uniforms), ONE target forward over [B, Γ + 1], probs_by_row, verify_rows
+                  uniforms), ONE target forward over [B, Γ + 1], RowLaws, verify_rows
         read      [B, 2 + Γ]: accepted count, next token and drafted tokens per row
         settle    the row drafter's host part after the step (RowDrafter.settle)
     prefill(contexts)   joining requests take rows 0..k-1: the target's rows (context[:-1]) and the
                         drafter's (RowDrafter.start's tokens) in one batched forward each
 
 Two ways to run the device part, the same functions either way (drafters.base.sample_rows,
-probs_by_row, acceptance.verify_rows, the models' row forwards):
+RowLaws (probs_by_row and its draws), acceptance.verify_rows, the models' row forwards):
 
 eager (static=False)   shapes as small as the step allows: B rows, the draft's feed as long as the
                        longest row's, keys read up to the furthest position written. The draft is
                        drafters.base.propose_rows; a host read per step for the draft (its settle) and
                        one for the verdict.
-static (static=True)   one function of fixed shapes per (batch bucket, Γ, params sets, logits wanted):
-                       rows padded to a power of two (padding rows feed nothing: they write only scratch
-                       slots), keys read over the whole cache (the causal mask hides what a row has not
-                       written), the draft's feed a window of the engine's longest Γ + 1 tokens (a row
-                       whose feed is longer, after steps in which it drafted nothing, first catches up
+static (static=True)   one function of fixed shapes per (batch bucket, Γ, params sets, logits wanted,
+                       keys read): rows padded to a power of two (padding rows feed nothing: they write
+                       only scratch slots), keys read up to a power of two at or past the furthest row's
+                       end (at least MIN_KEYS; the causal mask hides what a row has not written: a step
+                       of short rows does not read a long cache's empty slots), the draft's feed a
+                       window of the engine's longest Γ + 1 tokens (a row whose feed is longer, after steps in which it drafted nothing, first catches up
                        through the prefill). Its inputs, ints and uniforms, are one int64 buffer filled on
                        the host and copied in once; its output is read back once. On CUDA each function is
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
@@ -63,6 +64,7 @@ only the scratch slot, as in a step.
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 import warnings
 from collections.abc import Callable
@@ -72,7 +74,7 @@ import torch
 
 from speculant.acceptance import verify_rows
 from speculant.adaptive import batch_bucket
-from speculant.drafters.base import RowDrafter, RowPlan, param_groups, probs_by_row, propose_rows, row_uniforms
+from speculant.drafters.base import RowDrafter, RowLaws, RowPlan, param_groups, propose_rows, row_uniforms
 from speculant.exact_target import ExactRows
 from speculant.models.base import check_fits, synchronize
 from speculant.models.transformer import LeanModel, RowKVCache
@@ -80,6 +82,7 @@ from speculant.sampling import SamplingParams
 
 CAPTURED_PARAMS = 4  # a step whose rows hold more distinct SamplingParams runs eagerly (see the docstring)
 MIN_PREFILL_WIDTH = 16  # a static prefill's tokens per row: a power of two, at least this
+MIN_KEYS = 256  # a static step's keys read per row: a power of two, at least this (a CPU attention block)
 
 
 class RowOutcome(NamedTuple):
@@ -173,12 +176,13 @@ class RowStep:
             logits = self.exact.forward_rows(inputs, starts, lengths)
         else:
             logits, _ = self.target.forward_rows(self.cache, inputs, starts, lengths)
-        target_probs = probs_by_row(logits, sets, group)  # [B, W + 1, V]
+        laws = RowLaws(sets, group)
+        target_probs = laws(logits)  # [B, W + 1, V]
         uniforms = row_uniforms(generators, [[n + 1] for n in counts], [width + 1]).to(device)
         count_tensor = torch.tensor(counts, device=device)
         sample = uniforms[torch.arange(len(contexts), device=device), count_tensor]  # row b's draw n_b + 1
         verdict = verify_rows(inputs[:, 1:], None if draft_probs is None else draft_probs[:, :width], target_probs,
-                              uniforms[:, :width], sample, count_tensor)
+                              uniforms[:, :width], sample, count_tensor, laws.greedy)
         drafted = inputs[:, 1:].tolist()
         return RowOutcome(counts, verdict.num_accepted.tolist(), verdict.next_token.tolist(),
                           [d[:n] for d, n in zip(drafted, counts)], logits, draft_time)
@@ -192,9 +196,10 @@ class RowStep:
         if samples:
             plan = self._catch_up(plan)
         feed = self.window if samples else width  # a deterministic draft is its own feed
-        check_fits(self.target, max(len(c) + n for c, n in zip(contexts, counts)))
+        end = max(len(c) + n for c, n in zip(contexts, counts))  # past the furthest position this step writes
+        check_fits(self.target, end)
         bucket = self._rows_bucket(rows)
-        graph = self._step_graph(bucket, width, feed, sets, with_logits)
+        graph = self._step_graph(bucket, width, feed, sets, with_logits, self._keys_read(end))
         tokens, starts = (plan.tokens, plan.starts) if plan is not None else ([[]] * rows, [0] * rows)
         ints = [[c[-1], len(c) - 1, n + 1, n, g, s, len(t), *t] + [0] * (feed - len(t))
                 for c, n, g, s, t in zip(contexts, counts, group, starts, tokens)]
@@ -208,39 +213,37 @@ class RowStep:
                           None if logits is None else logits[:rows], 0.0)
 
     def _step_graph(self, bucket: int, width: int, feed: int, sets: tuple[SamplingParams, ...],
-                    with_logits: bool) -> _Graph:
-        key = ("step", bucket, width, sets, with_logits)
+                    with_logits: bool, kv_len: int) -> _Graph:
+        key = ("step", bucket, width, sets, with_logits, kv_len)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._graph(lambda: self._step_body(bucket, width, feed, sets, with_logits),
-                                                   bucket, _STEP_INTS + feed, bucket * (2 * width + 1))
+            graph = self.graphs[key] = self._graph(
+                lambda: self._step_body(bucket, width, feed, sets, with_logits, kv_len),
+                bucket, _STEP_INTS + feed, bucket * (2 * width + 1))
         return graph
 
     def _step_body(self, bucket: int, width: int, feed: int, sets: tuple[SamplingParams, ...],
-                   with_logits: bool) -> Callable[[torch.Tensor], tuple]:
+                   with_logits: bool, kv_len: int) -> Callable[[torch.Tensor], tuple]:
         """inputs (int64) -> (out [bucket, 2 + Γ], logits [bucket, Γ + 1, V] or None). Per row, ints
         [last token, n, n's row length (γ'_b + 1; 0: a padding row), γ'_b, params group, feed start,
         feed length, feed tokens [feed]], then float32 uniforms [bucket, 2Γ + 1]: Γ draft, Γ + 1
-        verification."""
-        columns, kv_len = _STEP_INTS + feed, self.target.max_seq_len
+        verification. Keys are read up to kv_len (a _keys_read bucket) in the target and the draft."""
+        columns = _STEP_INTS + feed
 
         def body(inputs: torch.Tensor) -> tuple:
             ints = inputs[:bucket * columns].view(bucket, columns)
             uniforms = inputs[bucket * columns:].view(torch.float32)[:bucket * (2 * width + 1)].view(bucket, -1)
-            counts, group = ints[:, 3], ints[:, 4]
-
-            def probs(logits: torch.Tensor) -> torch.Tensor:
-                return probs_by_row(logits, sets, group)
-
+            counts = ints[:, 3]
+            laws = RowLaws(sets, ints[:, 4])
             tokens, draft_probs = ints[:, :1], None
             if width:
                 drafted, draft_probs = self.drafter.draft(ints[:, _STEP_INTS:], ints[:, 5], ints[:, 6], counts,
-                                                          uniforms[:, :width], probs, kv_len)
+                                                          uniforms[:, :width], laws, kv_len)
                 tokens = torch.cat([tokens, drafted], 1)  # [B, Γ + 1]
             logits, _ = self.target.forward_rows_static(self.cache, tokens, ints[:, 1], ints[:, 2], kv_len)
             verify = uniforms[:, width:]  # [B, Γ + 1]: row b's first counts[b] test drafts, the next draws
-            verdict = verify_rows(tokens[:, 1:], draft_probs, probs(logits), verify[:, :width],
-                                  verify.gather(1, counts[:, None])[:, 0], counts)
+            verdict = verify_rows(tokens[:, 1:], draft_probs, laws(logits), verify[:, :width],
+                                  verify.gather(1, counts[:, None])[:, 0], counts, laws.greedy)
             out = torch.cat([verdict.num_accepted[:, None], verdict.next_token[:, None], tokens[:, 1:]], 1)
             return out, logits if with_logits else None
 
@@ -322,11 +325,11 @@ class RowStep:
         buckets = sorted({min(1 << i, top) for i in range(top.bit_length() + 1)})
         samples = self.drafter is not None and self.drafter.samples
         with torch.inference_mode():
-            for bucket in buckets:
-                for width in widths if self.drafter is not None else [0]:
-                    for params in sets:
-                        self._warm(self._step_graph(bucket, width, self.window if samples and width else width,
-                                                    params, False))
+            keys = sorted({self._keys_read(n) for n in range(1, self.target.max_seq_len + 1)})
+            for bucket, width, params, kv_len in itertools.product(
+                    buckets, widths if self.drafter is not None else [0], sets, keys):
+                self._warm(self._step_graph(bucket, width, self.window if samples and width else width, params,
+                                            False, kv_len))
             longest = min(max_prompt or self.target.max_seq_len, self.target.max_seq_len)
             prefill_widths = sorted({self._prefill_width(n) for n in range(1, longest + 1)})
             # (with target, with draft, a catch-up's keys over the whole context): joins, with and without
@@ -344,6 +347,11 @@ class RowStep:
     def _rows_bucket(self, rows: int) -> int:
         """The rows a static step or prefill of `rows` rows runs: a power of two, at most the cache's."""
         return min(batch_bucket(rows), self.cache.rows)
+
+    def _keys_read(self, end: int) -> int:
+        """The keys a static step reads per row when its rows end by `end`: a power of two, at least
+        MIN_KEYS, at most the cache's."""
+        return min(max(MIN_KEYS, batch_bucket(end)), self.target.max_seq_len)
 
     def _prefill_width(self, tokens: int) -> int:
         """The tokens per row of a static prefill whose longest row has `tokens`: a power of two, at

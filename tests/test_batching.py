@@ -13,6 +13,7 @@ import torch
 from speculant.acceptance import verify, verify_rows
 from speculant.adaptive import BatchStepCosts, batch_buckets
 from speculant.batching import BatchEngine, BatchRequest, LoadGamma, batch_bucket
+from speculant.drafters.base import RowLaws
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -20,7 +21,7 @@ from speculant.engine import generate
 from speculant.models.base import ContextOverflowError
 from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
-from speculant.sampling import SamplingParams
+from speculant.sampling import SamplingParams, sample_from
 
 GREEDY = SamplingParams(temperature=0)
 PLAIN = SamplingParams()
@@ -132,6 +133,31 @@ def test_verify_rows_equals_acceptance_verify_row_by_row(deterministic):
                          uniforms[b, :n], uniforms[b, n])
             assert int(verdict.num_accepted[b]) == int(one.num_accepted), (trial, b)
             assert int(verdict.next_token[b]) == int(one.next_token), (trial, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["greedy-draft", "point-masses"])
+def test_greedy_verify_rows_draws_the_argmax_as_sample_from_would(deterministic):
+    """Greedy rows (every law a point mass: logits_to_probs at temperature 0, ties included): verify_rows
+    with greedy=True (an argmax, no scan) gives the accepted counts and tokens of greedy=False, for the
+    same uniforms, every draft count 0..W; so does RowLaws.draw against sample_from."""
+    g = torch.Generator().manual_seed(1)
+    rows, width, vocab = 64, 4, 6
+    greedy = SamplingParams(temperature=0)
+    laws = RowLaws((greedy,), [0] * rows)
+    assert laws.greedy and not RowLaws((greedy, SamplingParams()), [0] * rows).greedy
+    for _ in range(20):
+        target = laws(torch.randint(0, 3, (rows, width + 1, vocab), generator=g).float())  # ties: first max
+        draft = laws(torch.randint(0, 3, (rows, width, vocab), generator=g).float())
+        draft[: rows // 4] = target[: rows // 4, :width]  # drafts the target keeps
+        tokens = draft.argmax(-1)
+        uniforms = torch.rand(rows, width + 1, generator=g)
+        counts = torch.randint(0, width + 1, (rows,), generator=g)
+        sample = uniforms[torch.arange(rows), counts]
+        args = (tokens, None if deterministic else draft, target, uniforms[:, :width], sample, counts)
+        scanned, argmax = verify_rows(*args), verify_rows(*args, greedy=True)
+        assert torch.equal(scanned.num_accepted, argmax.num_accepted)
+        assert torch.equal(scanned.next_token, argmax.next_token)
+        assert torch.equal(laws.draw(target[:, 0], uniforms[:, 0]), sample_from(target[:, 0], uniforms[:, 0]))
 
 
 # ================================================================ rows are single requests

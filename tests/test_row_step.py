@@ -19,7 +19,7 @@ from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
-from speculant.row_step import CAPTURED_PARAMS
+from speculant.row_step import CAPTURED_PARAMS, MIN_KEYS
 from speculant.sampling import SamplingParams
 from tests.op_counter import counting_ops
 
@@ -105,6 +105,22 @@ def test_rows_that_drafted_nothing_for_a_while_catch_up_before_the_window(kind, 
     assert catch_ups, list(static.row_step.graphs)
 
 
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_static_steps_read_keys_up_to_a_bucket_past_their_rows_ends(kind, weights):
+    """A static step reads each row's keys up to a power of two past the furthest row's end (MIN_KEYS
+    at least), not over the whole cache: rows that grow past 256 positions move from the 256-key
+    functions to the 512-key ones, and every token is the eager step's (which reads exactly to the end)."""
+    requests = [BatchRequest([1 + (5 * i + j) % 60 for j in range(236 + 4 * i)], (GREEDY, PLAIN)[i % 2], 24, seed=i)
+                for i in range(3)]
+    outs, static = [], None
+    for graphs in (False, True):
+        run = engine(kind, weights, graphs, max_seq_len=1024)
+        outs.append(run_batch(run, requests))
+        static = run if graphs else static
+    assert outs[0] == outs[1] and all(len(tokens) == 24 for tokens, _ in outs[0].values())
+    assert {key[-1] for key in static.row_step.graphs if key[0] == "step"} == {MIN_KEYS, 2 * MIN_KEYS}
+
+
 @pytest.mark.parametrize("graphs", [False, True])
 def test_a_step_of_more_distinct_params_than_a_graph_takes_runs_eagerly_with_the_same_tokens(graphs, weights):
     requests = [BatchRequest(PROMPTS[i % len(PROMPTS)], SamplingParams(temperature=0.5 + 0.1 * i), 10, seed=i)
@@ -152,14 +168,15 @@ def test_requests_prefilled_together_fill_the_caches_as_one_at_a_time(kind, grap
         alone.row_step.prefill([prompt])
         for ours, theirs in ((together.cache, alone.cache), (together.drafter.cache, alone.drafter.cache)):
             n = len(prompt) - 1
-            torch.testing.assert_close(ours.k[:, b, :n], theirs.k[:, 0, :n], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(ours.v[:, b, :n], theirs.v[:, 0, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.k[:, b, :, :n], theirs.k[:, 0, :, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(ours.v[:, b, :, :n], theirs.v[:, 0, :, :n], atol=1e-5, rtol=1e-5)
             if ours.features is not None:
                 torch.testing.assert_close(ours.features[b, :n], theirs.features[0, :n], atol=1e-5, rtol=1e-5)
     # and the target's rows are the single-row forward's cache
     single = LeanModel(random_weights(tiny_config("llama"), seed=0, scale=4.0), max_seq_len=128)
     single.forward(torch.tensor(prompts[1][:-1]), 0)
-    torch.testing.assert_close(together.cache.k[:, 1, :len(prompts[1]) - 1], single.k_cache[:, :len(prompts[1]) - 1],
+    torch.testing.assert_close(together.cache.k[:, 1, :, :len(prompts[1]) - 1],
+                               single.k_cache[:, :len(prompts[1]) - 1].transpose(1, 2),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -189,6 +206,22 @@ def test_a_static_step_dispatches_no_model_op_outside_its_graph(weights):
             counts[layers, graphs] = ops_outside_the_graph(run, 4)
     assert counts[3, True] == counts[6, True], counts
     assert min(counts[6, False]) > max(counts[3, False]) > 5 * max(counts[3, True]), counts
+
+
+@pytest.mark.parametrize("kind", ["model", "feature"])
+def test_a_greedy_step_draws_without_scanning_the_vocabulary(kind, weights):
+    """A step whose rows are all greedy draws its draft and next tokens by argmax: no cumulative sum
+    over the vocabulary runs inside its graph; a step with a sampled row runs one per draw."""
+    scans = {}
+    for params in (GREEDY, PLAIN):
+        run = engine(kind, weights, True, max_batch=4)
+        for p in PROMPTS[:3]:
+            run.add(BatchRequest(p, params, 20, seed=1))
+        run.step()
+        with counting_ops() as counter:
+            run.step(3)
+        scans[params.greedy] = counter.inside[torch.ops.aten.cumsum.default]
+    assert scans == {True: 0, False: 3 + 1}, scans
 
 
 # ---- CUDA: the graphs themselves -------------------------------------------------------------------
@@ -243,8 +276,8 @@ def test_a_warm_up_leaves_the_engine_as_it_was_the_tokens_after_it_are_the_token
 def test_after_a_warm_up_no_batch_gamma_or_prompt_length_compiles_or_makes_a_function(weights, monkeypatch):
     """The row forwards compile a bounded number of times (per kind of call: target or draft, with or
     without logits, one row or a feed of one token), all inside warm_up: batches of 1..7 rows, every
-    Γ and prompts of 1..40 tokens afterwards compile nothing and make no new step or prefill
-    function. Counted with dynamo's own counter, through its cheapest backend (the frames it compiles
+    Γ, prompts of 1..40 tokens and a row that fills the 512-slot cache (its steps read 256 keys, then
+    512) afterwards compile nothing and make no new step or prefill function. Counted with dynamo's own counter, through its cheapest backend (the frames it compiles
     do not depend on the backend)."""
     from torch._dynamo.utils import counters
 
@@ -252,7 +285,7 @@ def test_after_a_warm_up_no_batch_gamma_or_prompt_length_compiles_or_makes_a_fun
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{"backend": "eager", **kw}))
     torch._dynamo.reset()
     counters.clear()
-    run = engine("model", weights, True, max_batch=8, gamma="auto", max_seq_len=64, compile=True)
+    run = engine("model", weights, True, max_batch=8, gamma="auto", max_seq_len=512, compile=True)
     made = run.warm_up(params=[PLAIN])
     compiles, functions = counters["frames"]["ok"], len(run.row_step.graphs)
     assert made.functions == functions and 0 < compiles <= 16
@@ -260,4 +293,7 @@ def test_after_a_warm_up_no_batch_gamma_or_prompt_length_compiles_or_makes_a_fun
         requests = [BatchRequest([1 + (7 * i + j) % 60 for j in range(1 + 13 * i % 40)], PLAIN, 5 + i % 4, seed=i)
                     for i in range(rows)]
         run_batch(run, requests, gammas={1: 0, 2: 1, 3: 2, 4: 3})
+    long = [BatchRequest([1 + j % 60 for j in range(250)], PLAIN, 300, seed=9), BatchRequest([5, 6], PLAIN, 8, seed=8)]
+    tokens, finish = run_batch(run, long)[0]
+    assert finish == "context" and 250 + len(tokens) == 512
     assert (counters["frames"]["ok"], len(run.row_step.graphs)) == (compiles, functions)

@@ -184,12 +184,10 @@ class RowDrafter(Protocol):
         ...
 
     def draft(self, tokens: torch.Tensor, starts: torch.Tensor, lengths: torch.Tensor, counts: torch.Tensor,
-              uniforms: torch.Tensor, probs: Callable[[torch.Tensor], torch.Tensor],
-              kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+              uniforms: torch.Tensor, laws: RowLaws, kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A plan on the device: tokens [B, T] (row b's first lengths[b], at starts[b]..), counts [B],
-        uniforms [B, Γ] (row b's first counts[b] its own), probs(logits [B, V]) -> [B, V] the sampling
-        transform of each row (probs_by_row) -> draft tokens [B, Γ] and their laws [B, Γ, V] (None:
-        deterministic). Rows may be padding (lengths 0, counts 0): they write only scratch slots."""
+        uniforms [B, Γ] (row b's first counts[b] its own), laws the rows' sampling transforms (RowLaws)
+        -> draft tokens [B, Γ] and their laws [B, Γ, V] (None: deterministic). Rows may be padding (lengths 0, counts 0): they write only scratch slots."""
         ...
 
     def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
@@ -213,11 +211,9 @@ def propose_rows(drafter: RowDrafter, contexts: list[list[int]], gammas: list[in
         tokens[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
     uniforms = row_uniforms(generators, [[n if drafter.samples else 0] for n in plan.counts], [width])
     kv_len = max(s + n + max(c - 1, 0) for s, n, c in zip(plan.starts, lengths, plan.counts))
-    sets, group = param_groups(params)
     draft_tokens, laws = drafter.draft(
         tokens.to(device), torch.tensor(plan.starts, device=device), torch.tensor(lengths, device=device),
-        torch.tensor(plan.counts, device=device), uniforms.to(device),
-        lambda logits: probs_by_row(logits, sets, group), kv_len)
+        torch.tensor(plan.counts, device=device), uniforms.to(device), RowLaws(*param_groups(params)), kv_len)
     drafter.settle(contexts, plan.counts, draft_tokens.tolist())
     return RowDraft(draft_tokens, laws, plan.counts)
 
@@ -279,19 +275,39 @@ def row_uniforms(generators: list[torch.Generator], counts: list[list[int]], wid
     return out
 
 
-def sample_rows(first_logits: torch.Tensor, uniforms: torch.Tensor, probs: Callable[[torch.Tensor], torch.Tensor],
+class RowLaws:
+    """The rows' sampling transforms (probs_by_row over param_groups' sets and group) and the draw from
+    the laws they give. `draw` is the inverse-CDF draw (sample_from), except where every set is greedy:
+    then every law is a point mass, whose token the argmax gives without a scan over the vocabulary
+    (a cumulative sum over B × V probabilities per draw: 5 of them cost 0.38 ms of a 64-row step on
+    an H100)."""
+
+    def __init__(self, sets: tuple[SamplingParams, ...], group: list[int] | torch.Tensor) -> None:
+        self.sets, self.group = sets, group
+        self.greedy = all(params.greedy for params in sets)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, ..., V] -> each row's law [B, ..., V]."""
+        return probs_by_row(logits, self.sets, self.group)
+
+    def draw(self, probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """Tokens [...] from laws probs [..., V] this transform gave, uniform [...] in [0, 1)."""
+        return probs.argmax(-1) if self.greedy else sample_from(probs, uniform)
+
+
+def sample_rows(first_logits: torch.Tensor, uniforms: torch.Tensor, laws: RowLaws,
                 feed: Callable[[torch.Tensor, int], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_draft over rows: first_logits [B, V] give each row's first law, probs(logits [B, V]) ->
-    [B, V] is each row's sampling transform, uniforms [B, Γ] (on the device) drive the inverse-CDF
-    draws; feed(tokens [B], i) feeds draft token i of every row (rows past their γ_b feed padding) and
-    returns the logits after it [B, V] (never called for the last position). Returns the tokens
+    """sample_draft over rows: first_logits [B, V] give each row's first law, laws(logits [B, V]) ->
+    [B, V] is each row's sampling transform, uniforms [B, Γ] (on the device) drive its draws
+    (laws.draw); feed(tokens [B], i) feeds draft token i of every row (rows past their γ_b feed
+    padding) and returns the logits after it [B, V] (never called for the last position). Returns the tokens
     [B, Γ] and the law each was drawn from [B, Γ, V]; no host read."""
-    logits, tokens, laws = first_logits, [], []
+    logits, tokens, drawn_from = first_logits, [], []
     width = uniforms.shape[1]
     for i in range(width):
-        step_probs = probs(logits)  # [B, V]
-        tokens.append(sample_from(step_probs, uniforms[:, i]))
-        laws.append(step_probs)
+        step_probs = laws(logits)  # [B, V]
+        tokens.append(laws.draw(step_probs, uniforms[:, i]))
+        drawn_from.append(step_probs)
         if i + 1 < width:
             logits = feed(tokens[-1], i)
-    return torch.stack(tokens, 1), torch.stack(laws, 1)
+    return torch.stack(tokens, 1), torch.stack(drawn_from, 1)

@@ -125,7 +125,7 @@ class FeatureRows:
             feeds.append(context[1 + keep:1 + n] if counts[b] else [])
         return RowPlan(feeds, keeps, counts)
 
-    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+    def draft(self, tokens, starts, lengths, counts, uniforms, laws, kv_len):
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         hidden = self.prefill(tokens, starts, lengths, kv_len)
         feature = hidden[rows, (lengths - 1).clamp_min(0)]  # [B, E]: f̂_n, read with the first draft token
@@ -139,7 +139,7 @@ class FeatureRows:
             feature = hidden[:, 0]
             return out[:, 0]
 
-        return sample_rows(self.model.logits(feature), uniforms, probs, feed)
+        return sample_rows(self.model.logits(feature), uniforms, laws, feed)
 
     def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
         for b, context in enumerate(contexts):

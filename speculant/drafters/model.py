@@ -91,7 +91,7 @@ class ModelRows:
             feeds.append(context[keep:] if gammas[b] else [])
         return RowPlan(feeds, keeps, list(gammas))
 
-    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+    def draft(self, tokens, starts, lengths, counts, uniforms, laws, kv_len):
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         hidden = self.prefill(tokens, starts, lengths, kv_len)
         first = self.model.logits(hidden[rows, (lengths - 1).clamp_min(0)])  # [B, V]: at each row's end
@@ -102,7 +102,7 @@ class ModelRows:
             out, _ = self.model.forward_rows_static(self.cache, token[:, None], ends + i, more, kv_len)
             return out[:, 0]
 
-        return sample_rows(first, uniforms, probs, feed)
+        return sample_rows(first, uniforms, laws, feed)
 
     def settle(self, contexts: list[list[int]], counts: list[int], drafted: list[list[int]]) -> None:
         for b, context in enumerate(contexts):

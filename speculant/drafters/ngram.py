@@ -93,7 +93,7 @@ class NgramRows:
                   for b, (c, g) in enumerate(zip(contexts, gammas))]
         return RowPlan(drafts, [0] * len(drafts), [len(d) for d in drafts])
 
-    def draft(self, tokens, starts, lengths, counts, uniforms, probs, kv_len):
+    def draft(self, tokens, starts, lengths, counts, uniforms, laws, kv_len):
         return tokens[:, :uniforms.shape[1]], None
 
     def settle(self, contexts, counts, drafted) -> None:

@@ -475,18 +475,20 @@ class LeanModel(PositionalCache):
         masks = {False: self._additive(allowed)}
         if cfg.sliding_window:
             masks[True] = self._additive(allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window))
-        # one row: this model's cache seen as [1, S, KV, D] per layer, every token at its own slot
-        x = self._layers(x[None], positions[None], slots, masks,
-                         lambda i: (self.k_cache[i, None], self.v_cache[i, None]))
+        # one row: this model's cache [S, KV, D] seen as [1, KV, S, D] per layer, every token at its own slot
+        x = self._layers(x[None], positions[None], slots, masks, self._single_row_cache)
         return self.weights.norm(x[0])
 
     def exact_hidden_states(self, tokens: torch.Tensor, keys: ExactKeys) -> torch.Tensor:
         """Bit-exact mode: tokens [W] at keys.positions, written at keys.slots, each row attending to
         its own keys in position order (exact_attention) -> final-normed hidden states [W, E]."""
         masks = {False: keys, True: keys._replace(window=self.cfg.sliding_window or 0)}
-        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks,
-                         lambda i: (self.k_cache[i, None], self.v_cache[i, None]))
+        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks, self._single_row_cache)
         return self.weights.norm(x[0])
+
+    def _single_row_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer` of this model's cache [S, KV, D] as _layers takes it: views [1, KV, S, D]."""
+        return self.k_cache[layer, None].transpose(1, 2), self.v_cache[layer, None].transpose(1, 2)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [..., T] -> [..., T, E] (scaled by sqrt(E) for Gemma)."""
@@ -504,8 +506,10 @@ class LeanModel(PositionalCache):
                 layer_cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """The decoder layers over B rows: x [B, T, E] at positions [B, T] -> [B, T, E] (before the
         final norm). layer_cache(i) gives this call's rows of layer i's cache, keys and values
-        [B, slots, KV, D]; `slots` [T] (the same for every row) or [B, T] says where the new keys and
-        values go; masks[sliding] is additive, [G·T, kv_len] or [B, 1, G·T, kv_len]."""
+        [B, KV, slots, D] (views; a RowKVCache's rows are stored so, heads before slots, so that the
+        attention's batched GEMMs read them in place); `slots` [T] (the same for every row) or [B, T]
+        says where the new keys and values go; masks[sliding] is additive, [G·T, kv_len] or
+        [B, 1, G·T, kv_len]."""
         ropes = {local: (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
                  for local in masks}
         for i in range(self.num_layers):
@@ -540,7 +544,7 @@ class LeanModel(PositionalCache):
     def _attention(self, layer: Block, x: torch.Tensor, slots: torch.Tensor, rope: torch.Tensor,
                    mask: torch.Tensor | ExactKeys, keys_cache: torch.Tensor, values_cache: torch.Tensor) -> torch.Tensor:
         """The attention half of a layer, residual excluded: x [B, T, E] -> [B, T, E]. Writes the new
-        keys and values at `slots` of keys_cache, values_cache [B, slots, KV, D] (views of the cache)
+        keys and values at `slots` of keys_cache, values_cache [B, KV, slots, D] (views of the cache)
         and attends to their first kv_len = mask.shape[-1] slots, or in bit-exact mode (mask an
         ExactKeys) to the keys it names; see _layers for the shapes."""
         cfg = self.cfg
@@ -556,14 +560,15 @@ class LeanModel(PositionalCache):
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
         if slots.dim() == 1:  # every row writes the same slots
-            keys_cache.index_copy_(1, slots, k)
-            values_cache.index_copy_(1, slots, v)
-        else:
+            keys_cache.index_copy_(2, slots, k.transpose(1, 2))
+            values_cache.index_copy_(2, slots, v.transpose(1, 2))
+        else:  # (the advanced indices' [B, T] come first: the value is k [B, T, KV, D] as it is)
             rows = torch.arange(b, device=x.device)[:, None]  # [B, 1]
-            keys_cache[rows, slots] = k
-            values_cache[rows, slots] = v
-        if isinstance(mask, ExactKeys):  # bit-exact mode (one row, W tokens): each walks its own keys
-            out = exact_attention(q.view(t, kv, groups, d), keys_cache[0], values_cache[0], mask, self.attn_scale)
+            keys_cache[rows, :, slots] = k
+            values_cache[rows, :, slots] = v
+        if isinstance(mask, ExactKeys):  # bit-exact mode (one row, W tokens): each walks its own keys [slots, KV, D]
+            out = exact_attention(q.view(t, kv, groups, d), keys_cache[0].transpose(0, 1),
+                                  values_cache[0].transpose(0, 1), mask, self.attn_scale)
             out = out.reshape(b, t, cfg.num_heads * d)  # [1, W, H·D]
         else:
             out = self._cache_attention(q, keys_cache, values_cache, mask)
@@ -575,13 +580,15 @@ class LeanModel(PositionalCache):
     def _cache_attention(self, q: torch.Tensor, keys_cache: torch.Tensor, values_cache: torch.Tensor,
                          mask: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, D] over the first kv_len = mask.shape[-1] slots of keys_cache, values_cache
-        [B, slots, KV, D] under the additive mask -> [B, T, H·D]."""
+        [B, KV, slots, D] under the additive mask -> [B, T, H·D]."""
         cfg = self.cfg
         b, t = q.shape[:2]
         kv, groups, d = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
         kv_len = mask.shape[-1]
-        keys = keys_cache[:, :kv_len].transpose(1, 2)  # [B, KV, kv_len, D], a view
-        values = values_cache[:, :kv_len].transpose(1, 2)
+        # [B, KV, kv_len, D], views. A RowKVCache's rows hold each head's slots together, so B·KV
+        # fold into one batch stride and the GEMMs read the cache in place; slots before heads (the
+        # single-row cache, [S, KV, D]) would make matmul copy the whole view first.
+        keys, values = keys_cache[:, :, :kv_len], values_cache[:, :, :kv_len]
         # Grouped-query attention without copying the cache per query head: query head
         # j·groups + g reads key/value head j (Hugging Face's repeat_interleave order), so the
         # queries are laid out as [B, KV, groups·T, D] and each KV head serves its group in one call.
@@ -699,13 +706,13 @@ class LeanModel(PositionalCache):
 
 class RowKVCache:
     """The caches of several independent rows (requests) of one LeanModel, for forward_rows: keys and
-    values [layers, rows, S + 1, KV, D], features [rows, S + 1, E] (or None). Slot S is scratch:
-    padding writes there and nothing reads it. Like the single-row cache it is position-indexed, so
+    values [layers, rows, KV, S + 1, D] (heads before slots: see LeanModel._cache_attention), features
+    [rows, S + 1, E] (or None). Slot S is scratch: padding writes there and nothing reads it. Like the single-row cache it is position-indexed, so
     rollback is free: the caller keeps each row's length, later writes overwrite, the mask hides."""
 
     def __init__(self, model: LeanModel, rows: int, features: bool = False) -> None:
         cfg = model.cfg
-        shape = (model.num_layers, rows, model.max_seq_len + 1, cfg.num_kv_heads, cfg.head_dim)
+        shape = (model.num_layers, rows, cfg.num_kv_heads, model.max_seq_len + 1, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.v = torch.zeros(shape, dtype=model.dtype, device=model.device)
         self.hidden_size = cfg.hidden_size
@@ -721,13 +728,13 @@ class RowKVCache:
         """From now on forward_rows also stores each row's final-normed hidden states (a
         feature-reading draft reads them), as LeanModel.keep_features does for one row."""
         if self.features is None:
-            rows, slots = self.k.shape[1:3]
+            rows, slots = self.k.shape[1], self.k.shape[3]
             self.features = torch.zeros(rows, slots, self.hidden_size, dtype=self.k.dtype, device=self.k.device)
 
     def move_row(self, source: int, dest: int, length: int) -> None:
         """Copy row `source`'s first `length` slots to row `dest` (rows stay packed when one leaves)."""
-        self.k[:, dest, :length] = self.k[:, source, :length]
-        self.v[:, dest, :length] = self.v[:, source, :length]
+        self.k[:, dest, :, :length] = self.k[:, source, :, :length]
+        self.v[:, dest, :, :length] = self.v[:, source, :, :length]
         if self.features is not None:
             self.features[dest, :length] = self.features[source, :length]
 
