@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -197,9 +198,10 @@ def single_request(args, servers: list[str]) -> dict[str, dict]:
             results[server] = dict(results[done[pair]])
             continue
         done[pair] = server
-        # what `speculant serve --target T --draft D --gamma G --device --dtype --max-seq-len` loads
+        # what `speculant serve --target T --draft D --gamma G --device --dtype --max-seq-len` loads: its
+        # single-request engine compiles one layer where the server compiles its rows (--compile)
         spec = speculant.load(target=args.target, draft=draft, gamma=gamma, device=args.device, dtype=args.dtype,
-                              max_seq_len=args.max_seq_len, **options)
+                              max_seq_len=args.max_seq_len, compile="layers" if args.compile else None, **options)
         single_pass(spec, prompts, args)  # untimed: graph captures, compiles, a gamma auto calibration
         results[server] = {"draft": spec.draft_specs, "gamma": spec.gamma, **single_pass(spec, prompts, args)}
         row = results[server]
@@ -298,7 +300,7 @@ def main() -> None:
 
     rows = []
     for server in servers:
-        process, url = start_server(args, server, out / f"serve_load-{server.replace('/', '_').replace('@', '-at-')}.log")
+        process, url = start_server(args, server, out / f"serve_load-{re.sub(r'[^A-Za-z0-9._-]', '_', server.replace('@', '-at-'))}.log")
         try:
             asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
             for concurrency in args.concurrency:

@@ -24,6 +24,9 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
     NAME|PATH     a model (embedded name, HF folder, GGUF file) or a distilled draft folder
     NAME:int8     that model with int8 matrices (lean models): on a CPU about half its time per token
     default       the embedded distilled draft of the target if there is one, else ngram
+
+Long because the one public entry point (load, Speculant: generate, stream, generate_many, the
+batch engine, the γ policies' step costs) checks every option once for the CLI, the server and Python.
 """
 
 from __future__ import annotations
@@ -211,7 +214,8 @@ class Speculant:
                    "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
                    "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
                    "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled,
-                   **({"kernels": self.kernels} if self.kernels != "torch" else {})}
+                   **({"kernels": self.kernels} if self.kernels != "torch" else {}),
+                   **({"compile": stepper.compile} if getattr(stepper, "compile", True) is not True else {})}
             fallback = nominal_costs(MAX_GAMMA, model.device.type, 0.0 if isinstance(self.drafter, NgramDrafter) else 0.1,
                                      plan.candidates, plan.lookup)
             self.step_costs[sampled] = step_costs(
@@ -539,7 +543,8 @@ def check_device(device: str) -> None:
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
          inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-         backend: str = "torch", bit_exact: bool = False, kernels: str = "torch") -> Speculant:
+         backend: str = "torch", bit_exact: bool = False, kernels: str = "torch",
+         compile: bool | str | None = None) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
 
     backend: torch (default), llama.cpp (the target and model drafts run in llama.cpp on the GGUF
@@ -565,7 +570,12 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     target forward (the prefill too) runs TritonForward.forward_exact: each row walks its own keys in
     position order on kernels whose row bits do not depend on the call's rows, unpadded; a hierarchy,
     a draft through transformers and logprobs run the generic step over the same forward, batched
-    requests one at a time. Not measured on a GPU yet."""
+    requests one at a time. Not measured on a GPU yet.
+
+    compile: how the fused step's forwards compile (speculant.fused.check_compile): None, its default
+    (each whole forward: one compile per new shape, minutes for a tree with a lookup branch under
+    gamma auto on a GPU), "layers" (one compiled decoder layer for every layer and shape: seconds),
+    or False."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_device(device)
@@ -597,4 +607,4 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
         # a target whose context is shorter than the default takes all of it (any other error recurs)
         loaded = load_model(str(target), device=device, dtype=DTYPES[dtype], max_seq_len=None)
     return Speculant(loaded, drafts, gamma=gamma, inner_gamma=inner_gamma, fused=fused, candidates=candidates,
-                     lookup=lookup, bit_exact=bit_exact, kernels=kernels)
+                     lookup=lookup, bit_exact=bit_exact, kernels=kernels, compile=compile)

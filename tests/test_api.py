@@ -125,6 +125,14 @@ def run(argv, stdin=b""):
         sys.stdin = real
 
 
+def test_load_takes_the_fused_steps_compile_mode_and_refuses_an_unknown_one(target):
+    """compile= reaches the fused steppers (here on the CPU, fused=True); an unknown mode is one clear line."""
+    spec = api.load(target, draft="ngram", max_seq_len=64, fused=True, compile="layers")
+    assert spec.stepper.compile == "layers" and spec.plain_stepper.compile == "layers"
+    with pytest.raises(ValueError, match="compile must be False, True or 'layers', got 'whole'"):
+        api.load(target, draft="ngram", max_seq_len=64, compile="whole")
+
+
 def test_prompts_from_stdin_and_from_a_jsonl_file_give_one_result_a_line(target, tmp_path, capsys):
     base = ["generate", "--target", target, "--draft", "ngram", "--max-new-tokens", "5"]
     assert run(base + ["--json", "--stop", "zz"], stdin=b"ab cd") == 0

@@ -35,7 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             "unless --bit-exact (its rows run one at a time, eagerly)")
     serve.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="the decoder layers inside the graphs through torch.compile (one compiled layer for "
-                            "all of them): fewer kernels per step (fused ones instead of one per torch op), at the price of "
+                            "all of them, the batch's steps and a lone request's single-request engine alike): fewer "
+                            "kernels per step (fused ones instead of one per torch op), at the price of "
                             "several compiles of one layer in the warm-up. "
                             "Default: on where the steps are captured as CUDA graphs (CUDA), off elsewhere; "
                             "--no-compile turns it off")
@@ -96,10 +97,13 @@ def run(args: argparse.Namespace) -> int:
     warm_up_params = [SamplingParams(), SamplingParams(temperature=0.0)]
     check_can_listen(args.host, args.port)  # before the model loads: a busy port is found out at once
     print(f"speculant serve: loading {args.target} ...", file=sys.stderr, flush=True)
+    graphs, compile = engine_options(args, args.device.partition(":")[0])
+    # a lone request's fused step (--solo) compiles the same one layer as the batch's steps: whole
+    # forwards would compile once per step shape, minutes for a tree with a lookup branch
     spec = speculant.load(target=args.target, draft=args.draft or "default", gamma=args.gamma, device=args.device,
                           dtype=args.dtype, max_seq_len=args.max_seq_len, candidates=args.candidates,
-                          lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact)
-    graphs, compile = engine_options(args, spec.target.model.device.type)
+                          lookup=args.lookup, backend=args.backend, bit_exact=args.bit_exact,
+                          compile="layers" if compile else None)
     engine = spec.batch_engine(max_batch=args.max_batch, graphs=graphs, compile=compile, solo=args.solo)
     metrics = ServerMetrics()
     row_step = engine.row_step
