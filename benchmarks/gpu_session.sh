@@ -16,10 +16,10 @@
 #   exact      bit-exact mode against the default, every drafter (torch's kernels), 64 prompts × 256 tokens
 #   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
-#   batch-profile  where a batched step's time goes at 1, 8, 64 rows (captured; then with the layers
-#              compiled, --compile, whose warm-up compiles one layer 9 times on the CPU): ms per
-#              step, graph replays and kernel launches per step, dynamo's compiles (the server ran at
-#              34.7 tok/s at concurrency 1 on an H100, 2026-12-06: find out why before the load test)
+#   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
+#              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
+#              the largest kernels (on 2026-12-06 copies of the KV cache were 40 % of a 64-row step: the
+#              row cache's layout is fixed since, and steps read keys up to a bucket past their rows)
 #   batch      the batched engine at concurrency 1, 4, 16, 64 with captured steps
 #   serve      the server under the openai client at concurrency 1, 4, 16, 64 (row forwards compiled, the
 #              server's default on CUDA), after the single-request reference of the same pairs (speculant.load
@@ -71,10 +71,10 @@ case "$part" in
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
   batch-profile)
-    limit 280 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 1,8,64 \
+    limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 64 \
       --gamma 4 --graphs 2>&1 | tee "$out/batch_profile_graphs.log"
     OUT="$out/compiled" limit 260 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" \
-      --rows 1,8 --gamma 4 --graphs --compile 2>&1 | tee "$out/batch_profile_compiled.log" ;;
+      --rows 1,8,64 --gamma 4 --graphs --compile 2>&1 | tee "$out/batch_profile_compiled.log" ;;
   batch)
     limit 560 python3 benchmarks/batch_throughput.py --device cuda --target "$model" --draft "$draft" \
       --dtype bfloat16 --max-new-tokens 128 --max-seq-len 1024 --graphs 2>&1 | tee "$out/batch_throughput.log" ;;
