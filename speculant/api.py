@@ -23,6 +23,7 @@ Draft specs (`draft=` takes one spec or a list; each further drafter drafts for 
                   time per token, close to its law; drafted in turn by a further --draft
     NAME|PATH     a model (embedded name, HF folder, GGUF file) or a distilled draft folder
     NAME:int8     that model with int8 matrices (lean models): on a CPU about half its time per token
+    SPEC:vocab=N  a model draft that scores only the N most frequent tokens (models.frequent_tokens)
     default       the embedded distilled draft of the target if there is one, else ngram
 
 Long because the one public entry point (load, Speculant: generate, stream, generate_many, the

@@ -7,6 +7,7 @@ which of them is a target's default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from speculant.step import GenericStepper
 
 EMBEDDED_DRAFTS = Path(__file__).parent / "embedded"
 INT8_SUFFIX = ":int8"  # NAME:int8, a draft model whose matrices are served as int8
+# SPEC:vocab=N, a draft model that scores only the N most frequent tokens (models.frequent_tokens)
+VOCAB_SUFFIX = re.compile(r":vocab=(\d+)$")
 
 
 def embedded_draft_folder(spec: str) -> Path | None:
@@ -158,6 +161,19 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
     """The model behind a draft spec: None for none/ngram, a CausalLM or LoadedModel otherwise."""
     if spec == "none" or spec == "ngram" or spec.startswith("ngram:"):
         return None
+    kept = VOCAB_SUFFIX.search(spec)
+    if kept:  # a draft model scoring the most frequent tokens only: NAME:vocab=N, NAME:int8:vocab=N, layers:N:vocab=N
+        model = _level_model(spec[:kept.start()], above, target)
+        lean = _causal_lm(model)
+        if not isinstance(lean, LeanModel) or isinstance(lean, FeatureDraft):
+            raise ValueError(f"bad spec {spec!r}: ':vocab=N' follows a draft model that runs on the lean torch "
+                             "model (a distilled draft keeps its own vocabulary), e.g. qwen2.5-coder-0.5b:int8:vocab=32768")
+        if isinstance(model, LoadedModel):  # a model of its own: the loaded one's head stays whole
+            lean = LeanModel(model.weights, max_seq_len=lean.max_seq_len)
+        from speculant.models.frequent_tokens import frequent_tokens
+
+        lean.keep_vocab(frequent_tokens(target.tokenizer, int(kept.group(1)), target.folder))
+        return lean
     if spec.startswith("layers:"):
         try:
             num_layers = int(spec.split(":", 1)[1])

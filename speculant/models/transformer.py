@@ -361,6 +361,7 @@ class LeanModel(PositionalCache):
             self.attn_scale = cfg.head_dim**-0.5
             self.embed_scale = 1.0
         self.features: torch.Tensor | None = None  # see keep_features
+        self.kept_vocab: tuple[torch.Tensor, torch.Tensor | Int8Matrix] | None = None  # see keep_vocab
         if not any(p.requires_grad for p in weights.parameters()):
             for layer in weights.layers:
                 layer.fuse_projections()
@@ -443,8 +444,34 @@ class LeanModel(PositionalCache):
             self.features.index_copy_(0, positions, hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, E] after the final norm -> logits [T, vocab] float32."""
-        return linear(hidden, self.weights.head()).float()
+        """hidden [..., E] after the final norm -> logits [..., vocab] float32 (with keep_vocab: the
+        kept tokens' logits, -inf at every other token)."""
+        if self.kept_vocab is None:
+            return linear(hidden, self.weights.head()).float()
+        ids, head = self.kept_vocab
+        out = torch.full((*hidden.shape[:-1], self.vocab_size), float("-inf"), device=hidden.device)
+        return out.index_copy_(-1, ids, linear(hidden, head).float())
+
+    @torch.no_grad()
+    def keep_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """From now on score only the tokens `token_ids` [N] (distinct): the output head's N rows, every
+        other token's logit -inf, so probability 0 under every sampling transform (a draft model:
+        models.frequent_tokens). None: the whole vocabulary again. The rows are copies (an int8 head's
+        quantized alike), so the weights, which other models may share, stay whole."""
+        if token_ids is None:
+            self.kept_vocab = None
+            return
+        ids = token_ids.to(self.device, torch.int64)
+        if ids.dim() != 1 or len(set(ids.tolist())) != len(ids) or not 0 < len(ids) <= self.vocab_size \
+                or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"keep_vocab takes distinct token ids in 0..{self.vocab_size - 1}")
+        head = self.weights.head()
+        if isinstance(head, Int8Matrix):
+            rows = Int8Matrix(head.source.index_select(0, ids))
+        else:
+            rows = head.index_select(0, ids)
+            rows = column_major(rows) if serves_column_major(head) else rows
+        self.kept_vocab = (ids, rows)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
                       inputs: torch.Tensor | None = None, ancestors: torch.Tensor | None = None) -> torch.Tensor:

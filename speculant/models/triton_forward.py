@@ -52,6 +52,8 @@ def unsupported(model) -> str | None:
     """Why TritonForward cannot run `model` (a LeanModel), or None: Llama and Qwen2 layers with frozen
     float weights only."""
     cfg = model.cfg
+    if getattr(model, "kept_vocab", None) is not None:
+        return "TritonForward scores the whole vocabulary, not a kept part of it (:vocab=N)"
     if not isinstance(model.weights, TransformerWeights):
         return "TritonForward runs a model's own output head, not a distilled draft's truncated one"
     if cfg.arch != "llama":
