@@ -141,8 +141,8 @@ def verify_rows(
     next_probs = torch.cat([residual, target_probs[:, width:width + 1]], 1)  # [B, W + 1, vocab]
     law = next_probs[torch.arange(rows, device=counts.device), num_accepted]  # [B, vocab]
     # greedy: a rejected point mass's residual is p's point mass (p and q differ), and p itself
-    # is one past a row's drafts: the argmax is the token, with no scan over the vocabulary
-    return RowVerdict(num_accepted, law.argmax(-1) if greedy else sample_from(law, sample_uniforms))
+    # is one past a row's drafts: every law is a point mass
+    return RowVerdict(num_accepted, sample_from(law, sample_uniforms, greedy))
 
 
 # ---- several candidates per position ------------------------------------------------------------

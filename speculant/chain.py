@@ -162,14 +162,12 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
     if spec == "none" or spec == "ngram" or spec.startswith("ngram:"):
         return None
     kept = VOCAB_SUFFIX.search(spec)
-    if kept:  # a draft model scoring the most frequent tokens only: NAME:vocab=N, NAME:int8:vocab=N, layers:N:vocab=N
-        model = _level_model(spec[:kept.start()], above, target)
-        lean = _causal_lm(model)
+    if kept:  # the most frequent tokens only: NAME:vocab=N, NAME:int8:vocab=N, layers:N:vocab=N
+        lean = _causal_lm(_level_model(spec[:kept.start()], above, target))  # a model of this level's own
         if not isinstance(lean, LeanModel) or isinstance(lean, FeatureDraft):
             raise ValueError(f"bad spec {spec!r}: ':vocab=N' follows a draft model that runs on the lean torch "
-                             "model (a distilled draft keeps its own vocabulary), e.g. qwen2.5-coder-0.5b:int8:vocab=32768")
-        if isinstance(model, LoadedModel):  # a model of its own: the loaded one's head stays whole
-            lean = LeanModel(model.weights, max_seq_len=lean.max_seq_len)
+                             "model (a distilled draft keeps its own vocabulary), e.g. "
+                             "qwen2.5-coder-0.5b:int8:vocab=32768")
         from speculant.models.frequent_tokens import frequent_tokens
 
         lean.keep_vocab(frequent_tokens(target.tokenizer, int(kept.group(1)), target.folder))

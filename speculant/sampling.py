@@ -86,12 +86,17 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample_from(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def sample_from(probs: torch.Tensor, uniform: torch.Tensor, greedy: bool = False) -> torch.Tensor:
     """Inverse-CDF draw: for probs [..., vocab] and uniform [...] in [0, 1), the token ids [...].
 
     The draw is a pure function of `uniform`, so tests can fix it. Tokens of probability 0 are
-    never returned (the first index whose cumulative mass exceeds u * total).
+    never returned (the first index whose cumulative mass exceeds u * total). `greedy`: every law is
+    a point mass (greedy decoding's, or a residual of two), whose token is its argmax: the same draw
+    without the cumulative sum over the vocabulary (5 of them over 64 rows × 49,152 tokens cost
+    0.38 ms of a batched step on an H100).
     """
+    if greedy:
+        return probs.argmax(-1)
     # Under torch.compile the cumulative sum over a large vocabulary becomes a "split scan" kernel,
     # and inductor 2.11 fails when it fuses a reduction (the greedy argmax, a residual's mass) into
     # it ("NYI TritonSplitDimKernel reductions", seen on the lent H200). A graph break here keeps

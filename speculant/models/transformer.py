@@ -734,8 +734,9 @@ class LeanModel(PositionalCache):
 class RowKVCache:
     """The caches of several independent rows (requests) of one LeanModel, for forward_rows: keys and
     values [layers, rows, KV, S + 1, D] (heads before slots: see LeanModel._cache_attention), features
-    [rows, S + 1, E] (or None). Slot S is scratch: padding writes there and nothing reads it. Like the single-row cache it is position-indexed, so
-    rollback is free: the caller keeps each row's length, later writes overwrite, the mask hides."""
+    [rows, S + 1, E] (or None). Slot S is scratch: padding writes there and nothing reads it. Like the
+    single-row cache it is position-indexed, so rollback is free: the caller keeps each row's length,
+    later writes overwrite, the mask hides."""
 
     def __init__(self, model: LeanModel, rows: int, features: bool = False) -> None:
         cfg = model.cfg
