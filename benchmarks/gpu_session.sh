@@ -70,11 +70,11 @@ case "$part" in
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
-  batch-profile)
-    limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 64 \
+  batch-profile)  # PROFILE_GRAPHS=0: only the compiled steps; PROFILE_ROWS: their row counts (1,8,64)
+    [ "${PROFILE_GRAPHS:-1}" = 0 ] || limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 64 \
       --gamma 4 --graphs 2>&1 | tee "$out/batch_profile_graphs.log"
     OUT="$out/compiled" limit 260 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" \
-      --rows 1,8,64 --gamma 4 --graphs --compile 2>&1 | tee "$out/batch_profile_compiled.log" ;;
+      --rows ${PROFILE_ROWS:-1,8,64} --gamma 4 --graphs --compile 2>&1 | tee "$out/batch_profile_compiled.log" ;;
   batch)
     limit 560 python3 benchmarks/batch_throughput.py --device cuda --target "$model" --draft "$draft" \
       --dtype bfloat16 --max-new-tokens 128 --max-seq-len 1024 --graphs 2>&1 | tee "$out/batch_throughput.log" ;;
@@ -82,14 +82,14 @@ case "$part" in
     if [ -d .whl/serve ]; then python3 -m pip install -q --no-index --no-deps --target /root/site .whl/serve/*.whl; fi
     limit ${SERVE_LIMIT:-560} python3 benchmarks/serve_load.py --target "$model" --device cuda --dtype bfloat16 \
       --servers ${SERVERS:-default@auto+candidates=4+lookup=8,default@auto+no-solo,none} --concurrency 1,4,16,64 \
-      --max-tokens 128 2>&1 | tee "$out/serve_load.log" ;;
+      --max-tokens 128 ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_load.log" ;;
   qwen|qwen-triton|qwen-hf)
     kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
     limit 560 python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} \
-      --rows "ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram" \
+      --rows "${QWEN_ROWS:-ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

@@ -32,6 +32,7 @@ batch engine, the γ policies' step costs) checks every option once for the CLI,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +211,7 @@ class Speculant:
         if sampled not in self.step_costs:
             stepper = self.stepper or GenericStepper(self.target.model, self.drafter)
             plan, model = self.plan, self.target.model
-            calibration = SamplingParams(temperature=1.0) if sampled else SamplingParams()
+            calibration = SamplingParams() if sampled else SamplingParams(temperature=0.0)
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "backend": backend_of(self.target),
                    "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
                    "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
@@ -222,6 +223,28 @@ class Speculant:
             self.step_costs[sampled] = step_costs(
                 key, lambda: measure_costs(stepper, MAX_GAMMA, calibration, plan.candidates, plan.lookup), fallback)
         return AdaptiveGamma(self.step_costs[sampled], lookup=self.plan.lookup, **self.auto_options)
+
+    def warm_up(self, params: Sequence[SamplingParams] = (SamplingParams(),), max_prompt: int | None = None) -> float:
+        """Make ahead what requests with these sampling params meet in the single-request engine, so
+        that none waits on a measurement, a capture or a compile: `auto`'s step costs (gamma_policy),
+        and on the fused step the graphs (with the compiles inside them) of a step of every γ the
+        policy may take (0..MAX_GAMMA; a fixed γ: 0..γ, as a request's end takes), each launched
+        ahead where the stepper runs ahead, and of the prefills of every length bucket for prompts of
+        up to `max_prompt` tokens (default: the cache). Returns the seconds it took. The tokens of a
+        seeded request are the same with or without it."""
+        start = time.perf_counter()
+        for p in params:
+            if self.gamma == "auto":
+                self.gamma_policy(p)
+            if isinstance(self.stepper, FusedStepper):
+                self.stepper.warm_up_prefills(p, max_prompt)
+                top = MAX_GAMMA if self.gamma == "auto" else self.gamma
+                measure_costs(self.stepper, top, p, self.plan.candidates, self.plan.lookup, budget=0.0)
+                if top == 0:  # plain decoding at a fixed γ 0 also replays chunks of tokens
+                    prompt = [(3 + 7 * i) % self.target.model.vocab_size for i in range(16)]
+                    generate(self.target.model, self.drafter, prompt, gamma=0, params=p,
+                             max_new_tokens=2 * self.stepper.plain_chunk, stepper=self.stepper)
+        return time.perf_counter() - start
 
     def stream(self, prompt: str | Sequence[int] | None = None, **options) -> Iterator[str]:
         """Yield text pieces as tokens are fixed (options as for `generate`). A piece that could be

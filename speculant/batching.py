@@ -312,20 +312,6 @@ class BatchEngine:
         made = self.row_step.warm_up(list(range(self.gamma + 1)), sets, self.max_batch, max_prompt)
         return WarmUp(time.perf_counter() - start, made, self.row_step.captured)
 
-    def warm_up_solo(self, params: list[SamplingParams] | None = None, tokens: int = 16) -> float:
-        """Run the single-request engine of lone requests once per params set (default: SamplingParams())
-        on a dummy request of `tokens` new tokens, before any request: its graph captures and compiles,
-        and `auto`'s step costs (measured once per machine, then read from the cache). Returns the
-        seconds it took; 0 without a solo engine."""
-        if self.solo_steps is None:
-            return 0.0
-        start = time.perf_counter()
-        prompt = [t % self.target.vocab_size for t in range(1, 9)]
-        for p in params if params is not None else [SamplingParams()]:
-            for _ in self.solo_steps(prompt, BatchRequest(prompt, p, tokens), 0, tokens):
-                pass
-        return time.perf_counter() - start
-
     def add(self, request: BatchRequest) -> int:
         """Queue a request; returns its id. Bad requests raise ValueError (ContextOverflowError for a
         prompt that does not fit the context): one error class for bad input, types included."""

@@ -64,6 +64,7 @@ from __future__ import annotations
 import gc
 import time
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -82,6 +83,8 @@ from speculant.models.transformer import LeanModel
 from speculant.models.triton_forward import TritonForward, draft_kernels, target_kernels
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from speculant.step import StepResult
+
+MAX_PARAM_SETS = 8  # sampling params sets whose graphs a stepper keeps (a server's requests alternate between a few)
 
 
 def check_compile(compile) -> bool | str:
@@ -316,8 +319,13 @@ class FusedStepper:
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
         self.compile_sampling = bool(compile)
         self.eager_sampling: dict[str, str] = {}  # a sampling function whose compile failed -> the error
-        self.samplers: dict = {}
+        # Sampling params are baked into a step's graph and its sampling functions: a set of both per
+        # params met (up to MAX_PARAM_SETS, the latest last), the current one in graphs and samplers;
+        # prefills sample nothing, so their graphs serve every params set
+        self.graph_sets: OrderedDict[SamplingParams, tuple[dict, dict]] = OrderedDict()
         self.graphs: dict = {}
+        self.samplers: dict = {}
+        self.prefills: dict = {}
         self.params: SamplingParams | None = None
         self.capture_time = 0.0
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
@@ -330,17 +338,25 @@ class FusedStepper:
         on first use."""
         self._wait_pending()  # a replay launched ahead for the last request: done before its graphs may go
         if params != self.params:
-            # sampling params are baked into the graphs: recapture, in a fresh memory pool (a pool
-            # whose graphs were freed cannot take a new capture)
-            self.graphs.clear()
-            self.samplers.clear()
-            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-            self.params = params
+            self._use_params(params)
         self.prefill(prompt[:-1])
         if self.draft_model is not None:
             self.draft_model.truncate(0)
             self.draft_valid = 0
             self._catch_up_draft(prompt, len(prompt) - 1 if self.features else len(prompt) - 2)
+
+    def _use_params(self, params: SamplingParams) -> None:
+        """Steps from now on sample with `params`: their graphs and sampling functions are the set
+        made for them before, or a new one. A new set past MAX_PARAM_SETS drops every graph (a graph
+        keeps its memory in the shared pool) and captures start in a fresh pool (a pool whose graphs
+        were freed takes no capture)."""
+        if params not in self.graph_sets and len(self.graph_sets) >= MAX_PARAM_SETS:
+            self.graph_sets.clear()
+            self.prefills.clear()
+            self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.graphs, self.samplers = self.graph_sets.setdefault(params, ({}, {}))
+        self.graph_sets.move_to_end(params)
+        self.params = params
 
     def prefill(self, tokens: list[int]) -> None:
         """The target's cache then holds `tokens` at positions 0.. (the prompt's prefill, `_prefill`);
@@ -354,6 +370,27 @@ class FusedStepper:
         if tokens:
             self._prefill(self.target_fn, tokens, 0, graphs=not self.bit_exact or self.kernels == "triton")
             self.target.set_length(len(tokens))
+
+    def warm_up_prefills(self, params: SamplingParams, max_prompt: int | None = None) -> None:
+        """Make ahead the prefill graphs (target and draft) of every length bucket that a prompt of up to
+        `max_prompt` tokens (default: the cache's length) meets, so that no request waits on a capture
+        (or, with compiled forwards, a compile) for its prompt's length; on the CPU, or without padded
+        prefills, there is nothing to make. The caches hold nothing after it: begin() comes next."""
+        if not self.prefill_graphs:
+            return
+        room = min(m.max_seq_len for m in (self.target, self.draft_model) if m is not None)
+        longest = min(room - 1, max_prompt or room)
+        bucket = 16
+        while bucket // 2 + 3 <= longest:
+            # bucket/2 + 3 tokens: the target prefills all but the last, the draft one or two fewer, all
+            # more than half the bucket, so each pads to it
+            self.begin([(3 + 7 * i) % self.target.vocab_size for i in range(bucket // 2 + 3)], params)
+            bucket *= 2
+        self._wait_pending()
+        for model in (self.target, self.draft_model):
+            if model is not None:
+                model.truncate(0)
+        self.draft_valid = 0
 
     def _prefill(self, fn, tokens: list[int], start: int, features: torch.Tensor | None = None,
                  graphs: bool = True) -> None:
@@ -369,8 +406,8 @@ class FusedStepper:
         room = min(m.max_seq_len for m in (self.target, self.draft_model) if m is not None)
         if graphs and self.prefill_graphs and len(tokens) > 1 and start + bucket <= room:
             key = ("prefill", id(fn), bucket)
-            runner = self.graphs.get(key) or self._prepare(
-                key, lambda: self._prefill_body(fn, bucket, features is not None), bucket, 0)
+            runner = self.prefills.get(key) or self._prepare(
+                key, lambda: self._prefill_body(fn, bucket, features is not None), bucket, 0, into=self.prefills)
             runner.ints.copy_(torch.tensor(tokens + [0] * (bucket - len(tokens))), non_blocking=True)
             runner.body.start.fill_(start)
             if features is not None:
@@ -808,7 +845,9 @@ class FusedStepper:
 
         return body
 
-    def _prepare(self, key, make_body, num_ints: int, num_uniforms: int) -> _Runner:
+    def _prepare(self, key, make_body, num_ints: int, num_uniforms: int, into: dict | None = None) -> _Runner:
+        """A runner of make_body()'s function, captured as a graph where the stepper uses graphs, kept
+        under `key` in `into` (default: the current params set's graphs)."""
         start = time.perf_counter()
         ints = torch.zeros(num_ints, dtype=torch.int64, device=self.device)
         uniforms = torch.zeros(num_uniforms, dtype=torch.float32, device=self.device)
@@ -826,14 +865,16 @@ class FusedStepper:
                 self.pool = torch.cuda.graph_pool_handle()  # a failed capture may leave the pool unusable
             runner = _Runner(make_body(), ints, uniforms, self.use_graphs, self.pool, self._save_caches,
                              self._restore_caches)
-        if (self.compile_sampling, len(self.eager_sampling)) != compiled_before and self.graphs:
-            # sampling went (partly) eager: the graphs captured before replay the compiled functions.
-            # Drop them (recaptured on use) so that every step length runs, and costs, the same
-            # functions: `--gamma auto` prices lengths against each other.
-            self.graphs.clear()
+        if (self.compile_sampling, len(self.eager_sampling)) != compiled_before and any(
+                graphs for graphs, _ in self.graph_sets.values()):
+            # sampling went (partly) eager: the step graphs captured before replay the compiled
+            # functions. Drop them (recaptured on use) so that every step length runs, and costs, the
+            # same functions: `--gamma auto` prices lengths against each other.
+            for graphs, _ in self.graph_sets.values():
+                graphs.clear()
             if self.use_graphs:
                 self.pool = torch.cuda.graph_pool_handle()  # a pool whose graphs were freed takes no capture
-        self.graphs[key] = runner
+        (self.graphs if into is None else into)[key] = runner
         self.capture_time += time.perf_counter() - start
         return runner
 

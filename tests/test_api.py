@@ -12,8 +12,7 @@ import pytest
 import torch
 from test_loading import save_folder, tiny_hf_model
 
-import speculant.api as api
-import speculant.chain as chain
+from speculant import api, chain
 from speculant.cli import build_parser, main
 from speculant.stopping import reference_cut
 
@@ -235,3 +234,36 @@ def test_an_embedded_draft_is_a_draft_spec_by_its_name(target, tmp_path, monkeyp
     assert "unknown draft 'tiny-drafts'" in message and "tiny-draft" in message and "\n" not in message
     assert main(["generate", "--target", target, "--draft", "tiny-drafts", "ab"]) == 2
     assert "unknown draft 'tiny-drafts'" in capsys.readouterr().err
+
+
+def test_warm_up_makes_every_graph_that_later_requests_meet(target, tmp_path, monkeypatch):
+    """Speculant.warm_up (what `speculant serve` runs before listening, for lone requests): after it,
+    requests of those sampling params, alternating between them, with prompts of several lengths and
+    steps of whatever γ auto takes, make no new step or prefill graph (the prefills padded as on CUDA,
+    their runners eager here); the tokens of a seeded request equal those of an unwarmed load. A new
+    params set gets graphs of its own and leaves the others'."""
+    from speculant.sampling import SamplingParams
+
+    monkeypatch.setenv("SPECULANT_CACHE", str(tmp_path / "cache"))
+    options = {"draft": "layers:1", "gamma": "auto", "candidates": 2, "lookup": 4, "max_seq_len": 128, "fused": True,
+               "compile": False}
+    spec, cold = api.load(target, **options), api.load(target, **options)
+    for s in (spec, cold):
+        s.stepper.prefill_graphs = True
+    params = [SamplingParams(), SamplingParams(temperature=0.0)]
+    for p in params:  # the step costs measured (and their steps made) on the other load: here read from the cache
+        cold.gamma_policy(p)
+    assert spec.warm_up(params, max_prompt=80) > 0
+    made = {p: set(graphs) for p, (graphs, _) in spec.stepper.graph_sets.items()}
+    prefills = set(spec.stepper.prefills)
+    assert set(made) == set(params) and all(len(keys) > 12 for keys in made.values())
+    assert {key[2] for key in prefills} == {16, 32, 64, 128}
+    prompts = ["x = 1\n" * n for n in (2, 7, 12)]  # 12, 42 and 72 tokens
+    for temperature in (0.0, 1.0, 0.0):
+        for prompt in prompts:
+            out = spec.generate(prompt, max_new_tokens=20, temperature=temperature, seed=3)
+            assert out.token_ids == cold.generate(prompt, max_new_tokens=20, temperature=temperature, seed=3).token_ids
+    assert {p: set(graphs) for p, (graphs, _) in spec.stepper.graph_sets.items()} == made
+    assert set(spec.stepper.prefills) == prefills
+    spec.generate(prompts[0], max_new_tokens=8, temperature=0.7, seed=3)
+    assert len(spec.stepper.graph_sets) == 3 and all(spec.stepper.graph_sets[p] for p in params)

@@ -72,14 +72,14 @@ def test_a_padded_prefill_fills_the_caches_as_an_exact_one_and_decodes_the_same(
                              draft.k_cache[:, :valid].clone(), draft.v_cache[:, :valid].clone()]
         if target.features is not None:
             snapshots[padded].append(target.features[:20].clone())
-    assert {key[2] for key in stepper.graphs if key[0] == "prefill"} == {32}
+    assert {key[2] for key in stepper.prefills if key[0] == "prefill"} == {32}
     for exact, padded in zip(snapshots[False], snapshots[True]):
         torch.testing.assert_close(padded, exact, atol=1e-4, rtol=1e-4)
     for text in (prompt, prompt * 3 + [1, 2, 3]):  # 65 prefilled positions: 128 would not fit 96
         expected = reference_generate(target, text, params=GREEDY, max_new_tokens=12)
         out, _ = _run(target, stepper, text, 3, GREEDY, 12)
         assert out == expected
-    assert max(key[2] for key in stepper.graphs if key[0] == "prefill") <= 64  # no 128
+    assert max(key[2] for key in stepper.prefills if key[0] == "prefill") <= 64  # no 128
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"speculant serve: warm-up {warm.seconds:.1f} s: {warm.functions} step and prefill functions, "
               f"{warm.captured} CUDA graphs, {row_step.compile_fallbacks} compile fallbacks", file=sys.stderr,
               flush=True)
-    if engine.solo_steps is not None and args.warm_up:
-        seconds = engine.warm_up_solo(warm_up_params)
+    if engine.solo_steps is not None and args.warm_up:  # its steps at every γ and its prefills of every length
+        seconds = spec.warm_up(warm_up_params)
         print(f"speculant serve: lone requests run the single-request engine (warmed up in {seconds:.1f} s)",
               file=sys.stderr, flush=True)
     names = tuple(dict.fromkeys(n for n in (args.served_model_name, args.target, spec.target.name) if n))
