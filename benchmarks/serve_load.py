@@ -3,7 +3,9 @@ speculative vs our own plain batching (the same server with --draft none).
 
 For each server configuration the script starts `speculant serve` on a free local port, warms it
 up, then for each concurrency C runs C client loops at once, each sending streaming chat requests
-(the real `openai` client) one after the other until the round's requests are used up. Reported per
+(the real `openai` client) one after the other until the round's requests are used up. The clients
+are spread over several processes (--client-processes): one event loop parsing the chunks of 64
+streams was the load generator's limit, not the server's. Reported per
 (server, C): output tok/s summed over requests (completion tokens / wall time of the round),
 requests/s, per-request latency p50 / p95 and time to first token p50 / p95.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import re
 import socket
@@ -36,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,22 +125,57 @@ async def one_request(client, model: str, prompt: str, args) -> dict:
             "speculative": speculative}
 
 
-async def round_at(url: str, model: str, concurrency: int, num_requests: int, args) -> dict:
+async def client_loops(url: str, model: str, concurrency: int, prompts: list[str], options: dict) -> list[dict]:
+    """`concurrency` streaming clients at once in this process, each sending the next of `prompts` when
+    its last request ends; the per-request results."""
     import openai
 
+    args = argparse.Namespace(**options)
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-    queue = list(range(num_requests))
+    queue = list(reversed(prompts))
     results: list[dict] = []
 
     async def worker():
         while queue:
-            i = queue.pop()
-            results.append(await one_request(client, model, PROMPTS[i % len(PROMPTS)], args))
+            results.append(await one_request(client, model, queue.pop(), args))
 
-    start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - start
     await client.close()
+    return results
+
+
+def client_ready() -> bool:
+    import openai  # noqa: F401  (a load generator's imports, done before any round is timed)
+
+    return True
+
+
+def client_process(url: str, model: str, concurrency: int, prompts: list[str], options: dict) -> tuple:
+    """One load-generating process's share of a round: (start, end, results), the times by the wall
+    clock that every process shares."""
+    start = time.time()
+    results = asyncio.run(client_loops(url, model, concurrency, prompts, options))
+    return start, time.time(), results
+
+
+def round_at(url: str, model: str, concurrency: int, num_requests: int, args, pool) -> dict:
+    """A round: `num_requests` chat requests (PROMPTS in turn) from `concurrency` clients, spread over
+    the pool's processes (one process's event loop parsing every stream's chunks would be the load
+    generator's limit, not the server's), each process given its clients' share of the requests."""
+    processes = min(concurrency, args.client_processes)
+    clients = [concurrency // processes + (w < concurrency % processes) for w in range(processes)]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(num_requests)]
+    shares, first = [], 0
+    for w, count in enumerate(clients):
+        last = num_requests if w == processes - 1 else first + round(num_requests * count / concurrency)
+        shares.append(prompts[first:last])
+        first = last
+    options = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    futures = [pool.submit(client_process, url, model, count, share, options)
+               for count, share in zip(clients, shares) if share]
+    parts = [future.result() for future in futures]
+    wall = max(end for _, end, _ in parts) - min(start for start, _, _ in parts)
+    results = [r for _, _, part in parts for r in part]
     latencies = sorted(r["latency"] for r in results)
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
@@ -144,7 +183,7 @@ async def round_at(url: str, model: str, concurrency: int, num_requests: int, ar
     accepted = sum((r["speculative"] or {}).get("accepted", 0) for r in results)
     calls = sum((r["speculative"] or {}).get("target_calls", 0) for r in results)
     return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
-            "tok_per_s": tokens / wall, "req_per_s": len(results) / wall,
+            "tok_per_s": tokens / wall, "req_per_s": len(results) / wall, "client_processes": len(parts),
             "latency_p50_s": percentile(latencies, 50), "latency_p95_s": percentile(latencies, 95),
             "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
             "accepted_per_drafted": accepted / drafted if drafted else 0.0, "tau": tokens / calls if calls else 0.0}
@@ -280,6 +319,8 @@ def main() -> None:
     parser.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                         help="first the single-request reference: each server's pair, the C=1 prompts one at a "
                              "time through speculant.load(...).generate (--no-single: skip it)")
+    parser.add_argument("--client-processes", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                        help="processes the clients of a round are spread over (default: half the cores, at most 8)")
     parser.add_argument("--start-timeout", type=float, default=1800,
                         help="seconds to wait for a server's /health (it warms up first: compiles, graphs)")
     args = parser.parse_args()
@@ -299,16 +340,20 @@ def main() -> None:
     single = single_request(args, servers) if args.single else {}
 
     rows = []
+    # the load generators: processes started (and their imports done) before any round is timed
+    pool = ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
+    for future in [pool.submit(client_ready) for _ in range(args.client_processes)]:
+        future.result()
     for server in servers:
         process, url = start_server(args, server, out / f"serve_load-{re.sub(r'[^A-Za-z0-9._-]', '_', server.replace('@', '-at-'))}.log")
         try:
-            asyncio.run(round_at(url, args.target, 1, 2, args))  # warm-up: first-call costs, allocations
+            round_at(url, args.target, 1, 2, args, pool)  # warm-up: first-call costs, allocations
             for concurrency in args.concurrency:
                 num_requests = round_size(concurrency, args)
                 # untimed, at this concurrency: graphs of its batch buckets are captured on first use
-                asyncio.run(round_at(url, args.target, concurrency, concurrency, args))
+                round_at(url, args.target, concurrency, concurrency, args, pool)
                 before = engine_metrics(url)
-                row = {"server": server, **asyncio.run(round_at(url, args.target, concurrency, num_requests, args))}
+                row = {"server": server, **round_at(url, args.target, concurrency, num_requests, args, pool)}
                 after = engine_metrics(url)
                 steps = after["engine_step_seconds_count"] - before["engine_step_seconds_count"]
                 row.update(steps=int(steps), mean_step_s=(after["engine_step_seconds_sum"]
@@ -326,6 +371,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
 
+    pool.shutdown()
     header = (f"{'server':>14} {'C':>3} {'requests':>8} {'tok/s':>9} {'req/s':>7} {'lat p50':>8} {'lat p95':>8} "
               f"{'ttft p50':>9} {'ttft p95':>9} {'tau':>5} {'vs plain':>8}")
     print(header)

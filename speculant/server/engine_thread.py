@@ -5,7 +5,9 @@ The event loop (FastAPI handlers) and this thread meet in three places only:
     submit(jobs)  event loop -> inbox (a thread-safe queue): all of a request's jobs, or none when
                   the waiting queue is full (the handler answers 429)
     cancel(job)   event loop -> inbox: the client went away; the row is freed before the next step
-    job.post(e)   this thread -> the request's asyncio.Queue, through loop.call_soon_threadsafe
+    events        this thread -> the requests' asyncio.Queues: a step's events go out together, in
+                  one loop.call_soon_threadsafe per step (a call per event would wake the event loop
+                  once per row and hand it the GIL as often, between the engine's own steps)
 
 A job is one choice of one request (n > 1 makes n jobs, one row each). Between steps the thread
 takes commands from the inbox, admits waiting jobs while the batch has room, runs one step, and
@@ -60,12 +62,6 @@ class Job:
     cancelled: bool = False  # set by the event loop before it sends cancel
     finished: bool = False  # set by the engine thread when the last event is posted
 
-    def post(self, event: Event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
-
 
 @dataclass(eq=False)
 class Row:
@@ -105,6 +101,7 @@ class EngineThread:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="speculant-engine", daemon=True)
         self.failure: str | None = None  # set if the thread died
+        self._outbox: list[tuple[Job, Event]] = []  # events of this pass, sent by _send_events
 
     # ---- the event loop's side ------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +138,7 @@ class EngineThread:
                 self._admit()
                 if self._running:
                     self._step()
+                self._send_events()
                 self.metrics.num_running.set(len(self._running))
                 self.metrics.num_waiting.set(self._num_waiting)
         except BaseException as error:  # the thread must not die silently: fail every job it holds
@@ -154,6 +152,7 @@ class EngineThread:
             for job in [row.job for row in self._running.values()] + list(self._waiting) + queued:
                 if not job.cancelled:
                     self._fail(job, self.failure)
+            self._send_events()
             raise
 
     def _take_commands(self, block: bool) -> None:
@@ -253,7 +252,7 @@ class EngineThread:
             self.metrics.request_success.labels(finish_reason).inc()
             self.metrics.e2e_latency.observe(now - job.arrival)
         if text or token_ids or finish_reason:
-            job.post(event)
+            self._outbox.append((job, event))
 
     def _end_row(self, request_id: int) -> None:
         row = self._running.pop(request_id)
@@ -262,4 +261,22 @@ class EngineThread:
     def _fail(self, job: Job, message: str, status: int = 500) -> None:
         job.finished = True
         self.metrics.request_errors.labels(str(status)).inc()
-        job.post(Event(job.index, error=message, status=status))
+        self._outbox.append((job, Event(job.index, error=message, status=status)))
+
+    def _send_events(self) -> None:
+        """Hand this pass's events to their requests' queues: one call into each event loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job.events, event))
+        self._outbox = []
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the event loop is closed: the server is shutting down
+                pass
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue, Event]]) -> None:
+    """On the event loop: each event into its request's queue, in the order the engine made them."""
+    for events, event in deliveries:
+        events.put_nowait(event)
