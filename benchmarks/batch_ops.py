@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
 
 from speculant.batching import BatchEngine, BatchRequest
+from speculant.bench.op_counter import counting_ops  # shared with tests/test_row_step.py
 from speculant.drafters.features import FeatureDrafter
 from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.sampling import SamplingParams
-from tests.op_counter import counting_ops  # shared with tests/test_row_step.py
 
 LAYERS = 30  # SmolLM2-135M's
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]

@@ -14,6 +14,7 @@ import torch
 from test_batching import run_batch
 
 from speculant.batching import BatchEngine, BatchRequest
+from speculant.bench.op_counter import counting_ops
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
@@ -21,7 +22,6 @@ from speculant.models.feature_draft import DraftConfig, build_draft, init_random
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.row_step import CAPTURED_PARAMS, MIN_KEYS
 from speculant.sampling import SamplingParams
-from tests.op_counter import counting_ops
 
 GREEDY = SamplingParams(temperature=0)
 PLAIN = SamplingParams()
