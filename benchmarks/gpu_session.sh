@@ -16,6 +16,7 @@
 #   exact      bit-exact mode against the default, every drafter (torch's kernels), 64 prompts × 256 tokens
 #   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
+#   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
 #              the largest kernels (on 2026-12-06 copies of the KV cache were 40 % of a 64-row step: the
@@ -34,7 +35,7 @@
 #              chain's whole-forward compiles had not finished its first pass after 370 s on an H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|qwen-kernels|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -70,6 +71,9 @@ case "$part" in
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
+  qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06) by GEMM programs
+    limit 560 python3 benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --no-truth --prompts 2 \
+      --gemm-programs ${GEMM_PROGRAMS:-128,256} --out "$out" 2>&1 | tee "$out/triton_layers_qwen.log" ;;
   batch-profile)  # PROFILE_GRAPHS=0: only the compiled steps; PROFILE_ROWS: their row counts (1,8,64)
     [ "${PROFILE_GRAPHS:-1}" = 0 ] || limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 64 \
       --gamma 4 --graphs 2>&1 | tee "$out/batch_profile_graphs.log"

@@ -8,6 +8,7 @@ time for T = 1 and T = 5 eagerly and replayed from a CUDA graph, and kernels per
     python benchmarks/triton_layers_gpu.py --model smollm2-135m --out $OUT
     python benchmarks/triton_layers_gpu.py --random --layers 30          # SmolLM2-135M shapes, random weights
     python benchmarks/triton_layers_gpu.py --model /root/w/smollm2.gguf --no-compile   # skip torch.compile
+    python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --gemm-programs 64,128,256 --no-truth
 
 Baselines: LeanModel.forward eagerly, and the fused step's forward (speculant.fused.static_forward,
 torch.compile'd unless --no-compile) captured as a CUDA graph, as FusedStepper serves it; the
@@ -21,7 +22,6 @@ import argparse
 import json
 import os
 import time
-from collections import Counter
 from pathlib import Path
 
 import common  # benchmarks/common.py (this script runs from benchmarks/)
@@ -41,6 +41,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--context", type=int, default=512, help="position of the timed calls")
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--chunk", type=int, default=64, help="keys per attention program")
+    parser.add_argument("--gemm-programs", default="",
+                        help="also time the triton graph with triton_layers.GEMM_PROGRAMS set to each of these "
+                             "(comma-separated): the GEMMs' output columns per program follow it")
     parser.add_argument("--no-compile", action="store_true", help="the baseline graph without torch.compile")
     parser.add_argument("--no-truth", action="store_true", help="skip the float32 forward of the same weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out/triton_layers"))
@@ -169,10 +172,27 @@ def eager_ms(fn, sync_repeats: int) -> float:
 
 
 def kernels(fn) -> tuple[int, list]:
-    """(CUDA kernels one call of fn launches, the most frequent names), copies and fills left out."""
-    counts, _ = common.cuda_kernel_profile(fn)
+    """(CUDA kernels one call of fn launches, the kernels that took the most device time: [name,
+    launches, µs per call]), copies and fills left out."""
+    counts, times = common.cuda_kernel_profile(fn)
     launches = {name: n for name, n in counts.items() if "Memcpy" not in name and "Memset" not in name}
-    return sum(launches.values()), Counter(launches).most_common(8)
+    slowest = sorted(launches, key=lambda name: -times.get(name, 0.0))[:8]
+    return sum(launches.values()), [[name, launches[name], round(times.get(name, 0.0), 1)] for name in slowest]
+
+
+def with_gemm_programs(programs: int, fn):
+    """fn with triton_layers.GEMM_PROGRAMS set to `programs` while it runs (a kernel's BLOCK_N is a
+    constexpr: each value compiles its own binaries, captured into the graph with them)."""
+    from speculant.models import triton_layers
+
+    def call():
+        kept, triton_layers.GEMM_PROGRAMS = triton_layers.GEMM_PROGRAMS, programs
+        try:
+            return fn()
+        finally:
+            triton_layers.GEMM_PROGRAMS = kept
+
+    return call
 
 
 def main() -> None:
@@ -206,6 +226,9 @@ def main() -> None:
             "lean graph" + ("" if args.no_compile else " (compiled)"): lambda x=tokens, p=positions: baseline(x, p),
             "triton graph": lambda x=tokens, p=positions: forward.forward_static(x, p),
         }
+        for programs in filter(None, args.gemm_programs.split(",")):
+            calls[f"triton graph, {programs} GEMM programs"] = with_gemm_programs(
+                int(programs), lambda x=tokens, p=positions: forward.forward_static(x, p))
         for name, fn in calls.items():
             if "graph" in name:
                 ms, setup = common.graph_replay_ms(fn, args.repeats)

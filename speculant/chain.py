@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -163,7 +164,8 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
         return None
     kept = VOCAB_SUFFIX.search(spec)
     if kept:  # the most frequent tokens only: NAME:vocab=N, NAME:int8:vocab=N, layers:N:vocab=N
-        lean = _causal_lm(_level_model(spec[:kept.start()], above, target))  # a model of this level's own
+        model = _level_model(spec[:kept.start()], above, target)  # a model of this level's own
+        lean = _causal_lm(model)
         if not isinstance(lean, LeanModel) or isinstance(lean, FeatureDraft):
             raise ValueError(f"bad spec {spec!r}: ':vocab=N' follows a draft model that runs on the lean torch "
                              "model (a distilled draft keeps its own vocabulary), e.g. "
@@ -171,7 +173,7 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
         from speculant.models.frequent_tokens import frequent_tokens
 
         lean.keep_vocab(frequent_tokens(target.tokenizer, int(kept.group(1)), target.folder))
-        return lean
+        return model
     if spec.startswith("layers:"):
         try:
             num_layers = int(spec.split(":", 1)[1])
@@ -192,7 +194,9 @@ def _level_model(spec: str, above: LoadedModel, target: LoadedModel):
         if not isinstance(model, LoadedModel) or model.weights is None:
             raise ValueError(f"bad spec {spec!r}: ':int8' follows a draft model that runs on the lean torch model "
                              "(an embedded name, a GGUF file or an HF folder), e.g. qwen2.5-coder-0.5b:int8")
-        return LeanModel(int8_weights(model.weights), max_seq_len=model.model.max_seq_len)
+        weights = int8_weights(model.weights)
+        # still NAME's level (its tokenizer, its name): a layers:N below takes N of these layers
+        return replace(model, model=LeanModel(weights, max_seq_len=model.model.max_seq_len), weights=weights)
     from speculant.models.feature_draft import is_draft_folder, load_draft
 
     folder = embedded_draft_folder(spec) or spec

@@ -267,3 +267,16 @@ def test_warm_up_makes_every_graph_that_later_requests_meet(target, tmp_path, mo
     assert set(spec.stepper.prefills) == prefills
     spec.generate(prompts[0], max_new_tokens=8, temperature=0.7, seed=3)
     assert len(spec.stepper.graph_sets) == 3 and all(spec.stepper.graph_sets[p] for p in params)
+
+
+def test_layers_below_a_model_served_in_int8_are_that_models_first_layers(target):
+    """--draft NAME:int8 --draft layers:N: the bottom level is the first N layers of the middle level
+    (NAME's int8 matrices), not of the target; the same after NAME:int8:vocab=K."""
+    for middle in (f"{target}:int8", f"{target}:int8:vocab=200"):
+        spec = api.load(target, draft=[middle, "layers:1"], gamma=3, max_seq_len=64)
+        (_, upper), (_, lower) = spec.levels
+        assert lower.model.num_layers == 1 and upper.model is not spec.target.model
+        assert lower.model.weights is upper.model.weights
+        out = spec.generate("x = 1\n", max_new_tokens=12, temperature=0.0)
+        plain = api.load(target, draft="none", max_seq_len=64).generate("x = 1\n", max_new_tokens=12, temperature=0.0)
+        assert out.token_ids == plain.token_ids
