@@ -64,6 +64,12 @@ def optimal_gamma(alpha: float, cost_ratio: float, max_gamma: int = 32) -> int:
     return best_gamma
 
 
+def position_gains(now: list[int] | tuple[int, ...], before: list[int] | tuple[int, ...]) -> list[int]:
+    """What per-position counters (GenerationStats.drafted_by_position, accepted_by_position) gained
+    since `before`: now[i] - before[i], a position `before` has not reached counting from 0."""
+    return [value - (before[i] if i < len(before) else 0) for i, value in enumerate(now)]
+
+
 def _check(alpha: float, gamma: int) -> None:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

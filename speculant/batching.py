@@ -84,7 +84,7 @@ from dataclasses import dataclass
 import torch
 
 from speculant.adaptive import BatchStepCosts, batch_bucket, nominal_batch_costs
-from speculant.analysis import GenerationStats
+from speculant.analysis import GenerationStats, position_gains
 from speculant.drafters.base import RowDrafter
 from speculant.engine import Step, check_request
 from speculant.exact_target import ExactRows, ExactTarget
@@ -559,13 +559,12 @@ def _absorb(stats: GenerationStats, solo: GenerationStats, seen: dict) -> None:
         setattr(stats, name, getattr(stats, name) + value - seen.get(name, 0))
         seen[name] = value
     for name in ("drafted_by_position", "accepted_by_position"):
-        mine, theirs, before = getattr(stats, name), getattr(solo, name), seen.get(name, [])
-        for i, value in enumerate(theirs):
-            delta = value - (before[i] if i < len(before) else 0)
+        mine, theirs = getattr(stats, name), getattr(solo, name)
+        for i, gain in enumerate(position_gains(theirs, seen.get(name, []))):
             if i < len(mine):
-                mine[i] += delta
+                mine[i] += gain
             else:
-                mine.append(delta)
+                mine.append(gain)
         seen[name] = list(theirs)
     history = seen.get("gamma_history", 0)
     stats.gamma_history.extend(solo.gamma_history[history:])

@@ -130,3 +130,11 @@ def test_acceptance_rate_averages_over_rows_and_matches_the_acceptance_rule():
     assert acceptance_rate(p, q) == pytest.approx(sum(betas) / len(betas), rel=1e-12)
     # 1 - total variation distance
     assert acceptance_rate(p, q) == pytest.approx(float(1 - 0.5 * (p - q).abs().sum(-1).mean()), rel=1e-12)
+
+
+def test_position_gains_count_a_position_not_reached_before_from_zero():
+    from speculant.analysis import position_gains
+
+    assert position_gains([3, 5, 2], [1, 5]) == [2, 0, 2]
+    assert position_gains((4,), ()) == [4]
+    assert position_gains([], [1]) == []

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from speculant.analysis import position_gains
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 STEP_BUCKETS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 4.096, 16.384, 65.536)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
@@ -75,13 +77,12 @@ class ServerMetrics:
         self.generation_tokens.inc(tokens)
         if drafted:
             self.num_drafts.inc(calls)
-        for pos, (d_now, a_now) in enumerate(zip(now[4], now[5])):
-            d_before = before[4][pos] if pos < len(before[4]) else 0
-            a_before = before[5][pos] if pos < len(before[5]) else 0
-            if d_now > d_before:
-                self.drafted_per_pos.labels(str(pos)).inc(d_now - d_before)
-            if a_now > a_before:
-                self.accepted_per_pos.labels(str(pos)).inc(a_now - a_before)
+        for pos, (drafted_gain, accepted_gain) in enumerate(zip(position_gains(now[4], before[4]),
+                                                                 position_gains(now[5], before[5]))):
+            if drafted_gain > 0:
+                self.drafted_per_pos.labels(str(pos)).inc(drafted_gain)
+            if accepted_gain > 0:
+                self.accepted_per_pos.labels(str(pos)).inc(accepted_gain)
         return now
 
     def exposition(self) -> bytes:
