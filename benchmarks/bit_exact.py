@@ -120,6 +120,14 @@ def main() -> None:
     ap.add_argument("--humaneval", required=True, help="HumanEval.jsonl(.gz): half the prompts")
     ap.add_argument("--prompts", type=int, default=64, help="prompts in all: half HumanEval, half held-out chat")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--draft-model", default="",
+                    help="a draft model (embedded name, GGUF file or HF folder, e.g. the Qwen2.5-Coder 0.5B for its "
+                         "1.5B): adds the configs model, model#k4, model#k4#lookup16 and model#auto")
+    known, _ = ap.parse_known_args()
+    if known.draft_model:
+        model = (known.draft_model,)
+        CONFIGS.update({"model": (model, 1, 0, GAMMA), "model#k4": (model, 4, 0, GAMMA),
+                        "model#k4#lookup16": (model, 4, 16, GAMMA), "model#auto": (model, 1, 0, "auto")})
     choices = [*CONFIGS, *BATCHED]
     ap.add_argument("--configs", default=",".join(choices), help=f"comma-separated, from {', '.join(choices)}")
     ap.add_argument("--checks", type=int, default=4, help="prompts the logits check runs on")

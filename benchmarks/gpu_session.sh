@@ -16,6 +16,7 @@
 #   exact      bit-exact mode against the default, every drafter (torch's kernels), 64 prompts × 256 tokens
 #   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
+#   qwen-exact bit-exact mode on the Qwen pair (the 0.5B drafting), 16 prompts × 128 tokens
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
@@ -35,7 +36,7 @@
 #              chain's whole-forward compiles had not finished its first pass after 370 s on an H200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|qwen-kernels|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -69,6 +70,10 @@ case "$part" in
     limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
       --max-new-tokens 256 --kernels torch,triton --configs plain,features,features#k4,features#k4#lookup8 \
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
+  qwen-exact)  # issue 21 on the Qwen pair: bit-exact against the default mode, the 0.5B as the draft
+    limit 560 python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf \
+      --humaneval "$humaneval" --prompts ${QWEN_EXACT_PROMPTS:-16} --max-new-tokens 128 \
+      --configs plain,model,model#k4,model#auto,ngram --checks 2 --out "$out" 2>&1 | tee "$out/bit_exact_qwen.log" ;;
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
   qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06) by GEMM programs
