@@ -14,7 +14,8 @@ Model of one step with requested length γ:
 
 C is a `StepCosts` table: the seconds of a whole step (draft and verify) whose chain drafted n tokens,
 with the tree the target verifies at that n (1 + n·K nodes with K candidates per position, + G with a
-lookup branch of G). It is measured once per machine, device, dtype, model pair, drafter settings,
+lookup branch of G); C[0] is a plain step's seconds per token it emits (a fused stepper decodes a
+plain step's chunk of tokens in one graph replay, under `auto` as in plain decoding). It is measured once per machine, device, dtype, model pair, drafter settings,
 stepper and thread count by speculant.calibrate, through the stepper that runs the requests (a fused
 CUDA-graph stepper run ahead, as it runs), kept on disk and read back by every later load; where it
 cannot be kept, `nominal_costs` gives a fixed one. C is a table, not a line: on a CPU the cost of a
@@ -55,8 +56,10 @@ best γ ≥ 1, at least `probe_every` plain steps apart and only while its explo
 overdrawn: each plain step earns `explore` × C[0] (at most MAX_CREDIT plain steps' worth is banked),
 each probe is charged its priced loss, C[n] − (its tokens) × C[0]. A useless drafter so costs about
 `explore` of plain speed; a probe that wins pays for the next one, so a drafter that turns good is
-re-enabled within a few probes; after `max_probe_every` plain steps a probe is made regardless. The
-first step asks for `initial_gamma`, to see the drafter at work at once.
+re-enabled within a few probes; after `max_probe_every` plain steps a probe is made regardless. (A
+plain step that decodes a chunk of tokens counts as one step here: while off, a fused stepper probes
+that many times fewer per token.) The first step asks for `initial_gamma`, to see the drafter at work
+at once.
 
 With a run-ahead stepper (speculant.fused, on CUDA) the engine chooses each step's γ together with the
 step before it, before that step is observed: the choices lag the evidence by one step, and `observe`

@@ -240,10 +240,10 @@ class Speculant:
                 self.stepper.warm_up_prefills(p, max_prompt)
                 top = MAX_GAMMA if self.gamma == "auto" else self.gamma
                 measure_costs(self.stepper, top, p, self.plan.candidates, self.plan.lookup, budget=0.0)
-                if top == 0:  # plain decoding at a fixed γ 0 also replays chunks of tokens
-                    prompt = [(3 + 7 * i) % self.target.model.vocab_size for i in range(16)]
-                    generate(self.target.model, self.drafter, prompt, gamma=0, params=p,
-                             max_new_tokens=2 * self.stepper.plain_chunk, stepper=self.stepper)
+                # and the one-token plain step of a request's last tokens (the sweep's plain steps decode chunks)
+                prompt = [(3 + 7 * i) % self.target.model.vocab_size for i in range(16)]
+                self.stepper.begin(prompt, p)
+                self.stepper.step(prompt, 0, torch.Generator(device=self.target.model.device), room=0)
         return time.perf_counter() - start
 
     def stream(self, prompt: str | Sequence[int] | None = None, **options) -> Iterator[str]:

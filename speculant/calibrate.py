@@ -6,6 +6,8 @@ on disk so that every later load prices steps with exactly the same numbers.
                                           written there; `fallback` (a nominal table) if it cannot be kept
     measure_costs(stepper, max_gamma, params, candidates, lookup)
                                           C[n], n = 0..max_gamma: seconds of a step whose chain drafted n
+                                          (C[0]: of a plain step per token it emits, a fused stepper's
+                                          plain steps decoding chunks of tokens)
     batch_step_costs(key, measure, fallback)          the same for a batched table
     measure_batch_costs(engine, max_gamma)            T[bucket][Γ]: seconds of a batched step
 
@@ -67,7 +69,7 @@ from speculant.models.cache import keyed_file, read_keyed_json, recalibrate_requ
 from speculant.sampling import SamplingParams
 from speculant.step import Stepper
 
-CACHE_FORMAT = 1  # bump when the file's layout or the way costs are measured changes
+CACHE_FORMAT = 2  # bump when the file's layout or the way costs are measured changes (2: C[0] per plain token)
 # timed rounds of steps over every length, after a few warm-up steps: at least MIN_ROUNDS, more while
 # they have taken less than BUDGET_S seconds (fast steps are cheap to time often, and noisier)
 MIN_ROUNDS, MAX_ROUNDS, BUDGET_S = 2, 20, 1.0
@@ -199,10 +201,13 @@ def measure_costs(stepper: Stepper, max_gamma: int, params: SamplingParams, cand
                 context += stepper.step(context, 1, generator, room=capacity - len(context) - 1,
                                         next_gamma=gamma).tokens
         room = capacity - len(context) - 1  # >= 0: the prompt is at most a quarter of the cache
-        result = stepper.step(context, min(gamma, room), generator, room=room, next_gamma=next_gamma)
+        # a plain step as requests run it: a chunk of tokens where the stepper decodes one (engine.decode)
+        result = stepper.step(context, min(gamma, room), generator, room=room, next_gamma=next_gamma,
+                              plain_tokens=room + 1 if gamma == 0 else 1)
         context = context + result.tokens
         if record and gamma <= room:
-            (alone if result.alone else timed)[gamma].append(result.draft_time + result.target_time)
+            seconds = result.draft_time + result.target_time
+            (alone if result.alone else timed)[gamma].append(seconds / len(result.tokens) if gamma == 0 else seconds)
 
     with _full_length(stepper):
         for i in range(3):  # warm-up: first calls

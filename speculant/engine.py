@@ -118,8 +118,9 @@ def decode(stepper: Stepper, prompt: Sequence[int], *, gamma: int | GammaPolicy 
             # a stepper that launches the next step before it reads this one needs that step's γ now,
             # before this step is observed (the policy's choices then lag its evidence by one step)
             chosen_ahead = next_gamma = policy.choose() if stepper.runs_ahead else None
-        # plain decoding may decode a chunk of tokens in one call (a fused stepper: one graph replay)
-        plain_tokens = room + 1 if policy is None and gamma == 0 else 1
+        # a plain step may decode a chunk of tokens in one call (a fused stepper: one graph replay), under
+        # `auto` too: its γ 0 is priced per token of such a chunk (speculant.calibrate)
+        plain_tokens = room + 1 if step_gamma == 0 else 1
         step = stepper.step(context, step_gamma, generator, room=room, next_gamma=next_gamma,
                             plain_tokens=plain_tokens)
         stats.record(step_gamma, step)

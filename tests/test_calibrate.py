@@ -13,7 +13,7 @@ from test_loading import save_folder, tiny_hf_model
 
 from speculant import api
 from speculant.adaptive import StepCosts, nominal_costs
-from speculant.calibrate import cache_path, measure_costs, read_costs, step_costs
+from speculant.calibrate import CACHE_FORMAT, cache_path, measure_costs, read_costs, step_costs
 from speculant.cli import main
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
@@ -157,12 +157,14 @@ def test_costs_are_measured_once_kept_and_read_back_exactly(tmp_path, monkeypatc
 @pytest.mark.parametrize("content, reason", [
     (b"{not json", "not readable JSON"),
     (b"\xff\xfe\x00", "not readable JSON"),
-    (b"[1, 2, 3]", "not a format-1 step-cost file"),
-    (json.dumps({"format": 1, "key": {**KEY, "target": "other"}, "step_costs": [1, 2, 3, 4]}).encode(),
+    (b"[1, 2, 3]", f"not a format-{CACHE_FORMAT} step-cost file"),
+    (json.dumps({"format": CACHE_FORMAT - 1, "key": KEY, "step_costs": [1, 2, 3, 4]}).encode(),
+     f"not a format-{CACHE_FORMAT} step-cost file"),  # measured the old way
+    (json.dumps({"format": CACHE_FORMAT, "key": {**KEY, "target": "other"}, "step_costs": [1, 2, 3, 4]}).encode(),
      "written for another setup"),
-    (json.dumps({"format": 1, "key": KEY, "step_costs": [1, 2]}).encode(), "the table has the wrong length"),
-    (json.dumps({"format": 1, "key": KEY, "step_costs": [1, -2, 3, "x"]}).encode(), "positive finite"),
-    (json.dumps({"format": 1, "key": KEY, "step_costs": {"a": 1}}).encode(), "the table has the wrong length"),
+    (json.dumps({"format": CACHE_FORMAT, "key": KEY, "step_costs": [1, 2]}).encode(), "the table has the wrong length"),
+    (json.dumps({"format": CACHE_FORMAT, "key": KEY, "step_costs": [1, -2, 3, "x"]}).encode(), "positive finite"),
+    (json.dumps({"format": CACHE_FORMAT, "key": KEY, "step_costs": {"a": 1}}).encode(), "the table has the wrong length"),
 ])
 def test_a_damaged_cache_file_is_said_in_one_line_and_measured_again(tmp_path, monkeypatch, capsys, content, reason):
     monkeypatch.setenv("SPECULANT_CACHE", str(tmp_path / "cache"))

@@ -419,7 +419,8 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
         for lookup in (0, 5):  # and with a lookup branch of 5 tokens
             accepted = {}
             for fused in (False, True):
-                stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup) if fused else None
+                stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup,
+                                        plain_chunk=1) if fused else None
                 drafter = LookupDrafter(make(), NgramDrafter(), lookup) if lookup else make()
                 steps = list(generate(target, drafter, prompt, gamma=FixedSchedule([3, 0, 2, 5, 1, 0, 4]),
                                       params=GREEDY, max_new_tokens=40, stepper=stepper))

@@ -150,9 +150,10 @@ def test_greedy_feature_speculation_equals_plain_greedy_generic_and_fused(prompt
     target, draft = feature_pair(8, seed=5, kept=6)
     expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
     accepted = {}
-    for fused in (False, True):
+    # "chunks": the fused stepper's plain steps decode 4 tokens a replay (its default): other steps, same tokens
+    for fused in (False, True, "chunks"):
         policy = FixedSchedule([3, 0, 0, 0, 0, 0, 2, 5, 1, 0, 4]) if gamma == "schedule" else gamma
-        stepper = FusedStepper(target, draft, compile=False) if fused else None
+        stepper = FusedStepper(target, draft, compile=False, plain_chunk=1 if fused is True else 4) if fused else None
         steps = list(generate(target, FeatureDrafter(draft, target), prompt, gamma=policy, params=GREEDY,
                               max_new_tokens=40, stepper=stepper))
         assert [t for s in steps for t in s.tokens] == expected
