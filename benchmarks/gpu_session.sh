@@ -33,7 +33,8 @@
 #              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,
 #              prompt lookup, static cache + compile). Our fused steps compile one layer for all layers
 #              (QWEN_COMPILE=layers, the default here; =whole for whole forwards: on 2026-12-06 the 0.5B
-#              chain's whole-forward compiles had not finished its first pass after 370 s on an H200)
+#              chain's whole-forward compiles had not finished its first pass after 370 s on an H200);
+#              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
@@ -97,7 +98,7 @@ case "$part" in
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
     limit 560 python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
-      --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} \
+      --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
       --rows "${QWEN_ROWS:-ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
