@@ -50,7 +50,14 @@ from speculant.adaptive import (
     nominal_costs,
 )
 from speculant.analysis import GenerationStats
-from speculant.calibrate import batch_step_costs, measure_batch_costs, measure_costs, setup_key, step_costs
+from speculant.calibrate import (
+    batch_step_costs,
+    measure_batch_costs,
+    measure_costs,
+    setup_key,
+    step_costs,
+    timing_prompt,
+)
 from speculant.chain import backend_of, build_chain, chain_rows, embedded_draft_folder
 from speculant.drafters.base import NoDrafter
 from speculant.drafters.hierarchical import SpeculativeDrafter
@@ -241,7 +248,7 @@ class Speculant:
                 top = MAX_GAMMA if self.gamma == "auto" else self.gamma
                 measure_costs(self.stepper, top, p, self.plan.candidates, self.plan.lookup, budget=0.0)
                 # and the one-token plain step of a request's last tokens (the sweep's plain steps decode chunks)
-                prompt = [(3 + 7 * i) % self.target.model.vocab_size for i in range(16)]
+                prompt = timing_prompt(self.target.model)
                 self.stepper.begin(prompt, p)
                 self.stepper.step(prompt, 0, torch.Generator(device=self.target.model.device), room=0)
         return time.perf_counter() - start

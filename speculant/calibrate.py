@@ -162,7 +162,7 @@ def _kept_costs(path: Path, key: dict, file_format: int, what: str):
     return record.get("step_costs")
 
 
-def _timing_prompt(target) -> list[int]:
+def timing_prompt(target) -> list[int]:
     """The fixed prompt steps are timed after: PROMPT_LENGTH tokens, at most a quarter of the cache."""
     return [(3 + 7 * i) % target.vocab_size for i in range(max(1, min(PROMPT_LENGTH, target.max_seq_len // 4)))]
 
@@ -183,7 +183,7 @@ def measure_costs(stepper: Stepper, max_gamma: int, params: SamplingParams, cand
     target = stepper.target
     capacity = target.max_seq_len
     widest = 1 + max_gamma * candidates + lookup  # the biggest tree's slots
-    prompt = _timing_prompt(target)
+    prompt = timing_prompt(target)
     order = [0, max_gamma] + list(range(max_gamma, 0, -1))  # after a plain step a run-ahead step runs alone
     generator = torch.Generator(device=target.device).manual_seed(0)
     timed: dict[int, list[float]] = {n: [] for n in range(max_gamma + 1)}
@@ -244,7 +244,7 @@ def measure_batch_costs(engine: BatchEngine, max_gamma: int,
     if engine.drafter is None or engine.gamma < max_gamma or engine.num_running:
         raise ValueError(f"timing batched steps needs an idle engine with a drafter and gamma >= {max_gamma}")
     capacity = engine.target.max_seq_len
-    prompt = _timing_prompt(engine.target)
+    prompt = timing_prompt(engine.target)
     if len(prompt) + 2 * (max_gamma + 1) > capacity:
         raise ValueError(f"a KV cache of {capacity} tokens is too small to time batched steps of Γ up to {max_gamma}")
     gammas = sorted({g for g in BATCH_GAMMAS if g < max_gamma} | {max_gamma})

@@ -24,8 +24,9 @@ static (static=True)   one function of fixed shapes per (batch bucket, Γ, param
                        end (at least MIN_KEYS; the causal mask hides what a row has not written: a step
                        of short rows does not read a long cache's empty slots), the draft's feed a
                        window of the engine's longest Γ + 1 tokens (a row whose feed is longer, after
-                       steps in which it drafted nothing, first catches up through the prefill). Its inputs, ints and uniforms, are one int64 buffer filled on
-                       the host and copied in once; its output is read back once. On CUDA each function is
+                       steps in which it drafted nothing, first catches up through the prefill). Its
+                       inputs, ints and uniforms, are one int64 buffer filled on the host and copied in
+                       once; its output is read back once. On CUDA each function is
                        captured as ONE CUDA graph on first use and replayed (draft, verify, acceptance:
                        the whole step); on the CPU it runs eagerly, so the tests pin it to the eager step.
 
