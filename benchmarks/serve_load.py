@@ -325,6 +325,8 @@ def main() -> None:
                         help="seconds to wait for a server's /health (it warms up first: compiles, graphs)")
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.client_processes < 1:
+        parser.error(f"--client-processes must be at least 1, got {args.client_processes}")
     if args.compile is None:  # as `speculant serve` decides by default: where its steps are CUDA graphs
         args.compile = args.device.startswith("cuda")
     servers = args.servers.split(",")
