@@ -17,6 +17,13 @@
 #   exact-triton  the same on the Triton kernels (bit-exact at Triton speed: the candidate CUDA default)
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
 #   qwen-exact bit-exact mode on the Qwen pair (the 0.5B drafting), 16 prompts × 128 tokens
+#   exact-parallel  issue 21's guarantee, bit-exact mode only, 64 prompts × 256 tokens, several processes on
+#              the GPU at once (their tok/s are not the mode's cost: see exact, exact-triton): SmolLM2 with
+#              every fused drafter and the 8-row batch; SmolLM2's hierarchy (generic step); and, where
+#              /root/w/qwen-1.5b.gguf is staged, the Qwen pair (the 0.5B as chain, K 4 + lookup 16, auto;
+#              n-gram) and its hierarchy 0.5B > n-gram (QWEN_HIER_PROMPTS prompts × 128 tokens: the generic
+#              step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz
+#   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
@@ -37,7 +44,7 @@
 #              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -75,6 +82,32 @@ case "$part" in
     limit 560 python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf \
       --humaneval "$humaneval" --prompts ${QWEN_EXACT_PROMPTS:-16} --max-new-tokens 128 \
       --configs plain,model,model#k4,model#auto,ngram --checks 2 --out "$out" 2>&1 | tee "$out/bit_exact_qwen.log" ;;
+  exact-parallel)
+    dirs=(smollm2 smollm2-hierarchy)
+    mkdir -p "$out/smollm2" "$out/smollm2-hierarchy"
+    limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
+      --max-new-tokens 256 --modes bit-exact --configs plain,features,features#k4,features#k4#lookup8,features#auto,ngram,features#batched8 \
+      --out "$out/smollm2" > "$out/smollm2/bit_exact.log" 2>&1 &
+    limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
+      --max-new-tokens 256 --modes bit-exact --configs plain,hierarchy --checks 0 \
+      --out "$out/smollm2-hierarchy" > "$out/smollm2-hierarchy/bit_exact.log" 2>&1 &
+    if [ -f /root/w/qwen-1.5b.gguf ]; then
+      dirs+=(qwen qwen-hierarchy)
+      mkdir -p "$out/qwen" "$out/qwen-hierarchy"
+      limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
+        --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts 64 --max-new-tokens 256 --modes bit-exact \
+        --configs plain,model,model#k4#lookup16,model#auto,ngram --checks 2 --out "$out/qwen" > "$out/qwen/bit_exact.log" 2>&1 &
+      (sleep 90; limit $(( ${EXACT_LIMIT:-540} - 90 )) python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
+        --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens 128 \
+        --modes bit-exact --configs "plain,model>ngram" --checks 0 --out "$out/qwen-hierarchy" \
+        > "$out/qwen-hierarchy/bit_exact.log" 2>&1) &
+    fi
+    wait || true
+    for d in "${dirs[@]}"; do echo "== $d"; grep -v "^$" "$out/$d/bit_exact.log" | tail -14; done
+    tar czf "$out/exact_parallel.tgz" -C "$out" "${dirs[@]}" && rm -rf "${dirs[@]/#/$out/}" ;;
+  gemm-sweep)
+    limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} \
+      --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
   kernels)
     limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
   qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06) by GEMM programs

@@ -145,6 +145,42 @@ def test_matmul_residual_is_linear_plus_residual(triton_device, t, dtype):
     assert torch.equal(in_place, out)
 
 
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split, dtype):
+    """norm_matmul_split_kernel (K in `split` ranges, the last program of a column block summing them in
+    order): the same function as the one-range kernel, with every epilogue (norm, bias, residual in
+    place); a row's bits the same alone and among 17 rows; the tickets back at zero after each call.
+    Negative control: a split whose ranges leave out K's tail (K_PER one block short) must fail."""
+    t = 17
+    x = _randn(t, K, dtype=dtype, device=triton_device, seed=5)
+    norm = _norm(K, 1e-6, dtype, triton_device, seed=1)
+    w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
+    bias = _randn(N, dtype=dtype, device=triton_device, seed=3)
+    residual = _randn(t, N, dtype=dtype, device=triton_device, seed=4)
+    blocks = dict(block_n=16, block_k=16, split_k=split)
+    ref = F.linear(norm(x), w, bias)
+    out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, **blocks)
+    assert _close(out, ref, dtype), _error(out, ref)
+    alone = torch.cat([tl_layers.norm_matmul(x[i:i + 1], norm.weight, norm.eps, w, bias, **blocks) for i in range(t)])
+    assert torch.equal(alone, out)
+    in_place = residual.clone()
+    tl_layers.matmul_residual(x, w, in_place, out=in_place, **blocks)
+    assert _close(in_place, residual + F.linear(x, w), dtype)
+    assert int(tl_layers._tickets(x.device, 1).abs().sum()) == 0
+    kernel = tl_layers._kernels()["norm_matmul_split"]
+    short = torch.empty_like(out)
+    k_per = -(-K // (split * 16)) * 16 - 16  # each range one block short: K's last columns never summed
+    part = torch.empty(split, tl_layers.ROW_TILE, N, dtype=torch.float32, device=x.device)
+    sums = torch.empty(-(-N // 16), split, tl_layers.ROW_TILE, dtype=torch.float32, device=x.device)
+    kernel[(-(-N // 16), split)](x, norm.weight, w, bias, short, short, part, sums, tl_layers._tickets(x.device, 8),
+                                 t, K, N, x.stride(0), x.stride(1), w.stride(0), w.stride(1), short.stride(0),
+                                 short.stride(1), short.stride(0), short.stride(1), float(norm.eps), NORM=True,
+                                 UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w), SPLIT=split,
+                                 K_PER=k_per, BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16)
+    assert not _close(short, ref, dtype)
+
+
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_gate_up_silu_is_the_mlp_up_to_down(triton_device, t, dtype):
@@ -404,7 +440,7 @@ from speculant.models import triton_layers as tl_layers
 from speculant.models.exact_attention import exact_layout
 from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
 
-TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.uint8: "*u8"}
+TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int64: "*i64", torch.uint8: "*u8", torch.int32: "*i32"}
 done = set()
 
 class Compile:  # stands in for kernel[grid](...): compiles the call's specialisation for sm_90
@@ -447,6 +483,11 @@ nodes = exact_layout(depths, ancestors)[1][:25]  # bit-exact mode: a chain of 1 
 for t in (1, 40):
     tl_forward.TritonForward(model).forward_exact(torch.zeros(t, dtype=torch.long), torch.arange(t))
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
+x = torch.zeros(1, 1536, dtype=torch.bfloat16)  # the split-K GEMM: ranges of K
+tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torch.zeros(1, 576, dtype=torch.bfloat16),
+                  block_n=16, block_k=64, split_k=4)
+tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(64, 1536, dtype=torch.bfloat16),
+                      torch.zeros(64, dtype=torch.bfloat16), block_n=16, split_k=2)
 print(len(done), "kernels compiled")
 """
 

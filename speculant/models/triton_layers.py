@@ -191,6 +191,55 @@ def _kernels():
                  mask=out_mask)
 
     @triton.jit(do_not_specialize=["T"])
+    def norm_matmul_split_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N,
+                                 sx_t, sx_k, sw_n, sw_k, sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr,
+                                 UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                                 F32: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
+                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """norm_matmul_kernel with K cut in SPLIT ranges of K_PER, one program per (column block, range),
+        for a GEMM too narrow to fill the GPU with column blocks alone. Each program stores its float32
+        partial [T, BLOCK_N] (and its rows' partial Σ x²); the block's last program to arrive (an atomic
+        ticket) sums the SPLIT partials in range order, applies the epilogue and resets the ticket. The
+        order of every sum is fixed by N, K and SPLIT, never by T or by which program came last."""
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = cols < N
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
+            ss += sq
+            acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+        out_mask = row_ok[:, None] & cols_ok[None, :]
+        part = part_ptr + rows[:, None] * N + cols[None, :]  # + range · BLOCK_T · N
+        tl.store(part + split * BLOCK_T * N, acc, mask=out_mask)
+        if NORM:
+            tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
+        ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:
+            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_T], tl.float32)
+            for r in tl.static_range(SPLIT):
+                acc += tl.load(part + r * BLOCK_T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if NORM:
+                    ss += tl.load(ss_ptr + (block * SPLIT + r) * BLOCK_T + rows, mask=row_ok, other=0.0,
+                                  cache_modifier=".cg")
+            if NORM:
+                acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_RES:
+                acc += tl.load(r_ptr + rows[:, None] * sr_t + cols[None, :] * sr_n, mask=out_mask,
+                               other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
+                     mask=out_mask)
+            tl.atomic_xchg(count_ptr + block, 0)
+
+    @triton.jit(do_not_specialize=["T"])
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -421,7 +470,8 @@ def _kernels():
         tl.store(l_ptr + at, total, mask=live)
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
 
-    _KERNELS.update(norm_matmul=norm_matmul_kernel, gate_up=norm_gate_up_silu_kernel,
+    _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
+                    gate_up=norm_gate_up_silu_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
                     attention=attention_chunk_kernel, combine=attention_combine_kernel,
                     exact_attention=exact_attention_chunk_kernel)
@@ -434,7 +484,7 @@ def _kernels():
 def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
-            block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
+            block_k: int = 64, num_warps: int = 4, num_stages: int | None = None, split_k: int = 1) -> torch.Tensor:
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -443,14 +493,37 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     res = residual if residual is not None else out
     block_n = _block_n(n, block_n)
+    block_k = _pow2(block_k)
     dummy = weight  # an unused pointer argument (the constexpr flags drop its loads)
-    _kernels()["norm_matmul"][(-(-n // block_n),)](
-        x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy, res, out,
-        t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
-        out.stride(0), out.stride(1), float(eps), NORM=norm_weight is not None, UNIT=bool(unit_offset),
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE,
-        BLOCK_N=block_n, BLOCK_K=_pow2(block_k), num_warps=num_warps)
+    sizes = (t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
+              out.stride(0), out.stride(1), float(eps))
+    flags = dict(NORM=norm_weight is not None, UNIT=bool(unit_offset), HAS_BIAS=bias is not None,
+                 HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n,
+                 BLOCK_K=block_k, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+    pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
+                res, out)
+    blocks = -(-n // block_n)
+    if split_k <= 1:
+        _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
+        return out
+    k_per = -(-k // (split_k * block_k)) * block_k
+    part = torch.empty(split_k, ROW_TILE, n, dtype=torch.float32, device=x.device)
+    sums = torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=x.device)
+    _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(x.device, blocks), *sizes,
+                                                       SPLIT=split_k, K_PER=k_per, **flags)
     return out
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, blocks: int) -> torch.Tensor:
+    """The split-K GEMMs' per-block arrival counters: zeros, and zeros again after every call (its last
+    program resets them), shared by the calls of one device, which run one after another on a stream."""
+    have = _TICKETS.get(device)
+    if have is None or have.numel() < blocks:
+        have = _TICKETS[device] = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 def norm_matmul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
