@@ -126,13 +126,13 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--draft-model", default="",
                     help="a draft model (embedded name, GGUF file or HF folder, e.g. the Qwen2.5-Coder 0.5B for its "
-                         "1.5B): adds the configs model, model#k4, model#k4#lookup16, model#auto and the hierarchy "
+                         "1.5B): adds the configs model, model#k4, model#k4#lookup8, model#auto and the hierarchy "
                          "model>ngram (the draft model drafted by n-gram lookup, the generic step)")
     known, _ = ap.parse_known_args()
     if known.draft_model:
         model = (known.draft_model,)
         CONFIGS.update({"model": (model, 1, 0, GAMMA), "model#k4": (model, 4, 0, GAMMA),
-                        "model#k4#lookup16": (model, 4, 16, GAMMA), "model#auto": (model, 1, 0, "auto"),
+                        "model#k4#lookup8": (model, 4, 8, GAMMA), "model#auto": (model, 1, 0, "auto"),
                         "model>ngram": ((*model, "ngram"), 1, 0, GAMMA)})
     choices = [*CONFIGS, *BATCHED]
     ap.add_argument("--configs", default=",".join(choices), help=f"comma-separated, from {', '.join(choices)}")

@@ -20,7 +20,7 @@
 #   exact-parallel  issue 21's guarantee, bit-exact mode only, 64 prompts × 256 tokens, several processes on
 #              the GPU at once (their tok/s are not the mode's cost: see exact, exact-triton): SmolLM2 with
 #              every fused drafter and the 8-row batch; SmolLM2's hierarchy (generic step); and, where
-#              /root/w/qwen-1.5b.gguf is staged, the Qwen pair (the 0.5B as chain, K 4 + lookup 16, auto;
+#              /root/w/qwen-1.5b.gguf is staged, the Qwen pair (the 0.5B as chain, K 4 + lookup 8, auto;
 #              n-gram) and its hierarchy 0.5B > n-gram (QWEN_HIER_PROMPTS prompts × 128 tokens: the generic
 #              step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
@@ -75,7 +75,7 @@ case "$part" in
     limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
       --max-new-tokens 256 --out "$out" 2>&1 | tee "$out/bit_exact.log" ;;
   exact-triton)  # torch's default mode in the same run: the reference of the 10 % rule
-    limit 560 python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
+    limit ${EXACT_LIMIT:-560} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts ${EXACT_PROMPTS:-64} \
       --max-new-tokens 256 --kernels torch,triton --configs plain,features,features#k4,features#k4#lookup8 \
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
   qwen-exact)  # issue 21 on the Qwen pair: bit-exact against the default mode, the 0.5B as the draft
@@ -96,7 +96,7 @@ case "$part" in
       mkdir -p "$out/qwen" "$out/qwen-hierarchy"
       limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
         --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts 64 --max-new-tokens 256 --modes bit-exact \
-        --configs plain,model,model#k4#lookup16,model#auto,ngram --checks 2 --out "$out/qwen" > "$out/qwen/bit_exact.log" 2>&1 &
+        --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 --out "$out/qwen" > "$out/qwen/bit_exact.log" 2>&1 &
       (sleep 90; limit $(( ${EXACT_LIMIT:-540} - 90 )) python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
         --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens 128 \
         --modes bit-exact --configs "plain,model>ngram" --checks 0 --out "$out/qwen-hierarchy" \
@@ -129,7 +129,7 @@ case "$part" in
   qwen|qwen-triton|qwen-hf)
     kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
-    limit 560 python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
+    limit ${QWEN_LIMIT:-560} python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
       --rows "${QWEN_ROWS:-ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram}" \
