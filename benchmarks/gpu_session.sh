@@ -109,10 +109,11 @@ case "$part" in
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
   kernels)
-    limit 560 python3 benchmarks/triton_layers_gpu.py --model "$model" --out "$out" 2>&1 | tee "$out/triton_layers.log" ;;
-  qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06) by GEMM programs
-    limit 560 python3 benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --no-truth --prompts 2 \
-      --gemm-programs ${GEMM_PROGRAMS:-128,256} --out "$out" 2>&1 | tee "$out/triton_layers_qwen.log" ;;
+    limit ${KERNELS_LIMIT:-560} python3 benchmarks/triton_layers_gpu.py --model "$model" --split-k off ${KERNELS_ARGS:-} --out "$out" \
+      2>&1 | tee "$out/triton_layers.log" ;;
+  qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06), split-K on and off
+    limit ${KERNELS_LIMIT:-560} python3 benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --no-truth --prompts 2 \
+      --gemm-programs ${GEMM_PROGRAMS:-128} --split-k off ${KERNELS_ARGS:-} --out "$out" 2>&1 | tee "$out/triton_layers_qwen.log" ;;
   batch-profile)  # PROFILE_GRAPHS=0: only the compiled steps; PROFILE_ROWS: their row counts (1,8,64)
     [ "${PROFILE_GRAPHS:-1}" = 0 ] || limit 200 python3 benchmarks/batch_profile.py --device cuda --target "$model" --draft "$draft" --rows 64 \
       --gamma 4 --graphs 2>&1 | tee "$out/batch_profile_graphs.log"

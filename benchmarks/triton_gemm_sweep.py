@@ -8,7 +8,8 @@ the card's memory bandwidth, and which configuration a width should get. GPU onl
 Each GEMM is timed as a decoding forward meets it: one CUDA graph calls it once per layer, on each
 layer's own weight (so the weights stream from HBM, not from L2), replayed --repeats times; µs per
 call, and GB/s = the weight's bytes ÷ that time. Configurations: the kernels' default (BLOCK_N from
-triton_layers.GEMM_PROGRAMS, BLOCK_K 64, 4 warps), a grid of BLOCK_N × BLOCK_K × (warps, stages),
+triton_layers.GEMM_PROGRAMS, BLOCK_K 64, 4 warps) without split-K and with the split-K policy
+(triton_layers._split_k), a grid of BLOCK_N × BLOCK_K × (warps, stages) without split-K,
 and split-K (norm_matmul_split_kernel: K cut in 2, 4 or 8 ranges, the last program of a column block
 summing them in order). cuBLAS rows: torch.mm on the call's rows, and torch.addmm with the residual
 (o_proj's and down_proj's epilogue). Prints a table per GEMM; writes triton_gemm_sweep.json.
@@ -43,12 +44,11 @@ def arguments() -> argparse.ArgumentParser:
 
 def configs() -> list[dict]:
     """The default, a tile grid, and split-K."""
-    out = [{"name": "default"}]
-    for block_n in (16, 32, 64):
-        for block_k in (64, 128, 256):
-            for warps, stages in ((4, 3), (8, 4)):
-                out.append({"name": f"n{block_n} k{block_k} w{warps} s{stages}", "block_n": block_n,
-                            "block_k": block_k, "num_warps": warps, "num_stages": stages})
+    out = [{"name": "default, no split", "split_k": 1}, {"name": "default (split-K policy)"}]
+    tiles = [(n, k, 4, 3) for n in (16, 32, 64) for k in (64, 128, 256)] + [(32, 128, 8, 4), (16, 256, 8, 4)]
+    for block_n, block_k, warps, stages in tiles:
+        out.append({"name": f"n{block_n} k{block_k} w{warps} s{stages}", "block_n": block_n, "block_k": block_k,
+                    "num_warps": warps, "num_stages": stages, "split_k": 1})
     for block_n in (16, 32):
         for block_k in (64, 128):
             for split in (2, 4, 8):
@@ -140,7 +140,7 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
                                                 repeats), nbytes)
     for block_n in (None, 16, 32, 64):
         for block_k in (64, 128):
-            for warps in (4, 8):
+            for warps in (4,):
                 label = f"n{block_n or 'auto'} k{block_k} w{warps}"
                 if out_of_budget():
                     record("gate_up", label, t, None, nbytes, "past --budget")
@@ -204,7 +204,7 @@ def main() -> None:
     print("\nbest Triton configuration per GEMM (against the default and cuBLAS):")
     for key, row in best.items():
         same = [r for r in results if f"{r['gemm']} T{r['rows']}" == key and r["us"]]
-        default = next((r["us"] for r in same if r["config"] == "default"), None)
+        default = next((r["us"] for r in same if r["config"] == "default, no split"), None)
         cublas = min((r["us"] for r in same if r["config"].startswith("cuBLAS")), default=None)
         print(f"  {key:12s} {row['config']:24s} {row['us']:8.2f} µs ({row['gb_per_s']:.0f} GB/s); default "
               f"{default and f'{default:.2f}'} µs; cuBLAS {cublas and f'{cublas:.2f}'} µs", flush=True)

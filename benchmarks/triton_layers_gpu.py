@@ -9,6 +9,7 @@ time for T = 1 and T = 5 eagerly and replayed from a CUDA graph, and kernels per
     python benchmarks/triton_layers_gpu.py --random --layers 30          # SmolLM2-135M shapes, random weights
     python benchmarks/triton_layers_gpu.py --model /root/w/smollm2.gguf --no-compile   # skip torch.compile
     python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --gemm-programs 64,128,256 --no-truth
+    python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --split-k auto,off --no-truth
 
 Baselines: LeanModel.forward eagerly, and the fused step's forward (speculant.fused.static_forward,
 torch.compile'd unless --no-compile) captured as a CUDA graph, as FusedStepper serves it; the
@@ -44,6 +45,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--gemm-programs", default="",
                         help="also time the triton graph with triton_layers.GEMM_PROGRAMS set to each of these "
                              "(comma-separated): the GEMMs' output columns per program follow it")
+    parser.add_argument("--split-k", default="off",
+                        help="also time the triton graph with triton_layers.SPLIT_K set to each of these "
+                             "(comma-separated from auto, off; the graph above runs the module's default)")
     parser.add_argument("--no-compile", action="store_true", help="the baseline graph without torch.compile")
     parser.add_argument("--no-truth", action="store_true", help="skip the float32 forward of the same weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out/triton_layers"))
@@ -195,6 +199,20 @@ def with_gemm_programs(programs: int, fn):
     return call
 
 
+def with_split_k(policy: str, fn):
+    """fn with triton_layers.SPLIT_K set to `policy` while it runs (the graph captures the kernels it picks)."""
+    from speculant.models import triton_layers
+
+    def call():
+        kept, triton_layers.SPLIT_K = triton_layers.SPLIT_K, policy
+        try:
+            return fn()
+        finally:
+            triton_layers.SPLIT_K = kept
+
+    return call
+
+
 def main() -> None:
     args = arguments().parse_args()
     if not torch.cuda.is_available():
@@ -229,6 +247,9 @@ def main() -> None:
         for programs in filter(None, args.gemm_programs.split(",")):
             calls[f"triton graph, {programs} GEMM programs"] = with_gemm_programs(
                 int(programs), lambda x=tokens, p=positions: forward.forward_static(x, p))
+        for policy in filter(None, args.split_k.split(",")):
+            calls[f"triton graph, split-K {policy}"] = with_split_k(
+                policy, lambda x=tokens, p=positions: forward.forward_static(x, p))
         for name, fn in calls.items():
             if "graph" in name:
                 ms, setup = common.graph_replay_ms(fn, args.repeats)

@@ -122,6 +122,10 @@ def _gemms(device, dtype, rows=32):
                                                                           block_k=512, block_n=64),
             "norm_gate_up_silu": lambda x, first: tl_layers.norm_gate_up_silu(x, norm, 1e-6, gate_up, block_k=512,
                                                                                   block_n=64),
+            "norm_matmul, K in 2 ranges": lambda x, first: tl_layers.norm_matmul(x, norm, 1e-6, w, bias, block_k=64,
+                                                                                  block_n=16, split_k=2),
+            "matmul_residual, K in 4 ranges": lambda x, first: tl_layers.matmul_residual(
+                x, w, residual[first: first + x.shape[0]], block_k=64, block_n=16, split_k=4),
             "norm_qkv_rope_cache": qkv}, randn(rows, K)
 
 
@@ -271,6 +275,21 @@ def test_in_exact_triton_mode_a_positions_logits_are_the_same_bits_alone_in_a_ch
     stepper = FusedStepper(_target(triton_device, dtype, arch), None, compile=False, bit_exact=True, kernels="triton")
     tree, chain, alone = _three_ways(stepper)
     assert tree.shape[0] == 17 and torch.isfinite(tree).all()
+    assert _differing(tree, alone) == [] and _differing(chain, alone[:5]) == []
+
+
+def test_with_split_k_gemms_a_positions_logits_are_the_same_bits_alone_in_a_chain_and_in_a_tree(triton_device,
+                                                                                               monkeypatch):
+    """As above (Qwen2 layers, bfloat16) with o_proj and down_proj cut in ranges of K as on a GPU whose
+    SMs their column blocks do not fill (triton_layers._split_k, here forced on the tiny model)."""
+    monkeypatch.setitem(tl_layers._SMS, torch.device(triton_device, 0) if triton_device == "cuda" else
+                        torch.device("cpu"), 132)
+    monkeypatch.setattr(tl_layers, "MIN_SPLIT_K", 16)
+    target = _target(triton_device, BF16, "qwen2")
+    cfg = target.cfg
+    assert tl_layers._split_k(cfg.hidden_size, cfg.intermediate_size, 16, target.device) > 1
+    stepper = FusedStepper(target, None, compile=False, bit_exact=True, kernels="triton")
+    tree, chain, alone = _three_ways(stepper)
     assert _differing(tree, alone) == [] and _differing(chain, alone[:5]) == []
 
 

@@ -158,7 +158,7 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
     bias = _randn(N, dtype=dtype, device=triton_device, seed=3)
     residual = _randn(t, N, dtype=dtype, device=triton_device, seed=4)
-    blocks = dict(block_n=16, block_k=16, split_k=split)
+    blocks = {"block_n": 16, "block_k": 16, "split_k": split}
     ref = F.linear(norm(x), w, bias)
     out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, **blocks)
     assert _close(out, ref, dtype), _error(out, ref)
@@ -167,18 +167,35 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     in_place = residual.clone()
     tl_layers.matmul_residual(x, w, in_place, out=in_place, **blocks)
     assert _close(in_place, residual + F.linear(x, w), dtype)
-    assert int(tl_layers._tickets(x.device, 1).abs().sum()) == 0
+    assert int(tl_layers._tickets(w, -(-N // 16)).abs().sum()) == 0
     kernel = tl_layers._kernels()["norm_matmul_split"]
     short = torch.empty_like(out)
     k_per = -(-K // (split * 16)) * 16 - 16  # each range one block short: K's last columns never summed
     part = torch.empty(split, tl_layers.ROW_TILE, N, dtype=torch.float32, device=x.device)
     sums = torch.empty(-(-N // 16), split, tl_layers.ROW_TILE, dtype=torch.float32, device=x.device)
-    kernel[(-(-N // 16), split)](x, norm.weight, w, bias, short, short, part, sums, tl_layers._tickets(x.device, 8),
+    kernel[(-(-N // 16), split)](x, norm.weight, w, bias, short, short, part, sums, tl_layers._tickets(w, -(-N // 16)),
                                  t, K, N, x.stride(0), x.stride(1), w.stride(0), w.stride(1), short.stride(0),
                                  short.stride(1), short.stride(0), short.stride(1), float(norm.eps), NORM=True,
                                  UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w), SPLIT=split,
                                  K_PER=k_per, BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16)
     assert not _close(short, ref, dtype)
+
+
+def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monkeypatch):
+    """_split_k: no split on the CPU or where the column blocks fill the SMs; on 132 SMs Qwen2.5-1.5B's
+    1536-wide GEMMs (48 blocks of 32) get 4 ranges, SmolLM2's o_proj (36 blocks, K 576) 2, as long as
+    every range keeps MIN_SPLIT_K of K; SPLIT_K = "off" turns it off."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setitem(tl_layers._SMS, cuda, 132)
+    assert tl_layers._split_k(1536, 8960, 32, torch.device("cpu")) == 1
+    assert tl_layers._split_k(1536, 8960, 32, cuda) == 4
+    assert tl_layers._split_k(1536, 1536, 32, cuda) == 4
+    assert tl_layers._split_k(576, 576, 16, cuda) == 2
+    assert tl_layers._split_k(576, 1536, 16, cuda) == 4
+    assert tl_layers._split_k(151936, 1536, 64, cuda) == 1  # the head: 2374 blocks
+    assert tl_layers._split_k(1536, 300, 32, cuda) == 1  # ranges would be shorter than MIN_SPLIT_K
+    monkeypatch.setattr(tl_layers, "SPLIT_K", "off")
+    assert tl_layers._split_k(1536, 8960, 32, cuda) == 1
 
 
 @pytest.mark.parametrize("t", ROWS)

@@ -44,6 +44,7 @@ from speculant.models.triton_layers import (
     norm_gate_up_silu,
     norm_matmul,
     norm_qkv_rope_cache,
+    reserve_tickets,
     rope_qkv_cache_write,
 )
 
@@ -115,6 +116,7 @@ class TritonForward:
         if reason is not None:
             raise ValueError(reason)
         self.model, self.chunk, self.fuse_rope = model, chunk, fuse_rope
+        reserve_tickets(model.device)  # the split-K GEMMs' counters, before any graph captures a forward
         self.offsets = torch.arange(model.k_cache.shape[1], device=model.device)  # a tree's slots, from its first
         # forward_exact's chain layout: row t's node at depth d is d (exact_attention.exact_layout of a chain)
         self.chain = torch.arange(EXACT_WIDTH, device=model.device).repeat(MAX_ROWS, 1)  # [MAX_ROWS, W]

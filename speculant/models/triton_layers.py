@@ -28,7 +28,9 @@ on): a row's bits depend on that row's inputs, never on how many rows the call h
 - The GEMMs (norm_qkv_rope_cache, norm_matmul, matmul_residual, norm_gate_up_silu): every call puts
   its rows in one tile of ROW_TILE rows (rows past T load zeros), never a tile that follows T; BLOCK_N
   and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
-  program per block of output columns, each looping over all of K in order: no split-K); num_warps
+  program per block of output columns, each looping over all of K in order; or, for a GEMM whose
+  blocks leave SMs idle, K in ranges that N, K and the device fix (_split_k), the block's last program
+  summing their float32 partials in range order: never a split that depends on T); num_warps
   is fixed; T is never specialised (do_not_specialize: triton compiles T = 1 and multiples of 16
   apart otherwise), nor is any other argument that changes from call to call, and the tensors come
   16-byte aligned in every call (fresh ones, or slices at multiples of 32 rows). So every call of a
@@ -484,7 +486,8 @@ def _kernels():
 def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
-            block_k: int = 64, num_warps: int = 4, num_stages: int | None = None, split_k: int = 1) -> torch.Tensor:
+            block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
+            split_k: int | None = None) -> torch.Tensor:
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -503,27 +506,77 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
+    if split_k is None:
+        split_k = _split_k(n, k, block_n, x.device)
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
     k_per = -(-k // (split_k * block_k)) * block_k
     part = torch.empty(split_k, ROW_TILE, n, dtype=torch.float32, device=x.device)
     sums = torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=x.device)
-    _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(x.device, blocks), *sizes,
+    _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
                                                        SPLIT=split_k, K_PER=k_per, **flags)
     return out
 
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
+_TICKETS: dict[torch.device, torch.Tensor] = {}  # a device's split-K arrival counters
+_TICKET_SLICES: dict[tuple[torch.device, int], tuple[int, int]] = {}  # (device, weight address) -> its counters
+TICKETS = 1 << 20  # counters per device (4 MiB): every split weight gets its own blocks of them
 
 
-def _tickets(device: torch.device, blocks: int) -> torch.Tensor:
-    """The split-K GEMMs' per-block arrival counters: zeros, and zeros again after every call (its last
-    program resets them), shared by the calls of one device, which run one after another on a stream."""
-    have = _TICKETS.get(device)
-    if have is None or have.numel() < blocks:
-        have = _TICKETS[device] = torch.zeros(max(blocks, 4096), dtype=torch.int32, device=device)
-    return have
+def reserve_tickets(device: torch.device) -> None:
+    """Allocate the device's split-K counters (zeros) now: a CUDA graph capture cannot allocate them."""
+    device = torch.device(device)
+    if device not in _TICKETS:
+        _TICKETS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+
+
+def _tickets(weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The split-K arrival counters of `weight`'s GEMM: one per column block, zeros at rest (a call's last
+    program of each block resets its own). Each weight has its own, so split GEMMs on other streams
+    never share one."""
+    device = weight.device
+    if device not in _TICKETS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-K GEMM counters are allocated outside CUDA graph capture: call "
+                               "triton_layers.reserve_tickets(device) before capturing")
+        reserve_tickets(device)
+    key = (device, weight.data_ptr())
+    start, count = _TICKET_SLICES.get(key, (0, 0))
+    if count < blocks:
+        start = sum(c for (d, _), (_, c) in _TICKET_SLICES.items() if d == device)
+        if start + blocks > TICKETS:
+            raise RuntimeError(f"split-K GEMMs: more than {TICKETS} counters on {device}")
+        _TICKET_SLICES[key] = (start, blocks)
+    return _TICKETS[device][start:start + blocks]
+
+
+SPLIT_K = "auto"  # "auto": _split_k's choice; "off": every GEMM in one range of K
+MAX_SPLIT = 8
+MIN_SPLIT_K = 256  # the least of K a range gets
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+    return _SMS[device]
+
+
+def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
+    """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill the GPU's SMs (and on the
+    CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= 2 per SM and every range
+    >= MIN_SPLIT_K long (Qwen2.5-1.5B's 1536-wide o_proj and down_proj: 48 blocks, 4 ranges on 132
+    SMs). A function of N, K and the device alone: never of T (row invariance)."""
+    sms = _sm_count(device) if SPLIT_K == "auto" else 0
+    blocks = -(-n // block_n)
+    split = 1
+    while (blocks < sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= 2 * sms
+           and k // (split * 2) >= MIN_SPLIT_K):
+        split *= 2
+    return split
 
 
 def norm_matmul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
