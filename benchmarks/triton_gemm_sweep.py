@@ -11,7 +11,7 @@ call, and GB/s = the weight's bytes ÷ that time. Configurations: the kernels' d
 triton_layers.GEMM_PROGRAMS, BLOCK_K 64, 4 warps) without split-K and with the split-K policy
 (triton_layers._split_k), a grid of BLOCK_N × BLOCK_K × (warps, stages) without split-K,
 and split-K (norm_matmul_split_kernel: K cut in 2, 4 or 8 ranges, the last program of a column block
-summing them in order). cuBLAS rows: torch.mm on the call's rows, and torch.addmm with the residual
+summing them in order; for the gate/up kernel, norm_gate_up_silu_split_kernel). cuBLAS rows: torch.mm on the call's rows, and torch.addmm with the residual
 (o_proj's and down_proj's epilogue). Prints a table per GEMM; writes triton_gemm_sweep.json.
 """
 
@@ -127,7 +127,7 @@ def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repe
 
 
 def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record, out_of_budget):
-    """The fused RMSNorm + gate/up + SiLU kernel (no split-K variant) by tile, against cuBLAS's mm."""
+    """The fused RMSNorm + gate/up + SiLU kernel by tile and split-K, against cuBLAS's mm."""
     from speculant.models import triton_layers as tl
 
     n2, k = gate_up[0].shape
@@ -138,21 +138,20 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
     mm_out = torch.empty(t, n2, device=dev, dtype=bf16)
     record("gate_up", "cuBLAS mm", t, graph_us([lambda w=w: torch.mm(x, w.t(), out=mm_out) for w in gate_up],
                                                 repeats), nbytes)
-    for block_n in (None, 16, 32, 64):
-        for block_k in (64, 128):
-            for warps in (4,):
-                label = f"n{block_n or 'auto'} k{block_k} w{warps}"
-                if out_of_budget():
-                    record("gate_up", label, t, None, nbytes, "past --budget")
-                    continue
-                blocks = {"block_n": block_n, "block_k": block_k, "num_warps": warps}
-                try:
-                    us = graph_us([lambda w=w, b=blocks: tl.norm_gate_up_silu(x, g, 1e-6, w, **b) for w in gate_up],
-                                  repeats)
-                except Exception as error:  # noqa: BLE001 -- as in sweep_linear
-                    record("gate_up", label, t, None, nbytes, f"{type(error).__name__}: {str(error)[:120]}")
-                    continue
-                record("gate_up", label, t, us, nbytes)
+    tiles = [(n, k, 1) for n in (None, 16, 32, 64) for k in (64, 128)]
+    tiles += [(n, 64, split) for n in (32, 64) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
+    for block_n, block_k, split in tiles:
+        label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
+        if out_of_budget():
+            record("gate_up", label, t, None, nbytes, "past --budget")
+            continue
+        blocks = {"block_n": block_n, "block_k": block_k, "split_k": split}
+        try:
+            us = graph_us([lambda w=w, b=blocks: tl.norm_gate_up_silu(x, g, 1e-6, w, **b) for w in gate_up], repeats)
+        except Exception as error:  # noqa: BLE001 -- as in sweep_linear
+            record("gate_up", label, t, None, nbytes, f"{type(error).__name__}: {str(error)[:120]}")
+            continue
+        record("gate_up", label, t, us, nbytes)
 
 
 def main() -> None:

@@ -151,6 +151,7 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     """norm_matmul_split_kernel (K in `split` ranges, the last program of a column block summing them in
     order): the same function as the one-range kernel, with every epilogue (norm, bias, residual in
     place); a row's bits the same alone and among 17 rows; the tickets back at zero after each call.
+    The same for norm_gate_up_silu_split_kernel against the one-range gate/up kernel.
     Negative control: a split whose ranges leave out K's tail (K_PER one block short) must fail."""
     t = 17
     x = _randn(t, K, dtype=dtype, device=triton_device, seed=5)
@@ -168,6 +169,13 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     tl_layers.matmul_residual(x, w, in_place, out=in_place, **blocks)
     assert _close(in_place, residual + F.linear(x, w), dtype)
     assert int(tl_layers._tickets(w, -(-N // 16)).abs().sum()) == 0
+    gate_up = _matrix(2 * N, K, dtype, triton_device, 6, _layout(dtype))
+    whole = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=16)
+    split_up = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=16, split_k=split)
+    assert _close(split_up, whole, dtype), _error(split_up, whole)
+    alone = torch.cat([tl_layers.norm_gate_up_silu(x[i:i + 1], norm.weight, norm.eps, gate_up, block_n=16,
+                                                   block_k=16, split_k=split) for i in range(t)])
+    assert torch.equal(alone, split_up)
     kernel = tl_layers._kernels()["norm_matmul_split"]
     short = torch.empty_like(out)
     k_per = -(-K // (split * 16)) * 16 - 16  # each range one block short: K's last columns never summed
@@ -183,12 +191,12 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
 
 def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monkeypatch):
     """_split_k: no split on the CPU or where the column blocks fill the SMs; on 132 SMs Qwen2.5-1.5B's
-    1536-wide GEMMs (48 blocks of 32) get 4 ranges, SmolLM2's o_proj (36 blocks, K 576) 2, as long as
-    every range keeps MIN_SPLIT_K of K; SPLIT_K = "off" turns it off."""
+    down_proj (48 blocks of 32, K 8960) gets 8 ranges, its o_proj 4, SmolLM2's o_proj (36 blocks, K 576)
+    2, as long as every range keeps MIN_SPLIT_K of K; SPLIT_K = "off" turns it off."""
     cuda = torch.device("cuda", 0)
     monkeypatch.setitem(tl_layers._SMS, cuda, 132)
     assert tl_layers._split_k(1536, 8960, 32, torch.device("cpu")) == 1
-    assert tl_layers._split_k(1536, 8960, 32, cuda) == 4
+    assert tl_layers._split_k(1536, 8960, 32, cuda) == 8  # 384 programs, ranges of 1120
     assert tl_layers._split_k(1536, 1536, 32, cuda) == 4
     assert tl_layers._split_k(576, 576, 16, cuda) == 2
     assert tl_layers._split_k(576, 1536, 16, cuda) == 4
@@ -505,6 +513,8 @@ tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torc
                   block_n=16, block_k=64, split_k=4)
 tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(64, 1536, dtype=torch.bfloat16),
                       torch.zeros(64, dtype=torch.bfloat16), block_n=16, split_k=2)
+tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
+                            block_n=32, split_k=2)
 print(len(done), "kernels compiled")
 """
 

@@ -255,6 +255,54 @@ def _kernels():
         tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < T) & cols_ok[None, :])
 
+    @triton.jit(do_not_specialize=["T"])
+    def norm_gate_up_silu_split_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
+                                       sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
+                                       SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_T: tl.constexpr,
+                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """norm_gate_up_silu_kernel with K in SPLIT ranges, as norm_matmul_split_kernel: each program
+        stores its gate and up partials ([T, BLOCK_N] each, float32, at columns c and N + c of a [T, 2N]
+        range buffer) and its rows' partial Σ x²; the block's last program sums them in range order,
+        scales by the norm and applies silu(gate) · up."""
+        block = tl.program_id(0)
+        split = tl.program_id(1)
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols_ok = cols < N
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
+            ss += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            gate = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), gate, F32)
+            up = _dot(x, _w_tile(w_ptr, cols + N, cols_ok, ks, K, sw_n, sw_k), up, F32)
+        mask = row_ok[:, None] & cols_ok[None, :]
+        part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + range · BLOCK_T · 2N (+ N: up)
+        tl.store(part + split * BLOCK_T * 2 * N, gate, mask=mask)
+        tl.store(part + split * BLOCK_T * 2 * N + N, up, mask=mask)
+        tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
+        ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:
+            gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_T], tl.float32)
+            for r in tl.static_range(SPLIT):
+                gate += tl.load(part + r * BLOCK_T * 2 * N, mask=mask, other=0.0, cache_modifier=".cg")
+                up += tl.load(part + r * BLOCK_T * 2 * N + N, mask=mask, other=0.0, cache_modifier=".cg")
+                ss += tl.load(ss_ptr + (block * SPLIT + r) * BLOCK_T + rows, mask=row_ok, other=0.0,
+                              cache_modifier=".cg")
+            scale = tl.rsqrt(ss / K + eps)[:, None]
+            gate = gate * scale
+            up = up * scale
+            out = gate / (1.0 + tl.exp(-gate)) * up
+            tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
+                     mask=mask)
+            tl.atomic_xchg(count_ptr + block, 0)
+
     @triton.jit
     def _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d,
                     ss_t, ss_d, q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
@@ -473,7 +521,7 @@ def _kernels():
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
 
     _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
-                    gate_up=norm_gate_up_silu_kernel,
+                    gate_up=norm_gate_up_silu_kernel, gate_up_split=norm_gate_up_silu_split_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
                     attention=attention_chunk_kernel, combine=attention_combine_kernel,
                     exact_attention=exact_attention_chunk_kernel)
@@ -486,8 +534,11 @@ def _kernels():
 def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
-            block_k: int = 64, num_warps: int = 4, num_stages: int | None = None,
+            block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
             split_k: int | None = None) -> torch.Tensor:
+    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; split_k: from N, K and the
+    device (_split_k) unless given; block_k: 64, or 128 where the policy splits K in ranges of at
+    least LONG_RANGE."""
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -496,7 +547,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     res = residual if residual is not None else out
     block_n = _block_n(n, block_n)
-    block_k = _pow2(block_k)
+    if split_k is None:
+        split_k = _split_k(n, k, block_n, x.device)
+        if block_k is None and split_k > 1 and k // split_k >= LONG_RANGE:
+            block_k = 128
+    block_k = _pow2(block_k or 64)
     dummy = weight  # an unused pointer argument (the constexpr flags drop its loads)
     sizes = (t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
               out.stride(0), out.stride(1), float(eps))
@@ -506,8 +561,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
-    if split_k is None:
-        split_k = _split_k(n, k, block_n, x.device)
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
@@ -554,8 +607,8 @@ def _tickets(weight: torch.Tensor, blocks: int) -> torch.Tensor:
 SPLIT_K = "auto"  # "auto": _split_k's choice; "off": every GEMM in one range of K
 MAX_SPLIT = 8
 MIN_SPLIT_K = 256  # the least of K a range gets
-
-
+PROGRAMS_PER_SM = 4  # a split GEMM's programs: at most this many per SM
+LONG_RANGE = 1024  # a split range at least this long loops over K in blocks of 128, not 64
 _SMS: dict[torch.device, int] = {}
 
 
@@ -567,13 +620,16 @@ def _sm_count(device: torch.device) -> int:
 
 def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
     """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill the GPU's SMs (and on the
-    CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= 2 per SM and every range
-    >= MIN_SPLIT_K long (Qwen2.5-1.5B's 1536-wide o_proj and down_proj: 48 blocks, 4 ranges on 132
-    SMs). A function of N, K and the device alone: never of T (row invariance)."""
+    CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= PROGRAMS_PER_SM per SM
+    and every range >= MIN_SPLIT_K long. On an H100's 132 SMs: Qwen2.5-1.5B's down_proj (N 1536 in 48
+    blocks, K 8960) 8 ranges, its o_proj (K 1536) 4, SmolLM2's o_proj (36 blocks, K 576) 2. A function
+    of N, K and the device alone, never of T (row invariance). The choice follows
+    benchmarks/triton_gemm_sweep.py on an H100: down_proj 52.9 µs in one range, 14.2 µs in 8 of
+    them with 128-wide K blocks (cuBLAS: 14.3)."""
     sms = _sm_count(device) if SPLIT_K == "auto" else 0
     blocks = -(-n // block_n)
     split = 1
-    while (blocks < sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= 2 * sms
+    while (blocks < sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= PROGRAMS_PER_SM * sms
            and k // (split * 2) >= MIN_SPLIT_K):
         split *= 2
     return split
@@ -597,19 +653,30 @@ def matmul_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
 
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
                       unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
-                      num_warps: int = 4) -> torch.Tensor:
+                      num_warps: int = 4, split_k: int = 1) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
-    (gate rows, then up rows) -> [T, I] in x's dtype."""
+    (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1: K in that many ranges
+    (norm_gate_up_silu_split_kernel); not chosen by _split_k's policy yet, for want of a GPU measure."""
     t = _check_rows(x)
     n2, k = gate_up_weight.shape
     n = n2 // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block_n = _block_n(n, block_n)
-    _kernels()["gate_up"][(-(-n // block_n),)](
-        x, norm_weight, gate_up_weight, out, t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0),
-        gate_up_weight.stride(1), out.stride(0), out.stride(1), float(eps), UNIT=bool(unit_offset),
-        F32=_f32_dots(x, gate_up_weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n, BLOCK_K=_pow2(block_k),
-        num_warps=num_warps)
+    block_k = _pow2(block_k)
+    blocks = -(-n // block_n)
+    sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
+             out.stride(1), float(eps))
+    flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": ROW_TILE,
+             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
+    if split_k <= 1:
+        _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
+        return out
+    k_per = -(-k // (split_k * block_k)) * block_k
+    part = torch.empty(split_k, ROW_TILE, 2 * n, dtype=torch.float32, device=x.device)
+    sums = torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=x.device)
+    _kernels()["gate_up_split"][(blocks, split_k)](x, norm_weight, gate_up_weight, out, part, sums,
+                                                   _tickets(gate_up_weight, blocks), *sizes, SPLIT=split_k,
+                                                   K_PER=k_per, **flags)
     return out
 
 
