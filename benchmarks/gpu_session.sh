@@ -18,11 +18,13 @@
 #   kernels    one forward, Triton kernels against the compiled lean model (after the 32-row tile change)
 #   qwen-exact bit-exact mode on the Qwen pair (the 0.5B drafting), 16 prompts × 128 tokens
 #   exact-parallel  issue 21's guarantee, bit-exact mode only, 64 prompts × 256 tokens, several processes on
-#              the GPU at once (their tok/s are not the mode's cost: see exact, exact-triton): SmolLM2 with
-#              every fused drafter and the 8-row batch; SmolLM2's hierarchy (generic step); and, where
-#              /root/w/qwen-1.5b.gguf is staged, the Qwen pair (the 0.5B as chain, K 4 + lookup 8, auto;
-#              n-gram) and its hierarchy 0.5B > n-gram (QWEN_HIER_PROMPTS prompts × 128 tokens: the generic
-#              step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz
+#              the GPU at once (their tok/s are not the mode's cost: see exact, exact-triton); EXACT_SETS
+#              picks them: smollm2 (every fused drafter), smollm2-batched (8 rows), smollm2-hierarchy
+#              (generic step), and where /root/w/qwen-1.5b.gguf is staged qwen (the 0.5B as chain, K 4 +
+#              lookup 8, auto; n-gram) and qwen-hierarchy (0.5B > n-gram, QWEN_HIER_PROMPTS prompts × 128
+#              tokens: the generic step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz.
+#              On 2026-12-06 (H100, two processes, 320 s) smollm2 finished; the batch and the hierarchy
+#              did not
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
@@ -82,26 +84,31 @@ case "$part" in
     limit 560 python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf \
       --humaneval "$humaneval" --prompts ${QWEN_EXACT_PROMPTS:-16} --max-new-tokens 128 \
       --configs plain,model,model#k4,model#auto,ngram --checks 2 --out "$out" 2>&1 | tee "$out/bit_exact_qwen.log" ;;
-  exact-parallel)
-    dirs=(smollm2 smollm2-hierarchy)
-    mkdir -p "$out/smollm2" "$out/smollm2-hierarchy"
-    limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
-      --max-new-tokens 256 --modes bit-exact --configs plain,features,features#k4,features#k4#lookup8,features#auto,ngram,features#batched8 \
-      --out "$out/smollm2" > "$out/smollm2/bit_exact.log" 2>&1 &
-    limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" --prompts 64 \
-      --max-new-tokens 256 --modes bit-exact --configs plain,hierarchy --checks 0 \
-      --out "$out/smollm2-hierarchy" > "$out/smollm2-hierarchy/bit_exact.log" 2>&1 &
-    if [ -f /root/w/qwen-1.5b.gguf ]; then
-      dirs+=(qwen qwen-hierarchy)
-      mkdir -p "$out/qwen" "$out/qwen-hierarchy"
-      limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
-        --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts 64 --max-new-tokens 256 --modes bit-exact \
-        --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 --out "$out/qwen" > "$out/qwen/bit_exact.log" 2>&1 &
-      (sleep 90; limit $(( ${EXACT_LIMIT:-540} - 90 )) python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf \
-        --draft-model /root/w/qwen-0.5b.gguf --humaneval "$humaneval" --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens 128 \
-        --modes bit-exact --configs "plain,model>ngram" --checks 0 --out "$out/qwen-hierarchy" \
-        > "$out/qwen-hierarchy/bit_exact.log" 2>&1) &
-    fi
+  exact-parallel)  # EXACT_SETS: which processes (default all; the qwen ones need /root/w/qwen-*.gguf)
+    sets=${EXACT_SETS:-smollm2 smollm2-batched smollm2-hierarchy qwen qwen-hierarchy}
+    exact() {  # set name, target, the rest of bit_exact.py's arguments: one process in the background
+      mkdir -p "$out/$1"
+      limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$2" --humaneval "$humaneval" \
+        --modes bit-exact --out "$out/$1" "${@:3}" > "$out/$1/bit_exact.log" 2>&1 &
+      dirs+=("$1")
+    }
+    dirs=()
+    qwen=(/root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf)
+    for set in $sets; do
+      case "$set" in
+        smollm2) exact smollm2 "$model" --prompts 64 --max-new-tokens 256 \
+                   --configs plain,features,features#k4,features#k4#lookup8,features#auto,ngram ;;
+        smollm2-batched) exact smollm2-batched "$model" --prompts 64 --max-new-tokens 256 \
+                   --configs plain,features#batched8 --checks 0 ;;
+        smollm2-hierarchy) exact smollm2-hierarchy "$model" --prompts 64 --max-new-tokens 256 \
+                   --configs plain,hierarchy --checks 0 ;;
+        qwen) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen "${qwen[@]}" --prompts 64 --max-new-tokens 256 \
+                   --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 ;;
+        qwen-hierarchy) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen-hierarchy "${qwen[@]}" \
+                   --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens 128 --configs "plain,model>ngram" --checks 0 ;;
+        *) echo "unknown set $set" >&2; exit 2 ;;
+      esac
+    done
     wait || true
     for d in "${dirs[@]}"; do echo "== $d"; grep -v "^$" "$out/$d/bit_exact.log" | tail -14; done
     tar czf "$out/exact_parallel.tgz" -C "$out" "${dirs[@]}" && rm -rf "${dirs[@]/#/$out/}" ;;
