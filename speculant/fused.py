@@ -332,6 +332,11 @@ class FusedStepper:
         self.prefill_graphs = self.use_graphs  # padded prefills from graphs (see _prefill)
 
     # ---- request lifecycle (called by the engine) --------------------------------------------
+    # Every entry point (begin, prefill, warm_up_prefills, step, score) runs in inference mode, so every
+    # tensor a compiled forward or sampling function reads is made there: dynamo guards on a tensor's
+    # dispatch keys, and a normal tensor in one call and an inference tensor in the next compile the
+    # function twice.
+    @torch.inference_mode()
     def begin(self, prompt: list[int], params: SamplingParams) -> None:
         """Prefill the target (prompt[:-1]) and the draft (what its first step's window does not
         re-read), through the compiled forwards (fewer launches than eager); graphs are captured
@@ -358,6 +363,7 @@ class FusedStepper:
         self.graph_sets.move_to_end(params)
         self.params = params
 
+    @torch.inference_mode()
     def prefill(self, tokens: list[int]) -> None:
         """The target's cache then holds `tokens` at positions 0.. (the prompt's prefill, `_prefill`);
         speculant.exact_target.ExactTarget prefills through it too, so that the generic step in
@@ -371,6 +377,7 @@ class FusedStepper:
             self._prefill(self.target_fn, tokens, 0, graphs=not self.bit_exact or self.kernels == "triton")
             self.target.set_length(len(tokens))
 
+    @torch.inference_mode()
     def warm_up_prefills(self, params: SamplingParams, max_prompt: int | None = None) -> None:
         """Make ahead the prefill graphs (target and draft) of every length bucket that a prompt of up to
         `max_prompt` tokens (default: the cache's length) meets, so that no request waits on a capture
@@ -419,8 +426,7 @@ class FusedStepper:
         positions = torch.arange(start, start + len(tokens), device=self.device)
         if len(tokens) > 1:  # one compiled graph for every length >= 2, not one per prompt length
             self._mark_dynamic(ids, positions)
-        with torch.inference_mode():
-            fn(ids, positions) if features is None else fn(ids, features, positions)
+        fn(ids, positions) if features is None else fn(ids, features, positions)
 
     def _prefill_body(self, fn, bucket: int, with_features: bool):
         """ints = tokens [bucket] -> fn over them at positions body.start + 0..bucket-1; a feature
@@ -457,7 +463,9 @@ class FusedStepper:
         if upto <= start:
             return
         if self.features:
-            features = self.target.features[start:upto]
+            # a copy made in inference mode, as every tensor the compiled draft forward reads in a step is: a
+            # view of the target's buffer (a normal tensor) would make dynamo compile the forward again
+            features = self.target.features[start:upto].clone()
             if upto - start > 1:
                 self._mark_dynamic(features)
             self._prefill(self.draft_fn, context[start + 1 : upto + 1], start, features)
@@ -478,6 +486,7 @@ class FusedStepper:
         the engine then gives each step the next one's γ (`next_gamma`)."""
         return self.run_ahead and self.features and not self.lookup
 
+    @torch.inference_mode()
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
              next_gamma: int | None = None, plain_tokens: int = 1) -> StepResult:
         """One step (speculant.step.Stepper). With run-ahead, a feature-draft step whose tokens may
@@ -740,6 +749,7 @@ class FusedStepper:
         self.target.move_slot(start + nodes, start + 1 + self.offsets[: nodes.shape[0]])
         return out
 
+    @torch.inference_mode()
     def score(self, tokens: torch.Tensor, start: torch.Tensor, tree: tuple[int, int, int] | None = None
                ) -> torch.Tensor:
         """The target's logits [T, V] for tokens [T] from position `start` ([] or [1], on the device):
