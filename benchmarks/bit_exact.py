@@ -75,14 +75,25 @@ def build(loaded, name: str, bit_exact: bool, kernels: str = "torch") -> tuple[S
                      kernels=kernels), None
 
 
-def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int | None = None) -> dict:
-    """Each prompt once, greedy: the token ids and decode tok/s; with `max_batch`, every prompt at once
-    through generate_many, and wall tok/s (prefills in)."""
+def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int | None = None,
+        reference: list[list[int]] | None = None) -> dict:
+    """Each prompt once, greedy: the token ids and decode tok/s; with `max_batch`, the prompts through
+    generate_many in groups of 2 · max_batch (each group a full batch, then draining), wall tok/s
+    (prefills in), and after each group a progress line with the prompts so far equal to `reference`'s
+    (what a run stopped at its limit has shown)."""
     if max_batch:
-        start = time.perf_counter()
-        outs = spec.generate_many([{"prompt": p} for p in prompts], max_new_tokens=max_new, max_batch=max_batch)
-        seconds = time.perf_counter() - start
-        outputs = [out.token_ids for out in outs]
+        outputs, seconds = [], 0.0
+        group = 2 * max_batch
+        for first in range(0, len(prompts), group):
+            start = time.perf_counter()
+            outs = spec.generate_many([{"prompt": p} for p in prompts[first:first + group]], max_new_tokens=max_new,
+                                      max_batch=max_batch)
+            seconds += time.perf_counter() - start
+            outputs += [out.token_ids for out in outs]
+            if reference is not None:
+                same = sum(a == b for a, b in zip(outputs, reference))
+                print(f"  batched: {len(outputs)}/{len(prompts)} prompts, same as plain {same}/{len(outputs)}",
+                      flush=True)
         tokens = sum(len(o) for o in outputs)
         return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
     outputs, tokens, seconds = [], 0, 0.0
@@ -183,7 +194,7 @@ def main() -> None:
             began = time.perf_counter()
             run(spec, prompts[:1], args.max_new_tokens, max_batch)  # warm-up: compiles and captures this config's graphs
             warm = time.perf_counter() - began
-            res = run(spec, prompts, args.max_new_tokens, max_batch)
+            res = run(spec, prompts, args.max_new_tokens, max_batch, plain_outputs)
             if name == "plain":
                 plain_outputs = res["outputs"]
             same = sum(a == b for a, b in zip(res["outputs"], plain_outputs))
