@@ -371,3 +371,27 @@ def test_a_sampling_function_compiles_its_concatenations_to_copy_kernels(monkeyp
     with inductor_config.patch(force_pointwise_cat=True):  # torch's own config patch: restored after
         assert torch.equal(compiled(a, b), tail(a, b))
     assert not failures and not pointwise and lowering.pointwise_cat is watched
+
+
+def test_every_tensor_the_fused_forwards_read_is_an_inference_tensor():
+    """dynamo guards on a tensor's dispatch keys: a compiled forward that reads a normal tensor in one
+    call (an eager prefill, a view of the target's feature buffer) and an inference tensor in the next
+    (a step) compiles twice. Over two requests of a feature draft with candidates (prefills, steps,
+    the draft's catch-up), every tensor the target's and the draft's forwards get is an inference
+    tensor, whatever mode the caller is in."""
+    target, draft = feature_pair(8, seed=5, kept=6)
+    stepper = FusedStepper(target, draft, compile=False, candidates=3)
+    seen = []
+
+    def spy(fn):
+        def call(*args):
+            seen.extend((fn.__name__, a.is_inference()) for a in args if isinstance(a, torch.Tensor))
+            return fn(*args)
+        call.__name__ = fn.__name__
+        return call
+
+    stepper.target_fn, stepper.draft_fn = spy(stepper.target_fn), spy(stepper.draft_fn)
+    for i, prompt in enumerate([[1, 2, 3, 4, 5, 6, 7], [7, 0, 1]]):
+        list(generate(target, FeatureDrafter(draft, target, candidates=3), prompt, gamma=3, params=GREEDY,
+                      max_new_tokens=12, generator=torch.Generator().manual_seed(i), stepper=stepper))
+    assert len(seen) > 20 and {inference for _, inference in seen} == {True}, [s for s in seen if not s[1]][:3]
