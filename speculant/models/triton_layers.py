@@ -580,6 +580,8 @@ TICKETS = 1 << 20  # counters per device (4 MiB): every split weight gets its ow
 def reserve_tickets(device: torch.device) -> None:
     """Allocate the device's split-K counters (zeros) now: a CUDA graph capture cannot allocate them."""
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # keyed as a weight's device is: with its index
+        device = torch.device("cuda", torch.cuda.current_device())
     if device not in _TICKETS:
         _TICKETS[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
 
