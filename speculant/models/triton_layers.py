@@ -162,8 +162,17 @@ def _kernels():
         scale = tl.rsqrt(ss / K + eps)[:, None]
         return a * scale, b * scale
 
+    @triton.jit
+    def _range_sum(total, ptr, stride, mask, SPLIT: tl.constexpr):
+        """total + Σ_r ptr[r · stride], r = 0 .. SPLIT-1 in order: the float32 partials a split GEMM's
+        programs stored, read past L1 (other programs wrote them)."""
+        for r in tl.static_range(SPLIT):
+            total += tl.load(ptr + r * stride, mask=mask, other=0.0, cache_modifier=".cg")
+        return total
+
     # a kernel finds the helpers it calls among its module's globals
-    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair)
+    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair,
+                     _range_sum=_range_sum)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
@@ -223,14 +232,10 @@ def _kernels():
             tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
         ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
         if ticket == SPLIT - 1:
-            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            ss = tl.zeros([BLOCK_T], tl.float32)
-            for r in tl.static_range(SPLIT):
-                acc += tl.load(part + r * BLOCK_T * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if NORM:
-                    ss += tl.load(ss_ptr + (block * SPLIT + r) * BLOCK_T + rows, mask=row_ok, other=0.0,
-                                  cache_modifier=".cg")
+            acc = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * N, out_mask, SPLIT)
             if NORM:
+                ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), ss_ptr + block * SPLIT * BLOCK_T + rows, BLOCK_T,
+                                row_ok, SPLIT)
                 acc = acc * tl.rsqrt(ss / K + eps)[:, None]
             if HAS_BIAS:
                 acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
@@ -287,14 +292,10 @@ def _kernels():
         tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
         ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
         if ticket == SPLIT - 1:
-            gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            ss = tl.zeros([BLOCK_T], tl.float32)
-            for r in tl.static_range(SPLIT):
-                gate += tl.load(part + r * BLOCK_T * 2 * N, mask=mask, other=0.0, cache_modifier=".cg")
-                up += tl.load(part + r * BLOCK_T * 2 * N + N, mask=mask, other=0.0, cache_modifier=".cg")
-                ss += tl.load(ss_ptr + (block * SPLIT + r) * BLOCK_T + rows, mask=row_ok, other=0.0,
-                              cache_modifier=".cg")
+            gate = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * 2 * N, mask, SPLIT)
+            up = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part + N, BLOCK_T * 2 * N, mask, SPLIT)
+            ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), ss_ptr + block * SPLIT * BLOCK_T + rows, BLOCK_T,
+                            row_ok, SPLIT)
             scale = tl.rsqrt(ss / K + eps)[:, None]
             gate = gate * scale
             up = up * scale
@@ -564,12 +565,19 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
-    k_per = -(-k // (split_k * block_k)) * block_k
-    part = torch.empty(split_k, ROW_TILE, n, dtype=torch.float32, device=x.device)
-    sums = torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=x.device)
+    k_per, part, sums = _split_buffers(k, n, blocks, split_k, block_k, x.device)
     _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
                                                        SPLIT=split_k, K_PER=k_per, **flags)
     return out
+
+
+def _split_buffers(k: int, columns: int, blocks: int, split_k: int, block_k: int, device: torch.device
+                   ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A split-K launch's K_PER (K ÷ split_k, rounded up to whole blocks of K) and its scratch: the
+    ranges' partials [split_k, ROW_TILE, columns] and rows' partial Σ x² [blocks, split_k, ROW_TILE]."""
+    k_per = -(-k // (split_k * block_k)) * block_k
+    return (k_per, torch.empty(split_k, ROW_TILE, columns, dtype=torch.float32, device=device),
+            torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=device))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}  # a device's split-K arrival counters
@@ -673,9 +681,7 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
-    k_per = -(-k // (split_k * block_k)) * block_k
-    part = torch.empty(split_k, ROW_TILE, 2 * n, dtype=torch.float32, device=x.device)
-    sums = torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=x.device)
+    k_per, part, sums = _split_buffers(k, 2 * n, blocks, split_k, block_k, x.device)
     _kernels()["gate_up_split"][(blocks, split_k)](x, norm_weight, gate_up_weight, out, part, sums,
                                                    _tickets(gate_up_weight, blocks), *sizes, SPLIT=split_k,
                                                    K_PER=k_per, **flags)
