@@ -23,6 +23,7 @@ import os
 import time
 from pathlib import Path
 
+import common  # benchmarks/common.py (this script runs from benchmarks/)
 import torch
 
 # name -> (hidden E, intermediate I, qkv output N, vocabulary, layers): the shapes of a decoding forward
@@ -60,26 +61,8 @@ def configs() -> list[dict]:
 
 def graph_us(calls, repeats: int) -> float:
     """µs per call of `calls` (a list of zero-argument callables), captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # compile, and allocate outside the capture
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (repeats * len(calls))
+    ms, _ = common.graph_replay_ms(lambda: [call() for call in calls], repeats)
+    return ms * 1000 / len(calls)
 
 
 def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repeats: int, record, out_of_budget):

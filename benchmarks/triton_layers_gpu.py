@@ -184,31 +184,18 @@ def kernels(fn) -> tuple[int, list]:
     return sum(launches.values()), [[name, launches[name], round(times.get(name, 0.0), 1)] for name in slowest]
 
 
-def with_gemm_programs(programs: int, fn):
-    """fn with triton_layers.GEMM_PROGRAMS set to `programs` while it runs (a kernel's BLOCK_N is a
-    constexpr: each value compiles its own binaries, captured into the graph with them)."""
+def with_setting(name: str, value, fn):
+    """fn with triton_layers.<name> (GEMM_PROGRAMS, SPLIT_K) set to `value` while it runs: the kernels
+    and tiles it picks compile their own binaries, captured into the graph with them."""
     from speculant.models import triton_layers
 
     def call():
-        kept, triton_layers.GEMM_PROGRAMS = triton_layers.GEMM_PROGRAMS, programs
+        kept = getattr(triton_layers, name)
+        setattr(triton_layers, name, value)
         try:
             return fn()
         finally:
-            triton_layers.GEMM_PROGRAMS = kept
-
-    return call
-
-
-def with_split_k(policy: str, fn):
-    """fn with triton_layers.SPLIT_K set to `policy` while it runs (the graph captures the kernels it picks)."""
-    from speculant.models import triton_layers
-
-    def call():
-        kept, triton_layers.SPLIT_K = triton_layers.SPLIT_K, policy
-        try:
-            return fn()
-        finally:
-            triton_layers.SPLIT_K = kept
+            setattr(triton_layers, name, kept)
 
     return call
 
@@ -245,11 +232,11 @@ def main() -> None:
             "triton graph": lambda x=tokens, p=positions: forward.forward_static(x, p),
         }
         for programs in filter(None, args.gemm_programs.split(",")):
-            calls[f"triton graph, {programs} GEMM programs"] = with_gemm_programs(
-                int(programs), lambda x=tokens, p=positions: forward.forward_static(x, p))
+            calls[f"triton graph, {programs} GEMM programs"] = with_setting(
+                "GEMM_PROGRAMS", int(programs), lambda x=tokens, p=positions: forward.forward_static(x, p))
         for policy in filter(None, args.split_k.split(",")):
-            calls[f"triton graph, split-K {policy}"] = with_split_k(
-                policy, lambda x=tokens, p=positions: forward.forward_static(x, p))
+            calls[f"triton graph, split-K {policy}"] = with_setting(
+                "SPLIT_K", policy, lambda x=tokens, p=positions: forward.forward_static(x, p))
         for name, fn in calls.items():
             if "graph" in name:
                 ms, setup = common.graph_replay_ms(fn, args.repeats)
