@@ -60,7 +60,11 @@ CONFIGS = {"plain": (("none",), 1, 0, GAMMA), "features": ((DRAFT,), 1, 0, GAMMA
 BATCHED = {"features#batched8": ((DRAFT,), GAMMA, 8)}
 
 
-def build(loaded, name: str, bit_exact: bool, kernels: str = "torch") -> tuple[Speculant, int | None]:
+COMPILE = {"whole": True, "layers": "layers", "off": False}  # --compile -> Speculant's compile
+
+
+def build(loaded, name: str, bit_exact: bool, kernels: str = "torch", compile: bool | str | None = None
+          ) -> tuple[Speculant, int | None]:
     """A config's Speculant over the loaded target, and for a batched config its rows at once. Fused
     (graphs, compiled) on CUDA; on the CPU the default is the generic step, bit-exact the fused one; a
     hierarchy runs the generic step, in bit-exact mode over the plain stepper's exact forward.
@@ -69,18 +73,18 @@ def build(loaded, name: str, bit_exact: bool, kernels: str = "torch") -> tuple[S
         if kernels != "torch":
             raise ValueError("batched decoding runs torch's kernels (generate_many would run one at a time)")
         drafts, gamma, max_batch = BATCHED[name]
-        return Speculant(loaded, list(drafts), gamma=gamma, bit_exact=bit_exact), max_batch
+        return Speculant(loaded, list(drafts), gamma=gamma, bit_exact=bit_exact, compile=compile), max_batch
     drafts, k, lookup, gamma = CONFIGS[name]
     return Speculant(loaded, list(drafts), gamma=gamma, candidates=k, lookup=lookup, bit_exact=bit_exact,
-                     kernels=kernels), None
+                     kernels=kernels, compile=compile), None
 
 
 def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int | None = None,
         reference: list[list[int]] | None = None) -> dict:
-    """Each prompt once, greedy: the token ids and decode tok/s; with `max_batch`, the prompts through
-    generate_many in groups of 2 · max_batch (each group a full batch, then draining), wall tok/s
-    (prefills in), and after each group a progress line with the prompts so far equal to `reference`'s
-    (what a run stopped at its limit has shown)."""
+    """Each prompt once, greedy: the token ids and decode tok/s (a progress line every 16 prompts: those
+    equal to `reference`'s so far, what a run stopped at its limit has shown); with `max_batch`, the
+    prompts through generate_many in groups of 2 · max_batch (each group a full batch, then draining),
+    wall tok/s (prefills in), and a progress line after each group."""
     if max_batch:
         outputs, seconds = [], 0.0
         group = 2 * max_batch
@@ -102,11 +106,15 @@ def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int 
         outputs.append(out.token_ids)
         tokens += out.stats["new_tokens"]
         seconds += out.stats["decode_time"]
+        if reference is not None and len(outputs) % 16 == 0 and len(outputs) < len(prompts):
+            same = sum(a == b for a, b in zip(outputs, reference))
+            print(f"  {len(outputs)}/{len(prompts)} prompts, same as plain {same}/{len(outputs)}, "
+                  f"{tokens / seconds:.1f} tok/s", flush=True)
     return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
 
 
 @torch.inference_mode()
-def logits_check(model, bit_exact: bool, context: list[int], compile: bool, kernels: str = "torch") -> dict:
+def logits_check(model, bit_exact: bool, context: list[int], compile: bool | str, kernels: str = "torch") -> dict:
     """The 17 nodes of a γ 4, K 4 tree after `context` (its greedy continuation as the chain, random
     alternatives) in one forward, against each node alone: its path from the root fed one token at a
     time at its positions, as plain decoding does."""
@@ -154,8 +162,12 @@ def main() -> None:
     ap.add_argument("--kernels", default="torch",
                     help="comma-separated from torch, triton: the kernel sets (speculant.api's kernels) each mode "
                          "and config runs on")
+    ap.add_argument("--compile", choices=sorted(COMPILE), default=None,
+                    help="how the fused step's torch forwards compile (speculant.load's compile): whole forwards "
+                         "(the default), one layer for all layers (minutes less for a 1.5B target), or off")
     args = ap.parse_args()
     dtype = common.setup(args)
+    compile = None if args.compile is None else COMPILE[args.compile]
     names = args.configs.split(",")
     if "plain" not in names or any(n not in choices for n in names):
         raise SystemExit(f"error: --configs: choose from {', '.join(choices)}, plain included")
@@ -186,7 +198,7 @@ def main() -> None:
         plain_outputs = None
         for name in names:
             try:
-                spec, max_batch = build(loaded, name, bit_exact, kernels)
+                spec, max_batch = build(loaded, name, bit_exact, kernels, compile)
             except ValueError as error:
                 skipped[f"{mode}/{name}"] = str(error)
                 print(f"{mode:17s} {name:20s} skipped: {error}", flush=True)
@@ -208,7 +220,8 @@ def main() -> None:
         checked = []
         for prompt, output in list(zip(prompts, plain_outputs))[: args.checks]:
             if len(output) >= 5:  # the continuation supplies the tree's chain
-                checked.append(logits_check(loaded.model, bit_exact, prompt + output[:20], cuda, kernels))
+                checked.append(logits_check(loaded.model, bit_exact, prompt + output[:20],
+                                            cuda if compile is None else (compile if cuda else False), kernels))
         checks[mode] = {"prompts": len(checked), "max_abs_diff": max((c["max_abs_diff"] for c in checked), default=None),
                         "bit_equal": sum(c["bit_equal"] for c in checked), "each": checked}
         print(f"{mode:17s} logits check: tree vs alone max |diff| {checks[mode]['max_abs_diff']}, "

@@ -19,9 +19,10 @@
 #   qwen-exact bit-exact mode on the Qwen pair (the 0.5B drafting), 16 prompts × 128 tokens
 #   exact-parallel  issue 21's guarantee, bit-exact mode only, 64 prompts × 256 tokens, several processes on
 #              the GPU at once (their tok/s are not the mode's cost: see exact, exact-triton); EXACT_SETS
-#              picks them: smollm2 (every fused drafter), smollm2-batched (8 rows), smollm2-hierarchy
-#              (generic step), and where /root/w/qwen-1.5b.gguf is staged qwen (the 0.5B as chain, K 4 +
-#              lookup 8, auto; n-gram) and qwen-hierarchy (0.5B > n-gram, QWEN_HIER_PROMPTS prompts × 128
+#              picks them: smollm2 (every fused drafter), smollm2-triton (the same and the hierarchy on
+#              the Triton kernels), smollm2-batched (8 rows), smollm2-hierarchy (generic step), and where
+#              /root/w/qwen-1.5b.gguf is staged qwen (the 0.5B as chain, K 4 + lookup 8, auto; n-gram),
+#              qwen-triton (the same on the Triton kernels) and qwen-hierarchy (0.5B > n-gram, QWEN_HIER_PROMPTS prompts × 128
 #              tokens: the generic step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz.
 #              On 2026-12-06 (H100, two processes, 320 s) smollm2 finished; the batch and the hierarchy
 #              did not
@@ -81,9 +82,10 @@ case "$part" in
       --max-new-tokens 256 --kernels torch,triton --configs plain,features,features#k4,features#k4#lookup8 \
       --out "$out" 2>&1 | tee "$out/bit_exact_triton.log" ;;
   qwen-exact)  # issue 21 on the Qwen pair: bit-exact against the default mode, the 0.5B as the draft
-    limit 560 python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf \
-      --humaneval "$humaneval" --prompts ${QWEN_EXACT_PROMPTS:-16} --max-new-tokens 128 \
-      --configs plain,model,model#k4,model#auto,ngram --checks 2 --out "$out" 2>&1 | tee "$out/bit_exact_qwen.log" ;;
+    limit ${QWEN_LIMIT:-560} python3 benchmarks/bit_exact.py --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf \
+      --humaneval "$humaneval" --prompts ${QWEN_EXACT_PROMPTS:-16} --max-new-tokens 128 --compile layers \
+      --configs ${QWEN_EXACT_CONFIGS:-plain,model,model#k4,model#auto,ngram} --checks 2 ${QWEN_EXACT_ARGS:-} \
+      --out "$out" 2>&1 | tee "$out/bit_exact_qwen.log" ;;
   exact-parallel)  # EXACT_SETS: which processes (default all; the qwen ones need /root/w/qwen-*.gguf)
     sets=${EXACT_SETS:-smollm2 smollm2-batched smollm2-hierarchy qwen qwen-hierarchy}
     exact() {  # set name, target, the rest of bit_exact.py's arguments: one process in the background
@@ -93,19 +95,27 @@ case "$part" in
       dirs+=("$1")
     }
     dirs=()
-    qwen=(/root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf)
+    # convert each staged GGUF once, before the processes that load it start at once (each would convert it)
+    for gguf in $model /root/w/qwen-1.5b.gguf /root/w/qwen-0.5b.gguf; do
+      [ -f "$gguf" ] && python3 -c "import speculant, sys; speculant.load(sys.argv[1], draft='none', max_seq_len=64)" "$gguf"
+    done
+    qwen=(/root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf --compile layers)
     for set in $sets; do
       case "$set" in
         smollm2) exact smollm2 "$model" --prompts 64 --max-new-tokens 256 \
                    --configs plain,features,features#k4,features#k4#lookup8,features#auto,ngram ;;
+        smollm2-triton) exact smollm2-triton "$model" --kernels triton --prompts 64 --max-new-tokens 256 \
+                   --configs plain,features,features#k4,features#k4#lookup8,features#auto,ngram,hierarchy --checks 4 ;;
         smollm2-batched) exact smollm2-batched "$model" --prompts 64 --max-new-tokens 256 \
                    --configs plain,features#batched8 --checks 0 ;;
         smollm2-hierarchy) exact smollm2-hierarchy "$model" --prompts 64 --max-new-tokens 256 \
                    --configs plain,hierarchy --checks 0 ;;
         qwen) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen "${qwen[@]}" --prompts 64 --max-new-tokens 256 \
                    --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 ;;
+        qwen-triton) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen-triton "${qwen[@]}" --kernels triton --prompts 64 \
+                   --max-new-tokens 256 --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 ;;
         qwen-hierarchy) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen-hierarchy "${qwen[@]}" \
-                   --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens 128 --configs "plain,model>ngram" --checks 0 ;;
+                   --prompts ${QWEN_HIER_PROMPTS:-8} --max-new-tokens ${QWEN_HIER_TOKENS:-128} --configs "plain,model>ngram" --checks 0 ;;
         *) echo "unknown set $set" >&2; exit 2 ;;
       esac
     done
@@ -113,7 +123,7 @@ case "$part" in
     for d in "${dirs[@]}"; do echo "== $d"; grep -v "^$" "$out/$d/bit_exact.log" | tail -14; done
     tar czf "$out/exact_parallel.tgz" -C "$out" "${dirs[@]}" && rm -rf "${dirs[@]/#/$out/}" ;;
   gemm-sweep)
-    limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} \
+    limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
   kernels)
     limit ${KERNELS_LIMIT:-560} python3 benchmarks/triton_layers_gpu.py --model "$model" --split-k off ${KERNELS_ARGS:-} --out "$out" \

@@ -47,6 +47,7 @@ def configs() -> list[dict]:
     """The default, a tile grid, and split-K."""
     out = [{"name": "default, no split", "split_k": 1}, {"name": "default (split-K policy)"}]
     tiles = [(n, k, 4, 3) for n in (16, 32, 64) for k in (64, 128, 256)] + [(32, 128, 8, 4), (16, 256, 8, 4)]
+    tiles += [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]  # wide: the head
     tiles += [(128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]  # wide tiles: the head, 44 % of HBM at 64
     for block_n, block_k, warps, stages in tiles:
         out.append({"name": f"n{block_n} k{block_k} w{warps} s{stages}", "block_n": block_n, "block_k": block_k,
@@ -123,7 +124,7 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
     record("gate_up", "cuBLAS mm", t, graph_us([lambda w=w: torch.mm(x, w.t(), out=mm_out) for w in gate_up],
                                                 repeats), nbytes)
     tiles = [(n, k, 1) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
-    tiles += [(n, 64, split) for n in (32, 64) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
+    tiles += [(n, k, split) for n in (32, 64) for k in (64, 128) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
     for block_n, block_k, split in tiles:
         label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
         if out_of_budget():

@@ -10,6 +10,7 @@ time for T = 1 and T = 5 eagerly and replayed from a CUDA graph, and kernels per
     python benchmarks/triton_layers_gpu.py --model /root/w/smollm2.gguf --no-compile   # skip torch.compile
     python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --gemm-programs 64,128,256 --no-truth
     python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --split-k auto,off --no-truth
+    python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --settings 'SPLIT_BELOW=2' --no-truth
 
 Baselines: LeanModel.forward eagerly, and the fused step's forward (speculant.fused.static_forward,
 torch.compile'd unless --no-compile) captured as a CUDA graph, as FusedStepper serves it; the
@@ -48,6 +49,10 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--split-k", default="off",
                         help="also time the triton graph with triton_layers.SPLIT_K set to each of these "
                              "(comma-separated from auto, off; the graph above runs the module's default)")
+    parser.add_argument("--settings", default="",
+                        help="also time the triton graph with each of these variants of triton_layers' settings: "
+                             "';'-separated variants of ','-separated NAME=VALUE (e.g. SPLIT_BELOW=2;"
+                             "SPLIT_BELOW=2,PROGRAMS_PER_SM=8)")
     parser.add_argument("--no-compile", action="store_true", help="the baseline graph without torch.compile")
     parser.add_argument("--no-truth", action="store_true", help="skip the float32 forward of the same weights")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out/triton_layers"))
@@ -184,20 +189,36 @@ def kernels(fn) -> tuple[int, list]:
     return sum(launches.values()), [[name, launches[name], round(times.get(name, 0.0), 1)] for name in slowest]
 
 
-def with_setting(name: str, value, fn):
-    """fn with triton_layers.<name> (GEMM_PROGRAMS, SPLIT_K) set to `value` while it runs: the kernels
-    and tiles it picks compile their own binaries, captured into the graph with them."""
+def with_settings(settings: dict, fn):
+    """fn with triton_layers' module settings (GEMM_PROGRAMS, SPLIT_K, SPLIT_BELOW, ...) set to `settings`
+    while it runs: the kernels and tiles it picks compile their own binaries, captured into the graph
+    with them."""
     from speculant.models import triton_layers
 
     def call():
-        kept = getattr(triton_layers, name)
-        setattr(triton_layers, name, value)
+        kept = {name: getattr(triton_layers, name) for name in settings}
+        for name, value in settings.items():
+            setattr(triton_layers, name, value)
         try:
             return fn()
         finally:
-            setattr(triton_layers, name, kept)
+            for name, value in kept.items():
+                setattr(triton_layers, name, value)
 
     return call
+
+
+def parse_settings(text: str) -> list[dict]:
+    """"SPLIT_BELOW=2;SPLIT_BELOW=2,PROGRAMS_PER_SM=8" -> [{"SPLIT_BELOW": 2}, {...}]: each variant's
+    triton_layers settings (integers where they parse as such)."""
+    variants = []
+    for variant in filter(None, text.split(";")):
+        settings = {}
+        for item in variant.split(","):
+            name, _, value = item.partition("=")
+            settings[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        variants.append(settings)
+    return variants
 
 
 def main() -> None:
@@ -231,12 +252,12 @@ def main() -> None:
             "lean graph" + ("" if args.no_compile else " (compiled)"): lambda x=tokens, p=positions: baseline(x, p),
             "triton graph": lambda x=tokens, p=positions: forward.forward_static(x, p),
         }
-        for programs in filter(None, args.gemm_programs.split(",")):
-            calls[f"triton graph, {programs} GEMM programs"] = with_setting(
-                "GEMM_PROGRAMS", int(programs), lambda x=tokens, p=positions: forward.forward_static(x, p))
-        for policy in filter(None, args.split_k.split(",")):
-            calls[f"triton graph, split-K {policy}"] = with_setting(
-                "SPLIT_K", policy, lambda x=tokens, p=positions: forward.forward_static(x, p))
+        variants = [{"GEMM_PROGRAMS": int(p)} for p in filter(None, args.gemm_programs.split(","))]
+        variants += [{"SPLIT_K": policy} for policy in filter(None, args.split_k.split(","))]
+        for settings in variants + parse_settings(args.settings):
+            label = ", ".join(f"{name}={value}" for name, value in settings.items())
+            calls[f"triton graph, {label}"] = with_settings(
+                settings, lambda x=tokens, p=positions: forward.forward_static(x, p))
         for name, fn in calls.items():
             if "graph" in name:
                 ms, setup = common.graph_replay_ms(fn, args.repeats)

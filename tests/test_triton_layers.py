@@ -201,6 +201,11 @@ def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monke
     assert tl_layers._split_k(576, 576, 16, cuda) == 2
     assert tl_layers._split_k(576, 1536, 16, cuda) == 4
     assert tl_layers._split_k(151936, 1536, 64, cuda) == 1  # the head: 2374 blocks
+    assert tl_layers._split_k(1536, 576, 32, cuda) == 2  # SmolLM2's gate/up: 48 blocks, ranges of 288
+    assert tl_layers._split_k(8960, 1536, 64, cuda) == 1  # Qwen2.5-1.5B's gate/up: 140 blocks
+    monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 2)
+    assert tl_layers._split_k(8960, 1536, 64, cuda) == 2  # 280 programs; 4 ranges would be 560 > 4 × 132
+    monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 1)
     assert tl_layers._split_k(1536, 300, 32, cuda) == 1  # ranges would be shorter than MIN_SPLIT_K
     monkeypatch.setattr(tl_layers, "SPLIT_K", "off")
     assert tl_layers._split_k(1536, 8960, 32, cuda) == 1

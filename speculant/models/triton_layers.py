@@ -618,6 +618,7 @@ SPLIT_K = "auto"  # "auto": _split_k's choice; "off": every GEMM in one range of
 MAX_SPLIT = 8
 MIN_SPLIT_K = 256  # the least of K a range gets
 PROGRAMS_PER_SM = 4  # a split GEMM's programs: at most this many per SM
+SPLIT_BELOW = 1  # split K while the column blocks are fewer than this many per SM
 LONG_RANGE = 1024  # a split range at least this long loops over K in blocks of 128, not 64
 _SMS: dict[torch.device, int] = {}
 
@@ -629,8 +630,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
-    """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill the GPU's SMs (and on the
-    CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= PROGRAMS_PER_SM per SM
+    """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill SPLIT_BELOW × the GPU's SMs
+    (and on the CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= PROGRAMS_PER_SM per SM
     and every range >= MIN_SPLIT_K long. On an H100's 132 SMs: Qwen2.5-1.5B's down_proj (N 1536 in 48
     blocks, K 8960) 8 ranges, its o_proj (K 1536) 4, SmolLM2's o_proj (36 blocks, K 576) 2. A function
     of N, K and the device alone, never of T (row invariance). The choice follows
@@ -639,7 +640,7 @@ def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
     sms = _sm_count(device) if SPLIT_K == "auto" else 0
     blocks = -(-n // block_n)
     split = 1
-    while (blocks < sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= PROGRAMS_PER_SM * sms
+    while (blocks < SPLIT_BELOW * sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= PROGRAMS_PER_SM * sms
            and k // (split * 2) >= MIN_SPLIT_K):
         split *= 2
     return split
@@ -663,16 +664,19 @@ def matmul_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
 
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
                       unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
-                      num_warps: int = 4, split_k: int = 1) -> torch.Tensor:
+                      num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
-    (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1: K in that many ranges
-    (norm_gate_up_silu_split_kernel); not chosen by _split_k's policy yet, for want of a GPU measure."""
+    (gate rows, then up rows) -> [T, I] in x's dtype. split_k: K in that many ranges
+    (norm_gate_up_silu_split_kernel) where > 1; None: _split_k's policy over the I outputs (SmolLM2's
+    48 column blocks: 2 ranges on an H100; Qwen2.5-1.5B's 140: one)."""
     t = _check_rows(x)
     n2, k = gate_up_weight.shape
     n = n2 // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block_n = _block_n(n, block_n)
     block_k = _pow2(block_k)
+    if split_k is None:
+        split_k = _split_k(n, k, block_n, x.device)
     blocks = -(-n // block_n)
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
