@@ -142,6 +142,9 @@ def main() -> None:
     ap.add_argument("--target", required=True, help="an embedded name, a GGUF file or an HF folder")
     ap.add_argument("--humaneval", required=True, help="HumanEval.jsonl(.gz): half the prompts")
     ap.add_argument("--prompts", type=int, default=64, help="prompts in all: half HumanEval, half held-out chat")
+    ap.add_argument("--skip-prompts", type=int, default=0,
+                    help="run only the prompts after the first N of the set (a slow config's second half in a call "
+                         "of its own: the set is the same whatever N)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--draft-model", default="",
                     help="a draft model (embedded name, GGUF file or HF folder, e.g. the Qwen2.5-Coder 0.5B for its "
@@ -187,6 +190,7 @@ def main() -> None:
     code = args.prompts - args.prompts // 2
     prompts = [list(p.token_ids) for p in code_prompts(code, base.encode, args.humaneval)]
     prompts += [base.encode(text, chat=True) for text in common.heldout_chat_texts(args.prompts // 2)]
+    prompts = prompts[args.skip_prompts:]
 
     results: dict[str, dict] = {}
     checks: dict[str, dict] = {}

@@ -25,9 +25,13 @@
 #              qwen-triton (the same on the Triton kernels) and qwen-hierarchy (0.5B > n-gram, QWEN_HIER_PROMPTS prompts × 128
 #              tokens: the generic step runs the 0.5B eagerly). Everything comes back in exact_parallel.tgz.
 #              On 2026-12-06 (H100, two processes, 320 s) smollm2 finished; the batch and the hierarchy
-#              did not
+#              did not. Six processes at once (sixth session) slowed each several-fold (plain SmolLM2 88
+#              against 484 tok/s alone): run one or two. The hierarchy runs its draft levels eagerly (22
+#              tok/s on an H100): HIER_SKIP=32 runs the set's second half (the first ran 32/32)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
+#              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
+#              ROPE_COLUMNS=16, ROPE_SPLIT=4, GATE_UP_SPLIT=2)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
 #              the largest kernels (on 2026-12-06 copies of the KV cache were 40 % of a 64-row step: the
@@ -66,7 +70,7 @@ case "$part" in
   tests)
     limit ${TESTS_LIMIT:-540} python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_layers.py \
       tests/test_bit_exact.py tests/test_bit_exact_generic.py tests/test_fused.py tests/test_candidates.py \
-      $(ls tests/test_row_step.py tests/test_exact_triton.py 2>/dev/null) \
+      tests/test_hierarchical.py $(ls tests/test_row_step.py tests/test_exact_triton.py 2>/dev/null) \
       -k "cuda or triton or exact or graph" --durations=10 2>&1 | tee "$out/cuda_tests.log" ;;
   headline|tuned)
     tasks=$([ "$part" = headline ] && echo code-heldout,chat-heldout || echo code,chat)
@@ -109,7 +113,7 @@ case "$part" in
         smollm2-batched) exact smollm2-batched "$model" --prompts 64 --max-new-tokens 256 \
                    --configs plain,features#batched8 --checks 0 ;;
         smollm2-hierarchy) exact smollm2-hierarchy "$model" --prompts 64 --max-new-tokens 256 \
-                   --configs plain,hierarchy --checks 0 ;;
+                   --configs plain,hierarchy --checks 0 --skip-prompts ${HIER_SKIP:-0} ;;
         qwen) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen "${qwen[@]}" --prompts 64 --max-new-tokens 256 \
                    --configs plain,model,model#k4#lookup8,model#auto,ngram --checks 2 ;;
         qwen-triton) [ -f /root/w/qwen-1.5b.gguf ] && exact qwen-triton "${qwen[@]}" --kernels triton --prompts 64 \

@@ -124,7 +124,7 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
     record("gate_up", "cuBLAS mm", t, graph_us([lambda w=w: torch.mm(x, w.t(), out=mm_out) for w in gate_up],
                                                 repeats), nbytes)
     tiles = [(n, k, 1) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
-    tiles += [(n, k, split) for n in (32, 64) for k in (64, 128) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
+    tiles += [(n, k, split) for n in (32, 64, 128) for k in (64, 128) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
     for block_n, block_k, split in tiles:
         label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
         if out_of_budget():

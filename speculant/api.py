@@ -106,9 +106,10 @@ class Speculant:
 
     def __init__(self, target: LoadedModel, drafts: Sequence[str], gamma: int | str = 4,
                  inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-                 bit_exact: bool = False, kernels: str = "torch", compile: bool | str | None = None) -> None:
+                 bit_exact: bool | None = None, kernels: str = "torch", compile: bool | str | None = None) -> None:
         """`compile`: how the fused step's forwards compile (speculant.fused.check_compile: False, True
-        or "layers"); None: the fused step's default (whole forwards)."""
+        or "layers"); None: the fused step's default (whole forwards). `bit_exact` None: on where it
+        costs little, i.e. on the Triton kernels where the step's tree fits (default_bit_exact)."""
         self.target = target
         self.tokenizer = target.tokenizer
         self.plan = DraftPlan(tuple(drafts), gamma, candidates, lookup)  # checks the options
@@ -124,7 +125,10 @@ class Speculant:
         self.batch_costs: dict[tuple[int, bool, bool], BatchStepCosts] = {}
         # On CUDA, whole steps run as captured graphs when the pair allows it (speculant.fused).
         if fused is None:
-            fused = target.model.device.type == "cuda" or bit_exact or kernels == "triton"
+            fused = target.model.device.type == "cuda" or bool(bit_exact) or kernels == "triton"
+        if bit_exact is None:
+            bit_exact = default_bit_exact(fused, kernels, MAX_GAMMA if self.gamma == "auto" else self.gamma,
+                                          candidates, lookup)
         self.bit_exact, self.kernels = bit_exact, kernels
         if bit_exact:
             _check_bit_exact(fused, MAX_GAMMA if self.gamma == "auto" else self.gamma, candidates, lookup)
@@ -505,6 +509,20 @@ class BadRequest(ValueError):
         self.reason = str(error)
 
 
+def default_bit_exact(fused: bool, kernels: str, longest: int, candidates: int, lookup: int) -> bool:
+    """bit_exact=None's choice: on for the fused step on the Triton kernels, where the mode cost at most
+    4 % (an H100, SmolLM2-135M, BENCHMARKS.md 2026-12-06 fifth session), when its trees (up to the
+    longest γ) fit a bit-exact forward; off on torch's kernels, where it costs up to 18 % on plain
+    decoding (the padding to a fixed width), and for batched requests (a forward per row)."""
+    if not fused or kernels != "triton":
+        return False
+    try:
+        check_exact_width(longest, candidates, lookup)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) -> None:
     """A bit-exact request's target forwards are the fused step's calls of EXACT_WIDTH rows (the
     generic step's too, through ExactTarget): its trees (up to the longest γ) must fit."""
@@ -574,7 +592,7 @@ def check_device(device: str) -> None:
 def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *, gamma: int | str = 4,
          device: str = "cpu", dtype: str = "float32", max_seq_len: int | None = None,
          inner_gamma: int = 4, fused: bool | None = None, candidates: int = 1, lookup: int = 0,
-         backend: str = "torch", bit_exact: bool = False, kernels: str = "torch",
+         backend: str = "torch", bit_exact: bool | None = None, kernels: str = "torch",
          compile: bool | str | None = None) -> Speculant:
     """Load a target and its drafter chain. See the module docstring for draft specs.
 
@@ -585,7 +603,9 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     device: cpu, cuda or cuda:N. max_seq_len: the KV cache's capacity in tokens (prompt + output),
     at most the target's context; None: 2048, or the target's context where that is shorter.
 
-    bit_exact: every target forward of decoding (plain or speculative) computes a fixed number of
+    bit_exact: None (default): on with kernels="triton" wherever the step's trees fit (below), off on
+    torch's kernels (default_bit_exact says why). True: every target forward of decoding (plain or
+    speculative) computes a fixed number of
     rows with position-ordered attention (speculant.models.exact_attention), so greedy speculative
     output equals plain greedy output token for token in bfloat16 on a GPU too; costs speed (with
     kernels="triton": the call's own rows on row-invariant kernels, no fixed width; see below). Needs
@@ -601,7 +621,7 @@ def load(target: str = "smollm2-135m", draft: str | Sequence[str] = "default", *
     target forward (the prefill too) runs TritonForward.forward_exact: each row walks its own keys in
     position order on kernels whose row bits do not depend on the call's rows, unpadded; a hierarchy,
     a draft through transformers and logprobs run the generic step over the same forward, batched
-    requests one at a time. Not measured on a GPU yet.
+    requests one at a time. There bit-exact mode is the default (bit_exact=False turns it off).
 
     compile: how the fused step's forwards compile (speculant.fused.check_compile): None, its default
     (each whole forward: one compile per new shape, minutes for a tree with a lookup branch under

@@ -108,13 +108,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bit_exact_argument(parser: argparse.ArgumentParser) -> None:
     """--bit-exact, for generate, chat and serve."""
-    parser.add_argument("--bit-exact", action="store_true",
+    parser.add_argument("--bit-exact", action=argparse.BooleanOptionalAction, default=None,
                         help="decode with fixed-width target forwards and position-ordered attention, plain and "
                              "speculative alike, so that greedy output equals plain greedy decoding token for token "
                              "in bfloat16 on a GPU too, and a batched request's tokens do not depend on the others "
                              "(slower, batches most: a forward per request per step; a lean torch target, any "
                              "--draft chain, 1 + gamma*candidates + lookup <= 32; with --kernels triton: the "
-                             "forwards' own rows on row-invariant Triton kernels instead of a fixed width)")
+                             "forwards' own rows on row-invariant Triton kernels instead of a fixed width). "
+                             "Default: on with --kernels triton where the step fits (it costs a few %%), off "
+                             "otherwise; --no-bit-exact turns it off")
 
 
 def add_kernels_argument(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
+from speculant.fused import GraphedModel
 from speculant.models.base import CausalLM
 from speculant.models.cache import ModelLoadError
 from speculant.models.feature_draft import FeatureDraft
@@ -119,7 +120,7 @@ def build_chain(target: LoadedModel, plan: DraftPlan, inner_gamma: int) -> tuple
         drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
-        drafter = SpeculativeDrafter(GenericStepper(_causal_lm(model), drafter), inner_gamma)
+        drafter = SpeculativeDrafter(GenericStepper(_middle_level(_causal_lm(model)), drafter), inner_gamma)
         levels.insert(0, (spec, drafter))
     return drafter, levels
 
@@ -133,6 +134,14 @@ def feature_draft_may_follow(specs_above: Sequence[str]) -> bool:
 
 def _causal_lm(model) -> CausalLM:
     return model.model if isinstance(model, LoadedModel) else model
+
+
+def _middle_level(model: CausalLM) -> CausalLM:
+    """A hierarchy's middle model as its generic step runs it: a lean model on CUDA replays its
+    verification forwards as CUDA graphs (fused.GraphedModel); any other model as it is."""
+    if isinstance(model, LeanModel) and not isinstance(model, FeatureDraft) and model.device.type == "cuda":
+        return GraphedModel(model)
+    return model
 
 
 def _leaf_drafter(spec: str, model, above: CausalLM, candidates: int = 1) -> Drafter:

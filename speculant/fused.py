@@ -220,6 +220,73 @@ def static_feature_forward(draft: FeatureDraft, compile: bool):
     return _compiled(draft, ("features",), forward, bool(compile))  # its own layer loop: compiled whole
 
 
+class GraphedModel:
+    """A lean model whose short chain forwards (up to MAX_ROWS tokens) replay CUDA graphs of
+    static_forward, one per row count, captured at first use; everything else (prefill, trees,
+    truncate, the cache, ...) is the model's own. For a hierarchy's middle level: the generic step
+    runs its verifications through `forward`, which would otherwise launch each op eagerly (about 50
+    a layer, at ~22 µs each on the device machines). The logits are static_forward's: the same
+    function as LeanModel.forward, not always the same bits, which the hierarchy's exactness does not
+    need (the law a middle level's token was drawn from is the one its own forward returned, whatever
+    computed it: drafters/hierarchical.py). use_graphs=False runs static_forward eagerly (the CPU)."""
+
+    MAX_ROWS = 16
+
+    def __init__(self, model: LeanModel, use_graphs: bool | None = None) -> None:
+        self.model = model
+        self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
+        self._forward = static_forward(model, compile=False)
+        self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, logits)
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)  # only for what GraphedModel does not define itself
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+        """LeanModel.forward's contract: tokens [T] at positions start_pos.. -> logits [T, vocab]
+        float32 (a fresh tensor), the cache written and its length start_pos + T."""
+        t = tokens.shape[0]
+        if ancestors is not None or not self.model.min_rows <= t <= self.MAX_ROWS:
+            return self.model.forward(tokens, start_pos, ancestors)
+        end = self.model._write_range(start_pos, t)
+        tokens = tokens.to(self.model.device)
+        positions = torch.arange(start_pos, end, device=self.model.device)
+        if not self.use_graphs:
+            logits = self._forward(tokens, positions)
+        else:
+            if t not in self._graphs:
+                self._graphs[t] = self._capture(tokens, positions)
+            graph, static_tokens, static_positions, logits = self._graphs[t]
+            static_tokens.copy_(tokens)
+            static_positions.copy_(positions)
+            graph.replay()
+            logits = logits.clone()
+        self.model.set_length(end)
+        return logits
+
+    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """A graph of static_forward over static copies of this call's inputs: its warm-up runs write
+        this very call's keys and values, which its replay then writes again."""
+        static_tokens, static_positions = tokens.clone(), positions.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(static_tokens, static_positions)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        collecting = gc.isenabled()
+        gc.disable()  # as _Runner: nothing freed inside the capture
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(static_tokens, static_positions)
+        finally:
+            if collecting:
+                gc.enable()
+        return graph, static_tokens, static_positions, logits
+
+
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:
     """The FusedStepper for this target and drafter, or None where the pair cannot be fused: the
     one place that decides, from the drafter's own settings (its model, candidates, lookup branch).

@@ -109,11 +109,12 @@ def _gemms(device, dtype, rows=32):
     cos, sin = randn(10 + rows, d), randn(10 + rows, d)
     caches = torch.zeros(2, 10 + rows, kv, d, dtype=dtype, device=device)
 
-    def qkv(x, first):
+    def qkv(x, first, columns=None, split_k=None):
         t = x.shape[0]
         positions = torch.arange(10 + first, 10 + first + t, device=device)
         q = tl_layers.norm_qkv_rope_cache(x, norm, 1e-6, w_qkv, b_qkv, cos, sin, positions, caches[0], caches[1],
-                                          positions, heads, kv, d, block_k=512)
+                                          positions, heads, kv, d, block_k=512 if split_k is None else 64,
+                                          columns=columns, split_k=split_k)
         return torch.cat([q.view(t, -1), caches[0, positions].view(t, -1), caches[1, positions].view(t, -1)], 1)
 
     return {"norm_matmul": lambda x, first: tl_layers.norm_matmul(x, norm, 1e-6, w, bias, block_k=512,
@@ -126,7 +127,9 @@ def _gemms(device, dtype, rows=32):
                                                                                   block_n=16, split_k=2),
             "matmul_residual, K in 4 ranges": lambda x, first: tl_layers.matmul_residual(
                 x, w, residual[first: first + x.shape[0]], block_k=64, block_n=16, split_k=4),
-            "norm_qkv_rope_cache": qkv}, randn(rows, K)
+            "norm_qkv_rope_cache": qkv,
+            "norm_qkv_rope_cache, halves in blocks of 16": lambda x, first: qkv(x, first, columns=16),
+            "norm_qkv_rope_cache, K in 2 ranges": lambda x, first: qkv(x, first, columns=16, split_k=2)}, randn(rows, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])
@@ -433,6 +436,31 @@ def test_the_api_and_the_cli_run_bit_exact_decoding_on_the_triton_kernels(triton
                  "--dtype", "bfloat16", "--bit-exact", "--kernels", "triton", "--max-new-tokens", "8", "--compare",
                  "--json", prompt])
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["identical"] is True
+
+
+def test_bit_exact_mode_is_the_default_on_the_triton_kernels_where_the_step_fits(triton_device, tmp_path):
+    """speculant.load(kernels="triton") decodes in bit-exact mode unless told not to (bit_exact=False,
+    --no-bit-exact) or where its trees do not fit a bit-exact forward (K 4 + lookup 16 at γ 4: 33 rows);
+    on torch's kernels the default stays off (api.default_bit_exact)."""
+    from test_loading import save_folder, tiny_hf_model
+
+    from speculant import api
+    from speculant.cli import build_parser
+
+    sizes = {"vocab_size": 261, "hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "num_hidden_layers": 1, "max_position_embeddings": 64}
+    folder = str(save_folder(tiny_hf_model("llama", **sizes), tmp_path / "tiny"))
+    options = {"max_seq_len": 64, "device": triton_device, "dtype": "bfloat16"}
+    spec = api.load(folder, draft="ngram", gamma=3, kernels="triton", **options)
+    assert spec.bit_exact and spec.stepper.bit_exact and spec.plain_stepper.bit_exact
+    off = api.Speculant(spec.target, ["ngram"], gamma=3, kernels="triton", bit_exact=False)
+    assert not off.bit_exact and not off.stepper.bit_exact and off.stepper.kernels == "triton"
+    wide = api.Speculant(spec.target, [folder], gamma=4, candidates=4, lookup=16, kernels="triton")
+    assert not wide.bit_exact and not wide.stepper.bit_exact
+    assert api.Speculant(spec.target, ["ngram"], gamma="auto", kernels="triton").bit_exact  # up to γ 12: 13 rows
+    assert not api.Speculant(spec.target, ["ngram"], gamma=3).bit_exact  # torch's kernels
+    assert build_parser().parse_args(["generate", "x"]).bit_exact is None
+    assert build_parser().parse_args(["generate", "--no-bit-exact", "x"]).bit_exact is False
 
 
 # ---- on a GPU: the compiled kernels, CUDA graphs, the compiled sampling tail --------------------------------

@@ -12,6 +12,7 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
+from speculant.fused import GraphedModel
 from speculant.models.markov import MarkovModel
 from speculant.models.transformer import LeanModel, int8_weights, random_weights, tiny_config
 from speculant.reference import reference_generate
@@ -141,15 +142,18 @@ def _lean_law(model, length=3):
     return torch.tensor(law, dtype=torch.float64)
 
 
-def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law():
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law(graphed):
     """target <- int8 copy of another model <- that model's first layer, sampled: the real
     components of `--draft int8 --draft ...`. The middle differs from the target (its own weights),
-    so about a third of its tokens are rejected and a wrong law would show."""
+    so about a third of its tokens are rejected and a wrong law would show. graphed: the middle's
+    verifications through fused.GraphedModel (static_forward, as on CUDA; here without graphs)."""
     cfg = tiny_config(vocab_size=VOCAB)
     target = LeanModel(random_weights(cfg, seed=0, scale=1.5))
     other = random_weights(cfg, seed=1, scale=1.5)
     params = SamplingParams(temperature=1.0)
-    make = lambda: SpeculativeDrafter(GenericStepper(LeanModel(int8_weights(other)),
+    middle = (lambda m: GraphedModel(m, use_graphs=False)) if graphed else (lambda m: m)
+    make = lambda: SpeculativeDrafter(GenericStepper(middle(LeanModel(int8_weights(other))),
                                                      ModelDrafter(LeanModel(other, num_layers=1))), 2)
     law = _lean_law(target)
     counts = _sample_law(make, None, params, runs=2000, gamma=3, target=target)
@@ -170,16 +174,20 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law():
     _assert_control_caught(sample, law, runs=2000)
 
 
-@pytest.mark.parametrize("middle", ["layers", "int8"])
+@pytest.mark.parametrize("middle", ["layers", "int8", "graphed"])
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("gamma", [1, 4, "auto"])
 def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
-    weights = random_weights(tiny_config(), seed=0, scale=3.0)
+    """graphed: the middle levels through fused.GraphedModel (on CUDA CUDA graphs, here static_forward
+    run eagerly)."""
+    device = "cuda" if middle == "graphed" and torch.cuda.is_available() else "cpu"
+    weights = random_weights(tiny_config(), seed=0, scale=3.0).to(device)
     target = LeanModel(weights)
+    graphed = (lambda m: GraphedModel(m)) if middle == "graphed" else (lambda m: m)
     inner = NgramDrafter()
     if depth == 3:
-        inner = SpeculativeDrafter(GenericStepper(LeanModel(weights, num_layers=1), inner), 2)
-    middle_model = LeanModel(weights, num_layers=2) if middle == "layers" else LeanModel(int8_weights(weights))
+        inner = SpeculativeDrafter(GenericStepper(graphed(LeanModel(weights, num_layers=1)), inner), 2)
+    middle_model = LeanModel(int8_weights(weights)) if middle == "int8" else graphed(LeanModel(weights, num_layers=2))
     drafter = SpeculativeDrafter(GenericStepper(middle_model, inner), 3)
     prompt = [1, 2, 3, 4, 5, 1, 2]
     greedy = SamplingParams(temperature=0)
@@ -241,3 +249,27 @@ def test_adaptive_gamma_prefers_short_drafts_when_verification_grows_with_gamma(
         policy.observe(gamma, accepted)
     # α = 0.6 and verification costing (1+γ) ms: long drafts are a loss; best γ is 1 or 0
     assert max(policy.history[100:]) <= 2
+
+
+def test_a_graphed_middle_models_forward_is_the_models_forward():
+    """fused.GraphedModel.forward against LeanModel.forward on the same weights: the same logits (to
+    rounding: static_forward attends over the whole cache, masked by position), the cache length set,
+    after a roll-back too (the slots past it are stale and masked); a tree goes to the model itself.
+    On CUDA through one graph per row count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = random_weights(tiny_config(), seed=0, scale=1.0).to(device)
+    plain, graphed = LeanModel(weights), GraphedModel(LeanModel(weights))
+    tokens = torch.tensor([1, 5, 2, 7, 3, 9, 4, 6, 8, 2], device=device)
+    calls = [(tokens, 0), (tokens[:3], 10), (tokens[:2], 13), (tokens[4:8], 11), (tokens[:1], 15)]  # 11: rolled back
+    for chunk, start in calls:
+        plain.truncate(min(plain.length, start))
+        graphed.truncate(min(graphed.length, start))
+        expected, got = plain.forward(chunk, start), graphed.forward(chunk, start)
+        assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), float((got - expected).abs().max())
+        assert graphed.length == plain.length == start + chunk.shape[0]
+    ancestors = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    tree = graphed.forward(tokens[:3], 16, ancestors)  # LeanModel.forward over a cache static_forward wrote
+    assert torch.allclose(tree, plain.forward(tokens[:3], 16, ancestors), atol=1e-4, rtol=1e-4)
+    assert graphed.vocab_size == plain.vocab_size and graphed.max_seq_len == plain.max_seq_len
+    if device == "cuda":
+        assert sorted(graphed._graphs) == [1, 2, 3, 4, 10]

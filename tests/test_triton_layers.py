@@ -189,6 +189,17 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     assert not _close(short, ref, dtype)
 
 
+def test_a_gemms_tile_width_follows_its_outputs_up_to_128():
+    """_block_n: about GEMM_PROGRAMS column blocks, at least 16 and at most MAX_BLOCK_N columns each (the
+    widths measured best on an H100: Qwen2.5-1.5B's head and gate/up in 128, its q/k/v in 32)."""
+    assert tl_layers._block_n(151936, None) == 128  # a head
+    assert tl_layers._block_n(8960, None) == 128  # Qwen2.5-1.5B's gate/up (I outputs)
+    assert tl_layers._block_n(2048, None) == 32  # its q|k|v
+    assert tl_layers._block_n(1536, None) == 32  # its o_proj and down_proj
+    assert tl_layers._block_n(576, None) == 16  # SmolLM2's
+    assert tl_layers._block_n(151936, 48) == 64  # asked for: a power of two
+
+
 def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monkeypatch):
     """_split_k: no split on the CPU or where the column blocks fill the SMs; on 132 SMs Qwen2.5-1.5B's
     down_proj (48 blocks of 32, K 8960) gets 8 ranges, its o_proj 4, SmolLM2's o_proj (36 blocks, K 576)
@@ -201,9 +212,8 @@ def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monke
     assert tl_layers._split_k(576, 576, 16, cuda) == 2
     assert tl_layers._split_k(576, 1536, 16, cuda) == 4
     assert tl_layers._split_k(151936, 1536, 64, cuda) == 1  # the head: 2374 blocks
-    assert tl_layers._split_k(1536, 576, 32, cuda) == 2  # SmolLM2's gate/up: 48 blocks, ranges of 288
-    assert tl_layers._split_k(8960, 1536, 64, cuda) == 1  # Qwen2.5-1.5B's gate/up: 140 blocks
-    monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 2)
+    assert tl_layers._split_k(8960, 1536, 64, cuda) == 1  # 140 blocks fill the SMs
+    monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 2)  # ... unless they must fill them twice
     assert tl_layers._split_k(8960, 1536, 64, cuda) == 2  # 280 programs; 4 ranges would be 560 > 4 × 132
     monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 1)
     assert tl_layers._split_k(1536, 300, 32, cuda) == 1  # ranges would be shorter than MIN_SPLIT_K
@@ -272,8 +282,14 @@ def test_rope_qkv_cache_write_is_split_rotate_and_index_copy(triton_device, t, d
 
 @pytest.mark.parametrize("t", ROWS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, d, bias", [(4, 2, 8, False), (6, 2, 12, True)])
-def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(triton_device, t, dtype, heads, kv_heads, d, bias):
+@pytest.mark.parametrize("heads, kv_heads, d, bias, columns, split", [
+    (4, 2, 8, False, None, 1), (6, 2, 12, True, None, 1), (2, 1, 64, False, 16, 1), (3, 1, 40, True, 16, 1),
+    (3, 1, 40, True, 16, 2), (4, 2, 8, False, None, 3)])
+def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(triton_device, t, dtype, heads, kv_heads, d, bias, columns,
+                                                       split):
+    """columns 16: each head's halves in blocks of 16 columns, a program each (the last one masked where
+    the half, 20, is not a multiple of it); split > 1: K (40) in ranges of 32, the last one's program
+    summing them (norm_qkv_rope_cache_split_kernel)."""
     e = 40  # hidden size, not a multiple of block_k 32
     x = _randn(t, e, dtype=dtype, device=triton_device, seed=t)
     norm = _norm(e, 1e-6, dtype, triton_device, seed=1)
@@ -283,7 +299,7 @@ def test_norm_qkv_rope_cache_is_the_two_kernels_in_one(triton_device, t, dtype, 
     q_ref, k_ref, v_ref = _rope_reference(F.linear(norm(x), w, b), rope, positions, caches, heads, kv_heads, d)
     k_cache, v_cache = caches[0].clone(), caches[1].clone()
     q = tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w, b, rope[0], rope[1], positions, k_cache, v_cache,
-                                      positions, heads, kv_heads, d, block_k=32)
+                                      positions, heads, kv_heads, d, block_k=32, columns=columns, split_k=split)
     for out, ref in ((q, q_ref), (k_cache, k_ref), (v_cache, v_ref)):
         assert _close(out, ref, dtype), _error(out, ref)
     q_wrong = tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w, b, rope[0], rope[1], positions + 1,
@@ -520,6 +536,8 @@ tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zer
                       torch.zeros(64, dtype=torch.bfloat16), block_n=16, split_k=2)
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
                             block_n=32, split_k=2)
+tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = 16, 2  # the fused q/k/v + rotary kernel in column blocks and ranges
+tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 print(len(done), "kernels compiled")
 """
 

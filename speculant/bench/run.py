@@ -11,7 +11,8 @@ Methods (`--methods`, comma-separated):
     METHOD#kK#lookupG  options of a one-model method: K candidates per draft position, a prompt-lookup
                        branch of up to G tokens (e.g. distilled#k4#lookup16@3; see speculant.api)
     METHOD#triton      the fused step on speculant's Triton kernels (speculant.api's kernels="triton",
-                       a GPU), beside the same method on torch's: plain#triton, distilled#triton@3
+                       a GPU; bit-exact mode there by default), beside the same method on torch's:
+                       plain#triton, distilled#triton@3
     METHOD@G           pin γ for that method (G an integer or `auto`); otherwise each of --gammas
 Peers (unless --no-peers): hf-eager (transformers' generate), hf-pld (its prompt lookup, at each γ),
 llama.cpp (if installed and the target is a GGUF file).

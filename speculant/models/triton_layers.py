@@ -82,6 +82,7 @@ MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer call in piece
 ROW_TILE = MAX_ROWS  # every GEMM kernel's row tile, whatever the call's T (row invariance: see the docstring)
 MIN_DOT = 16  # tl.dot's smallest tile side in older triton (3.9 compiles 8 as well)
 GEMM_PROGRAMS = 64  # what _block_n aims for
+MAX_BLOCK_N = 128  # _block_n's widest tile
 _KERNELS: dict = {}
 
 
@@ -92,9 +93,11 @@ def _pow2(n: int, least: int = MIN_DOT) -> int:
 def _block_n(n: int, block_n: int | None) -> int:
     """Output columns per GEMM program: as asked, else enough programs (about GEMM_PROGRAMS) to spread a
     skinny, bandwidth-bound GEMM over the GPU (SmolLM2's o_proj and down_proj, N = 576: 16 columns, 36
-    programs), at most 64."""
+    programs), at most MAX_BLOCK_N. A wide GEMM takes the widest tile: on an H100 (bf16, one row,
+    benchmarks/triton_gemm_sweep.py) Qwen2.5-1.5B's head (N 151936) ran 191 µs in tiles of 128
+    columns against 314 µs in tiles of 64, and its gate/up kernel (2 × 8960) 29.7 against 42.5 µs."""
     if block_n is None:
-        block_n = min(64, _pow2(n // GEMM_PROGRAMS))
+        block_n = min(MAX_BLOCK_N, _pow2(n // GEMM_PROGRAMS))
     return _pow2(block_n)
 
 
@@ -364,12 +367,13 @@ def _kernels():
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
                                    HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                    HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program p: head p of RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) as its two halves (two accumulators,
-        so that rotary is elementwise), rounded to the model's dtype as the q|k|v GEMM's output is,
-        then _rope_store."""
+        """Program (p, s): columns s·HALF_PAD .. (s+1)·HALF_PAD - 1 of each half of head p of
+        RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) (two accumulators, so that rotary is elementwise; HALF_PAD here
+        is the block of a half a program holds), rounded to the model's dtype as the q|k|v GEMM's output
+        is, then _rope_store."""
         p = tl.program_id(0)
         rows = tl.arange(0, BLOCK_T)
-        halves = tl.arange(0, HALF_PAD)
+        halves = tl.program_id(1) * HALF_PAD + tl.arange(0, HALF_PAD)
         half_ok = halves < HALF
         cols_lo = p * 2 * HALF + halves
         lo, hi = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, sx_t, sx_k, sw_n, sw_k, eps,
@@ -381,6 +385,61 @@ def _kernels():
         hi = hi.to(w_ptr.dtype.element_ty).to(tl.float32)
         _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d, ss_t, ss_d,
                     q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF, True)
+
+    @triton.jit(do_not_specialize=["T"])
+    def norm_qkv_rope_cache_split_kernel(x_ptr, g_ptr, w_ptr, b_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr,
+                                         v_ptr, part_ptr, ss_ptr, count_ptr, T, K, H, KV, HALF, sx_t, sx_k, sw_n, sw_k,
+                                         sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
+                                         eps, HAS_BIAS: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
+                                         K_PER: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr,
+                                         BLOCK_K: tl.constexpr):
+        """norm_qkv_rope_cache_kernel with K in SPLIT ranges of K_PER, program (p, s, r): as
+        norm_matmul_split_kernel, each program stores its float32 partials of the two halves' blocks
+        (at their columns of a [T, (H + 2·KV)·D] range buffer) and its rows' partial Σ x²; the
+        block's last program sums them in range order, then bias, rounding and _rope_store."""
+        p = tl.program_id(0)
+        s = tl.program_id(1)
+        split = tl.program_id(2)
+        block = p * tl.num_programs(1) + s
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        halves = s * HALF_PAD + tl.arange(0, HALF_PAD)
+        half_ok = halves < HALF
+        cols_lo = p * 2 * HALF + halves
+        n = (H + 2 * KV) * 2 * HALF
+        lo = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
+        hi = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, False)
+            ss += sq
+            x = x.to(w_ptr.dtype.element_ty)
+            lo = _dot(x, _w_tile(w_ptr, cols_lo, half_ok, ks, K, sw_n, sw_k), lo, F32)
+            hi = _dot(x, _w_tile(w_ptr, cols_lo + HALF, half_ok, ks, K, sw_n, sw_k), hi, F32)
+        mask = row_ok[:, None] & half_ok[None, :]
+        part = part_ptr + rows[:, None] * n + cols_lo[None, :]  # + range · BLOCK_T · n (+ HALF: hi)
+        tl.store(part + split * BLOCK_T * n, lo, mask=mask)
+        tl.store(part + split * BLOCK_T * n + HALF, hi, mask=mask)
+        tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
+        ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        if ticket == SPLIT - 1:
+            lo = _range_sum(tl.zeros([BLOCK_T, HALF_PAD], tl.float32), part, BLOCK_T * n, mask, SPLIT)
+            hi = _range_sum(tl.zeros([BLOCK_T, HALF_PAD], tl.float32), part + HALF, BLOCK_T * n, mask, SPLIT)
+            ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), ss_ptr + block * SPLIT * BLOCK_T + rows, BLOCK_T,
+                            row_ok, SPLIT)
+            scale = tl.rsqrt(ss / K + eps)[:, None]
+            lo = lo * scale
+            hi = hi * scale
+            if HAS_BIAS:
+                lo += tl.load(b_ptr + cols_lo, mask=half_ok, other=0.0).to(tl.float32)[None, :]
+                hi += tl.load(b_ptr + cols_lo + HALF, mask=half_ok, other=0.0).to(tl.float32)[None, :]
+            lo = lo.to(w_ptr.dtype.element_ty).to(tl.float32)
+            hi = hi.to(w_ptr.dtype.element_ty).to(tl.float32)
+            _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d, ss_t,
+                        ss_d, q_ptr, sq_t, sq_h, sq_d, k_ptr, v_ptr, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, H, KV, HALF,
+                        True)
+            tl.atomic_xchg(count_ptr + block, 0)
 
     @triton.jit
     def _reach(pos_ptr, start_ptr, t, row_ok, node0, TREE: tl.constexpr):
@@ -524,6 +583,7 @@ def _kernels():
     _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
                     gate_up=norm_gate_up_silu_kernel, gate_up_split=norm_gate_up_silu_split_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
+                    qkv_rope_split=norm_qkv_rope_cache_split_kernel,
                     attention=attention_chunk_kernel, combine=attention_combine_kernel,
                     exact_attention=exact_attention_chunk_kernel)
     return _KERNELS
@@ -662,21 +722,24 @@ def matmul_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     return _linear(x, weight, residual=residual, out=out, **blocks)
 
 
+GATE_UP_SPLIT = 1  # norm_gate_up_silu's ranges of K unless asked (benchmarks vary it through triton_layers_gpu)
+
+
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
                       unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
                       num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
-    (gate rows, then up rows) -> [T, I] in x's dtype. split_k: K in that many ranges
-    (norm_gate_up_silu_split_kernel) where > 1; None: _split_k's policy over the I outputs (SmolLM2's
-    48 column blocks: 2 ranges on an H100; Qwen2.5-1.5B's 140: one)."""
+    (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1 (default GATE_UP_SPLIT): K in that
+    many ranges (norm_gate_up_silu_split_kernel), a fixed number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
+    of 128 columns over all of K, 35.9 µs in 140 tiles of 64 in 2 ranges (benchmarks/triton_gemm_sweep.py;
+    128 columns in ranges not measured yet)."""
     t = _check_rows(x)
     n2, k = gate_up_weight.shape
     n = n2 // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block_n = _block_n(n, block_n)
     block_k = _pow2(block_k)
-    if split_k is None:
-        split_k = _split_k(n, k, block_n, x.device)
+    split_k = GATE_UP_SPLIT if split_k is None else split_k
     blocks = -(-n // block_n)
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
@@ -717,24 +780,43 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q
 
 
+ROPE_COLUMNS: int | None = None  # columns of each half a norm_qkv_rope_cache program holds; None: the whole half
+ROPE_SPLIT = 1  # norm_qkv_rope_cache's ranges of K unless asked
+
+
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                         bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, heads: int,
-                        kv_heads: int, head_dim: int, block_k: int = 64, num_warps: int = 4) -> torch.Tensor:
-    """norm_matmul then rope_qkv_cache_write as ONE kernel (one program per head, its two halves in two
-    accumulators): x [T, E], weight [(H + 2·KV)·D, E] (q|k|v), cos, sin tables [S, D] read at
-    positions [T] -> q [T, H, D]; k, v written into the caches at slots [T]."""
+                        kv_heads: int, head_dim: int, block_k: int = 64, num_warps: int = 4,
+                        columns: int | None = None, split_k: int | None = None) -> torch.Tensor:
+    """norm_matmul then rope_qkv_cache_write as ONE kernel (a program per head and block of `columns` of
+    its halves, default ROPE_COLUMNS, the two halves in two accumulators): x [T, E], weight [(H + 2·KV)·D,
+    E] (q|k|v), cos, sin tables [S, D] read at positions [T] -> q [T, H, D]; k, v written into the caches
+    at slots [T]. A program per head is H + 2·KV programs (16 for Qwen2.5-1.5B: 25.7 µs on an H100,
+    where its q|k|v GEMM alone ran 10.1 µs on 256 programs): blocks of 16 columns give it 4× as many,
+    and split_k > 1 (default ROPE_SPLIT) K in that many ranges (norm_qkv_rope_cache_split_kernel, the
+    ranges summed in order by each block's last program: still a function of the weight's shape alone)."""
     t = _check_rows(x)
     if weight.shape[0] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"weight [{weight.shape[0]}, K] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
     q = torch.empty(t, heads, head_dim, dtype=x.dtype, device=x.device)
     half = head_dim // 2
-    _kernels()["qkv_rope"][(heads + 2 * kv_heads,)](
-        x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache, v_cache,
-        t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        *_rope_args(cos, sin, q, k_cache, v_cache), float(eps), HAS_BIAS=bias is not None,
-        F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half), BLOCK_K=_pow2(block_k),
-        num_warps=num_warps)
+    block = _pow2(min(half, columns or ROPE_COLUMNS or half))
+    grid = (heads + 2 * kv_heads, -(-half // block))
+    split_k = ROPE_SPLIT if split_k is None else split_k
+    pointers = (x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache,
+                v_cache)
+    sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+             *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
+    flags = dict(HAS_BIAS=bias is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, HALF_PAD=block,
+                 BLOCK_K=_pow2(block_k), num_warps=num_warps)
+    if split_k <= 1:
+        _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
+        return q
+    blocks = grid[0] * grid[1]
+    k_per, part, sums = _split_buffers(x.shape[1], weight.shape[0], blocks, split_k, flags["BLOCK_K"], x.device)
+    _kernels()["qkv_rope_split"][(*grid, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
+                                                   SPLIT=split_k, K_PER=k_per, **flags)
     return q
 
 
