@@ -27,11 +27,12 @@
 #              On 2026-12-06 (H100, two processes, 320 s) smollm2 finished; the batch and the hierarchy
 #              did not. Six processes at once (sixth session) slowed each several-fold (plain SmolLM2 88
 #              against 484 tok/s alone): run one or two. The hierarchy runs its draft levels eagerly (22
-#              tok/s on an H100): HIER_SKIP=32 runs the set's second half (the first ran 32/32)
+#              tok/s on an H100, before its middle level ran as CUDA graphs): HIER_SKIP=32 runs the set's
+#              second half (the first ran 32/32). EXACT_SERIAL=1 runs the sets one after another
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
-#              ROPE_COLUMNS=16, ROPE_SPLIT=4, GATE_UP_SPLIT=2)
+#              ROPE_COLUMNS=16, ROPE_SPLIT=4, GATE_UP_SPLIT=2, FUSE_COMBINE=1)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
 #              the largest kernels (on 2026-12-06 copies of the KV cache were 40 % of a 64-row step: the
@@ -97,6 +98,7 @@ case "$part" in
       limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$2" --humaneval "$humaneval" \
         --modes bit-exact --out "$out/$1" "${@:3}" > "$out/$1/bit_exact.log" 2>&1 &
       dirs+=("$1")
+      [ -z "${EXACT_SERIAL:-}" ] || wait || true  # EXACT_SERIAL=1: one set after another, each its limit
     }
     dirs=()
     # convert each staged GGUF once, before the processes that load it start at once (each would convert it)

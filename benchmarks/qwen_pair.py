@@ -160,7 +160,8 @@ def main() -> None:
     parser.add_argument("--rows", default=None, help="comma-separated names of our rows to run (default: all)")
     parser.add_argument("--compile-temperatures", default="0", help="temperatures of the compile rows")
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
-                        help="our rows' fused-step kernels (speculant.api's kernels; CUDA)")
+                        help="our rows' fused-step kernels (speculant.api's kernels; CUDA; triton: bit-exact mode "
+                             "where a step fits, the API's default there)")
     parser.add_argument("--fused-compile", choices=["whole", "layers", "off"], default="whole",
                         help="our fused step's forwards: each whole forward through torch.compile (the default), "
                              "one compiled decoder layer for all layers (regional: short compiles), or eager")

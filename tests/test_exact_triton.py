@@ -210,6 +210,25 @@ def test_exact_cache_attention_walks_each_rows_own_keys_in_position_order(triton
     assert default_differs > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_attention_with_its_chunks_merged_by_their_last_program_gives_the_combine_kernels_bits(triton_device, dtype,
+                                                                                              monkeypatch):
+    """FUSE_COMBINE: the chunk kernels' last program of a head (bit-exact mode: of a row and head) merges
+    the chunks with the combine's operations in its order, one launch less: the same bits as the two
+    kernels for a chain across chunks, a tree and bit-exact mode's rows, whatever the chunks launched."""
+    q, keys, values, positions, nodes, ancestors = _attention_case(triton_device, dtype)
+    chain = torch.arange(60, 65, device=triton_device)  # keys 0..64: three chunks of 32
+    runs = {}
+    for fuse in (False, True):
+        monkeypatch.setattr(tl_layers, "FUSE_COMBINE", fuse)
+        runs[fuse] = [_exact(q, keys, values, positions, nodes), _exact(q, keys, values, positions, nodes, kv_len=192),
+                      tl_layers.cache_attention(q, keys, values, 96, positions, 0.3, chunk=32, block_n=16,
+                                                ancestors=ancestors.to(triton_device), tree_start=positions[:1].clone()),
+                      tl_layers.cache_attention(q[:5], keys, values, 192, chain, 0.3, chunk=32, block_n=16)]
+    for unfused, fused in zip(runs[False], runs[True]):
+        assert torch.equal(unfused, fused)
+
+
 # ---- one compiled binary per kernel, whatever the call's rows --------------------------------------------
 
 
@@ -284,10 +303,14 @@ def test_in_exact_triton_mode_a_positions_logits_are_the_same_bits_alone_in_a_ch
 def test_with_split_k_gemms_a_positions_logits_are_the_same_bits_alone_in_a_chain_and_in_a_tree(triton_device,
                                                                                                monkeypatch):
     """As above (Qwen2 layers, bfloat16) with o_proj and down_proj cut in ranges of K as on a GPU whose
-    SMs their column blocks do not fill (triton_layers._split_k, here forced on the tiny model)."""
+    SMs their column blocks do not fill (triton_layers._split_k, here forced on the tiny model), and the
+    other opt-in kernel variants on: q/k/v + rotary in column blocks and ranges of K, gate/up in ranges
+    of K, attention's chunks merged by their last program (FUSE_COMBINE)."""
     monkeypatch.setitem(tl_layers._SMS, torch.device(triton_device, 0) if triton_device == "cuda" else
                         torch.device("cpu"), 132)
     monkeypatch.setattr(tl_layers, "MIN_SPLIT_K", 16)
+    for name, value in {"ROPE_COLUMNS": 16, "ROPE_SPLIT": 2, "GATE_UP_SPLIT": 2, "FUSE_COMBINE": True}.items():
+        monkeypatch.setattr(tl_layers, name, value)
     target = _target(triton_device, BF16, "qwen2")
     cfg = target.cfg
     assert tl_layers._split_k(cfg.hidden_size, cfg.intermediate_size, 16, target.device) > 1

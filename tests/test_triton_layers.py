@@ -537,7 +537,9 @@ tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zer
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
                             block_n=32, split_k=2)
 tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = 16, 2  # the fused q/k/v + rotary kernel in column blocks and ranges
+tl_layers.FUSE_COMBINE = True  # attention's chunks merged by their last program
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
+tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
 print(len(done), "kernels compiled")
 """
 

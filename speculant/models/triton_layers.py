@@ -17,7 +17,10 @@ On a GPU a decode step of a small model is launch-bound (SmolLM2-135M: ~18 kerne
 the same combine stand for cache_attention), so **6 kernels per layer** (7 with `fuse_rope=False`:
 norm_matmul for q|k|v, then rope_qkv_cache_write), plus per forward the embedding gather and one
 norm_matmul for the final norm and the output head (float32 logits straight from the kernel):
-6·L + 2 launches per MAX_ROWS rows (TritonForward.forward_static, what a CUDA graph captures). The GEMMs
+6·L + 2 launches per MAX_ROWS rows (TritonForward.forward_static, what a CUDA graph captures; 5·L + 2
+with FUSE_COMBINE, the chunks merged by their last program). Settings not yet the default, for want of a
+GPU measure (benchmarks/triton_layers_gpu.py --settings times them): FUSE_COMBINE, ROPE_COLUMNS and
+ROPE_SPLIT (norm_qkv_rope_cache in blocks of a head's columns and ranges of K), GATE_UP_SPLIT. The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -173,9 +176,35 @@ def _kernels():
             total += tl.load(ptr + r * stride, mask=mask, other=0.0, cache_modifier=".cg")
         return total
 
+    @triton.jit
+    def _merge_chunks(m_ptr, l_ptr, acc_ptr, at0, row_stride, rows_ok, last, out_ptrs, ds, d_ok, D: tl.constexpr,
+                      BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
+        """attention_combine_kernel's merge for a block of rows at once, read past L1 (other programs
+        stored the chunks): row i merges chunks 0 .. last[i] of the partials at at0[i] + c · row_stride
+        in that order (the same operations as the combine, a chunk past a row's last one adding exactly
+        nothing), then acc / l into out_ptrs [BLOCK_R, D_PAD]."""
+        m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_R], tl.float32)
+        acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
+        for c in range(0, tl.max(tl.where(rows_ok, last, 0)) + 1):
+            ok = rows_ok & (c <= last)
+            at = at0 + c * row_stride
+            m_c = tl.load(m_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m, m_c)
+            base = tl.where(m_new > float("-inf"), m_new, 0.0)
+            alpha = tl.exp(m - base)
+            beta = tl.exp(m_c - base)
+            total = total * alpha + tl.load(l_ptr + at, mask=ok, other=0.0, cache_modifier=".cg") * beta
+            acc = acc * alpha[:, None] + tl.load(acc_ptr + at[:, None] * D + ds[None, :],
+                                                 mask=ok[:, None] & d_ok[None, :], other=0.0,
+                                                 cache_modifier=".cg") * beta[:, None]
+            m = m_new
+        total = tl.where(rows_ok, total, 1.0)  # a row past the call's: no 0 / 0 (it stores nothing)
+        tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+
     # a kernel finds the helpers it calls among its module's globals
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair,
-                     _range_sum=_range_sum)
+                     _range_sum=_range_sum, _merge_chunks=_merge_chunks)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
@@ -454,11 +483,11 @@ def _kernels():
     globals()["_reach"] = _reach
 
     @triton.jit
-    def attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, anc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, T, kv_len,
-                               scale, node0, nodes, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sa_t, sa_n,
-                               chunks, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
-                               BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                               F32: tl.constexpr, TREE: tl.constexpr):
+    def attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, anc_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, count_ptr,
+                               out_ptr, T, kv_len, scale, node0, nodes, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h,
+                               sv_d, sa_t, sa_n, so_t, so_h, so_d, chunks, G: tl.constexpr, D: tl.constexpr,
+                               CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                               F32: tl.constexpr, TREE: tl.constexpr, FUSE: tl.constexpr):
         """Program (kv, c): the G·T queries of KV head kv (row r: query t = r // G, head kv·G + r % G)
         over keys c·CHUNK .. (c+1)·CHUNK - 1, an online softmax in float32 -> partial max m, sum l
         and accumulator acc, stored at [kv, c, r(, d)]. A chain's query reads the keys <= its
@@ -505,6 +534,13 @@ def _kernels():
         tl.store(m_ptr + at, m, mask=live)
         tl.store(l_ptr + at, total, mask=live)
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
+        if FUSE:  # the head's last chunk program to arrive merges every chunk (attention_combine_kernel's work)
+            ticket = tl.atomic_add(count_ptr + kv, 1, sem="acq_rel")
+            if ticket == chunks - 1:
+                out = out_ptr + t[:, None] * so_t + (kv * G + rs % G)[:, None] * so_h + ds[None, :] * so_d
+                _merge_chunks(m_ptr, l_ptr, acc_ptr, kv * chunks * G * T + rs, G * T, row_ok,
+                              tl.where(row_ok, reach, 0) // CHUNK, out, ds, ds < D, D, BLOCK_R, D_PAD)
+                tl.atomic_xchg(count_ptr + kv, 0)
 
     @triton.jit(do_not_specialize=["T", "node0", "chunks"])
     def attention_combine_kernel(pos_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, node0, chunks, so_t, so_h,
@@ -534,10 +570,11 @@ def _kernels():
         tl.store(out_ptr + t * so_t + h * so_h + ds * so_d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit(do_not_specialize=["T", "chunks"])
-    def exact_attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, nodes_ptr, m_ptr, l_ptr, acc_ptr, T, scale, chunks,
-                                     sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sn_t, sn_d,
-                                     G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, G_PAD: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F32: tl.constexpr):
+    def exact_attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, nodes_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
+                                     T, scale, chunks, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sn_t, sn_d,
+                                     so_t, so_h, so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+                                     G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+                                     F32: tl.constexpr, FUSE: tl.constexpr):
         """Program (t, kv, c): the G query heads of KV head kv of ONE row t over that row's own keys at
         positions c·CHUNK .. (c+1)·CHUNK - 1 up to its position, in position order, in blocks of BLOCK_N
         aligned to positions (exact_cache_attention says which slot holds which key), an online softmax
@@ -579,6 +616,13 @@ def _kernels():
         tl.store(m_ptr + at, m, mask=live)
         tl.store(l_ptr + at, total, mask=live)
         tl.store(acc_ptr + at[:, None] * D + ds[None, :], acc, mask=live[:, None] & (ds[None, :] < D))
+        if FUSE:  # the (row, KV head)'s last chunk program to arrive merges the row's chunks
+            ticket = tl.atomic_add(count_ptr + t * tl.num_programs(1) + kv, 1, sem="acq_rel")
+            if ticket == chunks - 1:
+                out = out_ptr + t * so_t + (kv * G + gs)[:, None] * so_h + ds[None, :] * so_d
+                _merge_chunks(m_ptr, l_ptr, acc_ptr, kv * chunks * G * T + t * G + gs, G * T, g_ok,
+                              gs * 0 + pos // CHUNK, out, ds, ds < D, D, G_PAD, D_PAD)
+                tl.atomic_xchg(count_ptr + t * tl.num_programs(1) + kv, 0)
 
     _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
                     gate_up=norm_gate_up_silu_kernel, gate_up_split=norm_gate_up_silu_split_kernel,
@@ -820,6 +864,12 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     return q
 
 
+# The chunk kernels' last program per head (per row and head in bit-exact mode) merges the chunks itself,
+# with the combine's operations in its order, instead of a second kernel: one launch a layer less (opt-in
+# until measured on a GPU; benchmarks/triton_layers_gpu.py --settings FUSE_COMBINE=1).
+FUSE_COMBINE = False
+
+
 def _attention_shapes(q: torch.Tensor, k_cache: torch.Tensor) -> tuple[int, int, int, int]:
     """(T, H, D, KV) of q [T, H, D] over k_cache [S', KV, D], checked."""
     t, h, d = q.shape
@@ -866,16 +916,19 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     start = tree_start if tree else positions
     nodes, sa_t, sa_n = (anc.shape[1], anc.stride(0), anc.stride(1)) if tree else (0, 0, 0)
     kernels = _kernels()
-    kernels["attention"][(kv, chunks)](
-        q, k_cache, v_cache, positions, anc, start, m, total, acc, t, kv_len, float(scale), first_node, nodes,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sa_t, sa_n, chunks, G=g, D=d, CHUNK=chunk,
-        BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d), F32=_f32_dots(q, k_cache), TREE=tree, num_warps=num_warps)
     if out is None:
         out = torch.empty_like(q)
-    kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
-                               out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
-                               num_warps=1)
+    counts = _tickets(k_cache, MAX_ROWS * kv) if FUSE_COMBINE else m  # m: an unused pointer
+    kernels["attention"][(kv, chunks)](
+        q, k_cache, v_cache, positions, anc, start, m, total, acc, counts, out, t, kv_len, float(scale), first_node,
+        nodes, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sa_t, sa_n, out.stride(0), out.stride(1),
+        out.stride(2), chunks, G=g, D=d, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d),
+        F32=_f32_dots(q, k_cache), TREE=tree, FUSE=FUSE_COMBINE, num_warps=num_warps)
+    if not FUSE_COMBINE:
+        kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
+                                   out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
+                                   num_warps=1)
     return out
 
 
@@ -908,13 +961,17 @@ def exact_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     total = torch.empty_like(m)
     acc = torch.empty(kv, chunks, g * t, d, dtype=torch.float32, device=q.device)
     kernels = _kernels()
-    kernels["exact_attention"][(t, kv, chunks)](
-        q, k_cache, v_cache, positions, nodes, m, total, acc, t, float(scale), chunks, q.stride(0), q.stride(1),
-        q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), nodes.stride(0), nodes.stride(1), G=g, D=d, CHUNK=chunk, G_PAD=_pow2(g), BLOCK_N=block_n,
-        D_PAD=_pow2(d), F32=_f32_dots(q, k_cache), num_warps=4)
     if out is None:
         out = torch.empty_like(q)
-    kernels["combine"][(t, h)](positions, positions, m, total, acc, out, t, 0, chunks, out.stride(0), out.stride(1),
-                               out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=False, num_warps=1)
+    counts = _tickets(k_cache, MAX_ROWS * kv) if FUSE_COMBINE else m  # m: an unused pointer
+    kernels["exact_attention"][(t, kv, chunks)](
+        q, k_cache, v_cache, positions, nodes, m, total, acc, counts, out, t, float(scale), chunks, q.stride(0),
+        q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+        v_cache.stride(1), v_cache.stride(2), nodes.stride(0), nodes.stride(1), out.stride(0), out.stride(1),
+        out.stride(2), G=g, D=d, CHUNK=chunk, G_PAD=_pow2(g), BLOCK_N=block_n, D_PAD=_pow2(d),
+        F32=_f32_dots(q, k_cache), FUSE=FUSE_COMBINE, num_warps=4)
+    if not FUSE_COMBINE:
+        kernels["combine"][(t, h)](positions, positions, m, total, acc, out, t, 0, chunks, out.stride(0),
+                                   out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=False,
+                                   num_warps=1)
     return out
