@@ -116,11 +116,13 @@ def build_chain(target: LoadedModel, plan: DraftPlan, inner_gamma: int) -> tuple
     spec, model = models[-1]
     above = _causal_lm(models[-2][1]) if len(models) > 1 else target.model
     drafter = _leaf_drafter(spec, model, above, candidates)
+    if len(models) > 1 and isinstance(drafter, ModelDrafter):  # a hierarchy's last level runs eagerly too
+        drafter = ModelDrafter(_graphed_on_cuda(drafter.model), drafter.candidates)
     if lookup:
         drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
-        drafter = SpeculativeDrafter(GenericStepper(_middle_level(_causal_lm(model)), drafter), inner_gamma)
+        drafter = SpeculativeDrafter(GenericStepper(_graphed_on_cuda(_causal_lm(model)), drafter), inner_gamma)
         levels.insert(0, (spec, drafter))
     return drafter, levels
 
@@ -136,9 +138,10 @@ def _causal_lm(model) -> CausalLM:
     return model.model if isinstance(model, LoadedModel) else model
 
 
-def _middle_level(model: CausalLM) -> CausalLM:
-    """A hierarchy's middle model as its generic step runs it: a lean model on CUDA replays its
-    verification forwards as CUDA graphs (fused.GraphedModel); any other model as it is."""
+def _graphed_on_cuda(model: CausalLM) -> CausalLM:
+    """A hierarchy's model as its levels run it (the generic step, eagerly): a lean model on CUDA
+    replays its short forwards (a middle level's verifications, a last level's one-token drafts) as
+    CUDA graphs (fused.GraphedModel); any other model as it is."""
     if isinstance(model, LeanModel) and not isinstance(model, FeatureDraft) and model.device.type == "cuda":
         return GraphedModel(model)
     return model

@@ -174,17 +174,17 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law(gra
     _assert_control_caught(sample, law, runs=2000)
 
 
-@pytest.mark.parametrize("middle", ["layers", "int8", "graphed"])
+@pytest.mark.parametrize("middle", ["layers", "int8", "graphed", "graphed+model"])
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("gamma", [1, 4, "auto"])
 def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
     """graphed: the middle levels through fused.GraphedModel (on CUDA CUDA graphs, here static_forward
-    run eagerly)."""
-    device = "cuda" if middle == "graphed" and torch.cuda.is_available() else "cpu"
+    run eagerly); +model: the last level a model drafter over a GraphedModel too (its one-token forwards)."""
+    device = "cuda" if middle.startswith("graphed") and torch.cuda.is_available() else "cpu"
     weights = random_weights(tiny_config(), seed=0, scale=3.0).to(device)
     target = LeanModel(weights)
-    graphed = (lambda m: GraphedModel(m)) if middle == "graphed" else (lambda m: m)
-    inner = NgramDrafter()
+    graphed = (lambda m: GraphedModel(m)) if middle.startswith("graphed") else (lambda m: m)
+    inner = ModelDrafter(graphed(LeanModel(weights, num_layers=1))) if middle == "graphed+model" else NgramDrafter()
     if depth == 3:
         inner = SpeculativeDrafter(GenericStepper(graphed(LeanModel(weights, num_layers=1)), inner), 2)
     middle_model = LeanModel(int8_weights(weights)) if middle == "int8" else graphed(LeanModel(weights, num_layers=2))
