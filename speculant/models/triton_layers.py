@@ -186,7 +186,7 @@ def _kernels():
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
-        for c in range(0, tl.max(tl.where(rows_ok, last, 0)) + 1):
+        for c in range(tl.max(tl.where(rows_ok, last, 0)) + 1):
             ok = rows_ok & (c <= last)
             at = at0 + c * row_stride
             m_c = tl.load(m_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
@@ -852,8 +852,8 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
                 v_cache)
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
-    flags = dict(HAS_BIAS=bias is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, HALF_PAD=block,
-                 BLOCK_K=_pow2(block_k), num_warps=num_warps)
+    flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": ROW_TILE, "HALF_PAD": block,
+             "BLOCK_K": _pow2(block_k), "num_warps": num_warps}
     if split_k <= 1:
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
