@@ -70,8 +70,8 @@ it to round); and it never compiles, so tests/test_triton_layers.py also compile
 TritonForward launches (chains and trees) for sm_90 (no GPU needed).
 
 Long because every kernel of the forward lives here beside its caller, and the kernels share helpers
-(_dot, _x_tile, _w_tile, _norm_dot_pair, _rope_store, _reach) that triton finds among this module's
-globals.
+(_dot, _x_tile, _w_tile, _dot_pair_sums, _norm_dot_pair, _rope_store, _reach, ...) that triton finds
+among this module's globals.
 
 Shapes: T query rows, E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim, S'
 cache slots, K a GEMM's inner size, N its output size.
@@ -150,23 +150,53 @@ def _kernels():
                        mask=(ks[:, None] < K) & cols_ok[None, :], other=0.0)
 
     @triton.jit
-    def _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, sx_t, sx_k, sw_n, sw_k, eps,
+    def _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, k_lo, k_hi, sx_t, sx_k, sw_n, sw_k,
                        UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-        """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ in float32 [BLOCK_T, BLOCK_N] each, from
-        one loop over K (two blocks of one matrix: gate and up, or a head's two rotary halves)."""
+        """(x·g) · W[cols]ᵀ and (x·g) · W[cols + second]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T,
+        BLOCK_N] each, and the rows' Σ x² over it, from one loop (two blocks of one matrix: gate and up,
+        or a head's two rotary halves)."""
         a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
             ss += sq
             x = x.to(w_ptr.dtype.element_ty)
             a = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), a, F32)
             b = _dot(x, _w_tile(w_ptr, cols + second, cols_ok, ks, K, sw_n, sw_k), b, F32)
+        return a, b, ss
+
+    @triton.jit
+    def _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, sx_t, sx_k, sw_n, sw_k, eps,
+                       UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ: _dot_pair_sums over all of K, scaled."""
+        a, b, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, 0, K, sx_t, sx_k, sw_n,
+                                  sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
         scale = tl.rsqrt(ss / K + eps)[:, None]
         return a * scale, b * scale
+
+    @triton.jit
+    def _store_pair_partials(a, b, ss, part, stride, second, mask, sums, row_ok, count, split,
+                             BLOCK_T: tl.constexpr):
+        """A split program's share of a pair: a at part + split · stride, b `second` after it, the rows' Σ x²
+        at sums + split · BLOCK_T; then its ticket: SPLIT - 1 for the block's last program."""
+        tl.store(part + split * stride, a, mask=mask)
+        tl.store(part + split * stride + second, b, mask=mask)
+        tl.store(sums + split * BLOCK_T, ss, mask=row_ok)
+        return tl.atomic_add(count, 1, sem="acq_rel")
+
+    @triton.jit
+    def _sum_pair_partials(part, stride, second, mask, sums, row_ok, SPLIT: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """The block's last program: the pair's partials and the rows' Σ x² (_store_pair_partials'), each
+        summed over the SPLIT ranges in range order."""
+        a = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, stride, mask, SPLIT)
+        b = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part + second, stride, mask, SPLIT)
+        ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), sums, BLOCK_T, row_ok, SPLIT)
+        return a, b, ss
 
     @triton.jit
     def _range_sum(total, ptr, stride, mask, SPLIT: tl.constexpr):
@@ -203,8 +233,9 @@ def _kernels():
         tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
     # a kernel finds the helpers it calls among its module's globals
-    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _norm_dot_pair=_norm_dot_pair,
-                     _range_sum=_range_sum, _merge_chunks=_merge_chunks)
+    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
+                     _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
+                     _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
@@ -307,27 +338,16 @@ def _kernels():
         cols_ok = cols < N
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        gate = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        up = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
-            ss += sq
-            x = x.to(w_ptr.dtype.element_ty)
-            gate = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), gate, F32)
-            up = _dot(x, _w_tile(w_ptr, cols + N, cols_ok, ks, K, sw_n, sw_k), up, F32)
+        gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, split * K_PER,
+                                      split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, UNIT, F32, BLOCK_T, BLOCK_N,
+                                      BLOCK_K)
         mask = row_ok[:, None] & cols_ok[None, :]
         part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + range · BLOCK_T · 2N (+ N: up)
-        tl.store(part + split * BLOCK_T * 2 * N, gate, mask=mask)
-        tl.store(part + split * BLOCK_T * 2 * N + N, up, mask=mask)
-        tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
-        ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        sums = ss_ptr + block * SPLIT * BLOCK_T + rows
+        ticket = _store_pair_partials(gate, up, ss, part, BLOCK_T * 2 * N, N, mask, sums, row_ok, count_ptr + block,
+                                      split, BLOCK_T)
         if ticket == SPLIT - 1:
-            gate = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * 2 * N, mask, SPLIT)
-            up = _range_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part + N, BLOCK_T * 2 * N, mask, SPLIT)
-            ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), ss_ptr + block * SPLIT * BLOCK_T + rows, BLOCK_T,
-                            row_ok, SPLIT)
+            gate, up, ss = _sum_pair_partials(part, BLOCK_T * 2 * N, N, mask, sums, row_ok, SPLIT, BLOCK_T, BLOCK_N)
             scale = tl.rsqrt(ss / K + eps)[:, None]
             gate = gate * scale
             up = up * scale
@@ -436,27 +456,16 @@ def _kernels():
         half_ok = halves < HALF
         cols_lo = p * 2 * HALF + halves
         n = (H + 2 * KV) * 2 * HALF
-        lo = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
-        hi = tl.zeros([BLOCK_T, HALF_PAD], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, False)
-            ss += sq
-            x = x.to(w_ptr.dtype.element_ty)
-            lo = _dot(x, _w_tile(w_ptr, cols_lo, half_ok, ks, K, sw_n, sw_k), lo, F32)
-            hi = _dot(x, _w_tile(w_ptr, cols_lo + HALF, half_ok, ks, K, sw_n, sw_k), hi, F32)
+        lo, hi, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, split * K_PER,
+                                    split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, False, F32, BLOCK_T, HALF_PAD,
+                                    BLOCK_K)
         mask = row_ok[:, None] & half_ok[None, :]
         part = part_ptr + rows[:, None] * n + cols_lo[None, :]  # + range · BLOCK_T · n (+ HALF: hi)
-        tl.store(part + split * BLOCK_T * n, lo, mask=mask)
-        tl.store(part + split * BLOCK_T * n + HALF, hi, mask=mask)
-        tl.store(ss_ptr + (block * SPLIT + split) * BLOCK_T + rows, ss, mask=row_ok)
-        ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+        sums = ss_ptr + block * SPLIT * BLOCK_T + rows
+        ticket = _store_pair_partials(lo, hi, ss, part, BLOCK_T * n, HALF, mask, sums, row_ok, count_ptr + block, split,
+                                      BLOCK_T)
         if ticket == SPLIT - 1:
-            lo = _range_sum(tl.zeros([BLOCK_T, HALF_PAD], tl.float32), part, BLOCK_T * n, mask, SPLIT)
-            hi = _range_sum(tl.zeros([BLOCK_T, HALF_PAD], tl.float32), part + HALF, BLOCK_T * n, mask, SPLIT)
-            ss = _range_sum(tl.zeros([BLOCK_T], tl.float32), ss_ptr + block * SPLIT * BLOCK_T + rows, BLOCK_T,
-                            row_ok, SPLIT)
+            lo, hi, ss = _sum_pair_partials(part, BLOCK_T * n, HALF, mask, sums, row_ok, SPLIT, BLOCK_T, HALF_PAD)
             scale = tl.rsqrt(ss / K + eps)[:, None]
             lo = lo * scale
             hi = hi * scale
