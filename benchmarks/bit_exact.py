@@ -95,9 +95,7 @@ def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int 
             seconds += time.perf_counter() - start
             outputs += [out.token_ids for out in outs]
             if reference is not None:
-                same = sum(a == b for a, b in zip(outputs, reference))
-                print(f"  batched: {len(outputs)}/{len(prompts)} prompts, same as plain {same}/{len(outputs)}",
-                      flush=True)
+                _progress("batched: ", outputs, reference, len(prompts))
         tokens = sum(len(o) for o in outputs)
         return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
     outputs, tokens, seconds = [], 0, 0.0
@@ -107,10 +105,14 @@ def run(spec: Speculant, prompts: list[list[int]], max_new: int, max_batch: int 
         tokens += out.stats["new_tokens"]
         seconds += out.stats["decode_time"]
         if reference is not None and len(outputs) % 16 == 0 and len(outputs) < len(prompts):
-            same = sum(a == b for a, b in zip(outputs, reference))
-            print(f"  {len(outputs)}/{len(prompts)} prompts, same as plain {same}/{len(outputs)}, "
-                  f"{tokens / seconds:.1f} tok/s", flush=True)
+            _progress("", outputs, reference, len(prompts), f", {tokens / seconds:.1f} tok/s")
     return {"outputs": outputs, "tokens_per_s": tokens / seconds, "new_tokens": tokens}
+
+
+def _progress(label: str, outputs: list[list[int]], reference: list[list[int]], total: int, tail: str = "") -> None:
+    """A progress line: the prompts so far whose tokens equal `reference`'s."""
+    same = sum(a == b for a, b in zip(outputs, reference))
+    print(f"  {label}{len(outputs)}/{total} prompts, same as plain {same}/{len(outputs)}{tail}", flush=True)
 
 
 @torch.inference_mode()

@@ -236,7 +236,7 @@ class GraphedModel:
         self.model = model
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
         self._forward = static_forward(model, compile=False)
-        self._graphs: dict[int, tuple] = {}  # rows -> (graph, tokens, positions, logits)
+        self._runners: dict[int, _Runner] = {}  # rows -> its forward over static (tokens, positions)
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def __getattr__(self, name: str):
@@ -252,39 +252,16 @@ class GraphedModel:
         end = self.model._write_range(start_pos, t)
         tokens = tokens.to(self.model.device)
         positions = torch.arange(start_pos, end, device=self.model.device)
-        if not self.use_graphs:
-            logits = self._forward(tokens, positions)
+        runner = self._runners.get(t)
+        if runner is None:  # built over this call's own inputs: its warm-up writes this call's keys and values
+            runner = self._runners[t] = _Runner(self._forward, tokens.clone(), positions, self.use_graphs, self._pool,
+                                                lambda: None, lambda saved: None)
         else:
-            if t not in self._graphs:
-                self._graphs[t] = self._capture(tokens, positions)
-            graph, static_tokens, static_positions, logits = self._graphs[t]
-            static_tokens.copy_(tokens)
-            static_positions.copy_(positions)
-            graph.replay()
-            logits = logits.clone()
+            runner.ints.copy_(tokens)
+            runner.uniforms.copy_(positions)
+        logits = runner.run().clone()
         self.model.set_length(end)
         return logits
-
-    def _capture(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple:
-        """A graph of static_forward over static copies of this call's inputs: its warm-up runs write
-        this very call's keys and values, which its replay then writes again."""
-        static_tokens, static_positions = tokens.clone(), positions.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._forward(static_tokens, static_positions)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        collecting = gc.isenabled()
-        gc.disable()  # as _Runner: nothing freed inside the capture
-        try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self._forward(static_tokens, static_positions)
-        finally:
-            if collecting:
-                gc.enable()
-        return graph, static_tokens, static_positions, logits
 
 
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:

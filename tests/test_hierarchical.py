@@ -272,4 +272,4 @@ def test_a_graphed_middle_models_forward_is_the_models_forward():
     assert torch.allclose(tree, plain.forward(tokens[:3], 16, ancestors), atol=1e-4, rtol=1e-4)
     assert graphed.vocab_size == plain.vocab_size and graphed.max_seq_len == plain.max_seq_len
     if device == "cuda":
-        assert sorted(graphed._graphs) == [1, 2, 3, 4, 10]
+        assert sorted(graphed._runners) == [1, 2, 3, 4, 10]

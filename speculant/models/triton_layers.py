@@ -209,10 +209,10 @@ def _kernels():
     @triton.jit
     def _merge_chunks(m_ptr, l_ptr, acc_ptr, at0, row_stride, rows_ok, last, out_ptrs, ds, d_ok, D: tl.constexpr,
                       BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
-        """attention_combine_kernel's merge for a block of rows at once, read past L1 (other programs
-        stored the chunks): row i merges chunks 0 .. last[i] of the partials at at0[i] + c · row_stride
-        in that order (the same operations as the combine, a chunk past a row's last one adding exactly
-        nothing), then acc / l into out_ptrs [BLOCK_R, D_PAD]."""
+        """The merge of attention's chunks for a block of rows (the combine kernel's one row, a fused chunk
+        kernel's last program's rows), read past L1 (other programs stored the chunks): row i merges
+        chunks 0 .. last[i] of the partials at at0[i] + c · row_stride in that order (a chunk past a
+        row's last one adds exactly nothing), then acc / l into out_ptrs [BLOCK_R, D_PAD]."""
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
         total = tl.zeros([BLOCK_R], tl.float32)
         acc = tl.zeros([BLOCK_R, D_PAD], tl.float32)
@@ -555,28 +555,16 @@ def _kernels():
     def attention_combine_kernel(pos_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, node0, chunks, so_t, so_h,
                                  so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr,
                                  TREE: tl.constexpr):
-        """Program (t, h): query t, head h: merges the chunks up to the one holding its reach (_reach)."""
+        """Program (t, h): query t, head h: merges the chunks up to the one holding its reach (_reach),
+        as a block of one row (_merge_chunks)."""
         t = tl.program_id(0)
         h = tl.program_id(1)
         kv = h // G
-        r = t * G + h % G
+        one = tl.arange(0, 1)
         ds = tl.arange(0, D_PAD)
-        d_ok = ds < D
-        last = _reach(pos_ptr, start_ptr, t, t < T, node0, TREE) // CHUNK
-        m = tl.full([D_PAD], float("-inf"), tl.float32)  # the chunk's scalars, held across D
-        total = tl.zeros([D_PAD], tl.float32)
-        acc = tl.zeros([D_PAD], tl.float32)
-        for c in range(last + 1):
-            at = (kv * chunks + c) * G * T + r
-            m_c = tl.load(m_ptr + at + ds * 0)
-            m_new = tl.maximum(m, m_c)
-            base = tl.where(m_new > float("-inf"), m_new, 0.0)  # no key seen yet (a tree node's early chunks)
-            alpha = tl.exp(m - base)
-            beta = tl.exp(m_c - base)
-            total = total * alpha + tl.load(l_ptr + at + ds * 0) * beta
-            acc = acc * alpha + tl.load(acc_ptr + at * D + ds, mask=d_ok, other=0.0) * beta
-            m = m_new
-        tl.store(out_ptr + t * so_t + h * so_h + ds * so_d, (acc / total).to(out_ptr.dtype.element_ty), mask=d_ok)
+        last = _reach(pos_ptr, start_ptr, t + one, t + one < T, node0, TREE) // CHUNK
+        _merge_chunks(m_ptr, l_ptr, acc_ptr, kv * chunks * G * T + t * G + h % G + one, G * T, t + one < T, last,
+                      out_ptr + t * so_t + h * so_h + ds[None, :] * so_d + one[:, None], ds, ds < D, D, 1, D_PAD)
 
     @triton.jit(do_not_specialize=["T", "chunks"])
     def exact_attention_chunk_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, nodes_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
