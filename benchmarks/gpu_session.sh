@@ -28,7 +28,8 @@
 #              did not. Six processes at once (sixth session) slowed each several-fold (plain SmolLM2 88
 #              against 484 tok/s alone): run one or two. The hierarchy runs its draft levels eagerly (22
 #              tok/s on an H100, before its middle level ran as CUDA graphs): HIER_SKIP=32 runs the set's
-#              second half (the first ran 32/32). EXACT_SERIAL=1 runs the sets one after another
+#              second half (the first ran 32/32). EXACT_SERIAL=1 runs the sets one after another;
+#              EXACT_CONFIGS= replaces each set's configs (the rows still to run), EXACT_SKIP= skips prompts
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
@@ -96,7 +97,8 @@ case "$part" in
     exact() {  # set name, target, the rest of bit_exact.py's arguments: one process in the background
       mkdir -p "$out/$1"
       limit ${EXACT_LIMIT:-540} python3 benchmarks/bit_exact.py --target "$2" --humaneval "$humaneval" \
-        --modes bit-exact --out "$out/$1" "${@:3}" > "$out/$1/bit_exact.log" 2>&1 &
+        --modes bit-exact --out "$out/$1" "${@:3}" ${EXACT_CONFIGS:+--configs "$EXACT_CONFIGS"} \
+        ${EXACT_SKIP:+--skip-prompts "$EXACT_SKIP"} > "$out/$1/bit_exact.log" 2>&1 &
       dirs+=("$1")
       [ -z "${EXACT_SERIAL:-}" ] || wait || true  # EXACT_SERIAL=1: one set after another, each its limit
     }
