@@ -64,11 +64,12 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.exact_target import ExactTarget
-from speculant.fused import FusedStepper, check_compile, fused_stepper
+from speculant.fused import FusedStepper, GraphedModel, check_compile, fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
 from speculant.models.exact_attention import check_exact_width
 from speculant.models.registry import LoadedModel, load_model
+from speculant.models.transformer import LeanModel
 from speculant.plan import DraftPlan
 from speculant.request_checks import chat_messages, check_counts, stop_strings, token_id
 from speculant.sampling import SamplingParams
@@ -152,8 +153,12 @@ class Speculant:
                 raise ValueError("bit-exact decoding needs a lean (torch) target; a target through transformers or "
                                  "llama.cpp cannot run it")
             self.exact_target = ExactTarget(self.plain_stepper)
-            if self.stepper is None:
-                self.stepper = GenericStepper(self.exact_target, self.drafter)
+            if self.stepper is None:  # the generic step (a hierarchy): each verification one graph on CUDA
+                self.stepper = GenericStepper(ExactTarget(self.plain_stepper, graphs=True), self.drafter)
+        elif self.stepper is None and fused and kernels == "torch" and isinstance(target.model, LeanModel) \
+                and target.model.device.type == "cuda":
+            # a hierarchy: the generic step, its target's chain verifications replayed as CUDA graphs
+            self.stepper = GenericStepper(GraphedModel(target.model), self.drafter)
         if kernels == "triton" and self.stepper is None:
             raise ValueError("kernels=triton needs a lean (torch) target and one drafter level (none, ngram, a model, "
                              "layers:N or a distilled draft); a hierarchy or a target through transformers or "
@@ -226,6 +231,7 @@ class Speculant:
             key = {**setup_key(model, self.target.source_hash, self.draft_specs), "backend": backend_of(self.target),
                    "candidates": plan.candidates, "lookup": plan.lookup, "inner_gamma": self.inner_gamma,
                    "stepper": type(stepper).__name__, "runs_ahead": bool(stepper.runs_ahead),
+                   **({"target": type(stepper.target).__name__} if isinstance(stepper, GenericStepper) else {}),
                    "bit_exact": self.bit_exact, "max_gamma": MAX_GAMMA, "sampled": sampled,
                    **({"kernels": self.kernels} if self.kernels != "torch" else {}),
                    **({"compile": stepper.compile} if getattr(stepper, "compile", True) is not True else {})}

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 import torch
 
-from speculant.fused import FusedStepper
+from speculant.fused import FusedStepper, _Runner
 from speculant.models.base import check_fits
 from speculant.models.exact_attention import EXACT_WIDTH
 
@@ -38,15 +38,25 @@ from speculant.models.exact_attention import EXACT_WIDTH
 class ExactTarget:
     """A TreeCausalLM (speculant.models.base): `stepper.target`, a LeanModel, whose every forward runs
     `stepper`'s bit-exact forward. The model's cache is the one it writes; its length is kept through
-    the cache-length API (set_length, truncate)."""
+    the cache-length API (set_length, truncate).
 
-    def __init__(self, stepper: FusedStepper) -> None:
+    graphs: each forward replays a CUDA graph of stepper.exact_score over static inputs (where the
+    stepper uses graphs; elsewhere the same packed inputs run eagerly): one graph for every call on
+    torch's kernels, whose calls are all EXACT_WIDTH rows, one per row count on the triton kernels. The
+    generic step (a hierarchy) then launches one graph per verification instead of every kernel of the
+    forward. The same kernels on the same inputs: the same bits. Not for ExactRows, which swaps row
+    caches into the model (a graph writes the cache it was captured on)."""
+
+    def __init__(self, stepper: FusedStepper, graphs: bool = False) -> None:
         if not stepper.bit_exact:
             raise ValueError("ExactTarget runs a bit-exact stepper's forward: FusedStepper(..., bit_exact=True)")
         self.stepper = stepper
         self.model = stepper.target
         self.vocab_size, self.max_seq_len, self.device = self.model.vocab_size, self.model.max_seq_len, self.model.device
         self.layouts: dict[bytes, tuple[torch.Tensor, ...]] = {}  # a tree's layout, by its ancestors' bytes
+        self.graphs = graphs
+        self.runners: dict[int, _Runner] = {}  # rows -> exact_score over one packed int buffer
+        self.pool = torch.cuda.graph_pool_handle() if graphs and stepper.use_graphs else None
 
     @property
     def length(self) -> int:
@@ -72,17 +82,46 @@ class ExactTarget:
         check_fits(self.model, start_pos + t)
         tokens = tokens.to(self.device)
         if ancestors is None:  # a chain: piece i from position start_pos + i·W reads the pieces before it
-            logits = torch.cat([self.stepper.score(tokens[i:i + EXACT_WIDTH],
-                                                   torch.tensor(start_pos + i, device=self.device))
-                                for i in range(0, t, EXACT_WIDTH)])
+            pieces = [tokens[i:i + EXACT_WIDTH] for i in range(0, t, EXACT_WIDTH)]
+            logits = torch.cat([self._score(piece, start_pos + i * EXACT_WIDTH, self._layout(piece.shape[0]))
+                                for i, piece in enumerate(pieces)])
         else:
-            ancestors = ancestors.cpu()
-            key = ancestors.numpy().tobytes()  # T·T bytes: T is in the key too
-            if key not in self.layouts:
-                self.layouts[key] = self.stepper.layout_of(ancestors.sum(-1) - 1, ancestors)
-            logits = self.stepper.exact_score(tokens, torch.tensor(start_pos, device=self.device), self.layouts[key])
+            logits = self._score(tokens, start_pos, self._layout(t, ancestors.cpu()))
         self.model.set_length(start_pos + t)
         return logits
+
+    def _layout(self, t: int, ancestors: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The stepper's layout of a chain of t tokens or of a tree (ancestors [T, T] bool, on the host),
+        made once per shape."""
+        key = t if ancestors is None else ancestors.numpy().tobytes()  # T·T bytes: T is in the key too
+        if key not in self.layouts:
+            depths = torch.arange(t) if ancestors is None else ancestors.sum(-1) - 1
+            self.layouts[key] = self.stepper.layout_of(depths, ancestors)
+        return self.layouts[key]
+
+    def _score(self, tokens: torch.Tensor, start: int, layout: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """stepper.exact_score of tokens [T] at `start` laid out by `layout` -> logits [T, V]; with graphs
+        from the runner of its row count, its inputs packed into one static buffer: [tokens (padded to
+        EXACT_WIDTH on torch's kernels), start, count, depths [W], nodes [W·W]]."""
+        if not self.graphs:
+            return self.stepper.exact_score(tokens, torch.tensor(start, device=self.device), layout)
+        t = tokens.shape[0]
+        rows = EXACT_WIDTH if self.stepper.kernels == "torch" else t  # torch's kernels: every call padded to W
+        depths, nodes, count = layout
+        packed = torch.cat([tokens, tokens.new_zeros(rows - t), tokens.new_tensor([start]), count.view(1),
+                            depths, nodes.view(-1)])
+        runner = self.runners.get(rows)
+        if runner is None:  # built over this call's own inputs: its warm-up writes this call's keys and values
+            def body(ints: torch.Tensor, _: torch.Tensor, rows: int = rows) -> torch.Tensor:
+                width = EXACT_WIDTH
+                depths, nodes = ints[rows + 2:rows + 2 + width], ints[rows + 2 + width:].view(width, width)
+                return self.stepper.exact_score(ints[:rows], ints[rows], (depths, nodes, ints[rows + 1]))
+
+            runner = self.runners[rows] = _Runner(body, packed, packed.new_zeros(1), self.stepper.use_graphs, self.pool,
+                                                  lambda: None, lambda saved: None)
+        else:
+            runner.ints.copy_(packed)
+        return runner.run()[:t].clone()
 
 
 class ExactRows:

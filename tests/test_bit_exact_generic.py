@@ -33,16 +33,18 @@ def _plain_logits(stepper: FusedStepper, context: list[int], tokens: list[int]) 
     return torch.stack(rows)
 
 
-def test_the_exact_targets_logits_are_plain_bit_exact_decodings_bits():
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_exact_targets_logits_are_plain_bit_exact_decodings_bits(graphs):
     """A chain of 41 positions (two calls of EXACT_WIDTH rows) and a 17-node tree through ExactTarget,
     over a stepper of their own: each position's logits equal, bit for bit, those plain bit-exact
     decoding computes one position at a time. The control: the lean model's own forward (what the
     generic step ran before) gives other bits (rounding: tests/test_bit_exact.py checks in float32
-    that the exact forward computes the model's attention)."""
+    that the exact forward computes the model's attention). graphs: every call through the runner of
+    its row count over one packed buffer (on the CPU run eagerly: the packing is what is tested)."""
     target = _target()
     chain = [(7 * i + 2) % 64 for i in range(40)]
     expected = _plain_logits(FusedStepper(target, None, compile=False, bit_exact=True), CONTEXT, chain)
-    exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True))
+    exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True), graphs=graphs)
     exact.prefill(torch.tensor(CONTEXT[:-1]))
     logits = exact.forward(torch.tensor(CONTEXT[-1:] + chain), len(CONTEXT) - 1)
     assert logits.shape[0] == 41 > EXACT_WIDTH and exact.length == len(CONTEXT) + 40
@@ -56,6 +58,7 @@ def test_the_exact_targets_logits_are_plain_bit_exact_decodings_bits():
     _, ancestors = candidate_tree(4, 4)
     tree = exact.forward(tree_tokens(torch.tensor(CONTEXT[-1:]), candidates), len(CONTEXT) - 1, ancestors)
     assert all(torch.equal(tree[node], alone[node]) for node in range(17))
+    assert sorted(exact.runners) == ([EXACT_WIDTH] if graphs else [])  # every call padded: one runner
 
     target.prefill(torch.tensor(CONTEXT[:-1]))
     default = target.forward(torch.tensor(CONTEXT[-1:] + chain), len(CONTEXT) - 1)
@@ -88,7 +91,7 @@ def test_bit_exact_generic_greedy_output_is_plain_bit_exact_output_in_bfloat16(k
     for prompt in PROMPTS:
         expected = _greedy(target, None, plain, prompt, 0, max_new=40)
         drafter = make()
-        stepper = GenericStepper(ExactTarget(plain), drafter)
+        stepper = GenericStepper(ExactTarget(plain, graphs=kind.startswith("hierarchy")), drafter)  # as the api
         assert _greedy(target, drafter, stepper, prompt, 4, max_new=40) == expected
         if kind == "hierarchy":
             drafter = make()
@@ -143,6 +146,7 @@ def test_the_api_runs_a_bit_exact_hierarchy_and_logprobs_through_the_exact_targe
                     bit_exact=True)
     assert isinstance(spec.stepper, GenericStepper) and isinstance(spec.stepper.target, ExactTarget)
     assert spec.stepper.target.stepper is spec.plain_stepper and spec.plain_stepper.bit_exact
+    assert spec.stepper.target.graphs and not spec.exact_target.graphs  # batched rows swap caches: no graphs
     prompt = "ab cd ab cd ab"
     plain = spec.generate(prompt, max_new_tokens=24, plain=True).token_ids
     out = spec.generate(prompt, max_new_tokens=24)
@@ -156,6 +160,26 @@ def test_the_api_runs_a_bit_exact_hierarchy_and_logprobs_through_the_exact_targe
     with pytest.raises(ValueError, match="one level"):
         spec.batch_engine()
     assert [r.token_ids for r in spec.generate_many([{"prompt": prompt}] * 2, max_new_tokens=24)] == [plain] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the graphed generic step is for CUDA")
+def test_the_api_runs_a_cuda_hierarchy_over_a_graphed_target(tiny_folder):
+    """In the default mode on CUDA a hierarchy's generic step verifies through fused.GraphedModel (a
+    graph per chain length) over the target's own model: greedy output equals plain greedy output in
+    float32; with --kernels triton a hierarchy is still refused outside bit-exact mode."""
+    from speculant import api
+    from speculant.fused import GraphedModel
+
+    spec = api.load(tiny_folder, draft=[tiny_folder, "ngram"], gamma=3, dtype="float32", device="cuda",
+                    max_seq_len=128, bit_exact=False)
+    assert isinstance(spec.stepper, GenericStepper) and isinstance(spec.stepper.target, GraphedModel)
+    assert spec.stepper.target.model is spec.target.model
+    prompt = "ab cd ab cd ab"
+    plain = spec.generate(prompt, max_new_tokens=24, plain=True).token_ids
+    assert spec.generate(prompt, max_new_tokens=24).token_ids == plain and spec.stepper.target._runners
+    with pytest.raises(ValueError, match="one drafter level"):
+        api.load(tiny_folder, draft=[tiny_folder, "ngram"], device="cuda", max_seq_len=128, kernels="triton",
+                 bit_exact=False)
 
 
 def test_a_bit_exact_draft_through_transformers_runs_the_generic_step(tiny_folder, tmp_path):

@@ -174,12 +174,13 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law(gra
     _assert_control_caught(sample, law, runs=2000)
 
 
-@pytest.mark.parametrize("middle", ["layers", "int8", "graphed", "graphed+model"])
+@pytest.mark.parametrize("middle", ["layers", "int8", "graphed", "graphed+model", "graphed+target"])
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("gamma", [1, 4, "auto"])
 def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
     """graphed: the middle levels through fused.GraphedModel (on CUDA CUDA graphs, here static_forward
-    run eagerly); +model: the last level a model drafter over a GraphedModel too (its one-token forwards)."""
+    run eagerly); +model: the last level a model drafter over a GraphedModel too (its one-token forwards);
+    +target: the target's verifications too (what speculant.api runs for a hierarchy on CUDA)."""
     device = "cuda" if middle.startswith("graphed") and torch.cuda.is_available() else "cpu"
     weights = random_weights(tiny_config(), seed=0, scale=3.0).to(device)
     target = LeanModel(weights)
@@ -194,7 +195,8 @@ def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
     expected = reference_generate(target, prompt, params=greedy, max_new_tokens=50)
     policy = AdaptiveGamma() if gamma == "auto" else gamma
     out = []
-    for step in generate(target, drafter, prompt, gamma=policy, params=greedy, max_new_tokens=50):
+    verifier = GraphedModel(target) if middle == "graphed+target" else target
+    for step in generate(verifier, drafter, prompt, gamma=policy, params=greedy, max_new_tokens=50):
         out += step.tokens
     assert out == expected
     assert drafter.stats.target_calls > 0 and 0 <= drafter.stats.alpha <= 1
