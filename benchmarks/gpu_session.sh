@@ -6,6 +6,9 @@
 #                 gguf in /root/site), then, back to back while the machine is warm, one call per part:
 #                   bash benchmarks/gpu_session.sh PART          (writes JSON and logs into $OUT)
 # carrying [".whl"] for the part `serve` (its wheels), nothing for the others.
+# Start with ONE call (the first staging call, ending in `sleep 60` to leave time to send the rest): while
+# no machine can be started every call is refused and each refusal costs device time (15 s each; on
+# 2026-12-06 a batch of 49 calls sent without a machine cost 976 of the session's 1800 s).
 #
 # Parts, in the order they pay:
 #   tests      the CUDA tests: Triton forward and fused step, bit-exact (fused, generic, batched),

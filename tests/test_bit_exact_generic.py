@@ -27,24 +27,29 @@ def _plain_logits(stepper: FusedStepper, context: list[int], tokens: list[int]) 
     """The logits plain bit-exact decoding computes at each of `tokens` fed after `context` (the root
     is context's last token): one 1-row score per position, as the plain body's steps make them."""
     stepper.begin(context, GREEDY)
-    start = torch.tensor(len(context) - 1)
+    device = stepper.target.device
+    start = torch.tensor(len(context) - 1, device=device)
     with torch.inference_mode():
-        rows = [stepper.score(torch.tensor([token]), start + i)[0] for i, token in enumerate(context[-1:] + tokens)]
+        rows = [stepper.score(torch.tensor([token], device=device), start + i)[0]
+                for i, token in enumerate(context[-1:] + tokens)]
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs", [False, True, "cuda"])
 def test_the_exact_targets_logits_are_plain_bit_exact_decodings_bits(graphs):
     """A chain of 41 positions (two calls of EXACT_WIDTH rows) and a 17-node tree through ExactTarget,
     over a stepper of their own: each position's logits equal, bit for bit, those plain bit-exact
     decoding computes one position at a time. The control: the lean model's own forward (what the
     generic step ran before) gives other bits (rounding: tests/test_bit_exact.py checks in float32
     that the exact forward computes the model's attention). graphs: every call through the runner of
-    its row count over one packed buffer (on the CPU run eagerly: the packing is what is tested)."""
-    target = _target()
+    its row count over one packed buffer (on the CPU run eagerly: the packing is what is tested; "cuda":
+    replayed from a CUDA graph)."""
+    if graphs == "cuda" and not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a GPU")
+    target = _target(device="cuda" if graphs == "cuda" else "cpu")
     chain = [(7 * i + 2) % 64 for i in range(40)]
     expected = _plain_logits(FusedStepper(target, None, compile=False, bit_exact=True), CONTEXT, chain)
-    exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True), graphs=graphs)
+    exact = ExactTarget(FusedStepper(target, None, compile=False, bit_exact=True), graphs=bool(graphs))
     exact.prefill(torch.tensor(CONTEXT[:-1]))
     logits = exact.forward(torch.tensor(CONTEXT[-1:] + chain), len(CONTEXT) - 1)
     assert logits.shape[0] == 41 > EXACT_WIDTH and exact.length == len(CONTEXT) + 40
@@ -59,9 +64,11 @@ def test_the_exact_targets_logits_are_plain_bit_exact_decodings_bits(graphs):
     tree = exact.forward(tree_tokens(torch.tensor(CONTEXT[-1:]), candidates), len(CONTEXT) - 1, ancestors)
     assert all(torch.equal(tree[node], alone[node]) for node in range(17))
     assert sorted(exact.runners) == ([EXACT_WIDTH] if graphs else [])  # every call padded: one runner
+    if graphs:
+        assert (exact.runners[EXACT_WIDTH].graph is not None) == (graphs == "cuda")
 
-    target.prefill(torch.tensor(CONTEXT[:-1]))
-    default = target.forward(torch.tensor(CONTEXT[-1:] + chain), len(CONTEXT) - 1)
+    target.prefill(torch.tensor(CONTEXT[:-1], device=target.device))
+    default = target.forward(torch.tensor(CONTEXT[-1:] + chain, device=target.device), len(CONTEXT) - 1)
     assert not all(torch.equal(default[p], expected[p]) for p in range(41))
 
 
