@@ -64,7 +64,7 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
 from speculant.exact_target import ExactTarget
-from speculant.fused import FusedStepper, GraphedModel, check_compile, fused_stepper
+from speculant.fused import FusedStepper, GraphedModel, GraphedTail, check_compile, fused_stepper
 from speculant.models.base import DTYPES, ContextOverflowError
 from speculant.models.cache import ModelLoadError
 from speculant.models.exact_attention import check_exact_width
@@ -153,12 +153,12 @@ class Speculant:
                 raise ValueError("bit-exact decoding needs a lean (torch) target; a target through transformers or "
                                  "llama.cpp cannot run it")
             self.exact_target = ExactTarget(self.plain_stepper)
-            if self.stepper is None:  # the generic step (a hierarchy): each verification one graph on CUDA
-                self.stepper = GenericStepper(ExactTarget(self.plain_stepper, graphs=True), self.drafter)
+            if self.stepper is None:  # the generic step (a hierarchy): each verification and its tail graphs on CUDA
+                self.stepper = GenericStepper(ExactTarget(self.plain_stepper, graphs=True), self.drafter, GraphedTail())
         elif self.stepper is None and fused and kernels == "torch" and isinstance(target.model, LeanModel) \
                 and target.model.device.type == "cuda":
-            # a hierarchy: the generic step, its target's chain verifications replayed as CUDA graphs
-            self.stepper = GenericStepper(GraphedModel(target.model), self.drafter)
+            # a hierarchy: the generic step, its target's chain verifications and their tails replayed as CUDA graphs
+            self.stepper = GenericStepper(GraphedModel(target.model), self.drafter, GraphedTail())
         if kernels == "triton" and self.stepper is None:
             raise ValueError("kernels=triton needs a lean (torch) target and one drafter level (none, ngram, a model, "
                              "layers:N or a distilled draft); a hierarchy or a target through transformers or "

@@ -20,7 +20,7 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
-from speculant.fused import GraphedModel
+from speculant.fused import GraphedModel, GraphedTail
 from speculant.models.base import CausalLM
 from speculant.models.cache import ModelLoadError
 from speculant.models.feature_draft import FeatureDraft
@@ -122,7 +122,9 @@ def build_chain(target: LoadedModel, plan: DraftPlan, inner_gamma: int) -> tuple
         drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
     levels = [(spec, drafter)]
     for spec, model in reversed(models[:-1]):
-        drafter = SpeculativeDrafter(GenericStepper(_graphed_on_cuda(_causal_lm(model)), drafter), inner_gamma)
+        level = _graphed_on_cuda(_causal_lm(model))
+        tail = GraphedTail() if isinstance(level, GraphedModel) else None  # its steps' tails from graphs too
+        drafter = SpeculativeDrafter(GenericStepper(level, drafter, tail), inner_gamma)
         levels.insert(0, (spec, drafter))
     return drafter, levels
 

@@ -82,7 +82,7 @@ from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel
 from speculant.models.triton_forward import TritonForward, draft_kernels, target_kernels
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
-from speculant.step import StepResult
+from speculant.step import StepResult, chain_tail
 
 MAX_PARAM_SETS = 8  # sampling params sets whose graphs a stepper keeps (a server's requests alternate between a few)
 
@@ -262,6 +262,71 @@ class GraphedModel:
         logits = runner.run().clone()
         self.model.set_length(end)
         return logits
+
+
+class GraphedTail:
+    """The generic step's tail after the target's forward (step.chain_tail: the sampling transform, the
+    acceptance rule, the emitted tokens, about 40 eager launches) replayed from a CUDA
+    graph, one per (sampling params, draft length, whether the draft has laws): a replay and a few
+    copies instead, where each eager launch costs ~20 µs (the device machines). For the generic step's
+    levels on CUDA (a hierarchy). The same kernels on the same inputs as the eager tail: the same bits.
+    Inputs on the CPU (or use_graphs=False) run the same static buffers eagerly (the CPU tests)."""
+
+    def __init__(self, use_graphs: bool = True) -> None:
+        self.use_graphs = use_graphs
+        self.runners: dict[tuple, _TailRunner] = {}
+        self.pool = None
+
+    def __call__(self, params: SamplingParams, target_logits: torch.Tensor, draft_tokens: torch.Tensor,
+                 draft_probs: torch.Tensor | None, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """target_logits [γ+1, V], draft_tokens [γ], draft_probs [γ, V] or None (a point mass), uniforms
+        [γ+1] -> (the target's probs [γ+1, V], a fresh tensor; [count, emitted tokens [γ+1]])."""
+        key = (params, draft_tokens.shape[0], draft_probs is None, target_logits.dtype, target_logits.device)
+        inputs = (target_logits, draft_tokens, draft_probs, uniforms)
+        runner = self.runners.get(key)
+        if runner is None:
+            graphs = self.use_graphs and target_logits.is_cuda
+            if graphs and self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            runner = self.runners[key] = _TailRunner(params, inputs, graphs, self.pool)
+        return runner.run(inputs)
+
+
+class _TailRunner:
+    """step.chain_tail over static copies of one call's inputs; on CUDA captured once and replayed."""
+
+    @torch.inference_mode()
+    def __init__(self, params: SamplingParams, inputs: tuple, use_graphs: bool, pool) -> None:
+        self.params = params
+        self.static = tuple(None if x is None else x.clone() for x in inputs)
+        self.graph = None
+        if use_graphs:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                chain_tail(params, *self.static)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            collecting = gc.isenabled()  # no collection inside the capture (see _Runner)
+            gc.disable()
+            try:
+                with torch.cuda.graph(self.graph, pool=pool):
+                    self.output = chain_tail(params, *self.static)
+            finally:
+                if collecting:
+                    gc.enable()
+
+    @torch.inference_mode()
+    def run(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        for static, x in zip(self.static, inputs):
+            if static is not None:
+                static.copy_(x)
+        if self.graph is None:
+            probs, out = chain_tail(self.params, *self.static)
+        else:
+            self.graph.replay()
+            probs, out = self.output
+        return probs.clone(), out.clone()
 
 
 def fused_stepper(target: CausalLM, drafter: Drafter, **options) -> FusedStepper | None:

@@ -89,9 +89,12 @@ class GenericStepper:
 
     runs_ahead = False
 
-    def __init__(self, target: CausalLM, drafter: Drafter) -> None:
+    def __init__(self, target: CausalLM, drafter: Drafter, tail=None) -> None:
+        """tail: how a chain step's tail runs after the target's forward (fused.GraphedTail: from CUDA
+        graphs); None: op by op."""
         self.target = target
         self.drafter = drafter
+        self.tail = tail
         self.params = SamplingParams()
         self.cached: list[int] = []  # the tokens in the target's cache, position-aligned
 
@@ -122,7 +125,7 @@ class GenericStepper:
 
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
              next_gamma: int | None = None, plain_tokens: int = 1) -> StepResult:
-        result = speculative_step(self.target, self.drafter, context, gamma, self.params, generator)
+        result = speculative_step(self.target, self.drafter, context, gamma, self.params, generator, self.tail)
         self.cached = context + result.tokens[:-1]
         return result
 
@@ -142,9 +145,12 @@ def speculative_step(
     gamma: int,
     params: SamplingParams,
     generator: torch.Generator | None,
+    tail=None,
 ) -> StepResult:
     """One draft -> verify -> accept -> truncate step. The target's cache must hold context[:-1];
-    on return it holds context + the accepted drafts (the new token is fed by the next step)."""
+    on return it holds context + the accepted drafts (the new token is fed by the next step).
+    tail(params, logits, draft tokens, draft probs, uniforms) -> (target probs, [count, tokens]):
+    a chain's transform, rule and emitted tokens in one call (fused.GraphedTail); None: op by op."""
     device = target.device
     draft, draft_time = _timed(device, _propose, drafter, context, gamma, params, generator)
     num_drafted = draft.tokens.shape[0]
@@ -162,12 +168,9 @@ def speculative_step(
         draft_tokens = draft.tokens.to(device)
         inputs = torch.cat([torch.tensor(context[-1:], device=device), draft_tokens])
         logits = target.forward(inputs, len(context) - 1)  # [γ'+1, vocab]
-        target_probs = logits_to_probs(logits, params)
         uniforms = torch.rand(num_drafted + 1, generator=generator, device=device)
-        verdict = verify(draft_tokens, draft.probs, target_probs, uniforms[:-1], uniforms[-1])
-        emitted = emitted_tokens(draft_tokens[:, None], verdict.num_accepted, verdict.next_token)
-        # the step's one host synchronisation: how many were accepted, and the tokens
-        out = torch.cat([emitted.count.view(1), emitted.tokens]).tolist()
+        target_probs, packed = (tail or chain_tail)(params, logits, draft_tokens, draft.probs, uniforms)
+        out = packed.tolist()  # the step's one host synchronisation: how many were accepted, and the tokens
         return logits, target_probs, out[1:1 + out[0]]
 
     (logits, target_probs, tokens), target_time = _timed(device, verify_draft)
@@ -175,6 +178,18 @@ def speculative_step(
     target.truncate(len(context) + num_accepted)  # rejected positions are simply forgotten
     return StepResult(tokens, num_drafted, num_accepted, target_probs, draft_time, target_time,
                       target_logits=logits)
+
+
+def chain_tail(params: SamplingParams, target_logits: torch.Tensor, draft_tokens: torch.Tensor,
+               draft_probs: torch.Tensor | None, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chain step's tail after the target's forward, op by op: target_logits [γ+1, V], draft_tokens
+    [γ], draft_probs [γ, V] or None (a point mass), uniforms [γ+1] -> (the target's probs [γ+1, V],
+    [count, emitted tokens [γ+1]]: the first `count` are emitted)."""
+    gamma = draft_tokens.shape[0]
+    target_probs = logits_to_probs(target_logits, params)
+    verdict = verify(draft_tokens, draft_probs, target_probs, uniforms[:gamma], uniforms[gamma])
+    emitted = emitted_tokens(draft_tokens[:, None], verdict.num_accepted, verdict.next_token)
+    return target_probs, torch.cat([emitted.count.view(1), emitted.tokens])
 
 
 def _candidate_step(target: TreeCausalLM, draft: Draft, context: list[int], params: SamplingParams,

@@ -12,12 +12,12 @@ from speculant.drafters.hierarchical import SpeculativeDrafter
 from speculant.drafters.model import ModelDrafter
 from speculant.drafters.ngram import NgramDrafter
 from speculant.engine import generate
-from speculant.fused import GraphedModel
+from speculant.fused import GraphedModel, GraphedTail
 from speculant.models.markov import MarkovModel
 from speculant.models.transformer import LeanModel, int8_weights, random_weights, tiny_config
 from speculant.reference import reference_generate
 from speculant.sampling import SamplingParams, logits_to_probs
-from speculant.step import GenericStepper
+from speculant.step import GenericStepper, chain_tail
 from tests.conftest import SIGNIFICANCE, chi_square_power, reference_transform
 
 VOCAB = 4
@@ -178,28 +178,68 @@ def test_a_hierarchy_of_lean_models_with_an_int8_middle_emits_the_target_law(gra
 @pytest.mark.parametrize("depth", [2, 3])
 @pytest.mark.parametrize("gamma", [1, 4, "auto"])
 def test_hierarchical_greedy_output_equals_plain_greedy(depth, gamma, middle):
-    """graphed: the middle levels through fused.GraphedModel (on CUDA CUDA graphs, here static_forward
-    run eagerly); +model: the last level a model drafter over a GraphedModel too (its one-token forwards);
-    +target: the target's verifications too (what speculant.api runs for a hierarchy on CUDA)."""
+    """graphed: the middle levels through fused.GraphedModel and their steps' tails through
+    fused.GraphedTail (on CUDA CUDA graphs, here the same functions run eagerly); +model: the last level a
+    model drafter over a GraphedModel too (its one-token forwards); +target: the target's verifications
+    and tails too (what speculant.api runs for a hierarchy on CUDA)."""
     device = "cuda" if middle.startswith("graphed") and torch.cuda.is_available() else "cpu"
     weights = random_weights(tiny_config(), seed=0, scale=3.0).to(device)
     target = LeanModel(weights)
     graphed = (lambda m: GraphedModel(m)) if middle.startswith("graphed") else (lambda m: m)
+    tail = GraphedTail if middle.startswith("graphed") else (lambda: None)
     inner = ModelDrafter(graphed(LeanModel(weights, num_layers=1))) if middle == "graphed+model" else NgramDrafter()
     if depth == 3:
-        inner = SpeculativeDrafter(GenericStepper(graphed(LeanModel(weights, num_layers=1)), inner), 2)
+        inner = SpeculativeDrafter(GenericStepper(graphed(LeanModel(weights, num_layers=1)), inner, tail()), 2)
     middle_model = LeanModel(int8_weights(weights)) if middle == "int8" else graphed(LeanModel(weights, num_layers=2))
-    drafter = SpeculativeDrafter(GenericStepper(middle_model, inner), 3)
+    drafter = SpeculativeDrafter(GenericStepper(middle_model, inner, tail()), 3)
     prompt = [1, 2, 3, 4, 5, 1, 2]
     greedy = SamplingParams(temperature=0)
     expected = reference_generate(target, prompt, params=greedy, max_new_tokens=50)
     policy = AdaptiveGamma() if gamma == "auto" else gamma
     out = []
-    verifier = GraphedModel(target) if middle == "graphed+target" else target
-    for step in generate(verifier, drafter, prompt, gamma=policy, params=greedy, max_new_tokens=50):
+    stepper = GenericStepper(GraphedModel(target), drafter, GraphedTail()) if middle == "graphed+target" else None
+    for step in generate(target, drafter, prompt, gamma=policy, params=greedy, max_new_tokens=50, stepper=stepper):
         out += step.tokens
     assert out == expected
     assert drafter.stats.target_calls > 0 and 0 <= drafter.stats.alpha <= 1
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=0.8, top_k=20)])
+def test_a_graphed_tail_is_the_chain_tail_bit_for_bit(params):
+    """fused.GraphedTail against step.chain_tail on the same inputs: the same probs and emitted tokens,
+    bit for bit, for drafts with laws and without (a point mass), over calls that reuse one runner per
+    draft length (its static buffers refilled). On CUDA from graphs, here eagerly."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tail, gen = GraphedTail(), torch.Generator().manual_seed(0)
+    for call in range(12):  # 6 keys (length, laws or not), each met twice: the second call refills its buffers
+        gamma = 1 + call % 3
+        logits = (3 * torch.randn(gamma + 1, 40, generator=gen)).to(device)
+        tokens = torch.randint(0, 40, (gamma,), generator=gen).to(device)
+        laws = torch.softmax(torch.randn(gamma, 40, generator=gen), -1).to(device) if call % 2 else None
+        uniforms = torch.rand(gamma + 1, generator=gen).to(device)
+        probs, out = tail(params, logits, tokens, laws, uniforms)
+        expected_probs, expected_out = chain_tail(params, logits, tokens, laws, uniforms)
+        assert torch.equal(probs, expected_probs) and torch.equal(out, expected_out)
+    assert len(tail.runners) == 6 and all((r.graph is not None) == (device == "cuda") for r in tail.runners.values())
+
+
+def test_a_hierarchy_with_graphed_tails_samples_the_eager_steps_tokens():
+    """At T 1, seed by seed, a hierarchy whose levels' tails run through GraphedTail emits the tokens of
+    the same hierarchy stepped op by op: the same uniforms meet the same functions (the law is the
+    eager step's, which the chi-square tests above check)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights = random_weights(tiny_config(), seed=0, scale=1.0).to(device)
+    target, params = LeanModel(weights), SamplingParams(temperature=1.0)
+
+    def run(tail, seed):
+        middle = SpeculativeDrafter(GenericStepper(LeanModel(weights, num_layers=1), NgramDrafter(), tail()), 2)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        steps = generate(target, middle, [1, 2, 3, 1, 2], gamma=3, params=params, max_new_tokens=40,
+                         generator=generator, stepper=GenericStepper(target, middle, tail()))
+        return [t for step in steps for t in step.tokens]
+
+    for seed in range(3):
+        assert run(GraphedTail, seed) == run(lambda: None, seed)
 
 
 class _Perfect:
