@@ -223,9 +223,10 @@ def static_feature_forward(draft: FeatureDraft, compile: bool):
 class GraphedModel:
     """A lean model whose short chain forwards (up to MAX_ROWS tokens) replay CUDA graphs of
     static_forward, one per row count, captured at first use; everything else (prefill, trees,
-    truncate, the cache, ...) is the model's own. For a hierarchy's middle level: the generic step
-    runs its verifications through `forward`, which would otherwise launch each op eagerly (about 50
-    a layer, at ~22 µs each on the device machines). The logits are static_forward's: the same
+    truncate, the cache, ...) is the model's own. For a hierarchy's levels on CUDA (its target in the
+    default mode, its middle levels, a last model level): the generic step runs their verifications and
+    drafts through `forward`, which would otherwise launch each op eagerly (about 50 a layer, at ~22 µs
+    each on the device machines). The logits are static_forward's: the same
     function as LeanModel.forward, not always the same bits, which the hierarchy's exactness does not
     need (the law a middle level's token was drawn from is the one its own forward returned, whatever
     computed it: drafters/hierarchical.py). use_graphs=False runs static_forward eagerly (the CPU)."""
