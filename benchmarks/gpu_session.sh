@@ -33,6 +33,8 @@
 #              tok/s on an H100, before its middle level ran as CUDA graphs): HIER_SKIP=32 runs the set's
 #              second half (the first ran 32/32). EXACT_SERIAL=1 runs the sets one after another;
 #              EXACT_CONFIGS= replaces each set's configs (the rows still to run), EXACT_SKIP= skips prompts
+#   hierarchy  the hierarchy (every level's forwards and step tails from CUDA graphs since 2026-12-06, untimed)
+#              against its single levels, default and bit-exact modes side by side: SmolLM2, and Qwen where staged
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
@@ -56,7 +58,7 @@
 #              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -133,6 +135,16 @@ case "$part" in
     wait || true
     for d in "${dirs[@]}"; do echo "== $d"; grep -v "^$" "$out/$d/bit_exact.log" | tail -14; done
     tar czf "$out/exact_parallel.tgz" -C "$out" "${dirs[@]}" && rm -rf "${dirs[@]/#/$out/}" ;;
+  hierarchy)  # issue 18 (issue 7's goal): the hierarchy, its levels and their tails from CUDA graphs, against its
+    # single levels, in the default and the bit-exact mode, in one process per target: SmolLM2 (layers:8 > ngram
+    # against the feature draft and n-gram), and the Qwen pair where staged (0.5B > ngram against the 0.5B and n-gram)
+    limit ${HIER_LIMIT:-260} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" \
+      --prompts ${HIER_PROMPTS:-16} --max-new-tokens 256 --configs plain,features,ngram,hierarchy --checks 0 \
+      --out "$out/hierarchy_smollm2" 2>&1 | tee "$out/hierarchy_smollm2.log"
+    [ ! -f /root/w/qwen-1.5b.gguf ] || limit ${HIER_LIMIT:-260} python3 benchmarks/bit_exact.py \
+      --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf --compile layers --humaneval "$humaneval" \
+      --prompts ${HIER_PROMPTS:-16} --max-new-tokens 256 --configs "plain,model,ngram,model>ngram" --checks 0 \
+      --out "$out/hierarchy_qwen" 2>&1 | tee "$out/hierarchy_qwen.log" ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
