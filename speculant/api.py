@@ -539,8 +539,9 @@ def _check_bit_exact(fused: bool, longest: int, candidates: int, lookup: int) ->
 
 def _level_stats(drafter: SpeculativeDrafter) -> dict:
     s = drafter.stats
+    # cost_ratio: c of the level below, its draft time per token ÷ this level's model's time per call
     return {"alpha": s.alpha, "tau": s.tau, "target_calls": s.target_calls, "drafted": s.drafted,
-            "accepted": s.accepted}
+            "accepted": s.accepted, "cost_ratio": s.cost_ratio}
 
 
 BACKENDS = ("torch", "llama.cpp", "auto")

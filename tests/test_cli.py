@@ -89,6 +89,7 @@ def test_hierarchical_drafts_and_auto_gamma_keep_greedy_output_and_report_each_l
     assert result["stats"]["gamma"] == "auto"
     [level] = result["stats"]["levels"]
     assert 0.0 <= level["alpha"] <= 1.0 and level["tau"] >= 1.0
+    assert level["cost_ratio"] >= 0.0 and result["stats"]["cost_ratio"] > 0.0  # each level's c
     assert len(result["stats"]["gamma_history"]) == result["stats"]["target_calls"]
 
 
