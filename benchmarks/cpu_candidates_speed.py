@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 configs = [tuple(int(x) for x in c.split(":")) for c in args.configs.split(",")]
 specs = {c: speculant.load("smollm2-135m", "default", gamma=c[0], candidates=c[1], lookup=c[2]) for c in configs}
 plain = specs[configs[0]]
-enc = lambda t, c: plain.encode(t, c)  # noqa: E731
+enc = lambda t, c: plain.encode(t, c)
 rows = []
 for task, prompts, temp in (("code", code_prompts(4, enc), 0.0), ("chat", chat_prompts(4, enc), 1.0)):
     if task not in args.tasks.split(","):
@@ -40,7 +40,7 @@ for task, prompts, temp in (("code", code_prompts(4, enc), 0.0), ("chat", chat_p
             t[0] += toks
             t[1] += secs
     for name, (toks, secs) in tot.items():
-        label = name if name == "plain" else "gamma %d, K %d, lookup %d" % name
+        label = name if name == "plain" else "gamma {}, K {}, lookup {}".format(*name)
         rows.append({"task": task, "method": label, "tok_s": toks / secs,
                      "vs_plain": (toks / secs) / (tot["plain"][0] / tot["plain"][1])})
         print(json.dumps(rows[-1]), flush=True)

@@ -21,7 +21,8 @@ SMOLLM2 = TransformerConfig(arch="llama", vocab_size=49152, hidden_size=576, int
                             rope_theta=100000.0, rms_norm_eps=1e-5)
 
 
-def tokens_per_s(target, stepper, gamma=0, drafter=None, n=128, params=SamplingParams(temperature=0)):
+def tokens_per_s(target, stepper, gamma=0, drafter=None, n=128, params=None):
+    params = params or SamplingParams(temperature=0)
     prompt = list(range(1, 40))
     gen = torch.Generator(device="cuda").manual_seed(0)
     stats = None

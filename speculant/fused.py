@@ -302,20 +302,7 @@ class _TailRunner:
         self.static = tuple(None if x is None else x.clone() for x in inputs)
         self.graph = None
         if use_graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                chain_tail(params, *self.static)  # warm-up outside the capture
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            collecting = gc.isenabled()  # no collection inside the capture (see _Runner)
-            gc.disable()
-            try:
-                with torch.cuda.graph(self.graph, pool=pool):
-                    self.output = chain_tail(params, *self.static)
-            finally:
-                if collecting:
-                    gc.enable()
+            self.graph, self.output = _capture(lambda: chain_tail(params, *self.static), pool, warm_ups=1)
 
     @torch.inference_mode()
     def run(self, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1056,27 +1043,8 @@ class _Runner:
         self.host: list[torch.Tensor] | None = None  # pinned copies of the output (_Launched)
         saved = save()
         try:
-            if use_graphs:
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream), torch.inference_mode():
-                    for _ in range(2):  # warm-up: compile, autotune, allocate outside the capture
-                        body(ints, uniforms)
-                torch.cuda.current_stream().wait_stream(stream)
-                self.graph = torch.cuda.CUDAGraph()
-                # No garbage collection inside the capture: a dead stepper (a reference cycle) freed
-                # there would destroy its graphs, events and pinned buffers mid-capture, which can
-                # invalidate it and leave the CUDA generator marked as capturing (later draws fail with
-                # "Offset increment outside graph capture"; seen once in the CUDA tests). torch.cuda.graph
-                # no longer collects first by default; collection resumes once the capture is done.
-                collecting = gc.isenabled()
-                gc.disable()
-                try:
-                    with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
-                        self.output = body(ints, uniforms)
-                finally:
-                    if collecting:
-                        gc.enable()
+            if use_graphs:  # two warm-ups: compile, autotune, allocate outside the capture
+                self.graph, self.output = _capture(lambda: body(ints, uniforms), pool, warm_ups=2)
             else:
                 with torch.inference_mode():  # compile now, not inside the first timed step
                     body(ints, uniforms)
@@ -1089,3 +1057,29 @@ class _Runner:
                 return self.body(self.ints, self.uniforms)
         self.graph.replay()
         return self.output
+
+
+def _capture(call: Callable, pool, warm_ups: int) -> tuple[torch.cuda.CUDAGraph, object]:
+    """call() run warm_ups times on a side stream, then captured once as a CUDA graph in `pool` ->
+    (the graph, the output tensors it replays into)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.inference_mode():
+        for _ in range(warm_ups):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # No garbage collection inside the capture: a dead stepper (a reference cycle) freed there would
+    # destroy its graphs, events and pinned buffers mid-capture, which can invalidate it and leave the
+    # CUDA generator marked as capturing (later draws fail with "Offset increment outside graph
+    # capture"; seen once in the CUDA tests). torch.cuda.graph no longer collects first by default;
+    # collection resumes once the capture is done.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
+            output = call()
+    finally:
+        if collecting:
+            gc.enable()
+    return graph, output

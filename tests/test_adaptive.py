@@ -204,7 +204,7 @@ def test_ngram_like_drafter_that_proposes_fewer_tokens_or_none(miss):
     """Prompt lookup: no proposal on a miss (a plain step), at most 5 tokens otherwise; when its
     first token is right the rest usually are (a_1 = 0.55, then 0.9). Misses must not switch it
     off: they cost a plain step."""
-    accept = lambda k: 0.55 if k == 1 else 0.9  # noqa: E731
+    accept = lambda k: 0.55 if k == 1 else 0.9
     sim = Sim(CPU_VERIFY, draft_ms_per_token=0.01, accept=accept, miss=miss, match_len=5)
     best = sim.best_fixed()
     assert best > 1.1 * sim.expected_rate(0)
@@ -218,7 +218,7 @@ def test_ngram_like_drafter_that_proposes_fewer_tokens_or_none(miss):
 def test_gpu_shaped_costs_lead_to_the_best_lengths():
     """GPU-shaped costs: a step of n drafts costs 1.2x plain plus 8 % per draft; 2 and 3 are best."""
     gpu_verify = [1.65] + [1.65 * (1.2 + 0.08 * n) for n in range(1, 13)]
-    accept = lambda k: 0.65 if k == 1 else 0.5  # noqa: E731
+    accept = lambda k: 0.65 if k == 1 else 0.5
     sim = Sim(gpu_verify, draft_ms_per_token=0.0, accept=accept)
     rates = [sim.expected_rate(g) for g in range(7)]
     assert max(range(7), key=rates.__getitem__) == 3  # the scenario

@@ -7,6 +7,8 @@ forward, its laws with their controls, and the generic, fused and run-ahead step
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -280,7 +282,7 @@ def _law_pvalue(gof, sequences, toy) -> float:
     fits = [gof.chi_square(np.array([s[0] for s in sequences]), root)]
     following = {a: [] for a in range(V)}
     for s in sequences:
-        for before, token in zip(s, s[1:]):
+        for before, token in itertools.pairwise(s):
             following[before].append(token)
     fits += [gof.chi_square(np.array(tokens), markov[a]) for a, tokens in following.items() if len(tokens) > 50]
     return min(1.0, len(fits) * min(f.pvalue for f in fits))

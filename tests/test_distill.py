@@ -1,5 +1,6 @@
 """Distillation: a tiny draft learns a tiny target, round-trips through its folder, stays exact."""
 
+import itertools
 import json
 
 import pytest
@@ -412,7 +413,7 @@ def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_on
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.token_to_id("<|im_end|>")]
     assert len(set(ids)) == len(ids)
     table = torch.zeros(backend.get_vocab_size(), backend.get_vocab_size())
-    for a, b in zip(ids, ids[1:]):
+    for a, b in itertools.pairwise(ids):
         table[a, b] = 100.0
     model = MarkovModel(table, max_seq_len=64)
     assert self_written_questions(model, tokenizer, 3, progress=False) == ["why\tnot zip"] * 3

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_loading import byte_level_gguf_vocab, save_folder, tiny_hf_model, write_gguf
 
-import speculant.api as api
+from speculant import api
 from speculant.cli import main
 from speculant.distill.data import TokenCorpus
 from speculant.distill.options import DistillOptions

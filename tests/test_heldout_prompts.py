@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402  (benchmarks/common.py)
+import common
 
 
 @pytest.mark.parametrize("domain", sorted(common.HELD_OUT_DOMAINS))

@@ -12,8 +12,6 @@ import torch
 from speculant.sampling import SamplingParams, logits_to_probs, sample_from
 from tests.conftest import TRANSFORMS
 
-
-
 # ---------------------------------------------------------------- parameters
 
 
