@@ -33,6 +33,7 @@ from speculant.models.feature_draft import (
     init_random,
     is_draft_folder,
     load_draft,
+    save_draft,
 )
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.reference import reference_generate
@@ -125,6 +126,51 @@ def test_engine_with_distilled_draft_is_plain_greedy_token_for_token(tiny_run):
                               max_new_tokens=40))
         assert [t for s in steps for t in s.tokens] == expected
         assert steps[-1].stats.alpha > 0
+
+
+def test_an_int8_draft_stores_half_the_bytes_and_loads_what_its_evaluation_saw(tiny_run, tmp_path):
+    """--save-dtype int8: matrices as int8 with row scales; loading gives q * scale, within half a step
+    of the float weights; a run's recorded α is the loaded draft's; the engine stays exact with it."""
+    from safetensors.torch import load_file
+
+    from speculant.distill.evaluate import serving_copy
+    from speculant.models.feature_draft import INT8_SCALE, quantize_rows
+
+    target, corpus, out, _ = tiny_run
+    weights = load_draft(out, (target.weights, TARGET_HASH)).draft_weights
+    save_draft(tmp_path / "b16", weights, target_name="tiny", target_hash=TARGET_HASH, dtype=torch.bfloat16)
+    save_draft(tmp_path / "i8", weights, target_name="tiny", target_hash=TARGET_HASH, dtype=torch.int8)
+    stored = load_file(str(tmp_path / "i8" / "model.safetensors"))
+    matrices = [name for name, t in weights.state_dict().items() if t.dim() == 2]
+    assert matrices and all(stored[name].dtype == torch.int8 and stored[name + INT8_SCALE].dtype == torch.float32
+                            for name in matrices)
+    assert weights.own_bytes(torch.int8) == sum(t.numel() * t.element_size() for t in stored.values())
+    assert weights.own_bytes(torch.int8) < 0.6 * weights.own_bytes(torch.bfloat16)
+    assert json.loads((tmp_path / "i8" / "config.json").read_text())["dtype"] == "int8"
+
+    loaded = load_draft(tmp_path / "i8", (target.weights, TARGET_HASH))
+    for name in matrices:
+        got, tensor = loaded.draft_weights.state_dict()[name], weights.state_dict()[name]
+        q, scale = quantize_rows(tensor)
+        assert torch.equal(got, q.float() * scale[:, None]) and not torch.equal(got, tensor.float())
+        assert (got - tensor.float()).abs().le(scale[:, None] / 2 + 1e-7).all()
+    prompt = corpus.heldout[1, :6].tolist()
+    expected = reference_generate(target, prompt, params=SamplingParams(temperature=0), max_new_tokens=24)
+    steps = list(generate(target, ModelDrafter(loaded), prompt, gamma=4, params=SamplingParams(temperature=0),
+                          max_new_tokens=24))
+    assert [t for s in steps for t in s.tokens] == expected and steps[-1].stats.alpha > 0
+    with pytest.raises(ValueError, match="training weights"):
+        serving_copy(weights, torch.int8)  # a loaded draft's fused matrices: refused, not evaluated stale
+
+    run = tmp_path / "run"  # a run that saves int8: its recorded bytes are the file's, its α the loaded draft's
+    metadata = train_draft(target, corpus, run, _options(steps=20, save_dtype="int8", engine_prompts=0, eval_sequences=8),
+                           target_name="tiny", target_hash=TARGET_HASH)
+    assert metadata["draft_bytes"] == sum(t.numel() * t.element_size()
+                                          for t in load_file(str(run / "model.safetensors")).values())
+    reloaded = load_draft(run, (target.weights, TARGET_HASH))
+    assert heldout_alpha(target, reloaded, corpus.heldout[:8])["alpha_t1"] == pytest.approx(metadata["alpha_t1"], abs=1e-6)
+    with pytest.raises(ValueError, match="save dtype must be one of float32, bfloat16, float16, int8"):
+        _options(save_dtype="int4")
 
 
 def test_draft_logits_are_minus_inf_outside_kept_ids_and_every_transform_gives_them_zero():

@@ -16,7 +16,7 @@ from speculant.distill.data import SOURCES, DistillError
 from speculant.distill.options import DistillOptions
 from speculant.distill.train import run_distill
 from speculant.models.base import DTYPES
-from speculant.models.feature_draft import DraftFolderError
+from speculant.models.feature_draft import SAVE_DTYPES, DraftFolderError
 
 DESCRIPTION = "`speculant distill`: train a small draft for a target by distillation, on CPU or CUDA."
 
@@ -66,7 +66,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--target-dtype", choices=["auto", *DTYPES], default=d.target_dtype,
                         help="auto: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--save-dtype", choices=list(DTYPES), default=d.save_dtype)
+    parser.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default=d.save_dtype,
+                        help="int8: each matrix as int8 with a scale per row (half the bytes of bfloat16)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     parser.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help="held-out sequences for α")
     parser.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)

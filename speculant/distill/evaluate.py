@@ -12,7 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from speculant.models.base import synchronize
-from speculant.models.feature_draft import DistilledDraft, DraftWeights, FeatureDraft, draft_class
+from speculant.models.feature_draft import (
+    DistilledDraft,
+    DraftWeights,
+    FeatureDraft,
+    dequantized,
+    draft_class,
+    stored_tensors,
+)
 from speculant.sampling import SamplingParams, logits_to_probs
 
 
@@ -135,7 +142,14 @@ def measure_cost_ratio(target, draft, context: torch.Tensor, repeats: int = 20) 
 
 def serving_copy(weights: DraftWeights, dtype: torch.dtype, max_seq_len: int | None = None) -> DistilledDraft:
     """A draft over a copy of `weights` cast to `dtype` (the target's), for evaluation while the
-    trained weights stay in float32. The target's embedding stays shared."""
+    trained weights stay in float32. The target's embedding stays shared. torch.int8: the weights a
+    draft saved in int8 loads (its matrices quantized and back, the rest through bfloat16), in float32."""
     embedding = weights.embed_tokens
     copied = copy.deepcopy(weights, {id(embedding): embedding})
+    if dtype is torch.int8:
+        if any(layer.gate_up is not None for layer in weights.layers):  # a copy's fused matrices would go stale
+            raise ValueError("serving_copy(..., torch.int8) takes training weights, not a loaded draft's (fused)")
+        device = embedding.weight.device
+        copied.load_state_dict({k: v.to(device) for k, v in dequantized(stored_tensors(copied, torch.int8)).items()})
+        dtype = torch.float32
     return draft_class(weights.draft_cfg)(copied.to(dtype=dtype), max_seq_len=max_seq_len)

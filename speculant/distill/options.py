@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 
 from speculant.distill.data import SOURCES, DistillError
 from speculant.models.base import DTYPES
+from speculant.models.feature_draft import SAVE_DTYPES
 
 
 class OutputDirError(DistillError):
@@ -90,7 +91,7 @@ class DistillOptions:
              f"rollout weight decay (--rollout-weight-decay) must be > 0, got {self.rollout_weight_decay}"),
             (self.inputs == "features" or (self.rollout_steps, self.rollout_weight_decay) == (2, 1.0),
              "--rollout-steps and --rollout-weight-decay train feature drafts (--inputs features) only"),
-            (self.save_dtype in DTYPES, f"save dtype must be one of {', '.join(DTYPES)}, got {self.save_dtype!r}"),
+            (self.save_dtype in SAVE_DTYPES, f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"),
             (self.target_dtype in ("auto", *DTYPES), f"target dtype must be auto or one of {', '.join(DTYPES)}"),
             (self.num_layers >= 1, f"a draft needs at least one layer, got {self.num_layers}"),
             (self.num_kept >= 1, f"the kept vocabulary needs at least one token, got {self.num_kept}"),

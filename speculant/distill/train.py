@@ -70,9 +70,11 @@ from speculant.distill.objective import distill_loss, feature_draft_losses, targ
 from speculant.distill.options import DistillOptions, options_dict
 from speculant.models.base import DTYPES, synchronize
 from speculant.models.feature_draft import (
+    SAVE_DTYPES,
     WEIGHTS_FILE,
     DraftConfig,
     DraftWeights,
+    dequantized,
     draft_class,
     init_random,
     read_draft_config,
@@ -139,7 +141,7 @@ def train_draft(
     save_progress()
 
     # What users get: the saved weights, in the target's dtype.
-    save_dtype = DTYPES[opts.save_dtype]
+    save_dtype = SAVE_DTYPES[opts.save_dtype]
     served = serving_copy(weights, save_dtype, target.max_seq_len)
     served = serving_copy(served.draft_weights, target_dtype, target.max_seq_len)
     after = _heldout_alphas(target, served, heldout, heldout_chat, opts)
@@ -387,7 +389,7 @@ def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: i
     if differ:
         raise DistillError(f"{opts.init_from} does not match the options: " +
                            ", ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in differ.items()))
-    return load_file(str(Path(opts.init_from) / WEIGHTS_FILE))
+    return dequantized(load_file(str(Path(opts.init_from) / WEIGHTS_FILE)))  # an int8 draft's matrices too
 
 
 def _prefixed(prefix: str, values: dict) -> dict:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speculant.models.base import DTYPES
 from speculant.models.transformer import (
     Block,
     LeanModel,
@@ -165,13 +166,10 @@ class DraftWeights(nn.Module):
         return self.fuse_in(both)
 
     def own_bytes(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of what the draft stores (everything in its state dict)."""
-        total = 0
-        for tensor in self.state_dict().values():
-            size = torch.empty((), dtype=dtype).element_size() if dtype and tensor.is_floating_point() \
-                else tensor.element_size()
-            total += tensor.numel() * size
-        return total
+        """Bytes of what the draft stores (everything in its state dict), saved in `dtype` (save_draft's;
+        None: as the tensors are now)."""
+        tensors = stored_tensors(self, dtype) if dtype is not None else self.state_dict()
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def init_from_target(self, target: TransformerWeights) -> None:
         """Copy the target's first layers and final norm (the `layers:N` self-draft as a start)."""
@@ -360,14 +358,50 @@ def draft_class(cfg: DraftConfig) -> type[DistilledDraft]:
 # ---- the output folder ------------------------------------------------------------------------
 
 
+INT8_SCALE = ".int8_scale"  # the name of an int8 matrix's row scales: the matrix's name + this
+SAVE_DTYPES = {**DTYPES, "int8": torch.int8}  # what a draft's weights may be saved in
+
+
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, C] float -> (int8 [R, C], float32 scales [R]): round(w / s) with s = the row's max |w| / 127."""
+    matrix = matrix.detach().float()
+    scale = matrix.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return torch.round(matrix / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def stored_tensors(weights: DraftWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors save_draft writes for `weights` (on the CPU): floating ones in `dtype`; with
+    torch.int8, each matrix as int8 with its row scales beside it (quantize_rows) and the rest (norms,
+    biases) in bfloat16. Integer tensors (the kept ids) as they are."""
+    tensors = {}
+    for name, tensor in weights.state_dict().items():
+        tensor = tensor.detach().cpu()
+        if not tensor.is_floating_point():
+            tensors[name] = tensor.contiguous()
+        elif dtype is torch.int8 and tensor.dim() == 2:
+            tensors[name], tensors[name + INT8_SCALE] = quantize_rows(tensor)
+        else:
+            tensors[name] = tensor.to(torch.bfloat16 if dtype is torch.int8 else dtype).contiguous()
+    return tensors
+
+
+def dequantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """stored_tensors' output -> a state dict: each int8 matrix times its row scales (float32)."""
+    out = {name: t for name, t in tensors.items() if not name.endswith(INT8_SCALE)}
+    for name, tensor in out.items():
+        if tensor.dtype == torch.int8:
+            out[name] = tensor.float() * tensors[name + INT8_SCALE][:, None]
+    return out
+
+
 def save_draft(out_dir: str | Path, weights: DraftWeights, *, target_name: str, target_hash: str,
                dtype: torch.dtype = torch.bfloat16, metadata: dict | None = None) -> Path:
-    """Write model.safetensors (the draft's own weights in `dtype`, kept ids as int64; no embedding)
-    and config.json. Files are written to a temporary name and renamed, so a crash leaves the old pair."""
+    """Write model.safetensors (the draft's own weights in `dtype`, one of SAVE_DTYPES: stored_tensors;
+    kept ids as int64; no embedding) and config.json. Files are written to a temporary name and renamed,
+    so a crash leaves the old pair."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: (t.to(dtype) if t.is_floating_point() else t).detach().cpu().contiguous()
-               for name, t in weights.state_dict().items()}
+    tensors = stored_tensors(weights, dtype)
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -437,7 +471,7 @@ def load_draft(path: str | Path, target, max_seq_len: int | None = None) -> Dist
         raise TargetMismatchError(f"the draft in {path} expects vocabulary {cfg.vocab_size} and hidden size "
                                   f"{cfg.hidden_size}; the target has {tcfg.vocab_size} and {tcfg.hidden_size}")
     try:
-        tensors = load_file(str(Path(path) / WEIGHTS_FILE))
+        tensors = dequantized(load_file(str(Path(path) / WEIGHTS_FILE)))
         draft = build_draft(cfg, target_weights, tensors["kept_ids"], max_seq_len=max_seq_len)
         param = target_weights.embed_tokens.weight
         draft.draft_weights.load_state_dict({k: v.to(param.device) for k, v in tensors.items()})
