@@ -35,6 +35,7 @@
 #              EXACT_CONFIGS= replaces each set's configs (the rows still to run), EXACT_SKIP= skips prompts
 #   hierarchy  the hierarchy (every level's forwards and step tails from CUDA graphs since 2026-12-06, untimed)
 #              against its single levels, default and bit-exact modes side by side: SmolLM2, and Qwen where staged
+#   distill-qwen  a feature draft for the Qwen 1.5B (int8 storage), DISTILL_STAGE=data then train (not yet run)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
@@ -58,7 +59,7 @@
 #              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -145,6 +146,23 @@ case "$part" in
       --target /root/w/qwen-1.5b.gguf --draft-model /root/w/qwen-0.5b.gguf --compile layers --humaneval "$humaneval" \
       --prompts ${HIER_PROMPTS:-16} --max-new-tokens 256 --configs "plain,model,ngram,model>ngram" --checks 0 \
       --out "$out/hierarchy_qwen" 2>&1 | tee "$out/hierarchy_qwen.log" ;;
+  distill-qwen)  # issue 18/23: a feature draft for the Qwen 1.5B (/root/w/qwen-1.5b.gguf staged), int8 storage so that
+    # it fits the shipped drafts' 30 MB with SmolLM2's (1 layer, MLP 1536 wide, 32,768 kept ids: 17.7 MB; the flags ran
+    # end to end on the CPU, 2026-12-06, eighth session). Two calls on the same warm machine (the corpus stays in
+    # /root/qgen): DISTILL_STAGE=data (the 1.5B's own chat answers + code and docs), then DISTILL_STAGE=train
+    # (TIME_LIMIT seconds; the draft comes back in $OUT/qwen-draft).
+    common=(--target /root/w/qwen-1.5b.gguf --inputs features --layers 1 --intermediate-size 1536 --vocab 32768
+            --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress)
+    case ${DISTILL_STAGE:-data} in
+      data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
+              --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-prompts wide --chat-repeat 2 \
+              --chat-batch-size 512 --chat-max-new-tokens 256 2>&1 | tee "$out/distill_qwen_data.log" ;;
+      train) limit 570 python3 -m speculant.distill.cli "${common[@]}" --data /root/qgen/corpus.safetensors --out /root/qdraft \
+              --time-limit ${TIME_LIMIT:-420} --steps 100000 --lr ${LR:-1e-3} --checkpoint-every 500 --engine-prompts 4 \
+              2>&1 | tee "$out/distill_qwen_train.log"
+             mkdir -p "$out/qwen-draft" && cp /root/qdraft/model.safetensors /root/qdraft/config.json "$out/qwen-draft/" ;;
+      *) echo "unknown DISTILL_STAGE" >&2; exit 2 ;;
+    esac ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
