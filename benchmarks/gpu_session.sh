@@ -139,7 +139,7 @@ case "$part" in
   hierarchy)  # issue 18 (issue 7's goal): the hierarchy, its levels and their tails from CUDA graphs, against its
     # single levels, in the default and the bit-exact mode, in one process per target: SmolLM2 (layers:8 > ngram
     # against the feature draft and n-gram), and the Qwen pair where staged (0.5B > ngram against the 0.5B and n-gram)
-    limit ${HIER_LIMIT:-260} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" \
+    [ ! -f "$model" ] || limit ${HIER_LIMIT:-260} python3 benchmarks/bit_exact.py --target "$model" --humaneval "$humaneval" \
       --prompts ${HIER_PROMPTS:-16} --max-new-tokens 256 --configs plain,features,ngram,hierarchy --checks 0 \
       --out "$out/hierarchy_smollm2" 2>&1 | tee "$out/hierarchy_smollm2.log"
     [ ! -f /root/w/qwen-1.5b.gguf ] || limit ${HIER_LIMIT:-260} python3 benchmarks/bit_exact.py \
