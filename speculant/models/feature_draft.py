@@ -46,6 +46,7 @@ from speculant.models.transformer import (
     TransformerConfig,
     TransformerWeights,
     apply_rope,
+    quantize_rows,
 )
 
 FORMAT = "speculant-draft"
@@ -360,13 +361,6 @@ def draft_class(cfg: DraftConfig) -> type[DistilledDraft]:
 
 INT8_SCALE = ".int8_scale"  # the name of an int8 matrix's row scales: the matrix's name + this
 SAVE_DTYPES = {**DTYPES, "int8": torch.int8}  # what a draft's weights may be saved in
-
-
-def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, C] float -> (int8 [R, C], float32 scales [R]): round(w / s) with s = the row's max |w| / 127."""
-    matrix = matrix.detach().float()
-    scale = matrix.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-    return torch.round(matrix / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scale
 
 
 def stored_tensors(weights: DraftWeights, dtype: torch.dtype) -> dict[str, torch.Tensor]:

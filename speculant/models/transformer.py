@@ -206,6 +206,14 @@ def serves_column_major(weight: torch.Tensor) -> bool:
 INT8_MAX_ROWS = 4  # calls of more rows (a prompt) multiply by the float matrix the int8 one was made from
 
 
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, C] -> (q int8 [R, C], float32 scales [R]): q = round(w / scale) in -127..127, scale = max |row| /
+    127 (symmetric, per row). Int8Matrix's and a draft saved in int8's (feature_draft.stored_tensors)."""
+    matrix = matrix.detach().float()
+    scale = matrix.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    return torch.round(matrix / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale
+
+
 class Int8Matrix:
     """A frozen weight [out, in] held as int8 with one scale per output row: w ≈ q · scale, q =
     round(w / scale) in -127..127, scale = max |row| / 127 (symmetric, per channel). A quarter of
@@ -221,11 +229,9 @@ class Int8Matrix:
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.source = weight.detach()  # [out, in], the model's own dtype and layout
-        weight = self.source.float()
-        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [out]
-        self.q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()  # [out, in]
+        self.q, scale = quantize_rows(self.source)  # [out, in], [out]
         self.scale = scale.to(torch.bfloat16)
-        self.shape = weight.shape
+        self.shape = self.source.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> x · wᵀ [..., out] in x's dtype."""
