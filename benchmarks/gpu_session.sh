@@ -157,9 +157,11 @@ case "$part" in
       data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
               --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-prompts wide --chat-repeat 2 \
               --chat-batch-size 512 --chat-max-new-tokens 256 2>&1 | tee "$out/distill_qwen_data.log" ;;
-      train) limit 570 python3 -m speculant.distill.cli "${common[@]}" --data /root/qgen/corpus.safetensors --out /root/qdraft \
-              --time-limit ${TIME_LIMIT:-420} --steps 100000 --lr ${LR:-1e-3} --checkpoint-every 500 --engine-prompts 4 \
-              2>&1 | tee "$out/distill_qwen_train.log"
+      # a run stopped by its limit keeps its checkpoint in /root/qdraft: the same command again resumes it
+      train) limit ${TRAIN_LIMIT:-570} python3 -m speculant.distill.cli "${common[@]}" --data /root/qgen/corpus.safetensors \
+              --out /root/qdraft --time-limit ${TIME_LIMIT:-420} --steps 100000 --lr ${LR:-1e-3} --checkpoint-every 500 \
+              --engine-prompts 0 2>&1 | tee "$out/distill_qwen_train.log" || echo "distill stopped ($?)"
+             [ -f /root/qdraft/model.safetensors ] || exit 1
              mkdir -p "$out/qwen-draft" && cp /root/qdraft/model.safetensors /root/qdraft/config.json "$out/qwen-draft/" ;;
       *) echo "unknown DISTILL_STAGE" >&2; exit 2 ;;
     esac ;;
@@ -191,6 +193,7 @@ case "$part" in
     limit ${QWEN_LIMIT:-560} python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
+      ${QWEN_FEATURES:+--feature-draft $QWEN_FEATURES} \
       --rows "${QWEN_ROWS:-ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

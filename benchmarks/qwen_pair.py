@@ -15,6 +15,7 @@ Rows (all on the same weights, prompts, seeds; tokens/s = new tokens / wall seco
     ours ngram                  prompt lookup alone (the cheapest single level)
     ours 0.5B:int8 chain / tree the 0.5B served with int8 matrices (--draft NAME:int8) as the only draft
     ours 1.5B int8 chain        the target's own int8 copy (--draft int8) as the draft
+    ours features chain / tree  --feature-draft DIR: a distilled feature draft of the 1.5B (also + lookup)
     ours 0.5B > CHEAP           the hierarchy: CHEAP (ngram, int8, layers:N of the 0.5B) drafts for the 0.5B
     hf eager                    transformers generate, eager attention
     hf assisted 0.5B            transformers assisted generation, the 0.5B as assistant_model
@@ -152,6 +153,9 @@ def main() -> None:
     parser.add_argument("--inner-gamma", type=int, default=4)
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--lookup", type=int, default=16)
+    parser.add_argument("--feature-draft", default=None,
+                        help="a distilled feature draft's folder for the 1.5B: adds the rows ours features chain / "
+                             "tree / + lookup / tree + lookup")
     parser.add_argument("--cheap", default="ngram,layers:6,int8", help="bottom levels of the hierarchy, tried in turn")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--groups", default="ours,hf,compile",
@@ -205,6 +209,12 @@ def main() -> None:
             ("ours 0.5B:int8 chain", [f"{draft_spec}:int8"], {}),
             ("ours 0.5B:int8 tree", [f"{draft_spec}:int8"], {"candidates": args.candidates}),
             ("ours 1.5B int8 chain", ["int8"], {})]
+    if args.feature_draft:
+        features = args.feature_draft
+        ours += [("ours features chain", [features], {}),
+                 ("ours features tree", [features], {"candidates": args.candidates}),
+                 ("ours features + lookup", [features], {"lookup": args.lookup}),
+                 ("ours features tree + lookup", [features], {"candidates": args.candidates, "lookup": args.lookup})]
     ours += [(f"ours 0.5B > {cheap}", [draft_spec, cheap], {}) for cheap in filter(None, args.cheap.split(","))]
     results = []
 
