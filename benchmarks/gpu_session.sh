@@ -152,7 +152,8 @@ case "$part" in
     # /root/qgen): DISTILL_STAGE=data (the 1.5B's own chat answers + code and docs), then DISTILL_STAGE=train
     # (TIME_LIMIT seconds; the draft comes back in $OUT/qwen-draft).
     common=(--target /root/w/qwen-1.5b.gguf --inputs features --layers 1 --intermediate-size 1536 --vocab 32768
-            --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress)
+            --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress
+            ${FEATURE_LAYERS:+--feature-layers $FEATURE_LAYERS})  # e.g. auto: EAGLE-3's low, middle and high layers
     case ${DISTILL_STAGE:-data} in
       data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
               --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-prompts wide --chat-repeat 2 \

@@ -185,14 +185,15 @@ def static_forward(model: LeanModel, compile: bool, kernels: str = "torch", exac
 
     def forward(tokens: torch.Tensor, positions: torch.Tensor, ancestors: torch.Tensor | None = None):
         # ancestors [T, T]: a tree (LeanModel.forward), its nodes in slots positions[0] + 0..T-1
-        hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len, ancestors=ancestors)
+        taps = model.new_taps()
+        hidden = model.hidden_states(tokens, positions, kv_len=model.max_seq_len, ancestors=ancestors, taps=taps)
         slots = positions if ancestors is None else positions[0] + torch.arange(tokens.shape[0], device=tokens.device)
-        model.record_features(hidden, slots)
+        model.record_features(hidden, slots, taps)
         return model.logits(hidden)
 
     # a target that keeps features writes them too: another function. dynamic=None (torch.compile's
     # default): the first shape compiles static, the next one once for all lengths >= 2
-    return _compiled(model, ("static", model.features is not None), forward, compile)
+    return _compiled(model, ("static", model.feature_kind()), forward, compile)
 
 
 def exact_forward(model: LeanModel, compile: bool):
@@ -202,11 +203,12 @@ def exact_forward(model: LeanModel, compile: bool):
     steps, chains and trees alike. Compiled once per model (_compiled)."""
 
     def forward(tokens, positions, slots, start, table, count):
-        hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count))
-        model.record_features(hidden, slots)  # the padding rows' go to scratch slots
+        taps = model.new_taps()
+        hidden = model.exact_hidden_states(tokens, ExactKeys(positions, slots, start, table, count), taps)
+        model.record_features(hidden, slots, taps)  # the padding rows' go to scratch slots
         return model.logits(hidden)
 
-    return _compiled(model, ("exact", model.features is not None), forward, compile)
+    return _compiled(model, ("exact", model.feature_kind()), forward, compile)
 
 
 def static_feature_forward(draft: FeatureDraft, compile: bool):
@@ -399,7 +401,7 @@ class FusedStepper:
         if bit_exact and self.kernels == "torch":
             target.keep_features()
         if self.features:
-            target.keep_features()  # before compiling: the target's forward then writes them
+            draft_model.read_from(target)  # before compiling: the target's forward then writes them
             self.draft_fn = static_feature_forward(draft_model, compile)
         else:
             self.draft_fn = None if draft_model is None else static_forward(draft_model, compile, self.draft_kernels)

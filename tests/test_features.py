@@ -38,14 +38,21 @@ GREEDY = SamplingParams(temperature=0)
 
 
 def feature_pair(vocab: int, seed: int = 0, target_scale: float = 2.0, draft_scale: float = 1.0,
-                 kept: int | None = None, max_seq_len: int = 96, device: str = "cpu"):
-    """A tiny llama target and a random one-layer feature draft over its embedding."""
-    weights = random_weights(tiny_config(vocab_size=vocab, num_layers=2), seed=seed, scale=target_scale)
+                 kept: int | None = None, max_seq_len: int = 96, device: str = "cpu",
+                 feature_layers: tuple[int, ...] = (), num_layers: int = 2):
+    """A tiny llama target and a random one-layer feature draft over its embedding (with
+    feature_layers: reading those target layers too, through a random, non-zero tap mix)."""
+    weights = random_weights(tiny_config(vocab_size=vocab, num_layers=num_layers), seed=seed, scale=target_scale)
     target = LeanModel(weights.to(device), max_seq_len=max_seq_len)
-    cfg = DraftConfig.for_target(target.cfg, num_layers=1, num_kept=kept or vocab, inputs="features")
+    cfg = DraftConfig.for_target(target.cfg, num_layers=1, num_kept=kept or vocab, inputs="features",
+                                 feature_layers=feature_layers)
     kept_ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[: cfg.num_kept]
     draft = build_draft(cfg, target.weights, kept_ids, max_seq_len=max_seq_len)
     init_random(draft.draft_weights, seed + 1, scale=draft_scale)
+    if feature_layers:  # init_random starts the mix at zero: make the taps count
+        mix = draft.draft_weights.tap_mix.weight
+        with torch.no_grad():
+            mix.copy_(torch.randn(mix.shape, generator=torch.Generator().manual_seed(seed + 2)) / mix.shape[1] ** 0.5)
     return target, draft
 
 
@@ -118,14 +125,17 @@ def window_pvalue(gof, tokens, law):
     return min(1.0, 2 * min(f.pvalue for f in fits)), fits
 
 
-@pytest.mark.parametrize("gamma, params, fused", [
-    (2, SamplingParams(), False),
-    (4, SamplingParams(top_p=0.8), False),
-    (3, SamplingParams(), True),
-], ids=["g2-plain", "g4-top_p", "fused-g3-plain"])
-def test_feature_draft_output_follows_the_exact_target_law(gamma, params, fused, gof):
-    """1500 seeded engine runs of a 5-token tiny transformer target with a feature draft; level 1e-4."""
-    target, draft = feature_pair(VOCAB, seed=3)
+@pytest.mark.parametrize("gamma, params, fused, taps", [
+    (2, SamplingParams(), False, ()),
+    (4, SamplingParams(top_p=0.8), False, ()),
+    (3, SamplingParams(), True, ()),
+    (3, SamplingParams(), False, (0,)),
+    (2, SamplingParams(top_k=3), True, (0,)),
+], ids=["g2-plain", "g4-top_p", "fused-g3-plain", "taps-g3-plain", "taps-fused-g2-top_k"])
+def test_feature_draft_output_follows_the_exact_target_law(gamma, params, fused, taps, gof):
+    """1500 seeded engine runs of a 5-token tiny transformer target with a feature draft (taps: one
+    that also reads the target's layer 0); level 1e-4."""
+    target, draft = feature_pair(VOCAB, seed=3, feature_layers=taps)
     law = exact_law(target, params, gof)
     tokens, alpha = runs(target, FeatureDrafter(draft, target), gamma, params, fused)
     assert 0.2 < alpha < 0.95, alpha  # drafts are accepted and rejected: both paths run
@@ -133,8 +143,9 @@ def test_feature_draft_output_follows_the_exact_target_law(gamma, params, fused,
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
-def test_a_feature_drafter_that_misreports_its_probabilities_is_caught(gof):
-    target, draft = feature_pair(VOCAB, seed=3)
+@pytest.mark.parametrize("taps", [(), (0,)], ids=["final", "taps"])
+def test_a_feature_drafter_that_misreports_its_probabilities_is_caught(taps, gof):
+    target, draft = feature_pair(VOCAB, seed=3, feature_layers=taps)
     law = exact_law(target, SamplingParams(), gof)
     tokens, _ = runs(target, Misreporting(draft, target), 2, SamplingParams(), fused=False)
     pvalue, _ = window_pvalue(gof, tokens, law)
@@ -339,3 +350,124 @@ def test_bad_rollout_options_end_the_run_with_one_line(flags, message, tmp_path,
     assert status == 2 and err.count("\n") == 1 and err.startswith("speculant distill: error: ") and message in err
     with pytest.raises(DistillError, match="finite"):
         DistillOptions(inputs="features", rollout_steps=math.nan)
+
+
+# ================================================================ feature layers (--feature-layers)
+
+
+def test_a_zero_tap_mix_reads_exactly_the_final_features():
+    """A draft with feature layers and its mix at zero (where training starts) is the tapless draft:
+    the target records the same features and the draft drafts the same tokens."""
+    target, draft = feature_pair(64, seed=4, feature_layers=(0, 1))
+    torch.nn.init.zeros_(draft.draft_weights.tap_mix.weight)
+    plain_target, _ = feature_pair(64, seed=4)
+    plain_target.keep_features()
+    draft.read_from(target)
+    tokens = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1))
+    target.forward(tokens, 0)
+    plain_target.forward(tokens, 0)
+    assert torch.equal(target.features[:12], plain_target.features[:12])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_recorded_features_are_the_training_combination_of_the_taps(device):
+    """What the target records while serving (forward, prefill, the fused step's forward, a batch's rows)
+    equals what training computes: combine_features(final-normed, the tapped layers' outputs)."""
+    from speculant.fused import static_forward
+
+    target, draft = feature_pair(64, seed=6, feature_layers=(0, 2), num_layers=4, device=device)
+    draft.read_from(target)
+    tokens = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(2)).to(device)
+    taps: list[torch.Tensor] = []
+    _, hidden = target_outputs_batch(target, tokens, (0, 2), taps)
+    assert len(taps) == 2
+    expected = draft.draft_weights.combine_features(hidden, taps)  # [2, 14, E]
+    assert not torch.allclose(expected, hidden, atol=1e-3)  # the taps change the features
+    tol = {"atol": 1e-5, "rtol": 1e-5}
+    target.forward(tokens[0], 0)
+    torch.testing.assert_close(target.features[:14], expected[0], **tol)
+    target.prefill(tokens[1])
+    torch.testing.assert_close(target.features[:14], expected[1], **tol)
+    target.features.zero_()
+    static_forward(target, compile=False)(tokens[0], torch.arange(14, device=device))
+    torch.testing.assert_close(target.features[:14], expected[0], **tol)
+    cache = target.new_row_cache(2, features=True)
+    target.forward_rows(cache, tokens, [0, 0], [14, 14])
+    torch.testing.assert_close(cache.features[:, :14], expected, **tol)
+
+
+@pytest.mark.parametrize("prompt", [[7], [1, 2, 3, 4, 5, 6, 7]], ids=["len1", "len7"])
+def test_greedy_speculation_with_feature_layers_equals_plain_greedy(prompt):
+    target, draft = feature_pair(8, seed=5, kept=6, feature_layers=(0,))
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
+    accepted = {}
+    for fused in (False, True):
+        stepper = FusedStepper(target, draft, compile=False) if fused else None
+        steps = list(generate(target, FeatureDrafter(draft, target), prompt, gamma=3, params=GREEDY,
+                              max_new_tokens=40, stepper=stepper))
+        assert [t for s in steps for t in s.tokens] == expected
+        accepted[fused] = [s.num_accepted for s in steps]
+    assert accepted[True] == accepted[False] and sum(accepted[False]) > 0
+
+
+def test_a_target_records_the_features_of_the_last_draft_to_read_them():
+    target, draft = feature_pair(64, seed=1, feature_layers=(0,))
+    _, other = feature_pair(64, seed=2, feature_layers=(1,))
+    draft.read_from(target)
+    other.read_from(target)
+    tokens = torch.randint(0, 64, (1, 9), generator=torch.Generator().manual_seed(3))
+    taps: list[torch.Tensor] = []
+    _, hidden = target_outputs_batch(target, tokens, (1,), taps)
+    target.forward(tokens[0], 0)
+    torch.testing.assert_close(target.features[:9], other.draft_weights.combine_features(hidden, taps)[0])
+    assert target.feature_kind() == (1,)
+    with pytest.raises(ValueError, match="layer indices"):
+        target.keep_features((5,), draft.draft_weights.combine_features)
+    with pytest.raises(ValueError, match="feature layers"):
+        DraftConfig.for_target(target.cfg, num_layers=1, num_kept=8, inputs="features", feature_layers=(2,))
+    with pytest.raises(ValueError, match="feature draft"):
+        DraftConfig.for_target(target.cfg, num_layers=1, num_kept=8, inputs="tokens", feature_layers=(0,))
+
+
+def test_distilling_with_feature_layers_trains_the_mix_and_round_trips(feature_corpus, tmp_path):
+    target, corpus = feature_corpus
+    m = train_draft(target, corpus, tmp_path, feature_options(steps=100, feature_layers="0"),
+                    target_name="tiny", target_hash="tiny-sha")
+    for t in (0, 1):
+        assert m[f"alpha_t{t}"] > m[f"alpha_t{t}_before"] + 0.1, m
+    draft = load_draft(tmp_path, (target.weights, "tiny-sha"))
+    assert draft.draft_weights.draft_cfg.feature_layers == (0,)
+    assert draft.draft_weights.tap_mix.weight.abs().sum() > 0  # trained away from its zero start
+    fresh = LeanModel(target.weights, max_seq_len=128)  # the fixture's target keeps no taps
+    assert heldout_alpha(fresh, draft, corpus.heldout[:16])["alpha_t1"] == pytest.approx(m["alpha_t1"], abs=1e-6)
+    prompt = corpus.heldout[0, :6].tolist()
+    expected = reference_generate(fresh, prompt, params=GREEDY, max_new_tokens=30)
+    steps = list(generate(fresh, FeatureDrafter(draft, fresh), prompt, gamma=4, params=GREEDY, max_new_tokens=30))
+    assert [t for s in steps for t in s.tokens] == expected
+
+
+def test_a_tapless_draft_fine_tuned_with_feature_layers_starts_where_it_was(feature_run, tmp_path):
+    target, corpus, out, m = feature_run
+    fresh = LeanModel(target.weights, max_seq_len=128)
+    tuned = train_draft(fresh, corpus, tmp_path, feature_options(steps=0, feature_layers="1", init_from=str(out),
+                                                                engine_prompts=0),
+                        target_name="tiny", target_hash="tiny-sha")
+    assert tuned["alpha_t1_before"] == pytest.approx(m["alpha_t1"], abs=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--inputs", "tokens", "--feature-layers", "0"], "--feature-layers is for feature drafts"),
+    (["--feature-layers", "a,b"], "auto or comma-separated layer indices"),
+])
+def test_bad_feature_layers_end_the_run_with_one_line(flags, message, tmp_path, capsys):
+    status = distill_main(["--out", str(tmp_path / "out"), "--inputs", "features", *flags])
+    err = capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and err.startswith("speculant distill: error: ") and message in err
+
+
+def test_feature_layers_auto_are_eagle3s_low_middle_and_high():
+    assert DistillOptions(inputs="features", feature_layers="auto").resolve_feature_layers(28) == (2, 14, 25)
+    assert DistillOptions(inputs="features", feature_layers="auto").resolve_feature_layers(2) == (0, 1)
+    with pytest.raises(DistillError, match="0..27"):
+        DistillOptions(inputs="features", feature_layers="3,28").resolve_feature_layers(28)

@@ -48,6 +48,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                              "(EAGLE-3's training-time test); the held-out α is reported per pass")
     parser.add_argument("--rollout-weight-decay", type=float, default=d.rollout_weight_decay,
                         help="pass k of --rollout-steps weighs this^(k-1) in the loss")
+    parser.add_argument("--feature-layers", default=d.feature_layers,
+                        help="feature drafts: also read the outputs of these target layers (comma-separated "
+                             "indices, or auto: 2, L/2, L-3 as EAGLE-3), mixed into the final feature by a "
+                             "learned map that starts at zero (a draft from --init-from starts as it was)")
     parser.add_argument("--vocab", dest="num_kept", type=int, default=d.num_kept,
                         help="K: the draft's output vocabulary, the K most frequent tokens of the training text")
     parser.add_argument("--head", choices=["shared", "own"], default=d.head,

@@ -41,7 +41,7 @@ def heldout_alpha(target, draft, heldout: torch.Tensor, temperatures: Sequence[f
     mass, count = 0.0, 0
     kept = draft.kept_ids
     if features:
-        target.keep_features()
+        draft.read_from(target)
     for row in heldout:
         row = row.to(target.device)
         target.truncate(0)

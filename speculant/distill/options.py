@@ -38,6 +38,7 @@ class DistillOptions:
     feature_weight: float = 1.0  # weight of the feature regression (smooth L1) for feature drafts
     rollout_steps: int = 2  # feature drafts: passes, each reading the last one's predicted features (EAGLE-3's test)
     rollout_weight_decay: float = 1.0  # pass k of rollout_steps weighs rollout_weight_decay^(k-1)
+    feature_layers: str = ""  # feature drafts: "" none, "auto" (2, L/2, L-3: EAGLE-3's) or "i,j,k" (resolve_feature_layers)
     num_kept: int = 8192  # K
     head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
     init: str = "auto"  # "target": copy the target's first layers; "random"; "auto": target if it can
@@ -89,6 +90,10 @@ class DistillOptions:
              f"rollout steps (--rollout-steps) must be an integer >= 1, got {self.rollout_steps}"),
             (self.rollout_weight_decay > 0,
              f"rollout weight decay (--rollout-weight-decay) must be > 0, got {self.rollout_weight_decay}"),
+            (self.inputs == "features" or not self.feature_layers,
+             "--feature-layers is for feature drafts (--inputs features)"),
+            (self.feature_layers in ("", "auto") or all(p.strip().isdigit() for p in self.feature_layers.split(",")),
+             f"feature layers (--feature-layers) are auto or comma-separated layer indices, got {self.feature_layers!r}"),
             (self.inputs == "features" or (self.rollout_steps, self.rollout_weight_decay) == (2, 1.0),
              "--rollout-steps and --rollout-weight-decay train feature drafts (--inputs features) only"),
             (self.save_dtype in SAVE_DTYPES, f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {self.save_dtype!r}"),
@@ -107,6 +112,19 @@ class DistillOptions:
         for ok, message in checks:
             if not ok:
                 raise DistillError(message)
+
+    def resolve_feature_layers(self, target_layers: int) -> tuple[int, ...]:
+        """The target layers a feature draft taps, for a target of `target_layers` layers: auto = 2,
+        L/2 and L-3 (low, middle and high, as EAGLE-3 picks them; distinct, in order)."""
+        if not self.feature_layers:
+            return ()
+        if self.feature_layers == "auto":
+            layers = sorted({min(2, target_layers - 1), target_layers // 2, max(target_layers - 3, 0)})
+        else:
+            layers = [int(p) for p in self.feature_layers.split(",")]
+        if len(set(layers)) != len(layers) or max(layers) >= target_layers:
+            raise DistillError(f"feature layers {layers}: distinct indices of the target's layers 0..{target_layers - 1}")
+        return tuple(layers)
 
     @property
     def warmup(self) -> int:

@@ -116,7 +116,8 @@ def train_draft(
     saved = _saved_run(checkpoint, opts, target_hash)
     kept, draft_tensors = _starting_tensors(saved, checkpoint, corpus, tw, opts, target_hash, always_kept)
     cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
-                                 intermediate_size=opts.intermediate_size or None, inputs=opts.inputs)
+                                 intermediate_size=opts.intermediate_size or None, inputs=opts.inputs,
+                                 feature_layers=opts.resolve_feature_layers(target.num_layers))
     weights, init = _draft_weights(tw, cfg, kept, draft_tensors, opts, target.device)
     trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
     params = [p for p in weights.parameters() if p.requires_grad]
@@ -183,7 +184,8 @@ def _starting_tensors(saved: dict | None, checkpoint: Path, corpus: TokenCorpus,
         return draft_tensors["kept_ids"], draft_tensors
     if not opts.init_from:
         return kept_on_corpus(), None
-    draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size)
+    draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size,
+                                  opts.resolve_feature_layers(tw.cfg.num_layers))
     kept = draft_tensors["kept_ids"]
     if opts.init_vocab == "corpus":  # new kept ids; a bias (and an own head's row) follows its id
         kept = kept_on_corpus()
@@ -214,8 +216,11 @@ def _draft_weights(tw: TransformerWeights, cfg: DraftConfig, kept: torch.Tensor,
         weights.init_from_target(tw)
     weights = weights.to(device=device, dtype=torch.float32)
     if draft_tensors is not None:
-        weights.load_state_dict({k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
-                                 for k, v in draft_tensors.items()})
+        # a draft without feature layers fine-tuned with them: its tap mix starts at zero (init_random)
+        missing = [k for k in weights.state_dict() if k not in draft_tensors and k.startswith(("tap_norms.", "tap_mix."))]
+        tensors = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+                   for k, v in draft_tensors.items()}
+        weights.load_state_dict({**tensors, **{k: weights.state_dict()[k] for k in missing}})
     if opts.init_from:
         init = f"from {opts.init_from}"
     return weights, init
@@ -226,10 +231,13 @@ def _batch_loss(target: LeanModel, trainer, cfg: DraftConfig, tokens: torch.Tens
     """(loss, α estimate per pass [P]) of one training batch tokens [B, T]; the target runs without
     grad. P = rollout_steps for a feature draft, 1 for a token draft."""
     with autocast:
-        t_logits, t_features = target_outputs_batch(target, tokens)  # [B, T, V], [B, T, E]
+        taps: list[torch.Tensor] = []
+        t_logits, t_features = target_outputs_batch(target, tokens, cfg.feature_layers, taps)  # [B, T, V], [B, T, E]
         if cfg.inputs == "features":
+            read = trainer.draft_weights.combine_features(t_features, taps) if cfg.feature_layers else None
             return feature_draft_losses(trainer, tokens, t_logits, t_features, kept, opts.temperature,
-                                        opts.feature_weight, opts.rollout_steps, opts.rollout_weight_decay)
+                                        opts.feature_weight, opts.rollout_steps, opts.rollout_weight_decay,
+                                        read_features=read)
         d_logits = trainer.train_kept_logits(tokens)  # [B, T, K]
     loss, alpha, _ = distill_loss(d_logits.flatten(0, 1), t_logits.flatten(0, 1), kept, opts.temperature)
     return loss, alpha.reshape(1)
@@ -376,7 +384,8 @@ def _check_finite(metadata: dict, where: str = "") -> None:
                                "(lower --lr, train longer, or check the data); nothing was saved")
 
 
-def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: int) -> dict:
+def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: int,
+                  feature_layers: tuple[int, ...]) -> dict:
     """The weights of the draft folder `opts.init_from`, checked against the target and the options."""
     config = read_draft_config(opts.init_from)
     if config["target_hash"] != target_hash:
@@ -386,6 +395,8 @@ def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: i
     wanted = {"num_layers": opts.num_layers, "inputs": opts.inputs, "head": opts.head,
               "intermediate_size": opts.intermediate_size or target_intermediate}
     differ = {k: (arch.get(k), v) for k, v in wanted.items() if arch.get(k) != v}
+    if arch.get("feature_layers") and list(arch["feature_layers"]) != list(feature_layers):
+        differ["feature_layers"] = (arch["feature_layers"], list(feature_layers))
     if differ:
         raise DistillError(f"{opts.init_from} does not match the options: " +
                            ", ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in differ.items()))

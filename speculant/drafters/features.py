@@ -32,7 +32,7 @@ class FeatureDrafter:
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         self.candidates = candidates  # per position: 1 = a chain, k > 1 = k-1 alternatives too
-        target.keep_features()
+        draft.read_from(target)
         self.model = draft
         self.target = target
         self.vocab_size = draft.vocab_size

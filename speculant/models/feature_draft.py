@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,10 +84,18 @@ class DraftConfig:
     # "tokens": the draft reads tokens only. "features": it also reads the target's final hidden
     # state at the previous position (EAGLE-style; see FeatureDraft).
     inputs: str = "tokens"
+    # a feature draft: the target layers whose outputs it also reads (EAGLE-3's low, middle and high
+    # layers), mixed into the final-normed feature (DraftWeights.combine_features); () = none
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))  # JSON gives a list
         if self.inputs not in ("tokens", "features"):
             raise ValueError(f"inputs must be 'tokens' or 'features', got {self.inputs!r}")
+        if self.feature_layers and (self.inputs != "features" or min(self.feature_layers) < 0
+                                    or len(set(self.feature_layers)) != len(self.feature_layers)):
+            raise ValueError(f"feature layers are distinct target layer indices of a feature draft, got "
+                             f"{list(self.feature_layers)}")
         if self.head not in ("shared", "own"):
             raise ValueError(f"head must be 'shared' or 'own', got {self.head!r}")
         if self.num_layers < 1:
@@ -105,9 +114,12 @@ class DraftConfig:
 
     @staticmethod
     def for_target(target_cfg: TransformerConfig, num_layers: int = 2, num_kept: int = 8192,
-                   head: str = "shared", intermediate_size: int | None = None, inputs: str = "tokens") -> DraftConfig:
+                   head: str = "shared", intermediate_size: int | None = None, inputs: str = "tokens",
+                   feature_layers: tuple[int, ...] = ()) -> DraftConfig:
         """A draft shaped like one layer of `target_cfg` (so target layers can initialise it)."""
         gemma = target_cfg.arch == "gemma3"
+        if any(i >= target_cfg.num_layers for i in feature_layers):
+            raise ValueError(f"feature layers {list(feature_layers)}: the target has layers 0..{target_cfg.num_layers - 1}")
         return DraftConfig(
             vocab_size=target_cfg.vocab_size, hidden_size=target_cfg.hidden_size,
             intermediate_size=intermediate_size or target_cfg.intermediate_size, num_layers=num_layers,
@@ -115,6 +127,7 @@ class DraftConfig:
             num_kept=min(num_kept, target_cfg.vocab_size), head=head, rope_theta=target_cfg.rope_theta,
             rms_norm_eps=target_cfg.rms_norm_eps, max_position_embeddings=target_cfg.max_position_embeddings,
             embed_scale=float(target_cfg.hidden_size**0.5) if gemma else 1.0, inputs=inputs,
+            feature_layers=tuple(feature_layers),
         )
 
 
@@ -142,6 +155,12 @@ class DraftWeights(nn.Module):
             self.embed_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
             self.feature_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
             self.fuse_in = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=True)
+        if cfg.feature_layers:
+            # each tapped layer's output RMS-normalised, mixed down to E and added to the final-normed
+            # feature: at zero mix (a fresh mix starts there) the draft reads what a tapless one does
+            self.tap_norms = nn.ModuleList(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
+                                           for _ in cfg.feature_layers)
+            self.tap_mix = nn.Linear(len(cfg.feature_layers) * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.register_buffer("kept_ids", kept_ids.to(torch.int64).clone())
         if (cfg.head == "shared") != (shared_head_rows is not None):
             raise ValueError("shared_head_rows [K, E] is needed exactly when head == 'shared'")
@@ -160,6 +179,13 @@ class DraftWeights(nn.Module):
         """hidden [..., E] after the final norm -> logits over the kept ids [..., K], float32."""
         weight = self.head_weight()
         return (F.linear(hidden, weight.to(hidden.dtype)).float() + self.head_bias.float())
+
+    def combine_features(self, hidden: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The target's feature at a position: final-normed hidden [..., E] plus the mix of the tapped
+        layers' outputs taps [..., E] each (in feature_layers' order) -> [..., E]. The target's
+        forward calls it (LeanModel.keep_features), training calls it on the target's batch."""
+        normed = [norm(tap.to(hidden.dtype)) for norm, tap in zip(self.tap_norms, taps)]
+        return hidden + self.tap_mix(torch.cat(normed, -1).to(self.tap_mix.weight.dtype)).to(hidden.dtype)
 
     def feature_inputs(self, embedded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """embedded [..., E] (token embeddings), features [..., E] (target features) -> [..., E]."""
@@ -194,7 +220,7 @@ def init_random(weights: DraftWeights, seed: int, scale: float = 1.0) -> None:
         for name, param in weights.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
-            elif name in ("head_bias", "fuse_in.bias"):
+            elif name in ("head_bias", "fuse_in.bias", "tap_mix.weight"):
                 param.zero_()
             else:
                 std = scale / param.shape[-1] ** 0.5
@@ -245,6 +271,15 @@ class FeatureDraft(DistilledDraft):
     free from its verification pass (LeanModel.keep_features). q is still exactly the law the
     draft samples from, so speculative sampling stays exact.
     """
+
+    def read_from(self, target: LeanModel) -> None:
+        """Make `target` keep the features this draft reads (its final-normed hidden states, and the
+        outputs of the draft's feature layers mixed in: LeanModel.keep_features)."""
+        layers = self.draft_weights.draft_cfg.feature_layers
+        if any(i >= target.num_layers for i in layers):
+            raise ValueError(f"this feature draft reads target layers {list(layers)}; the target runs "
+                             f"{target.num_layers}")
+        target.keep_features(layers, self.draft_weights.combine_features if layers else None)
 
     def prefill(self, tokens: torch.Tensor) -> None:
         """A draft's own forward (not LeanModel's head-less one: its layers read more than tokens)."""
@@ -298,7 +333,8 @@ class FeatureDraft(DistilledDraft):
 def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: torch.Tensor,
                           rope: torch.Tensor, key_valid: torch.Tensor | None = None,
                           cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                          start: int = 0) -> torch.Tensor:
+                          start: int = 0, tap_layers: Sequence[int] = (),
+                          taps: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Llama blocks over a batch: x [B, T, E] at positions start..start+T-1 -> final-normed [B, T, E].
 
     The same arithmetic as `LeanModel.hidden_states` (llama branch), batched and autograd-safe.
@@ -306,6 +342,7 @@ def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: to
     out left padding: RoPE is relative, so a left-padded row computes what the unpadded row does.
     cache (optional, no autograd): per layer (keys, values) [B, KV, S, D]; the new K/V are written at
     start..start+T-1 and attention spans 0..start+T-1 (batched generation); without it start is 0.
+    `taps` (a list) gets the output [B, T, E] of each layer in `tap_layers`, in order.
     """
     if cfg.arch != "llama" or cfg.sliding_window:
         raise ValueError("batched_hidden_states handles llama-family layers without sliding windows")
@@ -338,6 +375,8 @@ def batched_hidden_states(layers, norm: nn.Module, cfg: TransformerConfig, x: to
         x = x + layer.o_proj(out.transpose(1, 2).reshape(b, t, h_ * d))
         h = layer.post_attention_layernorm(x)
         x = x + layer.down_proj(F.silu(layer.gate_proj(h)) * layer.up_proj(h))
+        if taps is not None and i in tap_layers:
+            taps.append(x)
     return norm(x)
 
 

@@ -22,7 +22,7 @@ calls) over the one cache they share; the attention of bit-exact mode lives in i
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -367,6 +367,8 @@ class LeanModel(PositionalCache):
             self.attn_scale = cfg.head_dim**-0.5
             self.embed_scale = 1.0
         self.features: torch.Tensor | None = None  # see keep_features
+        self.feature_taps: tuple[int, ...] = ()  # see keep_features
+        self.feature_combine: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None
         self.kept_vocab: tuple[torch.Tensor, torch.Tensor | Int8Matrix] | None = None  # see keep_vocab
         if not any(p.requires_grad for p in weights.parameters()):
             for layer in weights.layers:
@@ -395,8 +397,9 @@ class LeanModel(PositionalCache):
         if ancestors is not None:
             ancestors = ancestors.to(self.device)
             positions = start_pos + ancestors.sum(-1) - 1  # depth of each node
-        hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end, ancestors=ancestors)
-        self.record_features(hidden, slots)
+        taps = self.new_taps()
+        hidden = self.hidden_states(tokens.to(self.device), positions, kv_len=end, ancestors=ancestors, taps=taps)
+        self.record_features(hidden, slots, taps)
         self._length = end
         return self.logits(hidden)
 
@@ -425,8 +428,9 @@ class LeanModel(PositionalCache):
         piece = self.max_rows or max(end, 1)  # on the CPU in bfloat16, pieces of max_rows (see __init__)
         for first in range(0, end, piece):
             slots = torch.arange(first, min(first + piece, end), device=self.device)
-            hidden = self.hidden_states(tokens[first:first + piece], slots, kv_len=int(slots[-1]) + 1)
-            self.record_features(hidden, slots)
+            taps = self.new_taps()
+            hidden = self.hidden_states(tokens[first:first + piece], slots, kv_len=int(slots[-1]) + 1, taps=taps)
+            self.record_features(hidden, slots, taps)
         self._length = end
 
     def move_slot(self, source: int | torch.Tensor, dest: int | torch.Tensor) -> None:
@@ -437,17 +441,47 @@ class LeanModel(PositionalCache):
         if self.features is not None:
             self.features[dest] = self.features[source]
 
-    def keep_features(self) -> None:
-        """From now on every forward also stores its final-normed hidden states ("features") in
-        `self.features` [S + EXACT_WIDTH, E], position-indexed like the KV cache: a feature-reading draft
-        (speculant.drafters.features) reads them for the committed positions."""
+    def keep_features(self, taps: Sequence[int] | None = None,
+                      combine: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None) -> None:
+        """From now on every forward also stores its "features" in `self.features` [S + EXACT_WIDTH, E],
+        position-indexed like the KV cache: a feature-reading draft (speculant.drafters.features)
+        reads them for the committed positions. A position's feature is its final-normed hidden state
+        (taps ()), or with `taps` (layer indices) combine(final-normed hidden [T, E], the residual
+        stream after each tapped layer [T, E] each) -> [T, E], the function of the draft that reads
+        them (EAGLE-3's features from low, middle and high layers); taps None keeps the kind set last.
+        A model keeps one kind, the last asked for (a feature draft's read_from asks; another draft
+        reading them stays exact, only its α suffers); a forward compiled for it is keyed on
+        feature_kind."""
+        if taps is not None:
+            taps = tuple(int(i) for i in taps)
+            if bool(taps) != (combine is not None) or any(not 0 <= i < self.num_layers for i in taps):
+                raise ValueError(f"feature taps are layer indices in 0..{self.num_layers - 1}, given with their "
+                                 f"combine function; got {taps}")
+            self.feature_taps, self.feature_combine = taps, combine
         if self.features is None:
             slots = self.k_cache.shape[1]  # the scratch slots too, as in the KV cache
             self.features = torch.zeros(slots, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
 
-    def record_features(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+    def feature_kind(self) -> tuple[int, ...] | None:
+        """What a forward records: None (no features), () (final-normed hidden states) or the taps. A
+        compiled forward is keyed on it (speculant.fused)."""
+        return None if self.features is None else self.feature_taps
+
+    def new_taps(self) -> list[torch.Tensor] | None:
+        """The list a forward's tapped layers append to (hidden_states' `taps`), or None when the
+        features it records need none."""
+        return [] if self.features is not None and self.feature_taps else None
+
+    def feature_values(self, hidden: torch.Tensor, taps: list[torch.Tensor] | None) -> torch.Tensor:
+        """The features of final-normed hidden [..., E] and the tapped layers' outputs (new_taps)."""
+        return hidden if not self.feature_taps else self.feature_combine(hidden, taps).to(hidden.dtype)
+
+    def record_features(self, hidden: torch.Tensor, positions: torch.Tensor,
+                        taps: list[torch.Tensor] | None = None) -> None:
+        """Store the features of hidden [T, E] (final-normed; `taps` the tapped layers' [T, E] outputs,
+        see new_taps) at `positions` [T], when this model keeps features."""
         if self.features is not None:
-            self.features.index_copy_(0, positions, hidden)
+            self.features.index_copy_(0, positions, self.feature_values(hidden, taps))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., E] after the final norm -> logits [..., vocab] float32 (with keep_vocab: the
@@ -480,13 +514,15 @@ class LeanModel(PositionalCache):
         self.kept_vocab = (ids, rows)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                      inputs: torch.Tensor | None = None, ancestors: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs: torch.Tensor | None = None, ancestors: torch.Tensor | None = None,
+                      taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Run the layers over tokens [T] at positions [T]; attend to cache slots < kv_len.
 
         `inputs` [T, E] replaces the token embeddings when given (a draft that reads the target's
         features builds its own input). Writes K/V in place, at `positions` (slot = position), or
         for a tree (`ancestors` [T, T] bool, see forward) at slots positions[0] + 0..T-1. Returns
-        the final-normed hidden states [T, E].
+        the final-normed hidden states [T, E]; `taps` (a list, see new_taps) gets the tapped layers'
+        outputs [T, E].
         """
         cfg = self.cfg
         x = self.embed(tokens) if inputs is None else inputs  # [T, E]
@@ -509,14 +545,21 @@ class LeanModel(PositionalCache):
         if cfg.sliding_window:
             masks[True] = self._additive(allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window))
         # one row: this model's cache [S, KV, D] seen as [1, KV, S, D] per layer, every token at its own slot
-        x = self._layers(x[None], positions[None], slots, masks, self._single_row_cache)
+        x = self._layers(x[None], positions[None], slots, masks, self._single_row_cache, taps)
+        if taps:
+            taps[:] = [tap[0] for tap in taps]
         return self.weights.norm(x[0])
 
-    def exact_hidden_states(self, tokens: torch.Tensor, keys: ExactKeys) -> torch.Tensor:
+    def exact_hidden_states(self, tokens: torch.Tensor, keys: ExactKeys,
+                            taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Bit-exact mode: tokens [W] at keys.positions, written at keys.slots, each row attending to
-        its own keys in position order (exact_attention) -> final-normed hidden states [W, E]."""
+        its own keys in position order (exact_attention) -> final-normed hidden states [W, E] (taps:
+        as hidden_states')."""
         masks = {False: keys, True: keys._replace(window=self.cfg.sliding_window or 0)}
-        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks, self._single_row_cache)
+        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks, self._single_row_cache,
+                         taps)
+        if taps:
+            taps[:] = [tap[0] for tap in taps]
         return self.weights.norm(x[0])
 
     def _single_row_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -536,18 +579,21 @@ class LeanModel(PositionalCache):
         return mask.repeat(*(1,) * (mask.dim() - 2), groups, 1) if groups > 1 else mask
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, masks: dict[bool, torch.Tensor],
-                layer_cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                layer_cache: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+                taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The decoder layers over B rows: x [B, T, E] at positions [B, T] -> [B, T, E] (before the
         final norm). layer_cache(i) gives this call's rows of layer i's cache, keys and values
         [B, KV, slots, D] (views; a RowKVCache's rows are stored so, heads before slots, so that the
         attention's batched GEMMs read them in place); `slots` [T] (the same for every row) or [B, T]
         says where the new keys and values go; masks[sliding] is additive, [G·T, kv_len] or
-        [B, 1, G·T, kv_len]."""
+        [B, 1, G·T, kv_len]. `taps` (a list) gets the output [B, T, E] of each layer in feature_taps."""
         ropes = {local: (self.rope_local if local else self.rope_global)[:, positions, None, :]  # [2, B, T, 1, D]
                  for local in masks}
         for i in range(self.num_layers):
             local = self.cfg.is_sliding(i)
             x = self._layer(self.weights.layers[i], x, slots, ropes[local], masks[local], *layer_cache(i))
+            if taps is not None and i in self.feature_taps:
+                taps.append(x)
         return x
 
     def compile_layers(self, enabled: bool = True) -> None:
@@ -728,10 +774,12 @@ class LeanModel(PositionalCache):
             masks[True] = self._additive(allowed & near)
         x = self.embed(tokens) if inputs is None else inputs  # [B, T, E]
         rows = slice(first_row, first_row + b)
+        taps = [] if cache.features is not None and self.feature_taps else None
         hidden = self.weights.norm(self._layers(x, positions, slots, masks,
-                                                lambda i: (cache.k[i, rows], cache.v[i, rows])))
+                                                lambda i: (cache.k[i, rows], cache.v[i, rows]), taps))
         if cache.features is not None:
-            cache.features[torch.arange(first_row, first_row + b, device=self.device)[:, None], slots] = hidden
+            features = self.feature_values(hidden, taps)
+            cache.features[torch.arange(first_row, first_row + b, device=self.device)[:, None], slots] = features
         if not with_logits:
             return None, hidden
         return self.logits(hidden.reshape(b * t, -1)).view(b, t, -1), hidden
@@ -759,8 +807,8 @@ class RowKVCache:
         return self.k.shape[1]
 
     def keep_features(self) -> None:
-        """From now on forward_rows also stores each row's final-normed hidden states (a
-        feature-reading draft reads them), as LeanModel.keep_features does for one row."""
+        """From now on forward_rows also stores each row's features (a feature-reading draft reads
+        them; the model's taps say which, see LeanModel.keep_features), as the model does for one row."""
         if self.features is None:
             rows, slots = self.k.shape[1], self.k.shape[3]
             self.features = torch.zeros(rows, slots, self.hidden_size, dtype=self.k.dtype, device=self.k.device)

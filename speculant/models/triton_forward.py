@@ -182,6 +182,7 @@ class TritonForward:
         cos, sin = model.rope_global[0], model.rope_global[1]
         x = model.embed(tokens)  # [T, E]: the residual stream, updated in place below
         t = x.shape[0]
+        taps = model.new_taps()  # copies: x is updated in place
         for i in range(model.num_layers):
             layer = model.weights.layers[i]
             (w_qkv, b_qkv), norm1 = layer.qkv, layer.input_layernorm
@@ -201,7 +202,9 @@ class TritonForward:
             x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x)
             norm2 = layer.post_attention_layernorm
             x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up), layer.down, x, out=x)
+            if taps is not None and i in model.feature_taps:
+                taps.append(x.clone())
         norm = model.weights.norm
         if model.features is not None:
-            model.record_features(norm(x), slots)
+            model.record_features(norm(x), slots, taps)
         return norm_matmul(x, norm.weight, norm.eps, model.weights.head(), out_dtype=torch.float32)
