@@ -39,13 +39,13 @@ GREEDY = SamplingParams(temperature=0)
 
 def feature_pair(vocab: int, seed: int = 0, target_scale: float = 2.0, draft_scale: float = 1.0,
                  kept: int | None = None, max_seq_len: int = 96, device: str = "cpu",
-                 feature_layers: tuple[int, ...] = (), num_layers: int = 2):
+                 feature_layers: tuple[int, ...] = (), num_layers: int = 2, feature_rank: int = 0):
     """A tiny llama target and a random one-layer feature draft over its embedding (with
     feature_layers: reading those target layers too, through a random, non-zero tap mix)."""
     weights = random_weights(tiny_config(vocab_size=vocab, num_layers=num_layers), seed=seed, scale=target_scale)
     target = LeanModel(weights.to(device), max_seq_len=max_seq_len)
     cfg = DraftConfig.for_target(target.cfg, num_layers=1, num_kept=kept or vocab, inputs="features",
-                                 feature_layers=feature_layers)
+                                 feature_layers=feature_layers, feature_rank=feature_rank)
     kept_ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))[: cfg.num_kept]
     draft = build_draft(cfg, target.weights, kept_ids, max_seq_len=max_seq_len)
     init_random(draft.draft_weights, seed + 1, scale=draft_scale)
@@ -369,14 +369,16 @@ def test_a_zero_tap_mix_reads_exactly_the_final_features():
     assert torch.equal(target.features[:12], plain_target.features[:12])
 
 
+@pytest.mark.parametrize("rank", [0, 8], ids=["full-mix", "rank-8"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_recorded_features_are_the_training_combination_of_the_taps(device):
+def test_recorded_features_are_the_training_combination_of_the_taps(device, rank):
     """What the target records while serving (forward, prefill, the fused step's forward, a batch's rows)
     equals what training computes: combine_features(final-normed, the tapped layers' outputs)."""
     from speculant.fused import static_forward
 
-    target, draft = feature_pair(64, seed=6, feature_layers=(0, 2), num_layers=4, device=device)
+    target, draft = feature_pair(64, seed=6, feature_layers=(0, 2), num_layers=4, device=device, feature_rank=rank)
+    assert (draft.draft_weights.tap_down is not None) == bool(rank)
     draft.read_from(target)
     tokens = torch.randint(0, 64, (2, 14), generator=torch.Generator().manual_seed(2)).to(device)
     taps: list[torch.Tensor] = []
@@ -430,10 +432,13 @@ def test_a_target_records_the_features_of_the_last_draft_to_read_them():
         DraftConfig.for_target(target.cfg, num_layers=1, num_kept=8, inputs="tokens", feature_layers=(0,))
 
 
-def test_distilling_with_feature_layers_trains_the_mix_and_round_trips(feature_corpus, tmp_path):
+@pytest.mark.parametrize("rank", [0, 4], ids=["full-mix", "rank-4"])
+def test_distilling_with_feature_layers_trains_the_mix_and_round_trips(feature_corpus, tmp_path, rank):
     target, corpus = feature_corpus
-    m = train_draft(target, corpus, tmp_path, feature_options(steps=100, feature_layers="0"),
+    m = train_draft(target, corpus, tmp_path, feature_options(steps=100, feature_layers="0", feature_rank=rank),
                     target_name="tiny", target_hash="tiny-sha")
+    width = target.cfg.hidden_size  # one tapped layer: a [E, E] mix, or [r, E] down and [E, r] up
+    assert draft_mix_params(tmp_path) == (width * width if not rank else rank * width * 2)
     for t in (0, 1):
         assert m[f"alpha_t{t}"] > m[f"alpha_t{t}_before"] + 0.1, m
     draft = load_draft(tmp_path, (target.weights, "tiny-sha"))
@@ -459,6 +464,8 @@ def test_a_tapless_draft_fine_tuned_with_feature_layers_starts_where_it_was(feat
 @pytest.mark.parametrize("flags, message", [
     (["--inputs", "tokens", "--feature-layers", "0"], "--feature-layers is for feature drafts"),
     (["--feature-layers", "a,b"], "auto or comma-separated layer indices"),
+    (["--feature-rank", "8"], "goes with --feature-layers"),
+    (["--feature-layers", "auto", "--feature-rank", "-1"], "feature rank (--feature-rank) is >= 0"),
 ])
 def test_bad_feature_layers_end_the_run_with_one_line(flags, message, tmp_path, capsys):
     status = distill_main(["--out", str(tmp_path / "out"), "--inputs", "features", *flags])
@@ -471,3 +478,11 @@ def test_feature_layers_auto_are_eagle3s_low_middle_and_high():
     assert DistillOptions(inputs="features", feature_layers="auto").resolve_feature_layers(2) == (0, 1)
     with pytest.raises(DistillError, match="0..27"):
         DistillOptions(inputs="features", feature_layers="3,28").resolve_feature_layers(28)
+
+
+def draft_mix_params(folder) -> int:
+    """Elements of a saved draft's tap mix (tap_down and tap_mix)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    return sum(t.numel() for name, t in tensors.items() if name.startswith(("tap_down.", "tap_mix.")))

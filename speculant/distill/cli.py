@@ -52,6 +52,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feature drafts: also read the outputs of these target layers (comma-separated "
                              "indices, or auto: 2, L/2, L-3 as EAGLE-3), mixed into the final feature by a "
                              "learned map that starts at zero (a draft from --init-from starts as it was)")
+    parser.add_argument("--feature-rank", type=int, default=d.feature_rank,
+                        help="with --feature-layers: mix the layers through this many dimensions (0: one "
+                             "[layers x E, E] matrix; fewer bytes to store with a rank)")
     parser.add_argument("--vocab", dest="num_kept", type=int, default=d.num_kept,
                         help="K: the draft's output vocabulary, the K most frequent tokens of the training text")
     parser.add_argument("--head", choices=["shared", "own"], default=d.head,

@@ -38,6 +38,7 @@ class DistillOptions:
     feature_weight: float = 1.0  # weight of the feature regression (smooth L1) for feature drafts
     rollout_steps: int = 2  # feature drafts: passes, each reading the last one's predicted features (EAGLE-3's test)
     rollout_weight_decay: float = 1.0  # pass k of rollout_steps weighs rollout_weight_decay^(k-1)
+    feature_rank: int = 0  # feature layers' mix through this many dimensions (0: one full matrix)
     feature_layers: str = ""  # feature drafts: "" none, "auto" (2, L/2, L-3: EAGLE-3's) or "i,j,k" (resolve_feature_layers)
     num_kept: int = 8192  # K
     head: str = "shared"  # "shared": the target's head rows for the kept ids (no storage); "own"
@@ -90,6 +91,8 @@ class DistillOptions:
              f"rollout steps (--rollout-steps) must be an integer >= 1, got {self.rollout_steps}"),
             (self.rollout_weight_decay > 0,
              f"rollout weight decay (--rollout-weight-decay) must be > 0, got {self.rollout_weight_decay}"),
+            (self.feature_rank >= 0 and (self.feature_layers or not self.feature_rank),
+             f"feature rank (--feature-rank) is >= 0 and goes with --feature-layers, got {self.feature_rank}"),
             (self.inputs == "features" or not self.feature_layers,
              "--feature-layers is for feature drafts (--inputs features)"),
             (self.feature_layers in ("", "auto") or all(p.strip().isdigit() for p in self.feature_layers.split(",")),

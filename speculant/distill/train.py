@@ -117,7 +117,8 @@ def train_draft(
     kept, draft_tensors = _starting_tensors(saved, checkpoint, corpus, tw, opts, target_hash, always_kept)
     cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
                                  intermediate_size=opts.intermediate_size or None, inputs=opts.inputs,
-                                 feature_layers=opts.resolve_feature_layers(target.num_layers))
+                                 feature_layers=opts.resolve_feature_layers(target.num_layers),
+                                 feature_rank=opts.feature_rank)
     weights, init = _draft_weights(tw, cfg, kept, draft_tensors, opts, target.device)
     trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
     params = [p for p in weights.parameters() if p.requires_grad]
@@ -217,7 +218,7 @@ def _draft_weights(tw: TransformerWeights, cfg: DraftConfig, kept: torch.Tensor,
     weights = weights.to(device=device, dtype=torch.float32)
     if draft_tensors is not None:
         # a draft without feature layers fine-tuned with them: its tap mix starts at zero (init_random)
-        missing = [k for k in weights.state_dict() if k not in draft_tensors and k.startswith(("tap_norms.", "tap_mix."))]
+        missing = [k for k in weights.state_dict() if k not in draft_tensors and k.startswith(("tap_norms.", "tap_down.", "tap_mix."))]
         tensors = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
                    for k, v in draft_tensors.items()}
         weights.load_state_dict({**tensors, **{k: weights.state_dict()[k] for k in missing}})
@@ -397,6 +398,8 @@ def _init_tensors(opts: DistillOptions, target_hash: str, target_intermediate: i
     differ = {k: (arch.get(k), v) for k, v in wanted.items() if arch.get(k) != v}
     if arch.get("feature_layers") and list(arch["feature_layers"]) != list(feature_layers):
         differ["feature_layers"] = (arch["feature_layers"], list(feature_layers))
+    if arch.get("feature_layers") and arch.get("feature_rank", 0) != opts.feature_rank:
+        differ["feature_rank"] = (arch.get("feature_rank", 0), opts.feature_rank)
     if differ:
         raise DistillError(f"{opts.init_from} does not match the options: " +
                            ", ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in differ.items()))

@@ -87,6 +87,7 @@ class DraftConfig:
     # a feature draft: the target layers whose outputs it also reads (EAGLE-3's low, middle and high
     # layers), mixed into the final-normed feature (DraftWeights.combine_features); () = none
     feature_layers: tuple[int, ...] = ()
+    feature_rank: int = 0  # the taps' mix: 0 = one [n·E -> E] matrix; r = through r dimensions (fewer bytes)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))  # JSON gives a list
@@ -96,6 +97,8 @@ class DraftConfig:
                                     or len(set(self.feature_layers)) != len(self.feature_layers)):
             raise ValueError(f"feature layers are distinct target layer indices of a feature draft, got "
                              f"{list(self.feature_layers)}")
+        if self.feature_rank < 0 or (self.feature_rank and not self.feature_layers):
+            raise ValueError(f"a feature rank is >= 0 and mixes feature layers, got {self.feature_rank}")
         if self.head not in ("shared", "own"):
             raise ValueError(f"head must be 'shared' or 'own', got {self.head!r}")
         if self.num_layers < 1:
@@ -115,7 +118,7 @@ class DraftConfig:
     @staticmethod
     def for_target(target_cfg: TransformerConfig, num_layers: int = 2, num_kept: int = 8192,
                    head: str = "shared", intermediate_size: int | None = None, inputs: str = "tokens",
-                   feature_layers: tuple[int, ...] = ()) -> DraftConfig:
+                   feature_layers: tuple[int, ...] = (), feature_rank: int = 0) -> DraftConfig:
         """A draft shaped like one layer of `target_cfg` (so target layers can initialise it)."""
         gemma = target_cfg.arch == "gemma3"
         if any(i >= target_cfg.num_layers for i in feature_layers):
@@ -127,7 +130,7 @@ class DraftConfig:
             num_kept=min(num_kept, target_cfg.vocab_size), head=head, rope_theta=target_cfg.rope_theta,
             rms_norm_eps=target_cfg.rms_norm_eps, max_position_embeddings=target_cfg.max_position_embeddings,
             embed_scale=float(target_cfg.hidden_size**0.5) if gemma else 1.0, inputs=inputs,
-            feature_layers=tuple(feature_layers),
+            feature_layers=tuple(feature_layers), feature_rank=feature_rank,
         )
 
 
@@ -160,7 +163,9 @@ class DraftWeights(nn.Module):
             # feature: at zero mix (a fresh mix starts there) the draft reads what a tapless one does
             self.tap_norms = nn.ModuleList(RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, False)
                                            for _ in cfg.feature_layers)
-            self.tap_mix = nn.Linear(len(cfg.feature_layers) * cfg.hidden_size, cfg.hidden_size, bias=False)
+            width = len(cfg.feature_layers) * cfg.hidden_size
+            self.tap_down = nn.Linear(width, cfg.feature_rank, bias=False) if cfg.feature_rank else None
+            self.tap_mix = nn.Linear(cfg.feature_rank or width, cfg.hidden_size, bias=False)
         self.register_buffer("kept_ids", kept_ids.to(torch.int64).clone())
         if (cfg.head == "shared") != (shared_head_rows is not None):
             raise ValueError("shared_head_rows [K, E] is needed exactly when head == 'shared'")
@@ -184,8 +189,11 @@ class DraftWeights(nn.Module):
         """The target's feature at a position: final-normed hidden [..., E] plus the mix of the tapped
         layers' outputs taps [..., E] each (in feature_layers' order) -> [..., E]. The target's
         forward calls it (LeanModel.keep_features), training calls it on the target's batch."""
-        normed = [norm(tap.to(hidden.dtype)) for norm, tap in zip(self.tap_norms, taps)]
-        return hidden + self.tap_mix(torch.cat(normed, -1).to(self.tap_mix.weight.dtype)).to(hidden.dtype)
+        normed = torch.cat([norm(tap.to(hidden.dtype)) for norm, tap in zip(self.tap_norms, taps)], -1)
+        normed = normed.to(self.tap_mix.weight.dtype)
+        if self.tap_down is not None:
+            normed = self.tap_down(normed)
+        return hidden + self.tap_mix(normed).to(hidden.dtype)
 
     def feature_inputs(self, embedded: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """embedded [..., E] (token embeddings), features [..., E] (target features) -> [..., E]."""
