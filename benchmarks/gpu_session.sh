@@ -150,13 +150,21 @@ case "$part" in
     # it fits the shipped drafts' 30 MB with SmolLM2's (1 layer, MLP 1536 wide, 32,768 kept ids: 17.7 MB; the flags ran
     # end to end on the CPU, 2026-12-06, eighth session). Two calls on the same warm machine (the corpus stays in
     # /root/qgen): DISTILL_STAGE=data (the 1.5B's own chat answers + code and docs), then DISTILL_STAGE=train
-    # (TIME_LIMIT seconds; the draft comes back in $OUT/qwen-draft); or DISTILL_STAGE=all, both in one call.
+    # (TIME_LIMIT seconds; the draft comes back in pieces in $OUT/qwen-draft: cat them); or DISTILL_STAGE=all, both in one call.
+    send_draft() {  # a file over 16 MiB does not come back from the device: pieces, joined here with cat
+      mkdir -p "$out/qwen-draft" && cp /root/qdraft/config.json "$out/qwen-draft/"
+      split -b 15M -d /root/qdraft/model.safetensors "$out/qwen-draft/model.safetensors.part"
+      sha256sum /root/qdraft/model.safetensors | tee "$out/qwen-draft/model.safetensors.sha256"
+    }
     common=(--target /root/w/qwen-1.5b.gguf --inputs features --layers 1 --intermediate-size 1536 --vocab 32768
             --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress)
     # EAGLE-3's low, middle and high layers mixed in through 512 dimensions (3.1 MB more in int8: 20.9 MB in
     # all, 29.5 MB with SmolLM2's draft); FEATURE_LAYERS= (empty) for a draft of the final features alone
     layers=${FEATURE_LAYERS-auto}
     [ -z "$layers" ] || common+=(--feature-layers "$layers" --feature-rank ${FEATURE_RANK:-512})
+    # INIT_FROM=DIR: go on from a draft (e.g. the 110 s one of 2026-12-07, carried over in its own call: the
+    # folder .gpu/qwen-draft-h100-110s holds it, 20.8 MB)
+    [ -z "${INIT_FROM:-}" ] || common+=(--init-from "$INIT_FROM")
     case ${DISTILL_STAGE:-data} in
       data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
               --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-prompts wide --chat-repeat 2 \
@@ -166,14 +174,14 @@ case "$part" in
               --out /root/qdraft --time-limit ${TIME_LIMIT:-420} --steps 100000 --lr ${LR:-1e-3} --checkpoint-every 500 \
               --engine-prompts 0 2>&1 | tee "$out/distill_qwen_train.log" || echo "distill stopped ($?)"
              [ -f /root/qdraft/model.safetensors ] || exit 1
-             mkdir -p "$out/qwen-draft" && cp /root/qdraft/model.safetensors /root/qdraft/config.json "$out/qwen-draft/" ;;
+             send_draft ;;
       all)  # both in one call (one load, one conversion) when device time is short: a smaller corpus, less training
         limit ${TRAIN_LIMIT:-590} python3 -m speculant.distill.cli "${common[@]}" --out /root/qdraft \
           --train-tokens ${TRAIN_TOKENS:-4000000} --chat-samples ${CHAT_SAMPLES:-1500} --chat-prompts wide --chat-repeat 2 \
           --chat-batch-size 512 --chat-max-new-tokens 256 --time-limit ${TIME_LIMIT:-300} --steps 100000 --lr ${LR:-1e-3} \
           --checkpoint-every 500 --engine-prompts 0 2>&1 | tee "$out/distill_qwen_all.log" || echo "distill stopped ($?)"
         [ -f /root/qdraft/model.safetensors ] || exit 1
-        mkdir -p "$out/qwen-draft" && cp /root/qdraft/model.safetensors /root/qdraft/config.json "$out/qwen-draft/" ;;
+        send_draft ;;
       *) echo "unknown DISTILL_STAGE" >&2; exit 2 ;;
     esac ;;
   gemm-sweep)
