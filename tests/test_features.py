@@ -343,8 +343,12 @@ def test_three_rollout_steps_train_and_report_alpha_for_each_pass(feature_corpus
     (["--rollout-weight-decay", "-0.5"], "must be > 0, got -0.5"),
     (["--rollout-weight-decay", "nan"], "rollout weight decay (--rollout-weight-decay) must be a finite number, got nan"),
     (["--inputs", "tokens", "--rollout-steps", "3"], "train feature drafts (--inputs features)"),
+    (["--inputs", "tokens", "--feature-layers", "0"], "--feature-layers is for feature drafts"),
+    (["--feature-layers", "a,b"], "auto or comma-separated layer indices"),
+    (["--feature-rank", "8"], "goes with --feature-layers"),
+    (["--feature-layers", "auto", "--feature-rank", "-1"], "feature rank (--feature-rank) is >= 0"),
 ])
-def test_bad_rollout_options_end_the_run_with_one_line(flags, message, tmp_path, capsys):
+def test_bad_feature_draft_options_end_the_run_with_one_line(flags, message, tmp_path, capsys):
     status = distill_main(["--out", str(tmp_path / "out"), "--inputs", "features", *flags])
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and err.startswith("speculant distill: error: ") and message in err
@@ -459,18 +463,6 @@ def test_a_tapless_draft_fine_tuned_with_feature_layers_starts_where_it_was(feat
                                                                 engine_prompts=0),
                         target_name="tiny", target_hash="tiny-sha")
     assert tuned["alpha_t1_before"] == pytest.approx(m["alpha_t1"], abs=1e-5)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--inputs", "tokens", "--feature-layers", "0"], "--feature-layers is for feature drafts"),
-    (["--feature-layers", "a,b"], "auto or comma-separated layer indices"),
-    (["--feature-rank", "8"], "goes with --feature-layers"),
-    (["--feature-layers", "auto", "--feature-rank", "-1"], "feature rank (--feature-rank) is >= 0"),
-])
-def test_bad_feature_layers_end_the_run_with_one_line(flags, message, tmp_path, capsys):
-    status = distill_main(["--out", str(tmp_path / "out"), "--inputs", "features", *flags])
-    err = capsys.readouterr().err
-    assert status == 2 and err.count("\n") == 1 and err.startswith("speculant distill: error: ") and message in err
 
 
 def test_feature_layers_auto_are_eagle3s_low_middle_and_high():

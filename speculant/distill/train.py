@@ -114,11 +114,12 @@ def train_draft(
     tw: TransformerWeights = target.weights
     checkpoint = out_dir / CHECKPOINT_DIR
     saved = _saved_run(checkpoint, opts, target_hash)
-    kept, draft_tensors = _starting_tensors(saved, checkpoint, corpus, tw, opts, target_hash, always_kept)
+    feature_layers = opts.resolve_feature_layers(target.num_layers)
+    kept, draft_tensors = _starting_tensors(saved, checkpoint, corpus, tw, opts, target_hash, always_kept,
+                                            feature_layers)
     cfg = DraftConfig.for_target(tw.cfg, num_layers=opts.num_layers, num_kept=len(kept), head=opts.head,
                                  intermediate_size=opts.intermediate_size or None, inputs=opts.inputs,
-                                 feature_layers=opts.resolve_feature_layers(target.num_layers),
-                                 feature_rank=opts.feature_rank)
+                                 feature_layers=feature_layers, feature_rank=opts.feature_rank)
     weights, init = _draft_weights(tw, cfg, kept, draft_tensors, opts, target.device)
     trainer = draft_class(cfg)(weights, max_seq_len=corpus.seq_len)  # float32 master weights
     params = [p for p in weights.parameters() if p.requires_grad]
@@ -173,8 +174,8 @@ def _saved_run(checkpoint: Path, opts: DistillOptions, target_hash: str) -> dict
 
 
 def _starting_tensors(saved: dict | None, checkpoint: Path, corpus: TokenCorpus, tw: TransformerWeights,
-                      opts: DistillOptions, target_hash: str, always_kept: Sequence[int]
-                      ) -> tuple[torch.Tensor, dict | None]:
+                      opts: DistillOptions, target_hash: str, always_kept: Sequence[int],
+                      feature_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict | None]:
     """(kept ids [K], the draft tensors to start from or None for a fresh draft): the checkpoint's,
     the `init_from` draft's (its kept ids, or new ones picked on this corpus), or none."""
     def kept_on_corpus() -> torch.Tensor:
@@ -185,8 +186,7 @@ def _starting_tensors(saved: dict | None, checkpoint: Path, corpus: TokenCorpus,
         return draft_tensors["kept_ids"], draft_tensors
     if not opts.init_from:
         return kept_on_corpus(), None
-    draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size,
-                                  opts.resolve_feature_layers(tw.cfg.num_layers))
+    draft_tensors = _init_tensors(opts, target_hash, tw.cfg.intermediate_size, feature_layers)
     kept = draft_tensors["kept_ids"]
     if opts.init_vocab == "corpus":  # new kept ids; a bias (and an own head's row) follows its id
         kept = kept_on_corpus()
@@ -218,10 +218,11 @@ def _draft_weights(tw: TransformerWeights, cfg: DraftConfig, kept: torch.Tensor,
     weights = weights.to(device=device, dtype=torch.float32)
     if draft_tensors is not None:
         # a draft without feature layers fine-tuned with them: its tap mix starts at zero (init_random)
-        missing = [k for k in weights.state_dict() if k not in draft_tensors and k.startswith(("tap_norms.", "tap_down.", "tap_mix."))]
+        fresh = weights.state_dict()
+        missing = {k: v for k, v in fresh.items() if k not in draft_tensors and k.startswith(("tap_norms.", "tap_down.", "tap_mix."))}
         tensors = {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
                    for k, v in draft_tensors.items()}
-        weights.load_state_dict({**tensors, **{k: weights.state_dict()[k] for k in missing}})
+        weights.load_state_dict({**tensors, **missing})
     if opts.init_from:
         init = f"from {opts.init_from}"
     return weights, init

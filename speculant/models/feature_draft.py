@@ -283,10 +283,7 @@ class FeatureDraft(DistilledDraft):
     def read_from(self, target: LeanModel) -> None:
         """Make `target` keep the features this draft reads (its final-normed hidden states, and the
         outputs of the draft's feature layers mixed in: LeanModel.keep_features)."""
-        layers = self.draft_weights.draft_cfg.feature_layers
-        if any(i >= target.num_layers for i in layers):
-            raise ValueError(f"this feature draft reads target layers {list(layers)}; the target runs "
-                             f"{target.num_layers}")
+        layers = self.draft_weights.draft_cfg.feature_layers  # keep_features checks them against the target
         target.keep_features(layers, self.draft_weights.combine_features if layers else None)
 
     def prefill(self, tokens: torch.Tensor) -> None:

@@ -467,10 +467,10 @@ class LeanModel(PositionalCache):
         compiled forward is keyed on it (speculant.fused)."""
         return None if self.features is None else self.feature_taps
 
-    def new_taps(self) -> list[torch.Tensor] | None:
+    def new_taps(self, cache: RowKVCache | None = None) -> list[torch.Tensor] | None:
         """The list a forward's tapped layers append to (hidden_states' `taps`), or None when the
-        features it records need none."""
-        return [] if self.features is not None and self.feature_taps else None
+        features it records (in this model, or in `cache`'s rows) need none."""
+        return [] if (self if cache is None else cache).features is not None and self.feature_taps else None
 
     def feature_values(self, hidden: torch.Tensor, taps: list[torch.Tensor] | None) -> torch.Tensor:
         """The features of final-normed hidden [..., E] and the tapped layers' outputs (new_taps)."""
@@ -544,11 +544,7 @@ class LeanModel(PositionalCache):
         masks = {False: self._additive(allowed)}
         if cfg.sliding_window:
             masks[True] = self._additive(allowed & (positions[:, None] - key_positions[None, :] < cfg.sliding_window))
-        # one row: this model's cache [S, KV, D] seen as [1, KV, S, D] per layer, every token at its own slot
-        x = self._layers(x[None], positions[None], slots, masks, self._single_row_cache, taps)
-        if taps:
-            taps[:] = [tap[0] for tap in taps]
-        return self.weights.norm(x[0])
+        return self._one_row(x, positions, slots, masks, taps)
 
     def exact_hidden_states(self, tokens: torch.Tensor, keys: ExactKeys,
                             taps: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -556,8 +552,13 @@ class LeanModel(PositionalCache):
         its own keys in position order (exact_attention) -> final-normed hidden states [W, E] (taps:
         as hidden_states')."""
         masks = {False: keys, True: keys._replace(window=self.cfg.sliding_window or 0)}
-        x = self._layers(self.embed(tokens)[None], keys.positions[None], keys.slots, masks, self._single_row_cache,
-                         taps)
+        return self._one_row(self.embed(tokens), keys.positions, keys.slots, masks, taps)
+
+    def _one_row(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, masks: dict,
+                 taps: list[torch.Tensor] | None) -> torch.Tensor:
+        """The layers over one row, x [T, E] -> final-normed [T, E] (taps [T, E] each): this model's
+        cache [S, KV, D] seen as [1, KV, S, D] per layer, every token at its own slot."""
+        x = self._layers(x[None], positions[None], slots, masks, self._single_row_cache, taps)
         if taps:
             taps[:] = [tap[0] for tap in taps]
         return self.weights.norm(x[0])
@@ -774,7 +775,7 @@ class LeanModel(PositionalCache):
             masks[True] = self._additive(allowed & near)
         x = self.embed(tokens) if inputs is None else inputs  # [B, T, E]
         rows = slice(first_row, first_row + b)
-        taps = [] if cache.features is not None and self.feature_taps else None
+        taps = self.new_taps(cache)
         hidden = self.weights.norm(self._layers(x, positions, slots, masks,
                                                 lambda i: (cache.k[i, rows], cache.v[i, rows]), taps))
         if cache.features is not None:
