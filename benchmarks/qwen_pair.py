@@ -267,12 +267,16 @@ def main() -> None:
         except ValueError as error:
             print(f"{row:<30} skipped: {error}", flush=True)
             continue
-        for task, prompts in tasks.items():
-            for temperature in temperatures:
-                outputs, seconds, alpha, decoding = run_ours(spec, prompts, temperature, args)
-                tokens = sum(len(o) for o in outputs)
-                record(row, task, temperature, outputs, seconds,
-                       extra={"alpha": alpha, "decode_tok_per_s": round(tokens / sum(decoding), 2)})
+        try:
+            for task, prompts in tasks.items():
+                for temperature in temperatures:
+                    outputs, seconds, alpha, decoding = run_ours(spec, prompts, temperature, args)
+                    tokens = sum(len(o) for o in outputs)
+                    record(row, task, temperature, outputs, seconds,
+                           extra={"alpha": alpha, "decode_tok_per_s": round(tokens / sum(decoding), 2)})
+        except (RuntimeError, ValueError, AssertionError) as error:  # one failing row must not cost the run's others
+            print(f"{row:<30} failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                  flush=True)
         del spec
         if cuda:
             torch.cuda.empty_cache()
