@@ -2,7 +2,9 @@
 # The measurements that wait for a GPU, in parts of at most ~9 minutes each (one device call each).
 #
 # Here, once:     bash ../shared/gpu/stage-models && bash benchmarks/gpu_session.sh wheels
-# On the device:  the three staging calls of ../shared/gpu/GPU.md (SmolLM2 at /root/w/smollm2.gguf,
+#                 bash benchmarks/device_pieces.sh   (the shipped drafts make the tracked tree ~39 MiB: it cuts
+#                 the staged pieces to what a 64 MiB call still carries, e.g. SmolLM2 in 5 pieces, not 3)
+# On the device:  the staging calls of ../shared/gpu/GPU.md, one per piece (SmolLM2 at /root/w/smollm2.gguf,
 #                 gguf in /root/site), then, back to back while the machine is warm, one call per part:
 #                   bash benchmarks/gpu_session.sh PART          (writes JSON and logs into $OUT)
 # carrying [".whl"] for the part `serve` (its wheels), nothing for the others.
@@ -162,8 +164,8 @@ case "$part" in
     # all, 29.5 MB with SmolLM2's draft); FEATURE_LAYERS= (empty) for a draft of the final features alone
     layers=${FEATURE_LAYERS-auto}
     [ -z "$layers" ] || common+=(--feature-layers "$layers" --feature-rank ${FEATURE_RANK:-512})
-    # INIT_FROM=DIR: go on from a draft (e.g. the 110 s one of 2026-12-07, carried over in its own call: the
-    # folder .gpu/qwen-draft-h100-110s holds it, 20.8 MB)
+    # INIT_FROM=DIR: go on from a draft (e.g. the shipped speculant/embedded/qwen2.5-coder-1.5b-draft, 320 s on an
+    # H100: it is in the tree, so every call carries it)
     [ -z "${INIT_FROM:-}" ] || common+=(--init-from "$INIT_FROM")
     case ${DISTILL_STAGE:-data} in
       data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
@@ -212,8 +214,8 @@ case "$part" in
     limit ${QWEN_LIMIT:-560} python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
-      ${QWEN_FEATURES:+--feature-draft $QWEN_FEATURES} \
-      --rows "${QWEN_ROWS:-ours plain,ours 0.5B chain,ours 0.5B tree,ours 0.5B tree + lookup,ours ngram,ours 0.5B > ngram}" \
+      --feature-draft ${QWEN_FEATURES:-speculant/embedded/qwen2.5-coder-1.5b-draft} \
+      --rows "${QWEN_ROWS:-ours plain,ours features chain,ours features tree + lookup,ours 0.5B chain,ours 0.5B tree + lookup,ours ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;
 esac

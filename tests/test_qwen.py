@@ -17,14 +17,17 @@ import numpy as np
 import pytest
 import torch
 
+from speculant import chain
 from speculant.api import Speculant
 from speculant.models.cache import find_converted
+from speculant.models.feature_draft import read_draft_config
 from speculant.models.registry import EMBEDDED, check_pairing, embedded_installed, load_model
 from speculant.models.transformer import LeanModel
 
 transformers = pytest.importorskip("transformers")
 
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
+FEATURE_DRAFT = "qwen2.5-coder-1.5b-draft"  # shipped in speculant/embedded
 CODE = 'def is_palindrome(text: str) -> bool:\n    """Return True if text reads the same backwards."""\n'
 
 
@@ -132,13 +135,31 @@ def plain_greedy(target) -> list[int]:
     ([DRAFT], {"candidates": 2}),
     ([DRAFT], {"lookup": 8}),
     ([DRAFT, "ngram"], {}),
-], ids=["chain", "candidates", "lookup", "hierarchy-ngram"])
+    ([FEATURE_DRAFT], {}),
+    ([FEATURE_DRAFT], {"candidates": 2, "lookup": 8}),
+], ids=["chain", "candidates", "lookup", "hierarchy-ngram", "feature-draft", "feature-draft-tree-lookup"])
 def test_speculative_greedy_output_equals_plain_greedy(target, plain_greedy, drafts, options):
     spec = Speculant(target, drafts, gamma=3, **options)
     out = spec.generate(target.tokenizer.encode(CODE), max_new_tokens=8, temperature=0.0)
     assert out.token_ids == plain_greedy
-    assert out.stats["accepted"] > 0  # the 0.5B's drafts were checked, and some kept
+    assert out.stats["accepted"] > 0  # the draft's tokens were checked, and some kept
     assert spec.draft_specs == drafts
+
+
+def test_the_shipped_feature_draft_is_the_targets_default_and_reads_its_layers(target):
+    """The embedded `qwen2.5-coder-1.5b-draft` (distilled on an H100, int8) is the 1.5B's default
+    draft, by name and by the loaded model's weights; it reads the target's layers 2, 14 and 25; the
+    0.5B is refused it (the draft was distilled from the 1.5B's features)."""
+    folder = chain.embedded_draft_folder(FEATURE_DRAFT)
+    assert chain.default_draft(TARGET) == str(folder) == chain.default_draft(target)
+    config = read_draft_config(folder)
+    assert config["target_hash"] == EMBEDDED[TARGET].sha256
+    assert config["architecture"]["feature_layers"] == [2, 14, 25] and config["dtype"] == "int8"
+    assert (folder / "model.safetensors").stat().st_size < 21_000_000  # the shipped drafts' 30 MB budget
+    spec = Speculant(target, ["default"], gamma=3)
+    assert spec.draft_specs == [FEATURE_DRAFT]
+    with pytest.raises(ValueError, match="draft"):
+        Speculant(load_model(DRAFT, max_seq_len=64), [FEATURE_DRAFT])
 
 
 @pytest.mark.slow
