@@ -1,0 +1,42 @@
+"""The Qwen 1.5B's shipped feature draft (speculant/embedded/qwen2.5-coder-1.5b-draft, 320 s on an H100) against the 0.5B draft and plain
+decoding on this CPU (2 cores, bf16), HumanEval T 0 and held-out chat T 0 / T 1, 128 new tokens.
+
+    .venv/bin/python compare.py DRAFT_FOLDER PROMPTS > compare.txt
+"""
+import gc, json, sys, time, torch, speculant
+sys.path.insert(0, "benchmarks")
+from qwen_pair import CHAT_PROMPTS
+from speculant.bench.tasks import code_prompts
+torch.set_num_threads(2)
+folder, count = sys.argv[1], int(sys.argv[2])
+D = "qwen2.5-coder-0.5b:int8:vocab=65536"
+CONFIGS = [("plain", ["none"], 4, {}), ("features γ4", [folder], 4, {}), ("features γ6", [folder], 6, {}),
+           ("0.5B chain γ8", [D], 8, {}), ("features γ4 + lookup 8", [folder], 4, {"lookup": 8})]
+out, plain = {}, {}
+for name, drafts, gamma, extra in CONFIGS:
+    spec = speculant.load("qwen2.5-coder-1.5b", draft=drafts, gamma=gamma, dtype="bfloat16", device="cpu", **extra)
+    tasks = {"code": [list(p.token_ids) for p in code_prompts(count, spec.encode, ".gpu/HumanEval.jsonl.gz")],
+             "chat": [spec.encode(p, chat=True) for p in CHAT_PROMPTS[:count]]}
+    spec.generate(tasks["code"][0][:32], max_new_tokens=8)
+    for task, temperature in (("code", 0.0), ("chat", 0.0), ("chat", 1.0)):
+        if task == "chat" and name.startswith(("features γ6", "0.5B", "features γ4 +")):
+            continue  # the code rows decide γ and the draft; chat rows for plain and features γ4
+        t0 = time.perf_counter(); tokens = 0; alphas = []; outs = []
+        for i, p in enumerate(tasks[task]):
+            o = spec.generate(list(p), max_new_tokens=128, temperature=temperature, seed=i)
+            tokens += len(o.token_ids); outs.append(o.token_ids)
+            alphas.append(o.stats.get("alpha"))
+        dt = time.perf_counter() - t0
+        key = f"{task} T{temperature:g}"
+        if name == "plain":
+            plain[key] = (tokens / dt, outs)
+        row = {"tok_per_s": round(tokens / dt, 2), "seconds": round(dt, 1), "tokens": tokens,
+               "speedup": round(tokens / dt / plain[key][0], 3),
+               "alpha": None if alphas[0] is None else round(sum(alphas) / len(alphas), 3)}
+        if temperature == 0:
+            row["same_as_plain"] = f"{sum(a == b for a, b in zip(outs, plain[key][1]))}/{len(outs)}"
+        out[f"{name} | {key}"] = row
+        print(f"{name:24s} {key:8s} {row['tok_per_s']:6.2f} tok/s x{row['speedup']:.2f} alpha {row['alpha']} "
+              f"same {row.get('same_as_plain')}", flush=True)
+    del spec; gc.collect()
+json.dump(out, open("benchmarks/results/cpu-qwen-draft-2026-12-07b/compare.json", "w"), indent=1)
