@@ -1,14 +1,16 @@
-"""The Qwen 1.5B's distilled feature draft (110 s of training on an H100) against the 0.5B draft and plain
-decoding on this CPU (2 cores, bf16), HumanEval T 0 and held-out chat T 0 / T 1, 128 new tokens.
+"""A Qwen 1.5B feature draft against the 0.5B draft and plain decoding on this CPU (2 cores, bf16),
+HumanEval T 0 and held-out chat T 0 / T 1, 128 new tokens; compare.json goes to OUT_DIR (default: this folder).
+Run from the repository root: the 110-s draft here, the shipped one in ../cpu-qwen-draft-2026-12-07b/.
 
-    .venv/bin/python compare.py DRAFT_FOLDER PROMPTS > compare.txt
+    .venv/bin/python compare.py DRAFT_FOLDER PROMPTS [OUT_DIR] > compare.txt
 """
-import gc, json, sys, time, torch, speculant
+import gc, json, os, sys, time, torch, speculant
 sys.path.insert(0, "benchmarks")
 from qwen_pair import CHAT_PROMPTS
 from speculant.bench.tasks import code_prompts
 torch.set_num_threads(2)
 folder, count = sys.argv[1], int(sys.argv[2])
+out_dir = sys.argv[3] if len(sys.argv) > 3 else os.path.dirname(os.path.abspath(__file__))
 D = "qwen2.5-coder-0.5b:int8:vocab=65536"
 CONFIGS = [("plain", ["none"], 4, {}), ("features γ4", [folder], 4, {}), ("features γ6", [folder], 6, {}),
            ("0.5B chain γ8", [D], 8, {}), ("features γ4 + lookup 8", [folder], 4, {"lookup": 8})]
@@ -39,4 +41,4 @@ for name, drafts, gamma, extra in CONFIGS:
         print(f"{name:24s} {key:8s} {row['tok_per_s']:6.2f} tok/s x{row['speedup']:.2f} alpha {row['alpha']} "
               f"same {row.get('same_as_plain')}", flush=True)
     del spec; gc.collect()
-json.dump(out, open("benchmarks/results/cpu-qwen-draft-2026-12-07/compare.json", "w"), indent=1)
+json.dump(out, open(os.path.join(out_dir, "compare.json"), "w"), indent=1)
