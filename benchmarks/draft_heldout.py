@@ -19,6 +19,8 @@ at a request's end. α and τ do not depend on timing: the machine may be loaded
     python benchmarks/draft_heldout.py --draft ngram --domains code,code_languages
     python benchmarks/draft_heldout.py --draft layers:8 --gamma 3 --candidates 2
     python benchmarks/draft_heldout.py --device cuda --dtype bfloat16 --prompts 16 --max-new-tokens 128
+    python benchmarks/draft_heldout.py --device cuda --dtype bfloat16 --target /root/w/qwen-1.5b.gguf \
+        --draft speculant/embedded/qwen2.5-coder-1.5b-draft --compile layers     # the Qwen 1.5B's feature draft
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--domains", default=",".join(common.HELD_OUT_DOMAINS),
                     help="comma-separated, from: %(default)s")
     ap.add_argument("--temperatures", default="0,1")
+    ap.add_argument("--compile", choices=["whole", "layers", "off"], default=None,
+                    help="how the fused step's forwards compile on a GPU (speculant.load's compile; default its own)")
     args = ap.parse_args()
     dtype = common.setup(args)
     domains = [d for d in args.domains.split(",") if d]
@@ -59,7 +63,8 @@ def main() -> None:
 
     start = time.perf_counter()
     spec = speculant.load(args.target, drafts, gamma=args.gamma, candidates=args.candidates,
-                          device=args.device, dtype=dtype)
+                          device=args.device, dtype=dtype,
+                          compile={None: None, "off": False}.get(args.compile, args.compile))
     rows = []
     for domain in domains:
         texts = common.heldout_texts(domain, args.prompts)

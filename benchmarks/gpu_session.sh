@@ -37,7 +37,8 @@
 #              EXACT_CONFIGS= replaces each set's configs (the rows still to run), EXACT_SKIP= skips prompts
 #   hierarchy  the hierarchy (every level's forwards and step tails from CUDA graphs since 2026-12-06, untimed)
 #              against its single levels, default and bit-exact modes side by side: SmolLM2, and Qwen where staged
-#   distill-qwen  a feature draft for the Qwen 1.5B (int8 storage), DISTILL_STAGE=data then train (not yet run)
+#   distill-qwen  a feature draft for the Qwen 1.5B (int8 storage), DISTILL_STAGE=data then train, or all (SEED=: a new corpus)
+#   qwen-heldout  the Qwen 1.5B's drafts on the held-out domains: α, τ, acceptance per position (draft_heldout.py)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
@@ -61,7 +62,7 @@
 #              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -159,7 +160,8 @@ case "$part" in
       sha256sum /root/qdraft/model.safetensors | tee "$out/qwen-draft/model.safetensors.sha256"
     }
     common=(--target /root/w/qwen-1.5b.gguf --inputs features --layers 1 --intermediate-size 1536 --vocab 32768
-            --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress)
+            --save-dtype int8 --batch-size 16 --seq-len 1024 --humaneval-file "$humaneval" --device cuda --no-progress
+            --seed ${SEED:-0})  # SEED: another corpus (chat prompts, answers, text) than an earlier run's
     # EAGLE-3's low, middle and high layers mixed in through 512 dimensions (3.1 MB more in int8: 20.9 MB in
     # all, 29.5 MB with SmolLM2's draft); FEATURE_LAYERS= (empty) for a draft of the final features alone
     layers=${FEATURE_LAYERS-auto}
@@ -186,6 +188,16 @@ case "$part" in
         send_draft ;;
       *) echo "unknown DISTILL_STAGE" >&2; exit 2 ;;
     esac ;;
+  qwen-heldout)  # issue 23 for the 1.5B: α, τ and per-position acceptance per held-out domain (benchmarks/prompts/,
+    # no training source), γ 4 chain, T 0 and 1, for each draft in QWEN_HELDOUT_DRAFTS (default: the shipped feature
+    # draft, a freshly distilled /root/qdraft and the 0.5B where they are there)
+    drafts=${QWEN_HELDOUT_DRAFTS:-speculant/embedded/qwen2.5-coder-1.5b-draft $( [ ! -f /root/qdraft/model.safetensors ] || echo /root/qdraft) $( [ ! -f /root/w/qwen-0.5b.gguf ] || echo /root/w/qwen-0.5b.gguf)}
+    for d in $drafts; do
+      name=$(basename "$d" .gguf)
+      limit ${HELDOUT_LIMIT:-200} python3 benchmarks/draft_heldout.py --device cuda --dtype bfloat16 --target /root/w/qwen-1.5b.gguf \
+        --draft "$d" --compile layers --prompts ${HELDOUT_PROMPTS:-8} --max-new-tokens 128 --out "$out/heldout_$name" \
+        2>&1 | grep -v '^{' | tee "$out/draft_heldout_$name.log" || echo "draft $d: stopped ($?)"
+    done ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;
