@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -436,12 +437,13 @@ def test_wide_chat_prompts_leave_the_benchmarks_documentation_topics_out():
     assert len(set(prompts)) == 500 and not set(prompts) & set(builtin_chat_instructions())
 
 
-def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_ones():
+def _question_writer():
+    """(a first-order chain model, its byte-level tokenizer with a ChatML template): after any newline the
+    chain writes "why\tnot zip" and ends the turn."""
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as Backend
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from speculant.distill.data import self_written_questions
     from speculant.models.markov import MarkovModel
     from speculant.tokenizer import Tokenizer
 
@@ -453,17 +455,44 @@ def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_on
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tokenizer = Tokenizer(backend, chat_template=template, eos_ids=[0])
-    # a first-order chain that writes "why\tnot zip" after the user turn's newline, then ends the turn
+    tokenizer = Tokenizer(backend, chat_template=template, eos_ids=[backend.token_to_id("<|im_end|>")])
     text = "\nwhy\tnot zip"
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.token_to_id("<|im_end|>")]
     assert len(set(ids)) == len(ids)
     table = torch.zeros(backend.get_vocab_size(), backend.get_vocab_size())
     for a, b in itertools.pairwise(ids):
         table[a, b] = 100.0
-    model = MarkovModel(table, max_seq_len=64)
+    return MarkovModel(table, max_seq_len=256), tokenizer  # room for a request's ~130 tokens and the reply
+
+
+def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_ones():
+    from speculant.distill.data import self_written_questions
+
+    model, tokenizer = _question_writer()
     assert self_written_questions(model, tokenizer, 3, progress=False) == ["why\tnot zip"] * 3
     assert self_written_questions(model, tokenizer, 3, max_new_tokens=5, progress=False) == []  # unfinished
+
+
+def test_requested_questions_ask_for_everyday_questions_and_keep_the_finished_replies():
+    from speculant.distill.data import (
+        EVERYDAY_CATEGORIES,
+        QUESTION_LANGUAGES,
+        question_requests,
+        requested_questions,
+    )
+
+    requests = question_requests(400, seed=1)
+    assert requests == question_requests(400, seed=1) and requests != question_requests(400, seed=2)
+    in_languages = [r for r in requests if any(f"in {language}" in r for language in QUESTION_LANGUAGES)]
+    assert len(in_languages) == 80  # every fifth
+    assert {c for c in EVERYDAY_CATEGORIES if any(f"about {c}." in r for r in requests)} == set(EVERYDAY_CATEGORIES)
+    held_out = (Path(__file__).resolve().parents[1] / "benchmarks" / "prompts").glob("heldout_*")
+    held_out_lines = {line.strip() for path in held_out for line in path.read_text().splitlines()}
+    assert not held_out_lines & set(EVERYDAY_CATEGORIES) and not held_out_lines & set(requests)
+
+    model, tokenizer = _question_writer()
+    assert requested_questions(model, tokenizer, 3, progress=False) == ["why\tnot zip"] * 3
+    assert requested_questions(model, tokenizer, 3, max_new_tokens=5, progress=False) == []  # unfinished
 
 
 def test_a_checkpoint_that_predates_an_option_resumes_only_with_its_default(tmp_path):

@@ -61,6 +61,7 @@ from speculant.distill.data import (
     chat_sequences,
     kept_token_ids,
     load_corpus,
+    requested_questions,
     save_corpus,
     self_written_questions,
     wide_chat_prompts,
@@ -478,9 +479,16 @@ def run_distill(target_spec: str, out_dir: str | Path, **options) -> dict:
     if corpus is None:
         extra, extra_heldout = [], []
         if opts.chat_samples > 0:
-            if opts.chat_prompts == "wide":  # half written by the target itself, half from subjects
-                texts = self_written_questions(loaded.model, tokenizer, opts.chat_samples // 2, seed=opts.seed,
-                                               batch_size=opts.chat_batch_size, progress=opts.progress)
+            if opts.chat_prompts in ("wide", "broad"):
+                # wide: half written by the target itself, half from programming subjects; broad: half everyday
+                # questions the target writes when asked for one (requested_questions), a quarter each of those
+                texts = []
+                if opts.chat_prompts == "broad":
+                    texts = requested_questions(loaded.model, tokenizer, opts.chat_samples // 2, seed=opts.seed,
+                                                batch_size=opts.chat_batch_size, progress=opts.progress)
+                texts += self_written_questions(loaded.model, tokenizer, (opts.chat_samples - len(texts)) // 2,
+                                                seed=opts.seed, batch_size=opts.chat_batch_size,
+                                                progress=opts.progress)
                 texts += wide_chat_prompts(opts.chat_samples - len(texts), opts.seed)
                 random.Random(opts.seed).shuffle(texts)  # both kinds in the held-out tenth
             else:
