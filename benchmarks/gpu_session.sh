@@ -168,24 +168,33 @@ case "$part" in
     [ -z "$layers" ] || common+=(--feature-layers "$layers" --feature-rank ${FEATURE_RANK:-512})
     # INIT_FROM=DIR: go on from a draft (e.g. the shipped speculant/embedded/qwen2.5-coder-1.5b-draft, 320 s on an
     # H100: it is in the tree, so every call carries it)
-    [ -z "${INIT_FROM:-}" ] || common+=(--init-from "$INIT_FROM")
+    [ -z "${INIT_FROM:-}" ] || common+=(--init-from "$INIT_FROM" --init-vocab ${INIT_VOCAB:-draft})
+    # CHAT_PROMPTS: broad (default: half everyday questions the target writes when asked, a fifth of them in other
+    # languages), wide (programming only: the shipped draft's first two runs) or pydoc
+    common+=(--chat-prompts ${CHAT_PROMPTS:-broad})
+    heldout_after() {  # HELDOUT_AFTER=1: the new draft's α and τ per held-out domain in the same call
+      [ -z "${HELDOUT_AFTER:-}" ] || limit ${HELDOUT_LIMIT:-120} python3 benchmarks/draft_heldout.py --device cuda \
+        --dtype bfloat16 --target /root/w/qwen-1.5b.gguf --draft /root/qdraft --compile layers --prompts ${HELDOUT_PROMPTS:-6} \
+        --max-new-tokens 128 --domains ${HELDOUT_DOMAINS:-chat,chat_languages,math,code} --out "$out/heldout_qdraft" \
+        2>&1 | grep -v '^{' | tee "$out/draft_heldout_qdraft.log" || echo "held-out run stopped ($?)"
+    }
     case ${DISTILL_STAGE:-data} in
       data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
-              --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-prompts wide --chat-repeat 2 \
+              --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-repeat 2 \
               --chat-batch-size 512 --chat-max-new-tokens 256 2>&1 | tee "$out/distill_qwen_data.log" ;;
       # a run stopped by its limit keeps its checkpoint in /root/qdraft: the same command again resumes it
       train) limit ${TRAIN_LIMIT:-570} python3 -m speculant.distill.cli "${common[@]}" --data /root/qgen/corpus.safetensors \
               --out /root/qdraft --time-limit ${TIME_LIMIT:-420} --steps 100000 --lr ${LR:-1e-3} --checkpoint-every 500 \
               --engine-prompts 0 2>&1 | tee "$out/distill_qwen_train.log" || echo "distill stopped ($?)"
              [ -f /root/qdraft/model.safetensors ] || exit 1
-             send_draft ;;
+             send_draft; heldout_after ;;
       all)  # both in one call (one load, one conversion) when device time is short: a smaller corpus, less training
         limit ${TRAIN_LIMIT:-590} python3 -m speculant.distill.cli "${common[@]}" --out /root/qdraft \
-          --train-tokens ${TRAIN_TOKENS:-4000000} --chat-samples ${CHAT_SAMPLES:-1500} --chat-prompts wide --chat-repeat 2 \
+          --train-tokens ${TRAIN_TOKENS:-4000000} --chat-samples ${CHAT_SAMPLES:-1500} --chat-repeat 2 \
           --chat-batch-size 512 --chat-max-new-tokens 256 --time-limit ${TIME_LIMIT:-300} --steps 100000 --lr ${LR:-1e-3} \
           --checkpoint-every 500 --engine-prompts 0 2>&1 | tee "$out/distill_qwen_all.log" || echo "distill stopped ($?)"
         [ -f /root/qdraft/model.safetensors ] || exit 1
-        send_draft ;;
+        send_draft; heldout_after ;;
       *) echo "unknown DISTILL_STAGE" >&2; exit 2 ;;
     esac ;;
   qwen-heldout)  # issue 23 for the 1.5B: α, τ and per-position acceptance per held-out domain (benchmarks/prompts/,
