@@ -474,7 +474,7 @@ def test_self_written_questions_continue_the_user_turn_and_keep_only_finished_on
 
 
 def test_requested_questions_ask_for_everyday_questions_and_keep_the_finished_replies():
-    from speculant.distill.data import (
+    from speculant.distill.questions import (
         EVERYDAY_CATEGORIES,
         QUESTION_LANGUAGES,
         question_requests,

@@ -196,3 +196,15 @@ def test_no_file_is_over_600_lines_without_saying_why():
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES and not _explains_length(p)]
     assert not long, (f"files over {MAX_LINES} lines whose docstring gives no sentence starting 'Long because':\n  "
                       + "\n  ".join(long))
+
+
+def test_the_shipped_weights_leave_room_for_the_device_staging():
+    """Every device call carries the tracked tree and at most 64 MiB in all; the staged model pieces
+    (benchmarks/device_pieces.sh) get what the tree leaves. The weights under speculant/embedded (the
+    feature drafts and the diffusion models) stay within the 30 MB budget the README gives the drafts
+    plus the diffusion models' 1 MB."""
+    weights = {str(p.relative_to(ROOT)): p.stat().st_size for p in (ROOT / "speculant" / "embedded").rglob("*")
+               if p.is_file() and p.suffix in (".safetensors", ".gguf", ".bin", ".pt")}
+    drafts = sum(size for name, size in weights.items() if "/diffusion/" not in name)
+    assert drafts <= 30_000_000, f"the shipped drafts total {drafts:,} bytes, over 30 MB: {weights}"
+    assert sum(weights.values()) <= 31_000_000, weights

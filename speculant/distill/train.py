@@ -61,7 +61,6 @@ from speculant.distill.data import (
     chat_sequences,
     kept_token_ids,
     load_corpus,
-    requested_questions,
     save_corpus,
     self_written_questions,
     wide_chat_prompts,
@@ -69,6 +68,7 @@ from speculant.distill.data import (
 from speculant.distill.evaluate import engine_alpha, heldout_alpha, measure_cost_ratio, serving_copy
 from speculant.distill.objective import distill_loss, feature_draft_losses, target_outputs_batch
 from speculant.distill.options import DistillOptions, options_dict
+from speculant.distill.questions import requested_questions
 from speculant.models.base import DTYPES, synchronize
 from speculant.models.feature_draft import (
     SAVE_DTYPES,
