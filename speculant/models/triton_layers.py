@@ -18,9 +18,11 @@ the same combine stand for cache_attention), so **6 kernels per layer** (7 with 
 norm_matmul for q|k|v, then rope_qkv_cache_write), plus per forward the embedding gather and one
 norm_matmul for the final norm and the output head (float32 logits straight from the kernel):
 6·L + 2 launches per MAX_ROWS rows (TritonForward.forward_static, what a CUDA graph captures; 5·L + 2
-with FUSE_COMBINE, the chunks merged by their last program). Settings not yet the default, for want of a
-GPU measure (benchmarks/triton_layers_gpu.py --settings times them): FUSE_COMBINE, ROPE_COLUMNS and
-ROPE_SPLIT (norm_qkv_rope_cache in blocks of a head's columns and ranges of K), GATE_UP_SPLIT. The GEMMs
+with FUSE_COMBINE, the chunks merged by their last program). ROPE_SPLIT ("auto": norm_qkv_rope_cache's
+few programs take K in ranges) is the default since an H100 measured it; settings that did not pay there
+(benchmarks/triton_layers_gpu.py --settings times them; benchmarks/results/gpu-2026-12-07k/): FUSE_COMBINE
+(no change at one row, slower at 5), ROPE_COLUMNS (blocks of a head's columns: no gain beside ROPE_SPLIT),
+GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -772,8 +774,9 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
     (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1 (default GATE_UP_SPLIT): K in that
     many ranges (norm_gate_up_silu_split_kernel), a fixed number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
-    of 128 columns over all of K, 35.9 µs in 140 tiles of 64 in 2 ranges (benchmarks/triton_gemm_sweep.py;
-    128 columns in ranges not measured yet)."""
+    of 128 columns over all of K, 35.9 µs in 140 tiles of 64 in 2 ranges (benchmarks/triton_gemm_sweep.py),
+    and the whole forward took 2.385 ms with 128 columns in 2 ranges against 2.320 ms in one
+    (benchmarks/results/gpu-2026-12-07k/)."""
     t = _check_rows(x)
     n2, k = gate_up_weight.shape
     n = n2 // 2
@@ -822,7 +825,11 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 
 ROPE_COLUMNS: int | None = None  # columns of each half a norm_qkv_rope_cache program holds; None: the whole half
-ROPE_SPLIT = 1  # norm_qkv_rope_cache's ranges of K unless asked
+# norm_qkv_rope_cache's ranges of K unless asked; "auto": _split_k's choice for its programs (a head and block of
+# columns each: 16 for Qwen2.5-1.5B, K 1536 -> 4 ranges on an H100; SmolLM2's 15, K 576 -> 2). On an H100 the
+# 1.5B's forward took 2.120 ms with 4 ranges, 2.260 with 2, 2.121 with 8 and 2.525 with one
+# (benchmarks/results/gpu-2026-12-07k/triton_layers_qwen_b.log)
+ROPE_SPLIT: int | str = "auto"
 
 
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -835,8 +842,9 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     E] (q|k|v), cos, sin tables [S, D] read at positions [T] -> q [T, H, D]; k, v written into the caches
     at slots [T]. A program per head is H + 2·KV programs (16 for Qwen2.5-1.5B: 25.7 µs on an H100,
     where its q|k|v GEMM alone ran 10.1 µs on 256 programs): blocks of 16 columns give it 4× as many,
-    and split_k > 1 (default ROPE_SPLIT) K in that many ranges (norm_qkv_rope_cache_split_kernel, the
-    ranges summed in order by each block's last program: still a function of the weight's shape alone)."""
+    and split_k > 1 K in that many ranges (norm_qkv_rope_cache_split_kernel, the ranges summed in order by
+    each block's last program: still a function of the weight's shape alone); split_k None: ROPE_SPLIT
+    ("auto": as _split_k would split a GEMM with this many column blocks)."""
     t = _check_rows(x)
     if weight.shape[0] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"weight [{weight.shape[0]}, K] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
@@ -845,6 +853,8 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     block = _pow2(min(half, columns or ROPE_COLUMNS or half))
     grid = (heads + 2 * kv_heads, -(-half // block))
     split_k = ROPE_SPLIT if split_k is None else split_k
+    if split_k == "auto":
+        split_k = _split_k(grid[0] * grid[1], x.shape[1], 1, x.device)
     pointers = (x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache,
                 v_cache)
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
@@ -862,8 +872,9 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
 
 
 # The chunk kernels' last program per head (per row and head in bit-exact mode) merges the chunks itself,
-# with the combine's operations in its order, instead of a second kernel: one launch a layer less (opt-in
-# until measured on a GPU; benchmarks/triton_layers_gpu.py --settings FUSE_COMBINE=1).
+# with the combine's operations in its order, instead of a second kernel: one launch a layer less, opt-in: on an
+# H100 the Qwen 1.5B's forward took the same time with it at one row and 8 % longer at 5
+# (benchmarks/results/gpu-2026-12-07k/; benchmarks/triton_layers_gpu.py --settings FUSE_COMBINE=1).
 FUSE_COMBINE = False
 
 
