@@ -213,8 +213,12 @@ def test_split_k_is_chosen_from_the_weight_and_the_gpu_never_from_the_rows(monke
     assert tl_layers._split_k(576, 1536, 16, cuda) == 4
     assert tl_layers._split_k(151936, 1536, 64, cuda) == 1  # the head: 2374 blocks
     assert tl_layers._split_k(8960, 1536, 64, cuda) == 1  # 140 blocks fill the SMs
-    # norm_qkv_rope_cache's programs (a head each, ROPE_SPLIT "auto"): Qwen2.5-1.5B's 16, SmolLM2's 15
-    assert tl_layers._split_k(12 + 2 * 2, 1536, 1, cuda) == 4 and tl_layers._split_k(9 + 2 * 3, 576, 1, cuda) == 2
+    # norm_qkv_rope_cache's programs (a head each, ROPE_SPLIT "auto", ranges down to ROPE_MIN_RANGE of K):
+    # Qwen2.5-1.5B's 16, SmolLM2's 15
+    rope = tl_layers.ROPE_MIN_RANGE
+    assert tl_layers._split_k(12 + 2 * 2, 1536, 1, cuda, min_range=rope) == 8
+    assert tl_layers._split_k(9 + 2 * 3, 576, 1, cuda, min_range=rope) == 4
+    assert tl_layers._split_k(9 + 2 * 3, 576, 1, cuda) == 2  # the GEMMs' MIN_SPLIT_K
     monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 2)  # ... unless they must fill them twice
     assert tl_layers._split_k(8960, 1536, 64, cuda) == 2  # 280 programs; 4 ranges would be 560 > 4 × 132
     monkeypatch.setattr(tl_layers, "SPLIT_BELOW", 1)

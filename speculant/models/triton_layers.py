@@ -732,10 +732,10 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
+def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int | None = None) -> int:
     """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill SPLIT_BELOW × the GPU's SMs
     (and on the CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= PROGRAMS_PER_SM per SM
-    and every range >= MIN_SPLIT_K long. On an H100's 132 SMs: Qwen2.5-1.5B's down_proj (N 1536 in 48
+    and every range >= min_range (default MIN_SPLIT_K) long. On an H100's 132 SMs: Qwen2.5-1.5B's down_proj (N 1536 in 48
     blocks, K 8960) 8 ranges, its o_proj (K 1536) 4, SmolLM2's o_proj (36 blocks, K 576) 2. A function
     of N, K and the device alone, never of T (row invariance). The choice follows
     benchmarks/triton_gemm_sweep.py on an H100: down_proj 52.9 µs in one range, 14.2 µs in 8 of
@@ -744,7 +744,7 @@ def _split_k(n: int, k: int, block_n: int, device: torch.device) -> int:
     blocks = -(-n // block_n)
     split = 1
     while (blocks < SPLIT_BELOW * sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= PROGRAMS_PER_SM * sms
-           and k // (split * 2) >= MIN_SPLIT_K):
+           and k // (split * 2) >= (MIN_SPLIT_K if min_range is None else min_range)):
         split *= 2
     return split
 
@@ -826,9 +826,11 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 ROPE_COLUMNS: int | None = None  # columns of each half a norm_qkv_rope_cache program holds; None: the whole half
 # norm_qkv_rope_cache's ranges of K unless asked; "auto": _split_k's choice for its programs (a head and block of
-# columns each: 16 for Qwen2.5-1.5B, K 1536 -> 4 ranges on an H100; SmolLM2's 15, K 576 -> 2). On an H100 the
-# 1.5B's forward took 2.120 ms with 4 ranges, 2.260 with 2, 2.121 with 8 and 2.525 with one
-# (benchmarks/results/gpu-2026-12-07k/triton_layers_qwen_b.log)
+# columns each), with ranges down to ROPE_MIN_RANGE of K: Qwen2.5-1.5B's 16 programs, K 1536 -> 8 ranges on an
+# H100, SmolLM2's 15, K 576 -> 4. Measured on an H100 (benchmarks/results/gpu-2026-12-07k/): the 1.5B's forward
+# 2.525 ms in one range, 2.260 in 2, 2.120 in 4, 2.121 in 8; SmolLM2's 1.096 ms in one, 1.062 in 2, 1.021 in 4,
+# 1.033 in 8
+ROPE_MIN_RANGE = 128
 ROPE_SPLIT: int | str = "auto"
 
 
@@ -844,7 +846,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     where its q|k|v GEMM alone ran 10.1 µs on 256 programs): blocks of 16 columns give it 4× as many,
     and split_k > 1 K in that many ranges (norm_qkv_rope_cache_split_kernel, the ranges summed in order by
     each block's last program: still a function of the weight's shape alone); split_k None: ROPE_SPLIT
-    ("auto": as _split_k would split a GEMM with this many column blocks)."""
+    ("auto": as _split_k would split a GEMM with this many column blocks, ranges down to ROPE_MIN_RANGE)."""
     t = _check_rows(x)
     if weight.shape[0] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"weight [{weight.shape[0]}, K] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
@@ -854,7 +856,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     grid = (heads + 2 * kv_heads, -(-half // block))
     split_k = ROPE_SPLIT if split_k is None else split_k
     if split_k == "auto":
-        split_k = _split_k(grid[0] * grid[1], x.shape[1], 1, x.device)
+        split_k = _split_k(grid[0] * grid[1], x.shape[1], 1, x.device, min_range=ROPE_MIN_RANGE)
     pointers = (x, norm_weight, weight, bias if bias is not None else weight, positions, slots, cos, sin, q, k_cache,
                 v_cache)
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
