@@ -3,6 +3,7 @@ HumanEval T 0 and held-out chat T 0 / T 1, 128 new tokens; compare.json goes to 
 Run from the repository root: the 110-s draft here, the shipped one in ../cpu-qwen-draft-2026-12-07b/.
 
     .venv/bin/python compare.py DRAFT_FOLDER PROMPTS [OUT_DIR] > compare.txt
+    ROWS="plain,features γ4,0.5B chain γ8" CHAT_ROWS=all .venv/bin/python compare.py ...   # other rows, chat for all
 """
 import gc, json, os, sys, time, torch, speculant
 sys.path.insert(0, "benchmarks")
@@ -14,6 +15,9 @@ out_dir = sys.argv[3] if len(sys.argv) > 3 else os.path.dirname(os.path.abspath(
 D = "qwen2.5-coder-0.5b:int8:vocab=65536"
 CONFIGS = [("plain", ["none"], 4, {}), ("features γ4", [folder], 4, {}), ("features γ6", [folder], 6, {}),
            ("0.5B chain γ8", [D], 8, {}), ("features γ4 + lookup 8", [folder], 4, {"lookup": 8})]
+ROWS = os.environ.get("ROWS")  # config names to run (default: all); CHAT_ROWS=all: chat rows for every config
+CONFIGS = [c for c in CONFIGS if ROWS is None or c[0] in ROWS.split(",")]
+CHAT_ALL = os.environ.get("CHAT_ROWS") == "all"
 out, plain = {}, {}
 for name, drafts, gamma, extra in CONFIGS:
     spec = speculant.load("qwen2.5-coder-1.5b", draft=drafts, gamma=gamma, dtype="bfloat16", device="cpu", **extra)
@@ -21,7 +25,7 @@ for name, drafts, gamma, extra in CONFIGS:
              "chat": [spec.encode(p, chat=True) for p in CHAT_PROMPTS[:count]]}
     spec.generate(tasks["code"][0][:32], max_new_tokens=8)
     for task, temperature in (("code", 0.0), ("chat", 0.0), ("chat", 1.0)):
-        if task == "chat" and name.startswith(("features γ6", "0.5B", "features γ4 +")):
+        if task == "chat" and not CHAT_ALL and name.startswith(("features γ6", "0.5B", "features γ4 +")):
             continue  # the code rows decide γ and the draft; chat rows for plain and features γ4
         t0 = time.perf_counter(); tokens = 0; alphas = []; outs = []
         for i, p in enumerate(tasks[task]):
