@@ -64,7 +64,7 @@ def main() -> None:
     start = time.perf_counter()
     spec = speculant.load(args.target, drafts, gamma=args.gamma, candidates=args.candidates,
                           device=args.device, dtype=dtype,
-                          compile={None: None, "off": False}.get(args.compile, args.compile))
+                          compile={None: None, "off": False, "whole": True, "layers": "layers"}[args.compile])
     rows = []
     for domain in domains:
         texts = common.heldout_texts(domain, args.prompts)

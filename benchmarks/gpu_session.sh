@@ -41,8 +41,8 @@
 #   qwen-heldout  the Qwen 1.5B's drafts on the held-out domains: α, τ, acceptance per position (draft_heldout.py)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
-#              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; not yet measured:
-#              ROPE_COLUMNS=16, ROPE_SPLIT=4, GATE_UP_SPLIT=2, FUSE_COMBINE=1)
+#              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; ROPE_COLUMNS, ROPE_SPLIT,
+#              GATE_UP_SPLIT, FUSE_COMBINE measured in benchmarks/results/gpu-2026-12-07k/: ROPE_SPLIT auto is the default)
 #   batch-profile  where a batched step's time goes: 64 rows captured, then 1, 8, 64 rows with the layers
 #              compiled (--compile): ms per step, graph replays and launches per step, dynamo's compiles,
 #              the largest kernels (on 2026-12-06 copies of the KV cache were 40 % of a 64-row step: the
@@ -166,20 +166,21 @@ case "$part" in
     # all, 29.5 MB with SmolLM2's draft); FEATURE_LAYERS= (empty) for a draft of the final features alone
     layers=${FEATURE_LAYERS-auto}
     [ -z "$layers" ] || common+=(--feature-layers "$layers" --feature-rank ${FEATURE_RANK:-512})
-    # INIT_FROM=DIR: go on from a draft (e.g. the shipped speculant/embedded/qwen2.5-coder-1.5b-draft, 320 s on an
-    # H100: it is in the tree, so every call carries it)
+    # INIT_FROM=DIR: go on from a draft (e.g. the shipped speculant/embedded/qwen2.5-coder-1.5b-draft, 650 s on an
+    # H100 in two runs: it is in the tree, so every call carries it)
     [ -z "${INIT_FROM:-}" ] || common+=(--init-from "$INIT_FROM" --init-vocab ${INIT_VOCAB:-draft})
-    # CHAT_PROMPTS: broad (default: half everyday questions the target writes when asked, a fifth of them in other
-    # languages), wide (programming only: the shipped draft's first two runs) or pydoc
-    common+=(--chat-prompts ${CHAT_PROMPTS:-broad})
-    heldout_after() {  # HELDOUT_AFTER=1: the new draft's α and τ per held-out domain in the same call
-      [ -z "${HELDOUT_AFTER:-}" ] || limit ${HELDOUT_LIMIT:-120} python3 benchmarks/draft_heldout.py --device cuda \
-        --dtype bfloat16 --target /root/w/qwen-1.5b.gguf --draft /root/qdraft --compile layers --prompts ${HELDOUT_PROMPTS:-6} \
-        --max-new-tokens 128 --domains ${HELDOUT_DOMAINS:-chat,chat_languages,math,code} --out "$out/heldout_qdraft" \
-        2>&1 | grep -v '^{' | tee "$out/draft_heldout_qdraft.log" || echo "held-out run stopped ($?)"
+    # CHAT_PROMPTS (the data and all stages): broad (default: half everyday questions the target writes when asked, a
+    # fifth of them in other languages), wide (programming only: the shipped draft's two runs) or pydoc
+    chat=(--chat-prompts ${CHAT_PROMPTS:-broad})
+    heldout_after() {  # AFTER=1: the new draft's α and τ per held-out domain in the same call (TRAIN_LIMIT + AFTER_LIMIT
+      # must stay within the call's 600 s)
+      [ -z "${AFTER:-}" ] || limit ${AFTER_LIMIT:-120} python3 benchmarks/draft_heldout.py --device cuda \
+        --dtype bfloat16 --target /root/w/qwen-1.5b.gguf --draft /root/qdraft --compile layers --prompts ${AFTER_PROMPTS:-6} \
+        --max-new-tokens 128 --domains ${AFTER_DOMAINS:-chat,chat_languages,math,code} --out "$out/heldout_qdraft" \
+        2>&1 | { grep -v '^{' || true; } | tee "$out/draft_heldout_qdraft.log" || echo "held-out run stopped ($?)"
     }
     case ${DISTILL_STAGE:-data} in
-      data) limit 560 python3 -m speculant.distill.cli "${common[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
+      data) limit 560 python3 -m speculant.distill.cli "${common[@]}" "${chat[@]}" --out /root/qgen --steps 0 --engine-prompts 0 \
               --train-tokens ${TRAIN_TOKENS:-8000000} --chat-samples ${CHAT_SAMPLES:-4000} --chat-repeat 2 \
               --chat-batch-size 512 --chat-max-new-tokens 256 2>&1 | tee "$out/distill_qwen_data.log" ;;
       # a run stopped by its limit keeps its checkpoint in /root/qdraft: the same command again resumes it
@@ -189,7 +190,7 @@ case "$part" in
              [ -f /root/qdraft/model.safetensors ] || exit 1
              send_draft; heldout_after ;;
       all)  # both in one call (one load, one conversion) when device time is short: a smaller corpus, less training
-        limit ${TRAIN_LIMIT:-590} python3 -m speculant.distill.cli "${common[@]}" --out /root/qdraft \
+        limit ${TRAIN_LIMIT:-590} python3 -m speculant.distill.cli "${common[@]}" "${chat[@]}" --out /root/qdraft \
           --train-tokens ${TRAIN_TOKENS:-4000000} --chat-samples ${CHAT_SAMPLES:-1500} --chat-repeat 2 \
           --chat-batch-size 512 --chat-max-new-tokens 256 --time-limit ${TIME_LIMIT:-300} --steps 100000 --lr ${LR:-1e-3} \
           --checkpoint-every 500 --engine-prompts 0 2>&1 | tee "$out/distill_qwen_all.log" || echo "distill stopped ($?)"
@@ -205,7 +206,7 @@ case "$part" in
       name=$(basename "$d" .gguf)
       limit ${HELDOUT_LIMIT:-200} python3 benchmarks/draft_heldout.py --device cuda --dtype bfloat16 --target /root/w/qwen-1.5b.gguf \
         --draft "$d" --compile layers --prompts ${HELDOUT_PROMPTS:-8} --max-new-tokens 128 --out "$out/heldout_$name" \
-        2>&1 | grep -v '^{' | tee "$out/draft_heldout_$name.log" || echo "draft $d: stopped ($?)"
+        2>&1 | { grep -v '^{' || true; } | tee "$out/draft_heldout_$name.log" || echo "draft $d: stopped ($?)"
     done ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
@@ -213,7 +214,7 @@ case "$part" in
   kernels)
     limit ${KERNELS_LIMIT:-560} python3 benchmarks/triton_layers_gpu.py --model "$model" --split-k off ${KERNELS_ARGS:-} --out "$out" \
       2>&1 | tee "$out/triton_layers.log" ;;
-  qwen-kernels)  # the 1.5B's forward on Triton's kernels (half torch's speed on 2026-12-06), split-K on and off
+  qwen-kernels)  # the 1.5B's forward on Triton's kernels (2.12 ms against torch's 4.41 ms in a graph on 2026-12-07)
     limit ${KERNELS_LIMIT:-560} python3 benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --no-truth --prompts 2 \
       --gemm-programs ${GEMM_PROGRAMS:-128} --split-k off ${KERNELS_ARGS:-} --out "$out" 2>&1 | tee "$out/triton_layers_qwen.log" ;;
   batch-profile)  # PROFILE_GRAPHS=0: only the compiled steps; PROFILE_ROWS: their row counts (1,8,64)

@@ -455,7 +455,7 @@ def _question_writer():
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tokenizer = Tokenizer(backend, chat_template=template, eos_ids=[backend.token_to_id("<|im_end|>")])
+    tokenizer = Tokenizer(backend, chat_template=template, eos_ids=[0])  # the turn ends at <|im_end|>
     text = "\nwhy\tnot zip"
     ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.token_to_id("<|im_end|>")]
     assert len(set(ids)) == len(ids)

@@ -129,7 +129,9 @@ def _gemms(device, dtype, rows=32):
                 x, w, residual[first: first + x.shape[0]], block_k=64, block_n=16, split_k=4),
             "norm_qkv_rope_cache": qkv,
             "norm_qkv_rope_cache, halves in blocks of 16": lambda x, first: qkv(x, first, columns=16),
-            "norm_qkv_rope_cache, K in 2 ranges": lambda x, first: qkv(x, first, columns=16, split_k=2)}, randn(rows, K)
+            "norm_qkv_rope_cache, K in 2 ranges": lambda x, first: qkv(x, first, columns=16, split_k=2),
+            # whole halves with K in ranges: what ROPE_SPLIT "auto" runs on a GPU
+            "norm_qkv_rope_cache, whole halves, K in 2 ranges": lambda x, first: qkv(x, first, split_k=2)}, randn(rows, K)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])

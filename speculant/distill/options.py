@@ -62,7 +62,7 @@ class DistillOptions:
     chat_max_new_tokens: int = 256
     chat_repeat: int = 1  # times each training answer appears in the stream (they are few)
     chat_prompts: str = "wide"  # "wide": subjects the benchmarks do not use + the target's own questions; "broad":
-    # half of them everyday questions the target writes when asked (data.requested_questions); "pydoc"
+    # half of them everyday questions the target writes when asked (questions.requested_questions); "pydoc"
     chat_batch_size: int = 64  # answers generated at once (a batched K/V cache per batch)
     engine_prompts: int = 4  # engine runs at the end (T=0 and T=1), 0 = skip
     engine_new_tokens: int = 64

@@ -71,11 +71,32 @@ def question_requests(count: int, seed: int = 0, other_languages: float = 0.2) -
     return requests
 
 
+QUOTES = "\"'“”„‚‘’«» "
+
+
+def question_line(reply: str) -> str:
+    r"""The line of a reply that asks: its first line ending in "?", else its first that is no lead-in
+    ending in ":" (such as "Here is a question about gardening:"), quotes stripped.
+
+    >>> question_line('Sure! Here is one:\n\n"How do I keep basil alive?"')
+    'How do I keep basil alive?'
+    >>> question_line("„Wie koche ich Reis?“")
+    'Wie koche ich Reis?'
+    """
+    lines = [line.strip() for line in reply.splitlines() if line.strip()]
+    line = next((x for x in lines if x.rstrip(QUOTES).endswith("?")), next((x for x in lines if not x.endswith(":")), ""))
+    return line.strip(QUOTES).strip()
+
+
 def requested_questions(model, tokenizer, count: int, *, seed: int = 0, max_new_tokens: int = 64,
                         batch_size: int = 64, progress: bool = True) -> list[str]:
     """Up to `count` user questions written by `model` when asked for one (`question_requests`), sampled
-    at temperature 1: each reply's first line, quotes stripped; unfinished or near-empty replies dropped."""
-    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])}
+    at temperature 1: each reply's first line that ends in "?" (else its first line that is no lead-in ending in
+    ":"), quotes stripped; unfinished or near-empty replies dropped."""
+    marker = "\x00"  # the turn ends at an end-of-text id or at the first token the template puts after a turn's text
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    end_of_turn = tokenizer.encode(rendered.split(marker, 1)[1], add_special_tokens=False)[:1]
+    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])} | set(end_of_turn)
     prompts = [list(tokenizer.encode_chat([{"role": "user", "content": request}], add_generation_prompt=True))
                for request in question_requests(count, seed)]
     written = chat_sequences(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=stop,
@@ -85,8 +106,7 @@ def requested_questions(model, tokenizer, count: int, *, seed: int = 0, max_new_
         reply = ids[len(prompt):]
         if not reply or reply[-1] not in stop:
             continue
-        lines = tokenizer.decode(reply, skip_special_tokens=True).strip().splitlines()
-        text = lines[0].strip().strip('"“”«»').strip() if lines else ""
+        text = question_line(tokenizer.decode(reply, skip_special_tokens=True))
         if len(text.split()) >= 3:
             questions.append(text)
     return questions

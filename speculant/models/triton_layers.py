@@ -826,10 +826,11 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 
 ROPE_COLUMNS: int | None = None  # columns of each half a norm_qkv_rope_cache program holds; None: the whole half
 # norm_qkv_rope_cache's ranges of K unless asked; "auto": _split_k's choice for its programs (a head and block of
-# columns each), with ranges down to ROPE_MIN_RANGE of K: Qwen2.5-1.5B's 16 programs, K 1536 -> 8 ranges on an
-# H100, SmolLM2's 15, K 576 -> 4. Measured on an H100 (benchmarks/results/gpu-2026-12-07k/): the 1.5B's forward
-# 2.525 ms in one range, 2.260 in 2, 2.120 in 4, 2.121 in 8; SmolLM2's 1.096 ms in one, 1.062 in 2, 1.021 in 4,
-# 1.033 in 8
+# columns each), with ranges down to ROPE_MIN_RANGE of K (and off with SPLIT_K "off"): Qwen2.5-1.5B's 16 programs,
+# K 1536 -> 8 ranges on an H100, SmolLM2's 15, K 576 -> 4 (ranges of 192 at block_k 64: 3 hold K, the 4th is
+# masked). Measured on an H100 (benchmarks/results/gpu-2026-12-07k/): the 1.5B's forward 2.525 ms in one range,
+# 2.120 in 4, 2.121 in 8 (with SPLIT_BELOW=2, which alone changed 2.525 to 2.498), 2.260 in 2 (SPLIT_BELOW=2);
+# SmolLM2's 1.096 ms in one, 1.062 in 2, 1.021 in 4, 1.033 in 8
 ROPE_MIN_RANGE = 128
 ROPE_SPLIT: int | str = "auto"
 

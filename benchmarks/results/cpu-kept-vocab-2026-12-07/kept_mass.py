@@ -4,7 +4,8 @@ of benchmarks/prompts/ (3 prompts each, the target's own greedy 48-token continu
             target's answers to programming questions)
   text      the 32,768 most frequent ids of a corpus of 2 M tokens of documentation and source plus the target's
             answers to CHAT everyday questions it wrote when asked (speculant.distill.questions), repeated 2x
-  balanced  the same corpus with the chat answers counted apart, weighted 0.5 (--kept-chat-share 0.5)
+  balanced  the same corpus with the chat answers counted apart, weighted 0.5 (balanced_kept below: the run used
+            the same count as a chat_share option of kept_token_ids, tried for it and not kept)
 Run from the repository root:  .venv/bin/python benchmarks/results/cpu-kept-vocab-2026-12-07/kept_mass.py [CHAT]
 """
 import json, os, sys, time, torch, speculant
@@ -15,6 +16,18 @@ from speculant.distill.data import batch_encoder, build_corpus, chat_sequences, 
 from speculant.distill.questions import requested_questions
 
 torch.set_num_threads(2)
+
+
+def balanced_kept(train, vocab_size, k, always, chat_tokens, chat_share):
+    """kept_token_ids with the first chat_tokens of train (the chat answers) and the rest each counted as shares of
+    their own tokens, weighted chat_share and 1 - chat_share."""
+    ids = train.flatten()
+    chat = torch.bincount(ids[:chat_tokens], minlength=vocab_size).double()
+    rest = torch.bincount(ids, minlength=vocab_size).double() - chat
+    counts = chat_share * chat / chat_tokens + (1 - chat_share) * rest / (ids.numel() - chat_tokens)
+    counts[sorted(always)] = float("inf")
+    return torch.sort(counts, descending=True, stable=True).indices[:k].sort().values
+
 chat_count = int(sys.argv[1]) if len(sys.argv) > 1 else 96
 spec = speculant.load("qwen2.5-coder-1.5b", draft="none", dtype="bfloat16", device="cpu")
 model, tok = spec.target.model, spec.tokenizer
@@ -31,8 +44,7 @@ always = eos
 vocab = model.weights.cfg.vocab_size
 kept = {"shipped": safe_open("speculant/embedded/qwen2.5-coder-1.5b-draft/model.safetensors", "pt").get_tensor("kept_ids").long(),
         "text": kept_token_ids(corpus.train, vocab, 32768, always),
-        "balanced": kept_token_ids(corpus.train, vocab, 32768, always, chat_tokens=corpus.meta["extra_train_tokens"],
-                                   chat_share=0.5)}
+        "balanced": balanced_kept(corpus.train, vocab, 32768, always, sum(len(a) + 1 for a in answers * 2), 0.5)}
 rows = {}
 for domain in common.HELD_OUT_DOMAINS:
     chat = common.HELD_OUT_DOMAINS[domain][1]

@@ -1,6 +1,7 @@
 """A Qwen 1.5B feature draft against the 0.5B draft and plain decoding on this CPU (2 cores, bf16),
 HumanEval T 0 and held-out chat T 0 / T 1, 128 new tokens; compare.json goes to OUT_DIR (default: this folder).
-Run from the repository root: the 110-s draft here, the shipped one in ../cpu-qwen-draft-2026-12-07b/.
+Run from the repository root: the 110-s draft here, the first 320-s run in ../cpu-qwen-draft-2026-12-07b/, the
+shipped 650-s draft in ../cpu-qwen-draft-2026-12-07c/.
 
     .venv/bin/python compare.py DRAFT_FOLDER PROMPTS [OUT_DIR] > compare.txt
     ROWS="plain,features γ4,0.5B chain γ8" CHAT_ROWS=all .venv/bin/python compare.py ...   # other rows, chat for all
