@@ -394,18 +394,23 @@ def wide_chat_prompts(count: int, seed: int = 0) -> list[str]:
     return topic_prompts(WIDE_TEMPLATES, count, subjects=wide_subjects(), seed=seed)
 
 
+def user_turn(tokenizer) -> tuple[list[int], set[int]]:
+    """(the chat template's ids up to a user's text, the ids that end a turn): a turn ends at an
+    end-of-text id or at the first token the template puts after a turn's text."""
+    marker = "\x00"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    before, after = rendered.split(marker, 1)
+    end_of_turn = tokenizer.encode(after, add_special_tokens=False)[:1]
+    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])} | set(end_of_turn)
+    return tokenizer.encode(before, add_special_tokens=False), stop
+
+
 def self_written_questions(model, tokenizer, count: int, *, seed: int = 0, max_new_tokens: int = 64,
                            batch_size: int = 64, progress: bool = True) -> list[str]:
     """Up to `count` user questions written by `model` itself: its chat template up to the user's
     text, continued at temperature 1 until the end-of-turn token. Unfinished or near-empty
     questions are dropped."""
-    marker = "\x00"
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
-    before, after = rendered.split(marker, 1)
-    prefix = tokenizer.encode(before, add_special_tokens=False)
-    # the turn ends at an end-of-text id or at the first token the template puts after the user's text
-    end_of_turn = tokenizer.encode(after, add_special_tokens=False)[:1]
-    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])} | set(end_of_turn)
+    prefix, stop = user_turn(tokenizer)
     written = chat_sequences(model, [prefix] * count, max_new_tokens=max_new_tokens, temperature=1.0,
                              stop_ids=stop, seed=seed, batch_size=batch_size, progress=progress)
     questions = []

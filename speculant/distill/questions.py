@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 
-from speculant.distill.data import chat_sequences
+from speculant.distill.data import chat_sequences, user_turn
 
 # Everyday questions (`--chat-prompts broad`): the target is asked to write one user question about an
 # area of everyday life (a fifth of them in another language), then answers it. The benchmarks' held-out
@@ -93,10 +93,7 @@ def requested_questions(model, tokenizer, count: int, *, seed: int = 0, max_new_
     """Up to `count` user questions written by `model` when asked for one (`question_requests`), sampled
     at temperature 1: each reply's first line that ends in "?" (else its first line that is no lead-in ending in
     ":"), quotes stripped; unfinished or near-empty replies dropped."""
-    marker = "\x00"  # the turn ends at an end-of-text id or at the first token the template puts after a turn's text
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
-    end_of_turn = tokenizer.encode(rendered.split(marker, 1)[1], add_special_tokens=False)[:1]
-    stop = {int(t) for t in (getattr(tokenizer, "eos_ids", None) or [])} | set(end_of_turn)
+    _, stop = user_turn(tokenizer)
     prompts = [list(tokenizer.encode_chat([{"role": "user", "content": request}], add_generation_prompt=True))
                for request in question_requests(count, seed)]
     written = chat_sequences(model, prompts, max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=stop,
