@@ -86,6 +86,11 @@ def finish(out: str | Path, file_name: str, summary: dict, text: str, last_line:
 SMOLLM2_SHAPES = {"arch": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                   "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
                   "rope_theta": 100000.0, "rms_norm_eps": 1e-5}
+# Qwen2.5-Coder-1.5B's (Qwen2: biases on q, k, v; the head tied to the embedding, as its GGUF has it)
+QWEN_1_5B_SHAPES = {"arch": "llama", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+                    "num_heads": 12, "num_kv_heads": 2, "head_dim": 128, "max_position_embeddings": 32768,
+                    "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "attention_bias": True}
+RANDOM_SHAPES = {"smollm2-135m": (SMOLLM2_SHAPES, 30), "qwen2.5-1.5b": (QWEN_1_5B_SHAPES, 28)}
 
 
 def graph_replay_ms(call, repeats: int = 200) -> tuple[float, float]:

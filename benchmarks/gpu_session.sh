@@ -53,16 +53,19 @@
 #              ...generate, one request at a time): c1_speedup_kept, the goal >= 0.90. Servers (SERVERS=):
 #              auto with K 4 + lookup 8 (a lone request runs solo with them, the batch their chain), auto
 #              always batched (+no-solo), plain
+#   qwen-tune  the Qwen 1.5B's Triton forward under TUNE_SETTINGS' variants (random weights), then qwen-triton
+#              with the fastest
 #   qwen, qwen-triton, qwen-hf   the Qwen2.5-Coder pair (issue 18; first the staging calls that
 #              ../shared/gpu/stage-qwen 1.5b and 0.5b print, /root/w/qwen-{1.5b,0.5b}.gguf): our rows on
 #              torch's kernels, on Triton's, then transformers' peers (eager, assisted by the 0.5B,
 #              prompt lookup, static cache + compile). Our fused steps compile one layer for all layers
 #              (QWEN_COMPILE=layers, the default here; =whole for whole forwards: on 2026-12-06 the 0.5B
 #              chain's whole-forward compiles had not finished its first pass after 370 s on an H200);
-#              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto)
+#              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto), TRITON_SETTINGS= triton_layers settings
+#              (e.g. STREAM_K=1,STREAM_PER_SM=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -230,12 +233,29 @@ case "$part" in
     limit ${SERVE_LIMIT:-560} python3 benchmarks/serve_load.py --target "$model" --device cuda --dtype bfloat16 \
       --servers ${SERVERS:-default@auto+candidates=4+lookup=8,default@auto+no-solo,none} --concurrency 1,4,16,64 \
       --max-tokens 128 ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_load.log" ;;
+  qwen-tune)  # the Triton forward at Qwen2.5-1.5B's shapes (random weights) under each of TUNE_SETTINGS, then
+    # qwen-triton with the fastest of them and the defaults (T = 1 and 5 summed) as TRITON_SETTINGS
+    limit ${TUNE_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random qwen2.5-1.5b --no-truth --no-compile \
+      --prompts 1 --repeats 100 --rows 1,5 --split-k "" --settings "${TUNE_SETTINGS:-PDL=1;STREAM_K=1;STREAM_K=1,PDL=1}" \
+      --out "$out/qwen_forward" 2>&1 | { grep -v '^{' || true; } | tee "$out/triton_layers_qwen_random.log"
+    TRITON_SETTINGS=$(python3 - "$out/qwen_forward/triton_layers_gpu.json" <<'PICK' || true
+import json, sys
+total = {}
+for row in json.load(open(sys.argv[1]))["rows"]:
+    if row["impl"].startswith("triton graph"):
+        total[row["impl"]] = total.get(row["impl"], 0.0) + row["ms_per_forward"]
+print(min(total, key=total.get).partition(", ")[2].replace(", ", ","))
+PICK
+)
+    echo "qwen-tune: the fastest settings: ${TRITON_SETTINGS:-the defaults}" | tee "$out/qwen_tune.txt"
+    TRITON_SETTINGS=$TRITON_SETTINGS exec bash "$0" qwen-triton ;;
   qwen|qwen-triton|qwen-hf)
     kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
     groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
     limit ${QWEN_LIMIT:-560} python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
+      ${TRITON_SETTINGS:+--triton-settings "$TRITON_SETTINGS"} \
       --feature-draft ${QWEN_FEATURES:-speculant/embedded/qwen2.5-coder-1.5b-draft} \
       --rows "${QWEN_ROWS:-ours plain,ours features chain,ours features tree + lookup,ours 0.5B chain,ours 0.5B tree + lookup,ours ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;

@@ -6,7 +6,8 @@ time for T = 1 and T = 5 eagerly and replayed from a CUDA graph, and kernels per
 (torch.profiler).
 
     python benchmarks/triton_layers_gpu.py --model smollm2-135m --out $OUT
-    python benchmarks/triton_layers_gpu.py --random --layers 30          # SmolLM2-135M shapes, random weights
+    python benchmarks/triton_layers_gpu.py --random                      # SmolLM2-135M shapes, random weights
+    python benchmarks/triton_layers_gpu.py --random qwen2.5-1.5b --no-truth  # Qwen2.5-Coder-1.5B's shapes
     python benchmarks/triton_layers_gpu.py --model /root/w/smollm2.gguf --no-compile   # skip torch.compile
     python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --gemm-programs 64,128,256 --no-truth
     python benchmarks/triton_layers_gpu.py --model /root/w/qwen-1.5b.gguf --split-k auto,off --no-truth
@@ -33,8 +34,9 @@ import torch
 def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, Hugging Face folder or .gguf")
-    parser.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shapes instead")
-    parser.add_argument("--layers", type=int, default=30, help="layers of the --random model")
+    parser.add_argument("--random", nargs="?", const="smollm2-135m", default=None, choices=sorted(common.RANDOM_SHAPES),
+                        help="random weights of these shapes instead of --model (default: SmolLM2-135M's)")
+    parser.add_argument("--layers", type=int, default=None, help="layers of the --random model (default: its own)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="cache slots (the graphs attend over all)")
     parser.add_argument("--prompts", type=int, default=4, help="prompts of the correctness check")
     parser.add_argument("--prompt-len", type=int, default=200)
@@ -65,7 +67,8 @@ def load(args):
     from speculant.models.transformer import LeanModel, TransformerConfig, random_weights
 
     if args.random:
-        cfg = TransformerConfig(num_layers=args.layers, **common.SMOLLM2_SHAPES)
+        shapes, layers = common.RANDOM_SHAPES[args.random]
+        cfg = TransformerConfig(num_layers=args.layers or layers, **shapes)
         weights = random_weights(cfg, seed=0, dtype=torch.bfloat16).cuda()
         tokenizer = None
     else:
@@ -283,7 +286,7 @@ def main() -> None:
           f"{accuracy['max_rel_err_vs_truth']:.4f}, LeanModel bf16 {accuracy['reference_max_rel_err_vs_truth']:.4f}")
     print(f"a row alone vs inside a 5-token call, same bits: {invariance}")
     summary = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "triton": __import__("triton").__version__, "model": "random SmolLM2-135M shapes" if args.random
+               "triton": __import__("triton").__version__, "model": f"random {args.random} shapes" if args.random
                else args.model, "layers": layers, "max_seq_len": args.max_seq_len, "context": context,
                "chunk": args.chunk, "compile": not args.no_compile, "accuracy": accuracy,
                "row_invariance": invariance, "rows": rows}

@@ -22,7 +22,12 @@ with FUSE_COMBINE, the chunks merged by their last program). ROPE_SPLIT ("auto":
 few programs take K in ranges) is the default since an H100 measured it; settings that did not pay there
 (benchmarks/triton_layers_gpu.py --settings times them; benchmarks/results/gpu-2026-12-07k/): FUSE_COMBINE
 (no change at one row, slower at 5), ROPE_COLUMNS (blocks of a head's columns: no gain beside ROPE_SPLIT),
-GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). The GEMMs
+GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). Two settings wait for a GPU's verdict: STREAM_K
+(a GEMM whose column blocks leave SMs idle shares its blocks × chunks of K out evenly over a fixed number of
+programs, stream-K, instead of split-K's blocks × ranges, which leave a wave's tail idle where that
+product is no multiple of the SMs: Qwen2.5-1.5B's gate/up has 70 blocks of 128 columns for 132 SMs) and
+PDL (programmatic dependent launch: a kernel launches while the one before it finishes, and waits for
+it in its first statement, so a launch's latency overlaps work). The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -35,7 +40,8 @@ on): a row's bits depend on that row's inputs, never on how many rows the call h
   and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
   program per block of output columns, each looping over all of K in order; or, for a GEMM whose
   blocks leave SMs idle, K in ranges that N, K and the device fix (_split_k), the block's last program
-  summing their float32 partials in range order: never a split that depends on T); num_warps
+  summing their float32 partials in range order, or stream-K's segments, which N, K, the tiles and the
+  device fix, summed in segment order: never a split that depends on T); num_warps
   is fixed; T is never specialised (do_not_specialize: triton compiles T = 1 and multiples of 16
   apart otherwise), nor is any other argument that changes from call to call, and the tensors come
   16-byte aligned in every call (fresh ones, or slices at multiples of 32 rows). So every call of a
@@ -104,6 +110,35 @@ def _block_n(n: int, block_n: int | None) -> int:
     if block_n is None:
         block_n = min(MAX_BLOCK_N, _pow2(n // GEMM_PROGRAMS))
     return _pow2(block_n)
+
+
+# programmatic dependent launch of every kernel (_pdl_wait) where the GPU and triton have it: off until a GPU has
+# measured it (benchmarks/triton_layers_gpu.py --settings PDL=1)
+PDL: bool | str = False
+_PDL_SUPPORT: dict[str, bool] = {}
+
+
+def _pdl_flags(device: torch.device) -> dict:
+    """A launch's PDL flags: the kernel's constexpr and triton's launch_pdl where PDL is on
+    and the device and triton have it (sm_90 and later, triton's gdc_wait and launch_pdl), else off."""
+    if not PDL or device.type != "cuda":
+        return {"PDL": False}
+    if str(device) not in _PDL_SUPPORT:
+        _PDL_SUPPORT[str(device)] = _pdl_supported(device)
+    return {"PDL": True, "launch_pdl": True} if _PDL_SUPPORT[str(device)] else {"PDL": False}
+
+
+def _pdl_supported(device: torch.device) -> bool:
+    import dataclasses
+
+    if torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    try:
+        import triton.language.extra.cuda as triton_cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(triton_cuda, "gdc_wait") and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
 
 
 def _f32_dots(*tensors: torch.Tensor) -> bool:
@@ -234,17 +269,70 @@ def _kernels():
         total = tl.where(rows_ok, total, 1.0)  # a row past the call's: no 0 / 0 (it stores nothing)
         tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
+    @triton.jit
+    def _owner(unit, UNITS, P):
+        """The stream-K program whose span holds `unit`: program p spans units p·UNITS // P ..
+        (p + 1)·UNITS // P - 1."""
+        return ((unit + 1) * P + UNITS - 1) // UNITS - 1
+
+    @triton.jit
+    def _stream_segment(u, u_end, UNITS, P, CHUNKS: tl.constexpr):
+        """Program p's segment that starts at unit u (a unit: one BLOCK_K of K of one column block; units in
+        block-major order): (its column block, the unit after the segment, its index among the block's
+        segments, the block's segment count)."""
+        block = u // CHUNKS
+        stop = tl.minimum(u_end, (block + 1) * CHUNKS)
+        first = _owner(block * CHUNKS, UNITS, P)
+        segments = _owner((block + 1) * CHUNKS - 1, UNITS, P) - first + 1
+        return block, stop, tl.program_id(0) - first, segments
+
+    @triton.jit
+    def _segment_sum(total, ptr, stride, mask, segments):
+        """total + Σ_s ptr[s · stride], s = 0 .. segments - 1 in order (_range_sum for a count known only at
+        run time: a stream-K block's segments)."""
+        for s in range(segments):
+            total += tl.load(ptr + s * stride, mask=mask, other=0.0, cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _linear_epilogue(acc, ss, rows, row_ok, cols, cols_ok, b_ptr, r_ptr, out_ptr, K, sr_t, sr_n, so_t, so_n, eps,
+                         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+        """norm_matmul's epilogue on a block's full sums: the RMSNorm scale, bias, residual, store."""
+        if NORM:
+            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        out_mask = row_ok[:, None] & cols_ok[None, :]
+        if HAS_RES:
+            acc += tl.load(r_ptr + rows[:, None] * sr_t + cols[None, :] * sr_n, mask=out_mask,
+                           other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
+                 mask=out_mask)
+
+    @triton.jit
+    def _pdl_wait(PDL: tl.constexpr):
+        """A kernel's first statement. PDL (launched with launch_pdl, programmatic dependent launch): wait
+        until the kernel before it in the stream has finished and its writes are visible, then let the
+        next one launch (it starts once every program of this one has passed here, and waits in turn). So a
+        launch's latency overlaps the kernel before it; every kernel touches memory only after this."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
     # a kernel finds the helpers it calls among its module's globals
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
                      _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
-                     _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks)
+                     _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks,
+                     _owner=_owner, _stream_segment=_stream_segment, _segment_sum=_segment_sum,
+                     _linear_epilogue=_linear_epilogue, _pdl_wait=_pdl_wait)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
                            sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out[:, block] = (RMSNorm(x) or x) · W[block]ᵀ (+ bias) (+ residual), all T rows."""
+        _pdl_wait(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
         rows = tl.arange(0, BLOCK_T)
@@ -271,12 +359,13 @@ def _kernels():
                                  sx_t, sx_k, sw_n, sw_k, sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr,
                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                  F32: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """norm_matmul_kernel with K cut in SPLIT ranges of K_PER, one program per (column block, range),
         for a GEMM too narrow to fill the GPU with column blocks alone. Each program stores its float32
         partial [T, BLOCK_N] (and its rows' partial Σ x²); the block's last program to arrive (an atomic
         ticket) sums the SPLIT partials in range order, applies the epilogue and resets the ticket. The
         order of every sum is fixed by N, K and SPLIT, never by T or by which program came last."""
+        _pdl_wait(PDL)
         block = tl.program_id(0)
         split = tl.program_id(1)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,8 +403,9 @@ def _kernels():
     @triton.jit(do_not_specialize=["T"])
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """out[:, block] = silu(h · W[block]ᵀ) · (h · W[N + block]ᵀ), h = RMSNorm(x); W = [gate; up]."""
+        _pdl_wait(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
         rows = tl.arange(0, BLOCK_T)
@@ -329,11 +419,12 @@ def _kernels():
     def norm_gate_up_silu_split_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
                                        SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_T: tl.constexpr,
-                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """norm_gate_up_silu_kernel with K in SPLIT ranges, as norm_matmul_split_kernel: each program
         stores its gate and up partials ([T, BLOCK_N] each, float32, at columns c and N + c of a [T, 2N]
         range buffer) and its rows' partial Σ x²; the block's last program sums them in range order,
         scales by the norm and applies silu(gate) · up."""
+        _pdl_wait(PDL)
         block = tl.program_id(0)
         split = tl.program_id(1)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -357,6 +448,100 @@ def _kernels():
             tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
                      mask=mask)
             tl.atomic_xchg(count_ptr + block, 0)
+
+    @triton.jit(do_not_specialize=["T"])
+    def norm_matmul_stream_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N,
+                                  sx_t, sx_k, sw_n, sw_k, sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr,
+                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                                  F32: tl.constexpr, CHUNKS: tl.constexpr, UNITS: tl.constexpr,
+                                  SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """norm_matmul_kernel as stream-K: the GEMM's UNITS = column blocks × CHUNKS (BLOCK_K of K each), in
+        block-major order, shared out evenly over the grid's P programs (program p: units p·UNITS // P ..
+        (p + 1)·UNITS // P - 1), so that every SM streams the same share of the weight whatever the number
+        of column blocks (a split-K grid of blocks × ranges leaves a wave's tail idle where that product is
+        not a multiple of the SMs). A block done by one program alone gets its epilogue there; else each
+        segment stores its float32 partial (and its rows' partial Σ x²) at its index among the block's
+        segments, and the block's last to arrive sums them in segment order (= K order). Every sum's order
+        is fixed by N, K, the tiles and P (the device), never by T."""
+        _pdl_wait(PDL)
+        p = tl.program_id(0)
+        u = p * UNITS // tl.num_programs(0)
+        u_end = (p + 1) * UNITS // tl.num_programs(0)
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        while u < u_end:
+            block, stop, segment, segments = _stream_segment(u, u_end, UNITS, tl.num_programs(0), CHUNKS)
+            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_ok = cols < N
+            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_T], tl.float32)
+            for k0 in range((u - block * CHUNKS) * BLOCK_K, (stop - block * CHUNKS) * BLOCK_K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
+                ss += sq
+                acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+            done = segments == 1
+            if segments > 1:
+                mask = row_ok[:, None] & cols_ok[None, :]
+                part = part_ptr + rows[:, None] * N + cols[None, :]  # + segment · BLOCK_T · N
+                sums = ss_ptr + block * SEGMENTS * BLOCK_T + rows  # + segment · BLOCK_T
+                tl.store(part + segment * BLOCK_T * N, acc, mask=mask)
+                tl.store(sums + segment * BLOCK_T, ss, mask=row_ok)
+                ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
+                done = ticket == segments - 1
+                if done:
+                    acc = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * N, mask, segments)
+                    ss = _segment_sum(tl.zeros([BLOCK_T], tl.float32), sums, BLOCK_T, row_ok, segments)
+                    tl.atomic_xchg(count_ptr + block, 0)
+            if done:
+                _linear_epilogue(acc, ss, rows, row_ok, cols, cols_ok, b_ptr, r_ptr, out_ptr, K, sr_t, sr_n, so_t,
+                                 so_n, eps, NORM, HAS_BIAS, HAS_RES)
+            u = stop
+
+    @triton.jit(do_not_specialize=["T"])
+    def norm_gate_up_silu_stream_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
+                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
+                                        CHUNKS: tl.constexpr, UNITS: tl.constexpr, SEGMENTS: tl.constexpr,
+                                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """norm_gate_up_silu_kernel as stream-K (norm_matmul_stream_kernel's units, spans and segments): a
+        segment's gate and up partials sit at columns c and N + c of a [T, 2N] buffer per segment."""
+        _pdl_wait(PDL)
+        p = tl.program_id(0)
+        u = p * UNITS // tl.num_programs(0)
+        u_end = (p + 1) * UNITS // tl.num_programs(0)
+        rows = tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        while u < u_end:
+            block, stop, segment, segments = _stream_segment(u, u_end, UNITS, tl.num_programs(0), CHUNKS)
+            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            cols_ok = cols < N
+            gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K,
+                                          (u - block * CHUNKS) * BLOCK_K, (stop - block * CHUNKS) * BLOCK_K, sx_t,
+                                          sx_k, sw_n, sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
+            mask = row_ok[:, None] & cols_ok[None, :]
+            done = segments == 1
+            if segments > 1:
+                part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + segment · BLOCK_T · 2N (+ N: up)
+                sums = ss_ptr + block * SEGMENTS * BLOCK_T + rows
+                ticket = _store_pair_partials(gate, up, ss, part, BLOCK_T * 2 * N, N, mask, sums, row_ok,
+                                              count_ptr + block, segment, BLOCK_T)
+                done = ticket == segments - 1
+                if done:
+                    gate = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * 2 * N, mask,
+                                        segments)
+                    up = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part + N, BLOCK_T * 2 * N, mask,
+                                      segments)
+                    ss = _segment_sum(tl.zeros([BLOCK_T], tl.float32), sums, BLOCK_T, row_ok, segments)
+                    tl.atomic_xchg(count_ptr + block, 0)
+            if done:
+                scale = tl.rsqrt(ss / K + eps)[:, None]
+                gate = gate * scale
+                up = up * scale
+                out = gate / (1.0 + tl.exp(-gate)) * up
+                tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
+                         mask=mask)
+            u = stop
 
     @triton.jit
     def _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d,
@@ -399,8 +584,9 @@ def _kernels():
     def rope_qkv_cache_write_kernel(qkv_ptr, pos_ptr, slot_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, H, KV,
                                     HALF, s_t, s_n, sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d,
                                     sv_s, sv_h, sv_d, BY_POSITION: tl.constexpr, BLOCK_T: tl.constexpr,
-                                    HALF_PAD: tl.constexpr):
+                                    HALF_PAD: tl.constexpr, PDL: tl.constexpr):
         """Program p: head p of q|k|v (q heads, then k, then v) for all T rows."""
+        _pdl_wait(PDL)
         p = tl.program_id(0)
         rows = tl.arange(0, BLOCK_T)
         halves = tl.arange(0, HALF_PAD)
@@ -417,11 +603,12 @@ def _kernels():
                                    v_ptr, T, K, H, KV, HALF, sx_t, sx_k, sw_n, sw_k, sc_t, sc_d, ss_t, ss_d,
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
                                    HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                                   HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+                                   HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """Program (p, s): columns s·HALF_PAD .. (s+1)·HALF_PAD - 1 of each half of head p of
         RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) (two accumulators, so that rotary is elementwise; HALF_PAD here
         is the block of a half a program holds), rounded to the model's dtype as the q|k|v GEMM's output
         is, then _rope_store."""
+        _pdl_wait(PDL)
         p = tl.program_id(0)
         rows = tl.arange(0, BLOCK_T)
         halves = tl.program_id(1) * HALF_PAD + tl.arange(0, HALF_PAD)
@@ -443,11 +630,12 @@ def _kernels():
                                          sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
                                          eps, HAS_BIAS: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
                                          K_PER: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr,
-                                         BLOCK_K: tl.constexpr):
+                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """norm_qkv_rope_cache_kernel with K in SPLIT ranges of K_PER, program (p, s, r): as
         norm_matmul_split_kernel, each program stores its float32 partials of the two halves' blocks
         (at their columns of a [T, (H + 2·KV)·D] range buffer) and its rows' partial Σ x²; the
         block's last program sums them in range order, then bias, rounding and _rope_store."""
+        _pdl_wait(PDL)
         p = tl.program_id(0)
         s = tl.program_id(1)
         split = tl.program_id(2)
@@ -498,12 +686,13 @@ def _kernels():
                                out_ptr, T, kv_len, scale, node0, nodes, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h,
                                sv_d, sa_t, sa_n, so_t, so_h, so_d, chunks, G: tl.constexpr, D: tl.constexpr,
                                CHUNK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                               F32: tl.constexpr, TREE: tl.constexpr, FUSE: tl.constexpr):
+                               F32: tl.constexpr, TREE: tl.constexpr, FUSE: tl.constexpr, PDL: tl.constexpr):
         """Program (kv, c): the G·T queries of KV head kv (row r: query t = r // G, head kv·G + r % G)
         over keys c·CHUNK .. (c+1)·CHUNK - 1, an online softmax in float32 -> partial max m, sum l
         and accumulator acc, stored at [kv, c, r(, d)]. A chain's query reads the keys <= its
         position; a tree's (TREE) the keys before the tree's first slot start_ptr[0] and the nodes j
         (at slots start + j) with anc[t, j] (its row of the tree's nodes-many columns)."""
+        _pdl_wait(PDL)
         kv = tl.program_id(0)
         c = tl.program_id(1)
         rs = tl.arange(0, BLOCK_R)
@@ -556,9 +745,10 @@ def _kernels():
     @triton.jit(do_not_specialize=["T", "node0", "chunks"])
     def attention_combine_kernel(pos_ptr, start_ptr, m_ptr, l_ptr, acc_ptr, out_ptr, T, node0, chunks, so_t, so_h,
                                  so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr, D_PAD: tl.constexpr,
-                                 TREE: tl.constexpr):
+                                 TREE: tl.constexpr, PDL: tl.constexpr):
         """Program (t, h): query t, head h: merges the chunks up to the one holding its reach (_reach),
         as a block of one row (_merge_chunks)."""
+        _pdl_wait(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         kv = h // G
@@ -573,12 +763,13 @@ def _kernels():
                                      T, scale, chunks, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, sn_t, sn_d,
                                      so_t, so_h, so_d, G: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
                                      G_PAD: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
-                                     F32: tl.constexpr, FUSE: tl.constexpr):
+                                     F32: tl.constexpr, FUSE: tl.constexpr, PDL: tl.constexpr):
         """Program (t, kv, c): the G query heads of KV head kv of ONE row t over that row's own keys at
         positions c·CHUNK .. (c+1)·CHUNK - 1 up to its position, in position order, in blocks of BLOCK_N
         aligned to positions (exact_cache_attention says which slot holds which key), an online softmax
         in float32 -> the chunk's m, l and acc at [kv, c, t·G + g(, d)], where attention_chunk_kernel
         stores its own, so that attention_combine_kernel (by position) merges them."""
+        _pdl_wait(PDL)
         t = tl.program_id(0)
         kv = tl.program_id(1)
         c = tl.program_id(2)
@@ -624,7 +815,8 @@ def _kernels():
                 tl.atomic_xchg(count_ptr + t * tl.num_programs(1) + kv, 0)
 
     _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
-                    gate_up=norm_gate_up_silu_kernel, gate_up_split=norm_gate_up_silu_split_kernel,
+                    norm_matmul_stream=norm_matmul_stream_kernel, gate_up=norm_gate_up_silu_kernel,
+                    gate_up_split=norm_gate_up_silu_split_kernel, gate_up_stream=norm_gate_up_silu_stream_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
                     qkv_rope_split=norm_qkv_rope_cache_split_kernel,
                     attention=attention_chunk_kernel, combine=attention_combine_kernel,
@@ -639,10 +831,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
             block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-            split_k: int | None = None) -> torch.Tensor:
-    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; split_k: from N, K and the
-    device (_split_k) unless given; block_k: 64, or 128 where the policy splits K in ranges of at
-    least LONG_RANGE."""
+            split_k: int | None = None, programs: int | None = None) -> torch.Tensor:
+    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; programs > 0: stream-K on that
+    many programs (norm_matmul_stream_kernel); split_k: K in that many ranges; neither given: stream-K
+    where _stream_programs says so, else _split_k's ranges; block_k: 64, or 128 where the policy splits K
+    in ranges of at least LONG_RANGE or streams a tile of at most STREAM_WIDE_K columns."""
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -651,7 +844,13 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     res = residual if residual is not None else out
     block_n = _block_n(n, block_n)
-    if split_k is None:
+    if programs is None and split_k is None:
+        programs = _stream_programs(n, block_n, x.device)
+    if programs:
+        split_k = 1
+        if block_k is None and block_n <= STREAM_WIDE_K:
+            block_k = 128
+    elif split_k is None:
         split_k = _split_k(n, k, block_n, x.device)
         if block_k is None and split_k > 1 and k // split_k >= LONG_RANGE:
             block_k = 128
@@ -661,10 +860,18 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
               out.stride(0), out.stride(1), float(eps))
     flags = dict(NORM=norm_weight is not None, UNIT=bool(unit_offset), HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n,
-                 BLOCK_K=block_k, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}))
+                 BLOCK_K=block_k, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+                 **_pdl_flags(x.device))
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
+    if programs:
+        stream, part, sums = _stream_buffers(k, n, blocks, block_k, programs, x.device)
+        _kernels()["norm_matmul_stream"][(stream["programs"],)](*pointers, part, sums, _tickets(weight, blocks),
+                                                                *sizes, CHUNKS=stream["chunks"],
+                                                                UNITS=stream["units"], SEGMENTS=stream["segments"],
+                                                                **flags)
+        return out
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
@@ -681,6 +888,34 @@ def _split_buffers(k: int, columns: int, blocks: int, split_k: int, block_k: int
     k_per = -(-k // (split_k * block_k)) * block_k
     return (k_per, torch.empty(split_k, ROW_TILE, columns, dtype=torch.float32, device=device),
             torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=device))
+
+
+def _stream_layout(blocks: int, chunks: int, programs: int) -> dict:
+    """A stream-K launch of `programs` over blocks × chunks units: its grid (at most one program per unit)
+    and the most segments any column block is cut into (the kernels' _owner, in Python)."""
+    units = blocks * chunks
+    programs = max(1, min(programs, units))
+
+    def owner(unit: int) -> int:
+        return ((unit + 1) * programs + units - 1) // units - 1
+
+    segments = max(owner((b + 1) * chunks - 1) - owner(b * chunks) + 1 for b in range(blocks))
+    return {"programs": programs, "chunks": chunks, "units": units, "segments": segments}
+
+
+_STREAM_LAYOUTS: dict[tuple[int, int, int], dict] = {}
+
+
+def _stream_buffers(k: int, columns: int, blocks: int, block_k: int, programs: int, device: torch.device
+                    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A stream-K launch's layout (_stream_layout, cached) and its scratch: the segments' partials
+    [segments, ROW_TILE, columns] and rows' partial Σ x² [blocks, segments, ROW_TILE] (float32)."""
+    key = (blocks, -(-k // block_k), programs)
+    if key not in _STREAM_LAYOUTS:
+        _STREAM_LAYOUTS[key] = _stream_layout(*key)
+    layout = _STREAM_LAYOUTS[key]
+    return (layout, torch.empty(layout["segments"], ROW_TILE, columns, dtype=torch.float32, device=device),
+            torch.empty(blocks, layout["segments"], ROW_TILE, dtype=torch.float32, device=device))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}  # a device's split-K arrival counters
@@ -749,6 +984,22 @@ def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int 
     return split
 
 
+# Stream-K (norm_matmul_stream_kernel, norm_gate_up_silu_stream_kernel) for a GEMM whose column blocks leave SMs
+# idle: STREAM_PER_SM programs per SM share its units evenly. Off by default until a GPU measures it against
+# split-K (benchmarks/triton_gemm_sweep.py --only stream; benchmarks/triton_layers_gpu.py --settings STREAM_K=1).
+STREAM_K = False
+STREAM_PER_SM = 1
+STREAM_WIDE_K = 32  # a streamed tile of at most this many columns loops over K in blocks of 128
+
+
+def _stream_programs(n: int, block_n: int, device: torch.device) -> int:
+    """Programs of a stream-K launch for a GEMM of N outputs in blocks of block_n: 0 (no stream-K) on the
+    CPU, with STREAM_K off or SPLIT_K "off", or where the column blocks fill SPLIT_BELOW × the SMs; else
+    STREAM_PER_SM × the SMs. A function of N and the device alone, never of T (row invariance)."""
+    sms = _sm_count(device) if STREAM_K and SPLIT_K == "auto" else 0
+    return STREAM_PER_SM * sms if -(-n // block_n) < SPLIT_BELOW * sms else 0
+
+
 def norm_matmul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None, unit_offset: bool = False, out_dtype: torch.dtype | None = None,
                 **blocks) -> torch.Tensor:
@@ -770,10 +1021,12 @@ GATE_UP_SPLIT = 1  # norm_gate_up_silu's ranges of K unless asked (benchmarks va
 
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
                       unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
-                      num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:
+                      num_warps: int = 4, split_k: int | None = None, programs: int | None = None) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
-    (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1 (default GATE_UP_SPLIT): K in that
-    many ranges (norm_gate_up_silu_split_kernel), a fixed number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
+    (gate rows, then up rows) -> [T, I] in x's dtype. programs > 0: stream-K on that many programs
+    (norm_gate_up_silu_stream_kernel; neither programs nor split_k given: _stream_programs' choice).
+    split_k > 1 (default GATE_UP_SPLIT): K in that many ranges (norm_gate_up_silu_split_kernel), a fixed
+    number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
     of 128 columns over all of K, 35.9 µs in 140 tiles of 64 in 2 ranges (benchmarks/triton_gemm_sweep.py),
     and the whole forward took 2.385 ms with 128 columns in 2 ranges against 2.320 ms in one
     (benchmarks/results/gpu-2026-12-07k/)."""
@@ -783,12 +1036,21 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block_n = _block_n(n, block_n)
     block_k = _pow2(block_k)
+    if programs is None and split_k is None:
+        programs = _stream_programs(n, block_n, x.device)
     split_k = GATE_UP_SPLIT if split_k is None else split_k
     blocks = -(-n // block_n)
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
     flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": ROW_TILE,
-             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps}
+             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, **_pdl_flags(x.device)}
+    if programs:
+        stream, part, sums = _stream_buffers(k, 2 * n, blocks, block_k, programs, x.device)
+        _kernels()["gate_up_stream"][(stream["programs"],)](x, norm_weight, gate_up_weight, out, part, sums,
+                                                            _tickets(gate_up_weight, blocks), *sizes,
+                                                            CHUNKS=stream["chunks"], UNITS=stream["units"],
+                                                            SEGMENTS=stream["segments"], **flags)
+        return out
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
@@ -820,7 +1082,8 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     _kernels()["rope"][(heads + 2 * kv_heads,)](
         qkv, positions if positions is not None else slots, slots, cos, sin, q, k_cache, v_cache, t, heads, kv_heads,
         half, qkv.stride(0), qkv.stride(1), *_rope_args(cos, sin, q, k_cache, v_cache),
-        BY_POSITION=positions is not None, BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half, 1), num_warps=num_warps)
+        BY_POSITION=positions is not None, BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half, 1), num_warps=num_warps,
+        **_pdl_flags(qkv.device))
     return q
 
 
@@ -863,7 +1126,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
     flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": ROW_TILE, "HALF_PAD": block,
-             "BLOCK_K": _pow2(block_k), "num_warps": num_warps}
+             "BLOCK_K": _pow2(block_k), "num_warps": num_warps, **_pdl_flags(x.device)}
     if split_k <= 1:
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
@@ -935,11 +1198,11 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         nodes, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sa_t, sa_n, out.stride(0), out.stride(1),
         out.stride(2), chunks, G=g, D=d, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d),
-        F32=_f32_dots(q, k_cache), TREE=tree, FUSE=FUSE_COMBINE, num_warps=num_warps)
+        F32=_f32_dots(q, k_cache), TREE=tree, FUSE=FUSE_COMBINE, num_warps=num_warps, **_pdl_flags(q.device))
     if not FUSE_COMBINE:
         kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
                                    out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
-                                   num_warps=1)
+                                   num_warps=1, **_pdl_flags(q.device))
     return out
 
 
@@ -980,9 +1243,9 @@ def exact_cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
         v_cache.stride(1), v_cache.stride(2), nodes.stride(0), nodes.stride(1), out.stride(0), out.stride(1),
         out.stride(2), G=g, D=d, CHUNK=chunk, G_PAD=_pow2(g), BLOCK_N=block_n, D_PAD=_pow2(d),
-        F32=_f32_dots(q, k_cache), FUSE=FUSE_COMBINE, num_warps=4)
+        F32=_f32_dots(q, k_cache), FUSE=FUSE_COMBINE, num_warps=4, **_pdl_flags(q.device))
     if not FUSE_COMBINE:
         kernels["combine"][(t, h)](positions, positions, m, total, acc, out, t, 0, chunks, out.stride(0),
                                    out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=False,
-                                   num_warps=1)
+                                   num_warps=1, **_pdl_flags(q.device))
     return out
