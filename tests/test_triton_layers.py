@@ -186,7 +186,7 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
                                  short.stride(1), short.stride(0), short.stride(1), float(norm.eps), NORM=True,
                                  UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w), SPLIT=split,
                                  K_PER=k_per, BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16,
-                                 **tl_layers._pdl_flags(x.device))
+                                 **tl_layers._gemm_flags(x.device))
     assert not _close(short, ref, dtype)
 
 
@@ -231,7 +231,7 @@ def test_stream_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, prog
         x.stride(1), w.stride(0), w.stride(1), short.stride(0), short.stride(1), short.stride(0), short.stride(1),
         float(norm.eps), NORM=True, UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w),
         CHUNKS=5, UNITS=14, SEGMENTS=layout["segments"], BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16,
-        **tl_layers._pdl_flags(x.device))
+        **tl_layers._gemm_flags(x.device))
     assert not _close(short, ref, dtype)
     tl_layers._tickets(w, 3).zero_()  # the short launch's last block never completed its count
 
@@ -618,6 +618,7 @@ tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long),
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
 tl_layers.FUSE_COMBINE, tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = False, None, "auto"
 tl_layers._pdl_flags = lambda device: {"PDL": True, "launch_pdl": True}  # programmatic dependent launch, as on sm_90
+tl_layers.PREFETCH = 4  # the GEMMs' first weights into L2 before the wait
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),

@@ -128,6 +128,17 @@ def _pdl_flags(device: torch.device) -> dict:
     return {"PDL": True, "launch_pdl": True} if _PDL_SUPPORT[str(device)] else {"PDL": False}
 
 
+# blocks of K each GEMM program prefetches into L2 before its _pdl_wait (with PDL only; 0: none): off until a GPU has
+# measured it (benchmarks/triton_layers_gpu.py --settings PDL=1,PREFETCH=4)
+PREFETCH = 0
+
+
+def _gemm_flags(device: torch.device) -> dict:
+    """_pdl_flags and the GEMM kernels' PREFETCH (PREFETCH where PDL is on, else 0)."""
+    flags = _pdl_flags(device)
+    return {**flags, "PREFETCH": PREFETCH if flags["PDL"] else 0}
+
+
 def _pdl_supported(device: torch.device) -> bool:
     import dataclasses
 
@@ -319,22 +330,43 @@ def _kernels():
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
 
+    @triton.jit
+    def _prefetch_weights(w_ptr, cols, cols_ok, second, k_lo, k_hi, K, sw_n, sw_k, PAIR: tl.constexpr,
+                          PREFETCH: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Before _pdl_wait (a GEMM's weights are never written, so they may be read while the kernel before
+        runs): PREFETCH blocks of K from k_lo (below k_hi and K) of W[cols] (and of W[cols + second] with
+        PAIR) into L2, a 128-byte line (64 bf16 of a row, K contiguous) per instruction, nothing into
+        registers: the weights' first bytes stream from HBM while the kernel before this one finishes."""
+        if PREFETCH > 0:
+            ks = k_lo + tl.arange(0, PREFETCH * BLOCK_K // 64) * 64
+            ok = (ks[:, None] < k_hi) & (ks[:, None] < K) & cols_ok[None, :]
+            at = tl.where(ok, w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_n, w_ptr)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [at], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+            if PAIR:
+                at = tl.where(ok, w_ptr + ks[:, None] * sw_k + (cols + second)[None, :] * sw_n, w_ptr)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [at], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+
     # a kernel finds the helpers it calls among its module's globals
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
                      _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
                      _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks,
                      _owner=_owner, _stream_segment=_stream_segment, _segment_sum=_segment_sum,
-                     _linear_epilogue=_linear_epilogue, _pdl_wait=_pdl_wait)
+                     _linear_epilogue=_linear_epilogue, _pdl_wait=_pdl_wait,
+                     _prefetch_weights=_prefetch_weights)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
                            sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """out[:, block] = (RMSNorm(x) or x) · W[block]ᵀ (+ bias) (+ residual), all T rows."""
-        _pdl_wait(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
+        _prefetch_weights(w_ptr, cols, cols_ok, 0, 0, K, K, sw_n, sw_k, False, PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_T], tl.float32)
@@ -359,17 +391,20 @@ def _kernels():
                                  sx_t, sx_k, sw_n, sw_k, sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr,
                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                  F32: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
-                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """norm_matmul_kernel with K cut in SPLIT ranges of K_PER, one program per (column block, range),
         for a GEMM too narrow to fill the GPU with column blocks alone. Each program stores its float32
         partial [T, BLOCK_N] (and its rows' partial Σ x²); the block's last program to arrive (an atomic
         ticket) sums the SPLIT partials in range order, applies the epilogue and resets the ticket. The
         order of every sum is fixed by N, K and SPLIT, never by T or by which program came last."""
-        _pdl_wait(PDL)
         block = tl.program_id(0)
         split = tl.program_id(1)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
+        _prefetch_weights(w_ptr, cols, cols_ok, 0, split * K_PER, split * K_PER + K_PER, K, sw_n, sw_k, False,
+                          PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
         acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
@@ -403,11 +438,13 @@ def _kernels():
     @triton.jit(do_not_specialize=["T"])
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """out[:, block] = silu(h · W[block]ᵀ) · (h · W[N + block]ᵀ), h = RMSNorm(x); W = [gate; up]."""
-        _pdl_wait(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
+        _prefetch_weights(w_ptr, cols, cols_ok, N, 0, K, K, sw_n, sw_k, True, PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         gate, up = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, sx_t, sx_k, sw_n, sw_k, eps,
                                   UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
@@ -419,16 +456,19 @@ def _kernels():
     def norm_gate_up_silu_split_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
                                        SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_T: tl.constexpr,
-                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """norm_gate_up_silu_kernel with K in SPLIT ranges, as norm_matmul_split_kernel: each program
         stores its gate and up partials ([T, BLOCK_N] each, float32, at columns c and N + c of a [T, 2N]
         range buffer) and its rows' partial Σ x²; the block's last program sums them in range order,
         scales by the norm and applies silu(gate) · up."""
-        _pdl_wait(PDL)
         block = tl.program_id(0)
         split = tl.program_id(1)
         cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
+        _prefetch_weights(w_ptr, cols, cols_ok, N, split * K_PER, split * K_PER + K_PER, K, sw_n, sw_k, True,
+                          PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
         gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, split * K_PER,
@@ -455,7 +495,8 @@ def _kernels():
                                   UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                   F32: tl.constexpr, CHUNKS: tl.constexpr, UNITS: tl.constexpr,
                                   SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                  BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """norm_matmul_kernel as stream-K: the GEMM's UNITS = column blocks × CHUNKS (BLOCK_K of K each), in
         block-major order, shared out evenly over the grid's P programs (program p: units p·UNITS // P ..
         (p + 1)·UNITS // P - 1), so that every SM streams the same share of the weight whatever the number
@@ -464,10 +505,14 @@ def _kernels():
         segment stores its float32 partial (and its rows' partial Σ x²) at its index among the block's
         segments, and the block's last to arrive sums them in segment order (= K order). Every sum's order
         is fixed by N, K, the tiles and P (the device), never by T."""
-        _pdl_wait(PDL)
         p = tl.program_id(0)
         u = p * UNITS // tl.num_programs(0)
         u_end = (p + 1) * UNITS // tl.num_programs(0)
+        first = u // CHUNKS  # the first segment's block: its weights prefetched before the wait
+        _prefetch_weights(w_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), first * BLOCK_N + tl.arange(0, BLOCK_N) < N,
+                          0, (u - first * CHUNKS) * BLOCK_K, (tl.minimum(u_end, (first + 1) * CHUNKS) - first * CHUNKS) * BLOCK_K,
+                          K, sw_n, sw_k, False, PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
         while u < u_end:
@@ -503,13 +548,18 @@ def _kernels():
     def norm_gate_up_silu_stream_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
                                         sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
                                         CHUNKS: tl.constexpr, UNITS: tl.constexpr, SEGMENTS: tl.constexpr,
-                                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """norm_gate_up_silu_kernel as stream-K (norm_matmul_stream_kernel's units, spans and segments): a
         segment's gate and up partials sit at columns c and N + c of a [T, 2N] buffer per segment."""
-        _pdl_wait(PDL)
         p = tl.program_id(0)
         u = p * UNITS // tl.num_programs(0)
         u_end = (p + 1) * UNITS // tl.num_programs(0)
+        first = u // CHUNKS  # the first segment's block: its weights prefetched before the wait
+        _prefetch_weights(w_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), first * BLOCK_N + tl.arange(0, BLOCK_N) < N,
+                          N, (u - first * CHUNKS) * BLOCK_K, (tl.minimum(u_end, (first + 1) * CHUNKS) - first * CHUNKS) * BLOCK_K,
+                          K, sw_n, sw_k, True, PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
         while u < u_end:
@@ -603,17 +653,19 @@ def _kernels():
                                    v_ptr, T, K, H, KV, HALF, sx_t, sx_k, sw_n, sw_k, sc_t, sc_d, ss_t, ss_d,
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
                                    HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                                   HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                   HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """Program (p, s): columns s·HALF_PAD .. (s+1)·HALF_PAD - 1 of each half of head p of
         RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) (two accumulators, so that rotary is elementwise; HALF_PAD here
         is the block of a half a program holds), rounded to the model's dtype as the q|k|v GEMM's output
         is, then _rope_store."""
-        _pdl_wait(PDL)
         p = tl.program_id(0)
         rows = tl.arange(0, BLOCK_T)
         halves = tl.program_id(1) * HALF_PAD + tl.arange(0, HALF_PAD)
         half_ok = halves < HALF
         cols_lo = p * 2 * HALF + halves
+        _prefetch_weights(w_ptr, cols_lo, half_ok, HALF, 0, K, K, sw_n, sw_k, True, PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         lo, hi = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, sx_t, sx_k, sw_n, sw_k, eps,
                                 False, F32, BLOCK_T, HALF_PAD, BLOCK_K)
         if HAS_BIAS:
@@ -630,12 +682,12 @@ def _kernels():
                                          sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
                                          eps, HAS_BIAS: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
                                          K_PER: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr,
-                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+            PREFETCH: tl.constexpr):
         """norm_qkv_rope_cache_kernel with K in SPLIT ranges of K_PER, program (p, s, r): as
         norm_matmul_split_kernel, each program stores its float32 partials of the two halves' blocks
         (at their columns of a [T, (H + 2·KV)·D] range buffer) and its rows' partial Σ x²; the
         block's last program sums them in range order, then bias, rounding and _rope_store."""
-        _pdl_wait(PDL)
         p = tl.program_id(0)
         s = tl.program_id(1)
         split = tl.program_id(2)
@@ -645,6 +697,9 @@ def _kernels():
         halves = s * HALF_PAD + tl.arange(0, HALF_PAD)
         half_ok = halves < HALF
         cols_lo = p * 2 * HALF + halves
+        _prefetch_weights(w_ptr, cols_lo, half_ok, HALF, split * K_PER, split * K_PER + K_PER, K, sw_n, sw_k, True,
+                          PREFETCH, BLOCK_K)
+        _pdl_wait(PDL)
         n = (H + 2 * KV) * 2 * HALF
         lo, hi, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, split * K_PER,
                                     split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, False, F32, BLOCK_T, HALF_PAD,
@@ -861,7 +916,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     flags = dict(NORM=norm_weight is not None, UNIT=bool(unit_offset), HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n,
                  BLOCK_K=block_k, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-                 **_pdl_flags(x.device))
+                 **_gemm_flags(x.device))
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
@@ -1043,7 +1098,7 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
     flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": ROW_TILE,
-             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, **_pdl_flags(x.device)}
+             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, **_gemm_flags(x.device)}
     if programs:
         stream, part, sums = _stream_buffers(k, 2 * n, blocks, block_k, programs, x.device)
         _kernels()["gate_up_stream"][(stream["programs"],)](x, norm_weight, gate_up_weight, out, part, sums,
@@ -1126,7 +1181,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
     flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": ROW_TILE, "HALF_PAD": block,
-             "BLOCK_K": _pow2(block_k), "num_warps": num_warps, **_pdl_flags(x.device)}
+             "BLOCK_K": _pow2(block_k), "num_warps": num_warps, **_gemm_flags(x.device)}
     if split_k <= 1:
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
