@@ -248,6 +248,29 @@ def triton_device() -> str:
     return "cpu"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _triton_settings():
+    """SPECULANT_TEST_TRITON_SETTINGS="PDL=1,STREAM_K=1": the whole run under these speculant.models.triton_layers
+    settings (integers where they parse as such), to test on a GPU settings that are not yet the defaults."""
+    text = os.environ.get("SPECULANT_TEST_TRITON_SETTINGS", "")
+    if not text:
+        yield
+        return
+    from speculant.models import triton_layers
+
+    settings = {name.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+                for name, value in (item.split("=", 1) for item in text.split(","))}
+    unknown = [name for name in settings if not hasattr(triton_layers, name)]
+    if unknown:
+        raise pytest.UsageError(f"SPECULANT_TEST_TRITON_SETTINGS: triton_layers has no {', '.join(unknown)}")
+    kept = {name: getattr(triton_layers, name) for name in settings}
+    for name, value in settings.items():
+        setattr(triton_layers, name, value)
+    yield
+    for name, value in kept.items():
+        setattr(triton_layers, name, value)
+
+
 def byte_level_backend(specials: list[str]):
     """A byte-level BPE `tokenizers.Tokenizer`: the special tokens (ids 0..len(specials) - 1), then the
     256 byte symbols, then the merges "ab" and "cd"."""
