@@ -26,6 +26,33 @@ from speculant.api import check_device
 from speculant.models.base import DTYPES
 
 
+def triton_settings(text: str) -> dict:
+    """"PDL=1,STREAM_K=1" -> {"PDL": 1, "STREAM_K": 1}: speculant.models.triton_layers settings (integers where
+    they parse as such), each checked to exist."""
+    from speculant.models import triton_layers
+
+    settings = {name.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+                for name, value in (item.split("=", 1) for item in filter(None, text.split(",")))}
+    unknown = [name for name in settings if not hasattr(triton_layers, name)]
+    if unknown:
+        raise SystemExit(f"error: speculant.models.triton_layers has no setting {', '.join(unknown)}")
+    return settings
+
+
+def apply_triton_settings(text: str) -> None:
+    """Set triton_layers settings ("PDL=1,STREAM_K=1") for the whole run; every script that imports this module
+    does so with SPECULANT_TRITON_SETTINGS, before it runs a kernel."""
+    from speculant.models import triton_layers
+
+    for name, value in triton_settings(text).items():
+        setattr(triton_layers, name, value)
+    if text:
+        print(f"# triton_layers settings: {text}", flush=True)
+
+
+apply_triton_settings(os.environ.get("SPECULANT_TRITON_SETTINGS", ""))
+
+
 def arguments(doc: str | None, *, device: str = "cpu", out_default: str = "out") -> argparse.ArgumentParser:
     """A parser with the common flags; `doc` (the script's docstring) is its description."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

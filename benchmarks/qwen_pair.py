@@ -41,6 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common  # noqa: F401 -- benchmarks/common.py: applies SPECULANT_TRITON_SETTINGS
+
 from speculant.adaptive import parse_gamma
 from speculant.api import Speculant
 from speculant.models.base import synchronize
@@ -169,16 +171,7 @@ def main() -> None:
     parser.add_argument("--fused-compile", choices=["whole", "layers", "off"], default="whole",
                         help="our fused step's forwards: each whole forward through torch.compile (the default), "
                              "one compiled decoder layer for all layers (regional: short compiles), or eager")
-    parser.add_argument("--triton-settings", default="",
-                        help="triton_layers module settings for every row, e.g. STREAM_K=1,STREAM_PER_SM=2")
     args = parser.parse_args()
-    if args.triton_settings:
-        from speculant.models import triton_layers
-
-        for name, value in (item.split("=", 1) for item in args.triton_settings.split(",")):
-            if not hasattr(triton_layers, name.strip()):
-                raise SystemExit(f"error: triton_layers has no setting {name.strip()}")
-            setattr(triton_layers, name.strip(), int(value) if value.strip().lstrip("-").isdigit() else value.strip())
     cuda = args.device.startswith("cuda")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.code_prompts = args.code_prompts if args.code_prompts is not None else (5 if cuda else 2)
