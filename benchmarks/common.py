@@ -27,7 +27,7 @@ from speculant.models.base import DTYPES
 
 
 def triton_settings(text: str) -> dict:
-    """"PDL=1,STREAM_K=1" -> {"PDL": 1, "STREAM_K": 1}: speculant.models.triton_layers settings (integers where
+    """"PDL=1,PREFETCH=4" -> {"PDL": 1, "PREFETCH": 4}: speculant.models.triton_layers settings (integers where
     they parse as such), each checked to exist."""
     from speculant.models import triton_layers
 
@@ -40,7 +40,7 @@ def triton_settings(text: str) -> dict:
 
 
 def apply_triton_settings(text: str) -> None:
-    """Set triton_layers settings ("PDL=1,STREAM_K=1") for the whole run; every script that imports this module
+    """Set triton_layers settings ("PDL=1,PREFETCH=4") for the whole run; every script that imports this module
     does so with SPECULANT_TRITON_SETTINGS, before it runs a kernel."""
     from speculant.models import triton_layers
 

@@ -62,7 +62,7 @@
 #              (QWEN_COMPILE=layers, the default here; =whole for whole forwards: on 2026-12-06 the 0.5B
 #              chain's whole-forward compiles had not finished its first pass after 370 s on an H200);
 #              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto); every benchmark script takes
-#              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,STREAM_K=1; here also TRITON_SETTINGS)
+#              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
@@ -236,7 +236,7 @@ case "$part" in
   qwen-tune)  # the Triton forward at Qwen2.5-1.5B's shapes (random weights) under each of TUNE_SETTINGS, then
     # qwen-triton with the fastest of them and the defaults (T = 1 and 5 summed) as TRITON_SETTINGS
     limit ${TUNE_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random qwen2.5-1.5b --no-truth --no-compile \
-      --prompts 1 --repeats 100 --rows 1,5 --split-k "" --settings "${TUNE_SETTINGS:-PDL=1;STREAM_K=1;STREAM_K=1,PDL=1}" \
+      --prompts 1 --repeats 100 --rows 1,5 --split-k "" --settings "${TUNE_SETTINGS:-PDL=1;PDL=1,PREFETCH=4}" \
       --out "$out/qwen_forward" 2>&1 | { grep -v '^{' || true; } | tee "$out/triton_layers_qwen_random.log"
     TRITON_SETTINGS=$(python3 - "$out/qwen_forward/triton_layers_gpu.json" <<'PICK' || true
 import json, sys

@@ -10,8 +10,7 @@ layer's own weight (so the weights stream from HBM, not from L2), replayed --rep
 call, and GB/s = the weight's bytes ÷ that time. Configurations: the kernels' default (BLOCK_N from
 triton_layers.GEMM_PROGRAMS, BLOCK_K 64, 4 warps) without split-K and with the split-K policy
 (triton_layers._split_k), a grid of BLOCK_N × BLOCK_K × (warps, stages) without split-K,
-stream-K (norm_matmul_stream_kernel: 1, 2 or 4 programs per SM sharing the GEMM's units evenly, STREAM_TILES; --only stream
-runs these and the defaults alone), and split-K (norm_matmul_split_kernel: K cut in 2, 4 or 8 ranges, the last program of a column block
+and split-K (norm_matmul_split_kernel: K cut in 2, 4 or 8 ranges, the last program of a column block
 summing them in order; for the gate/up kernel, norm_gate_up_silu_split_kernel). cuBLAS rows: torch.mm on the call's rows, and torch.addmm with the residual
 (o_proj's and down_proj's epilogue). Prints a table per GEMM; writes triton_gemm_sweep.json.
 """
@@ -40,28 +39,13 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=400.0, help="seconds; configurations past it are skipped")
     parser.add_argument("--bandwidth", type=float, default=0.0,
                         help="the card's HBM GB/s for the %% column (0: 3350 on an H100, 4800 on an H200)")
-    parser.add_argument("--only", choices=("all", "stream"), default="all",
-                        help="stream: the defaults, the split-K policy and the stream-K configurations only")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out/gemm-sweep"))
     return parser
 
 
-def stream_configs(sms: int) -> list[dict]:
-    """Stream-K (triton_layers.norm_matmul_stream_kernel): tiles × programs per SM."""
-    return [{"name": f"n{block_n} k{block_k} stream{per_sm}", "block_n": block_n, "block_k": block_k,
-             "programs": per_sm * sms} for block_n, block_k, per_sm in STREAM_TILES]
-
-
-# (BLOCK_N, BLOCK_K, programs per SM): a narrow tile needs more programs to keep enough bytes in flight
-STREAM_TILES = [(32, 128, 1), (32, 128, 2), (32, 128, 4), (32, 64, 2), (32, 64, 4), (64, 64, 1), (64, 64, 2),
-                (64, 128, 1), (64, 128, 2), (128, 64, 1), (128, 64, 2), (128, 128, 1)]
-
-
-def configs(only: str = "all", sms: int = 132) -> list[dict]:
-    """The default, a tile grid, split-K and stream-K (only "stream": the defaults and stream-K)."""
-    out = [{"name": "default, no split", "split_k": 1}, {"name": "default (split-K policy)", "programs": 0}]
-    if only == "stream":
-        return out + stream_configs(sms)
+def configs() -> list[dict]:
+    """The default, a tile grid, and split-K."""
+    out = [{"name": "default, no split", "split_k": 1}, {"name": "default (split-K policy)"}]
     tiles = [(n, k, 4, 3) for n in (16, 32, 64) for k in (64, 128, 256)] + [(32, 128, 8, 4), (16, 256, 8, 4)]
     tiles += [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 64, 8, 3)]  # wide: the head
     tiles += [(128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3)]  # wide tiles: the head, 44 % of HBM at 64
@@ -73,7 +57,7 @@ def configs(only: str = "all", sms: int = 132) -> list[dict]:
             for split in (2, 4, 8):
                 out.append({"name": f"n{block_n} k{block_k} split{split}", "block_n": block_n, "block_k": block_k,
                             "split_k": split})
-    return out + stream_configs(sms)
+    return out
 
 
 def graph_us(calls, repeats: int) -> float:
@@ -82,8 +66,7 @@ def graph_us(calls, repeats: int) -> float:
     return ms * 1000 / len(calls)
 
 
-def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repeats: int, record, out_of_budget,
-                 only: str = "all"):
+def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repeats: int, record, out_of_budget):
     """One GEMM of `kind` at T rows over the layers' weights `ws`: cuBLAS, then every configuration."""
     from speculant.models import triton_layers as tl
 
@@ -100,14 +83,12 @@ def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repe
         record(gemm, "cuBLAS addmm", t, graph_us([lambda w=w: torch.addmm(res, x, w.t(), out=mm_out) for w in ws],
                                                  repeats), nbytes)
     reference = None
-    for config in configs(only, torch.cuda.get_device_properties(dev).multi_processor_count):
+    for config in configs():
         label = config["name"]
-        if gemm == "head" and "programs" in config and config["programs"]:
-            continue  # 1187 column blocks fill the SMs
         if out_of_budget():
             record(gemm, label, t, None, nbytes, "past --budget")
             continue
-        blocks = {key: config[key] for key in ("block_n", "block_k", "num_warps", "num_stages", "split_k", "programs")
+        blocks = {key: config[key] for key in ("block_n", "block_k", "num_warps", "num_stages", "split_k")
                   if key in config}
         out = torch.empty(t, n, device=dev, dtype=torch.float32 if kind == "norm" else bf16)
 
@@ -130,8 +111,8 @@ def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repe
         record(gemm, label, t, us, nbytes)
 
 
-def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record, out_of_budget, only: str = "all"):
-    """The fused RMSNorm + gate/up + SiLU kernel by tile, split-K and stream-K, against cuBLAS's mm."""
+def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record, out_of_budget):
+    """The fused RMSNorm + gate/up + SiLU kernel by tile and split-K, against cuBLAS's mm."""
     from speculant.models import triton_layers as tl
 
     n2, k = gate_up[0].shape
@@ -142,22 +123,15 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
     mm_out = torch.empty(t, n2, device=dev, dtype=bf16)
     record("gate_up", "cuBLAS mm", t, graph_us([lambda w=w: torch.mm(x, w.t(), out=mm_out) for w in gate_up],
                                                 repeats), nbytes)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    tiles = [(n, 64, 1, 0) for n in (None, 128)]
-    if only == "all":
-        tiles += [(n, k, 1, 0) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
-        tiles += [(n, k, split, 0) for n in (32, 64, 128) for k in (64, 128) for split in (2, 4)]  # split-K
-    tiles += [(n, k, 1, per_sm) for n, k, per_sm in STREAM_TILES]  # stream-K
+    tiles = [(n, k, 1) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
+    tiles += [(n, k, split) for n in (32, 64, 128) for k in (64, 128) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
     reference = None
-    for block_n, block_k, split, per_sm in tiles:
-        label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "") + \
-            (f" stream{per_sm}" if per_sm else "")
+    for block_n, block_k, split in tiles:
+        label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
         if out_of_budget():
             record("gate_up", label, t, None, nbytes, "past --budget")
             continue
         blocks = {"block_n": block_n, "block_k": block_k, "split_k": split}
-        if per_sm:
-            blocks = {"block_n": block_n, "block_k": block_k, "programs": per_sm * sms}
         try:
             us = graph_us([lambda w=w, b=blocks: tl.norm_gate_up_silu(x, g, 1e-6, w, **b) for w in gate_up], repeats)
         except Exception as error:  # noqa: BLE001 -- as in sweep_linear
@@ -167,7 +141,7 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
         if reference is None:
             reference = value
         elif not torch.allclose(value, reference, rtol=2e-2, atol=2e-2):
-            record("gate_up", label, t, None, nbytes, "wrong result: differs from the default's")
+            record("gate_up", label, t, None, nbytes, "wrong result: differs from the first configuration's")
             continue
         record("gate_up", label, t, us, nbytes)
 
@@ -209,8 +183,8 @@ def main() -> None:
 
     for t in rows:
         for gemm, (ws, kind) in gemms.items():
-            sweep_linear(gemm, ws, kind, t, gen, args.repeats, record, out_of_budget, args.only)
-        sweep_gate_up(gate_up, t, gen, args.repeats, record, out_of_budget, args.only)
+            sweep_linear(gemm, ws, kind, t, gen, args.repeats, record, out_of_budget)
+        sweep_gate_up(gate_up, t, gen, args.repeats, record, out_of_budget)
 
     best = {}
     for row in results:

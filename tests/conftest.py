@@ -250,7 +250,7 @@ def triton_device() -> str:
 
 @pytest.fixture(scope="session", autouse=True)
 def _triton_settings():
-    """SPECULANT_TEST_TRITON_SETTINGS="PDL=1,STREAM_K=1": the whole run under these speculant.models.triton_layers
+    """SPECULANT_TEST_TRITON_SETTINGS="PDL=1,PREFETCH=4": the whole run under these speculant.models.triton_layers
     settings (integers where they parse as such), to test on a GPU settings that are not yet the defaults."""
     text = os.environ.get("SPECULANT_TEST_TRITON_SETTINGS", "")
     if not text:

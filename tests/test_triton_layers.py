@@ -190,67 +190,20 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     assert not _close(short, ref, dtype)
 
 
-@pytest.mark.parametrize("programs", [2, 7, 15])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_stream_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, programs, dtype):
-    """norm_matmul_stream_kernel: 3 column blocks × 5 chunks of K = 15 units over `programs` programs (2: a
-    program spans several blocks; 7: blocks cut in up to 3 segments; 15: a unit each, 5 segments a block),
-    the same function as the one-range kernel with every epilogue; a row's bits the same alone and among
-    17 rows; the tickets back at zero. The same for norm_gate_up_silu_stream_kernel.
-    Negative control: a launch told one unit fewer than there are (the last chunk never summed) must fail."""
-    t = 17
-    x = _randn(t, K, dtype=dtype, device=triton_device, seed=5)
-    norm = _norm(K, 1e-6, dtype, triton_device, seed=1)
-    w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
-    bias = _randn(N, dtype=dtype, device=triton_device, seed=3)
-    residual = _randn(t, N, dtype=dtype, device=triton_device, seed=4)
-    blocks = {"block_n": 16, "block_k": 16, "programs": programs}
-    assert tl_layers._stream_layout(3, 5, programs)["segments"] == {2: 2, 7: 3, 15: 5}[programs]
-    ref = F.linear(norm(x), w, bias)
-    out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, **blocks)
-    assert _close(out, ref, dtype), _error(out, ref)
-    alone = torch.cat([tl_layers.norm_matmul(x[i:i + 1], norm.weight, norm.eps, w, bias, **blocks) for i in range(t)])
-    assert torch.equal(alone, out)
-    in_place = residual.clone()
-    tl_layers.matmul_residual(x, w, in_place, out=in_place, **blocks)
-    assert _close(in_place, residual + F.linear(x, w), dtype)
-    assert int(tl_layers._tickets(w, 3).abs().sum()) == 0
-    gate_up = _matrix(2 * N, K, dtype, triton_device, 6, _layout(dtype))
-    whole = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=16, split_k=1)
-    streamed = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, block_n=16, block_k=16,
-                                           programs=programs)
-    assert _close(streamed, whole, dtype), _error(streamed, whole)
-    alone = torch.cat([tl_layers.norm_gate_up_silu(x[i:i + 1], norm.weight, norm.eps, gate_up, block_n=16,
-                                                   block_k=16, programs=programs) for i in range(t)])
-    assert torch.equal(alone, streamed)
-    assert int(tl_layers._tickets(gate_up, 3).abs().sum()) == 0
-    layout, part, sums = tl_layers._stream_buffers(K, N, 3, 16, programs, x.device)
-    short = torch.zeros_like(out)
-    tl_layers._kernels()["norm_matmul_stream"][(layout["programs"],)](
-        x, norm.weight, w, bias, short, short, part, sums, tl_layers._tickets(w, 3), t, K, N, x.stride(0),
-        x.stride(1), w.stride(0), w.stride(1), short.stride(0), short.stride(1), short.stride(0), short.stride(1),
-        float(norm.eps), NORM=True, UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w),
-        CHUNKS=5, UNITS=14, SEGMENTS=layout["segments"], BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16,
-        **tl_layers._gemm_flags(x.device))
-    assert not _close(short, ref, dtype)
-    tl_layers._tickets(w, 3).zero_()  # the short launch's last block never completed its count
-
-
-def test_stream_k_runs_where_column_blocks_leave_sms_idle(monkeypatch):
-    """_stream_programs: none on the CPU, with STREAM_K off, or where the blocks fill the SMs; else
-    STREAM_PER_SM programs per SM, whatever the rows."""
-    cuda = torch.device("cuda", 0)
-    monkeypatch.setitem(tl_layers._SMS, cuda, 132)
-    monkeypatch.setattr(tl_layers, "STREAM_K", True)
-    assert tl_layers._stream_programs(8960, 128, cuda) == 132  # Qwen2.5-1.5B's gate/up: 70 blocks
-    assert tl_layers._stream_programs(1536, 32, cuda) == 132  # its down_proj: 48
-    assert tl_layers._stream_programs(151936, 128, cuda) == 0  # the head: 1187 blocks
-    assert tl_layers._stream_programs(1536, 32, torch.device("cpu")) == 0
-    monkeypatch.setattr(tl_layers, "STREAM_PER_SM", 2)
-    assert tl_layers._stream_programs(1536, 32, cuda) == 264
-    assert tl_layers._stream_layout(70, 24, 132) == {"programs": 132, "chunks": 24, "units": 1680, "segments": 3}
-    monkeypatch.setattr(tl_layers, "STREAM_K", False)
-    assert tl_layers._stream_programs(1536, 32, cuda) == 0
+def test_pdl_is_opt_in_and_never_on_the_cpu(monkeypatch):
+    """_pdl_flags, _gemm_flags: programmatic dependent launch off by default and always off on the CPU (the
+    interpreter cannot run griddepcontrol); the GEMMs' PREFETCH only with PDL."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert tl_layers._gemm_flags(cpu) == {"PDL": False, "PREFETCH": 0}
+    monkeypatch.setattr(tl_layers, "PDL", 1)
+    monkeypatch.setattr(tl_layers, "PREFETCH", 4)
+    assert tl_layers._gemm_flags(cpu) == {"PDL": False, "PREFETCH": 0}
+    monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), True)
+    assert tl_layers._gemm_flags(cuda) == {"PDL": True, "launch_pdl": True, "PREFETCH": 4}
+    monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), False)  # an older GPU or triton
+    assert tl_layers._gemm_flags(cuda) == {"PDL": False, "PREFETCH": 0}
+    monkeypatch.setattr(tl_layers, "PDL", False)
+    assert tl_layers._pdl_flags(cuda) == {"PDL": False}
 
 
 def test_a_gemms_tile_width_follows_its_outputs_up_to_128():
@@ -606,12 +559,6 @@ tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zer
                       torch.zeros(64, dtype=torch.bfloat16), block_n=16, split_k=2)
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
                             block_n=32, split_k=2)
-tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torch.zeros(1, 576, dtype=torch.bfloat16),
-                  block_n=32, programs=132)  # stream-K
-tl_layers.norm_matmul(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(64, 1536, dtype=torch.bfloat16),
-                      torch.zeros(64, dtype=torch.bfloat16), block_n=16, programs=7)
-tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
-                            block_n=32, programs=132)
 tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = 16, 2  # the fused q/k/v + rotary kernel in column blocks and ranges
 tl_layers.FUSE_COMBINE = True  # attention's chunks merged by their last program
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
@@ -621,8 +568,10 @@ tl_layers._pdl_flags = lambda device: {"PDL": True, "launch_pdl": True}  # progr
 tl_layers.PREFETCH = 4  # the GEMMs' first weights into L2 before the wait
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
+tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torch.zeros(1, 576, dtype=torch.bfloat16),
+                  block_n=16, block_k=64, split_k=4)  # split-K with the prefetch of a range's weights
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
-                            block_n=32, programs=132)
+                            block_n=32, split_k=2)
 print(len(done), "kernels compiled")
 """
 
@@ -631,8 +580,8 @@ def test_the_kernels_compile_for_hopper(triton_device, tmp_path):
     """The interpreter runs the kernels as Python: it never sees a type the compiler would reject
     (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
     launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree, and bit-exact mode's
-    forward_exact: chains of 1 and 40 rows, a tree; split-K and stream-K GEMMs; with programmatic dependent
-    launch, PDL, as on a GPU that has it) is compiled here for sm_90 with triton's own ptxas,
+    forward_exact: chains of 1 and 40 rows, a tree; split-K GEMMs; with programmatic dependent launch, PDL,
+    and the GEMMs' prefetch, as on a GPU that has it) is compiled here for sm_90 with triton's own ptxas,
     in a process without TRITON_INTERPRET; no GPU is needed."""
     if triton_device == "cuda":
         pytest.skip("on a GPU the other tests compile and run them")

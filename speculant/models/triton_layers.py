@@ -22,12 +22,13 @@ with FUSE_COMBINE, the chunks merged by their last program). ROPE_SPLIT ("auto":
 few programs take K in ranges) is the default since an H100 measured it; settings that did not pay there
 (benchmarks/triton_layers_gpu.py --settings times them; benchmarks/results/gpu-2026-12-07k/): FUSE_COMBINE
 (no change at one row, slower at 5), ROPE_COLUMNS (blocks of a head's columns: no gain beside ROPE_SPLIT),
-GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). Two settings wait for a GPU's verdict: STREAM_K
-(a GEMM whose column blocks leave SMs idle shares its blocks × chunks of K out evenly over a fixed number of
-programs, stream-K, instead of split-K's blocks × ranges, which leave a wave's tail idle where that
-product is no multiple of the SMs: Qwen2.5-1.5B's gate/up has 70 blocks of 128 columns for 132 SMs) and
-PDL (programmatic dependent launch: a kernel launches while the one before it finishes, and waits for
-it in its first statement, so a launch's latency overlaps work). The GEMMs
+GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). PDL (programmatic dependent launch: a kernel launches
+while the one before it finishes and waits for it in its first statement; with PREFETCH its first weights
+stream into L2 before the wait) is opt-in: on an H100 it took SmolLM2-135M's forward from 1.032 to 0.882 ms
+and Qwen2.5-1.5B's from 2.113 to 2.697 ms (benchmarks/results/gpu-2026-12-07l/), and with triton 3.6's own
+gdc_wait bit-exact rows broke; the wait here has a memory clobber since, not yet run on a GPU. Stream-K (a
+GEMM's blocks × chunks of K shared out evenly over one program per SM) ran slower than split-K there
+(Qwen's forward 2.867 ms) and was removed. The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -40,8 +41,7 @@ on): a row's bits depend on that row's inputs, never on how many rows the call h
   and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
   program per block of output columns, each looping over all of K in order; or, for a GEMM whose
   blocks leave SMs idle, K in ranges that N, K and the device fix (_split_k), the block's last program
-  summing their float32 partials in range order, or stream-K's segments, which N, K, the tiles and the
-  device fix, summed in segment order: never a split that depends on T); num_warps
+  summing their float32 partials in range order: never a split that depends on T); num_warps
   is fixed; T is never specialised (do_not_specialize: triton compiles T = 1 and multiples of 16
   apart otherwise), nor is any other argument that changes from call to call, and the tensors come
   16-byte aligned in every call (fresh ones, or slices at multiples of 32 rows). So every call of a
@@ -120,7 +120,7 @@ _PDL_SUPPORT: dict[str, bool] = {}
 
 def _pdl_flags(device: torch.device) -> dict:
     """A launch's PDL flags: the kernel's constexpr and triton's launch_pdl where PDL is on
-    and the device and triton have it (sm_90 and later, triton's gdc_wait and launch_pdl), else off."""
+    and the device and triton have it (sm_90 and later, triton's launch_pdl), else off."""
     if not PDL or device.type != "cuda":
         return {"PDL": False}
     if str(device) not in _PDL_SUPPORT:
@@ -145,11 +145,10 @@ def _pdl_supported(device: torch.device) -> bool:
     if torch.cuda.get_device_capability(device)[0] < 9:
         return False
     try:
-        import triton.language.extra.cuda as triton_cuda
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
-    return hasattr(triton_cuda, "gdc_wait") and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+    return "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
 
 
 def _f32_dots(*tensors: torch.Tensor) -> bool:
@@ -281,54 +280,17 @@ def _kernels():
         tl.store(out_ptrs, (acc / total[:, None]).to(out_ptrs.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _owner(unit, UNITS, P):
-        """The stream-K program whose span holds `unit`: program p spans units p·UNITS // P ..
-        (p + 1)·UNITS // P - 1."""
-        return ((unit + 1) * P + UNITS - 1) // UNITS - 1
-
-    @triton.jit
-    def _stream_segment(u, u_end, UNITS, P, CHUNKS: tl.constexpr):
-        """Program p's segment that starts at unit u (a unit: one BLOCK_K of K of one column block; units in
-        block-major order): (its column block, the unit after the segment, its index among the block's
-        segments, the block's segment count)."""
-        block = u // CHUNKS
-        stop = tl.minimum(u_end, (block + 1) * CHUNKS)
-        first = _owner(block * CHUNKS, UNITS, P)
-        segments = _owner((block + 1) * CHUNKS - 1, UNITS, P) - first + 1
-        return block, stop, tl.program_id(0) - first, segments
-
-    @triton.jit
-    def _segment_sum(total, ptr, stride, mask, segments):
-        """total + Σ_s ptr[s · stride], s = 0 .. segments - 1 in order (_range_sum for a count known only at
-        run time: a stream-K block's segments)."""
-        for s in range(segments):
-            total += tl.load(ptr + s * stride, mask=mask, other=0.0, cache_modifier=".cg")
-        return total
-
-    @triton.jit
-    def _linear_epilogue(acc, ss, rows, row_ok, cols, cols_ok, b_ptr, r_ptr, out_ptr, K, sr_t, sr_n, so_t, so_n, eps,
-                         NORM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-        """norm_matmul's epilogue on a block's full sums: the RMSNorm scale, bias, residual, store."""
-        if NORM:
-            acc = acc * tl.rsqrt(ss / K + eps)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
-        out_mask = row_ok[:, None] & cols_ok[None, :]
-        if HAS_RES:
-            acc += tl.load(r_ptr + rows[:, None] * sr_t + cols[None, :] * sr_n, mask=out_mask,
-                           other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
-
-    @triton.jit
     def _pdl_wait(PDL: tl.constexpr):
         """A kernel's first statement. PDL (launched with launch_pdl, programmatic dependent launch): wait
         until the kernel before it in the stream has finished and its writes are visible, then let the
         next one launch (it starts once every program of this one has passed here, and waits in turn). So a
         launch's latency overlaps the kernel before it; every kernel touches memory only after this."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        if PDL:  # the wait with a memory clobber: else the compiler may hoist the kernel's loads above it (as
+            # triton 3.6's tl.extra.cuda.gdc_wait let it: bit-exact rows broke on an H100)
+            tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r,~{memory}", [], dtype=tl.int32, is_pure=False,
+                                      pack=1)
+            tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                      is_pure=False, pack=1)
 
     @triton.jit
     def _prefetch_weights(w_ptr, cols, cols_ok, second, k_lo, k_hi, K, sw_n, sw_k, PAIR: tl.constexpr,
@@ -352,16 +314,14 @@ def _kernels():
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
                      _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
                      _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks,
-                     _owner=_owner, _stream_segment=_stream_segment, _segment_sum=_segment_sum,
-                     _linear_epilogue=_linear_epilogue, _pdl_wait=_pdl_wait,
-                     _prefetch_weights=_prefetch_weights)
+                     _pdl_wait=_pdl_wait, _prefetch_weights=_prefetch_weights)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
                            sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                           PREFETCH: tl.constexpr):
         """out[:, block] = (RMSNorm(x) or x) · W[block]ᵀ (+ bias) (+ residual), all T rows."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
@@ -392,7 +352,7 @@ def _kernels():
                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                  F32: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
                                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                                 PREFETCH: tl.constexpr):
         """norm_matmul_kernel with K cut in SPLIT ranges of K_PER, one program per (column block, range),
         for a GEMM too narrow to fill the GPU with column blocks alone. Each program stores its float32
         partial [T, BLOCK_N] (and its rows' partial Σ x²); the block's last program to arrive (an atomic
@@ -439,7 +399,7 @@ def _kernels():
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                                 PREFETCH: tl.constexpr):
         """out[:, block] = silu(h · W[block]ᵀ) · (h · W[N + block]ᵀ), h = RMSNorm(x); W = [gate; up]."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
@@ -457,7 +417,7 @@ def _kernels():
                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
                                        SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_T: tl.constexpr,
                                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                                       PREFETCH: tl.constexpr):
         """norm_gate_up_silu_kernel with K in SPLIT ranges, as norm_matmul_split_kernel: each program
         stores its gate and up partials ([T, BLOCK_N] each, float32, at columns c and N + c of a [T, 2N]
         range buffer) and its rows' partial Σ x²; the block's last program sums them in range order,
@@ -488,110 +448,6 @@ def _kernels():
             tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
                      mask=mask)
             tl.atomic_xchg(count_ptr + block, 0)
-
-    @triton.jit(do_not_specialize=["T"])
-    def norm_matmul_stream_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N,
-                                  sx_t, sx_k, sw_n, sw_k, sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr,
-                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                                  F32: tl.constexpr, CHUNKS: tl.constexpr, UNITS: tl.constexpr,
-                                  SEGMENTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
-        """norm_matmul_kernel as stream-K: the GEMM's UNITS = column blocks × CHUNKS (BLOCK_K of K each), in
-        block-major order, shared out evenly over the grid's P programs (program p: units p·UNITS // P ..
-        (p + 1)·UNITS // P - 1), so that every SM streams the same share of the weight whatever the number
-        of column blocks (a split-K grid of blocks × ranges leaves a wave's tail idle where that product is
-        not a multiple of the SMs). A block done by one program alone gets its epilogue there; else each
-        segment stores its float32 partial (and its rows' partial Σ x²) at its index among the block's
-        segments, and the block's last to arrive sums them in segment order (= K order). Every sum's order
-        is fixed by N, K, the tiles and P (the device), never by T."""
-        p = tl.program_id(0)
-        u = p * UNITS // tl.num_programs(0)
-        u_end = (p + 1) * UNITS // tl.num_programs(0)
-        first = u // CHUNKS  # the first segment's block: its weights prefetched before the wait
-        _prefetch_weights(w_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), first * BLOCK_N + tl.arange(0, BLOCK_N) < N,
-                          0, (u - first * CHUNKS) * BLOCK_K, (tl.minimum(u_end, (first + 1) * CHUNKS) - first * CHUNKS) * BLOCK_K,
-                          K, sw_n, sw_k, False, PREFETCH, BLOCK_K)
-        _pdl_wait(PDL)
-        rows = tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        while u < u_end:
-            block, stop, segment, segments = _stream_segment(u, u_end, UNITS, tl.num_programs(0), CHUNKS)
-            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols_ok = cols < N
-            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            ss = tl.zeros([BLOCK_T], tl.float32)
-            for k0 in range((u - block * CHUNKS) * BLOCK_K, (stop - block * CHUNKS) * BLOCK_K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
-                ss += sq
-                acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
-            done = segments == 1
-            if segments > 1:
-                mask = row_ok[:, None] & cols_ok[None, :]
-                part = part_ptr + rows[:, None] * N + cols[None, :]  # + segment · BLOCK_T · N
-                sums = ss_ptr + block * SEGMENTS * BLOCK_T + rows  # + segment · BLOCK_T
-                tl.store(part + segment * BLOCK_T * N, acc, mask=mask)
-                tl.store(sums + segment * BLOCK_T, ss, mask=row_ok)
-                ticket = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
-                done = ticket == segments - 1
-                if done:
-                    acc = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * N, mask, segments)
-                    ss = _segment_sum(tl.zeros([BLOCK_T], tl.float32), sums, BLOCK_T, row_ok, segments)
-                    tl.atomic_xchg(count_ptr + block, 0)
-            if done:
-                _linear_epilogue(acc, ss, rows, row_ok, cols, cols_ok, b_ptr, r_ptr, out_ptr, K, sr_t, sr_n, so_t,
-                                 so_n, eps, NORM, HAS_BIAS, HAS_RES)
-            u = stop
-
-    @triton.jit(do_not_specialize=["T"])
-    def norm_gate_up_silu_stream_kernel(x_ptr, g_ptr, w_ptr, out_ptr, part_ptr, ss_ptr, count_ptr, T, K, N, sx_t,
-                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
-                                        CHUNKS: tl.constexpr, UNITS: tl.constexpr, SEGMENTS: tl.constexpr,
-                                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
-        """norm_gate_up_silu_kernel as stream-K (norm_matmul_stream_kernel's units, spans and segments): a
-        segment's gate and up partials sit at columns c and N + c of a [T, 2N] buffer per segment."""
-        p = tl.program_id(0)
-        u = p * UNITS // tl.num_programs(0)
-        u_end = (p + 1) * UNITS // tl.num_programs(0)
-        first = u // CHUNKS  # the first segment's block: its weights prefetched before the wait
-        _prefetch_weights(w_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), first * BLOCK_N + tl.arange(0, BLOCK_N) < N,
-                          N, (u - first * CHUNKS) * BLOCK_K, (tl.minimum(u_end, (first + 1) * CHUNKS) - first * CHUNKS) * BLOCK_K,
-                          K, sw_n, sw_k, True, PREFETCH, BLOCK_K)
-        _pdl_wait(PDL)
-        rows = tl.arange(0, BLOCK_T)
-        row_ok = rows < T
-        while u < u_end:
-            block, stop, segment, segments = _stream_segment(u, u_end, UNITS, tl.num_programs(0), CHUNKS)
-            cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
-            cols_ok = cols < N
-            gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K,
-                                          (u - block * CHUNKS) * BLOCK_K, (stop - block * CHUNKS) * BLOCK_K, sx_t,
-                                          sx_k, sw_n, sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
-            mask = row_ok[:, None] & cols_ok[None, :]
-            done = segments == 1
-            if segments > 1:
-                part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + segment · BLOCK_T · 2N (+ N: up)
-                sums = ss_ptr + block * SEGMENTS * BLOCK_T + rows
-                ticket = _store_pair_partials(gate, up, ss, part, BLOCK_T * 2 * N, N, mask, sums, row_ok,
-                                              count_ptr + block, segment, BLOCK_T)
-                done = ticket == segments - 1
-                if done:
-                    gate = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part, BLOCK_T * 2 * N, mask,
-                                        segments)
-                    up = _segment_sum(tl.zeros([BLOCK_T, BLOCK_N], tl.float32), part + N, BLOCK_T * 2 * N, mask,
-                                      segments)
-                    ss = _segment_sum(tl.zeros([BLOCK_T], tl.float32), sums, BLOCK_T, row_ok, segments)
-                    tl.atomic_xchg(count_ptr + block, 0)
-            if done:
-                scale = tl.rsqrt(ss / K + eps)[:, None]
-                gate = gate * scale
-                up = up * scale
-                out = gate / (1.0 + tl.exp(-gate)) * up
-                tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
-                         mask=mask)
-            u = stop
 
     @triton.jit
     def _rope_store(lo, hi, p, rows, T, halves, half_ok, pos_ptr, slot_ptr, cos_ptr, sin_ptr, sc_t, sc_d,
@@ -654,7 +510,7 @@ def _kernels():
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
                                    HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                    HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                                   PREFETCH: tl.constexpr):
         """Program (p, s): columns s·HALF_PAD .. (s+1)·HALF_PAD - 1 of each half of head p of
         RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) (two accumulators, so that rotary is elementwise; HALF_PAD here
         is the block of a half a program holds), rounded to the model's dtype as the q|k|v GEMM's output
@@ -682,8 +538,7 @@ def _kernels():
                                          sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
                                          eps, HAS_BIAS: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
                                          K_PER: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr,
-                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-            PREFETCH: tl.constexpr):
+                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
         """norm_qkv_rope_cache_kernel with K in SPLIT ranges of K_PER, program (p, s, r): as
         norm_matmul_split_kernel, each program stores its float32 partials of the two halves' blocks
         (at their columns of a [T, (H + 2·KV)·D] range buffer) and its rows' partial Σ x²; the
@@ -870,8 +725,7 @@ def _kernels():
                 tl.atomic_xchg(count_ptr + t * tl.num_programs(1) + kv, 0)
 
     _KERNELS.update(norm_matmul=norm_matmul_kernel, norm_matmul_split=norm_matmul_split_kernel,
-                    norm_matmul_stream=norm_matmul_stream_kernel, gate_up=norm_gate_up_silu_kernel,
-                    gate_up_split=norm_gate_up_silu_split_kernel, gate_up_stream=norm_gate_up_silu_stream_kernel,
+                    gate_up=norm_gate_up_silu_kernel, gate_up_split=norm_gate_up_silu_split_kernel,
                     rope=rope_qkv_cache_write_kernel, qkv_rope=norm_qkv_rope_cache_kernel,
                     qkv_rope_split=norm_qkv_rope_cache_split_kernel,
                     attention=attention_chunk_kernel, combine=attention_combine_kernel,
@@ -886,11 +740,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
             block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-            split_k: int | None = None, programs: int | None = None) -> torch.Tensor:
-    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; programs > 0: stream-K on that
-    many programs (norm_matmul_stream_kernel); split_k: K in that many ranges; neither given: stream-K
-    where _stream_programs says so, else _split_k's ranges; block_k: 64, or 128 where the policy splits K
-    in ranges of at least LONG_RANGE or streams a tile of at most STREAM_WIDE_K columns."""
+            split_k: int | None = None) -> torch.Tensor:
+    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; split_k: from N, K and the
+    device (_split_k) unless given; block_k: 64, or 128 where the policy splits K in ranges of at
+    least LONG_RANGE."""
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -899,13 +752,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     res = residual if residual is not None else out
     block_n = _block_n(n, block_n)
-    if programs is None and split_k is None:
-        programs = _stream_programs(n, block_n, x.device)
-    if programs:
-        split_k = 1
-        if block_k is None and block_n <= STREAM_WIDE_K:
-            block_k = 128
-    elif split_k is None:
+    if split_k is None:
         split_k = _split_k(n, k, block_n, x.device)
         if block_k is None and split_k > 1 and k // split_k >= LONG_RANGE:
             block_k = 128
@@ -920,13 +767,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
-    if programs:
-        stream, part, sums = _stream_buffers(k, n, blocks, block_k, programs, x.device)
-        _kernels()["norm_matmul_stream"][(stream["programs"],)](*pointers, part, sums, _tickets(weight, blocks),
-                                                                *sizes, CHUNKS=stream["chunks"],
-                                                                UNITS=stream["units"], SEGMENTS=stream["segments"],
-                                                                **flags)
-        return out
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
@@ -943,34 +783,6 @@ def _split_buffers(k: int, columns: int, blocks: int, split_k: int, block_k: int
     k_per = -(-k // (split_k * block_k)) * block_k
     return (k_per, torch.empty(split_k, ROW_TILE, columns, dtype=torch.float32, device=device),
             torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=device))
-
-
-def _stream_layout(blocks: int, chunks: int, programs: int) -> dict:
-    """A stream-K launch of `programs` over blocks × chunks units: its grid (at most one program per unit)
-    and the most segments any column block is cut into (the kernels' _owner, in Python)."""
-    units = blocks * chunks
-    programs = max(1, min(programs, units))
-
-    def owner(unit: int) -> int:
-        return ((unit + 1) * programs + units - 1) // units - 1
-
-    segments = max(owner((b + 1) * chunks - 1) - owner(b * chunks) + 1 for b in range(blocks))
-    return {"programs": programs, "chunks": chunks, "units": units, "segments": segments}
-
-
-_STREAM_LAYOUTS: dict[tuple[int, int, int], dict] = {}
-
-
-def _stream_buffers(k: int, columns: int, blocks: int, block_k: int, programs: int, device: torch.device
-                    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """A stream-K launch's layout (_stream_layout, cached) and its scratch: the segments' partials
-    [segments, ROW_TILE, columns] and rows' partial Σ x² [blocks, segments, ROW_TILE] (float32)."""
-    key = (blocks, -(-k // block_k), programs)
-    if key not in _STREAM_LAYOUTS:
-        _STREAM_LAYOUTS[key] = _stream_layout(*key)
-    layout = _STREAM_LAYOUTS[key]
-    return (layout, torch.empty(layout["segments"], ROW_TILE, columns, dtype=torch.float32, device=device),
-            torch.empty(blocks, layout["segments"], ROW_TILE, dtype=torch.float32, device=device))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}  # a device's split-K arrival counters
@@ -1039,22 +851,6 @@ def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int 
     return split
 
 
-# Stream-K (norm_matmul_stream_kernel, norm_gate_up_silu_stream_kernel) for a GEMM whose column blocks leave SMs
-# idle: STREAM_PER_SM programs per SM share its units evenly. Off by default until a GPU measures it against
-# split-K (benchmarks/triton_gemm_sweep.py --only stream; benchmarks/triton_layers_gpu.py --settings STREAM_K=1).
-STREAM_K = False
-STREAM_PER_SM = 1
-STREAM_WIDE_K = 32  # a streamed tile of at most this many columns loops over K in blocks of 128
-
-
-def _stream_programs(n: int, block_n: int, device: torch.device) -> int:
-    """Programs of a stream-K launch for a GEMM of N outputs in blocks of block_n: 0 (no stream-K) on the
-    CPU, with STREAM_K off or SPLIT_K "off", or where the column blocks fill SPLIT_BELOW × the SMs; else
-    STREAM_PER_SM × the SMs. A function of N and the device alone, never of T (row invariance)."""
-    sms = _sm_count(device) if STREAM_K and SPLIT_K == "auto" else 0
-    return STREAM_PER_SM * sms if -(-n // block_n) < SPLIT_BELOW * sms else 0
-
-
 def norm_matmul(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None = None, unit_offset: bool = False, out_dtype: torch.dtype | None = None,
                 **blocks) -> torch.Tensor:
@@ -1076,12 +872,10 @@ GATE_UP_SPLIT = 1  # norm_gate_up_silu's ranges of K unless asked (benchmarks va
 
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
                       unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
-                      num_warps: int = 4, split_k: int | None = None, programs: int | None = None) -> torch.Tensor:
+                      num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
-    (gate rows, then up rows) -> [T, I] in x's dtype. programs > 0: stream-K on that many programs
-    (norm_gate_up_silu_stream_kernel; neither programs nor split_k given: _stream_programs' choice).
-    split_k > 1 (default GATE_UP_SPLIT): K in that many ranges (norm_gate_up_silu_split_kernel), a fixed
-    number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
+    (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1 (default GATE_UP_SPLIT): K in that
+    many ranges (norm_gate_up_silu_split_kernel), a fixed number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
     of 128 columns over all of K, 35.9 µs in 140 tiles of 64 in 2 ranges (benchmarks/triton_gemm_sweep.py),
     and the whole forward took 2.385 ms with 128 columns in 2 ranges against 2.320 ms in one
     (benchmarks/results/gpu-2026-12-07k/)."""
@@ -1091,21 +885,12 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
     block_n = _block_n(n, block_n)
     block_k = _pow2(block_k)
-    if programs is None and split_k is None:
-        programs = _stream_programs(n, block_n, x.device)
     split_k = GATE_UP_SPLIT if split_k is None else split_k
     blocks = -(-n // block_n)
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
     flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": ROW_TILE,
              "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, **_gemm_flags(x.device)}
-    if programs:
-        stream, part, sums = _stream_buffers(k, 2 * n, blocks, block_k, programs, x.device)
-        _kernels()["gate_up_stream"][(stream["programs"],)](x, norm_weight, gate_up_weight, out, part, sums,
-                                                            _tickets(gate_up_weight, blocks), *sizes,
-                                                            CHUNKS=stream["chunks"], UNITS=stream["units"],
-                                                            SEGMENTS=stream["segments"], **flags)
-        return out
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
