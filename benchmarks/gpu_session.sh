@@ -14,7 +14,8 @@
 #
 # Parts, in the order they pay:
 #   tests      the CUDA tests: Triton forward and fused step, bit-exact (fused, generic, batched),
-#              the fused step, candidates, the captured batched step
+#              the fused step, candidates, the captured batched step; TEST_SETTINGS= runs them under
+#              triton_layers settings not yet the defaults (e.g. PDL=1,PREFETCH=4: the PDL wait's memory clobber)
 #   headline   the BENCHMARKS.md headline rows on the held-out tasks (after the sampling-compile fix:
 #              every row must say compiled_sampling true), torch beside triton kernels
 #   tuned      the same on the tuned tasks (code = HumanEval, chat = Python topics)
@@ -82,7 +83,7 @@ case "$part" in
       "fastapi>=0.110" "uvicorn>=0.29" "prometheus_client>=0.20" "openai>=1.40" "httpx>=0.27"
     du -sh .whl ;;
   tests)
-    limit ${TESTS_LIMIT:-540} python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_layers.py \
+    SPECULANT_TEST_TRITON_SETTINGS=${TEST_SETTINGS:-} limit ${TESTS_LIMIT:-540} python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_layers.py \
       tests/test_bit_exact.py tests/test_bit_exact_generic.py tests/test_fused.py tests/test_candidates.py \
       tests/test_hierarchical.py $(ls tests/test_row_step.py tests/test_exact_triton.py 2>/dev/null) \
       -k "cuda or triton or exact or graph" --durations=10 2>&1 | tee "$out/cuda_tests.log" ;;
