@@ -235,7 +235,8 @@ case "$part" in
       --servers ${SERVERS:-default@auto+candidates=4+lookup=8,default@auto+no-solo,none} --concurrency 1,4,16,64 \
       --max-tokens 128 ${SERVE_ARGS:-} 2>&1 | tee "$out/serve_load.log" ;;
   qwen-tune)  # the Triton forward at Qwen2.5-1.5B's shapes (random weights) under each of TUNE_SETTINGS, then
-    # qwen-triton with the fastest of them and the defaults (T = 1 and 5 summed) as TRITON_SETTINGS
+    # qwen-triton with the fastest of them and the defaults (T = 1 and 5 summed) as TRITON_SETTINGS; give it only
+    # settings the CUDA tests passed under (tests with TEST_SETTINGS)
     limit ${TUNE_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random qwen2.5-1.5b --no-truth --no-compile \
       --prompts 1 --repeats 100 --rows 1,5 --split-k "" --settings "${TUNE_SETTINGS:-PDL=1;PDL=1,PREFETCH=4}" \
       --out "$out/qwen_forward" 2>&1 | { grep -v '^{' || true; } | tee "$out/triton_layers_qwen_random.log"
