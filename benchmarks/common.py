@@ -26,28 +26,20 @@ from speculant.api import check_device
 from speculant.models.base import DTYPES
 
 
-def triton_settings(text: str) -> dict:
-    """"PDL=1,PREFETCH=4" -> {"PDL": 1, "PREFETCH": 4}: speculant.models.triton_layers settings (integers where
-    they parse as such), each checked to exist."""
-    from speculant.models import triton_layers
-
-    settings = {name.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-                for name, value in (item.split("=", 1) for item in filter(None, text.split(",")))}
-    unknown = [name for name in settings if not hasattr(triton_layers, name)]
-    if unknown:
-        raise SystemExit(f"error: speculant.models.triton_layers has no setting {', '.join(unknown)}")
-    return settings
-
-
 def apply_triton_settings(text: str) -> None:
-    """Set triton_layers settings ("PDL=1,PREFETCH=4") for the whole run; every script that imports this module
-    does so with SPECULANT_TRITON_SETTINGS, before it runs a kernel."""
+    """Set speculant.models.triton_layers settings ("PDL=1,PREFETCH=4") for the whole run; every script that
+    imports this module does so with SPECULANT_TRITON_SETTINGS, before it runs a kernel."""
+    if not text:
+        return
     from speculant.models import triton_layers
 
-    for name, value in triton_settings(text).items():
+    try:
+        values = triton_layers.parse_settings(text)
+    except ValueError as error:
+        raise SystemExit(f"error: SPECULANT_TRITON_SETTINGS: {error}") from None
+    for name, value in values.items():
         setattr(triton_layers, name, value)
-    if text:
-        print(f"# triton_layers settings: {text}", flush=True)
+    print(f"# triton_layers settings: {text}", flush=True)
 
 
 apply_triton_settings(os.environ.get("SPECULANT_TRITON_SETTINGS", ""))

@@ -192,36 +192,25 @@ def kernels(fn) -> tuple[int, list]:
     return sum(launches.values()), [[name, launches[name], round(times.get(name, 0.0), 1)] for name in slowest]
 
 
-def with_settings(settings: dict, fn):
-    """fn with triton_layers' module settings (GEMM_PROGRAMS, SPLIT_K, SPLIT_BELOW, ...) set to `settings`
+def with_settings(values: dict, fn):
+    """fn with triton_layers' module settings (GEMM_PROGRAMS, SPLIT_K, SPLIT_BELOW, ...) set to `values`
     while it runs: the kernels and tiles it picks compile their own binaries, captured into the graph
     with them."""
     from speculant.models import triton_layers
 
     def call():
-        kept = {name: getattr(triton_layers, name) for name in settings}
-        for name, value in settings.items():
-            setattr(triton_layers, name, value)
-        try:
+        with triton_layers.settings(values):
             return fn()
-        finally:
-            for name, value in kept.items():
-                setattr(triton_layers, name, value)
 
     return call
 
 
 def parse_settings(text: str) -> list[dict]:
     """"SPLIT_BELOW=2;SPLIT_BELOW=2,PROGRAMS_PER_SM=8" -> [{"SPLIT_BELOW": 2}, {...}]: each variant's
-    triton_layers settings (integers where they parse as such)."""
-    variants = []
-    for variant in filter(None, text.split(";")):
-        settings = {}
-        for item in variant.split(","):
-            name, _, value = item.partition("=")
-            settings[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-        variants.append(settings)
-    return variants
+    triton_layers settings (triton_layers.parse_settings)."""
+    from speculant.models import triton_layers
+
+    return [triton_layers.parse_settings(variant) for variant in filter(None, text.split(";"))]
 
 
 def main() -> None:

@@ -258,17 +258,12 @@ def _triton_settings():
         return
     from speculant.models import triton_layers
 
-    settings = {name.strip(): int(value) if value.strip().lstrip("-").isdigit() else value.strip()
-                for name, value in (item.split("=", 1) for item in text.split(","))}
-    unknown = [name for name in settings if not hasattr(triton_layers, name)]
-    if unknown:
-        raise pytest.UsageError(f"SPECULANT_TEST_TRITON_SETTINGS: triton_layers has no {', '.join(unknown)}")
-    kept = {name: getattr(triton_layers, name) for name in settings}
-    for name, value in settings.items():
-        setattr(triton_layers, name, value)
-    yield
-    for name, value in kept.items():
-        setattr(triton_layers, name, value)
+    try:
+        values = triton_layers.parse_settings(text)
+    except ValueError as error:
+        raise pytest.UsageError(f"SPECULANT_TEST_TRITON_SETTINGS: {error}") from None
+    with triton_layers.settings(values):
+        yield
 
 
 def byte_level_backend(specials: list[str]):

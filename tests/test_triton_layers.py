@@ -206,6 +206,20 @@ def test_pdl_is_opt_in_and_never_on_the_cpu(monkeypatch):
     assert tl_layers._pdl_flags(cuda) == {"PDL": False}
 
 
+def test_settings_parse_check_their_names_and_come_back():
+    """parse_settings: NAME=VALUE pairs, integers where they parse; an unknown name is a ValueError naming it.
+    settings(): set while the block runs, restored after it, also on an error."""
+    assert tl_layers.parse_settings("PDL=1, PREFETCH=4,SPLIT_K=off") == {"PDL": 1, "PREFETCH": 4, "SPLIT_K": "off"}
+    assert tl_layers.parse_settings("") == {}
+    with pytest.raises(ValueError, match="NO_SUCH"):
+        tl_layers.parse_settings("PDL=1,NO_SUCH=2")
+    before = (tl_layers.PDL, tl_layers.PREFETCH)
+    with pytest.raises(RuntimeError), tl_layers.settings({"PDL": 1, "PREFETCH": 4}):
+        assert (tl_layers.PDL, tl_layers.PREFETCH) == (1, 4)
+        raise RuntimeError
+    assert (tl_layers.PDL, tl_layers.PREFETCH) == before
+
+
 def test_a_gemms_tile_width_follows_its_outputs_up_to_128():
     """_block_n: about GEMM_PROGRAMS column blocks, at least 16 and at most MAX_BLOCK_N columns each (the
     widths measured best on an H100: Qwen2.5-1.5B's head and gate/up in 128, its q/k/v in 32)."""

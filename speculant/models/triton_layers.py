@@ -87,6 +87,9 @@ cache slots, K a GEMM's inner size, N its output size.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 MAX_ROWS = 32  # rows per kernel call; TritonForward runs a longer call in pieces of this many
@@ -149,6 +152,32 @@ def _pdl_supported(device: torch.device) -> bool:
     except ImportError:
         return False
     return "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+
+
+def parse_settings(text: str) -> dict:
+    """"PDL=1,PREFETCH=4" -> {"PDL": 1, "PREFETCH": 4}: this module's settings (integers where they parse as
+    such), for benchmarks and tests that try values that are not the defaults; ValueError names any setting
+    the module does not have."""
+    values = {}
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        values[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    unknown = [name for name in values if name not in globals()]
+    if unknown:
+        raise ValueError(f"speculant.models.triton_layers has no setting {', '.join(unknown)}")
+    return values
+
+
+@contextlib.contextmanager
+def settings(values: dict) -> Iterator[None]:
+    """This module's settings set to `values` (parse_settings') while the block runs, then restored: kernels
+    launched inside compile and capture their own binaries with them."""
+    kept = {name: globals()[name] for name in values}
+    globals().update(values)
+    try:
+        yield
+    finally:
+        globals().update(kept)
 
 
 def _f32_dots(*tensors: torch.Tensor) -> bool:
