@@ -210,7 +210,10 @@ def parse_settings(text: str) -> list[dict]:
     triton_layers settings (triton_layers.parse_settings)."""
     from speculant.models import triton_layers
 
-    return [triton_layers.parse_settings(variant) for variant in filter(None, text.split(";"))]
+    try:
+        return [triton_layers.parse_settings(variant) for variant in filter(None, text.split(";"))]
+    except ValueError as error:
+        raise SystemExit(f"error: --settings: {error}") from None
 
 
 def main() -> None:
