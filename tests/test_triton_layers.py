@@ -6,7 +6,10 @@ same comparison), and TritonForward (speculant.models.triton_forward) against Le
 tiny random model: logits, argmax and the KV cache (trees: tests/test_triton_fused.py).
 On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (set by tests/conftest.py,
 float32 -> bf16 casts patched to round as a GPU does), and a last test compiles them for sm_90 in a
-process of its own; where triton is missing the tests skip."""
+process of its own; where triton is missing the tests skip.
+
+Long because each kernel's test sits beside its negative control, and the module's settings (split-K,
+PDL, parse_settings) are tested with the kernels they steer."""
 
 from __future__ import annotations
 
