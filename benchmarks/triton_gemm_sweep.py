@@ -1,6 +1,7 @@
 """The Triton GEMMs of speculant.models.triton_layers at one model's widths, by tile shape and split-K,
 against cuBLAS: what a decode step's skinny GEMMs (T = 1 or 5 rows against a weight of N × K) reach of
-the card's memory bandwidth, and which configuration a width should get. GPU only.
+the card's memory bandwidth, and which configuration a width should get; and the GEMVs one-row calls run
+(triton_layers.use_gemv; benchmarks/results/gpu-2026-12-07m/ has the probe that chose them). GPU only.
 
     python benchmarks/triton_gemm_sweep.py --model qwen2.5-1.5b --out $OUT
     python benchmarks/triton_gemm_sweep.py --model smollm2-135m --rows 1,5 --out $OUT
@@ -57,6 +58,12 @@ def configs() -> list[dict]:
             for split in (2, 4, 8):
                 out.append({"name": f"n{block_n} k{block_k} split{split}", "block_n": block_n, "block_k": block_k,
                             "split_k": split})
+    out.append({"name": "gemv default", "gemv": True})  # one-row calls' GEMVs (triton_layers.use_gemv)
+    for block_n in (8, 16, 32):
+        for block_k in (256, 512):
+            for warps in (4, 8):
+                out.append({"name": f"gemv n{block_n} k{block_k} w{warps}", "gemv": True, "block_n": block_n,
+                            "block_k": block_k, "num_warps": warps})
     return out
 
 
@@ -88,7 +95,7 @@ def sweep_linear(gemm: str, ws: list[torch.Tensor], kind: str, t: int, gen, repe
         if out_of_budget():
             record(gemm, label, t, None, nbytes, "past --budget")
             continue
-        blocks = {key: config[key] for key in ("block_n", "block_k", "num_warps", "num_stages", "split_k")
+        blocks = {key: config[key] for key in ("block_n", "block_k", "num_warps", "num_stages", "split_k", "gemv")
                   if key in config}
         out = torch.empty(t, n, device=dev, dtype=torch.float32 if kind == "norm" else bf16)
 
@@ -123,15 +130,16 @@ def sweep_gate_up(gate_up: list[torch.Tensor], t: int, gen, repeats: int, record
     mm_out = torch.empty(t, n2, device=dev, dtype=bf16)
     record("gate_up", "cuBLAS mm", t, graph_us([lambda w=w: torch.mm(x, w.t(), out=mm_out) for w in gate_up],
                                                 repeats), nbytes)
-    tiles = [(n, k, 1) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
-    tiles += [(n, k, split) for n in (32, 64, 128) for k in (64, 128) for split in (2, 4)]  # norm_gate_up_silu_split_kernel
+    tiles = [(n, k, 1, False) for n in (None, 16, 32, 64, 128) for k in (64, 128)]
+    tiles += [(n, k, split, False) for n in (32, 64, 128) for k in (64, 128) for split in (2, 4)]  # the split kernel
+    tiles += [(n, k, 1, True) for n in (None, 4, 8, 16) for k in (256, 512)]  # one-row calls' GEMVs (n: of each half)
     reference = None
-    for block_n, block_k, split in tiles:
-        label = f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
+    for block_n, block_k, split, gemv in tiles:
+        label = ("gemv " if gemv else "") + f"n{block_n or 'auto'} k{block_k}" + (f" split{split}" if split > 1 else "")
         if out_of_budget():
             record("gate_up", label, t, None, nbytes, "past --budget")
             continue
-        blocks = {"block_n": block_n, "block_k": block_k, "split_k": split}
+        blocks = {"block_n": block_n, "block_k": block_k, "split_k": split, "gemv": gemv}
         try:
             us = graph_us([lambda w=w, b=blocks: tl.norm_gate_up_silu(x, g, 1e-6, w, **b) for w in gate_up], repeats)
         except Exception as error:  # noqa: BLE001 -- as in sweep_linear

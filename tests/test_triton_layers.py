@@ -148,6 +148,50 @@ def test_matmul_residual_is_linear_plus_residual(triton_device, t, dtype):
     assert torch.equal(in_place, out)
 
 
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_gemv_path_is_each_gemm(triton_device, split, dtype):
+    """gemv=True (_gemv_sums: W's blocks times each row, no tensor cores), which one-row calls outside
+    bit-exact mode take: norm_matmul with a bias, matmul_residual in place (K whole and in `split` ranges),
+    norm_gate_up_silu and norm_qkv_rope_cache against torch's ops, for one row and for 5; use_gemv's policy.
+    Negative control: the GEMV of a weight with one column block zeroed is not the GEMM."""
+    norm = _norm(K, 1e-6, dtype, triton_device, seed=1)
+    w = _matrix(N, K, dtype, triton_device, 2, _layout(dtype))
+    bias = _randn(N, dtype=dtype, device=triton_device, seed=3)
+    gate_up = _matrix(2 * N, K, dtype, triton_device, 6, _layout(dtype))
+    for t in (1, 5):
+        x = _randn(t, K, dtype=dtype, device=triton_device, seed=5)
+        normed = norm(x)
+        ref = F.linear(normed, w, bias)
+        out = tl_layers.norm_matmul(x, norm.weight, norm.eps, w, bias, gemv=True, split_k=split)
+        assert _close(out, ref, dtype), _error(out, ref)
+        residual = _randn(t, N, dtype=dtype, device=triton_device, seed=4)
+        ref = residual + F.linear(x, w)
+        tl_layers.matmul_residual(x, w, residual, out=residual, gemv=True, split_k=split)
+        assert _close(residual, ref, dtype), _error(residual, ref)
+        gate, up = F.linear(normed, gate_up).chunk(2, dim=-1)
+        ref = F.silu(gate) * up
+        out = tl_layers.norm_gate_up_silu(x, norm.weight, norm.eps, gate_up, gemv=True)
+        assert _close(out, ref, dtype), _error(out, ref)
+        broken = w.clone()
+        broken[:16] = 0
+        assert not _close(tl_layers.norm_matmul(x, norm.weight, norm.eps, broken, bias, gemv=True),
+                          F.linear(normed, w, bias), dtype)
+    heads, kv, d = 3, 1, 64
+    w_qkv = _matrix((heads + 2 * kv) * d, K, dtype, triton_device, 7, _layout(dtype))
+    cos, sin = (_randn(16, d, dtype=dtype, device=triton_device, seed=s) for s in (8, 9))
+    x = _randn(1, K, dtype=dtype, device=triton_device, seed=10)
+    caches = [torch.zeros(16, kv, d, dtype=dtype, device=triton_device) for _ in range(4)]
+    position = torch.tensor([7], device=triton_device)
+    outs = [tl_layers.norm_qkv_rope_cache(x, norm.weight, norm.eps, w_qkv, None, cos, sin, position, *caches[2 * i:2 * i + 2],
+                                          position, heads, kv, d, gemv=gemv) for i, gemv in enumerate((False, True))]
+    assert _close(outs[1], outs[0], dtype), _error(outs[1], outs[0])
+    for dot, gemv in zip(caches[:2], caches[2:]):
+        assert _close(gemv[7], dot[7], dtype), _error(gemv[7], dot[7])
+    assert tl_layers.use_gemv(1, exact=False) == bool(tl_layers.GEMV)
+    assert not tl_layers.use_gemv(1, exact=True) and not tl_layers.use_gemv(2, exact=False)
+
+
 @pytest.mark.parametrize("split", [2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split, dtype):
@@ -188,7 +232,7 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
                                  t, K, N, x.stride(0), x.stride(1), w.stride(0), w.stride(1), short.stride(0),
                                  short.stride(1), short.stride(0), short.stride(1), float(norm.eps), NORM=True,
                                  UNIT=False, HAS_BIAS=True, HAS_RES=False, F32=tl_layers._f32_dots(x, w), SPLIT=split,
-                                 K_PER=k_per, BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16,
+                                 K_PER=k_per, BLOCK_T=tl_layers.ROW_TILE, BLOCK_N=16, BLOCK_K=16, GEMV=False,
                                  **tl_layers._gemm_flags(x.device))
     assert not _close(short, ref, dtype)
 
@@ -581,6 +625,8 @@ tl_layers.FUSE_COMBINE = True  # attention's chunks merged by their last program
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)
 tl_layers.FUSE_COMBINE, tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = False, None, "auto"
+tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torch.zeros(1, 576, dtype=torch.bfloat16),
+                  split_k=4, gemv=True)  # a split GEMV (one row: forward_static's are above)
 tl_layers._pdl_flags = lambda device: {"PDL": True, "launch_pdl": True}  # programmatic dependent launch, as on sm_90
 tl_layers.PREFETCH = 4  # the GEMMs' first weights into L2 before the wait
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))

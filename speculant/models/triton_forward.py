@@ -46,6 +46,7 @@ from speculant.models.triton_layers import (
     norm_qkv_rope_cache,
     reserve_tickets,
     rope_qkv_cache_write,
+    use_gemv,
 )
 
 
@@ -182,6 +183,7 @@ class TritonForward:
         cos, sin = model.rope_global[0], model.rope_global[1]
         x = model.embed(tokens)  # [T, E]: the residual stream, updated in place below
         t = x.shape[0]
+        gemv = use_gemv(t, exact=nodes is not None)
         taps = model.new_taps()  # copies: x is updated in place
         for i in range(model.num_layers):
             layer = model.weights.layers[i]
@@ -189,9 +191,9 @@ class TritonForward:
             k_cache, v_cache = model.k_cache[i], model.v_cache[i]
             if self.fuse_rope:
                 q = norm_qkv_rope_cache(x, norm1.weight, norm1.eps, w_qkv, b_qkv, cos, sin, positions,
-                                        k_cache, v_cache, slots, heads, kv, d)
+                                        k_cache, v_cache, slots, heads, kv, d, gemv=gemv)
             else:
-                qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv)
+                qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv, gemv=gemv)
                 q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, slots, heads, kv, d, positions)
             if nodes is None:
                 attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk,
@@ -199,12 +201,13 @@ class TritonForward:
             else:
                 attn = exact_cache_attention(q, k_cache, v_cache, kv_len, positions, nodes, model.attn_scale,
                                              self.chunk)
-            x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x)
+            x = matmul_residual(attn.view(t, heads * d), layer.o, x, out=x, gemv=gemv)
             norm2 = layer.post_attention_layernorm
-            x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up), layer.down, x, out=x)
+            x = matmul_residual(norm_gate_up_silu(x, norm2.weight, norm2.eps, layer.gate_up, gemv=gemv), layer.down, x,
+                                out=x, gemv=gemv)
             if taps is not None and i in model.feature_taps:
                 taps.append(x.clone())
         norm = model.weights.norm
         if model.features is not None:
             model.record_features(norm(x), slots, taps)
-        return norm_matmul(x, norm.weight, norm.eps, model.weights.head(), out_dtype=torch.float32)
+        return norm_matmul(x, norm.weight, norm.eps, model.weights.head(), out_dtype=torch.float32, gemv=gemv)

@@ -25,10 +25,20 @@ few programs take K in ranges) is the default since an H100 measured it; setting
 GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). PDL (programmatic dependent launch: a kernel launches
 while the one before it finishes and waits for it in its first statement; with PREFETCH its first weights
 stream into L2 before the wait) is opt-in: on an H100 it took SmolLM2-135M's forward from 1.032 to 0.882 ms
-and Qwen2.5-1.5B's from 2.113 to 2.697 ms (benchmarks/results/gpu-2026-12-07l/), and with triton 3.6's own
-gdc_wait bit-exact rows broke; the wait here has a memory clobber since, not yet run on a GPU. Stream-K (a
+and Qwen2.5-1.5B's from 2.113 to 2.697 ms (benchmarks/results/gpu-2026-12-07l/). (Four CUDA tests failed under
+it there; the same four failed with PDL off in the next session: 512-deep test tiles past the GPU's shared
+memory, and a control that torch's cuBLAS no longer breaks; both tests are fixed since.) Stream-K (a
 GEMM's blocks × chunks of K shared out evenly over one program per SM) ran slower than split-K there
-(Qwen's forward 2.867 ms) and was removed. The GEMMs
+(Qwen's forward 2.867 ms) and was removed.
+
+A call of one row outside bit-exact mode (plain decoding's steps, a draft model's) runs every GEMM as GEMVs
+(GEMV, use_gemv, _gemv_sums): each program reads a block of GEMV_BLOCK_N rows of W, GEMV_BLOCK_K of K a step,
+and sums its products with the row in float32 lanes, no tensor cores and no 32-row tile. On an H100 that
+took Qwen2.5-1.5B's one-row forward from 2.141 to 1.844 ms and SmolLM2-135M's from 1.023 to 0.855 ms
+(benchmarks/results/gpu-2026-12-07m/); at 5 rows the GEMVs were slower than the tl.dot tiles, so calls of more
+rows, and every call in bit-exact mode (whose rows must not depend on the call's row count), keep those.
+
+The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
 (the scale is per row, so it factors out); the T rows sit in one tile of ROW_TILE = 32 rows,
 whatever T, by masked loads. Every kernel takes strides: on the CPU LeanModel stores its matrices
@@ -36,6 +46,8 @@ column-major.
 
 Row invariance (what bit-exact mode, speculant.fused's bit_exact=True with kernels="triton", rests
 on): a row's bits depend on that row's inputs, never on how many rows the call has or what they are.
+(Outside bit-exact mode a one-row call runs GEMVs, use_gemv: its bits are not a tile's. Everything below is
+about the tl.dot kernels, which bit-exact mode runs for every call.)
 - The GEMMs (norm_qkv_rope_cache, norm_matmul, matmul_residual, norm_gate_up_silu): every call puts
   its rows in one tile of ROW_TILE rows (rows past T load zeros), never a tile that follows T; BLOCK_N
   and BLOCK_K come from the weight's N and K alone (_block_n, block_k), and so does the grid (one
@@ -228,10 +240,13 @@ def _kernels():
     @triton.jit
     def _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, k_lo, k_hi, sx_t, sx_k, sw_n, sw_k,
                        UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
         """(x·g) · W[cols]ᵀ and (x·g) · W[cols + second]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T,
         BLOCK_N] each, and the rows' Σ x² over it, from one loop (two blocks of one matrix: gate and up,
-        or a head's two rotary halves)."""
+        or a head's two rotary halves); with GEMV, _gemv_sums'."""
+        if GEMV:
+            return _gemv_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, second, k_lo, k_hi, K, sx_t, sx_k, sw_n,
+                              sw_k, True, UNIT, True, BLOCK_T, BLOCK_N, BLOCK_K)
         a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_T], tl.float32)
@@ -247,10 +262,10 @@ def _kernels():
     @triton.jit
     def _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, sx_t, sx_k, sw_n, sw_k, eps,
                        UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
         """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ: _dot_pair_sums over all of K, scaled."""
         a, b, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, 0, K, sx_t, sx_k, sw_n,
-                                  sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
+                                  sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         scale = tl.rsqrt(ss / K + eps)[:, None]
         return a * scale, b * scale
 
@@ -339,31 +354,81 @@ def _kernels():
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [at], dtype=tl.int32,
                                           is_pure=False, pack=1)
 
+    @triton.jit
+    def _gemv_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, second, k_lo, k_hi, K, sx_t, sx_k, sw_n, sw_k,
+                   NORM: tl.constexpr, UNIT: tl.constexpr, PAIR: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(x·g) · W[cols]ᵀ over K in k_lo .. k_hi - 1 as GEMVs, float32 [BLOCK_T, BLOCK_N] (and · W[cols + second]ᵀ
+        with PAIR, else zeros), and the rows' Σ x² over it [BLOCK_T]. Each block of W [BLOCK_N, BLOCK_K] is read
+        once; then row by row its products with the row's block of x are summed over BLOCK_K (no tensor cores)
+        and added to that row's sums: the same instructions for every row of every call (row invariance)."""
+        a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+        ss = tl.zeros([BLOCK_T], tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            w_mask = cols_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * sw_n + ks[None, :] * sw_k, mask=w_mask, other=0.0).to(tl.float32)
+            if PAIR:
+                w2 = tl.load(w_ptr + (cols + second)[:, None] * sw_n + ks[None, :] * sw_k, mask=w_mask,
+                             other=0.0).to(tl.float32)
+            if NORM:
+                g = tl.load(g_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+                if UNIT:
+                    g = g + 1.0
+            for t in range(T):
+                x = tl.load(x_ptr + t * sx_t + ks * sx_k, mask=k_ok, other=0.0).to(tl.float32)
+                here = rows == t
+                ss = tl.where(here, ss + tl.sum(x * x, axis=0), ss)
+                if NORM:
+                    x = x * g
+                x = x.to(w_ptr.dtype.element_ty).to(tl.float32)[None, :]  # rounded as the tl.dot kernels round it
+                a = tl.where(here[:, None], a + tl.sum(w * x, axis=1)[None, :], a)
+                if PAIR:
+                    b = tl.where(here[:, None], b + tl.sum(w2 * x, axis=1)[None, :], b)
+        return a, b, ss
+
+    @triton.jit
+    def _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, k_lo, k_hi, K, sx_t, sx_k, sw_n, sw_k,
+                     NORM: tl.constexpr, UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
+        """(x·g or x) · W[cols]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T, BLOCK_N], and the rows' Σ x² over it:
+        tl.dot on tiles of all BLOCK_T rows, or with GEMV _gemv_sums'."""
+        if GEMV:
+            acc, _, ss = _gemv_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, k_lo, k_hi, K, sx_t, sx_k, sw_n,
+                                    sw_k, NORM, UNIT, False, BLOCK_T, BLOCK_N, BLOCK_K)
+        else:
+            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_T], tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
+                ss += sq
+                acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+        return acc, ss
+
     # a kernel finds the helpers it calls among its module's globals
     globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
                      _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
                      _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks,
-                     _pdl_wait=_pdl_wait, _prefetch_weights=_prefetch_weights)
+                     _pdl_wait=_pdl_wait, _prefetch_weights=_prefetch_weights, _gemv_sums=_gemv_sums,
+                     _matmul_sums=_matmul_sums)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
                            sr_t, sr_n, so_t, so_n, eps, NORM: tl.constexpr, UNIT: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, F32: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                           PREFETCH: tl.constexpr):
+                           PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """out[:, block] = (RMSNorm(x) or x) · W[block]ᵀ (+ bias) (+ residual), all T rows."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
         _prefetch_weights(w_ptr, cols, cols_ok, 0, 0, K, K, sw_n, sw_k, False, PREFETCH, BLOCK_K)
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
-        acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
-            ss += sq
-            acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+        acc, ss = _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, K, K, sx_t, sx_k, sw_n, sw_k, NORM, UNIT,
+                               F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         if NORM:
             acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if HAS_BIAS:
@@ -381,7 +446,7 @@ def _kernels():
                                  UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                                  F32: tl.constexpr, SPLIT: tl.constexpr, K_PER: tl.constexpr,
                                  BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                 PREFETCH: tl.constexpr):
+                                 PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """norm_matmul_kernel with K cut in SPLIT ranges of K_PER, one program per (column block, range),
         for a GEMM too narrow to fill the GPU with column blocks alone. Each program stores its float32
         partial [T, BLOCK_N] (and its rows' partial Σ x²); the block's last program to arrive (an atomic
@@ -396,13 +461,8 @@ def _kernels():
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-        ss = tl.zeros([BLOCK_T], tl.float32)
-        for k0 in range(split * K_PER, split * K_PER + K_PER, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
-            ss += sq
-            acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
+        acc, ss = _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, split * K_PER, split * K_PER + K_PER, K,
+                               sx_t, sx_k, sw_n, sw_k, NORM, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         out_mask = row_ok[:, None] & cols_ok[None, :]
         part = part_ptr + rows[:, None] * N + cols[None, :]  # + range · BLOCK_T · N
         tl.store(part + split * BLOCK_T * N, acc, mask=out_mask)
@@ -428,7 +488,7 @@ def _kernels():
     def norm_gate_up_silu_kernel(x_ptr, g_ptr, w_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k, so_t, so_n, eps,
                                  UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                 PREFETCH: tl.constexpr):
+                                 PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """out[:, block] = silu(h · W[block]ᵀ) · (h · W[N + block]ᵀ), h = RMSNorm(x); W = [gate; up]."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols_ok = cols < N
@@ -436,7 +496,7 @@ def _kernels():
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         gate, up = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, sx_t, sx_k, sw_n, sw_k, eps,
-                                  UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K)
+                                  UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out_ptr + rows[:, None] * so_t + cols[None, :] * so_n, out.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < T) & cols_ok[None, :])
@@ -446,7 +506,7 @@ def _kernels():
                                        sx_k, sw_n, sw_k, so_t, so_n, eps, UNIT: tl.constexpr, F32: tl.constexpr,
                                        SPLIT: tl.constexpr, K_PER: tl.constexpr, BLOCK_T: tl.constexpr,
                                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                       PREFETCH: tl.constexpr):
+                                       PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """norm_gate_up_silu_kernel with K in SPLIT ranges, as norm_matmul_split_kernel: each program
         stores its gate and up partials ([T, BLOCK_N] each, float32, at columns c and N + c of a [T, 2N]
         range buffer) and its rows' partial Σ x²; the block's last program sums them in range order,
@@ -462,7 +522,7 @@ def _kernels():
         row_ok = rows < T
         gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, split * K_PER,
                                       split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, UNIT, F32, BLOCK_T, BLOCK_N,
-                                      BLOCK_K)
+                                      BLOCK_K, GEMV)
         mask = row_ok[:, None] & cols_ok[None, :]
         part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + range · BLOCK_T · 2N (+ N: up)
         sums = ss_ptr + block * SPLIT * BLOCK_T + rows
@@ -539,7 +599,7 @@ def _kernels():
                                    sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d, eps,
                                    HAS_BIAS: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
                                    HALF_PAD: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                                   PREFETCH: tl.constexpr):
+                                   PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """Program (p, s): columns s·HALF_PAD .. (s+1)·HALF_PAD - 1 of each half of head p of
         RMSNorm(x)·[Wq; Wk; Wv]ᵀ (+ bias) (two accumulators, so that rotary is elementwise; HALF_PAD here
         is the block of a half a program holds), rounded to the model's dtype as the q|k|v GEMM's output
@@ -552,7 +612,7 @@ def _kernels():
         _prefetch_weights(w_ptr, cols_lo, half_ok, HALF, 0, K, K, sw_n, sw_k, True, PREFETCH, BLOCK_K)
         _pdl_wait(PDL)
         lo, hi = _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, sx_t, sx_k, sw_n, sw_k, eps,
-                                False, F32, BLOCK_T, HALF_PAD, BLOCK_K)
+                                False, F32, BLOCK_T, HALF_PAD, BLOCK_K, GEMV)
         if HAS_BIAS:
             lo += tl.load(b_ptr + cols_lo, mask=half_ok, other=0.0).to(tl.float32)[None, :]
             hi += tl.load(b_ptr + cols_lo + HALF, mask=half_ok, other=0.0).to(tl.float32)[None, :]
@@ -567,7 +627,7 @@ def _kernels():
                                          sc_t, sc_d, ss_t, ss_d, sq_t, sq_h, sq_d, sk_s, sk_h, sk_d, sv_s, sv_h, sv_d,
                                          eps, HAS_BIAS: tl.constexpr, F32: tl.constexpr, SPLIT: tl.constexpr,
                                          K_PER: tl.constexpr, BLOCK_T: tl.constexpr, HALF_PAD: tl.constexpr,
-                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                                         BLOCK_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, GEMV: tl.constexpr):
         """norm_qkv_rope_cache_kernel with K in SPLIT ranges of K_PER, program (p, s, r): as
         norm_matmul_split_kernel, each program stores its float32 partials of the two halves' blocks
         (at their columns of a [T, (H + 2·KV)·D] range buffer) and its rows' partial Σ x²; the
@@ -587,7 +647,7 @@ def _kernels():
         n = (H + 2 * KV) * 2 * HALF
         lo, hi, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, split * K_PER,
                                     split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, False, F32, BLOCK_T, HALF_PAD,
-                                    BLOCK_K)
+                                    BLOCK_K, GEMV)
         mask = row_ok[:, None] & half_ok[None, :]
         part = part_ptr + rows[:, None] * n + cols_lo[None, :]  # + range · BLOCK_T · n (+ HALF: hi)
         sums = ss_ptr + block * SPLIT * BLOCK_T + rows
@@ -768,11 +828,11 @@ def _kernels():
 def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
             unit_offset: bool = False, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
             out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int | None = None,
-            block_k: int | None = None, num_warps: int = 4, num_stages: int | None = None,
-            split_k: int | None = None) -> torch.Tensor:
-    """The GEMM kernels' launcher. block_n: from N (_block_n) unless given; split_k: from N, K and the
-    device (_split_k) unless given; block_k: 64, or 128 where the policy splits K in ranges of at
-    least LONG_RANGE."""
+            block_k: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+            split_k: int | None = None, gemv: bool = False) -> torch.Tensor:
+    """The GEMM kernels' launcher. block_n: from N (_block_n; GEMV_BLOCK_N with gemv) unless given; split_k: from
+    N, K and the device (_split_k) unless given; block_k: 64, or 128 where the policy splits K in ranges of at
+    least LONG_RANGE (GEMV_BLOCK_K with gemv). gemv: the GEMVs of _gemv_sums instead of tl.dot (see use_gemv)."""
     t = _check_rows(x)
     n, k = weight.shape
     if x.shape[1] != k:
@@ -780,19 +840,26 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     if out is None:
         out = torch.empty(t, n, dtype=out_dtype or x.dtype, device=x.device)
     res = residual if residual is not None else out
-    block_n = _block_n(n, block_n)
-    if split_k is None:
-        split_k = _split_k(n, k, block_n, x.device)
-        if block_k is None and split_k > 1 and k // split_k >= LONG_RANGE:
-            block_k = 128
-    block_k = _pow2(block_k or 64)
+    if gemv:
+        block_n = _pow2(block_n or GEMV_BLOCK_N, 1)
+        if split_k is None:
+            split_k = _split_k(n, k, block_n, x.device, programs_per_sm=GEMV_PROGRAMS_PER_SM)
+        block_k = block_k or GEMV_BLOCK_K
+    else:
+        block_n = _block_n(n, block_n)
+        if split_k is None:
+            split_k = _split_k(n, k, block_n, x.device)
+            if block_k is None and split_k > 1 and k // split_k >= LONG_RANGE:
+                block_k = 128
+        block_k = block_k or 64
+    block_k = _pow2(block_k)
     dummy = weight  # an unused pointer argument (the constexpr flags drop its loads)
     sizes = (t, k, n, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), res.stride(0), res.stride(1),
-              out.stride(0), out.stride(1), float(eps))
+             out.stride(0), out.stride(1), float(eps))
     flags = dict(NORM=norm_weight is not None, UNIT=bool(unit_offset), HAS_BIAS=bias is not None,
-                 HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=ROW_TILE, BLOCK_N=block_n,
-                 BLOCK_K=block_k, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-                 **_gemm_flags(x.device))
+                 HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=_row_tile(t, gemv), BLOCK_N=block_n,
+                 BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if gemv else 4), GEMV=gemv,
+                 **({} if num_stages is None else {"num_stages": num_stages}), **_gemm_flags(x.device))
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
@@ -800,8 +867,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
     k_per, part, sums = _split_buffers(k, n, blocks, split_k, block_k, x.device)
-    _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
-                                                       SPLIT=split_k, K_PER=k_per, **flags)
+    _kernels()["norm_matmul_split"][(blocks, -(-k // k_per))](*pointers, part, sums, _tickets(weight, blocks), *sizes,
+                                                              SPLIT=-(-k // k_per), K_PER=k_per, **flags)
     return out
 
 
@@ -863,7 +930,8 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[device]
 
 
-def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int | None = None) -> int:
+def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int | None = None,
+             programs_per_sm: int | None = None) -> int:
     """Ranges of K for a GEMM of N outputs: 1 where its column blocks fill SPLIT_BELOW × the GPU's SMs
     (and on the CPU), else the largest power of two up to MAX_SPLIT that keeps programs <= PROGRAMS_PER_SM per SM
     and every range >= min_range (default MIN_SPLIT_K) long. On an H100's 132 SMs: Qwen2.5-1.5B's down_proj (N 1536 in 48
@@ -874,7 +942,8 @@ def _split_k(n: int, k: int, block_n: int, device: torch.device, min_range: int 
     sms = _sm_count(device) if SPLIT_K == "auto" else 0
     blocks = -(-n // block_n)
     split = 1
-    while (blocks < SPLIT_BELOW * sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= PROGRAMS_PER_SM * sms
+    per_sm = programs_per_sm or PROGRAMS_PER_SM
+    while (blocks < SPLIT_BELOW * sms and split * 2 <= MAX_SPLIT and blocks * split * 2 <= per_sm * sms
            and k // (split * 2) >= (MIN_SPLIT_K if min_range is None else min_range)):
         split *= 2
     return split
@@ -896,12 +965,38 @@ def matmul_residual(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     return _linear(x, weight, residual=residual, out=out, **blocks)
 
 
+# GEMV: calls of one row outside bit-exact mode (plain decoding, a draft's steps) run their GEMMs as GEMVs
+# (_gemv_sums: GEMV_BLOCK_N rows of W a program, GEMV_BLOCK_K of K a step, GEMV_WARPS warps, q/k/v in blocks of
+# GEMV_ROPE_COLUMNS of each half, split GEMMs up to GEMV_PROGRAMS_PER_SM programs a SM) instead of tl.dot tiles of
+# ROW_TILE rows. On an H100 (benchmarks/gemv_probe.py, random weights at Qwen2.5-1.5B's widths, one row) they
+# streamed the head at 93 % of HBM (cuBLAS 89 %, the tl.dot kernel 74 %) and gate/up at 84 % (55 %), but at five
+# rows they fell behind the tl.dot kernels, so a call of more rows keeps those.
+GEMV = True
+GEMV_BLOCK_N = 16
+GEMV_BLOCK_K = 256
+GEMV_WARPS = 4
+GEMV_ROPE_COLUMNS = 8
+GEMV_PROGRAMS_PER_SM = 8
+
+
+def use_gemv(rows: int, exact: bool) -> bool:
+    """Whether a call of `rows` rows runs its GEMMs as GEMVs: one row, outside bit-exact mode (whose rows must
+    not depend on the call's row count: it keeps the tl.dot kernels for every call), where GEMV is on."""
+    return bool(GEMV) and rows == 1 and not exact
+
+
+def _row_tile(rows: int, gemv: bool) -> int:
+    """A GEMM kernel's BLOCK_T: ROW_TILE for the tl.dot kernels, whatever the rows (row invariance); a GEMV's
+    rows padded to a power of two."""
+    return _pow2(rows, 1) if gemv else ROW_TILE
+
+
 GATE_UP_SPLIT = 1  # norm_gate_up_silu's ranges of K unless asked (benchmarks vary it through triton_layers_gpu)
 
 
 def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up_weight: torch.Tensor,
-                      unit_offset: bool = False, block_n: int | None = None, block_k: int = 64,
-                      num_warps: int = 4, split_k: int | None = None) -> torch.Tensor:
+                      unit_offset: bool = False, block_n: int | None = None, block_k: int | None = None,
+                      num_warps: int | None = None, split_k: int | None = None, gemv: bool = False) -> torch.Tensor:
     """silu(h · gateᵀ) · (h · upᵀ), h = RMSNorm(x), in one kernel: x [T, K], gate_up_weight [2I, K]
     (gate rows, then up rows) -> [T, I] in x's dtype. split_k > 1 (default GATE_UP_SPLIT): K in that
     many ranges (norm_gate_up_silu_split_kernel), a fixed number whatever the rows; 1 for now: on an H100 Qwen2.5-1.5B's gate/up ran 29.7 µs in 70 tiles
@@ -912,14 +1007,19 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     n2, k = gate_up_weight.shape
     n = n2 // 2
     out = torch.empty(t, n, dtype=x.dtype, device=x.device)
-    block_n = _block_n(n, block_n)
-    block_k = _pow2(block_k)
+    if gemv:
+        block_n = _pow2(block_n or GEMV_BLOCK_N // 2, 1)  # GEMV_BLOCK_N rows of W a program: half gate, half up
+        block_k = _pow2(block_k or GEMV_BLOCK_K)
+    else:
+        block_n = _block_n(n, block_n)
+        block_k = _pow2(block_k or 64)
     split_k = GATE_UP_SPLIT if split_k is None else split_k
     blocks = -(-n // block_n)
     sizes = (t, k, n, x.stride(0), x.stride(1), gate_up_weight.stride(0), gate_up_weight.stride(1), out.stride(0),
              out.stride(1), float(eps))
-    flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": ROW_TILE,
-             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps, **_gemm_flags(x.device)}
+    flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": _row_tile(t, gemv),
+             "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps or (GEMV_WARPS if gemv else 4),
+             "GEMV": gemv, **_gemm_flags(x.device)}
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
@@ -970,8 +1070,8 @@ ROPE_SPLIT: int | str = "auto"
 def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                         bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, heads: int,
-                        kv_heads: int, head_dim: int, block_k: int = 64, num_warps: int = 4,
-                        columns: int | None = None, split_k: int | None = None) -> torch.Tensor:
+                        kv_heads: int, head_dim: int, block_k: int | None = None, num_warps: int | None = None,
+                        columns: int | None = None, split_k: int | None = None, gemv: bool = False) -> torch.Tensor:
     """norm_matmul then rope_qkv_cache_write as ONE kernel (a program per head and block of `columns` of
     its halves, default ROPE_COLUMNS, the two halves in two accumulators): x [T, E], weight [(H + 2·KV)·D,
     E] (q|k|v), cos, sin tables [S, D] read at positions [T] -> q [T, H, D]; k, v written into the caches
@@ -985,7 +1085,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         raise ValueError(f"weight [{weight.shape[0]}, K] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
     q = torch.empty(t, heads, head_dim, dtype=x.dtype, device=x.device)
     half = head_dim // 2
-    block = _pow2(min(half, columns or ROPE_COLUMNS or half))
+    block = _pow2(min(half, columns or (GEMV_ROPE_COLUMNS if gemv else ROPE_COLUMNS) or half), 1 if gemv else MIN_DOT)
     grid = (heads + 2 * kv_heads, -(-half // block))
     split_k = ROPE_SPLIT if split_k is None else split_k
     if split_k == "auto":
@@ -994,13 +1094,15 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
                 v_cache)
     sizes = (t, x.shape[1], heads, kv_heads, half, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
              *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
-    flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": ROW_TILE, "HALF_PAD": block,
-             "BLOCK_K": _pow2(block_k), "num_warps": num_warps, **_gemm_flags(x.device)}
+    flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": _row_tile(t, gemv),
+             "HALF_PAD": block, "BLOCK_K": _pow2(block_k or (GEMV_BLOCK_K if gemv else 64)),
+             "num_warps": num_warps or (GEMV_WARPS if gemv else 4), "GEMV": gemv, **_gemm_flags(x.device)}
     if split_k <= 1:
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
     blocks = grid[0] * grid[1]
     k_per, part, sums = _split_buffers(x.shape[1], weight.shape[0], blocks, split_k, flags["BLOCK_K"], x.device)
+    split_k = -(-x.shape[1] // k_per)  # no empty range
     _kernels()["qkv_rope_split"][(*grid, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
                                                    SPLIT=split_k, K_PER=k_per, **flags)
     return q
