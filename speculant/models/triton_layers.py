@@ -361,7 +361,8 @@ def _kernels():
         """(x·g) · W[cols]ᵀ over K in k_lo .. k_hi - 1 as GEMVs, float32 [BLOCK_T, BLOCK_N] (and · W[cols + second]ᵀ
         with PAIR, else zeros), and the rows' Σ x² over it [BLOCK_T]. Each block of W [BLOCK_N, BLOCK_K] is read
         once; then row by row its products with the row's block of x are summed over BLOCK_K (no tensor cores)
-        and added to that row's sums: the same instructions for every row of every call (row invariance)."""
+        and added to that row's sums (a row's sums never read another row). For one-row calls (use_gemv): at
+        more rows the tl.dot tiles stream the weights faster."""
         a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_T], tl.float32)
