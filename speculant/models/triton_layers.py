@@ -90,7 +90,7 @@ it to round); and it never compiles, so tests/test_triton_layers.py also compile
 TritonForward launches (chains and trees) for sm_90 (no GPU needed).
 
 Long because every kernel of the forward lives here beside its caller, and the kernels share helpers
-(_dot, _x_tile, _w_tile, _dot_pair_sums, _norm_dot_pair, _rope_store, _reach, ...) that triton finds
+(_dot, _x_tile, _w_tile, _gemm_sums, _gemv_sums, _norm_dot_pair, _rope_store, _reach, ...) that triton finds
 among this module's globals.
 
 Shapes: T query rows, E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim, S'
@@ -238,34 +238,35 @@ def _kernels():
                        mask=(ks[:, None] < K) & cols_ok[None, :], other=0.0)
 
     @triton.jit
-    def _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, k_lo, k_hi, sx_t, sx_k, sw_n, sw_k,
-                       UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
-        """(x·g) · W[cols]ᵀ and (x·g) · W[cols + second]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T,
-        BLOCK_N] each, and the rows' Σ x² over it, from one loop (two blocks of one matrix: gate and up,
-        or a head's two rotary halves); with GEMV, _gemv_sums'."""
+    def _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, second, k_lo, k_hi, K, sx_t, sx_k, sw_n, sw_k,
+                   NORM: tl.constexpr, UNIT: tl.constexpr, PAIR: tl.constexpr, F32: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
+        """(x·g or x) · W[cols]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T, BLOCK_N], with PAIR also
+        · W[cols + second]ᵀ from the same loop (else zeros: two blocks of one matrix, gate and up or a head's two
+        rotary halves), and the rows' Σ x² over it: tl.dot on tiles of all BLOCK_T rows, or with GEMV _gemv_sums'."""
         if GEMV:
             return _gemv_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, second, k_lo, k_hi, K, sx_t, sx_k, sw_n,
-                              sw_k, True, UNIT, True, BLOCK_T, BLOCK_N, BLOCK_K)
+                              sw_k, NORM, UNIT, PAIR, BLOCK_T, BLOCK_N, BLOCK_K)
         a = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         b = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
         ss = tl.zeros([BLOCK_T], tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, True, UNIT)
+            x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
             ss += sq
             x = x.to(w_ptr.dtype.element_ty)
             a = _dot(x, _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), a, F32)
-            b = _dot(x, _w_tile(w_ptr, cols + second, cols_ok, ks, K, sw_n, sw_k), b, F32)
+            if PAIR:
+                b = _dot(x, _w_tile(w_ptr, cols + second, cols_ok, ks, K, sw_n, sw_k), b, F32)
         return a, b, ss
 
     @triton.jit
     def _norm_dot_pair(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, sx_t, sx_k, sw_n, sw_k, eps,
                        UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
-        """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ: _dot_pair_sums over all of K, scaled."""
-        a, b, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, second, T, K, 0, K, sx_t, sx_k, sw_n,
-                                  sw_k, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
+        """RMSNorm(x) · W[cols]ᵀ and RMSNorm(x) · W[cols + second]ᵀ: _gemm_sums over all of K, scaled."""
+        a, b, ss = _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, second, 0, K, K, sx_t, sx_k, sw_n, sw_k,
+                              True, UNIT, True, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         scale = tl.rsqrt(ss / K + eps)[:, None]
         return a * scale, b * scale
 
@@ -390,31 +391,11 @@ def _kernels():
                     b = tl.where(here[:, None], b + tl.sum(w2 * x, axis=1)[None, :], b)
         return a, b, ss
 
-    @triton.jit
-    def _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, k_lo, k_hi, K, sx_t, sx_k, sw_n, sw_k,
-                     NORM: tl.constexpr, UNIT: tl.constexpr, F32: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GEMV: tl.constexpr):
-        """(x·g or x) · W[cols]ᵀ over K in k_lo .. k_hi - 1, float32 [BLOCK_T, BLOCK_N], and the rows' Σ x² over it:
-        tl.dot on tiles of all BLOCK_T rows, or with GEMV _gemv_sums'."""
-        if GEMV:
-            acc, _, ss = _gemv_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, k_lo, k_hi, K, sx_t, sx_k, sw_n,
-                                    sw_k, NORM, UNIT, False, BLOCK_T, BLOCK_N, BLOCK_K)
-        else:
-            acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
-            ss = tl.zeros([BLOCK_T], tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x, sq = _x_tile(x_ptr, g_ptr, rows, ks, T, K, sx_t, sx_k, NORM, UNIT)
-                ss += sq
-                acc = _dot(x.to(w_ptr.dtype.element_ty), _w_tile(w_ptr, cols, cols_ok, ks, K, sw_n, sw_k), acc, F32)
-        return acc, ss
-
     # a kernel finds the helpers it calls among its module's globals
-    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _dot_pair_sums=_dot_pair_sums,
+    globals().update(_dot=_dot, _x_tile=_x_tile, _w_tile=_w_tile, _gemm_sums=_gemm_sums,
                      _norm_dot_pair=_norm_dot_pair, _store_pair_partials=_store_pair_partials,
                      _sum_pair_partials=_sum_pair_partials, _range_sum=_range_sum, _merge_chunks=_merge_chunks,
-                     _pdl_wait=_pdl_wait, _prefetch_weights=_prefetch_weights, _gemv_sums=_gemv_sums,
-                     _matmul_sums=_matmul_sums)
+                     _pdl_wait=_pdl_wait, _prefetch_weights=_prefetch_weights, _gemv_sums=_gemv_sums)
 
     @triton.jit(do_not_specialize=["T"])
     def norm_matmul_kernel(x_ptr, g_ptr, w_ptr, b_ptr, r_ptr, out_ptr, T, K, N, sx_t, sx_k, sw_n, sw_k,
@@ -428,8 +409,8 @@ def _kernels():
         _prefetch_weights(w_ptr, cols, cols_ok, 0, 0, K, K, sw_n, sw_k, False, PREFETCH, BLOCK_K)
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
-        acc, ss = _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, K, K, sx_t, sx_k, sw_n, sw_k, NORM, UNIT,
-                               F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
+        acc, _, ss = _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, 0, K, K, sx_t, sx_k, sw_n, sw_k, NORM,
+                                UNIT, False, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         if NORM:
             acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         if HAS_BIAS:
@@ -462,8 +443,8 @@ def _kernels():
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        acc, ss = _matmul_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, split * K_PER, split * K_PER + K_PER, K,
-                               sx_t, sx_k, sw_n, sw_k, NORM, UNIT, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
+        acc, _, ss = _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, 0, split * K_PER, split * K_PER + K_PER,
+                                K, sx_t, sx_k, sw_n, sw_k, NORM, UNIT, False, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         out_mask = row_ok[:, None] & cols_ok[None, :]
         part = part_ptr + rows[:, None] * N + cols[None, :]  # + range · BLOCK_T · N
         tl.store(part + split * BLOCK_T * N, acc, mask=out_mask)
@@ -521,9 +502,8 @@ def _kernels():
         _pdl_wait(PDL)
         rows = tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        gate, up, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols, cols_ok, N, T, K, split * K_PER,
-                                      split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, UNIT, F32, BLOCK_T, BLOCK_N,
-                                      BLOCK_K, GEMV)
+        gate, up, ss = _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols, cols_ok, N, split * K_PER, split * K_PER + K_PER,
+                                  K, sx_t, sx_k, sw_n, sw_k, True, UNIT, True, F32, BLOCK_T, BLOCK_N, BLOCK_K, GEMV)
         mask = row_ok[:, None] & cols_ok[None, :]
         part = part_ptr + rows[:, None] * (2 * N) + cols[None, :]  # + range · BLOCK_T · 2N (+ N: up)
         sums = ss_ptr + block * SPLIT * BLOCK_T + rows
@@ -646,9 +626,9 @@ def _kernels():
                           PREFETCH, BLOCK_K)
         _pdl_wait(PDL)
         n = (H + 2 * KV) * 2 * HALF
-        lo, hi, ss = _dot_pair_sums(x_ptr, g_ptr, w_ptr, rows, cols_lo, half_ok, HALF, T, K, split * K_PER,
-                                    split * K_PER + K_PER, sx_t, sx_k, sw_n, sw_k, False, F32, BLOCK_T, HALF_PAD,
-                                    BLOCK_K, GEMV)
+        lo, hi, ss = _gemm_sums(x_ptr, g_ptr, w_ptr, rows, T, cols_lo, half_ok, HALF, split * K_PER,
+                                split * K_PER + K_PER, K, sx_t, sx_k, sw_n, sw_k, True, False, True, F32, BLOCK_T,
+                                HALF_PAD, BLOCK_K, GEMV)
         mask = row_ok[:, None] & half_ok[None, :]
         part = part_ptr + rows[:, None] * n + cols_lo[None, :]  # + range · BLOCK_T · n (+ HALF: hi)
         sums = ss_ptr + block * SPLIT * BLOCK_T + rows
@@ -867,19 +847,21 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     if split_k <= 1:
         _kernels()["norm_matmul"][(blocks,)](*pointers, *sizes, **flags)
         return out
-    k_per, part, sums = _split_buffers(k, n, blocks, split_k, block_k, x.device)
-    _kernels()["norm_matmul_split"][(blocks, -(-k // k_per))](*pointers, part, sums, _tickets(weight, blocks), *sizes,
-                                                              SPLIT=-(-k // k_per), K_PER=k_per, **flags)
+    split_k, k_per, part, sums = _split_buffers(k, n, blocks, split_k, block_k, x.device)
+    _kernels()["norm_matmul_split"][(blocks, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
+                                                       SPLIT=split_k, K_PER=k_per, **flags)
     return out
 
 
 def _split_buffers(k: int, columns: int, blocks: int, split_k: int, block_k: int, device: torch.device
-                   ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """A split-K launch's K_PER (K ÷ split_k, rounded up to whole blocks of K) and its scratch: the
-    ranges' partials [split_k, ROW_TILE, columns] and rows' partial Σ x² [blocks, split_k, ROW_TILE]."""
+                   ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """A split-K launch's ranges and K_PER (K ÷ split_k, rounded up to whole blocks of K; ranges that would
+    start past K are dropped) and its scratch: the ranges' partials [ranges, ROW_TILE, columns] and rows'
+    partial Σ x² [blocks, ranges, ROW_TILE]."""
     k_per = -(-k // (split_k * block_k)) * block_k
-    return (k_per, torch.empty(split_k, ROW_TILE, columns, dtype=torch.float32, device=device),
-            torch.empty(blocks, split_k, ROW_TILE, dtype=torch.float32, device=device))
+    ranges = -(-k // k_per)
+    return (ranges, k_per, torch.empty(ranges, ROW_TILE, columns, dtype=torch.float32, device=device),
+            torch.empty(blocks, ranges, ROW_TILE, dtype=torch.float32, device=device))
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}  # a device's split-K arrival counters
@@ -1024,7 +1006,7 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
-    k_per, part, sums = _split_buffers(k, 2 * n, blocks, split_k, block_k, x.device)
+    split_k, k_per, part, sums = _split_buffers(k, 2 * n, blocks, split_k, block_k, x.device)
     _kernels()["gate_up_split"][(blocks, split_k)](x, norm_weight, gate_up_weight, out, part, sums,
                                                    _tickets(gate_up_weight, blocks), *sizes, SPLIT=split_k,
                                                    K_PER=k_per, **flags)
@@ -1102,8 +1084,8 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
     blocks = grid[0] * grid[1]
-    k_per, part, sums = _split_buffers(x.shape[1], weight.shape[0], blocks, split_k, flags["BLOCK_K"], x.device)
-    split_k = -(-x.shape[1] // k_per)  # no empty range
+    split_k, k_per, part, sums = _split_buffers(x.shape[1], weight.shape[0], blocks, split_k, flags["BLOCK_K"],
+                                                x.device)
     _kernels()["qkv_rope_split"][(*grid, split_k)](*pointers, part, sums, _tickets(weight, blocks), *sizes,
                                                    SPLIT=split_k, K_PER=k_per, **flags)
     return q
