@@ -83,10 +83,13 @@ case "$part" in
       "fastapi>=0.110" "uvicorn>=0.29" "prometheus_client>=0.20" "openai>=1.40" "httpx>=0.27"
     du -sh .whl ;;
   tests)
-    SPECULANT_TEST_TRITON_SETTINGS=${TEST_SETTINGS:-} limit ${TESTS_LIMIT:-540} python3 -m pytest -q -p no:cacheprovider tests/test_triton_fused.py tests/test_triton_layers.py \
-      tests/test_bit_exact.py tests/test_bit_exact_generic.py tests/test_fused.py tests/test_candidates.py \
-      tests/test_hierarchical.py $(ls tests/test_row_step.py tests/test_exact_triton.py 2>/dev/null) \
-      -k "cuda or triton or exact or graph" --durations=10 2>&1 | tee "$out/cuda_tests.log" ;;
+    # one line per test (-v), so that a run its limit stops says in which test: on 2026-12-07 two runs on an H100 (PDL
+    # on, PDL off) both stopped at their limits in the same one, the 179th (177 had passed, 1 was skipped; -q printed
+    # no names). test_exact_triton first: its CUDA control has not run on a GPU yet
+    SPECULANT_TEST_TRITON_SETTINGS=${TEST_SETTINGS:-} limit ${TESTS_LIMIT:-540} python3 -m pytest -v -p no:cacheprovider \
+      tests/test_exact_triton.py tests/test_triton_layers.py tests/test_triton_fused.py tests/test_bit_exact.py \
+      tests/test_bit_exact_generic.py tests/test_fused.py tests/test_candidates.py tests/test_row_step.py \
+      tests/test_hierarchical.py -k "cuda or triton or exact or graph" --durations=10 2>&1 | tee "$out/cuda_tests.log" ;;
   headline|tuned)
     tasks=$([ "$part" = headline ] && echo code-heldout,chat-heldout || echo code,chat)
     limit 560 python3 benchmarks/gpu_speed.py --target "$model" --humaneval "$humaneval" \

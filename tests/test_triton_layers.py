@@ -237,20 +237,29 @@ def test_split_k_gemm_is_the_gemm_and_keeps_a_row_to_itself(triton_device, split
     assert not _close(short, ref, dtype)
 
 
-def test_pdl_is_opt_in_and_never_on_the_cpu(monkeypatch):
-    """_pdl_flags, _gemm_flags: programmatic dependent launch off by default and always off on the CPU (the
-    interpreter cannot run griddepcontrol); the GEMMs' PREFETCH only with PDL."""
+def test_pdl_is_on_for_gemv_forwards_only_and_never_on_the_cpu(monkeypatch):
+    """_pdl_flags, _gemm_flags: programmatic dependent launch by default only for the launches of a GEMV forward
+    (PDL "gemv": one row outside bit-exact mode), for every launch with PDL on, for none with it off, and never on
+    the CPU (the interpreter cannot run griddepcontrol) or where the GPU or triton lacks it; the GEMMs' PREFETCH
+    only with PDL; any other word is an error."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert tl_layers._gemm_flags(cpu) == {"PDL": False, "PREFETCH": 0}
+    on, off = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), True)
+    assert tl_layers.PDL == "gemv"
+    assert [tl_layers._pdl_flags(cuda, gemv) for gemv in (False, True)] == [off, on]
+    assert tl_layers._pdl_flags(cpu, True) == off
     monkeypatch.setattr(tl_layers, "PDL", 1)
     monkeypatch.setattr(tl_layers, "PREFETCH", 4)
     assert tl_layers._gemm_flags(cpu) == {"PDL": False, "PREFETCH": 0}
-    monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), True)
-    assert tl_layers._gemm_flags(cuda) == {"PDL": True, "launch_pdl": True, "PREFETCH": 4}
+    assert tl_layers._gemm_flags(cuda) == {**on, "PREFETCH": 4}
     monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), False)  # an older GPU or triton
-    assert tl_layers._gemm_flags(cuda) == {"PDL": False, "PREFETCH": 0}
+    assert tl_layers._gemm_flags(cuda, True) == {"PDL": False, "PREFETCH": 0}
+    monkeypatch.setitem(tl_layers._PDL_SUPPORT, str(cuda), True)
     monkeypatch.setattr(tl_layers, "PDL", False)
-    assert tl_layers._pdl_flags(cuda) == {"PDL": False}
+    assert [tl_layers._pdl_flags(cuda, gemv) for gemv in (False, True)] == [off, off]
+    monkeypatch.setattr(tl_layers, "PDL", "always")
+    with pytest.raises(ValueError, match="gemv"):
+        tl_layers._pdl_flags(cuda)
 
 
 def test_settings_parse_check_their_names_and_come_back():
@@ -627,7 +636,7 @@ tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long),
 tl_layers.FUSE_COMBINE, tl_layers.ROPE_COLUMNS, tl_layers.ROPE_SPLIT = False, None, "auto"
 tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torch.zeros(1, 576, dtype=torch.bfloat16),
                   split_k=4, gemv=True)  # a split GEMV (one row: forward_static's are above)
-tl_layers._pdl_flags = lambda device: {"PDL": True, "launch_pdl": True}  # programmatic dependent launch, as on sm_90
+tl_layers._pdl_flags = lambda device, gemv=False: {"PDL": True, "launch_pdl": True}  # programmatic dependent launch, as on sm_90
 tl_layers.PREFETCH = 4  # the GEMMs' first weights into L2 before the wait
 tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 tl_forward.TritonForward(model).forward_exact(torch.zeros(25, dtype=torch.long), 40 + depths, nodes)

@@ -194,10 +194,10 @@ class TritonForward:
                                         k_cache, v_cache, slots, heads, kv, d, gemv=gemv)
             else:
                 qkv = norm_matmul(x, norm1.weight, norm1.eps, w_qkv, b_qkv, gemv=gemv)
-                q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, slots, heads, kv, d, positions)
+                q = rope_qkv_cache_write(qkv, cos, sin, k_cache, v_cache, slots, heads, kv, d, positions, gemv=gemv)
             if nodes is None:
                 attn = cache_attention(q, k_cache, v_cache, kv_len, positions, model.attn_scale, self.chunk,
-                                       ancestors=ancestors, tree_start=tree_start, first_node=first_node)
+                                       ancestors=ancestors, tree_start=tree_start, first_node=first_node, gemv=gemv)
             else:
                 attn = exact_cache_attention(q, k_cache, v_cache, kv_len, positions, nodes, model.attn_scale,
                                              self.chunk)

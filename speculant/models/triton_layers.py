@@ -24,10 +24,12 @@ few programs take K in ranges) is the default since an H100 measured it; setting
 (no change at one row, slower at 5), ROPE_COLUMNS (blocks of a head's columns: no gain beside ROPE_SPLIT),
 GATE_UP_SPLIT (slower with the 128-wide gate/up tiles). PDL (programmatic dependent launch: a kernel launches
 while the one before it finishes and waits for it in its first statement; with PREFETCH its first weights
-stream into L2 before the wait) is opt-in: on an H100 it took SmolLM2-135M's forward from 1.032 to 0.882 ms
-and Qwen2.5-1.5B's from 2.113 to 2.697 ms (benchmarks/results/gpu-2026-12-07l/). (Four CUDA tests failed under
-it there; the same four failed with PDL off in the next session: 512-deep test tiles past the GPU's shared
-memory, and a control that torch's cuBLAS no longer breaks; both tests are fixed since.) Stream-K (a
+stream into L2 before the wait) is on for the forwards whose GEMMs run as GEMVs (PDL "gemv", below): with the
+tl.dot tiles an H100 measured SmolLM2-135M's forward from 1.032 to 0.882 ms but Qwen2.5-1.5B's from 2.113 to
+2.697 ms (benchmarks/results/gpu-2026-12-07l/); beside the GEMVs it took Qwen's one-row forward from 1.819 to
+1.744 ms and SmolLM2's from 0.856 to 0.775 (benchmarks/results/gpu-2026-12-07n/). (Four CUDA tests failed under
+it in the first run; the same four failed with PDL off in the next session: 512-deep test tiles past the GPU's
+shared memory, and a control that torch's cuBLAS no longer breaks; both tests are fixed since.) Stream-K (a
 GEMM's blocks × chunks of K shared out evenly over one program per SM) ran slower than split-K there
 (Qwen's forward 2.867 ms) and was removed.
 
@@ -36,7 +38,10 @@ A call of one row outside bit-exact mode (plain decoding's steps, a draft model'
 and sums its products with the row in float32 lanes, no tensor cores and no 32-row tile. On an H100 that
 took Qwen2.5-1.5B's one-row forward from 2.141 to 1.844 ms and SmolLM2-135M's from 1.023 to 0.855 ms
 (benchmarks/results/gpu-2026-12-07m/); at 5 rows the GEMVs were slower than the tl.dot tiles, so calls of more
-rows, and every call in bit-exact mode (whose rows must not depend on the call's row count), keep those.
+rows, and every call in bit-exact mode (whose rows must not depend on the call's row count), keep those. The
+kernels of a GEMV forward launch with PDL (1.744 and 0.775 ms). Summing each block's products element-wise
+across the steps of K and reducing once at the end, rather than reducing every step, was slower there (2.122
+and 0.936 ms).
 
 The GEMMs
 compute RMSNorm(x)·Wᵀ as (Σ x·g·W) · rsqrt(mean x² + eps), both sums taken in the same loop over K
@@ -127,16 +132,26 @@ def _block_n(n: int, block_n: int | None) -> int:
     return _pow2(block_n)
 
 
-# programmatic dependent launch of every kernel (_pdl_wait) where the GPU and triton have it: off until a GPU has
-# measured it (benchmarks/triton_layers_gpu.py --settings PDL=1)
-PDL: bool | str = False
+# programmatic dependent launch (_pdl_wait) where the GPU and triton have it: True for every launch, "gemv" for the
+# launches of a forward whose GEMMs run as GEMVs (use_gemv: one row outside bit-exact mode), False for none. "gemv"
+# since an H100 measured it (benchmarks/results/gpu-2026-12-07n/): beside the GEMVs PDL took Qwen2.5-1.5B's
+# one-row forward from 1.819 to 1.744 ms and SmolLM2-135M's from 0.856 to 0.775, while with the tl.dot tiles it
+# had slowed Qwen's from 2.113 to 2.697 ms (gpu-2026-12-07l); bit-exact mode, which runs no GEMVs, never has it
+PDL: bool | int | str = "gemv"
 _PDL_SUPPORT: dict[str, bool] = {}
 
 
-def _pdl_flags(device: torch.device) -> dict:
-    """A launch's PDL flags: the kernel's constexpr and triton's launch_pdl where PDL is on
-    and the device and triton have it (sm_90 and later, triton's launch_pdl), else off."""
-    if not PDL or device.type != "cuda":
+def _pdl_flags(device: torch.device, gemv: bool = False) -> dict:
+    """A launch's PDL flags: the kernel's constexpr and triton's launch_pdl where PDL is on for this launch (PDL
+    True, or "gemv" and a launch of a GEMV forward: `gemv`) and the device and triton have it (sm_90 and later,
+    triton's launch_pdl), else off."""
+    if PDL == "gemv":
+        on = gemv
+    elif isinstance(PDL, str):
+        raise ValueError(f"triton_layers.PDL is True, False or 'gemv', got {PDL!r}")
+    else:
+        on = bool(PDL)
+    if not on or device.type != "cuda":
         return {"PDL": False}
     if str(device) not in _PDL_SUPPORT:
         _PDL_SUPPORT[str(device)] = _pdl_supported(device)
@@ -148,9 +163,9 @@ def _pdl_flags(device: torch.device) -> dict:
 PREFETCH = 0
 
 
-def _gemm_flags(device: torch.device) -> dict:
+def _gemm_flags(device: torch.device, gemv: bool = False) -> dict:
     """_pdl_flags and the GEMM kernels' PREFETCH (PREFETCH where PDL is on, else 0)."""
-    flags = _pdl_flags(device)
+    flags = _pdl_flags(device, gemv)
     return {**flags, "PREFETCH": PREFETCH if flags["PDL"] else 0}
 
 
@@ -840,7 +855,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, *, norm_weight: torch.Tensor 
     flags = dict(NORM=norm_weight is not None, UNIT=bool(unit_offset), HAS_BIAS=bias is not None,
                  HAS_RES=residual is not None, F32=_f32_dots(x, weight), BLOCK_T=_row_tile(t, gemv), BLOCK_N=block_n,
                  BLOCK_K=block_k, num_warps=num_warps or (GEMV_WARPS if gemv else 4), GEMV=gemv,
-                 **({} if num_stages is None else {"num_stages": num_stages}), **_gemm_flags(x.device))
+                 **({} if num_stages is None else {"num_stages": num_stages}), **_gemm_flags(x.device, gemv))
     pointers = (x, norm_weight if norm_weight is not None else dummy, weight, bias if bias is not None else dummy,
                 res, out)
     blocks = -(-n // block_n)
@@ -1002,7 +1017,7 @@ def norm_gate_up_silu(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, ga
              out.stride(1), float(eps))
     flags = {"UNIT": bool(unit_offset), "F32": _f32_dots(x, gate_up_weight), "BLOCK_T": _row_tile(t, gemv),
              "BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": num_warps or (GEMV_WARPS if gemv else 4),
-             "GEMV": gemv, **_gemm_flags(x.device)}
+             "GEMV": gemv, **_gemm_flags(x.device, gemv)}
     if split_k <= 1:
         _kernels()["gate_up"][(blocks,)](x, norm_weight, gate_up_weight, out, *sizes, **flags)
         return out
@@ -1021,11 +1036,11 @@ def _rope_args(cos, sin, q, k_cache, v_cache):
 
 def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                          v_cache: torch.Tensor, slots: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                         positions: torch.Tensor | None = None, num_warps: int = 1) -> torch.Tensor:
+                         positions: torch.Tensor | None = None, num_warps: int = 1, gemv: bool = False) -> torch.Tensor:
     """One kernel: qkv [T, (H + 2·KV)·D] -> q [T, H, D] with rotary (Hugging Face rotate_half layout,
     float32 math, rounded to qkv's dtype) on q and k; the rotated k and v written into k_cache,
     v_cache [S', KV, D] at `slots` [T]. cos, sin: [T, D] per row, or with `positions` [T] the tables
-    [S, D] (LeanModel.rope_global[0], [1]) read at positions[t]."""
+    [S, D] (LeanModel.rope_global[0], [1]) read at positions[t]. gemv: a launch of a GEMV forward (PDL's)."""
     t = _check_rows(qkv)
     if qkv.shape[1] != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qkv [T, {qkv.shape[1]}] is not (heads + 2·kv_heads)·head_dim with an even head_dim")
@@ -1035,7 +1050,7 @@ def rope_qkv_cache_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
         qkv, positions if positions is not None else slots, slots, cos, sin, q, k_cache, v_cache, t, heads, kv_heads,
         half, qkv.stride(0), qkv.stride(1), *_rope_args(cos, sin, q, k_cache, v_cache),
         BY_POSITION=positions is not None, BLOCK_T=ROW_TILE, HALF_PAD=_pow2(half, 1), num_warps=num_warps,
-        **_pdl_flags(qkv.device))
+        **_pdl_flags(qkv.device, gemv))
     return q
 
 
@@ -1079,7 +1094,7 @@ def norm_qkv_rope_cache(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, 
              *_rope_args(cos, sin, q, k_cache, v_cache), float(eps))
     flags = {"HAS_BIAS": bias is not None, "F32": _f32_dots(x, weight), "BLOCK_T": _row_tile(t, gemv),
              "HALF_PAD": block, "BLOCK_K": _pow2(block_k or (GEMV_BLOCK_K if gemv else 64)),
-             "num_warps": num_warps or (GEMV_WARPS if gemv else 4), "GEMV": gemv, **_gemm_flags(x.device)}
+             "num_warps": num_warps or (GEMV_WARPS if gemv else 4), "GEMV": gemv, **_gemm_flags(x.device, gemv)}
     if split_k <= 1:
         _kernels()["qkv_rope"][grid](*pointers, *sizes, **flags)
         return q
@@ -1113,7 +1128,7 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     positions: torch.Tensor, scale: float, chunk: int = 64, block_n: int = 64,
                     out: torch.Tensor | None = None, num_warps: int | None = None,
                     ancestors: torch.Tensor | None = None, tree_start: torch.Tensor | None = None,
-                    first_node: int = 0) -> torch.Tensor:
+                    first_node: int = 0, gemv: bool = False) -> torch.Tensor:
     """Causal grouped-query attention of q [T, H, D] (query t at positions[t], reading keys at slots
     0..positions[t], all < kv_len) over k_cache, v_cache [S', KV, D] -> [T, H, D] in q's dtype; query
     head h reads key head h // G. Two kernels: the keys split into chunks of `chunk` (one program per
@@ -1124,7 +1139,8 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (tree_start [1], on the device), the queries are nodes first_node..first_node + T - 1, and
     ancestors [T, N] (bool) holds their rows: query t reads the keys before tree_start and the nodes
     j with ancestors[t, j]. A node's ancestors come before it (acceptance.candidate_tree's order), so
-    a tree may run in pieces of rows; `positions` is then unused (rotary was applied before)."""
+    a tree may run in pieces of rows; `positions` is then unused (rotary was applied before). gemv: a launch of
+    a forward whose GEMMs run as GEMVs (PDL "gemv" launches its kernels with PDL)."""
     t, h, d, kv = _attention_shapes(q, k_cache)
     tree = ancestors is not None
     if tree and (tree_start is None or ancestors.shape[0] != t):
@@ -1152,11 +1168,11 @@ def cache_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         nodes, q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), sa_t, sa_n, out.stride(0), out.stride(1),
         out.stride(2), chunks, G=g, D=d, CHUNK=chunk, BLOCK_R=block_r, BLOCK_N=block_n, D_PAD=_pow2(d),
-        F32=_f32_dots(q, k_cache), TREE=tree, FUSE=FUSE_COMBINE, num_warps=num_warps, **_pdl_flags(q.device))
+        F32=_f32_dots(q, k_cache), TREE=tree, FUSE=FUSE_COMBINE, num_warps=num_warps, **_pdl_flags(q.device, gemv))
     if not FUSE_COMBINE:
         kernels["combine"][(t, h)](positions, start, m, total, acc, out, t, first_node, chunks, out.stride(0),
                                    out.stride(1), out.stride(2), G=g, D=d, CHUNK=chunk, D_PAD=_pow2(d, 1), TREE=tree,
-                                   num_warps=1, **_pdl_flags(q.device))
+                                   num_warps=1, **_pdl_flags(q.device, gemv))
     return out
 
 
