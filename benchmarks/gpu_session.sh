@@ -40,6 +40,8 @@
 #              against its single levels, default and bit-exact modes side by side: SmolLM2, and Qwen where staged
 #   distill-qwen  a feature draft for the Qwen 1.5B (int8 storage), DISTILL_STAGE=data then train, or all (SEED=: a new corpus)
 #   qwen-heldout  the Qwen 1.5B's drafts on the held-out domains: α, τ, acceptance per position (draft_heldout.py)
+#   barrier-probe  a chain of one-row GEMVs as kernels in a graph (with and without PDL) against one persistent
+#              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; ROPE_COLUMNS, ROPE_SPLIT,
@@ -66,7 +68,7 @@
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|barrier-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -214,6 +216,11 @@ case "$part" in
       limit ${HELDOUT_LIMIT:-200} python3 benchmarks/draft_heldout.py --device cuda --dtype bfloat16 --target /root/w/qwen-1.5b.gguf \
         --draft "$d" --compile layers --prompts ${HELDOUT_PROMPTS:-8} --max-new-tokens 128 --out "$out/heldout_$name" \
         2>&1 | { grep -v '^{' || true; } | tee "$out/draft_heldout_$name.log" || echo "draft $d: stopped ($?)"
+    done ;;
+  barrier-probe)  # a phase boundary in one persistent kernel against a kernel boundary in a graph (random weights)
+    for shape in "576 64" "1536 56"; do set -- $shape
+      limit ${PROBE_LIMIT:-120} python3 benchmarks/grid_barrier_probe.py --width $1 --phases $2 --programs "${PROBE_PROGRAMS:-}" \
+        --out "$out/barrier_$1" 2>&1 | tee "$out/grid_barrier_probe_$1.log"
     done ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
