@@ -20,13 +20,13 @@ the tests check them). Which drafters it can fuse is decided by `fused_stepper`,
 drafter's own settings. The prompt is prefilled through the compiled forward as well; on CUDA
 padded to a power of two and replayed from a graph per length (`_prefill`).
 
-Run-ahead (on by default with graphs; feature-draft steps without a lookup branch): after the
-step, the graph appends the tokens it emitted to the draft's window and moves both positions on, on
-the device, leaving the next replay's inputs in its own input buffer, so the host launches the next
+Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, without a lookup
+branch, whose proposals the host finds): after the step, the graph appends the tokens it emitted to
+the draft's window (the tokens its draft re-reads each step) and moves both positions on, on the device, leaving the next replay's inputs in its own input buffer, so the host launches the next
 replay (its γ given by the engine with this step's) before it reads this one's output (copied to
 pinned memory behind it on the stream). The host's part of a step (the read-back, the
 engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
-(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs). The next replay is launched only where
+(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay is launched only where
 all of its tokens may still be emitted, so the text is the same as one replay at a time, and its
 uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
 stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
@@ -413,7 +413,7 @@ class FusedStepper:
         self.layouts: dict = {}  # bit-exact layouts (depths, nodes, count) on the device, per call shape
         self.offsets = torch.arange(target.max_seq_len, device=self.device)  # position offsets, read by bodies
         self.trees: dict = {}
-        self.widest = 0  # the longest step (γ or lookup branch) asked for so far: the feature window's size
+        self.widest = 0  # the longest step (γ or lookup branch) asked for so far: the draft's window, less one
         # The sampling transform, the draw and the acceptance rule are compiled too (fused into a
         # few kernels instead of ~20 per draft token); if compiling them fails, they run eagerly.
         self.compile_sampling = bool(compile)
@@ -574,16 +574,16 @@ class FusedStepper:
         self.draft_model.set_length(max(self.draft_model.length, upto))
 
     def reserve(self, gamma: int) -> None:
-        """Size the feature draft's window for steps up to γ from now on (`--gamma auto`: its longest).
+        """Size the draft's window for steps up to γ from now on (`--gamma auto`: its longest).
         The window is otherwise the widest step taken so far, so the draft's inputs, hence its rounding,
         would depend on the γs that earlier requests (or a calibration) happened to take."""
         self.widest = max(self.widest, gamma, self.lookup)
 
     @property
     def runs_ahead(self) -> bool:
-        """Launches the next step before reading this one (feature-draft steps, no lookup branch):
+        """Launches the next step before reading this one (draft-model steps, feature or token, no lookup branch):
         the engine then gives each step the next one's γ (`next_gamma`)."""
-        return self.run_ahead and self.features and not self.lookup
+        return self.run_ahead and self.draft_model is not None and not self.lookup
 
     @torch.inference_mode()
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
@@ -627,26 +627,28 @@ class FusedStepper:
         return _Launched(key, gamma, runner)
 
     def _ahead_runner(self, gamma: int, window: int, k: int) -> tuple[tuple, _Runner]:
-        key = ("features-ahead", gamma, window, k)
+        kind, make = ("features", self._feature_step_body) if self.features else ("model", self._model_step_body)
+        key = (kind + "-ahead", gamma, window, k)
         runner = self.graphs.get(key) or self._prepare(
-            key, lambda: self._advancing_body(self._feature_step_body(gamma, window, k, 0), gamma, window),
-            window + 2, self._draft_uniforms(gamma, k))
+            key, lambda: self._advancing_body(make(gamma, window, k, 0), gamma, window), window + 2,
+            self._draft_uniforms(gamma, k))
         return key, runner
 
     def _run_ahead_step(self, context: list[int], gamma: int, generator: torch.Generator | None,
                         next_gamma: int | None, pending: _Launched | None) -> StepResult:
-        """A feature-draft step from `pending`, if it was launched ahead for this context, else from a
-        replay launched now; then the step of `next_gamma` (if given) is launched before this one is
+        """A draft-model step (feature or token draft) from `pending`, if it was launched ahead for this context,
+        else from a replay launched now; then the step of `next_gamma` (if given) is launched before this one is
         read. The step's time is the wall time since the last replay was read."""
         start = time.perf_counter()
         captured = self.capture_time
         n, k = len(context) - 1, self.candidates
         self.widest = max(self.widest, gamma)
-        window = self.widest + 1  # >= γ + 1: every position a step fed with predicted features is re-read
+        # >= γ + 1: every position a step fed with predicted features (or draft tokens) is re-read
+        window = self.widest + 1
         key, runner = self._ahead_runner(gamma, window, k)
         alone = pending is None or pending.key != key  # launched now, not ahead
-        if alone:
-            self._catch_up_draft(context, n - window)
+        if alone:  # a feature draft's window re-reads positions n-W..n-1, a token draft's n-W+1..n
+            self._catch_up_draft(context, n - window + (0 if self.features else 1))
             runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
             pending = self._launch(key, gamma, runner, generator)
         if next_gamma is not None:  # it reads the inputs this replay advanced on the device
@@ -658,17 +660,19 @@ class FusedStepper:
         out = pending.read()  # the step's one synchronisation
         now = time.perf_counter()
         elapsed = now - max(start, pending.after) - (self.capture_time - captured)
-        count, _, alternative, _ = out[:4]
+        count, chain_accepted, alternative, _ = out[:4]
         tokens = out[4:4 + count]
         self.target.set_length(len(context) + count - 1)  # the context and every kept draft token
-        self.draft_valid = n  # true features below n; later positions are redone
+        # a feature draft: true features below n (later positions are redone); a token draft: x_i up to n, then the
+        # kept chain drafts fed while drafting
+        self.draft_valid = n if self.features else n + 1 + min(chain_accepted, gamma - 1)
         self.draft_model.set_length(max(self.draft_valid, n + gamma))
         if self.pending is not None:  # valid if the engine goes on with all these tokens
             self.pending.length, self.pending.after = len(context) + count, now
         return StepResult(tokens, gamma, count - 1, None, 0.0, elapsed, 1, bool(alternative), alone=alone)
 
     def _advancing_body(self, body, gamma: int, window: int):
-        """A feature `body` (ints = [x_{n-W+1..n}, n-W, n]) that then appends the tokens the step
+        """A draft-model `body` (ints = [x_{n-W+1..n}, n-W, n]) that then appends the tokens the step
         emitted to the window on the device and moves both positions on, writing the result back to
         `ints`: the next replay (launched ahead) starts there."""
         offsets = self.offsets
@@ -718,11 +722,18 @@ class FusedStepper:
             ints = context[n - window + 1:] + [n - window, n] + lookup
             drafted = gamma
         elif self.draft_model is not None and not self.features and gamma > 0 and n >= 1:
-            self._catch_up_draft(context, n - 1)
-            key = ("model", gamma, k, size)
-            runner = self.graphs.get(key) or self._prepare(key, lambda: self._model_step_body(gamma, k, size),
-                                                           4 + len(lookup), self._draft_uniforms(gamma, k, size))
-            ints = context[-2:] + [n - 1, n] + lookup
+            # the token draft re-reads x_{n-W+1..n}, W = the widest step's + 1 as the feature draft's window (so a
+            # step run alone and one launched ahead read the same inputs), past what a catch-up left valid; a
+            # context shorter than W is read from position 0, the window padded past x_n (one graph per W)
+            self.widest = max(self.widest, gamma, size)
+            window = self.widest + 1
+            first = max(0, n - window + 1)
+            self._catch_up_draft(context, first)
+            key = ("model", gamma, window, k, size)
+            runner = self.graphs.get(key) or self._prepare(
+                key, lambda: self._model_step_body(gamma, window, k, size), window + 2 + len(lookup),
+                self._draft_uniforms(gamma, k, size))
+            ints = context[first:] + [0] * (window - (n + 1 - first)) + [first - 1, n] + lookup
             drafted = gamma
         else:
             draft = self.ngram.propose(context, gamma, None, None).tokens.tolist() if (self.ngram and gamma) else []
@@ -891,20 +902,26 @@ class FusedStepper:
             self.trees[gamma, k, lookup] = tuple(t.to(self.device) for t in candidate_tree(gamma, k, lookup))
         return self.trees[gamma, k, lookup]
 
-    def _model_step_body(self, gamma: int, k: int, size: int):
+    def _model_step_body(self, gamma: int, window: int, k: int, size: int):
         draft_fn = self.draft_fn
         offsets = self.offsets
 
         def body(ints, uniforms):
-            # ints = [x_{n-1}, x_n, n-1, n, (lookup G, its length)]. The draft re-reads x_{n-1}
-            # (harmless) and x_n, then γ-1 drafts
-            last2, starts = ints[:2], ints[2:4]
-            logits = draft_fn(last2, starts[0] + offsets[:2])[-1]
+            # ints = [x_{s..s+W-1}, s-1, n, (lookup G, its length)], s = n-W+1 (the feature body's layout) or, for
+            # a context shorter than W, s = 0 and the window padded past x_n. A token draft holds x_i at position
+            # i; it re-reads the window (positions whose drafts the last step fed, or the kept run of a tree, get
+            # the emitted tokens; padding past x_n is written over by the drafts it feeds, and no position reads a
+            # later one), then feeds γ-1 drafts at n+1..
+            window_tokens, starts = ints[:window], ints[window:window + 2]
+            # x_n's row: W-1, or n for a padded window (clamped: a capture's warm-up call reads zeros)
+            last = (starts[1] - starts[0] - 1).clamp(0, window - 1).view(1)
+            logits = draft_fn(window_tokens, starts[0] + 1 + offsets[:window]).index_select(0, last)[0]
 
             def feed(token, i):
-                return draft_fn(token.view(1), starts[0] + 2 + offsets[i : i + 1])[-1]
+                return draft_fn(token.view(1), starts[1] + 1 + offsets[i : i + 1])[-1]
 
-            return self._draft_and_verify(gamma, k, size, logits, uniforms, feed, last2[1:], starts[1], ints[4:])
+            return self._draft_and_verify(gamma, k, size, logits, uniforms, feed, window_tokens.index_select(0, last),
+                                          starts[1], ints[window + 2:])
 
         return body
 

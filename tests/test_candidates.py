@@ -612,6 +612,59 @@ def test_run_ahead_steps_are_the_same_steps_one_at_a_time(k, device):
         assert step.stats.alternatives_kept > 0
 
 
+def token_pair(device: str = "cpu") -> tuple[LeanModel, LeanModel]:
+    """A tiny target (vocab 8, 2 layers) and a one-layer token draft of it."""
+    target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0).to(device),
+                       max_seq_len=128)
+    draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
+                      max_seq_len=128)
+    return target, draft
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_run_ahead_token_draft_steps_follow_the_exact_target_law(k, gof):
+    """1500 seeded runs of 6 tokens, γ = 2, a token draft with run-ahead: the second step's replay is launched
+    before the first one's output is read, from the window the first advanced on the device."""
+    target = feature_pair(5, seed=3)[0]
+    draft = LeanModel(random_weights(tiny_config(vocab_size=5, num_layers=1), seed=9), max_seq_len=96)
+    tokens, _ = engine_runs(target, ModelDrafter(draft, candidates=k), 2, SamplingParams(), True, k, run_ahead=True)
+    pvalue, fits = window_pvalue(gof, tokens, exact_law(target, SamplingParams(), gof))
+    assert pvalue >= gof.SIGNIFICANCE, fits
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_run_ahead_token_draft_steps_are_the_same_steps_one_at_a_time(k, device):
+    """A token draft with run-ahead (its window of the last W tokens re-read every step, so a step launched
+    ahead reads what it would alone): over requests in a row on one stepper, greedy and sampled, some ended by a
+    stop token, some under a γ schedule, the same tokens and per-step stats as one replay at a time, and greedy
+    output equals plain decoding."""
+    target, draft = token_pair(device)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [7, 0, 1], [2, 2, 2, 2, 2, 6], [5, 1, 4]]
+    stop = [reference_generate(target, prompts[0], params=GREEDY, max_new_tokens=12)[9]]
+    runs = {}
+    for ahead in (False, True):
+        gammas = [3, 3, FixedSchedule([2, 3, 0, 1, 3, 3, 2, 0, 3]), 3]  # a schedule has a state: one per run
+        stepper = FusedStepper(target, draft, compile=False, candidates=k, run_ahead=ahead)
+        runs[ahead] = []
+        for i, params in enumerate([GREEDY, SamplingParams(), SamplingParams(temperature=0.7, top_k=5), GREEDY]):
+            prompt = prompts[i]
+            steps = list(generate(target, ModelDrafter(draft, candidates=k), prompt, gamma=gammas[i], params=params,
+                                  max_new_tokens=40, stop_ids=stop if i == 0 else [], stepper=stepper,
+                                  generator=torch.Generator(device=device).manual_seed(i)))
+            tokens = [t for s in steps for t in s.tokens]
+            if params is GREEDY:
+                expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
+                assert tokens == (expected[:expected.index(stop[0]) + 1] if i == 0 else expected)
+            runs[ahead].append((tokens, [(s.num_drafted, s.num_accepted) for s in steps],
+                                steps[-1].stats.finish_reason))
+        assert (stepper.ahead_launches > 5) == ahead
+        if ahead:
+            assert any(key[:2] == ("model-ahead", 3) for key in stepper.graphs)
+    assert runs[True] == runs[False]
+    assert runs[True][0][2] == "stop"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_steps_run_alone_are_flagged_alone_and_only_those(device):
     """A run-ahead stepper launches most steps before the one in flight is read; those it runs alone
