@@ -148,8 +148,12 @@ def main() -> None:
                 common.write_json(args.out, "decode_profile_partial.json", rows)
     header = ("kernels", "task", "row", "tok/s (decode)", "ms/token", "τ", "GPU busy ms/token", "idle share",
               "kernels/token")
-    text = common.table([(r["kernels"], r["task"], f"plain, {r['chunk']} a replay" if r["draft"] == "plain" else
-                          f"γ {r['gamma']} K {r['candidates']} lookup {r['lookup']}", f"{r['decode_tokens_per_s']:.1f}",
+    def name(r: dict) -> str:
+        if r["draft"] == "plain":
+            return f"plain, {r['chunk']} a replay"
+        return f"γ {r['gamma']} K {r['candidates']} lookup {r['lookup']}"
+
+    text = common.table([(r["kernels"], r["task"], name(r), f"{r['decode_tokens_per_s']:.1f}",
                           f"{r['decode_ms_per_token']:.3f}", f"{r['tau']:.2f}",
                           *(f"{r[key]:{form}}" if r.get(key) is not None else "-"
                             for key, form in (("gpu_busy_ms_per_token", ".3f"), ("gpu_idle_share", ".2f"),

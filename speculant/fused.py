@@ -22,13 +22,14 @@ padded to a power of two and replayed from a graph per length (`_prefill`).
 
 Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, without a lookup
 branch, whose proposals the host finds): after the step, the graph appends the tokens it emitted to
-the draft's window (the tokens its draft re-reads each step) and moves both positions on, on the device, leaving the next replay's inputs in its own input buffer, so the host launches the next
+the draft's window (the tokens its draft re-reads each step) and moves both positions on, on the
+device, leaving the next replay's inputs in its own input buffer, so the host launches the next
 replay (its γ given by the engine with this step's) before it reads this one's output (copied to
 pinned memory behind it on the stream). The host's part of a step (the read-back, the
 engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
-(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay is launched only where
-all of its tokens may still be emitted, so the text is the same as one replay at a time, and its
-uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
+(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay is
+launched only where all of its tokens may still be emitted, so the text is the same as one replay at
+a time, and its uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
 stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
 and -1.2 % in the other, end to end (BENCHMARKS.md).
 
