@@ -40,6 +40,9 @@
 #              against its single levels, default and bit-exact modes side by side: SmolLM2, and Qwen where staged
 #   distill-qwen  a feature draft for the Qwen 1.5B (int8 storage), DISTILL_STAGE=data then train, or all (SEED=: a new corpus)
 #   qwen-heldout  the Qwen 1.5B's drafts on the held-out domains: α, τ, acceptance per position (draft_heldout.py)
+#   decode-profile  per generated token on held-out prompts, SmolLM2: decode ms, the GPU's busy ms, kernels and the
+#              largest kernels, plain decoding and the shipped draft (K 4, γ 3 and 4; PROFILE_LOOKUP=8 adds the lookup
+#              branch, which does not run ahead)
 #   barrier-probe  a chain of one-row GEMVs as kernels in a graph (with and without PDL) against one persistent
 #              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
@@ -68,7 +71,7 @@
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|barrier-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -217,6 +220,10 @@ case "$part" in
         --draft "$d" --compile layers --prompts ${HELDOUT_PROMPTS:-8} --max-new-tokens 128 --out "$out/heldout_$name" \
         2>&1 | { grep -v '^{' || true; } | tee "$out/draft_heldout_$name.log" || echo "draft $d: stopped ($?)"
     done ;;
+  decode-profile)  # where a token's time goes end to end on held-out prompts (decode_profile.py): plain decoding
+    # and the shipped draft's rows, on the Triton kernels (PROFILE_ARGS: e.g. --kernels torch,triton)
+    limit ${PROFILE_LIMIT:-400} python3 benchmarks/decode_profile.py --target "$model" --chunks 4 --draft "$draft" \
+      --gammas 3,4 --candidates 4 --lookup ${PROFILE_LOOKUP:-0} ${PROFILE_ARGS:-} --out "$out" 2>&1 | tee "$out/decode_profile.log" ;;
   barrier-probe)  # a phase boundary in one persistent kernel against a kernel boundary in a graph (random weights)
     for shape in "576 64" "1536 56"; do set -- $shape
       limit ${PROBE_LIMIT:-120} python3 benchmarks/grid_barrier_probe.py --width $1 --phases $2 --programs "${PROBE_PROGRAMS:-}" \
