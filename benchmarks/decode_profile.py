@@ -11,8 +11,8 @@ the device), then, with --draft, speculative decoding at each γ of --gammas wit
         --draft speculant/embedded/smollm2-135m-draft --gammas 3,4 --candidates 4 --lookup 8
     python benchmarks/decode_profile.py --target /root/w/qwen-1.5b.gguf --kernels triton,triton+exact
 
-Prompts: the held-out tasks (common.heldout_code_texts raw at T 0, heldout_chat_texts through the chat template
-at T 1), never tuned on.
+Prompts: the held-out tasks as gpu_speed.py builds them (common.heldout_code_texts raw at T 0, heldout_chat_texts
+through the chat template at T 1), never tuned on.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections import defaultdict
 
 import common  # benchmarks/common.py (this script runs from benchmarks/)
 import torch
+from gpu_speed import heldout_chat_prompts, heldout_code_prompts, run_ours
 
 import speculant
 from speculant.api import Speculant
@@ -51,15 +52,11 @@ def gpu_time(prof) -> tuple[float, float, int, dict[str, float]]:
 
 
 def run(spec: Speculant, prompts: list[list[int]], temperature: float, max_new: int) -> dict:
-    tokens = seconds = prefill = calls = 0.0
-    for i, prompt in enumerate(prompts):
-        stats = spec.generate(prompt, max_new_tokens=max_new, temperature=temperature, seed=i).stats
-        tokens += stats["new_tokens"]
-        seconds += stats["prefill_time"] + stats["decode_time"]
-        prefill += stats["prefill_time"]
-        calls += stats["target_calls"]
-    return {"tokens_per_s": tokens / seconds, "decode_ms_per_token": 1000 * (seconds - prefill) / tokens,
-            "decode_tokens_per_s": tokens / (seconds - prefill), "tau": tokens / calls, "new_tokens": int(tokens)}
+    """gpu_speed.run_ours' totals (each prompt once, seed = its index), with the decode's ms per token."""
+    res = run_ours(spec, prompts, temperature=temperature, max_new=max_new)
+    ms = res["decode_ms_per_call"] / res["tau"]
+    return {"tokens_per_s": res["tokens_per_s"], "decode_ms_per_token": ms, "decode_tokens_per_s": 1000 / ms,
+            "tau": res["tau"], "new_tokens": res["new_tokens"]}
 
 
 def profile_one(spec: Speculant, prompt: list[int], temperature: float, max_new: int, top: int) -> dict:
@@ -110,8 +107,8 @@ def main() -> None:
         raise SystemExit(f"error: --kernels takes some of {', '.join(KERNEL_SETS)}, got {args.kernels!r}")
     chunks, gammas = csv_ints(args.chunks, "--chunks"), csv_ints(args.gammas, "--gammas")
     base = speculant.load(args.target, draft="none", device=args.device, dtype=dtype, max_seq_len=args.max_seq_len)
-    makers = {"code-heldout": (lambda n: [base.encode(t) for t in common.heldout_code_texts(n)], 0.0),
-              "chat-heldout": (lambda n: [base.encode(t, chat=True) for t in common.heldout_chat_texts(n)], 1.0)}
+    makers = {"code-heldout": (lambda n: heldout_code_prompts(n, base), 0.0),
+              "chat-heldout": (lambda n: heldout_chat_prompts(n, base), 1.0)}
     tasks = {}
     for name in args.tasks.split(","):
         if name not in makers:

@@ -664,13 +664,19 @@ class FusedStepper:
         count, chain_accepted, alternative, _ = out[:4]
         tokens = out[4:4 + count]
         self.target.set_length(len(context) + count - 1)  # the context and every kept draft token
-        # a feature draft: true features below n (later positions are redone); a token draft: x_i up to n, then the
-        # kept chain drafts fed while drafting
-        self.draft_valid = n if self.features else n + 1 + min(chain_accepted, gamma - 1)
-        self.draft_model.set_length(max(self.draft_valid, n + gamma))
+        self._settle_draft(n, gamma, chain_accepted)
         if self.pending is not None:  # valid if the engine goes on with all these tokens
             self.pending.length, self.pending.after = len(context) + count, now
         return StepResult(tokens, gamma, count - 1, None, 0.0, elapsed, 1, bool(alternative), alone=alone)
+
+    def _settle_draft(self, n: int, drafted: int, chain_accepted: int) -> None:
+        """After a step from x_n that drafted `drafted` tokens and kept `chain_accepted` of its chain: the draft
+        positions whose inputs are valid, and the draft cache's length (an upper bound of what was written)."""
+        if drafted and self.features:  # true features for positions < n; later ones are redone
+            self.draft_valid = n
+        elif drafted:  # x_i at i up to n, then the kept chain drafts fed while drafting
+            self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
+        self.draft_model.set_length(max(self.draft_valid, n + drafted))
 
     def _advancing_body(self, body, gamma: int, window: int):
         """A draft-model `body` (ints = [x_{n-W+1..n}, n-W, n]) that then appends the tokens the step
@@ -765,11 +771,7 @@ class FusedStepper:
             num_accepted = count - 1
             self.target.set_length(len(context) + num_accepted)  # cache: context + accepted drafts
         if self.draft_model is not None:
-            if drafted and self.features:  # true features for positions < n; later ones are redone
-                self.draft_valid = n
-            elif drafted:  # x_i at i up to n, then the kept chain drafts fed while drafting
-                self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
-            self.draft_model.set_length(max(self.draft_valid, n + drafted))  # an upper bound of what was written
+            self._settle_draft(n, drafted, chain_accepted)
         elapsed = time.perf_counter() - start - (self.capture_time - captured)
         # time is not split between draft and target inside one graph; it is reported as target time
         depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)

@@ -410,10 +410,7 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
         target, draft = feature_pair(8, seed=5, kept=6, device=device)
         make = lambda: FeatureDrafter(draft, target, candidates=3)
     else:
-        target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0).to(device),
-                           max_seq_len=96)
-        draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
-                          max_seq_len=96)
+        target, draft = token_pair(device)
         make = lambda: ModelDrafter(draft, candidates=3)
     from_lookup = 0
     for prompt in ([7], [1, 2, 3, 4, 5, 6, 7], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]):
@@ -615,9 +612,9 @@ def test_run_ahead_steps_are_the_same_steps_one_at_a_time(k, device):
 def token_pair(device: str = "cpu") -> tuple[LeanModel, LeanModel]:
     """A tiny target (vocab 8, 2 layers) and a one-layer token draft of it."""
     target = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=2), seed=5, scale=2.0).to(device),
-                       max_seq_len=128)
+                       max_seq_len=96)
     draft = LeanModel(random_weights(tiny_config(vocab_size=8, num_layers=1), seed=6, scale=2.0).to(device),
-                      max_seq_len=128)
+                      max_seq_len=96)
     return target, draft
 
 
