@@ -45,6 +45,7 @@
 #              branch, which does not run ahead)
 #   barrier-probe  a chain of one-row GEMVs as kernels in a graph (with and without PDL) against one persistent
 #              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
+#   persistent-probe  the one-launch forward against the GEMV kernels (persistent_probe.py), random weights
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; ROPE_COLUMNS, ROPE_SPLIT,
@@ -71,7 +72,7 @@
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|persistent-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -229,6 +230,11 @@ case "$part" in
       limit ${PROBE_LIMIT:-120} python3 benchmarks/grid_barrier_probe.py --width $1 --phases $2 --programs "${PROBE_PROGRAMS:-}" \
         --out "$out/barrier_$1" 2>&1 | tee "$out/grid_barrier_probe_$1.log"
     done ;;
+  persistent-probe)  # the one-launch forward (persistent_forward) against the GEMV kernels, random weights; on
+    # 2026-12-07 an H100 ran SmolLM2's at 1.305 ms against 0.763 (PROBE_VARIANTS: ';'-separated settings)
+    limit ${PROBE_LIMIT:-300} python3 benchmarks/persistent_probe.py --shapes ${PROBE_SHAPES:-smollm2-135m,qwen2.5-1.5b} \
+      --variants "${PROBE_VARIANTS:-POLL=load;PROGRAMS_PER_SM=2;WARPS=4;BLOCK_K=512,WARPS=16}" --out "$out" 2>&1 \
+      | tee "$out/persistent_probe.log" ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;

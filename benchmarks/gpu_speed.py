@@ -93,7 +93,10 @@ def run_ours(spec: Speculant, prompts: list[list[int]], *, temperature: float, m
             # where the seconds went: prefills (per prompt) and decoding (per target call)
             "prefill_ms_per_prompt": 1000 * prefill / len(prompts),
             "decode_ms_per_call": 1000 * (seconds - prefill) / calls,
-            "gamma_counts": {str(g): n for g, n in sorted(gammas.items())}}
+            "gamma_counts": {str(g): n for g, n in sorted(gammas.items())},
+            # --gamma auto's step-cost table (seconds of a step by the tokens its chain drafted), by sampled or greedy
+            "step_costs": {("sampled" if sampled else "greedy"): list(costs.step)
+                           for sampled, costs in getattr(spec, "step_costs", {}).items()}}
 
 
 def run_hf(folder, prompts, *, max_new, sample: bool, prompt_lookup: int | None = None) -> dict:

@@ -6,7 +6,8 @@
     graph+pdl    the same kernels launched with programmatic dependent launch (sm_90: griddepcontrol)
     persistent   ONE kernel of P programs (at most one per SM: all resident at once), each taking the GEMV's row
                  blocks P apart, then a grid barrier (an arrival counter per phase, spun on until all P arrived;
-                 the last program out resets the counters for the next replay) before the next phase
+                 the last program out resets the counters for the next replay) before the next phase; its programs
+                 poll the counter with atomic adds of 0, or (on a GPU) with ld.acquire loads
 
 and reports µs per phase, whether the three give the same x_N (they must: the same sums in the same order), and
 its error against torch's chain.
@@ -60,7 +61,7 @@ def kernels():
 
     @triton.jit
     def persistent_kernel(w_ptr, xs_ptr, counters, PHASES: tl.constexpr, E: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, POLL: tl.constexpr, COUNTERS_PAD: tl.constexpr):
         """xs [PHASES + 1, E]: phase i writes xs[i + 1] = W_i · xs[i]; counters [PHASES + 1] int32, zeros at rest."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
@@ -72,13 +73,17 @@ def kernels():
                 # arrive (release: the program's stores before it), spin until all have (acquire), meet again
                 tl.debug_barrier()
                 seen = tl.atomic_add(counters + i, 1, sem="acq_rel") + 1
-                while seen < programs:
-                    seen = tl.atomic_add(counters + i, 0, sem="acquire")
+                while seen < programs:  # POLL "atomic": atomic adds of 0; "load": ld.acquire (no read-modify-write)
+                    if POLL == "load":
+                        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.u32 $0, [$1];", "=r,l",
+                                                         [counters + i], dtype=tl.int32, is_pure=False, pack=1)
+                    else:
+                        seen = tl.atomic_add(counters + i, 0, sem="acquire")
                 tl.debug_barrier()
         # the last program out resets the counters (every other one has passed every barrier by then)
         if tl.atomic_add(counters + PHASES, 1, sem="acq_rel") == programs - 1:
-            for i in tl.static_range(PHASES + 1):
-                tl.atomic_xchg(counters + i, 0)
+            every = tl.arange(0, COUNTERS_PAD)  # one vector store, not PHASES + 1 atomics one after another
+            tl.store(counters + every, every * 0, mask=every < PHASES + 1)
 
     return phase_kernel, persistent_kernel
 
@@ -118,16 +123,18 @@ def main() -> None:
                                         **({"launch_pdl": True} if pdl else {}))
         return call
 
-    def persistent(p: int):
+    def persistent(p: int, poll: str):
         def call():
-            persistent_kernel[(p,)](w, xs, counters, PHASES=n, **sizes)
+            persistent_kernel[(p,)](w, xs, counters, PHASES=n, POLL=poll, COUNTERS_PAD=1 << n.bit_length(), **sizes)
         return call
 
     ways = {"graph": chain(False)}
     if not cpu and torch.cuda.get_device_capability(device)[0] >= 9:
         ways["graph+pdl"] = chain(True)
     for p in programs:
-        ways[f"persistent, {p} programs"] = persistent(p)
+        ways[f"persistent, {p} programs"] = persistent(p, "atomic")
+        if not cpu:
+            ways[f"persistent, {p} programs, ld.acquire polls"] = persistent(p, "load")
     truth = xs[0].float()  # torch's chain, rounded to bf16 after each phase as the kernels store it
     for i in range(n):
         truth = (w[i].float() @ truth).to(torch.bfloat16).float()

@@ -644,6 +644,13 @@ tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torc
                   block_n=16, block_k=64, split_k=4)  # split-K with the prefetch of a range's weights
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
                             block_n=32, split_k=2)
+from speculant.models import persistent_forward as pf  # the one-launch forward, both ways of polling a barrier
+pf._kernel()
+pf._KERNELS["forward"] = Compile(pf._KERNELS["forward"])
+pf.PERSISTENT = True
+for poll in ("atomic", "load"):
+    pf._poll = lambda device, poll=poll: poll
+    tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 print(len(done), "kernels compiled")
 """
 
@@ -653,7 +660,7 @@ def test_the_kernels_compile_for_hopper(triton_device, tmp_path):
     (a loop-carried value changing type, a tl.dot tile under 16, ...). So every kernel TritonForward
     launches (SmolLM2-135M's layer, bfloat16, T 1 and 17, both rope paths, a tree, and bit-exact mode's
     forward_exact: chains of 1 and 40 rows, a tree; split-K GEMMs; with programmatic dependent launch, PDL,
-    and the GEMMs' prefetch, as on a GPU that has it) is compiled here for sm_90 with triton's own ptxas,
+    and the GEMMs' prefetch, as on a GPU that has it; the one-launch forward of persistent_forward) is compiled here for sm_90 with triton's own ptxas,
     in a process without TRITON_INTERPRET; no GPU is needed."""
     if triton_device == "cuda":
         pytest.skip("on a GPU the other tests compile and run them")

@@ -33,6 +33,7 @@ import warnings
 
 import torch
 
+from speculant.models import persistent_forward
 from speculant.models.exact_attention import EXACT_WIDTH
 from speculant.models.feature_draft import FeatureDraft
 from speculant.models.transformer import LeanModel, TransformerWeights
@@ -110,7 +111,9 @@ class TritonForward:
     way, logits come back float32 [T, vocab]. `fuse_rope=False` runs norm_matmul +
     rope_qkv_cache_write instead of norm_qkv_rope_cache (7 kernels per layer instead of 6). A call of
     more than MAX_ROWS tokens runs in pieces of MAX_ROWS (the same kernels: each piece reads the keys
-    the pieces before it wrote), a tree too (its nodes' ancestors come before them)."""
+    the pieces before it wrote), a tree too (its nodes' ancestors come before them). With
+    persistent_forward.PERSISTENT on (off by default: slower on an H100), a chain's one-row call outside
+    bit-exact mode runs as one launch (persistent_forward.PersistentForward) instead."""
 
     def __init__(self, model, chunk: int = 64, fuse_rope: bool = True) -> None:
         reason = unsupported(model)
@@ -121,6 +124,9 @@ class TritonForward:
         self.offsets = torch.arange(model.k_cache.shape[1], device=model.device)  # a tree's slots, from its first
         # forward_exact's chain layout: row t's node at depth d is d (exact_attention.exact_layout of a chain)
         self.chain = torch.arange(EXACT_WIDTH, device=model.device).repeat(MAX_ROWS, 1)  # [MAX_ROWS, W]
+        # one-row forwards outside bit-exact mode in one launch (persistent_forward), where the model allows
+        self.persistent = (persistent_forward.PersistentForward(model)
+                           if persistent_forward.PERSISTENT and persistent_forward.unsupported(model) is None else None)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, ancestors: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,11 +185,17 @@ class TritonForward:
         rows first_node.. (ancestors [T, N]) -> logits [T, vocab] float32. With `nodes` (forward_exact)
         the bit-exact attention instead."""
         model, cfg = self.model, self.model.cfg
+        t = tokens.shape[0]
+        gemv = use_gemv(t, exact=nodes is not None)
+        if gemv and ancestors is None and self.persistent is not None and persistent_forward.PERSISTENT:
+            logits = self.persistent(tokens, positions)
+            if model.features is not None:  # the last layer's output and the tapped layers' (persistent.taps)
+                taps = [self.persistent.taps[i: i + 1] for i in model.feature_taps] or None
+                model.record_features(model.weights.norm(self.persistent.x[None]), slots, taps)
+            return logits
         heads, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         cos, sin = model.rope_global[0], model.rope_global[1]
         x = model.embed(tokens)  # [T, E]: the residual stream, updated in place below
-        t = x.shape[0]
-        gemv = use_gemv(t, exact=nodes is not None)
         taps = model.new_taps()  # copies: x is updated in place
         for i in range(model.num_layers):
             layer = model.weights.layers[i]
