@@ -46,6 +46,7 @@
 #   barrier-probe  a chain of one-row GEMVs as kernels in a graph (with and without PDL) against one persistent
 #              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
 #   persistent-probe  the one-launch forward against the GEMV kernels (persistent_probe.py), random weights
+#   gemv-settings  the one-row GEMV forward under other triton_layers settings (PREFETCH, GEMV_BLOCK_K, ...)
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; ROPE_COLUMNS, ROPE_SPLIT,
@@ -72,7 +73,7 @@
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|persistent-probe|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|persistent-probe|gemv-settings|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -235,6 +236,14 @@ case "$part" in
     limit ${PROBE_LIMIT:-300} python3 benchmarks/persistent_probe.py --shapes ${PROBE_SHAPES:-smollm2-135m,qwen2.5-1.5b} \
       --variants "${PROBE_VARIANTS:-POLL=load;PROGRAMS_PER_SM=2;WARPS=4;BLOCK_K=512,WARPS=16}" --out "$out" 2>&1 \
       | tee "$out/persistent_probe.log" ;;
+  gemv-settings)  # the one-row GEMV forward's settings on random weights of both models' shapes (one-row forwards:
+    # plain decoding's; 0.775 and 1.744 ms with the defaults on 2026-12-07): the weights' L2 prefetch before the PDL
+    # wait, wider K blocks (fewer dependent loads a program for K 576), warps, rows a program (GEMV_SETTINGS)
+    for shape in smollm2-135m qwen2.5-1.5b; do
+      limit ${SETTINGS_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random $shape --no-truth --no-compile \
+        --prompts 1 --repeats 100 --rows 1 --split-k "" --settings "${GEMV_SETTINGS:-PREFETCH=2;PREFETCH=4;GEMV_BLOCK_K=512;GEMV_BLOCK_K=1024;GEMV_BLOCK_K=512,PREFETCH=2;GEMV_WARPS=8;GEMV_BLOCK_N=8}" \
+        --out "$out/gemv_$shape" 2>&1 | tee "$out/gemv_settings_$shape.log"
+    done ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
       --budget $(( ${SWEEP_LIMIT:-400} - 60 )) --out "$out" 2>&1 | tee "$out/triton_gemm_sweep_${GEMM_MODEL:-qwen2.5-1.5b}.log" ;;

@@ -77,6 +77,7 @@ def run_ours(spec: Speculant, prompts: list[list[int]], *, temperature: float, m
     outputs, tokens, seconds, prefill = [], 0, 0.0, 0.0
     accepted = tested = calls = 0
     gammas: Counter = Counter()
+    sequences = []  # each request's γ choices in order (--gamma auto: where it switched)
     for i, prompt in enumerate(prompts):
         out = spec.generate(prompt, max_new_tokens=max_new, temperature=temperature, seed=i, plain=plain)
         stats = out.stats
@@ -88,15 +89,16 @@ def run_ours(spec: Speculant, prompts: list[list[int]], *, temperature: float, m
         tested += stats["accepted"] + stats["rejections"]
         calls += stats["target_calls"]
         gammas.update(stats["gamma_history"])
+        sequences.append(list(stats["gamma_history"]))
     return {"tokens_per_s": tokens / seconds, "alpha": accepted / tested if tested else None,
             "tau": tokens / calls, "new_tokens": tokens, "outputs": outputs,
             # where the seconds went: prefills (per prompt) and decoding (per target call)
             "prefill_ms_per_prompt": 1000 * prefill / len(prompts),
             "decode_ms_per_call": 1000 * (seconds - prefill) / calls,
-            "gamma_counts": {str(g): n for g, n in sorted(gammas.items())},
+            "gamma_counts": {str(g): n for g, n in sorted(gammas.items())}, "gamma_sequences": sequences,
             # --gamma auto's step-cost table (seconds of a step by the tokens its chain drafted), by sampled or greedy
             "step_costs": {("sampled" if sampled else "greedy"): list(costs.step)
-                           for sampled, costs in getattr(spec, "step_costs", {}).items()}}
+                           for sampled, costs in (spec.step_costs.items() if spec.gamma == "auto" else ())}}
 
 
 def run_hf(folder, prompts, *, max_new, sample: bool, prompt_lookup: int | None = None) -> dict:
@@ -211,7 +213,9 @@ def main() -> None:
         row = {"task": task, "method": method, "gamma": gamma, "candidates": candidates, "lookup": lookup,
                "kernels": spec.kernels if spec is not None else "torch",
                "bit_exact": spec.bit_exact if spec is not None else False,
-               **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts")}}
+               **{k: v for k, v in res.items() if k not in ("outputs", "gamma_counts", "gamma_sequences")}}
+        if str(gamma).startswith("auto"):  # kept in the file, not printed: each request's γ choices in order
+            row["gamma_sequences"] = res["gamma_sequences"]
         if capture is not None:
             row["capture_s"] = capture
         if spec is not None and spec.stepper is not None:  # False: (part of) the sampling tail ran eagerly in the graph
@@ -219,7 +223,7 @@ def main() -> None:
             if spec.stepper.eager_sampling:
                 row["eager_sampling"] = spec.stepper.eager_sampling  # function -> its compile error
         results.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "gamma_sequences"}), flush=True)
         common.write_json(args.out, "gpu_speed_partial.json", results)  # what a run stopped at its limit keeps
         return res
 
