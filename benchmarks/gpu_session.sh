@@ -2,8 +2,9 @@
 # The measurements that wait for a GPU, in parts of at most ~9 minutes each (one device call each).
 #
 # Here, once:     bash ../shared/gpu/stage-models && bash benchmarks/gpu_session.sh wheels
-#                 bash benchmarks/device_pieces.sh   (the shipped drafts make the tracked tree ~39 MiB: it cuts
+#                 bash benchmarks/gpu_stage.sh fit   (the shipped drafts make the tracked tree ~39 MiB: it cuts
 #                 the staged pieces to what a 64 MiB call still carries, e.g. SmolLM2 in 5 pieces, not 3)
+#                 The Qwen pair in 26 calls rather than 68: gpu_stage.sh big, then gpu_stage.sh empty for the piece calls
 # On the device:  the staging calls of ../shared/gpu/GPU.md, one per piece (SmolLM2 at /root/w/smollm2.gguf,
 #                 gguf in /root/site), then, back to back while the machine is warm, one call per part:
 #                   bash benchmarks/gpu_session.sh PART          (writes JSON and logs into $OUT)

@@ -200,7 +200,7 @@ def test_no_file_is_over_600_lines_without_saying_why():
 
 def test_the_shipped_weights_leave_room_for_the_device_staging():
     """Every device call carries the tracked tree and at most 64 MiB in all; the staged model pieces
-    (benchmarks/device_pieces.sh) get what the tree leaves. The weights under speculant/embedded (the
+    (benchmarks/gpu_stage.sh fit) get what the tree leaves. The weights under speculant/embedded (the
     feature drafts and the diffusion models) stay within the 30 MB budget the README gives the drafts
     plus the diffusion models' 1 MB."""
     weights = {str(p.relative_to(ROOT)): p.stat().st_size for p in (ROOT / "speculant" / "embedded").rglob("*")
