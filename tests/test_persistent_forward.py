@@ -4,7 +4,8 @@ logits and the KV cache over decode steps whose attention spans several chunks (
 its last unit), with negative controls (a layer reading another layer's weights, a wrong position) that the same
 comparison must catch. Under the interpreter (no GPU) the kernel runs as one program, so its barriers pass at
 once: these tests check the arithmetic and the split of each phase's work; on a GPU they run with every SM's
-program and the grid barriers. tests/test_triton_layers.py compiles the kernel for sm_90."""
+program and the grid barriers. Then the fused step on it (plain decoding, a draft model's chain) gives plain
+greedy output, also captured in CUDA graphs on a GPU. tests/test_triton_layers.py compiles the kernel for sm_90."""
 
 from __future__ import annotations
 
@@ -151,3 +152,78 @@ def test_a_barrier_that_gave_up_is_an_error_and_unsupported_models_keep_the_kern
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pf, "PERSISTENT", True)
         assert tl_forward.TritonForward(model).persistent is None
+
+
+# ---- in the fused step ---------------------------------------------------------------------------------------
+
+
+def _launches(monkeypatch) -> list:
+    """The persistent kernel's launches from now on, one entry each."""
+    launched = []
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return self.kernel[grid]
+
+    pf._kernel()
+    monkeypatch.setitem(pf._KERNELS, "forward", Counting(pf._KERNELS["forward"]))
+    return launched
+
+
+@pytest.mark.parametrize("kind", ["plain", "chain"])
+def test_the_fused_step_on_the_one_launch_forward_gives_plain_greedy_output(triton_device, kind, monkeypatch):
+    """float32, PERSISTENT on: plain decoding (its one-row steps) and a draft model's chain (the draft's one-row
+    forwards; the target's verifications keep the kernels) give plain greedy output token for token, through the
+    persistent kernel."""
+    from test_triton_fused import GREEDY, PROMPT, _model, _run
+
+    from speculant.drafters.model import ModelDrafter
+    from speculant.fused import fused_stepper
+    from speculant.reference import reference_generate
+
+    monkeypatch.setattr(pf, "PERSISTENT", True)
+    launched = _launches(monkeypatch)
+    target = _model(triton_device)
+    drafter = ModelDrafter(LeanModel(target.weights, max_seq_len=48, num_layers=1)) if kind == "chain" else None
+    stepper = fused_stepper(target, drafter, compile=False, use_graphs=False, kernels="triton")
+    expected = reference_generate(target, PROMPT, params=GREEDY, max_new_tokens=12)
+    tokens, _ = _run(target, drafter, stepper, 3 if kind == "chain" else 0)
+    assert tokens == expected and len(launched) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and grid barriers need a GPU")
+@pytest.mark.parametrize("kind", ["plain", "chain"])
+def test_the_one_launch_forward_captured_in_cuda_graphs_gives_plain_greedy_output(kind, monkeypatch):
+    """float32 on CUDA, every step a graph replay: plain greedy output over two requests, and no grid barrier gave
+    up (every program resident: PersistentForward.check)."""
+    from test_triton_fused import GREEDY, PROMPT, _model
+
+    from speculant.drafters.model import ModelDrafter
+    from speculant.engine import generate
+    from speculant.fused import fused_stepper
+    from speculant.reference import reference_generate
+
+    monkeypatch.setattr(pf, "PERSISTENT", True)
+    target = _model("cuda", layers=3, seq=256, hidden_size=64, num_heads=4, num_kv_heads=2)
+    draft = LeanModel(target.weights, max_seq_len=256, num_layers=1)
+
+    def make():
+        return ModelDrafter(draft) if kind == "chain" else None
+
+    stepper = fused_stepper(target, make(), use_graphs=True, compile=False, kernels="triton")
+    prompt = PROMPT * 5
+    expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
+    for _ in range(2):
+        out = [t for step in generate(target, make(), prompt, gamma=0 if kind == "plain" else 4, params=GREEDY,
+                                      max_new_tokens=40, stepper=stepper) for t in step.tokens]
+        assert out == expected
+    # the TritonForwards the step's graphs captured (fused._compiled keeps their bound forwards on each model)
+    ones = [fn.__self__.persistent for model in (target, draft) for fn in model.__dict__.get("_compiled_forwards", {}
+            ).values() if getattr(getattr(fn, "__self__", None), "persistent", None) is not None]
+    assert len(ones) == (2 if kind == "chain" else 1)
+    for one in ones:
+        one.check()
