@@ -235,7 +235,7 @@ case "$part" in
   persistent-probe)  # the one-launch forward (persistent_forward) against the GEMV kernels, random weights; on
     # 2026-12-07 an H100 ran SmolLM2's at 1.305 ms against 0.763 (PROBE_VARIANTS: ';'-separated settings)
     limit ${PROBE_LIMIT:-300} python3 benchmarks/persistent_probe.py --shapes ${PROBE_SHAPES:-smollm2-135m,qwen2.5-1.5b} \
-      --variants "${PROBE_VARIANTS:-POLL=load;PROGRAMS_PER_SM=2;WARPS=4;BLOCK_K=512,WARPS=16}" --out "$out" 2>&1 \
+      --variants "${PROBE_VARIANTS:-POLL=load;PREFETCH=1;BLOCK_K=1024;POLL=load,PREFETCH=1,BLOCK_K=1024;PROGRAMS_PER_SM=2;WARPS=4}" --out "$out" 2>&1 \
       | tee "$out/persistent_probe.log" ;;
   gemv-settings)  # the one-row GEMV forward's settings on random weights of both models' shapes (one-row forwards:
     # plain decoding's; 0.775 and 1.744 ms with the defaults on 2026-12-07): the weights' L2 prefetch before the PDL

@@ -6,7 +6,7 @@ for the persistent kernel's settings variants.
     python benchmarks/persistent_probe.py --shapes smollm2-135m,qwen2.5-1.5b --variants "PROGRAMS_PER_SM=1;WARPS=4"
 
 A variant is ','-separated NAME=VALUE of persistent_forward's settings (PROGRAMS_PER_SM, WARPS, BLOCK_K, BLOCK_N,
-DOWN_BLOCK_N, HEAD_BLOCK_N, ROPE_COLUMNS, CHUNK, BLOCK_J, POLL); the empty variant is the defaults. A row's
+DOWN_BLOCK_N, HEAD_BLOCK_N, ROPE_COLUMNS, CHUNK, BLOCK_J, POLL, PREFETCH); the empty variant is the defaults. A row's
 programs are those launched (PersistentForward launches fewer than PROGRAMS_PER_SM a SM where they would not all
 be resident).
 """
@@ -86,7 +86,8 @@ def main() -> None:
                 one.check()
             except RuntimeError:
                 ok = False
-            rows.append({"shapes": shape, "forward": f"persistent {variant or 'defaults'} ({max(one._programs.values())} programs)",
+            launched = max(one._programs.values())
+            rows.append({"shapes": shape, "forward": f"persistent {variant or 'defaults'} ({launched} programs)",
                          "ms": ms, "rel_err": err, "barrier_ok": ok})
             print(rows[-1], flush=True)
         for name, value in defaults.items():

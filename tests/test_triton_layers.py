@@ -644,12 +644,13 @@ tl_layers._linear(x, torch.zeros(576, 1536, dtype=torch.bfloat16), residual=torc
                   block_n=16, block_k=64, split_k=4)  # split-K with the prefetch of a range's weights
 tl_layers.norm_gate_up_silu(x, torch.ones(1536, dtype=torch.bfloat16), 1e-6, torch.zeros(256, 1536, dtype=torch.bfloat16),
                             block_n=32, split_k=2)
-from speculant.models import persistent_forward as pf  # the one-launch forward, both ways of polling a barrier
+from speculant.models import persistent_forward as pf  # the one-launch forward: both polls, and the prefetch
 pf._kernel()
 pf._KERNELS["forward"] = Compile(pf._KERNELS["forward"])
 pf.PERSISTENT = True
-for poll in ("atomic", "load"):
-    pf._poll = lambda device, poll=poll: poll
+pf._inline_asm = lambda device: True  # as on a GPU
+for poll, prefetch in (("atomic", 0), ("load", 1)):
+    pf.POLL, pf.PREFETCH = poll, prefetch
     tl_forward.TritonForward(model).forward_static(torch.zeros(1, dtype=torch.long), torch.arange(1))
 print(len(done), "kernels compiled")
 """

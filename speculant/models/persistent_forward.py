@@ -31,7 +31,9 @@ Off by default (PERSISTENT; TritonForward then runs the GEMV kernels): on an H10
 weights, 512 tokens of context, from a CUDA graph) took 1.305 ms this way against the GEMV kernels' 0.763 with
 PDL, and a grid barrier between two one-row GEMVs cost more than a kernel boundary under PDL (3.72 against 2.85
 µs a phase at 576 wide; benchmarks/grid_barrier_probe.py, benchmarks/persistent_probe.py, results in
-benchmarks/results/gpu-2026-12-07o/). POLL "load" and the other settings are there for the next measurements.
+benchmarks/results/gpu-2026-12-07o/). The settings below are there for the next measurements: POLL "load",
+PREFETCH (before each barrier a later phase's weights into L2, as megakernels hide a phase's first loads),
+BLOCK_K wide enough that a unit's loads of K are in flight at once.
 
 A barrier that waits past `spin_limit` polls (programs not all resident: another kernel holding SMs) gives up,
 sets the status word and lets the forward finish with wrong numbers rather than hang the GPU: `check()` raises
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import torch
 
-PERSISTENT = False  # TritonForward runs a one-row forward through here where supported() allows (slower: see BENCHMARKS)
+PERSISTENT = False  # TritonForward runs one-row forwards here where unsupported() allows (slower: see above)
 PROGRAMS_PER_SM = 1
 WARPS = 8
 BLOCK_K = 256  # the K of a GEMV's weight tile
@@ -58,6 +60,7 @@ CHUNK = 64  # keys an attention unit reads
 BLOCK_J = 16  # keys an attention unit scores at a time
 SPIN_LIMIT = 1 << 16  # polls of a barrier's counter before it gives up (see the docstring)
 POLL = "atomic"  # how a barrier polls its counter: "atomic" or "load" (ld.acquire; see _grid_barrier)
+PREFETCH = 0  # 1: before each barrier, a later phase's weights into L2 (_prefetch_share; on a GPU only)
 PHASES = 5  # barriers a layer
 
 _KERNELS: dict = {}
@@ -73,9 +76,10 @@ def _rope_columns(head_dim: int) -> int:
     return min(ROPE_COLUMNS, _pow2(head_dim // 2))
 
 
-def _poll(device: torch.device) -> str:
-    """How the barriers poll on this device: POLL on a GPU, atomic adds under the interpreter (no inline asm)."""
-    return POLL if device.type == "cuda" else "atomic"
+def _inline_asm(device: torch.device) -> bool:
+    """Whether the kernel may use inline PTX on this device (POLL "load", PREFETCH): on a GPU, not under the
+    interpreter."""
+    return device.type == "cuda"
 
 
 def _kernel():
@@ -146,7 +150,22 @@ def _kernel():
                 b += tl.sum(w2 * x, axis=1)
         return a, b
 
-    globals().update(_grid_barrier=_grid_barrier, _pointer=_pointer, _rstd=_rstd, _gemv=_gemv)
+    @triton.jit
+    def _prefetch_share(w_ptr, sw_n, sw_k, N, K, pid, programs, K_LINES: tl.constexpr, PREFETCH: tl.constexpr):
+        """PREFETCH: this program's share (blocks of 16 rows, P apart) of W [N, K] into L2, a 128-byte line (64
+        bf16 of a row, K contiguous) an instruction, nothing into registers. Issued before a barrier for a later
+        phase's weights, which no phase writes: they stream from HBM while the other programs finish."""
+        if PREFETCH:
+            ks = tl.arange(0, K_LINES) * 64
+            for u in range(pid, tl.cdiv(N, 16), programs):
+                rows = u * 16 + tl.arange(0, 16)
+                ok = (ks[:, None] < K) & (rows[None, :] < N)
+                at = tl.where(ok, w_ptr + ks[:, None] * sw_k + rows[None, :] * sw_n, w_ptr)
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [at], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+
+    globals().update(_grid_barrier=_grid_barrier, _pointer=_pointer, _rstd=_rstd, _gemv=_gemv,
+                     _prefetch_share=_prefetch_share)
 
     @triton.jit
     def persistent_forward_kernel(
@@ -159,7 +178,8 @@ def _kernel():
             L: tl.constexpr, HAS_BIAS: tl.constexpr, TAPS: tl.constexpr, E_PAD: tl.constexpr,
             G_PAD: tl.constexpr, D_PAD: tl.constexpr, COUNTERS_PAD: tl.constexpr, MAX_CHUNKS: tl.constexpr,
             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOWN_BLOCK_N: tl.constexpr, HEAD_BLOCK_N: tl.constexpr,
-            ROPE_COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, POLL: tl.constexpr):
+            ROPE_COLUMNS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr, POLL: tl.constexpr,
+            PREFETCH: tl.constexpr, E_LINES: tl.constexpr, F_LINES: tl.constexpr):
         """The forward of token tok_ptr[0] at position pos_ptr[0] (its K/V into cache slot pos) -> logits [V]
         float32. table_ptr [L, 7] int64: each layer's weight addresses (_TABLE's order). Scratch: x [E] (the
         residual stream), q [H·D], attn [H·D], h [F] in the model's dtype; m, l [KV, MAX_CHUNKS, G_PAD] and
@@ -219,6 +239,8 @@ def _kernel():
                     base = v_ptr + layer * sv_l + pos * sv_s + (p - H - KV) * sv_h
                     tl.store(base + halves * sv_d, lo.to(v_ptr.dtype.element_ty))
                     tl.store(base + (halves + HALF) * sv_d, hi.to(v_ptr.dtype.element_ty))
+            _prefetch_share(_pointer(table_ptr, layer, 3, embed_ptr), so_n, so_k, E, H * D, pid, programs, E_LINES,
+                            PREFETCH)  # phase 3's weights
             spin_limit = _grid_barrier(barriers, programs, status_ptr, spin_limit, POLL)
             # 2: attention, (KV head, chunk) units; a head's last unit merges its chunks
             for u in range(pid, KV * chunks, programs):
@@ -269,6 +291,8 @@ def _kernel():
                     tl.store(attn_ptr + (kv * G + gs)[:, None] * D + ds[None, :], out,
                              mask=g_ok[:, None] & d_ok[None, :])
                     tl.atomic_xchg(tickets_ptr + kv, 0)
+            _prefetch_share(_pointer(table_ptr, layer, 5, embed_ptr), sgu_n, sgu_k, 2 * F, E, pid, programs, E_LINES,
+                            PREFETCH)  # phase 4's
             spin_limit = _grid_barrier(barriers + 1, programs, status_ptr, spin_limit, POLL)
             # 3: attention output · o_projᵀ + residual
             w = _pointer(table_ptr, layer, 3, embed_ptr)
@@ -278,6 +302,8 @@ def _kernel():
                 o, _ = _gemv(w, so_n, so_k, rows, ok, 0, attn_ptr, 1, attn_ptr, H * D, False, False, BLOCK_K)
                 o += tl.load(src + rows * sx, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
                 tl.store(x_ptr + rows, o.to(x_ptr.dtype.element_ty), mask=ok)
+            _prefetch_share(_pointer(table_ptr, layer, 6, embed_ptr), sdn_n, sdn_k, E, F, pid, programs, F_LINES,
+                            PREFETCH)  # phase 5's
             spin_limit = _grid_barrier(barriers + 2, programs, status_ptr, spin_limit, POLL)
             # 4: RMSNorm -> gate|up -> silu(gate)·up
             w = _pointer(table_ptr, layer, 5, embed_ptr)
@@ -290,6 +316,9 @@ def _kernel():
                 gate = gate * rstd
                 up = up * rstd
                 tl.store(h_ptr + cols, (gate / (1.0 + tl.exp(-gate)) * up).to(h_ptr.dtype.element_ty), mask=ok)
+            if layer + 1 < L:  # the next layer's q|k|v
+                _prefetch_share(_pointer(table_ptr, layer + 1, 0, embed_ptr), sqkv_n, sqkv_k, (H + 2 * KV) * D, E, pid,
+                                programs, E_LINES, PREFETCH)
             spin_limit = _grid_barrier(barriers + 3, programs, status_ptr, spin_limit, POLL)
             # 5: · down_projᵀ + residual
             w = _pointer(table_ptr, layer, 6, embed_ptr)
@@ -399,7 +428,10 @@ class PersistentForward:
             "COUNTERS_PAD": _pow2(self.counters.numel()), "MAX_CHUNKS": self.max_chunks, "BLOCK_K": BLOCK_K,
             "BLOCK_N": BLOCK_N, "DOWN_BLOCK_N": DOWN_BLOCK_N, "HEAD_BLOCK_N": HEAD_BLOCK_N,
             "ROPE_COLUMNS": _rope_columns(cfg.head_dim), "CHUNK": CHUNK, "BLOCK_J": BLOCK_J,
-            "POLL": _poll(model.device), "num_warps": WARPS}
+            "POLL": POLL if _inline_asm(model.device) else "atomic",
+            "PREFETCH": bool(PREFETCH) and _inline_asm(model.device),
+            "E_LINES": _pow2(-(-max(cfg.hidden_size, cfg.num_heads * cfg.head_dim) // 64)),
+            "F_LINES": _pow2(-(-cfg.intermediate_size // 64)), "num_warps": WARPS}
         key = tuple(sorted(constexprs.items()))
         if key not in self._programs:
             self._programs[key] = self._resident_programs(_kernel(), args, constexprs)
