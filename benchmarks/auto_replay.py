@@ -22,7 +22,6 @@ import json
 from pathlib import Path
 
 import common  # benchmarks/common.py (this script runs from benchmarks/)
-import torch
 
 CHUNK = 4  # tokens a plain step decodes in one replay (the fused stepper's)
 
