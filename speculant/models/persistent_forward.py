@@ -3,7 +3,8 @@ steps, the calls of one row outside bit-exact mode, run the whole layer stack an
 one persistent Triton kernel, where triton_layers runs 6 kernels a layer (SmolLM2-135M: 182 a forward, each
 ~3-5 µs on an H100, mostly a launch's and a ramp's fixed cost: its 0.27 GB of weights stream in ~80 µs).
 
-The kernel's P programs (PROGRAMS_PER_SM per SM, so all are resident at once) share each phase's work out in
+The kernel's P programs (PROGRAMS_PER_SM per SM, fewer where the compiled kernel's registers, threads or shared
+memory would not let that many be resident at once: _resident_programs) share each phase's work out in
 units, unit u to program u mod P, and meet at a grid barrier between phases (an arrival counter per barrier,
 spun on until all P have arrived; a phase reads what the one before it wrote, past L1). Per layer:
 
@@ -36,8 +37,8 @@ PREFETCH (before each barrier a later phase's weights into L2, as megakernels hi
 BLOCK_K wide enough that a unit's loads of K are in flight at once.
 
 A barrier that waits past `spin_limit` polls (programs not all resident: another kernel holding SMs) gives up,
-sets the status word and lets the forward finish with wrong numbers rather than hang the GPU: `check()` raises
-then. Under triton's interpreter (the CPU tests) programs run one after another, so P is 1 there and every
+sets the status word, and its program waits at no later barrier, so the forward finishes, with wrong numbers,
+rather than hang the GPU: `check()` raises then. Under triton's interpreter (the CPU tests) programs run one after another, so P is 1 there and every
 barrier passes at once: that checks the arithmetic and the phases' work split, not the barrier.
 
 Shapes: E hidden, H query heads, KV key/value heads, G = H / KV, D head_dim (HALF = D / 2), F intermediate,
