@@ -532,22 +532,28 @@ def test_triton_forward_is_lean_model_forward(triton_device, dtype, bias, fuse_r
         assert torch.equal(got.argmax(-1)[clear], want.argmax(-1)[clear]) and clear.any()
 
 
+def count_launches(monkeypatch, kernels: dict, launched: list | None = None) -> list:
+    """From now on each launch of a kernel in `kernels` (a name -> kernel table such as triton_layers._kernels())
+    appends its name to `launched` (returned; a new list by default)."""
+    launched = [] if launched is None else launched
+
+    class Counting:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name, kernel in list(kernels.items()):
+        monkeypatch.setitem(kernels, name, Counting(name, kernel))
+    return launched
+
+
 def test_triton_forward_launches_six_kernels_per_layer(triton_device, monkeypatch):
     """6 per layer and the head (7 per layer without the rope fusion); the embedding is torch's gather."""
     _, model, _ = _models(triton_device, torch.float32, layers=3)
-    launched = []
-
-    class Counting:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return self.kernel[grid]
-
-    kernels = tl_layers._kernels()
-    for name, kernel in list(kernels.items()):
-        monkeypatch.setitem(kernels, name, Counting(kernel))
+    launched = count_launches(monkeypatch, tl_layers._kernels())
     tokens, positions = torch.tensor([1, 2, 3], device=triton_device), torch.arange(3, device=triton_device)
     for fuse_rope, per_layer in ((True, 6), (False, 7)):
         launched.clear()
