@@ -70,7 +70,7 @@
 #              prompt lookup, static cache + compile). Our fused steps compile one layer for all layers
 #              (QWEN_COMPILE=layers, the default here; =whole for whole forwards: on 2026-12-06 the 0.5B
 #              chain's whole-forward compiles had not finished its first pass after 370 s on an H200);
-#              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto); every benchmark script takes
+#              QWEN_ROWS= picks our rows, QWEN_GAMMA= their γ (e.g. auto), QWEN_BIT_EXACT= on|off their mode; every benchmark script takes
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -286,10 +286,11 @@ PICK
     TRITON_SETTINGS=$TRITON_SETTINGS exec bash "$0" qwen-triton ;;
   qwen|qwen-triton|qwen-hf)
     kernels=$([ "$part" = qwen-triton ] && echo triton || echo torch)
-    groups=$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)
+    groups=${QWEN_GROUPS:-$([ "$part" = qwen-hf ] && echo hf,compile || echo ours)}  # QWEN_GROUPS=ours,hf: one run
     SPECULANT_TRITON_SETTINGS=${TRITON_SETTINGS:-${SPECULANT_TRITON_SETTINGS:-}} limit ${QWEN_LIMIT:-560} python3 benchmarks/qwen_pair.py --device cuda --target-path /root/w/qwen-1.5b.gguf \
       --draft-path /root/w/qwen-0.5b.gguf --code-prompts 4 --chat-prompts 4 --humaneval-file "$humaneval" \
       --groups "$groups" --kernels "$kernels" --fused-compile ${QWEN_COMPILE:-layers} ${QWEN_GAMMA:+--gamma $QWEN_GAMMA} \
+      --bit-exact ${QWEN_BIT_EXACT:-default} \
       --feature-draft ${QWEN_FEATURES:-speculant/embedded/qwen2.5-coder-1.5b-draft} \
       --rows "${QWEN_ROWS:-ours plain,ours features chain,ours features tree + lookup,ours 0.5B chain,ours 0.5B tree + lookup,ours ngram}" \
       2>&1 | tee "$out/qwen_pair_$part.log" ;;

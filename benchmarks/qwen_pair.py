@@ -168,6 +168,9 @@ def main() -> None:
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="our rows' fused-step kernels (speculant.api's kernels; CUDA; triton: bit-exact mode "
                              "where a step fits, the API's default there)")
+    parser.add_argument("--bit-exact", choices=["default", "on", "off"], default="default",
+                        help="our rows' bit-exact mode: the API's default (on for the Triton kernels where a step "
+                             "fits), on, or off (the default mode: one-row forwards as GEMVs on the Triton kernels)")
     parser.add_argument("--fused-compile", choices=["whole", "layers", "off"], default="whole",
                         help="our fused step's forwards: each whole forward through torch.compile (the default), "
                              "one compiled decoder layer for all layers (regional: short compiles), or eager")
@@ -227,7 +230,7 @@ def main() -> None:
                    "dtype": args.dtype, "target": args.target_path, "draft": draft_spec,
                    "max_new_tokens": args.max_new_tokens, "gamma": args.gamma, "candidates": args.candidates,
                    "lookup": args.lookup, "code_prompts": args.code_prompts, "chat_prompts": args.chat_prompts,
-                   "kernels": args.kernels, "fused_compile": args.fused_compile, "torch": torch.__version__, "transformers": transformers.__version__,
+                   "kernels": args.kernels, "bit_exact": args.bit_exact, "fused_compile": args.fused_compile, "torch": torch.__version__, "transformers": transformers.__version__,
                    "wall_seconds": round(time.perf_counter() - clock, 1),
                    "rows": [{k: v for k, v in entry.items() if k != "_outputs"} for entry in results]}
         (out_dir / name).write_text(json.dumps(summary, indent=2))
@@ -265,6 +268,7 @@ def main() -> None:
         try:
             spec = Speculant(target, drafts, gamma=args.gamma if drafts != ["none"] else 4,
                              inner_gamma=args.inner_gamma, kernels=args.kernels,
+                             bit_exact={"default": None, "on": True, "off": False}[args.bit_exact],
                              compile={"whole": None, "layers": "layers", "off": False}[args.fused_compile], **options)
         except ValueError as error:
             print(f"{row:<30} skipped: {error}", flush=True)
