@@ -48,6 +48,7 @@
 #              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
 #   persistent-probe  the one-launch forward against the GEMV kernels (persistent_probe.py), random weights
 #   gemv-settings  the one-row GEMV forward under other triton_layers settings (PREFETCH, GEMV_BLOCK_K, ...)
+#   verify-tiles  the tl.dot tiles' forward at verification widths (1, 13, 21 rows) with more GEMM programs and PDL
 #   gemm-sweep the Triton GEMMs at a model's widths (GEMM_MODEL=qwen2.5-1.5b) by tile and split-K, against cuBLAS
 #   qwen-kernels  the same for Qwen2.5-Coder-1.5B, the Triton forward also with more GEMM programs (GEMM_PROGRAMS=)
 #              and with other triton_layers settings (KERNELS_ARGS="--settings ..."; ROPE_COLUMNS, ROPE_SPLIT,
@@ -74,7 +75,7 @@
 #              triton_layers settings from SPECULANT_TRITON_SETTINGS (e.g. PDL=1,PREFETCH=4; here also TRITON_SETTINGS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|persistent-probe|gemv-settings|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
+part=${1:?usage: gpu_session.sh wheels|tests|decode-profile|barrier-probe|persistent-probe|gemv-settings|verify-tiles|headline|tuned|exact|exact-triton|exact-parallel|hierarchy|distill-qwen|qwen-heldout|gemm-sweep|kernels|qwen-kernels|qwen-exact|batch-profile|batch|serve|qwen-tune|qwen|qwen-triton|qwen-hf}
 out=${OUT:-out}
 mkdir -p "$out"
 export PYTHONPATH=$PWD:/root/site${PYTHONPATH:+:$PYTHONPATH}  # the repo: benchmarks import speculant
@@ -244,6 +245,14 @@ case "$part" in
       limit ${SETTINGS_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random $shape --no-truth --no-compile \
         --prompts 1 --repeats 100 --rows 1 --split-k "" --settings "${GEMV_SETTINGS:-PREFETCH=2;PREFETCH=4;GEMV_BLOCK_K=512;GEMV_BLOCK_K=1024;GEMV_BLOCK_K=512,PREFETCH=2;GEMV_WARPS=8;GEMV_BLOCK_N=8}" \
         --out "$out/gemv_$shape" 2>&1 | tee "$out/gemv_settings_$shape.log"
+    done ;;
+  verify-tiles)  # the tl.dot tiles' forward (verification's, bit-exact mode's) at a speculative step's widths, random
+    # weights of both models: more GEMM programs (narrower column tiles: SmolLM2's gate/up runs 48 programs of 64
+    # columns by default, where its GEMV runs 192 of 16) and PDL on every launch (TILE_SETTINGS)
+    for shape in smollm2-135m qwen2.5-1.5b; do
+      limit ${SETTINGS_LIMIT:-200} python3 benchmarks/triton_layers_gpu.py --random $shape --no-truth --no-compile \
+        --prompts 1 --repeats 100 --rows ${TILE_ROWS:-1,13,21} --split-k "" --settings "${TILE_SETTINGS:-GEMV=0;GEMM_PROGRAMS=128;GEMM_PROGRAMS=256;PDL=1;PDL=1,GEMM_PROGRAMS=256}" \
+        --out "$out/tiles_$shape" 2>&1 | tee "$out/verify_tiles_$shape.log"
     done ;;
   gemm-sweep)
     limit ${SWEEP_LIMIT:-400} python3 benchmarks/triton_gemm_sweep.py --model ${GEMM_MODEL:-qwen2.5-1.5b} ${SWEEP_ARGS:-} \
