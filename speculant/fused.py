@@ -4,8 +4,10 @@ On the lent H100 an eager kernel launch costs ~22 µs and a kernel inside a CUDA
 the generic loop (one Python call per op) is launch-bound. Here each step is ONE graph replay:
 
     draft γ tokens with the draft model (sampling inside, from pre-drawn uniforms)
-    -> one target forward over the γ+1 positions -> logits_to_probs -> acceptance.verify
-    -> out = [count, chain kept, alternative, lookup kept, emitted tokens (the first `count`)]
+    (and find a lookup branch of G tokens: drafters.ngram.device_continuation over the token history)
+    -> one target forward over the γ+1 positions (the tree's) -> logits_to_probs -> acceptance.verify
+    -> out = [count, chain kept, alternative, lookup kept, emitted tokens (the first `count`)
+              (, the lookup branch: its G tokens, its length)]
 
 and ONE device->host read of `out` (the step's only synchronisation); the host writes one int64
 buffer (tokens and positions) and draws the uniforms straight into theirs. The KV caches are
@@ -20,16 +22,18 @@ the tests check them). Which drafters it can fuse is decided by `fused_stepper`,
 drafter's own settings. The prompt is prefilled through the compiled forward as well; on CUDA
 padded to a power of two and replayed from a graph per length (`_prefill`).
 
-Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, without a lookup
-branch, whose proposals the host finds): after the step, the graph appends the tokens it emitted to
-the draft's window (the tokens its draft re-reads each step) and moves both positions on, on the
-device, leaving the next replay's inputs in its own input buffer, so the host launches the next
-replay (its γ given by the engine with this step's) before it reads this one's output (copied to
-pinned memory behind it on the stream). The host's part of a step (the read-back, the
-engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
-(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay is
-launched only where all of its tokens may still be emitted, so the text is the same as one replay at
-a time, and its uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
+Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, with or without a
+lookup branch): after the step, the graph appends the tokens it emitted to the draft's window (the
+tokens its draft re-reads each step) and moves both positions on, on the device, leaving the next
+replay's inputs in its own input buffer (a lookup branch needs nothing more: each replay writes its
+window to the token history the branch is found in, on the device, before it looks), so the host
+launches the next replay (its γ given by the engine with this step's) before it reads this one's
+output (copied to pinned memory behind it on the stream). The host's part of a step (the read-back,
+the engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU
+idle (2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay
+is launched only where all of its tokens (max(γ, G) + 1) may still be emitted, so the text is the
+same as one replay at a time: its uniforms are drawn in the same order and its lookup branch is the
+one the host's NgramDrafter finds. Plain chunks do not run ahead: a chunk launched ahead of a
 stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
 and -1.2 % in the other, end to end (BENCHMARKS.md).
 
@@ -373,7 +377,7 @@ class FusedStepper:
         if candidates > 1 and draft_model is None:
             raise ValueError("several candidates per position need a draft model")
         self.candidates = candidates
-        # Run ahead (default on CUDA): feature-draft replays advance their own inputs on the device,
+        # Run ahead (default on CUDA): draft-model replays advance their own inputs on the device,
         # so the next replay is launched before this one's output is read; the host's share of a
         # step (reading the output, the engine's bookkeeping, the next launch) then runs while the
         # GPU works. Only where the next replay's tokens may all still be emitted, so the text is
