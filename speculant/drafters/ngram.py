@@ -132,6 +132,6 @@ def device_continuation(history: torch.Tensor, length: torch.Tensor, size: int, 
     n = agree.max()  # the longest n-gram with an earlier occurrence (0: none)
     end = torch.where(agree >= n, ends, -1).max()  # its latest occurrence's end
     count = torch.where(n >= min_ngram, (length - end).clamp(max=size), 0)  # >= 1 where found: end < length
-    offsets = torch.arange(size, device=history.device)
+    offsets = torch.arange(size + 1, device=history.device)  # no concatenation (see fused.NO_POINTWISE_CAT)
     tokens = torch.where(offsets < count, history[(end + offsets).clamp(0, buffer - 1)], 0)
-    return torch.cat([tokens, count.view(1)])
+    return torch.where(offsets == size, count, tokens)
