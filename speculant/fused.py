@@ -604,7 +604,7 @@ class FusedStepper:
     @torch.inference_mode()
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
              next_gamma: int | None = None, plain_tokens: int = 1) -> StepResult:
-        """One step (speculant.step.Stepper). With run-ahead, a feature-draft step whose tokens may
+        """One step (speculant.step.Stepper). With run-ahead, a draft-model step whose tokens may
         all be emitted (`room`; None: unknown, no run-ahead) is taken from the replay launched ahead
         for this context, if there is one, and the next step (of `next_gamma`) is launched before
         this one is read, when all the tokens of both may be emitted, its γ is no longer than the
@@ -867,7 +867,7 @@ class FusedStepper:
                 head = torch.stack([emitted.count, verdict.num_accepted, verdict.alternative, verdict.lookup_kept])
                 return torch.cat([head, emitted.tokens]), emitted.nodes
 
-            size, (max_ngram, min_ngram) = self.lookup, self.lookup_ngram or (1, 1)
+            size, (max_ngram, min_ngram) = self.lookup, self.lookup_ngram or (1, 1)  # (never called without a branch)
 
             def find_lookup(history, length):
                 return device_continuation(history, length, size, max_ngram, min_ngram)
