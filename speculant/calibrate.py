@@ -18,8 +18,9 @@ read, and timed from that read to its own; graph capture and compilation are not
 CPU the generic stepper, draft and verify synchronised. A length costs the least of its timed steps
 (other work on the machine only ever slows a step down). A step that a run-ahead stepper ran alone (a
 request's first, the one after a plain step) is left out where the length has others. Deterministic
-proposers (n-gram, the lookup branch) are padded to full length while measuring, so that each length
-is timed, with the tree it makes: 1 + n·K + G nodes. At least MIN_ROUNDS rounds, more while they
+proposers (n-gram, the generic step's lookup branch) are padded to full length while measuring, so that
+each length is timed, with the tree it makes: 1 + n·K + G nodes (the fused step's lookup branch, found
+inside its graph, always has its G nodes there). At least MIN_ROUNDS rounds, more while they
 take under BUDGET_S: a few seconds for SmolLM2-135M on a 2-core CPU (2 rounds), about BUDGET_S where
 steps take milliseconds, on an idle machine (a busy one makes the table worse: SPECULANT_RECALIBRATE=1
 redoes it).
@@ -327,8 +328,9 @@ class _FullLength:
 
 @contextmanager
 def _full_length(stepper):
-    """Pad the stepper's deterministic proposers while measuring: the fused stepper's `ngram` (n-gram
-    drafts and the lookup branch), the generic stepper's `drafter` where it is one or has one."""
+    """Pad the stepper's deterministic proposers while measuring: the fused stepper's `ngram` (its n-gram
+    drafts; its lookup branch is found inside the step's graph, whose tree has all G nodes whatever the
+    branch's length), the generic stepper's `drafter` where it is one or has one."""
     swapped = {}
     for name in ("ngram", "drafter"):
         proposer = getattr(stepper, name, None)

@@ -4,8 +4,10 @@ On the lent H100 an eager kernel launch costs ~22 µs and a kernel inside a CUDA
 the generic loop (one Python call per op) is launch-bound. Here each step is ONE graph replay:
 
     draft γ tokens with the draft model (sampling inside, from pre-drawn uniforms)
-    -> one target forward over the γ+1 positions -> logits_to_probs -> acceptance.verify
-    -> out = [count, chain kept, alternative, lookup kept, emitted tokens (the first `count`)]
+    (and find a lookup branch of G tokens: drafters.ngram.device_continuation over the token history)
+    -> one target forward over the γ+1 positions (the tree's) -> logits_to_probs -> acceptance.verify
+    -> out = [count, chain kept, alternative, lookup kept, emitted tokens (the first `count`)
+              (, the lookup branch: its G tokens, its length)]
 
 and ONE device->host read of `out` (the step's only synchronisation); the host writes one int64
 buffer (tokens and positions) and draws the uniforms straight into theirs. The KV caches are
@@ -20,16 +22,18 @@ the tests check them). Which drafters it can fuse is decided by `fused_stepper`,
 drafter's own settings. The prompt is prefilled through the compiled forward as well; on CUDA
 padded to a power of two and replayed from a graph per length (`_prefill`).
 
-Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, without a lookup
-branch, whose proposals the host finds): after the step, the graph appends the tokens it emitted to
-the draft's window (the tokens its draft re-reads each step) and moves both positions on, on the
-device, leaving the next replay's inputs in its own input buffer, so the host launches the next
-replay (its γ given by the engine with this step's) before it reads this one's output (copied to
-pinned memory behind it on the stream). The host's part of a step (the read-back, the
-engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU idle
-(2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay is
-launched only where all of its tokens may still be emitted, so the text is the same as one replay at
-a time, and its uniforms are drawn in the same order. Plain chunks do not run ahead: a chunk launched ahead of a
+Run-ahead (on by default with graphs; draft-model steps, feature or token drafts, with or without a
+lookup branch): after the step, the graph appends the tokens it emitted to the draft's window (the
+tokens its draft re-reads each step) and moves both positions on, on the device, leaving the next
+replay's inputs in its own input buffer (a lookup branch needs nothing more: each replay writes its
+window to the token history the branch is found in, on the device, before it looks), so the host
+launches the next replay (its γ given by the engine with this step's) before it reads this one's
+output (copied to pinned memory behind it on the stream). The host's part of a step (the read-back,
+the engine's bookkeeping, the next launch) then overlaps the GPU's work instead of leaving the GPU
+idle (2.49 -> 2.33 and 2.47 -> 2.34 ms per step in two H100 runs, feature drafts). The next replay
+is launched only where all of its tokens (max(γ, G) + 1) may still be emitted, so the text is the
+same as one replay at a time: its uniforms are drawn in the same order and its lookup branch is the
+one the host's NgramDrafter finds. Plain chunks do not run ahead: a chunk launched ahead of a
 stop token is wasted (6.6 ms), and on chat prompts run-ahead plain decoding was +2.6 % in one run
 and -1.2 % in the other, end to end (BENCHMARKS.md).
 
@@ -76,7 +80,7 @@ from speculant.drafters.base import Drafter, NoDrafter, common_prefix_length, dr
 from speculant.drafters.features import FeatureDrafter
 from speculant.drafters.lookup import LookupDrafter
 from speculant.drafters.model import ModelDrafter
-from speculant.drafters.ngram import NgramDrafter
+from speculant.drafters.ngram import NgramDrafter, device_continuation
 from speculant.models.base import CausalLM
 from speculant.models.exact_attention import EXACT_WIDTH, ExactKeys, check_exact_width, exact_keys, exact_layout
 from speculant.models.feature_draft import FeatureDraft
@@ -373,7 +377,7 @@ class FusedStepper:
         if candidates > 1 and draft_model is None:
             raise ValueError("several candidates per position need a draft model")
         self.candidates = candidates
-        # Run ahead (default on CUDA): feature-draft replays advance their own inputs on the device,
+        # Run ahead (default on CUDA): draft-model replays advance their own inputs on the device,
         # so the next replay is launched before this one's output is read; the host's share of a
         # step (reading the output, the engine's bookkeeping, the next launch) then runs while the
         # GPU works. Only where the next replay's tokens may all still be emitted, so the text is
@@ -390,6 +394,16 @@ class FusedStepper:
         self.lookup = lookup
         if lookup and ngram is None:
             self.ngram = NgramDrafter()
+        # The lookup branch is found on the device, inside the step's graph (ngram.device_continuation, with
+        # the n-gram drafter's settings, read now: calibration swaps `ngram` for a padded proposer), from a
+        # history [max_seq_len] of the request's tokens: each drafting replay writes its window (the context's
+        # last W tokens, which hold every token the last step emitted) there first, so a replay launched
+        # ahead finds the branch of the context it advanced to. history_valid: the tokens from the start
+        # known to be there (the host copies the ones before a window that no replay wrote: after begin, or
+        # plain steps); contexts only grow between begins, as the draft's (draft_valid) do.
+        self.lookup_ngram = (self.ngram.max_ngram, self.ngram.min_ngram) if lookup else None
+        self.history = torch.zeros(target.max_seq_len, dtype=torch.int64, device=self.device) if lookup else None
+        self.history_valid = 0
         if compile:  # room for the shape variants (length 1 is always specialised by dynamo)
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self.features = isinstance(draft_model, FeatureDraft)
@@ -445,6 +459,7 @@ class FusedStepper:
         if params != self.params:
             self._use_params(params)
         self.prefill(prompt[:-1])
+        self.history_valid = 0
         if self.draft_model is not None:
             self.draft_model.truncate(0)
             self.draft_valid = 0
@@ -582,14 +597,14 @@ class FusedStepper:
 
     @property
     def runs_ahead(self) -> bool:
-        """Launches the next step before reading this one (draft-model steps, feature or token, no lookup branch):
-        the engine then gives each step the next one's γ (`next_gamma`)."""
-        return self.run_ahead and self.draft_model is not None and not self.lookup
+        """Launches the next step before reading this one (draft-model steps, feature or token, with or without a
+        lookup branch): the engine then gives each step the next one's γ (`next_gamma`)."""
+        return self.run_ahead and self.draft_model is not None
 
     @torch.inference_mode()
     def step(self, context: list[int], gamma: int, generator: torch.Generator | None, *, room: int | None = None,
              next_gamma: int | None = None, plain_tokens: int = 1) -> StepResult:
-        """One step (speculant.step.Stepper). With run-ahead, a feature-draft step whose tokens may
+        """One step (speculant.step.Stepper). With run-ahead, a draft-model step whose tokens may
         all be emitted (`room`; None: unknown, no run-ahead) is taken from the replay launched ahead
         for this context, if there is one, and the next step (of `next_gamma`) is launched before
         this one is read, when all the tokens of both may be emitted, its γ is no longer than the
@@ -600,20 +615,22 @@ class FusedStepper:
         pending, self.pending = self.pending, None
         if pending is not None and (pending.length != len(context) or pending.gamma != gamma):
             pending = None  # launched for a context the engine did not reach (a stop token ended the request)
-        if self.runs_ahead and gamma > 0 and room is not None and n >= max(self.widest, gamma) + 1 \
+        widest = max(self.widest, gamma, self.lookup)  # this step's window, less one
+        if self.runs_ahead and gamma > 0 and room is not None and n >= widest + 1 \
                 and self._steps_fit(context, [gamma], room):
-            launch_next = (next_gamma is not None and 1 <= next_gamma <= max(self.widest, gamma)
+            launch_next = (next_gamma is not None and 1 <= next_gamma <= widest
                            and self._steps_fit(context, [gamma, next_gamma], room))
             return self._run_ahead_step(context, gamma, generator, next_gamma if launch_next else None, pending)
         return self._one_step(context, gamma, generator, plain_tokens)
 
     def _steps_fit(self, context: list[int], gammas: list[int], room: int) -> bool:
-        """May steps of these γs from here each emit all γ + 1 tokens, with every tree in the cache?"""
+        """May steps of these γs from here each emit all the max(γ, G) + 1 tokens they may, with every whole
+        tree (its alternatives and lookup branch) in the cache?"""
         length = len(context)
         for gamma in gammas:
-            if length + gamma * self.candidates > self.target.max_seq_len:
+            if length + gamma * self.candidates + self.lookup > self.target.max_seq_len:
                 return False
-            length += gamma + 1
+            length += max(gamma, self.lookup) + 1
         return room + 1 >= length - len(context)
 
     def _wait_pending(self) -> None:
@@ -629,10 +646,11 @@ class FusedStepper:
 
     def _ahead_runner(self, gamma: int, window: int, k: int) -> tuple[tuple, _Runner]:
         kind, make = ("features", self._feature_step_body) if self.features else ("model", self._model_step_body)
-        key = (kind + "-ahead", gamma, window, k)
+        size = self.lookup  # the whole tree: _steps_fit
+        key = (kind + "-ahead", gamma, window, k, size)
         runner = self.graphs.get(key) or self._prepare(
-            key, lambda: self._advancing_body(make(gamma, window, k, 0), gamma, window), window + 2,
-            self._draft_uniforms(gamma, k))
+            key, lambda: self._advancing_body(make(gamma, window, k, size), gamma, window, size), window + 2,
+            self._draft_uniforms(gamma, k, size))
         return key, runner
 
     def _run_ahead_step(self, context: list[int], gamma: int, generator: torch.Generator | None,
@@ -643,11 +661,13 @@ class FusedStepper:
         start = time.perf_counter()
         captured = self.capture_time
         n, k = len(context) - 1, self.candidates
-        self.widest = max(self.widest, gamma)
-        # >= γ + 1: every position a step fed with predicted features (or draft tokens) is re-read
+        self.widest = max(self.widest, gamma, self.lookup)
+        # >= max(γ, G) + 1: every position a step fed with predicted features (or draft tokens) is re-read, and
+        # the window holds every token the last step emitted (the lookup history's)
         window = self.widest + 1
         key, runner = self._ahead_runner(gamma, window, k)
         alone = pending is None or pending.key != key  # launched now, not ahead
+        self._write_history(context, n - window + 1)  # launched ahead: the replay before it wrote the rest
         if alone:  # a feature draft's window re-reads positions n-W..n-1, a token draft's n-W+1..n
             self._catch_up_draft(context, n - window + (0 if self.features else 1))
             runner.ints.copy_(torch.tensor(context[n - window + 1:] + [n - window, n]), non_blocking=True)
@@ -661,13 +681,15 @@ class FusedStepper:
         out = pending.read()  # the step's one synchronisation
         now = time.perf_counter()
         elapsed = now - max(start, pending.after) - (self.capture_time - captured)
-        count, chain_accepted, alternative, _ = out[:4]
+        count, chain_accepted, alternative, lookup_kept = out[:4]
         tokens = out[4:4 + count]
         self.target.set_length(len(context) + count - 1)  # the context and every kept draft token
         self._settle_draft(n, gamma, chain_accepted)
         if self.pending is not None:  # valid if the engine goes on with all these tokens
             self.pending.length, self.pending.after = len(context) + count, now
-        return StepResult(tokens, gamma, count - 1, None, 0.0, elapsed, 1, bool(alternative), alone=alone)
+        lookup_drafted, lookup_reach = _lookup_stats(out, self.lookup, tokens)
+        return StepResult(tokens, max(gamma, lookup_drafted), count - 1, None, 0.0, elapsed, 1, bool(alternative),
+                          lookup_kept, alone=alone, lookup_drafted=lookup_drafted, lookup_reach=lookup_reach)
 
     def _settle_draft(self, n: int, drafted: int, chain_accepted: int) -> None:
         """After a step from x_n that drafted `drafted` tokens and kept `chain_accepted` of its chain: the draft
@@ -678,15 +700,16 @@ class FusedStepper:
             self.draft_valid = n + 1 + min(chain_accepted, drafted - 1)
         self.draft_model.set_length(max(self.draft_valid, n + drafted))
 
-    def _advancing_body(self, body, gamma: int, window: int):
-        """A draft-model `body` (ints = [x_{n-W+1..n}, n-W, n]) that then appends the tokens the step
-        emitted to the window on the device and moves both positions on, writing the result back to
-        `ints`: the next replay (launched ahead) starts there."""
+    def _advancing_body(self, body, gamma: int, window: int, size: int):
+        """A draft-model `body` (ints = [x_{n-W+1..n}, n-W, n], a lookup branch of `size`) that then appends
+        the tokens the step emitted to the window on the device and moves both positions on, writing the
+        result back to `ints`: the next replay (launched ahead) starts there, and writes the window to the
+        lookup history before it finds its branch."""
         offsets = self.offsets
 
         def advance(ints, out):
-            """ints and a step's output [count, ..., tokens [γ + 1]] -> the next step's ints."""
-            count, emitted = out[0], out[4:4 + gamma + 1]
+            """ints and a step's output [count, ..., tokens [max(γ, G) + 1], ...] -> the next step's ints."""
+            count, emitted = out[0], out[4:4 + max(gamma, size) + 1]
             # [W + γ + 1] -> the last W tokens of the longer context (never past the emitted ones)
             tokens = torch.cat([ints[:window], emitted])[count + offsets[:window]]
             return torch.cat([tokens, ints[window:window + 2] + count])
@@ -710,10 +733,8 @@ class FusedStepper:
         # k candidates per position and the lookup branch while the tree's 1 + γk + G slots fit in the
         # cache, else a chain
         k, size = tree_that_fits(n + 1, gamma, self.candidates, self.lookup, self.target.max_seq_len)
-        lookup = []
-        if size and gamma > 0 and n >= 1:  # padded to G tokens: the graph's shapes stay static
-            lookup = self.ngram.propose(context, size, None, None).tokens.tolist()
-            lookup = lookup + [0] * (size - len(lookup)) + [len(lookup)]
+        if gamma == 0 or n < 1:
+            size = 0  # no drafting step: no lookup branch (its G tokens are found inside the graph, padded)
         if self.features and gamma > 0 and n >= 1:
             # re-read the last min(W+1, n) draft positions with true features, W the widest step (γ or
             # lookup branch) this stepper has taken: a step emits up to W+1 tokens, so every position
@@ -724,9 +745,11 @@ class FusedStepper:
             self._catch_up_draft(context, n - window)
             key = ("features", gamma, window, k, size)
             runner = self.graphs.get(key) or self._prepare(
-                key, lambda: self._feature_step_body(gamma, window, k, size), window + 2 + len(lookup),
+                key, lambda: self._feature_step_body(gamma, window, k, size), window + 2,
                 self._draft_uniforms(gamma, k, size))
-            ints = context[n - window + 1:] + [n - window, n] + lookup
+            if size:
+                self._write_history(context, n - window + 1)
+            ints = context[n - window + 1:] + [n - window, n]
             drafted = gamma
         elif self.draft_model is not None and not self.features and gamma > 0 and n >= 1:
             # the token draft re-reads x_{n-W+1..n}, W = the widest step's + 1 as the feature draft's window (so a
@@ -738,9 +761,11 @@ class FusedStepper:
             self._catch_up_draft(context, first)
             key = ("model", gamma, window, k, size)
             runner = self.graphs.get(key) or self._prepare(
-                key, lambda: self._model_step_body(gamma, window, k, size), window + 2 + len(lookup),
+                key, lambda: self._model_step_body(gamma, window, k, size), window + 2,
                 self._draft_uniforms(gamma, k, size))
-            ints = context[first:] + [0] * (window - (n + 1 - first)) + [first - 1, n] + lookup
+            if size:
+                self._write_history(context, first)
+            ints = context[first:] + [0] * (window - (n + 1 - first)) + [first - 1, n]
             drafted = gamma
         else:
             draft = self.ngram.propose(context, gamma, None, None).tokens.tolist() if (self.ngram and gamma) else []
@@ -774,10 +799,21 @@ class FusedStepper:
             self._settle_draft(n, drafted, chain_accepted)
         elapsed = time.perf_counter() - start - (self.capture_time - captured)
         # time is not split between draft and target inside one graph; it is reported as target time
-        depth = max(drafted, lookup[-1] if lookup else 0)  # as deep as its longer branch (the lookup's real length)
+        lookup_drafted, lookup_reach = _lookup_stats(out, size, tokens)
+        depth = max(drafted, lookup_drafted)  # as deep as its longer branch (the lookup's real length)
         return StepResult(tokens, depth, num_accepted, None, 0.0, elapsed, target_calls, bool(alternative), lookup_kept,
-                          lookup_drafted=lookup[-1] if lookup else 0,
-                          lookup_reach=common_prefix_length(lookup[:lookup[-1]], tokens) if lookup else 0)
+                          lookup_drafted=lookup_drafted, lookup_reach=lookup_reach)
+
+    def _write_history(self, context: list[int], first: int) -> None:
+        """Before a replay that writes the lookup history's positions first..n (its window): the tokens before
+        `first` that no replay wrote since begin are copied from the host (after a plain step, the last
+        step's tokens; after begin, the prompt's); then it holds the context."""
+        if self.history is None:
+            return
+        if self.history_valid < first:
+            self.history[self.history_valid:first].copy_(torch.tensor(context[self.history_valid:first]),
+                                                         non_blocking=True)
+        self.history_valid = len(context)
 
     # ---- graph bodies: (ints [int64], uniforms [float32]) -> int64 output ----------------------
     def _draft_uniforms(self, gamma: int, k: int, lookup: int = 0) -> int:
@@ -799,7 +835,9 @@ class FusedStepper:
         finish_candidates(target_logits [1+γk+G, V], candidates [γ, k], laws [γ, k, V] | None,
         uniforms [γk + γ + 1 + G], lookup [G] | None, lookup_length []) -> (out, the emitted tokens'
         tree nodes [max(γ, G)]). out = [count, chain kept, alternative column or 0, lookup kept,
-        emitted tokens [max(γ, G) + 1]] (acceptance.emitted_tokens: the first `count` are emitted)."""
+        emitted tokens [max(γ, G) + 1]] (acceptance.emitted_tokens: the first `count` are emitted);
+        find_lookup(history [max_seq_len], length []) -> the lookup branch [G + 1] (ngram.device_continuation:
+        its tokens padded, then its length)."""
         if self.compile_sampling not in self.samplers:
             params = self.params
 
@@ -829,7 +867,12 @@ class FusedStepper:
                 head = torch.stack([emitted.count, verdict.num_accepted, verdict.alternative, verdict.lookup_kept])
                 return torch.cat([head, emitted.tokens]), emitted.nodes
 
-            functions = (sample, alternatives, finish, finish_candidates)
+            size, (max_ngram, min_ngram) = self.lookup, self.lookup_ngram or (1, 1)  # (never called without a branch)
+
+            def find_lookup(history, length):
+                return device_continuation(history, length, size, max_ngram, min_ngram)
+
+            functions = (sample, alternatives, finish, finish_candidates, find_lookup)
             if self.compile_sampling:
                 functions = tuple(_compiled_or_eager(f, self.eager_sampling) for f in functions)
             self.samplers[self.compile_sampling] = functions
@@ -838,9 +881,10 @@ class FusedStepper:
     def _draft_and_verify(self, gamma: int, k: int, size: int, logits, uniforms, feed, root, start, lookup):
         """The part shared by the model and feature bodies: draw the chain (and alternatives) from
         the draft's logits [V] and `feed`, score it (and the lookup branch: lookup [G + 1], its G
-        tokens padded and its length) with the target from the root token [1] at position `start`
-        [], apply the rule, and move the kept nodes off the chain to the cache slots of their positions."""
-        sample, alternatives, finish, finish_candidates = self._sampling()
+        tokens padded and its length, or None) with the target from the root token [1] at position `start`
+        [], apply the rule, and move the kept nodes off the chain to the cache slots of their positions.
+        -> out (_sampling's), then the lookup branch [G + 1] where there is one (the host's stats read it)."""
+        sample, alternatives, finish, finish_candidates, _ = self._sampling()
         draws, rest = uniforms[:gamma], uniforms[gamma:]
         draft_tokens, draft_probs, draft_logits = sample_chain(logits, draws, feed, sample)
         if k == 1 and not size:
@@ -860,7 +904,7 @@ class FusedStepper:
         # emitted token i sits at node nodes[i] and belongs in slot start + i + 1 (chain tokens and the
         # padding past the kept ones are there already: they copy onto themselves)
         self.target.move_slot(start + nodes, start + 1 + self.offsets[: nodes.shape[0]])
-        return out
+        return torch.cat([out, lookup]) if size else out
 
     @torch.inference_mode()
     def score(self, tokens: torch.Tensor, start: torch.Tensor, tree: tuple[int, int, int] | None = None
@@ -910,7 +954,7 @@ class FusedStepper:
         offsets = self.offsets
 
         def body(ints, uniforms):
-            # ints = [x_{s..s+W-1}, s-1, n, (lookup G, its length)], s = n-W+1 (the feature body's layout) or, for
+            # ints = [x_{s..s+W-1}, s-1, n], s = n-W+1 (the feature body's layout) or, for
             # a context shorter than W, s = 0 and the window padded past x_n. A token draft holds x_i at position
             # i; it re-reads the window (positions whose drafts the last step fed, or the kept run of a tree, get
             # the emitted tokens; padding past x_n is written over by the drafts it feeds, and no position reads a
@@ -924,7 +968,7 @@ class FusedStepper:
                 return draft_fn(token.view(1), starts[1] + 1 + offsets[i : i + 1])[-1]
 
             return self._draft_and_verify(gamma, k, size, logits, uniforms, feed, window_tokens.index_select(0, last),
-                                          starts[1], ints[window + 2:])
+                                          starts[1], self._lookup_branch(ints, window) if size else None)
 
         return body
 
@@ -932,7 +976,7 @@ class FusedStepper:
         draft_fn, features, offsets = self.draft_fn, self.target.features, self.offsets
 
         def body(ints, uniforms):
-            # ints = [x_{n-W+1..n}, n-W, n, (lookup G, its length)]: draft positions n-W..n-1 re-read
+            # ints = [x_{n-W+1..n}, n-W, n]: draft positions n-W..n-1 re-read
             # them with the true features f_{n-W..n-1}
             window_tokens, starts = ints[:window], ints[window:window + 2]
             positions = starts[0] + offsets[:window]
@@ -946,12 +990,20 @@ class FusedStepper:
 
             # the target reads [x_n, drafts] from position n
             return self._draft_and_verify(gamma, k, size, logits[-1], uniforms, feed, window_tokens[-1:], starts[1],
-                                          ints[window + 2:])
+                                          self._lookup_branch(ints, window) if size else None)
 
         return body
 
+    def _lookup_branch(self, ints: torch.Tensor, window: int) -> torch.Tensor:
+        """A drafting body's lookup branch [G + 1] (its tokens padded, then its length), ints = [x_{s..s+W-1},
+        s-1, n] (either body's layout): the window's tokens are written to the history first (positions
+        s..s+W-1; a token draft's padding past x_n is written over later), then the branch of history[:n+1]."""
+        tokens, starts = ints[:window], ints[window:window + 2]
+        self.history.index_copy_(0, starts[0] + 1 + self.offsets[:window], tokens)
+        return self._sampling()[4](self.history, starts[1] + 1)
+
     def _verify_body(self, drafted: int):
-        _, _, finish, _ = self._sampling()
+        finish = self._sampling()[2]
 
         def body(ints, uniforms):
             # ints = [x_n, d_1..d_γ', n]: the target verifies a deterministic draft (or none)
@@ -1009,19 +1061,31 @@ class FusedStepper:
 
     # Warm-up and capture run the body on dummy inputs, which writes K/V at low positions: save
     # and restore the caches' live prefix around them.
+    # The lookup history too.
     def _save_caches(self):
         models = [m for m in (self.target, self.draft_model) if m is not None]
         return [(m, m.k_cache.clone(), m.v_cache.clone(), m.features.clone() if m.features is not None else None,
-                 m.length) for m in models]
+                 m.length) for m in models], None if self.history is None else self.history.clone()
 
-    @staticmethod
-    def _restore_caches(saved) -> None:
-        for model, k, v, features, length in saved:
+    def _restore_caches(self, saved) -> None:
+        caches, history = saved
+        for model, k, v, features, length in caches:
             model.k_cache.copy_(k)
             model.v_cache.copy_(v)
             if features is not None:
                 model.features.copy_(features)
             model.set_length(length)
+        if history is not None:
+            self.history.copy_(history)
+
+
+def _lookup_stats(out: list[int], size: int, tokens: list[int]) -> tuple[int, int]:
+    """A step's lookup branch of `size` from its output (its last G + 1 entries: the branch, its length) ->
+    (the branch's length, how many of its first tokens the emitted `tokens` begin with); (0, 0) without one."""
+    if not size:
+        return 0, 0
+    branch = out[-size - 1:]
+    return branch[-1], common_prefix_length(branch[:branch[-1]], tokens)
 
 
 class _Launched:

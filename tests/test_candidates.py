@@ -346,6 +346,8 @@ def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lo
         out[i] = [t for s in steps for t in s.tokens]
         alternatives_kept += steps[-1].stats.alternatives_kept
         lookup_tokens += steps[-1].stats.lookup_tokens
+    if run_ahead:  # the first step of a run launched the second before it was read
+        assert stepper.ahead_launches >= NUM_RUNS // 2
     return (out, alternatives_kept, lookup_tokens) if lookup else (out, alternatives_kept)
 
 
@@ -417,18 +419,21 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
         expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
         for lookup in (0, 5):  # and with a lookup branch of 5 tokens
             accepted = {}
-            for fused in (False, True):
-                stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup,
-                                        plain_chunk=1) if fused else None
+            for fused in (False, True, "ahead"):  # generic, fused one replay at a time, fused run ahead
+                stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup, plain_chunk=1,
+                                       run_ahead=fused == "ahead") if fused else None
                 drafter = LookupDrafter(make(), NgramDrafter(), lookup) if lookup else make()
                 steps = list(generate(target, drafter, prompt, gamma=FixedSchedule([3, 0, 2, 5, 1, 0, 4]),
                                       params=GREEDY, max_new_tokens=40, stepper=stepper))
                 assert [t for s in steps for t in s.tokens] == expected
                 # same steps, same stats (but the first of a one-token prompt: the fused token-draft step
-                # wants a token before the last one, so that step is plain there)
+                # wants a token before the last one, so that step is plain there); a step's depth is its
+                # longer branch's, so the lookup branch found on the device is the host's length
                 accepted[fused] = [s.num_accepted for s in steps] + [s.num_drafted for s in steps[1:]]
                 from_lookup += steps[-1].stats.lookup_tokens
-            assert accepted[True] == accepted[False]
+                if fused == "ahead":
+                    assert stepper.ahead_launches > 0
+            assert accepted[True] == accepted[False] == accepted["ahead"]
     assert from_lookup > 0
 
 
@@ -511,16 +516,23 @@ def test_after_every_sampled_step_the_target_cache_and_features_equal_a_fresh_pr
     assert (step.stats.lookup_tokens > 0) == bool(lookup)  # runs of the lookup branch were kept and moved
 
 
-@pytest.mark.parametrize("k, params, device", [
-    (1, SamplingParams(), "cpu"),
-    *((3, SamplingParams(), device) for device in DEVICES if device == "cuda"),
-    *((3, SamplingParams(top_p=0.8), device) for device in DEVICES),
+@pytest.mark.parametrize("k, params, device, lookup", [
+    (1, SamplingParams(), "cpu", 0),
+    *((3, SamplingParams(), device, 0) for device in DEVICES if device == "cuda"),
+    *((3, SamplingParams(top_p=0.8), device, 0) for device in DEVICES),
+    *((1, SamplingParams(), device, 2) for device in DEVICES),
+    *((3, SamplingParams(top_p=0.8), device, 2) for device in DEVICES),
 ], ids=lambda v: v if isinstance(v, (str, int)) else None)
-def test_run_ahead_feature_steps_follow_the_exact_target_law(k, params, device, gof):
+def test_run_ahead_feature_steps_follow_the_exact_target_law(k, params, device, lookup, gof):
     """1500 seeded runs of 6 tokens, γ = 2, with run-ahead: the second step's replay is launched
-    before the first one's output is read, from the inputs the first advanced on the device."""
+    before the first one's output is read, from the inputs the first advanced on the device (with a
+    lookup branch of 2, found on the device from the history the first step's replay extended: two steps of
+    up to 3 tokens each fit in the 6, so the second is launched ahead)."""
     target, draft = feature_pair(5, seed=3, device=device)
-    tokens, _ = engine_runs(target, FeatureDrafter(draft, target, candidates=k), 2, params, True, k, run_ahead=True)
+    drafter = FeatureDrafter(draft, target, candidates=k)
+    tokens, *_, lookup_tokens = engine_runs(target, drafter, 2, params, True, k, lookup=lookup, run_ahead=True)
+    if lookup:
+        assert lookup_tokens > NUM_RUNS // 5  # the lookup branch's tokens are really kept
     law = exact_law(feature_pair(5, seed=3)[0], params, gof)
     pvalue, fits = window_pvalue(gof, tokens, law)
     assert pvalue >= gof.SIGNIFICANCE, fits
@@ -563,34 +575,42 @@ def test_run_ahead_under_a_gamma_policy_takes_the_steps_chosen_ahead(device):
         assert runs[True] == runs[False]
 
 
+def with_lookup(drafter, lookup: int):
+    """The drafter, with a prompt-lookup branch of `lookup` tokens beside it where lookup > 0."""
+    return LookupDrafter(drafter, NgramDrafter(), lookup) if lookup else drafter
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [1, 3])
-def test_run_ahead_steps_are_the_same_steps_one_at_a_time(k, device):
+@pytest.mark.parametrize("k, lookup", [(1, 0), (3, 0), (1, 4), (3, 4)])
+def test_run_ahead_steps_are_the_same_steps_one_at_a_time(k, lookup, device):
     """Greedy: the same tokens as plain decoding. Sampled (a step launched ahead draws its uniforms
-    as it would alone): the same tokens and the same per-step stats with run-ahead (the next replay
-    launched before this one is read) as without; with run-ahead, after each step the target's cache
-    and features equal a fresh prefill."""
+    as it would alone, and finds the lookup branch it would alone): the same tokens and the same
+    per-step stats with run-ahead (the next replay launched before this one is read) as without; with
+    run-ahead, after each step the target's cache and features equal a fresh prefill."""
     target, draft = feature_pair(8, seed=5, kept=6, device=device)
     prompt = [1, 2, 3, 4, 5, 6, 7, 0, 1]
     expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=50)
     for params in (GREEDY, SamplingParams(), SamplingParams(temperature=0.7, top_k=5)):
         runs = {}
         for run_ahead in (False, True):
-            stepper = FusedStepper(target, draft, compile=False, candidates=k, run_ahead=run_ahead)
+            stepper = FusedStepper(target, draft, compile=False, candidates=k, lookup=lookup, run_ahead=run_ahead)
             generator = torch.Generator(device=device).manual_seed(4)
-            steps = list(generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3,
-                                  params=params, max_new_tokens=50, generator=generator, stepper=stepper))
-            runs[run_ahead] = ([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps])
+            steps = list(generate(target, with_lookup(FeatureDrafter(draft, target, candidates=k), lookup), prompt,
+                                  gamma=3, params=params, max_new_tokens=50, generator=generator, stepper=stepper))
+            runs[run_ahead] = ([t for s in steps for t in s.tokens], [(s.num_drafted, s.num_accepted) for s in steps],
+                               steps[-1].stats.lookup_tokens)
             assert (stepper.ahead_launches > 0) == run_ahead
         if params is GREEDY:
             assert runs[True][0] == expected
         assert runs[True] == runs[False]
+        assert (runs[True][2] > 0) == bool(lookup)  # the lookup branch's tokens were kept
     fresh = LeanModel(target.weights, max_seq_len=96)
     fresh.keep_features()
-    stepper = FusedStepper(target, draft, compile=False, candidates=k, run_ahead=True)
+    stepper = FusedStepper(target, draft, compile=False, candidates=k, lookup=lookup, run_ahead=True)
     context, checked = list(prompt), 0
-    for step in generate(target, FeatureDrafter(draft, target, candidates=k), prompt, gamma=3, params=SamplingParams(),
-                         max_new_tokens=50, generator=torch.Generator(device=device).manual_seed(1), stepper=stepper):
+    for step in generate(target, with_lookup(FeatureDrafter(draft, target, candidates=k), lookup), prompt, gamma=3,
+                         params=SamplingParams(), max_new_tokens=50, generator=torch.Generator(device=device).manual_seed(1),
+                         stepper=stepper):
         context += step.tokens
         if step.stats.finish_reason:
             continue
@@ -618,35 +638,41 @@ def token_pair(device: str = "cpu") -> tuple[LeanModel, LeanModel]:
     return target, draft
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_run_ahead_token_draft_steps_follow_the_exact_target_law(k, gof):
+@pytest.mark.parametrize("k, lookup", [(1, 0), (3, 0), (1, 2), (3, 2)])
+def test_run_ahead_token_draft_steps_follow_the_exact_target_law(k, lookup, gof):
     """1500 seeded runs of 6 tokens, γ = 2, a token draft with run-ahead: the second step's replay is launched
-    before the first one's output is read, from the window the first advanced on the device."""
+    before the first one's output is read, from the window the first advanced on the device (and a lookup branch
+    of 2 found on the device)."""
     target = feature_pair(5, seed=3)[0]
     draft = LeanModel(random_weights(tiny_config(vocab_size=5, num_layers=1), seed=9), max_seq_len=96)
-    tokens, _ = engine_runs(target, ModelDrafter(draft, candidates=k), 2, SamplingParams(), True, k, run_ahead=True)
+    tokens, *_, lookup_tokens = engine_runs(target, ModelDrafter(draft, candidates=k), 2, SamplingParams(), True, k,
+                                            lookup=lookup, run_ahead=True)
+    if lookup:
+        assert lookup_tokens > NUM_RUNS // 5
     pvalue, fits = window_pvalue(gof, tokens, exact_law(target, SamplingParams(), gof))
     assert pvalue >= gof.SIGNIFICANCE, fits
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [1, 3])
-def test_run_ahead_token_draft_steps_are_the_same_steps_one_at_a_time(k, device):
+@pytest.mark.parametrize("k, lookup", [(1, 0), (3, 0), (1, 4), (3, 4)])
+def test_run_ahead_token_draft_steps_are_the_same_steps_one_at_a_time(k, lookup, device):
     """A token draft with run-ahead (its window of the last W tokens re-read every step, so a step launched
     ahead reads what it would alone): over requests in a row on one stepper, greedy and sampled, some ended by a
     stop token, some under a γ schedule, the same tokens and per-step stats as one replay at a time, and greedy
-    output equals plain decoding."""
+    output equals plain decoding. With a lookup branch, each request's history starts from its own prompt,
+    whatever the replay launched ahead of a stop token wrote."""
     target, draft = token_pair(device)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 0, 1], [7, 0, 1], [2, 2, 2, 2, 2, 6], [5, 1, 4]]
     stop = [reference_generate(target, prompts[0], params=GREEDY, max_new_tokens=12)[9]]
     runs = {}
     for ahead in (False, True):
         gammas = [3, 3, FixedSchedule([2, 3, 0, 1, 3, 3, 2, 0, 3]), 3]  # a schedule has a state: one per run
-        stepper = FusedStepper(target, draft, compile=False, candidates=k, run_ahead=ahead)
+        stepper = FusedStepper(target, draft, compile=False, candidates=k, lookup=lookup, run_ahead=ahead)
         runs[ahead] = []
         for i, params in enumerate([GREEDY, SamplingParams(), SamplingParams(temperature=0.7, top_k=5), GREEDY]):
             prompt = prompts[i]
-            steps = list(generate(target, ModelDrafter(draft, candidates=k), prompt, gamma=gammas[i], params=params,
+            steps = list(generate(target, with_lookup(ModelDrafter(draft, candidates=k), lookup), prompt,
+                                  gamma=gammas[i], params=params,
                                   max_new_tokens=40, stop_ids=stop if i == 0 else [], stepper=stepper,
                                   generator=torch.Generator(device=device).manual_seed(i)))
             tokens = [t for s in steps for t in s.tokens]
@@ -654,12 +680,13 @@ def test_run_ahead_token_draft_steps_are_the_same_steps_one_at_a_time(k, device)
                 expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=40)
                 assert tokens == (expected[:expected.index(stop[0]) + 1] if i == 0 else expected)
             runs[ahead].append((tokens, [(s.num_drafted, s.num_accepted) for s in steps],
-                                steps[-1].stats.finish_reason))
+                                steps[-1].stats.finish_reason, steps[-1].stats.lookup_tokens))
         assert (stepper.ahead_launches > 5) == ahead
         if ahead:
             assert any(key[:2] == ("model-ahead", 3) for key in stepper.graphs)
     assert runs[True] == runs[False]
     assert runs[True][0][2] == "stop"
+    assert (sum(run[3] for run in runs[True]) > 0) == bool(lookup)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import find, given, settings
+from hypothesis import strategies as st
 
 from speculant.drafters.base import common_prefix_length
 from speculant.drafters.model import ModelDrafter
-from speculant.drafters.ngram import NgramDrafter
+from speculant.drafters.ngram import NgramDrafter, device_continuation
 from speculant.models.transformer import LeanModel, random_weights, tiny_config
 from speculant.sampling import SamplingParams, logits_to_probs
 
@@ -99,6 +101,56 @@ def test_ngram_is_deterministic_and_stateless():
     first = drafter.propose(context, 3, None, None).tokens.tolist()
     drafter.reset()
     assert drafter.propose(context, 3, None, None).tokens.tolist() == first == [3, 1, 2]
+
+
+@st.composite
+def ngram_cases(draw):
+    """(context, tokens after it in the buffer, size, max_ngram, min_ngram): a vocabulary of 4, so
+    that n-grams repeat."""
+    length = draw(st.integers(1, 40))
+    context = draw(st.lists(st.integers(0, 3), min_size=length, max_size=length))
+    past = draw(st.lists(st.integers(0, 3), min_size=1, max_size=5))
+    max_ngram = draw(st.integers(1, 4))
+    return context, past, draw(st.integers(1, 8)), max_ngram, draw(st.integers(1, max_ngram))
+
+
+def _device_agrees(case, continuation=device_continuation) -> bool:
+    """Is `continuation` (device_continuation's signature) NgramDrafter.continuation, padded, then its length?"""
+    context, past, size, max_ngram, min_ngram = case
+    found = NgramDrafter(max_ngram, min_ngram).continuation(context, size)
+    out = continuation(torch.tensor(context + past), torch.tensor(len(context)), size, max_ngram, min_ngram)
+    return out.tolist() == found + [0] * (size - len(found)) + [len(found)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(ngram_cases())
+def test_the_device_continuation_is_the_drafters_own(case):
+    assert _device_agrees(case)
+
+
+@pytest.mark.parametrize("context, size, max_ngram, min_ngram", [
+    ([1, 2, 3, 9, 9, 7, 3, 4, 1, 2, 3], 3, 3, 1),  # the longest suffix wins
+    ([1, 2, 3, 9, 9, 7, 3, 4, 1, 2, 3], 1, 1, 1),  # unless max_ngram stops it: the latest [3]
+    ([5, 2, 3, 8, 6, 2, 3], 3, 3, 1),  # a shorter suffix
+    ([1, 5, 1, 6, 1, 7, 1], 2, 3, 1),  # the latest occurrence
+    ([7, 1, 2, 3, 4, 5, 6, 7], 10, 3, 1),  # a continuation shorter than the size
+    ([4, 5, 4], 5, 3, 1),  # one that runs into the suffix itself
+    ([5, 9, 1, 2, 9], 2, 3, 2),  # only a 1-gram matches: none at min_ngram 2
+    ([1, 2, 3], 4, 3, 1), ([7], 4, 3, 1),  # no match
+])
+def test_the_device_continuation_on_the_drafters_examples(context, size, max_ngram, min_ngram):
+    assert _device_agrees((context, [0, 1], size, max_ngram, min_ngram))
+
+
+@pytest.mark.parametrize("shift", [-1, 1], ids=["drops-the-last-token", "reads-one-past-the-context"])
+def test_a_device_continuation_off_by_one_is_caught(shift):
+    """Negative controls: the comparison above fails for a length off by one either way."""
+
+    def off_by_one(history, length, *args):
+        return device_continuation(history, length + shift, *args)
+
+    find(ngram_cases(), lambda case: not _device_agrees(case, off_by_one), settings=settings(max_examples=400,
+                                                                                             deadline=None))
 
 
 def test_common_prefix_length():

@@ -10,6 +10,15 @@ acceptance rule stays exact.
 [8, 9, 1]
 >>> drafter.propose([1, 2, 3], gamma=3, params=None, generator=None).tokens.tolist()
 []
+
+`device_continuation` finds the same continuation on the device, in static shapes (the fused step's
+lookup branch, found inside its CUDA graph: no host round trip):
+
+>>> history = torch.tensor(context + [0] * 7)  # a buffer: only its first `length` tokens count
+>>> device_continuation(history, torch.tensor(len(context)), 3).tolist()  # the tokens, then how many
+[8, 9, 1, 3]
+>>> device_continuation(torch.tensor([4, 5, 4, 9, 9]), torch.tensor(3), 4).tolist()  # short: padded
+[5, 4, 0, 0, 2]
 """
 
 from __future__ import annotations
@@ -98,3 +107,31 @@ class NgramRows:
 
     def settle(self, contexts, counts, drafted) -> None:
         pass  # the next plan indexes the context it is shown
+
+
+def device_continuation(history: torch.Tensor, length: torch.Tensor, size: int, max_ngram: int = 3,
+                        min_ngram: int = 1) -> torch.Tensor:
+    """NgramDrafter(max_ngram, min_ngram).continuation(history[:length].tolist(), size) found on the
+    device: history [L] int64 (a buffer: its tokens from `length` on are not read), length [] int64
+    -> [size + 1] int64: the continuation padded with 0, then its length. Static shapes, no host
+    sync: it runs inside a CUDA graph (and through torch.compile).
+
+    The n-gram ending (exclusively) at e (its start e - n) matches the context's last n tokens when
+    the tokens before e agree with the context's last ones, backwards, n in a row. With agree[e] such
+    tokens (at most max_ngram, and only for e <= length - 1: an occurrence has a continuation), the
+    longest n that has a match is max(agree), and its latest occurrence ends at the last e whose
+    run reaches it; the continuation starts there."""
+    buffer = history.shape[0]
+    ends = torch.arange(buffer, device=history.device)  # e [L]
+    back = torch.arange(max_ngram, device=history.device)  # j [M]
+    before = ends - 1 - back[:, None]  # [M, L]: position e-1-j, compared with the context's length-1-j
+    last = (length - 1 - back).clamp(min=0)  # [M]; a j past the context's start is past e's too (e < length)
+    same = (history[before.clamp(min=0)] == history[last][:, None]) & (before >= 0)  # [M, L]
+    agree = same.long().cumprod(0).sum(0)  # [L]: the run of agreeing tokens before each end
+    agree = torch.where(ends < length, agree, 0)
+    n = agree.max()  # the longest n-gram with an earlier occurrence (0: none)
+    end = torch.where(agree >= n, ends, -1).max()  # its latest occurrence's end
+    count = torch.where(n >= min_ngram, (length - end).clamp(max=size), 0)  # >= 1 where found: end < length
+    offsets = torch.arange(size + 1, device=history.device)  # no concatenation (see fused.NO_POINTWISE_CAT)
+    tokens = torch.where(offsets < count, history[(end + offsets).clamp(0, buffer - 1)], 0)
+    return torch.where(offsets == size, count, tokens)
