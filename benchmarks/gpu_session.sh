@@ -43,7 +43,7 @@
 #   qwen-heldout  the Qwen 1.5B's drafts on the held-out domains: α, τ, acceptance per position (draft_heldout.py)
 #   decode-profile  per generated token on held-out prompts, SmolLM2: decode ms, the GPU's busy ms, kernels and the
 #              largest kernels, plain decoding and the shipped draft (K 4, γ 3 and 4; PROFILE_LOOKUP=8 adds the lookup
-#              branch, which does not run ahead)
+#              branch, which runs ahead since its branch is found on the device)
 #   barrier-probe  a chain of one-row GEMVs as kernels in a graph (with and without PDL) against one persistent
 #              kernel with a grid barrier between them (grid_barrier_probe.py: what a persistent layer kernel would save)
 #   persistent-probe  the one-launch forward against the GEMV kernels (persistent_probe.py), random weights
