@@ -843,7 +843,7 @@ class FusedStepper:
 
             def sample(logits, uniform):
                 probs = logits_to_probs(logits, params)
-                return probs, sample_from(probs, uniform)
+                return probs, sample_from(probs, uniform, params.greedy)  # greedy: the one-hot's argmax
 
             def alternatives(logits, probs, token, count, noise):
                 return draw_alternatives(logits, probs, token, count, params.greedy, noise)

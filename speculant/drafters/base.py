@@ -121,7 +121,7 @@ def sample_draft(logits: torch.Tensor, gamma: int, params: SamplingParams, gener
 
     def sample(logits: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = logits_to_probs(logits, params)  # [vocab]
-        return probs, sample_from(probs, uniform)
+        return probs, sample_from(probs, uniform, params.greedy)  # greedy: its argmax, no scan over the vocabulary
 
     tokens, probs, all_logits = sample_chain(logits, uniforms, feed, sample)
     if candidates == 1:
