@@ -73,6 +73,7 @@ def verify(
     target_probs: torch.Tensor,  # [γ + 1, vocab]
     accept_uniforms: torch.Tensor,  # [γ] in [0, 1)
     sample_uniform: torch.Tensor,  # [] in [0, 1): drives the recovered / bonus draw
+    greedy: bool = False,  # p and q point masses (greedy decoding): every next law is one; its argmax is the draw
 ) -> Verdict:
     """Accept a prefix of the draft and draw the next token (recovered or bonus).
 
@@ -99,7 +100,7 @@ def verify(
     # Row n of `next_probs` is the law of the token after n accepted drafts: the residual at a
     # rejection (n < γ), the target itself after full acceptance (n == γ).
     next_probs = torch.cat([residual_probs(target_probs[:gamma], draft_probs), target_probs[gamma:]])
-    next_token = sample_from(next_probs.index_select(0, num_accepted.view(1))[0], sample_uniform)
+    next_token = sample_from(next_probs.index_select(0, num_accepted.view(1))[0], sample_uniform, greedy)
     return Verdict(num_accepted, next_token)
 
 
@@ -235,6 +236,7 @@ def verify_candidates(
     lookup: torch.Tensor | None = None,  # [G] int64: the lookup branch, its first `lookup_length` valid
     lookup_length: torch.Tensor | int = 0,  # [] int64 or int, 0..G
     lookup_uniforms: torch.Tensor | None = None,  # [G] in [0, 1)
+    greedy: bool = False,  # every law a point mass (greedy decoding): the next token is its argmax
 ) -> CandidateVerdict:
     """Keep a prefix of the chain, then maybe one alternative or a run of the lookup branch, and draw
     one more token. With k = 1 and no lookup this is `verify` (same decisions for the same uniforms).
@@ -305,7 +307,7 @@ def verify_candidates(
         bonus = target_probs.index_select(0, lookup_node(gamma, k, graft + lookup_kept - 1).view(1))[0]
         lookup_law = torch.where(graft + lookup_kept == lookup_length, bonus, rejected_law)
         next_probs = torch.where(in_lookup, lookup_law, next_probs)
-    next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0])
+    next_token = sample_from(next_probs, sample_uniforms.index_select(0, num_accepted.view(1))[0], greedy)
     alternative = torch.where(has_alternative, column, 0)
     return CandidateVerdict(num_accepted, alternative, next_token, lookup_kept)
 

@@ -851,7 +851,7 @@ class FusedStepper:
             def finish(target_logits, draft_tokens, draft_probs, uniforms):
                 gamma = draft_tokens.shape[0]
                 verdict = verify(draft_tokens, draft_probs, logits_to_probs(target_logits, params),
-                                 uniforms[:gamma], uniforms[gamma])
+                                 uniforms[:gamma], uniforms[gamma], params.greedy)
                 emitted = emitted_tokens(draft_tokens[:, None], verdict.num_accepted, verdict.next_token)
                 none = torch.zeros_like(verdict.num_accepted)
                 return torch.cat([torch.stack([emitted.count, verdict.num_accepted, none, none]), emitted.tokens])
@@ -861,7 +861,7 @@ class FusedStepper:
                 draws = uniforms[gamma * k: gamma * k + gamma + 1]
                 verdict = verify_candidates(candidates, laws, logits_to_probs(target_logits, params),
                                             uniforms[: gamma * k].view(gamma, k), draws, lookup, lookup_length,
-                                            uniforms[gamma * k + gamma + 1:])
+                                            uniforms[gamma * k + gamma + 1:], params.greedy)
                 emitted = emitted_tokens(candidates, verdict.num_accepted, verdict.next_token, verdict.alternative,
                                          lookup, verdict.lookup_kept)
                 head = torch.stack([emitted.count, verdict.num_accepted, verdict.alternative, verdict.lookup_kept])

@@ -511,3 +511,37 @@ def test_reported_q_that_is_not_the_sampled_law_is_caught(gof):
     drafter = ModelStyleDrafter(sampled=sampled, reported=sampled.roll(-1, dims=0))
     pvalue, _ = run_fit(gof, verify, drafter, params, gamma=1)
     assert pvalue < gof.SIGNIFICANCE
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_greedy_flag_draws_what_the_inverse_cdf_draws_when_the_target_is_a_point_mass(seed):
+    """greedy=True (the fused step at T 0) takes the next law's argmax instead of the inverse-CDF draw: the same
+    token whenever p is a point mass, whatever q, the lookup branch and the uniforms; a p that is not one (the
+    negative control) is drawn differently for some uniforms."""
+    from speculant.acceptance import candidate_tree, verify_candidates
+
+    g = torch.Generator().manual_seed(seed)
+    vocab, gamma, k, size = 6, 3, 2, 3
+    nodes = candidate_tree(gamma, k, size)[0].shape[0]
+    hot = torch.randint(0, vocab, (nodes,), generator=g)
+    p = torch.zeros(nodes, vocab, dtype=torch.float64).scatter_(1, hot[:, None], 1.0)  # greedy: one-hots
+    q = torch.rand(gamma, k, vocab, generator=g, dtype=torch.float64)
+    q = q / q.sum(-1, keepdim=True)
+    chain = torch.randint(0, vocab, (gamma, k), generator=g)
+    chain[:, 0] = torch.where(torch.rand(gamma, generator=g) < 0.5, hot[:gamma], chain[:, 0])  # some kept
+    lookup = torch.randint(0, vocab, (size,), generator=g)
+    uniforms = [torch.rand(gamma, k, generator=g), torch.rand(gamma + 1, generator=g)]
+    rest = {"lookup": lookup, "lookup_length": int(torch.randint(0, size + 1, (), generator=g)),
+                "lookup_uniforms": torch.rand(size, generator=g)}
+    for laws in (q, None):
+        drawn = verify_candidates(chain, laws, p, *uniforms, **rest)
+        greedy = verify_candidates(chain, laws, p, *uniforms, **rest, greedy=True)
+        assert [int(t) for t in greedy] == [int(t) for t in drawn]
+    one = verify(chain[:, 0], q[:, 0], p[: gamma + 1], uniforms[0][:, 0], uniforms[1][0])
+    assert [int(t) for t in verify(chain[:, 0], q[:, 0], p[: gamma + 1], uniforms[0][:, 0], uniforms[1][0],
+                                   greedy=True)] == [int(t) for t in one]
+    # control: p not a point mass: the argmax is not the draw for every uniform
+    soft = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
+    empty = torch.empty(0, dtype=torch.int64)
+    draws = {int(verify(empty, None, soft, torch.empty(0), torch.tensor(u))[1]) for u in (0.1, 0.4, 0.9)}
+    assert draws == {0, 1, 2} and int(verify(empty, None, soft, torch.empty(0), torch.tensor(0.1), greedy=True)[1]) == 2

@@ -136,8 +136,8 @@ def test_fused_two_token_law_matches_the_target_law_and_always_accepting_is_caug
     fit = gof.chi_square(_fused_two_token_counts(target, draft, prompt, params, n), law)
     assert fit.pvalue > gof.SIGNIFICANCE, fit
 
-    always_accept = lambda tokens, draft_probs, target_probs, accept_uniforms, sample_uniform: acceptance.verify(
-        tokens, draft_probs, target_probs, torch.zeros_like(accept_uniforms), sample_uniform)
+    always_accept = lambda tokens, draft_probs, target_probs, accept_uniforms, *rest: acceptance.verify(
+        tokens, draft_probs, target_probs, torch.zeros_like(accept_uniforms), *rest)
     monkeypatch.setattr(fused, "verify", always_accept)
     bad_law = _two_token_law(draft, prompt).numpy()  # every token is the draft's while all are kept
     power = gof.power(law, bad_law, n)
