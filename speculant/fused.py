@@ -836,8 +836,8 @@ class FusedStepper:
         uniforms [γk + γ + 1 + G], lookup [G] | None, lookup_length []) -> (out, the emitted tokens'
         tree nodes [max(γ, G)]). out = [count, chain kept, alternative column or 0, lookup kept,
         emitted tokens [max(γ, G) + 1]] (acceptance.emitted_tokens: the first `count` are emitted);
-        find_lookup(history [max_seq_len], length []) -> the lookup branch [G + 1] (ngram.device_continuation:
-        its tokens padded, then its length)."""
+        and with a lookup branch find_lookup(history [max_seq_len], length []) -> the lookup branch [G + 1]
+        (ngram.device_continuation: its tokens padded, then its length)."""
         if self.compile_sampling not in self.samplers:
             params = self.params
 
@@ -867,12 +867,14 @@ class FusedStepper:
                 head = torch.stack([emitted.count, verdict.num_accepted, verdict.alternative, verdict.lookup_kept])
                 return torch.cat([head, emitted.tokens]), emitted.nodes
 
-            size, (max_ngram, min_ngram) = self.lookup, self.lookup_ngram or (1, 1)  # (never called without a branch)
+            functions = (sample, alternatives, finish, finish_candidates)
+            if self.lookup:
+                size, (max_ngram, min_ngram) = self.lookup, self.lookup_ngram
 
-            def find_lookup(history, length):
-                return device_continuation(history, length, size, max_ngram, min_ngram)
+                def find_lookup(history, length):
+                    return device_continuation(history, length, size, max_ngram, min_ngram)
 
-            functions = (sample, alternatives, finish, finish_candidates, find_lookup)
+                functions += (find_lookup,)
             if self.compile_sampling:
                 functions = tuple(_compiled_or_eager(f, self.eager_sampling) for f in functions)
             self.samplers[self.compile_sampling] = functions
@@ -884,7 +886,7 @@ class FusedStepper:
         tokens padded and its length, or None) with the target from the root token [1] at position `start`
         [], apply the rule, and move the kept nodes off the chain to the cache slots of their positions.
         -> out (_sampling's), then the lookup branch [G + 1] where there is one (the host's stats read it)."""
-        sample, alternatives, finish, finish_candidates, _ = self._sampling()
+        sample, alternatives, finish, finish_candidates = self._sampling()[:4]
         draws, rest = uniforms[:gamma], uniforms[gamma:]
         draft_tokens, draft_probs, draft_logits = sample_chain(logits, draws, feed, sample)
         if k == 1 and not size:
