@@ -332,12 +332,16 @@ def test_alternatives_are_distinct_and_follow_sequential_draws_without_replaceme
 NUM_RUNS = 1500
 
 
+def with_lookup(drafter, lookup: int):
+    """The drafter, with a prompt-lookup branch of `lookup` tokens beside it where lookup > 0."""
+    return LookupDrafter(drafter, NgramDrafter(), lookup) if lookup else drafter
+
+
 def engine_runs(target, drafter, gamma, params, fused: bool, candidates: int, lookup: int = 0, run_ahead: bool = False):
     generator = torch.Generator(device=target.device).manual_seed(0)
     stepper = (FusedStepper(target, drafter.model, compile=False, candidates=candidates, lookup=lookup,
                             run_ahead=run_ahead) if fused else None)
-    if lookup:
-        drafter = LookupDrafter(drafter, NgramDrafter(), lookup)
+    drafter = with_lookup(drafter, lookup)
     out = np.empty((NUM_RUNS, 6), dtype=np.int64)
     alternatives_kept = lookup_tokens = 0
     for i in range(NUM_RUNS):
@@ -422,7 +426,7 @@ def test_greedy_with_candidates_equals_plain_greedy_generic_and_fused(kind, devi
             for fused in (False, True, "ahead"):  # generic, fused one replay at a time, fused run ahead
                 stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup, plain_chunk=1,
                                        run_ahead=fused == "ahead") if fused else None
-                drafter = LookupDrafter(make(), NgramDrafter(), lookup) if lookup else make()
+                drafter = with_lookup(make(), lookup)
                 steps = list(generate(target, drafter, prompt, gamma=FixedSchedule([3, 0, 2, 5, 1, 0, 4]),
                                       params=GREEDY, max_new_tokens=40, stepper=stepper))
                 assert [t for s in steps for t in s.tokens] == expected
@@ -447,8 +451,7 @@ def test_gamma_auto_with_candidates_and_a_lookup_branch_keeps_greedy_output_and_
         expected = reference_generate(target, prompt, params=GREEDY, max_new_tokens=60)
         policy = AdaptiveGamma(nominal_costs(6, candidates=3, lookup=lookup), lookup=lookup)
         stepper = FusedStepper(target, draft, compile=False, candidates=3, lookup=lookup) if fused else None
-        drafter = FeatureDrafter(draft, target, candidates=3)
-        drafter = LookupDrafter(drafter, NgramDrafter(), lookup) if lookup else drafter
+        drafter = with_lookup(FeatureDrafter(draft, target, candidates=3), lookup)
         steps = list(generate(target, drafter, prompt, gamma=policy, params=GREEDY, max_new_tokens=60,
                               stepper=stepper))
         assert [t for s in steps for t in s.tokens] == expected
@@ -573,11 +576,6 @@ def test_run_ahead_under_a_gamma_policy_takes_the_steps_chosen_ahead(device):
                 assert [t for s in steps for t in s.tokens] == expected
             assert (stepper.ahead_launches > 5) == ahead
         assert runs[True] == runs[False]
-
-
-def with_lookup(drafter, lookup: int):
-    """The drafter, with a prompt-lookup branch of `lookup` tokens beside it where lookup > 0."""
-    return LookupDrafter(drafter, NgramDrafter(), lookup) if lookup else drafter
 
 
 @pytest.mark.parametrize("device", DEVICES)
